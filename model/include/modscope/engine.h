@@ -1,0 +1,245 @@
+// ModScope engine: the one public header of the Mixture-of-Depths engine.
+//
+// Plain C++ types only: no LibTorch, no Qt. The app, the views and every tool include this header and
+// nothing under model/src. docs/MODEL.md specifies the model these types describe.
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace modscope {
+
+// Every failure the engine reports to its callers: a message a user can act on.
+class Error : public std::runtime_error {
+public:
+    using std::runtime_error::runtime_error;
+};
+
+// Thrown out of run()/generate() when the caller's cancel flag was raised.
+class Cancelled : public Error {
+public:
+    Cancelled() : Error("run cancelled") {}
+};
+
+struct ModelConfig {
+    std::string name = "modscope";
+    int vocab_size = 2048;
+    int d_model = 192;
+    int n_layers = 6;
+    int n_heads = 3;
+    int d_ff = 512;
+    int max_seq_len = 256;
+    double capacity = 0.125;            // fraction of tokens a routed block processes (top-k mode)
+    std::vector<int> routed_layers{1, 3, 5};
+    int predictor_hidden = 64;
+    double predictor_threshold = 0.5;   // causal mode: a token is processed when its probability > this
+    double rope_theta = 10000.0;
+    double norm_eps = 1e-5;
+
+    bool isRouted(int layer) const;
+    int headDim() const { return d_model / n_heads; }
+    // Throws Error naming the first field out of range (sizes are bounded so nothing absurd allocates).
+    void validate() const;
+    std::int64_t parameterCount() const;
+
+    // JSON as stored in a checkpoint's config.json. fromJson validates and names what is wrong.
+    static ModelConfig fromJson(const std::string& text);
+    std::string toJson() const;
+
+    // The paper's default routing: every other layer, starting with layer 1.
+    static std::vector<int> everyOtherLayer(int n_layers);
+};
+
+enum class RoutingMode { TopK, Causal };
+const char* toString(RoutingMode mode);
+RoutingMode routingModeFromString(const std::string& text);  // "topk" | "causal", throws Error
+
+// k = clamp(ceil(capacity * T), 1, T): the number of tokens a routed block takes in top-k mode.
+int capacityToK(double capacity, int seq_len);
+
+// What one layer did with every token of a run. Per-token vectors have length T (the run's tokens).
+struct LayerTrace {
+    int index = 0;
+    bool routed = false;
+    int k = 0;          // top-k size for routed layers, T for full layers
+    int processed = 0;  // tokens that went through attention + MLP in this run
+    std::vector<float> router_logits;          // r = w.x; empty for full layers
+    std::vector<std::uint8_t> selected;        // 1 = processed in this run (top-k or predictor, per mode)
+    std::vector<std::uint8_t> topk_selected;   // 1 = in the top-k of router_logits (both modes)
+    std::vector<float> predictor_prob;         // causal predictor's probability; empty for full layers
+    std::vector<std::uint8_t> predictor_selected;  // predictor_prob > threshold
+    std::vector<int> rank;                     // rank of each token's router logit, 0 = highest
+    float topk_threshold = 0.0f;               // the k-th largest router logit (routed layers)
+};
+
+// Causal predictor against top-k membership, over the tokens of one layer.
+struct Agreement {
+    std::int64_t tp = 0, fp = 0, tn = 0, fn = 0;
+    std::int64_t total() const { return tp + fp + tn + fn; }
+    double accuracy() const;
+    double precision() const;
+    double recall() const;
+    double balancedAccuracy() const;
+    Agreement& operator+=(const Agreement& o);
+    static Agreement of(const LayerTrace& layer);
+};
+
+struct RunTrace {
+    RoutingMode mode = RoutingMode::TopK;
+    double capacity = 0.0;
+    std::string device;
+    std::vector<int> token_ids;
+    std::vector<LayerTrace> layers;
+    double flops = 0.0;        // matmul FLOPs this forward executed (docs/MODEL.md, "FLOPs")
+    double dense_flops = 0.0;  // the same forward with every layer processing every token
+    double elapsed_ms = 0.0;
+    // Logits of the last position [vocab], or of every position [T * vocab] when asked for.
+    std::vector<float> logits;
+    bool all_logits = false;
+};
+
+struct RunOptions {
+    RoutingMode mode = RoutingMode::TopK;
+    double capacity = -1.0;          // < 0: the model's configured capacity
+    enum class Logits { None, Last, All } logits = Logits::Last;
+    const std::atomic<bool>* cancel = nullptr;  // checked between layers; raises Cancelled
+};
+
+struct GenerationOptions {
+    int max_new_tokens = 32;
+    float temperature = 0.8f;   // 0 = greedy
+    float top_p = 0.95f;
+    std::uint64_t seed = 0;
+    int eos_id = -1;            // stop when sampled; -1 = never
+    const std::atomic<bool>* cancel = nullptr;
+};
+
+// One generated token: what each routed layer decided for it, and the KV cache after it.
+struct GenerationStep {
+    int index = 0;        // 0 for the first generated token
+    int position = 0;     // its position in the whole sequence
+    int token_id = 0;
+    std::vector<std::uint8_t> processed;      // [n_layers] 1 = the layer processed this token
+    std::vector<float> predictor_prob;        // [n_layers] NaN for full layers
+    std::int64_t kv_cache_bytes = 0;          // K/V actually stored, all layers
+    std::int64_t dense_kv_cache_bytes = 0;    // a dense model's K/V for the same tokens
+    double step_ms = 0.0;
+};
+
+struct GenerationResult {
+    std::vector<int> prompt_ids;
+    std::vector<int> generated_ids;
+    std::vector<GenerationStep> steps;
+    std::int64_t kv_cache_bytes = 0;
+    std::int64_t dense_kv_cache_bytes = 0;
+    double tokens_per_second = 0.0;
+    bool cancelled = false;
+};
+
+// A token of a tokenized text, with its byte range in that text.
+struct Token {
+    int id = 0;
+    std::string piece;
+    std::size_t byte_begin = 0;
+    std::size_t byte_end = 0;
+};
+
+// SentencePiece, loaded into its own linker namespace (DEVELOPERS.md: the protobuf clash).
+class Tokenizer {
+public:
+    ~Tokenizer();
+    static std::unique_ptr<Tokenizer> load(const std::string& model_path);
+    std::vector<Token> encode(const std::string& text) const;
+    std::vector<int> encodeIds(const std::string& text) const;
+    std::string decode(const std::vector<int>& ids) const;
+    std::string piece(int id) const;
+    int vocabSize() const;
+    int eosId() const;  // -1 when the model has none
+    int bosId() const;
+    std::string modelPath() const;
+
+    struct TrainOptions {
+        std::vector<std::string> input_files;
+        std::string model_prefix;  // writes <prefix>.model and <prefix>.vocab
+        int vocab_size = 2048;
+        std::string model_type = "bpe";
+        double character_coverage = 0.9995;
+        std::int64_t input_sentence_size = 2000000;
+        std::uint64_t seed = 1;
+        int num_threads = 2;
+    };
+    static void train(const TrainOptions& options);
+
+private:
+    Tokenizer();
+    struct Impl;
+    std::unique_ptr<Impl> impl_;
+};
+
+// Device choice: "auto" takes CUDA when this build and machine have it, else the CPU.
+// "cuda" on a build or machine without it raises Error with the reason.
+std::string resolveDevice(const std::string& requested);
+bool cudaAvailable();
+bool cudaCompiledIn();
+
+class Model {
+public:
+    ~Model();
+    Model(const Model&) = delete;
+    Model& operator=(const Model&) = delete;
+
+    // Opens a checkpoint directory: config.json, weights.pt, tokenizer.model (docs/MODEL.md).
+    // Every tensor is checked against the config; Error names what is wrong.
+    static std::unique_ptr<Model> open(const std::string& dir, const std::string& device = "auto");
+    // A model with freshly initialised weights (seeded); it has no tokenizer until one is attached.
+    static std::unique_ptr<Model> create(const ModelConfig& config, std::uint64_t seed,
+                                         const std::string& device = "auto");
+    // Writes config.json and weights.pt atomically into dir (created if needed), and copies the
+    // tokenizer model when one is attached.
+    void save(const std::string& dir) const;
+
+    const ModelConfig& config() const;
+    std::string device() const;         // "cpu" or "cuda:0"
+    std::string directory() const;      // empty for a created model
+    std::string weightsSha256() const;  // of weights.pt as loaded or last saved; empty otherwise
+    std::int64_t parameterCount() const;
+    const Tokenizer* tokenizer() const;
+    void attachTokenizer(std::unique_ptr<Tokenizer> tokenizer);
+
+    // One forward pass over ids (1 <= T <= max_seq_len) with its full routing trace.
+    RunTrace run(const std::vector<int>& ids, const RunOptions& options = {}) const;
+
+    // Autoregressive sampling in causal mode with a KV cache; on_step (may be null) sees each token as it
+    // is produced and may return false to stop.
+    GenerationResult generate(const std::vector<int>& prompt_ids, const GenerationOptions& options,
+                              const std::function<bool(const GenerationStep&)>& on_step = {}) const;
+
+    // Internal access for the trainer and tests inside model/ (opaque to everyone else).
+    struct Impl;
+    Impl& impl() const { return *impl_; }
+
+private:
+    Model();
+    std::unique_ptr<Impl> impl_;
+};
+
+// Writes data to path through a temporary file and rename: a failure leaves any earlier file intact and
+// no partial file, and raises Error saying so.
+void writeFileAtomic(const std::string& path, const std::string& data);
+
+// FLOPs of one forward (matmuls only, docs/MODEL.md "FLOPs"): processed[i] = tokens layer i processed,
+// head_positions = positions whose logits were computed (-1: all of them).
+double forwardFlops(const ModelConfig& config, int seq_len, const std::vector<int>& processed,
+                    int head_positions = -1);
+double denseForwardFlops(const ModelConfig& config, int seq_len, int head_positions = -1);
+
+// Sets LibTorch's intra-op thread count (measured best on 2 cores with OpenBLAS: 1, see DEVELOPERS.md).
+// Called once by Model::open/create unless the caller set MODSCOPE_TORCH_THREADS.
+void configureThreads();
+
+}  // namespace modscope

@@ -1,0 +1,79 @@
+// weights.pt reading and writing with full validation: the file is untrusted input.
+#include "checkpoint.h"
+
+#include <torch/serialize.h>
+
+#include <map>
+#include <sstream>
+
+namespace modscope {
+
+namespace {
+
+std::string shapeString(const at::IntArrayRef sizes) {
+    std::ostringstream out;
+    out << "[";
+    for (std::size_t i = 0; i < sizes.size(); ++i) out << (i ? ", " : "") << sizes[i];
+    out << "]";
+    return out.str();
+}
+
+}  // namespace
+
+std::uint64_t maxWeightsFileBytes(const ModelConfig& config) {
+    const auto params = static_cast<std::uint64_t>(config.parameterCount());
+    return params * 4 + 64 * 1024 + 1024 * static_cast<std::uint64_t>(config.n_layers);
+}
+
+std::string serializeWeights(nn::ModTransformerImpl& net) {
+    c10::Dict<std::string, at::Tensor> dict;
+    for (const auto& p : net.named_parameters()) dict.insert(p.key(), p.value().detach().to(torch::kCPU).contiguous());
+    const auto bytes = torch::pickle_save(c10::IValue(dict));
+    return std::string(bytes.begin(), bytes.end());
+}
+
+void loadWeights(nn::ModTransformerImpl& net, const std::string& bytes, const std::string& source) {
+    if (bytes.empty()) throw Error(source + ": empty file");
+    c10::IValue value;
+    try {
+        value = torch::pickle_load(std::vector<char>(bytes.begin(), bytes.end()));
+    } catch (const std::exception& e) {
+        std::string what = e.what();
+        if (const auto nl = what.find('\n'); nl != std::string::npos) what.resize(nl);
+        throw Error(source + ": not a readable weights file (" + what + ")");
+    }
+    if (!value.isGenericDict()) throw Error(source + ": expected a dict from parameter name to tensor");
+
+    std::map<std::string, at::Tensor> loaded;
+    for (const auto& entry : value.toGenericDict()) {
+        if (!entry.key().isString()) throw Error(source + ": a key of the dict is not a string");
+        const std::string name = entry.key().toStringRef();
+        if (!entry.value().isTensor()) throw Error(source + ": '" + name + "' is not a tensor");
+        loaded[name] = entry.value().toTensor();
+    }
+
+    auto params = net.named_parameters();
+    for (const auto& p : params) {
+        const auto it = loaded.find(p.key());
+        if (it == loaded.end()) throw Error(source + ": missing tensor '" + p.key() + "'");
+        const auto& t = it->second;
+        if (t.scalar_type() != torch::kFloat32)
+            throw Error(source + ": tensor '" + p.key() + "' has dtype " + std::string(c10::toString(t.scalar_type())) +
+                        ", expected float32");
+        if (t.sizes() != p.value().sizes())
+            throw Error(source + ": tensor '" + p.key() + "' has shape " + shapeString(t.sizes()) +
+                        ", the config needs " + shapeString(p.value().sizes()));
+        if (t.layout() != torch::kStrided || t.is_quantized() || t.is_sparse())
+            throw Error(source + ": tensor '" + p.key() + "' is not a dense tensor");
+        if (!torch::isfinite(t).all().item<bool>())
+            throw Error(source + ": tensor '" + p.key() + "' holds NaN or infinite values");
+    }
+    for (const auto& [name, t] : loaded) {
+        if (params.find(name) == nullptr)
+            throw Error(source + ": unexpected tensor '" + name + "' (not part of this config's model)");
+    }
+    torch::NoGradGuard no_grad;
+    for (auto& p : params) p.value().copy_(loaded[p.key()]);
+}
+
+}  // namespace modscope

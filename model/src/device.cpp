@@ -1,0 +1,55 @@
+// Device choice and LibTorch thread settings.
+#include <ATen/Parallel.h>
+#include <torch/cuda.h>
+
+#include <cstdlib>
+#include <mutex>
+
+#include "modscope/engine.h"
+
+namespace modscope {
+
+bool cudaCompiledIn() {
+#ifdef MODSCOPE_HAVE_CUDA
+    return true;
+#else
+    return false;
+#endif
+}
+
+bool cudaAvailable() { return cudaCompiledIn() && torch::cuda::is_available(); }
+
+std::string resolveDevice(const std::string& requested) {
+    if (requested == "cpu") return "cpu";
+    if (requested == "auto" || requested.empty()) return cudaAvailable() ? "cuda:0" : "cpu";
+    if (requested == "cuda" || requested.rfind("cuda:", 0) == 0) {
+        if (!cudaCompiledIn())
+            throw Error("device 'cuda' requested, but this ModScope was built against a LibTorch without CUDA "
+                        "(rebuild with CMAKE_PREFIX_PATH pointing at a CUDA LibTorch, see README.md)");
+        if (!torch::cuda::is_available())
+            throw Error("device 'cuda' requested, but no CUDA GPU is visible to LibTorch on this machine");
+        const std::string index = requested == "cuda" ? "0" : requested.substr(5);
+        char* end = nullptr;
+        const long i = std::strtol(index.c_str(), &end, 10);
+        if (index.empty() || *end != '\0' || i < 0 || i >= static_cast<long>(torch::cuda::device_count()))
+            throw Error("device '" + requested + "': no such CUDA device");
+        return "cuda:" + std::to_string(i);
+    }
+    throw Error("unknown device '" + requested + "' (expected auto, cpu or cuda)");
+}
+
+void configureThreads() {
+    static std::once_flag once;
+    std::call_once(once, [] {
+        // OpenBLAS parallelises the matmuls on its own; LibTorch's OpenMP pool spinning beside it halves
+        // throughput on a 2-core machine (DEVELOPERS.md, docs/PERFORMANCE.md).
+        int threads = 1;
+        if (const char* env = std::getenv("MODSCOPE_TORCH_THREADS")) {
+            const int v = std::atoi(env);
+            if (v > 0) threads = v;
+        }
+        at::set_num_threads(threads);
+    });
+}
+
+}  // namespace modscope

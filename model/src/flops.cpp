@@ -1,0 +1,43 @@
+// FLOP accounting of a forward pass, the formula of docs/MODEL.md "FLOPs".
+#include "modscope/engine.h"
+
+namespace modscope {
+
+namespace {
+
+// A block on n tokens that attend among themselves: projections, the full n x n score and value
+// products as computed, and the SwiGLU MLP. One multiply-add counts 2.
+double blockFlops(const ModelConfig& c, double n) {
+    const double d = c.d_model, ff = c.d_ff;
+    const double projections = 2 * n * d * (3 * d) + 2 * n * d * d;
+    const double attention = 2 * (2 * n * n * d);
+    const double mlp = 2 * n * d * (2 * ff) + 2 * n * ff * d;
+    return projections + attention + mlp;
+}
+
+double routingFlops(const ModelConfig& c, double T) {
+    const double d = c.d_model, h = c.predictor_hidden;
+    return 2 * T * d + 2 * T * (d * h + h);  // router, predictor
+}
+
+double headFlops(const ModelConfig& c, double T) { return 2 * T * double(c.d_model) * c.vocab_size; }
+
+}  // namespace
+
+double forwardFlops(const ModelConfig& config, int seq_len, const std::vector<int>& processed,
+                    int head_positions) {
+    double total = headFlops(config, head_positions < 0 ? seq_len : head_positions);
+    for (int i = 0; i < config.n_layers; ++i) {
+        const double n = i < static_cast<int>(processed.size()) ? processed[i] : seq_len;
+        total += blockFlops(config, n);
+        if (config.isRouted(i)) total += routingFlops(config, seq_len);
+    }
+    return total;
+}
+
+double denseForwardFlops(const ModelConfig& config, int seq_len, int head_positions) {
+    return headFlops(config, head_positions < 0 ? seq_len : head_positions) +
+           config.n_layers * blockFlops(config, seq_len);
+}
+
+}  // namespace modscope

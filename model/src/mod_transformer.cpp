@@ -1,0 +1,281 @@
+// Mixture-of-Depths transformer: forward passes for training, tracing and generation (docs/MODEL.md).
+#include "mod_transformer.h"
+
+#include <torch/nn/functional/activation.h>
+#include <torch/nn/init.h>
+
+#include <cmath>
+
+namespace modscope::nn {
+
+namespace F = torch::nn::functional;
+using torch::indexing::Slice;
+
+// ---------------------------------------------------------------------------------------------- RMSNorm
+RmsNormImpl::RmsNormImpl(std::int64_t dim, double eps_) : eps(eps_) {
+    weight = register_parameter("weight", torch::ones({dim}));
+}
+
+torch::Tensor RmsNormImpl::forward(const torch::Tensor& x) {
+    return x * torch::rsqrt(x.pow(2).mean(-1, /*keepdim=*/true) + eps) * weight;
+}
+
+// ---------------------------------------------------------------------------------------------- Rotary
+torch::Tensor Rotary::apply(const torch::Tensor& x, const torch::Tensor& pos) const {
+    const auto half = x.size(-1) / 2;
+    // [B, S, hd/2] -> [B, 1, S, hd/2] so every head shares its token's angle
+    const auto c = cos.index_select(0, pos.reshape(-1)).view({pos.size(0), 1, pos.size(1), half});
+    const auto s = sin.index_select(0, pos.reshape(-1)).view({pos.size(0), 1, pos.size(1), half});
+    const auto x1 = x.narrow(-1, 0, half);
+    const auto x2 = x.narrow(-1, half, half);
+    return torch::cat({x1 * c - x2 * s, x1 * s + x2 * c}, -1);
+}
+
+// ---------------------------------------------------------------------------------------------- Attention
+AttentionImpl::AttentionImpl(const ModelConfig& config)
+    : n_heads(config.n_heads), head_dim(config.headDim()) {
+    qkv = register_module("qkv", torch::nn::Linear(torch::nn::LinearOptions(config.d_model, 3 * config.d_model).bias(false)));
+    proj = register_module("proj", torch::nn::Linear(torch::nn::LinearOptions(config.d_model, config.d_model).bias(false)));
+}
+
+torch::Tensor AttentionImpl::forward(const torch::Tensor& x, const torch::Tensor& pos, const Rotary& rope,
+                                     LayerKV* kv) {
+    const auto B = x.size(0), S = x.size(1), d = x.size(2);
+    // [B, S, 3d] -> [3, B, H, S, hd]
+    const auto packed = qkv(x).view({B, S, 3, n_heads, head_dim}).permute({2, 0, 3, 1, 4});
+    auto q = rope.apply(packed[0], pos);
+    auto k = rope.apply(packed[1], pos);
+    auto v = packed[2];
+    std::int64_t prior = 0;
+    if (kv != nullptr) {
+        if (kv->k.defined() && kv->k.size(2) > 0) {
+            prior = kv->k.size(2);
+            k = torch::cat({kv->k, k}, 2);
+            v = torch::cat({kv->v, v}, 2);
+        }
+        kv->k = k;
+        kv->v = v.contiguous();
+    }
+    auto scores = torch::matmul(q, k.transpose(-2, -1)) * (1.0 / std::sqrt(double(head_dim)));  // [B,H,S,prior+S]
+    if (S > 1) {
+        // Query i sees every cached key and the new keys up to itself: never an empty row, so no NaN.
+        const auto future = torch::ones({S, prior + S}, x.options().dtype(torch::kBool)).triu(prior + 1);
+        scores = scores.masked_fill(future, -std::numeric_limits<float>::infinity());
+    }
+    const auto out = torch::matmul(torch::softmax(scores, -1), v);  // [B, H, S, hd]
+    return proj(out.transpose(1, 2).reshape({B, S, d}));
+}
+
+// ---------------------------------------------------------------------------------------------- SwiGLU
+SwiGluImpl::SwiGluImpl(std::int64_t d_model, std::int64_t d_ff) {
+    gate_up = register_module("gate_up", torch::nn::Linear(torch::nn::LinearOptions(d_model, 2 * d_ff).bias(false)));
+    down = register_module("down", torch::nn::Linear(torch::nn::LinearOptions(d_ff, d_model).bias(false)));
+}
+
+torch::Tensor SwiGluImpl::forward(const torch::Tensor& x) {
+    const auto gu = gate_up(x).chunk(2, -1);
+    return down(F::silu(gu[0]) * gu[1]);
+}
+
+// ---------------------------------------------------------------------------------------------- Predictor
+PredictorImpl::PredictorImpl(std::int64_t d_model, std::int64_t hidden) {
+    fc1 = register_module("fc1", torch::nn::Linear(torch::nn::LinearOptions(d_model, hidden)));
+    fc2 = register_module("fc2", torch::nn::Linear(torch::nn::LinearOptions(hidden, 1)));
+}
+
+torch::Tensor PredictorImpl::forward(const torch::Tensor& x) { return fc2(F::silu(fc1(x))).squeeze(-1); }
+
+// ---------------------------------------------------------------------------------------------- Block
+BlockImpl::BlockImpl(const ModelConfig& config, int index_) : index(index_), routed(config.isRouted(index_)) {
+    attn_norm = register_module("attn_norm", RmsNorm(config.d_model, config.norm_eps));
+    attn = register_module("attn", Attention(config));
+    mlp_norm = register_module("mlp_norm", RmsNorm(config.d_model, config.norm_eps));
+    mlp = register_module("mlp", SwiGlu(config.d_model, config.d_ff));
+    if (routed) {
+        router = register_module("router", torch::nn::Linear(torch::nn::LinearOptions(config.d_model, 1).bias(false)));
+        predictor = register_module("predictor", Predictor(config.d_model, config.predictor_hidden));
+    }
+}
+
+torch::Tensor BlockImpl::delta(const torch::Tensor& x, const torch::Tensor& pos, const Rotary& rope, LayerKV* kv) {
+    const auto a = attn(attn_norm(x), pos, rope, kv);
+    const auto m = mlp(mlp_norm(x + a));
+    return a + m;
+}
+
+// ---------------------------------------------------------------------------------------------- routing
+torch::Tensor topkIndices(const torch::Tensor& router_logits, std::int64_t k) {
+    const auto idx = std::get<1>(router_logits.topk(k, /*dim=*/1, /*largest=*/true, /*sorted=*/false));
+    return std::get<0>(idx.sort(1));
+}
+
+namespace {
+
+// Gathers rows idx [B, k] of x [B, T, d] into a contiguous [B, k, d].
+torch::Tensor gatherRows(const torch::Tensor& x, const torch::Tensor& idx) {
+    return x.gather(1, idx.unsqueeze(-1).expand({idx.size(0), idx.size(1), x.size(2)}));
+}
+
+// Runs the routed block on the tokens idx [B, k] of x and writes their updates back; every other row of x
+// is copied through untouched (scatter into a copy), so skipped tokens stay bit-for-bit the same.
+torch::Tensor processSelected(BlockImpl& block, const torch::Tensor& x, const torch::Tensor& pos,
+                              const torch::Tensor& router_logits, const torch::Tensor& idx, const Rotary& rope,
+                              LayerKV* kv) {
+    if (idx.size(1) == 0) {
+        if (kv != nullptr) {
+            const auto B = x.size(0);
+            const auto H = block.attn->n_heads, hd = block.attn->head_dim;
+            kv->k = torch::zeros({B, H, 0, hd}, x.options());
+            kv->v = torch::zeros({B, H, 0, hd}, x.options());
+        }
+        return x;
+    }
+    const auto xs = gatherRows(x, idx);                              // [B, k, d]
+    const auto ps = pos.gather(1, idx);                              // [B, k]
+    const auto gate = torch::sigmoid(router_logits.gather(1, idx)).unsqueeze(-1);  // [B, k, 1]
+    const auto updated = xs + gate * block.delta(xs, ps, rope, kv);
+    return x.scatter(1, idx.unsqueeze(-1).expand_as(updated), updated);
+}
+
+void checkCancel(const std::atomic<bool>* cancel) {
+    if (cancel != nullptr && cancel->load(std::memory_order_relaxed)) throw Cancelled();
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------- model
+ModTransformerImpl::ModTransformerImpl(const ModelConfig& config_) : config(config_) {
+    config.validate();
+    tok_emb = register_module("tok_emb", torch::nn::Embedding(config.vocab_size, config.d_model));
+    layers = register_module("layers", torch::nn::ModuleList());
+    for (int i = 0; i < config.n_layers; ++i) {
+        blocks.push_back(Block(config, i));
+        layers->push_back(blocks.back());
+    }
+    norm_f = register_module("norm_f", RmsNorm(config.d_model, config.norm_eps));
+
+    const auto hd = config.headDim();
+    const auto inv_freq =
+        1.0 / torch::pow(config.rope_theta, torch::arange(0, hd, 2, torch::kFloat32) / double(hd));  // [hd/2]
+    const auto angles = torch::outer(torch::arange(config.max_seq_len, torch::kFloat32), inv_freq.to(torch::kFloat32));
+    rope.cos = register_buffer("rope_cos", angles.cos());
+    rope.sin = register_buffer("rope_sin", angles.sin());
+}
+
+void ModTransformerImpl::initWeights(std::uint64_t seed) {
+    torch::NoGradGuard no_grad;
+    torch::manual_seed(seed);
+    const double std = 0.02;
+    // Residual outputs scaled down with depth (GPT-2) so the stream's variance does not grow per layer.
+    const double resid_std = std / std::sqrt(2.0 * config.n_layers);
+    for (auto& p : named_parameters()) {
+        const auto& name = p.key();
+        auto& t = p.value();
+        if (name.find("norm") != std::string::npos) {
+            t.fill_(1.0);
+        } else if (name.find("predictor") != std::string::npos) {
+            if (name.find("bias") != std::string::npos) t.zero_();
+            else t.normal_(0.0, 1.0 / std::sqrt(double(t.size(1))));
+        } else if (name.find("proj.weight") != std::string::npos || name.find("down.weight") != std::string::npos) {
+            t.normal_(0.0, resid_std);
+        } else {
+            t.normal_(0.0, std);
+        }
+    }
+}
+
+torch::Tensor ModTransformerImpl::hidden(const torch::Tensor& ids, const ForwardOptions& options,
+                                         std::vector<LayerRouting>* routing) {
+    const auto B = ids.size(0), T = ids.size(1);
+    TORCH_CHECK(T >= 1 && T <= config.max_seq_len, "sequence length ", T, " outside 1..", config.max_seq_len);
+    const auto pos = torch::arange(T, ids.options().dtype(torch::kLong)).unsqueeze(0).expand({B, T});
+    if (options.kv != nullptr) {
+        TORCH_CHECK(B == 1, "KV capture needs batch 1");
+        options.kv->assign(blocks.size(), LayerKV{});
+    }
+    if (routing != nullptr) routing->assign(blocks.size(), LayerRouting{});
+
+    auto x = tok_emb(ids);  // [B, T, d]
+    if (options.residuals != nullptr) options.residuals->assign(1, x);
+    for (std::size_t li = 0; li < blocks.size(); ++li) {
+        checkCancel(options.cancel);
+        if (options.residuals != nullptr && li > 0) options.residuals->push_back(x);
+        auto& block = *blocks[li];
+        LayerKV* kv = options.kv != nullptr ? &(*options.kv)[li] : nullptr;
+        if (!block.routed) {
+            x = x + block.delta(x, pos, rope, kv);
+            if (routing != nullptr && options.collect) {
+                auto& r = (*routing)[li];
+                r.k = T;
+                r.selected_mask = torch::ones({B, T}, ids.options().dtype(torch::kBool));
+            }
+            continue;
+        }
+        const auto k = capacityToK(options.capacity, static_cast<int>(T));
+        const auto router_logits = block.router(x).squeeze(-1);  // [B, T]
+        const bool need_topk = options.mode == RoutingMode::TopK || options.collect;
+        torch::Tensor topk_idx;
+        if (need_topk) topk_idx = topkIndices(router_logits, k);  // [B, k]
+        torch::Tensor predictor_logits;
+        if (options.mode == RoutingMode::Causal || options.collect)
+            predictor_logits = block.predictor(x.detach());  // [B, T]
+
+        torch::Tensor selected_mask;
+        if (options.mode == RoutingMode::TopK) {
+            x = processSelected(block, x, pos, router_logits, topk_idx, rope, kv);
+        } else {
+            // Each token decides alone from its own block input, which depends on earlier tokens only.
+            selected_mask = torch::sigmoid(predictor_logits) > options.predictor_threshold;  // [B, T]
+            std::vector<torch::Tensor> rows;
+            for (std::int64_t b = 0; b < B; ++b) {
+                const auto idx = selected_mask[b].nonzero().view({1, -1});  // [1, n_b], ascending
+                rows.push_back(processSelected(block, x.narrow(0, b, 1), pos.narrow(0, b, 1),
+                                               router_logits.narrow(0, b, 1), idx, rope, kv));
+            }
+            x = B == 1 ? rows[0] : torch::cat(rows, 0);
+        }
+        if (routing != nullptr) {
+            auto& r = (*routing)[li];
+            r.k = k;
+            r.router_logits = router_logits;
+            r.predictor_logits = predictor_logits;
+            if (topk_idx.defined())
+                r.topk_mask = torch::zeros({B, T}, ids.options().dtype(torch::kBool)).scatter(1, topk_idx, true);
+            r.selected_mask = options.mode == RoutingMode::TopK ? r.topk_mask : selected_mask;
+        }
+    }
+    if (options.residuals != nullptr) options.residuals->push_back(x);
+    return norm_f(x);
+}
+
+torch::Tensor ModTransformerImpl::logits(const torch::Tensor& h) { return F::linear(h, tok_emb->weight); }
+
+torch::Tensor ModTransformerImpl::step(std::int64_t token, std::int64_t position, std::vector<LayerKV>& kv,
+                                       double threshold, std::vector<std::uint8_t>* processed,
+                                       std::vector<float>* prob) {
+    TORCH_CHECK(position >= 0 && position < config.max_seq_len, "position ", position, " beyond max_seq_len");
+    TORCH_CHECK(kv.size() == blocks.size(), "KV cache has ", kv.size(), " layers");
+    const auto opts = torch::TensorOptions().device(tok_emb->weight.device()).dtype(torch::kLong);
+    const auto pos = torch::full({1, 1}, position, opts);
+    auto x = tok_emb(torch::full({1, 1}, token, opts));  // [1, 1, d]
+    if (processed) processed->assign(blocks.size(), 1);
+    if (prob) prob->assign(blocks.size(), std::numeric_limits<float>::quiet_NaN());
+    for (std::size_t li = 0; li < blocks.size(); ++li) {
+        auto& block = *blocks[li];
+        if (!block.routed) {
+            x = x + block.delta(x, pos, rope, &kv[li]);
+            continue;
+        }
+        const float p = torch::sigmoid(block.predictor(x)).item<float>();
+        if (prob) (*prob)[li] = p;
+        if (!(p > threshold)) {
+            if (processed) (*processed)[li] = 0;
+            continue;
+        }
+        const auto gate = torch::sigmoid(block.router(x));  // [1, 1, 1]
+        x = x + gate * block.delta(x, pos, rope, &kv[li]);
+    }
+    return logits(norm_f(x)).view({-1});
+}
+
+}  // namespace modscope::nn

@@ -1,0 +1,139 @@
+// The Mixture-of-Depths transformer as LibTorch modules (internal to model/; docs/MODEL.md is the spec).
+//
+// Registered module and parameter names are the checkpoint keys: never rename one without a migration.
+#pragma once
+
+#include <torch/nn/module.h>
+#include <torch/nn/modules/container/modulelist.h>
+#include <torch/nn/modules/embedding.h>
+#include <torch/nn/modules/linear.h>
+
+#include <atomic>
+#include <vector>
+
+#include "modscope/engine.h"
+
+namespace modscope::nn {
+
+struct RmsNormImpl : torch::nn::Module {
+    RmsNormImpl(std::int64_t dim, double eps);
+    torch::Tensor forward(const torch::Tensor& x);
+
+    torch::Tensor weight;  // [d]
+    double eps;
+};
+TORCH_MODULE(RmsNorm);
+
+// Keys and values a layer keeps for generation: only the tokens it processed.
+struct LayerKV {
+    torch::Tensor k;  // [B, H, n, hd], rotary already applied
+    torch::Tensor v;  // [B, H, n, hd]
+    std::int64_t length() const { return k.defined() ? k.size(2) : 0; }
+    std::int64_t bytes() const { return k.defined() ? 2 * k.numel() * k.element_size() : 0; }
+};
+
+// Rotary tables shared by every layer: cos/sin of position * inv_freq, in float32.
+struct Rotary {
+    torch::Tensor cos;  // [max_seq_len, hd/2]
+    torch::Tensor sin;  // [max_seq_len, hd/2]
+    // x [B, H, S, hd], pos [B, S] int64 -> x rotated by each token's own position
+    torch::Tensor apply(const torch::Tensor& x, const torch::Tensor& pos) const;
+};
+
+struct AttentionImpl : torch::nn::Module {
+    explicit AttentionImpl(const ModelConfig& config);
+    // x [B, S, d], pos [B, S]; causal over the S tokens in their given (original) order.
+    // With kv, the cached keys come first and the new ones are appended to it.
+    torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& pos, const Rotary& rope,
+                          LayerKV* kv = nullptr);
+
+    torch::nn::Linear qkv{nullptr};   // weight [3d, d]: rows q, then k, then v
+    torch::nn::Linear proj{nullptr};  // weight [d, d]
+    std::int64_t n_heads, head_dim;
+};
+TORCH_MODULE(Attention);
+
+struct SwiGluImpl : torch::nn::Module {
+    SwiGluImpl(std::int64_t d_model, std::int64_t d_ff);
+    torch::Tensor forward(const torch::Tensor& x);
+
+    torch::nn::Linear gate_up{nullptr};  // weight [2 d_ff, d]: rows gate, then up
+    torch::nn::Linear down{nullptr};     // weight [d, d_ff]
+};
+TORCH_MODULE(SwiGlu);
+
+// Causal routing predictor: reads the (stop-gradient) block input, one logit per token.
+struct PredictorImpl : torch::nn::Module {
+    PredictorImpl(std::int64_t d_model, std::int64_t hidden);
+    torch::Tensor forward(const torch::Tensor& x);  // [B, S, d] -> [B, S] logits
+
+    torch::nn::Linear fc1{nullptr};  // weight [h, d], bias [h]
+    torch::nn::Linear fc2{nullptr};  // weight [1, h], bias [1]
+};
+TORCH_MODULE(Predictor);
+
+struct BlockImpl : torch::nn::Module {
+    BlockImpl(const ModelConfig& config, int index);
+    // f(x) = a + m with a = attn(attn_norm(x)), m = mlp(mlp_norm(x + a)): the block's residual update.
+    torch::Tensor delta(const torch::Tensor& x, const torch::Tensor& pos, const Rotary& rope,
+                        LayerKV* kv = nullptr);
+
+    int index;
+    bool routed;
+    RmsNorm attn_norm{nullptr};
+    Attention attn{nullptr};
+    RmsNorm mlp_norm{nullptr};
+    SwiGlu mlp{nullptr};
+    torch::nn::Linear router{nullptr};  // routed only: weight [1, d], no bias
+    Predictor predictor{nullptr};       // routed only
+};
+TORCH_MODULE(Block);
+
+// What one layer decided in a forward; tensors are empty for full layers unless noted.
+struct LayerRouting {
+    std::int64_t k = 0;              // top-k size (routed) or T
+    torch::Tensor router_logits;     // [B, T]
+    torch::Tensor topk_mask;         // [B, T] bool
+    torch::Tensor selected_mask;     // [B, T] bool, what was processed (all true for full layers)
+    torch::Tensor predictor_logits;  // [B, T]
+};
+
+struct ForwardOptions {
+    RoutingMode mode = RoutingMode::TopK;
+    double capacity = 0.125;
+    double predictor_threshold = 0.5;
+    bool collect = false;                       // fill LayerRouting for every layer
+    std::vector<LayerKV>* kv = nullptr;         // when set: filled with each layer's K/V (B must be 1)
+    std::vector<torch::Tensor>* residuals = nullptr;  // when set: [0] embeddings, [i+1] after layer i
+    const std::atomic<bool>* cancel = nullptr;
+};
+
+struct ModTransformerImpl : torch::nn::Module {
+    explicit ModTransformerImpl(const ModelConfig& config);
+
+    // ids [B, T] int64 -> final hidden states [B, T, d] after norm_f
+    torch::Tensor hidden(const torch::Tensor& ids, const ForwardOptions& options,
+                         std::vector<LayerRouting>* routing = nullptr);
+    // hidden [.., d] -> logits [.., V] through the tied embedding
+    torch::Tensor logits(const torch::Tensor& hidden);
+
+    // One generation step in causal mode: token id at position pos, kv holds every layer's cache.
+    // Returns logits [V]; processed/prob (size n_layers) report each layer's decision.
+    torch::Tensor step(std::int64_t token, std::int64_t pos, std::vector<LayerKV>& kv, double threshold,
+                       std::vector<std::uint8_t>* processed, std::vector<float>* prob);
+
+    void initWeights(std::uint64_t seed);
+
+    ModelConfig config;
+    torch::nn::Embedding tok_emb{nullptr};  // weight [V, d], tied with the output head
+    torch::nn::ModuleList layers{nullptr};
+    RmsNorm norm_f{nullptr};
+    std::vector<Block> blocks;  // typed handles into layers
+    Rotary rope;                // buffers, not parameters: rebuilt from the config
+};
+TORCH_MODULE(ModTransformer);
+
+// The routed layer's selection for a run: indices into T, ascending (original order), per batch row.
+torch::Tensor topkIndices(const torch::Tensor& router_logits, std::int64_t k);  // [B, T] -> [B, k]
+
+}  // namespace modscope::nn

@@ -1,0 +1,282 @@
+// Model: opening, saving, traced forward passes and cached generation.
+#include <torch/serialize.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <filesystem>
+#include <random>
+
+#include "checkpoint.h"
+#include "file_io.h"
+#include "model_impl.h"
+#include "sha256.h"
+
+namespace modscope {
+
+namespace fs = std::filesystem;
+
+namespace {
+
+constexpr std::uint64_t kMaxConfigBytes = 1 << 20;
+constexpr std::uint64_t kMaxTokenizerBytes = 64ull << 20;
+
+double msSince(std::chrono::steady_clock::time_point t0) {
+    return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+}
+
+template <typename T>
+std::vector<T> toVector(const torch::Tensor& t) {
+    const auto c = t.to(torch::kCPU).contiguous();
+    return std::vector<T>(c.data_ptr<T>(), c.data_ptr<T>() + c.numel());
+}
+
+std::vector<std::uint8_t> maskToVector(const torch::Tensor& mask) {
+    return toVector<std::uint8_t>(mask.to(torch::kUInt8));
+}
+
+// Samples from logits [V] with temperature and nucleus (top-p) filtering.
+int sampleToken(const torch::Tensor& logits, float temperature, float top_p, std::mt19937_64& rng) {
+    auto l = logits.to(torch::kCPU, torch::kFloat32);
+    if (temperature <= 0.0f) return static_cast<int>(l.argmax().item<std::int64_t>());
+    const auto probs = torch::softmax(l / temperature, -1);
+    const auto sorted = probs.sort(-1, /*descending=*/true);
+    const auto p = toVector<float>(std::get<0>(sorted));
+    const auto idx = toVector<std::int64_t>(std::get<1>(sorted));
+    double kept = 0.0;
+    std::size_t n = 0;
+    while (n < p.size() && (n == 0 || kept < top_p)) kept += p[n++];
+    std::uniform_real_distribution<double> uni(0.0, kept);
+    double u = uni(rng), acc = 0.0;
+    for (std::size_t i = 0; i < n; ++i) {
+        acc += p[i];
+        if (u <= acc) return static_cast<int>(idx[i]);
+    }
+    return static_cast<int>(idx[n - 1]);
+}
+
+}  // namespace
+
+torch::Tensor Model::Impl::idsTensor(const std::vector<int>& ids) const {
+    if (ids.empty()) throw Error("no tokens to run");
+    if (static_cast<int>(ids.size()) > config.max_seq_len)
+        throw Error(std::to_string(ids.size()) + " tokens exceed the model's context of " +
+                    std::to_string(config.max_seq_len));
+    std::vector<std::int64_t> v(ids.begin(), ids.end());
+    for (auto id : v)
+        if (id < 0 || id >= config.vocab_size)
+            throw Error("token id " + std::to_string(id) + " outside the vocabulary of " +
+                        std::to_string(config.vocab_size));
+    return torch::tensor(v, torch::kLong).view({1, -1}).to(device);
+}
+
+Model::Model() : impl_(std::make_unique<Impl>()) {}
+Model::~Model() = default;
+
+std::unique_ptr<Model> Model::create(const ModelConfig& config, std::uint64_t seed, const std::string& device) {
+    configureThreads();
+    config.validate();
+    std::unique_ptr<Model> m(new Model());
+    m->impl_->config = config;
+    m->impl_->device = torch::Device(resolveDevice(device));
+    m->impl_->net = nn::ModTransformer(config);
+    m->impl_->net->initWeights(seed);
+    m->impl_->net->to(m->impl_->device);
+    return m;
+}
+
+std::unique_ptr<Model> Model::open(const std::string& dir, const std::string& device) {
+    configureThreads();
+    const fs::path root(dir);
+    if (!fs::is_directory(root)) throw Error(dir + ": not a model directory");
+    const auto config_path = (root / "config.json").string();
+    const auto weights_path = (root / "weights.pt").string();
+    const auto tokenizer_path = (root / "tokenizer.model").string();
+    for (const auto& p : {config_path, weights_path, tokenizer_path})
+        if (!fs::exists(p)) throw Error(dir + ": missing " + fs::path(p).filename().string());
+
+    ModelConfig config;
+    try {
+        config = ModelConfig::fromJson(readFileBounded(config_path, kMaxConfigBytes));
+    } catch (const Error& e) {
+        throw Error(config_path + ": " + e.what());
+    }
+    auto tokenizer = Tokenizer::load(tokenizer_path);
+    if (tokenizer->vocabSize() != config.vocab_size)
+        throw Error(tokenizer_path + ": vocabulary of " + std::to_string(tokenizer->vocabSize()) +
+                    " pieces, but config.json says vocab_size " + std::to_string(config.vocab_size));
+
+    const std::string bytes = readFileBounded(weights_path, maxWeightsFileBytes(config));
+    std::unique_ptr<Model> m(new Model());
+    auto& impl = *m->impl_;
+    impl.config = config;
+    impl.device = torch::Device(resolveDevice(device));
+    impl.net = nn::ModTransformer(config);
+    loadWeights(*impl.net, bytes, weights_path);
+    impl.net->to(impl.device);
+    impl.directory = fs::absolute(root).lexically_normal().string();
+    impl.weights_sha256 = sha256Hex(bytes);
+    impl.tokenizer = std::move(tokenizer);
+    return m;
+}
+
+void Model::save(const std::string& dir) const {
+    std::error_code ec;
+    fs::create_directories(dir, ec);
+    if (ec) throw Error(dir + ": cannot create directory (" + ec.message() + ")");
+    const auto bytes = serializeWeights(*impl_->net);
+    writeFileAtomic((fs::path(dir) / "weights.pt").string(), bytes);
+    writeFileAtomic((fs::path(dir) / "config.json").string(), impl_->config.toJson());
+    if (impl_->tokenizer) {
+        const auto src = impl_->tokenizer->modelPath();
+        const auto dst = (fs::path(dir) / "tokenizer.model").string();
+        if (fs::absolute(src).lexically_normal() != fs::absolute(dst).lexically_normal())
+            writeFileAtomic(dst, readFileBounded(src, kMaxTokenizerBytes));
+    }
+    impl_->weights_sha256 = sha256Hex(bytes);
+}
+
+const ModelConfig& Model::config() const { return impl_->config; }
+std::string Model::device() const { return impl_->device.str(); }
+std::string Model::directory() const { return impl_->directory; }
+std::string Model::weightsSha256() const { return impl_->weights_sha256; }
+std::int64_t Model::parameterCount() const { return impl_->config.parameterCount(); }
+const Tokenizer* Model::tokenizer() const { return impl_->tokenizer.get(); }
+
+void Model::attachTokenizer(std::unique_ptr<Tokenizer> tokenizer) {
+    if (tokenizer && tokenizer->vocabSize() != impl_->config.vocab_size)
+        throw Error("tokenizer has " + std::to_string(tokenizer->vocabSize()) + " pieces, the model " +
+                    std::to_string(impl_->config.vocab_size));
+    impl_->tokenizer = std::move(tokenizer);
+}
+
+RunTrace Model::run(const std::vector<int>& ids, const RunOptions& options) const {
+    const auto t0 = std::chrono::steady_clock::now();
+    torch::InferenceMode guard;
+    auto& impl = *impl_;
+    const auto input = impl.idsTensor(ids);
+    const int T = static_cast<int>(ids.size());
+
+    nn::ForwardOptions fo;
+    fo.mode = options.mode;
+    fo.capacity = options.capacity < 0 ? impl.config.capacity : std::min(options.capacity, 1.0);
+    fo.predictor_threshold = impl.config.predictor_threshold;
+    fo.collect = true;
+    fo.cancel = options.cancel;
+    std::vector<nn::LayerRouting> routing;
+    const auto h = impl.net->hidden(input, fo, &routing);
+
+    RunTrace trace;
+    trace.mode = options.mode;
+    trace.capacity = fo.capacity;
+    trace.device = impl.device.str();
+    trace.token_ids = ids;
+    int head_positions = 0;
+    if (options.logits == RunOptions::Logits::All) {
+        trace.logits = toVector<float>(impl.net->logits(h[0]));
+        trace.all_logits = true;
+        head_positions = T;
+    } else if (options.logits == RunOptions::Logits::Last) {
+        trace.logits = toVector<float>(impl.net->logits(h[0][T - 1]));
+        head_positions = 1;
+    }
+
+    std::vector<int> processed;
+    for (int li = 0; li < impl.config.n_layers; ++li) {
+        const auto& r = routing[li];
+        LayerTrace lt;
+        lt.index = li;
+        lt.routed = impl.config.isRouted(li);
+        lt.k = static_cast<int>(r.k);
+        lt.selected = maskToVector(r.selected_mask[0]);
+        lt.processed = static_cast<int>(std::count(lt.selected.begin(), lt.selected.end(), 1));
+        if (lt.routed) {
+            lt.router_logits = toVector<float>(r.router_logits[0]);
+            lt.topk_selected = maskToVector(r.topk_mask[0]);
+            lt.predictor_prob = toVector<float>(torch::sigmoid(r.predictor_logits[0]));
+            lt.predictor_selected.resize(T);
+            for (int t = 0; t < T; ++t)
+                lt.predictor_selected[t] = lt.predictor_prob[t] > impl.config.predictor_threshold ? 1 : 0;
+            std::vector<int> order(T);
+            for (int t = 0; t < T; ++t) order[t] = t;
+            std::stable_sort(order.begin(), order.end(),
+                             [&](int a, int b) { return lt.router_logits[a] > lt.router_logits[b]; });
+            lt.rank.assign(T, 0);
+            for (int i = 0; i < T; ++i) lt.rank[order[i]] = i;
+            lt.topk_threshold = lt.router_logits[order[lt.k - 1]];
+        } else {
+            lt.topk_selected = lt.selected;
+        }
+        processed.push_back(lt.processed);
+        trace.layers.push_back(std::move(lt));
+    }
+    trace.flops = forwardFlops(impl.config, T, processed, head_positions);
+    trace.dense_flops = denseForwardFlops(impl.config, T, head_positions);
+    trace.elapsed_ms = msSince(t0);
+    return trace;
+}
+
+GenerationResult Model::generate(const std::vector<int>& prompt_ids, const GenerationOptions& options,
+                                 const std::function<bool(const GenerationStep&)>& on_step) const {
+    torch::InferenceMode guard;
+    auto& impl = *impl_;
+    const auto& cfg = impl.config;
+    GenerationResult result;
+    result.prompt_ids = prompt_ids;
+    auto input = impl.idsTensor(prompt_ids);
+    const int budget = std::min(options.max_new_tokens, cfg.max_seq_len - static_cast<int>(prompt_ids.size()));
+    if (budget <= 0) return result;
+
+    std::vector<nn::LayerKV> kv;
+    nn::ForwardOptions fo;
+    fo.mode = RoutingMode::Causal;
+    fo.capacity = cfg.capacity;
+    fo.predictor_threshold = cfg.predictor_threshold;
+    fo.kv = &kv;
+    fo.cancel = options.cancel;
+    torch::Tensor logits;
+    try {
+        const auto h = impl.net->hidden(input, fo);
+        logits = impl.net->logits(h[0][-1]);
+    } catch (const Cancelled&) {
+        result.cancelled = true;
+        return result;
+    }
+
+    std::mt19937_64 rng(options.seed);
+    const std::int64_t kv_per_token_layer = 2LL * cfg.d_model * static_cast<std::int64_t>(sizeof(float));
+    int position = static_cast<int>(prompt_ids.size());
+    const auto gen_start = std::chrono::steady_clock::now();
+    for (int i = 0; i < budget; ++i) {
+        if (options.cancel && options.cancel->load()) {
+            result.cancelled = true;
+            break;
+        }
+        const auto ts = std::chrono::steady_clock::now();
+        GenerationStep step;
+        step.index = i;
+        step.position = position;
+        step.token_id = sampleToken(logits, options.temperature, options.top_p, rng);
+        result.generated_ids.push_back(step.token_id);
+        // The sampled token runs through the model at once: its K/V join the caches of the layers that
+        // process it, its routing is reported, and its logits give the next token.
+        logits = impl.net->step(step.token_id, position, kv, cfg.predictor_threshold, &step.processed,
+                                &step.predictor_prob);
+        ++position;
+        std::int64_t bytes = 0;
+        for (const auto& layer : kv) bytes += layer.bytes();
+        step.kv_cache_bytes = bytes;
+        step.dense_kv_cache_bytes = kv_per_token_layer * cfg.n_layers * position;
+        step.step_ms = msSince(ts);
+        result.kv_cache_bytes = step.kv_cache_bytes;
+        result.dense_kv_cache_bytes = step.dense_kv_cache_bytes;
+        result.steps.push_back(step);
+        if (on_step && !on_step(result.steps.back())) break;
+        if (step.token_id == options.eos_id) break;
+    }
+    const double secs = msSince(gen_start) / 1000.0;
+    result.tokens_per_second = secs > 0 ? result.generated_ids.size() / secs : 0.0;
+    return result;
+}
+
+}  // namespace modscope

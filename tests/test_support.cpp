@@ -1,0 +1,121 @@
+#include "test_support.h"
+
+#include <QDir>
+#include <QProcess>
+#include <QTemporaryDir>
+#include <QTest>
+#include <fstream>
+#include <mutex>
+#include <random>
+
+namespace modscope::test {
+
+ModelConfig tinyConfig(int vocab_size) {
+    ModelConfig c;
+    c.name = "tiny-test";
+    c.vocab_size = vocab_size;
+    c.d_model = 32;
+    c.n_layers = 4;
+    c.n_heads = 2;
+    c.d_ff = 64;
+    c.max_seq_len = 160;
+    c.capacity = 0.25;
+    c.routed_layers = {1, 3};
+    c.predictor_hidden = 16;
+    return c;
+}
+
+std::vector<int> randomIds(int count, int vocab, std::uint64_t seed) {
+    std::mt19937_64 rng(seed);
+    std::uniform_int_distribution<int> dist(0, vocab - 1);
+    std::vector<int> ids(count);
+    for (auto& id : ids) id = dist(rng);
+    return ids;
+}
+
+torch::Tensor idsTensor(const std::vector<int>& ids) {
+    return torch::tensor(std::vector<std::int64_t>(ids.begin(), ids.end()), torch::kLong).view({1, -1});
+}
+
+void balancePredictors(Model& model, const std::vector<int>& ids) {
+    auto& net = *model.impl().net;
+    torch::NoGradGuard guard;
+    for (auto& block : net.blocks) {
+        if (!block->routed) continue;
+        std::vector<nn::LayerRouting> routing;
+        nn::ForwardOptions fo;
+        fo.mode = RoutingMode::Causal;
+        fo.collect = true;
+        net.hidden(idsTensor(ids), fo, &routing);
+        const auto median = routing[block->index].predictor_logits.median();
+        block->predictor->fc2->bias.sub_(median);
+    }
+}
+
+std::string syntheticCorpus(std::size_t bytes, std::uint64_t seed) {
+    static const char* words[] = {"the", "routing", "token", "layer", "model", "depth", "capacity", "residual",
+                                  "stream", "attention", "of", "and", "a", "to", "in", "is", "that", "mixture",
+                                  "expert", "choice", "king", "said", "unto", "them", "fortune", "cookie",
+                                  "light", "dark", "water", "fire", "time", "tree", "house", "river"};
+    static const char* punct[] = {",", ".", ";", "!", "?", ":"};
+    std::mt19937_64 rng(seed);
+    std::string text;
+    int in_line = 0;
+    while (text.size() < bytes) {
+        const auto r = rng() % 100;
+        if (r < 5) text += std::to_string(rng() % 2000);
+        else text += words[rng() % (sizeof(words) / sizeof(*words))];
+        if (rng() % 7 == 0) text += punct[rng() % 6];
+        if (++in_line > 8 + static_cast<int>(rng() % 8)) {
+            text += "\n";
+            in_line = 0;
+        } else {
+            text += " ";
+        }
+    }
+    return text;
+}
+
+std::string tinyTokenizerPath() {
+    static std::once_flag once;
+    static std::string path;
+    static QTemporaryDir dir;
+    std::call_once(once, [] {
+        const auto corpus = QDir(dir.path()).filePath("corpus.txt").toStdString();
+        std::ofstream(corpus) << syntheticCorpus(200000, 11);
+        Tokenizer::TrainOptions opt;
+        opt.input_files = {corpus};
+        opt.model_prefix = QDir(dir.path()).filePath("tok").toStdString();
+        opt.vocab_size = 300;
+        Tokenizer::train(opt);
+        path = opt.model_prefix + ".model";
+    });
+    return path;
+}
+
+std::unique_ptr<Model> makeCheckpoint(const std::string& dir, std::uint64_t seed) {
+    auto tok = Tokenizer::load(tinyTokenizerPath());
+    auto model = Model::create(tinyConfig(tok->vocabSize()), seed, "cpu");
+    model->attachTokenizer(std::move(tok));
+    model->save(dir);
+    return model;
+}
+
+QString runPython(const QString& script, const QStringList& args) {
+    QProcess p;
+    p.setProgram("/usr/bin/python3");
+    p.setArguments(QStringList{"-c", script} + args);
+    p.start();
+    if (!p.waitForFinished(120000)) {
+        QTest::qFail("python3 did not finish", __FILE__, __LINE__);
+        return {};
+    }
+    const auto err = QString::fromUtf8(p.readAllStandardError());
+    if (p.exitStatus() != QProcess::NormalExit || p.exitCode() != 0) {
+        QTest::qFail(qPrintable("python3 failed: " + err), __FILE__, __LINE__);
+        return {};
+    }
+    return QString::fromUtf8(p.readAllStandardOutput());
+}
+
+}  // namespace modscope::test

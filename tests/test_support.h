@@ -1,0 +1,39 @@
+// Shared fixtures for engine tests: small configs, seeded models, a tiny trained tokenizer.
+#pragma once
+
+#include <QString>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "model_impl.h"
+#include "modscope/engine.h"
+
+namespace modscope::test {
+
+// 4 layers, d 32, 2 heads, routed layers 1 and 3: small enough for exhaustive checks in milliseconds.
+ModelConfig tinyConfig(int vocab_size = 300);
+
+// Deterministic token ids in [0, vocab).
+std::vector<int> randomIds(int count, int vocab, std::uint64_t seed);
+
+// Shifts each routed layer's predictor bias so that, in causal mode on ids, about half the tokens are
+// processed: an untrained predictor tends to decide the same way for every token, which would leave the
+// skip path of causal mode untested.
+void balancePredictors(Model& model, const std::vector<int>& ids);
+
+// ids as a [1, T] int64 tensor on the CPU.
+torch::Tensor idsTensor(const std::vector<int>& ids);
+
+// A SentencePiece model trained once per process on a generated English-like corpus (vocab 300).
+std::string tinyTokenizerPath();
+// Generated text: deterministic, varied words, punctuation, digits and newlines.
+std::string syntheticCorpus(std::size_t bytes, std::uint64_t seed);
+
+// A complete checkpoint directory (config, weights, tokenizer) for a seeded tiny model in dir.
+std::unique_ptr<Model> makeCheckpoint(const std::string& dir, std::uint64_t seed = 7);
+
+// Runs /usr/bin/python3 (Debian's, which has torch) with a script; returns stdout, fails the test on error.
+QString runPython(const QString& script, const QStringList& args = {});
+
+}  // namespace modscope::test
