@@ -1,0 +1,210 @@
+// The trainer: loss falls, interrupted runs resume to the same losses, tokenizer training, corpus errors,
+// and modscope-train interrupted with SIGINT and resumed.
+#include <QDir>
+#include <QFile>
+#include <QJsonDocument>
+#include <QJsonObject>
+#include <QProcess>
+#include <QTemporaryDir>
+#include <QTest>
+#include <csignal>
+#include <fstream>
+
+#include "modscope/trainer.h"
+#include "test_support.h"
+
+using namespace modscope;
+
+namespace {
+
+std::string writeCorpus(const QTemporaryDir& dir, const char* name, const std::string& text) {
+    const auto path = QDir(dir.path()).filePath(name).toStdString();
+    std::ofstream(path, std::ios::binary) << text;
+    return path;
+}
+
+TrainOptions tinyOptions(const std::string& corpus, const std::string& out) {
+    TrainOptions o;
+    o.corpus_files = {corpus};
+    o.out_dir = out;
+    o.config = test::tinyConfig();
+    o.config.vocab_size = 300;
+    o.config.max_seq_len = 64;
+    o.steps = 40;
+    o.batch_tokens = 512;
+    o.seq_lens = {32, 64};
+    o.lr = 3e-3;
+    o.warmup_steps = 5;
+    o.eval_every = 0;
+    o.eval_windows = 8;
+    o.checkpoint_every = 0;
+    o.device = "cpu";
+    return o;
+}
+
+// The (step, loss) pairs of a train_log.jsonl.
+std::vector<std::pair<int, double>> losses(const std::string& out_dir) {
+    QFile f(QDir(QString::fromStdString(out_dir)).filePath("train_log.jsonl"));
+    if (!f.open(QIODevice::ReadOnly)) return {};
+    std::vector<std::pair<int, double>> out;
+    for (const auto& line : f.readAll().split('\n')) {
+        const auto o = QJsonDocument::fromJson(line).object();
+        if (o.contains("loss")) out.emplace_back(o["step"].toInt(), o["loss"].toDouble());
+    }
+    return out;
+}
+
+void expectCorpusError(const std::vector<std::string>& files, const QString& fragment) {
+    try {
+        Corpus::fromFiles(files, 0.05);
+        QFAIL("a bad corpus was accepted");
+    } catch (const Error& e) {
+        QVERIFY2(QString(e.what()).contains(fragment), e.what());
+    }
+}
+
+}  // namespace
+
+class TrainerTest : public QObject {
+    Q_OBJECT
+
+    QTemporaryDir dir_;
+    std::string corpus_;
+
+private Q_SLOTS:
+    void initTestCase() { corpus_ = writeCorpus(dir_, "corpus.txt", test::syntheticCorpus(300000, 3)); }
+
+    void lossFallsAndTokenizerIsTrained() {
+        const auto out = QDir(dir_.path()).filePath("run").toStdString();
+        auto o = tinyOptions(corpus_, out);
+        Trainer trainer(o);
+        std::vector<double> seen;
+        const auto last = trainer.run([&](const TrainProgress& p) {
+            if (p.message.empty()) seen.push_back(p.loss);
+        });
+        QCOMPARE(int(seen.size()), 40);
+        const double first = (seen[0] + seen[1] + seen[2]) / 3, end = (seen[37] + seen[38] + seen[39]) / 3;
+        QVERIFY2(end < first - 1.0, qPrintable(QString("loss %1 -> %2").arg(first).arg(end)));
+        QVERIFY(last.has_eval || last.message == "done");
+
+        // The run left a complete model directory behind, with the tokenizer trained on the corpus.
+        auto model = Model::open(out, "cpu");
+        const std::string text = "the routing layer said unto them, 1999 rivers!\nand the house";
+        QCOMPARE(model->tokenizer()->decode(model->tokenizer()->encodeIds(text)), text);
+        QVERIFY(QFile::exists(QString::fromStdString(out + "/train_log.jsonl")));
+        QCOMPARE(int(losses(out).size()), 40);
+    }
+
+    void resumeReproducesTheUninterruptedRun() {
+        const auto whole = QDir(dir_.path()).filePath("whole").toStdString();
+        const auto split = QDir(dir_.path()).filePath("split").toStdString();
+        auto o = tinyOptions(corpus_, whole);
+        o.steps = 24;
+        o.calibrate_threshold = false;
+        Trainer(o).run({});
+
+        o.out_dir = split;
+        std::atomic<bool> stop{false};
+        Trainer(o).run([&](const TrainProgress& p) {
+            if (p.step == 10) stop = true;
+        }, &stop);
+        QCOMPARE(int(losses(split).size()), 10);
+        o.resume = true;
+        Trainer(o).run({});
+
+        const auto a = losses(whole), b = losses(split);
+        QCOMPARE(a.size(), b.size());
+        for (std::size_t i = 0; i < a.size(); ++i) {
+            QCOMPARE(b[i].first, a[i].first);
+            QVERIFY2(std::abs(a[i].second - b[i].second) <= 1e-5 * std::abs(a[i].second),
+                     qPrintable(QString("step %1: %2 vs %3").arg(a[i].first).arg(a[i].second).arg(b[i].second)));
+        }
+        auto ma = Model::open(whole, "cpu"), mb = Model::open(split, "cpu");
+        const auto ids = test::randomIds(20, ma->config().vocab_size, 1);
+        QCOMPARE(ma->run(ids).logits, mb->run(ids).logits);
+    }
+
+    void denseBaselineHasNoRoutedLayers() {
+        const auto out = QDir(dir_.path()).filePath("dense").toStdString();
+        auto o = tinyOptions(corpus_, out);
+        o.steps = 3;
+        o.dense = true;
+        Trainer(o).run({});
+        auto model = Model::open(out, "cpu");
+        QVERIFY(model->config().routed_layers.empty());
+        QCOMPARE(model->config().capacity, 1.0);
+    }
+
+    void flopsBudgetSetsTheSteps() {
+        const auto out = QDir(dir_.path()).filePath("budget").toStdString();
+        auto o = tinyOptions(corpus_, out);
+        o.seq_lens = {64};
+        o.dense = true;
+        auto dense_cfg = o.config;
+        dense_cfg.routed_layers.clear();
+        dense_cfg.capacity = 1.0;
+        o.flops_budget = 5.5 * trainStepFlops(dense_cfg, 64, o.batch_tokens);
+        const auto last = Trainer(o).run({});
+        QCOMPARE(last.step, std::int64_t(6));  // ceil(5.5)
+    }
+
+    void badCorporaAreRefused() {
+        expectCorpusError({QDir(dir_.path()).filePath("nope.txt").toStdString()}, "no such corpus file");
+        expectCorpusError({writeCorpus(dir_, "empty.txt", "")}, "empty");
+        expectCorpusError({writeCorpus(dir_, "blank.txt", " \n\n\t")}, "empty");
+        expectCorpusError({writeCorpus(dir_, "latin1.txt", "caf\xe9 au lait\n")}, "not UTF-8");
+        expectCorpusError({writeCorpus(dir_, "latin1.txt", "caf\xe9 au lait\n")}, "byte offset 3");
+        expectCorpusError({writeCorpus(dir_, "overlong.txt", "ab\xc0\xafz\n")}, "not UTF-8");
+        expectCorpusError({writeCorpus(dir_, "surrogate.txt", "x\xed\xa0\x80y\n")}, "not UTF-8");
+        expectCorpusError({}, "no corpus");
+        // Valid UTF-8 of every width is accepted, and the held-out part is the file's tail.
+        const auto ok = Corpus::fromFiles({writeCorpus(dir_, "ok.txt", "a\xc3\xa9\xe2\x82\xac\xf0\x9f\x98\x80\nline two\nthree\n")}, 0.3);
+        QCOMPARE(ok.val_text, std::string("three\n"));
+        QCOMPARE(ok.train_text + ok.val_text, std::string("a\xc3\xa9\xe2\x82\xac\xf0\x9f\x98\x80\nline two\nthree\n"));
+    }
+
+    // The command line: SIGINT mid-run saves a checkpoint and exits 130; --resume finishes the run with the
+    // losses of a run never stopped.
+    void cliInterruptAndResume() {
+        const QString exe = QStringLiteral(MODSCOPE_BIN_DIR "/modscope-train");
+        const auto base = QStringList{"--corpus", QString::fromStdString(corpus_), "--vocab", "300", "--d-model", "32",
+                                      "--layers", "4", "--heads", "2", "--d-ff", "64", "--max-seq-len", "64",
+                                      "--seq-lens", "64", "--batch-tokens", "256", "--steps", "400",
+                                      "--eval-every", "0", "--checkpoint-every", "0", "--no-calibrate",
+                                      "--device", "cpu"};
+        const auto whole = QDir(dir_.path()).filePath("cli-whole"), split = QDir(dir_.path()).filePath("cli-split");
+        QProcess p;
+        p.start(exe, base + QStringList{"--out", whole});
+        QVERIFY(p.waitForFinished(300000));
+        QCOMPARE(p.exitCode(), 0);
+
+        p.start(exe, base + QStringList{"--out", split});
+        QVERIFY(p.waitForStarted());
+        // Interrupt once training is under way.
+        for (int i = 0; i < 1200 && losses(split.toStdString()).size() < 20; ++i) QTest::qWait(25);
+        ::kill(static_cast<pid_t>(p.processId()), SIGINT);
+        QVERIFY(p.waitForFinished(120000));
+        QCOMPARE(p.exitCode(), 130);
+        QVERIFY(QString::fromUtf8(p.readAllStandardError()).contains("resume with --resume"));
+        const auto stopped_at = losses(split.toStdString()).size();
+        QVERIFY(stopped_at >= 20 && stopped_at < 400);
+
+        p.start(exe, base + QStringList{"--out", split, "--resume"});
+        QVERIFY(p.waitForFinished(300000));
+        QCOMPARE(p.exitCode(), 0);
+        QVERIFY(QString::fromUtf8(p.readAllStandardError()).contains(QString("resumed at step %1").arg(stopped_at)));
+        const auto a = losses(whole.toStdString()), b = losses(split.toStdString());
+        QCOMPARE(a.size(), std::size_t(400));
+        QCOMPARE(b.size(), a.size());
+        for (std::size_t i = 0; i < a.size(); ++i)
+            QVERIFY2(std::abs(a[i].second - b[i].second) <= 1e-5 * std::abs(a[i].second), qPrintable(QString::number(i)));
+
+        p.start(exe, QStringList{"--out", split, "--corpus", QDir(dir_.path()).filePath("missing.txt")});
+        QVERIFY(p.waitForFinished(60000));
+        QCOMPARE(p.exitCode(), 1);
+        QVERIFY(QString::fromUtf8(p.readAllStandardError()).contains("missing.txt: no such corpus file"));
+    }
+};
+
+QTEST_GUILESS_MAIN(TrainerTest)
+#include "trainer_test.moc"
