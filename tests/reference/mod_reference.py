@@ -1,0 +1,135 @@
+#!/usr/bin/python3
+"""An independent implementation of docs/MODEL.md in PyTorch.
+
+It shares no code with the C++ engine: it reads a ModScope checkpoint directory (config.json, weights.pt)
+and computes logits and routing decisions from the specification alone. The test suite runs it against the
+C++ engine; it is also the starting point for anyone who trains MoD models in Python and wants to open them
+in ModScope: build a state dict with these names and shapes, `torch.save(state_dict, "weights.pt")`, write
+config.json, add a SentencePiece `tokenizer.model`, and open the folder in the app.
+
+Usage:
+  mod_reference.py CHECKPOINT_DIR --ids 1,2,3 [--capacity 0.125] [--mode topk|causal]   (prints JSON)
+  mod_reference.py CHECKPOINT_DIR --compare EXPECTED.json                            (exit 1 on mismatch)
+"""
+import argparse
+import json
+import math
+import sys
+
+import torch
+import torch.nn.functional as F
+
+
+class ModReference:
+    def __init__(self, checkpoint_dir):
+        with open(f"{checkpoint_dir}/config.json") as f:
+            self.cfg = json.load(f)
+        self.w = torch.load(f"{checkpoint_dir}/weights.pt")
+        c = self.cfg
+        self.d, self.H = c["d_model"], c["n_heads"]
+        self.hd = self.d // self.H
+        inv_freq = 1.0 / (c.get("rope_theta", 10000.0) ** (torch.arange(0, self.hd, 2, dtype=torch.float32) / self.hd))
+        angles = torch.outer(torch.arange(c["max_seq_len"], dtype=torch.float32), inv_freq)
+        self.cos, self.sin = angles.cos(), angles.sin()
+        self.eps = c.get("norm_eps", 1e-5)
+        self.threshold = c.get("predictor_threshold", 0.5)
+
+    def rmsnorm(self, x, weight):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * weight
+
+    def rope(self, x, pos):  # x [H, S, hd], pos [S]
+        half = self.hd // 2
+        c, s = self.cos[pos], self.sin[pos]
+        x1, x2 = x[..., :half], x[..., half:]
+        return torch.cat([x1 * c - x2 * s, x1 * s + x2 * c], -1)
+
+    def block_delta(self, i, x, pos):  # x [S, d] the selected tokens in order, pos [S]
+        p = f"layers.{i}."
+        S = x.shape[0]
+        hn = self.rmsnorm(x, self.w[p + "attn_norm.weight"])
+        q, k, v = (hn @ self.w[p + "attn.qkv.weight"].T).split(self.d, -1)
+        q, k, v = (t.view(S, self.H, self.hd).transpose(0, 1) for t in (q, k, v))
+        q, k = self.rope(q, pos), self.rope(k, pos)
+        scores = q @ k.transpose(-1, -2) / math.sqrt(self.hd)
+        future = torch.ones(S, S, dtype=torch.bool).triu(1)
+        scores = torch.where(future, torch.tensor(float("-inf")), scores)
+        a = (scores.softmax(-1) @ v).transpose(0, 1).reshape(S, self.d) @ self.w[p + "attn.proj.weight"].T
+        mn = self.rmsnorm(x + a, self.w[p + "mlp_norm.weight"])
+        g, u = (mn @ self.w[p + "mlp.gate_up.weight"].T).split(self.cfg["d_ff"], -1)
+        m = (F.silu(g) * u) @ self.w[p + "mlp.down.weight"].T
+        return a + m
+
+    def forward(self, ids, capacity=None, mode="topk"):
+        c = self.cfg
+        capacity = c["capacity"] if capacity is None else capacity
+        T = len(ids)
+        x = self.w["tok_emb.weight"][torch.tensor(ids)]
+        pos = torch.arange(T)
+        layers = []
+        for i in range(c["n_layers"]):
+            if i not in c["routed_layers"]:
+                x = x + self.block_delta(i, x, pos)
+                layers.append({"routed": False, "selected": [True] * T})
+                continue
+            p = f"layers.{i}."
+            r = x @ self.w[p + "router.weight"][0]
+            hp = F.silu(x @ self.w[p + "predictor.fc1.weight"].T + self.w[p + "predictor.fc1.bias"])
+            prob = torch.sigmoid(hp @ self.w[p + "predictor.fc2.weight"][0] + self.w[p + "predictor.fc2.bias"][0])
+            k = min(max(math.ceil(capacity * T - 1e-9), 1), T)
+            topk = torch.zeros(T, dtype=torch.bool)
+            topk[r.topk(k).indices] = True
+            sel = topk if mode == "topk" else prob > self.threshold
+            idx = sel.nonzero().view(-1)  # ascending: original order
+            if len(idx):
+                xs = x[idx]
+                updated = xs + torch.sigmoid(r[idx]).unsqueeze(-1) * self.block_delta(i, xs, pos[idx])
+                x = x.clone()
+                x[idx] = updated
+            layers.append({"routed": True, "k": k, "selected": sel.tolist(), "topk": topk.tolist(),
+                           "router_logits": r.tolist(), "predictor_prob": prob.tolist()})
+        logits = self.rmsnorm(x, self.w["norm_f.weight"]) @ self.w["tok_emb.weight"].T
+        return logits, layers
+
+
+def compare(ref, expected):
+    """expected: {"cases": [{"ids", "capacity", "mode", "positions": [p...], "logits": [[V floats] per position],
+    "tolerance", "layers": [{"selected": [T booleans]}]}]}. Every routing decision must match exactly, and the
+    logits at the listed positions within the case's absolute tolerance."""
+    worst = 0.0
+    problems = []
+    for n, case in enumerate(expected["cases"]):
+        with torch.no_grad():
+            logits, layers = ref.forward(case["ids"], case["capacity"], case["mode"])
+        diff = (logits[case["positions"]] - torch.tensor(case["logits"])).abs().max().item()
+        worst = max(worst, diff)
+        if diff > case["tolerance"]:
+            problems.append(f"case {n}: max |logit difference| {diff:.3g}")
+        for i, (mine, theirs) in enumerate(zip(layers, case["layers"])):
+            for t, (a, b) in enumerate(zip(mine["selected"], theirs["selected"])):
+                if a != b:
+                    problems.append(f"case {n} layer {i} token {t}: reference selected={a}, engine selected={b}")
+    print(json.dumps({"cases": len(expected["cases"]), "max_logit_diff": worst, "problems": problems[:20]}))
+    return not problems
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("checkpoint")
+    ap.add_argument("--ids")
+    ap.add_argument("--capacity", type=float)
+    ap.add_argument("--mode", default="topk", choices=["topk", "causal"])
+    ap.add_argument("--compare")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    ref = ModReference(args.checkpoint)
+    if args.compare:
+        with open(args.compare) as f:
+            sys.exit(0 if compare(ref, json.load(f)) else 1)
+    ids = [int(t) for t in args.ids.split(",")]
+    with torch.no_grad():
+        logits, layers = ref.forward(ids, args.capacity, args.mode)
+    print(json.dumps({"next_token": int(logits[-1].argmax()), "layers": layers}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,126 @@
+// The C++ engine against tests/reference/mod_reference.py, an independent implementation of docs/MODEL.md
+// in Python: same logits (absolute tolerance 1e-4) and the same routing decisions, token by token.
+#include <QDir>
+#include <QFile>
+#include <QJsonArray>
+#include <QJsonDocument>
+#include <QJsonObject>
+#include <QProcess>
+#include <QTemporaryDir>
+#include <QTest>
+
+#include "test_support.h"
+
+using namespace modscope;
+
+namespace {
+
+constexpr double kLogitTolerance = 1e-4;
+
+QJsonObject expectedCase(const Model& model, const std::vector<int>& ids, double capacity, RoutingMode mode) {
+    RunOptions opt;
+    opt.capacity = capacity;
+    opt.mode = mode;
+    opt.logits = RunOptions::Logits::All;
+    const auto trace = model.run(ids, opt);
+    const int T = static_cast<int>(ids.size()), V = model.config().vocab_size;
+    QJsonObject c;
+    QJsonArray jids, positions, logits, layers;
+    for (int id : ids) jids.append(id);
+    // Logits at up to 12 positions spread over the sequence keep the file small at T = 256.
+    for (int p = 0; p < T; p += std::max(1, T / 12)) positions.append(p);
+    if (positions.last().toInt() != T - 1) positions.append(T - 1);
+    for (const auto& p : positions) {
+        QJsonArray row;
+        for (int v = 0; v < V; ++v) row.append(double(trace.logits[p.toInt() * V + v]));
+        logits.append(row);
+    }
+    for (const auto& layer : trace.layers) {
+        QJsonArray sel;
+        for (auto s : layer.selected) sel.append(bool(s));
+        layers.append(QJsonObject{{"selected", sel}});
+    }
+    c["ids"] = jids;
+    c["capacity"] = capacity;
+    c["mode"] = toString(mode);
+    c["positions"] = positions;
+    c["logits"] = logits;
+    c["layers"] = layers;
+    c["tolerance"] = kLogitTolerance;
+    return c;
+}
+
+void checkAgainstReference(const Model& model, const std::string& checkpoint_dir, const QList<int>& lengths) {
+    QJsonArray cases;
+    int seed = 1;
+    for (int T : lengths) {
+        const auto ids = test::randomIds(T, model.config().vocab_size, seed++);
+        for (double capacity : {0.125, 0.5, 1.0}) cases.append(expectedCase(model, ids, capacity, RoutingMode::TopK));
+        cases.append(expectedCase(model, ids, model.config().capacity, RoutingMode::Causal));
+    }
+    QTemporaryDir dir;
+    const auto path = QDir(dir.path()).filePath("expected.json");
+    QFile f(path);
+    QVERIFY(f.open(QIODevice::WriteOnly));
+    f.write(QJsonDocument(QJsonObject{{"cases", cases}}).toJson(QJsonDocument::Compact));
+    f.close();
+    QFile script(QStringLiteral(MODSCOPE_SOURCE_DIR "/tests/reference/mod_reference.py"));
+    QVERIFY(script.open(QIODevice::ReadOnly));
+    const auto out = test::runPython(QString::fromUtf8(script.readAll()),
+                                     {QString::fromStdString(checkpoint_dir), "--compare", path});
+    const auto report = QJsonDocument::fromJson(out.toUtf8()).object();
+    qInfo("reference: %d cases, max |logit difference| %.3g", report["cases"].toInt(),
+          report["max_logit_diff"].toDouble());
+    QCOMPARE(report["cases"].toInt(), int(cases.size()));
+    QVERIFY2(report["problems"].toArray().isEmpty(), qPrintable(out));
+}
+
+}  // namespace
+
+class ReferenceTest : public QObject {
+    Q_OBJECT
+
+private Q_SLOTS:
+    void tinyModelMatchesReference() {
+        QTemporaryDir dir;
+        auto model = test::makeCheckpoint(dir.path().toStdString(), 21);
+        test::balancePredictors(*model, test::randomIds(64, model->config().vocab_size, 3));
+        model->save(dir.path().toStdString());
+        checkAgainstReference(*model, dir.path().toStdString(), {1, 7, 40, 160});
+    }
+
+    // The bundled default model, as shipped.
+    void bundledModelMatchesReference() {
+        const auto dir = std::string(MODSCOPE_SOURCE_DIR "/resources/models/default");
+        QVERIFY2(QFile::exists(QString::fromStdString(dir + "/weights.pt")), "the bundled model is missing");
+        auto model = Model::open(dir, "cpu");
+        checkAgainstReference(*model, dir, {5, 64, model->config().max_seq_len});
+    }
+
+    // The check can fail: a model whose weights differ slightly from the checkpoint must be caught.
+    void referenceNoticesADifference() {
+        QTemporaryDir dir;
+        auto model = test::makeCheckpoint(dir.path().toStdString(), 22);
+        {
+            torch::NoGradGuard guard;
+            model->impl().net->blocks[2]->mlp->down->weight.add_(1e-3);
+        }
+        const auto ids = test::randomIds(30, model->config().vocab_size, 5);
+        QJsonArray cases{expectedCase(*model, ids, 0.5, RoutingMode::TopK)};
+        QTemporaryDir tmp;
+        const auto path = QDir(tmp.path()).filePath("expected.json");
+        QFile f(path);
+        QVERIFY(f.open(QIODevice::WriteOnly));
+        f.write(QJsonDocument(QJsonObject{{"cases", cases}}).toJson());
+        f.close();
+        QProcess p;
+        p.start("/usr/bin/python3", {QStringLiteral(MODSCOPE_SOURCE_DIR "/tests/reference/mod_reference.py"),
+                                     dir.path(), "--compare", path});
+        QVERIFY(p.waitForFinished(120000));
+        QCOMPARE(p.exitCode(), 1);
+        QVERIFY(p.readAllStandardOutput().contains("logit difference"));
+    }
+};
+
+QTEST_GUILESS_MAIN(ReferenceTest)
+#include "reference_test.moc"
