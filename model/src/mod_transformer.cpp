@@ -43,7 +43,8 @@ torch::Tensor AttentionImpl::forward(const torch::Tensor& x, const torch::Tensor
     const auto B = x.size(0), S = x.size(1), d = x.size(2);
     // [B, S, 3d] -> [3, B, H, S, hd]
     const auto packed = qkv(x).view({B, S, 3, n_heads, head_dim}).permute({2, 0, 3, 1, 4});
-    auto q = rope.apply(packed[0], pos);
+    // Scaling q rather than the scores touches S*hd values instead of S*S.
+    auto q = rope.apply(packed[0], pos) * (1.0 / std::sqrt(double(head_dim)));
     auto k = rope.apply(packed[1], pos);
     auto v = packed[2];
     std::int64_t prior = 0;
@@ -56,7 +57,7 @@ torch::Tensor AttentionImpl::forward(const torch::Tensor& x, const torch::Tensor
         kv->k = k;
         kv->v = v.contiguous();
     }
-    auto scores = torch::matmul(q, k.transpose(-2, -1)) * (1.0 / std::sqrt(double(head_dim)));  // [B,H,S,prior+S]
+    auto scores = torch::matmul(q, k.transpose(-2, -1));  // [B, H, S, prior+S]
     if (S > 1) {
         // Query i sees every cached key and the new keys up to itself: never an empty row, so no NaN.
         const auto future = torch::ones({S, prior + S}, x.options().dtype(torch::kBool)).triu(prior + 1);

@@ -1,0 +1,431 @@
+// modscope-trace: runs a Mixture-of-Depths model over a prompt (or a batch of them) and writes the routing
+// trace as JSON, JSON Lines or CSV (docs/TRACE_FORMAT.md), with a per-layer summary on stdout.
+//
+// It builds every trace with modscope::traceModel, the function the app's export uses, so both give the
+// same file for the same model, prompt, capacity and mode.
+#include <unistd.h>
+
+#include <cctype>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <iostream>
+#include <nlohmann/json.hpp>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "modscope/engine.h"
+#include "modscope/paths.h"
+#include "modscope/trace_io.h"
+
+namespace {
+
+using modscope::Error;
+
+constexpr std::uint64_t kMaxInputBytes = 64ull << 20;  // --input and --batch files
+
+const char* kUsage = R"(usage:
+  modscope-trace [--model DIR] (--prompt TEXT | --input FILE | --batch FILE.jsonl) --out FILE [options]
+
+Runs a Mixture-of-Depths model over a prompt and writes its routing trace. The extension of --out picks
+the format: .json (one trace document; with --batch a JSON array of them), .jsonl (one document per
+line) or .csv (long form, one row per layer and token; with --batch a leading prompt_index column).
+docs/TRACE_FORMAT.md describes the formats. A per-layer summary goes to stdout.
+
+  --model DIR           checkpoint directory (default: $MODSCOPE_MODEL, else the bundled default model)
+  --prompt TEXT         the prompt
+  --input FILE          read the prompt from FILE, UTF-8 ('-' reads standard input)
+  --batch FILE.jsonl    one prompt per line: {"prompt": "..."} or {"id": ..., "prompt": "..."}
+  --capacity F          fraction of tokens a routed layer processes, 0 to 1 (default: the model's)
+  --mode topk|causal    routing rule of the traced forward pass (default topk)
+  --generate N          then generate N tokens (always causal) and record each step's routing
+  --temperature F       sampling temperature for --generate, 0 = greedy (default 0.8)
+  --top-p F             nucleus sampling threshold for --generate (default 0.95)
+  --seed N              sampling seed for --generate (default 0)
+  --device D            auto, cpu or cuda (default auto)
+  --out FILE            the trace file to write (.json, .jsonl or .csv)
+  --quiet               no summary on stdout
+  -h, --help            this text
+  --version             the version
+
+A prompt longer than the model's context is cut after its first max_seq_len tokens (a note says so on
+stderr, and the trace records the original length). Exit status: 0 done, 1 failed, 2 bad arguments.
+)";
+
+// A usage problem: reported with a pointer to --help, exit status 2.
+class UsageError : public Error {
+public:
+    using Error::Error;
+};
+
+struct Options {
+    std::string model, prompt, input, batch, out, device = "auto";
+    bool have_prompt = false, quiet = false;
+    double capacity = -1.0;
+    modscope::RoutingMode mode = modscope::RoutingMode::TopK;
+    int generate = 0;
+    float temperature = 0.8f, top_p = 0.95f;
+    std::uint64_t seed = 0;
+};
+
+struct Prompt {
+    std::string text;
+    std::string id;  // batch only
+};
+
+std::string oneLine(std::string s) {
+    for (auto& c : s)
+        if (c == '\n' || c == '\r') c = ' ';
+    return s;
+}
+
+double parseNumber(const std::string& flag, const std::string& text, double lo, double hi) {
+    const char* begin = text.c_str();
+    char* end = nullptr;
+    const double v = std::strtod(begin, &end);
+    if (text.empty() || end != begin + text.size() || !std::isfinite(v) || v < lo || v > hi) {
+        std::ostringstream msg;
+        msg << flag << ": '" << text << "' is not a number from " << lo << " to " << hi;
+        throw UsageError(msg.str());
+    }
+    return v;
+}
+
+std::uint64_t parseCount(const std::string& flag, const std::string& text, std::uint64_t hi) {
+    std::uint64_t v = 0;
+    bool ok = !text.empty() && text.size() <= 20;
+    for (const char c : text) {
+        if (c < '0' || c > '9') {
+            ok = false;
+            break;
+        }
+        const std::uint64_t digit = static_cast<std::uint64_t>(c - '0');
+        if (v > (UINT64_MAX - digit) / 10) {
+            ok = false;
+            break;
+        }
+        v = v * 10 + digit;
+    }
+    if (!ok || v > hi)
+        throw UsageError(flag + ": '" + text + "' is not a whole number from 0 to " + std::to_string(hi));
+    return v;
+}
+
+Options parseArgs(int argc, char** argv) {
+    Options o;
+    const std::vector<std::string> args(argv + 1, argv + argc);
+    for (std::size_t i = 0; i < args.size(); ++i) {
+        std::string flag = args[i], value;
+        bool inline_value = false;
+        if (flag.rfind("--", 0) == 0) {
+            const auto eq = flag.find('=');
+            if (eq != std::string::npos) {
+                value = flag.substr(eq + 1);
+                flag = flag.substr(0, eq);
+                inline_value = true;
+            }
+        }
+        if (flag == "-h" || flag == "--help") {
+            std::cout << kUsage;
+            std::exit(0);
+        }
+        if (flag == "--version") {
+            std::cout << "modscope-trace 0.1.0 (writes " << modscope::kTraceSchema << ")\n";
+            std::exit(0);
+        }
+        if (flag == "--quiet") {
+            o.quiet = true;
+            continue;
+        }
+        const auto next = [&]() -> std::string {
+            if (inline_value) return value;
+            if (i + 1 >= args.size()) throw UsageError(flag + " needs a value");
+            return args[++i];
+        };
+        if (flag == "--model")
+            o.model = next();
+        else if (flag == "--prompt")
+            o.prompt = next(), o.have_prompt = true;
+        else if (flag == "--input")
+            o.input = next();
+        else if (flag == "--batch")
+            o.batch = next();
+        else if (flag == "--out")
+            o.out = next();
+        else if (flag == "--device")
+            o.device = next();
+        else if (flag == "--capacity")
+            o.capacity = parseNumber(flag, next(), 0.0, 1.0);
+        else if (flag == "--mode") {
+            const auto m = next();
+            if (m != "topk" && m != "causal") throw UsageError("--mode: '" + m + "' is not topk or causal");
+            o.mode = modscope::routingModeFromString(m);
+        } else if (flag == "--generate") {
+            o.generate = static_cast<int>(parseCount(flag, next(), modscope::kMaxTraceTokens));
+        } else if (flag == "--temperature") {
+            o.temperature = static_cast<float>(parseNumber(flag, next(), 0.0, 100.0));
+        } else if (flag == "--top-p") {
+            o.top_p = static_cast<float>(parseNumber(flag, next(), 0.0, 1.0));
+        } else if (flag == "--seed") {
+            o.seed = parseCount(flag, next(), UINT64_MAX);
+        } else {
+            throw UsageError("unknown argument '" + args[i] + "'");
+        }
+    }
+    const int sources = int(o.have_prompt) + int(!o.input.empty()) + int(!o.batch.empty());
+    if (sources != 1) throw UsageError("give exactly one of --prompt, --input or --batch");
+    if (o.out.empty()) throw UsageError("--out FILE is required (.json, .jsonl or .csv)");
+    std::string ext = std::filesystem::path(o.out).extension().string();
+    for (auto& c : ext) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+    if (ext != ".json" && ext != ".jsonl" && ext != ".csv")
+        throw UsageError("--out " + o.out + ": unknown format '" + (ext.empty() ? "(no extension)" : ext) +
+                         "' (use .json, .jsonl or .csv)");
+    return o;
+}
+
+std::string readInput(const std::string& path, const char* flag) {
+    std::string data;
+    if (path == "-") {
+        char buf[65536];
+        std::size_t n = 0;
+        while ((n = std::fread(buf, 1, sizeof(buf), stdin)) > 0) {
+            data.append(buf, n);
+            if (data.size() > kMaxInputBytes)
+                throw Error(std::string(flag) + " -: more than " + std::to_string(kMaxInputBytes) + " bytes");
+        }
+        return data;
+    }
+    std::error_code ec;
+    const auto status = std::filesystem::status(path, ec);
+    if (ec || !std::filesystem::exists(status))
+        throw Error(std::string(flag) + " " + path + ": no such file");
+    if (!std::filesystem::is_regular_file(status))
+        throw Error(std::string(flag) + " " + path + ": not a regular file");
+    const auto size = std::filesystem::file_size(path, ec);
+    if (ec) throw Error(std::string(flag) + " " + path + ": " + ec.message());
+    if (size > kMaxInputBytes)
+        throw Error(std::string(flag) + " " + path + ": " + std::to_string(size) + " bytes, more than the " +
+                    std::to_string(kMaxInputBytes) + " accepted");
+    std::ifstream in(path, std::ios::binary);
+    if (!in) throw Error(std::string(flag) + " " + path + ": cannot open for reading");
+    data.resize(static_cast<std::size_t>(size));
+    in.read(data.data(), static_cast<std::streamsize>(data.size()));
+    if (in.gcount() != static_cast<std::streamsize>(data.size()) || in.bad())
+        throw Error(std::string(flag) + " " + path + ": read failed");
+    return data;
+}
+
+void requireUtf8(const std::string& text, const std::string& what) {
+    std::size_t bad = 0;
+    if (!modscope::isValidUtf8(text, &bad))
+        throw Error(what + ": not UTF-8 text (invalid byte at offset " + std::to_string(bad) + ")");
+}
+
+std::vector<Prompt> readBatch(const std::string& path) {
+    const auto text = readInput(path, "--batch");
+    requireUtf8(text, "--batch " + path);
+    std::vector<Prompt> prompts;
+    std::size_t start = 0, line_no = 0;
+    while (start < text.size()) {
+        auto end = text.find('\n', start);
+        if (end == std::string::npos) end = text.size();
+        const std::string line = text.substr(start, end - start);
+        start = end + 1;
+        ++line_no;
+        if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
+        const std::string where = "--batch " + path + ", line " + std::to_string(line_no);
+        nlohmann::json j;
+        try {
+            j = nlohmann::json::parse(line);
+        } catch (const std::exception&) {
+            throw Error(where + ": not a JSON object");
+        }
+        if (!j.is_object()) throw Error(where + ": expected a JSON object such as {\"prompt\": \"...\"}");
+        const auto p = j.find("prompt");
+        if (p == j.end() || !p->is_string()) throw Error(where + ": needs a string field \"prompt\"");
+        Prompt prompt;
+        prompt.text = p->get<std::string>();
+        if (const auto id = j.find("id"); id != j.end() && !id->is_null()) {
+            if (id->is_string())
+                prompt.id = id->get<std::string>();
+            else if (id->is_number_integer())
+                prompt.id = id->dump();
+            else
+                throw Error(where + ": \"id\" must be a string or an integer");
+        }
+        if (prompts.size() >= static_cast<std::size_t>(modscope::kMaxTraceDocuments))
+            throw Error("--batch " + path + ": more than " + std::to_string(modscope::kMaxTraceDocuments) +
+                        " prompts");
+        prompts.push_back(std::move(prompt));
+    }
+    if (prompts.empty()) throw Error("--batch " + path + ": no prompts in the file");
+    return prompts;
+}
+
+// Progress on stderr: a bar redrawn in place on a terminal, else a line at every tenth.
+class Progress {
+public:
+    explicit Progress(std::size_t total) : total_(total), tty_(isatty(STDERR_FILENO) != 0) {}
+    void update(std::size_t done) {
+        if (tty_) {
+            constexpr int kWidth = 30;
+            const int filled = static_cast<int>(kWidth * done / total_);
+            std::fprintf(stderr, "\r[%s%s] %zu/%zu prompts", std::string(filled, '#').c_str(),
+                         std::string(kWidth - filled, '.').c_str(), done, total_);
+            if (done == total_) std::fputc('\n', stderr);
+            std::fflush(stderr);
+        } else {
+            const std::size_t step = std::max<std::size_t>(1, total_ / 10);
+            if (done % step == 0 || done == total_)
+                std::fprintf(stderr, "modscope-trace: %zu/%zu prompts\n", done, total_);
+        }
+    }
+
+private:
+    std::size_t total_;
+    bool tty_;
+};
+
+std::string formatBytes(std::int64_t bytes) {
+    char buf[64];
+    if (bytes >= (1 << 20))
+        std::snprintf(buf, sizeof(buf), "%.1f MiB", bytes / double(1 << 20));
+    else if (bytes >= 1024)
+        std::snprintf(buf, sizeof(buf), "%.1f KiB", bytes / 1024.0);
+    else
+        std::snprintf(buf, sizeof(buf), "%lld B", static_cast<long long>(bytes));
+    return buf;
+}
+
+void printSummary(const std::vector<modscope::TraceDocument>& docs, const modscope::Model& model,
+                  const std::string& out) {
+    modscope::TraceStats total;
+    for (const auto& d : docs) total += modscope::traceStats(d);
+    const auto& first = docs.front();
+    const bool batch = docs.size() > 1 || first.prompt_index >= 0;
+    std::printf("model     %s  %s", model.config().name.c_str(),
+                model.directory().empty() ? "(not saved)" : model.directory().c_str());
+    if (!model.weightsSha256().empty()) std::printf("  sha256 %.12s", model.weightsSha256().c_str());
+    std::printf("\n");
+    std::printf("run       %s, capacity %g, device %s, ", modscope::toString(first.run.mode),
+                first.run.capacity, first.run.device.c_str());
+    if (batch)
+        std::printf("%zu prompts, %d tokens\n", docs.size(), total.tokens);
+    else
+        std::printf("%d tokens%s\n", total.tokens, first.truncated() ? " (prompt truncated)" : "");
+    std::printf("%5s  %6s  %7s  %13s  %9s  %9s\n", "layer", "routed", batch ? "k (sum)" : "k", "processed",
+                "pred acc", "balanced");
+    for (const auto& l : total.layers) {
+        char processed[32];
+        std::snprintf(processed, sizeof(processed), "%d/%d", l.processed, l.tokens);
+        if (l.routed)
+            std::printf("%5d  %6s  %7d  %13s  %9.3f  %9.3f\n", l.index, "yes", l.k, processed,
+                        l.predictor.accuracy(), l.predictor.balancedAccuracy());
+        else
+            std::printf("%5d  %6s  %7d  %13s  %9s  %9s\n", l.index, "no", l.k, processed, "-", "-");
+    }
+    std::printf("processed %.1f%% of token-layers (routed layers %.1f%%), FLOPs %.3f of dense",
+                100 * total.processedFraction(), 100 * total.routedProcessedFraction(),
+                total.flopsFraction());
+    if (total.predictor.total() > 0)
+        std::printf(", predictor accuracy %.3f (balanced %.3f)", total.predictor.accuracy(),
+                    total.predictor.balancedAccuracy());
+    std::printf("\n");
+    if (!batch && first.generation) {
+        const auto& g = first.generation->result;
+        std::printf("generated %zu tokens, KV cache %s against %s dense, %.1f tokens/s\n",
+                    g.generated_ids.size(), formatBytes(g.kv_cache_bytes).c_str(),
+                    formatBytes(g.dense_kv_cache_bytes).c_str(), g.tokens_per_second);
+    }
+    std::printf("wrote     %s\n", out.c_str());
+}
+
+int run(const Options& o) {
+    std::vector<Prompt> prompts;
+    if (o.have_prompt) {
+        requireUtf8(o.prompt, "--prompt");
+        prompts.push_back({o.prompt, {}});
+    } else if (!o.input.empty()) {
+        auto text = readInput(o.input, "--input");
+        requireUtf8(text, "--input " + o.input);
+        prompts.push_back({std::move(text), {}});
+    } else {
+        prompts = readBatch(o.batch);
+    }
+    const bool batch = !o.batch.empty();
+
+    const std::string dir = o.model.empty() ? modscope::defaultModelDirectory() : o.model;
+    const auto model = modscope::Model::open(dir, o.device);
+
+    modscope::TraceRequest request;
+    request.mode = o.mode;
+    request.capacity = o.capacity;
+    request.generate_tokens = o.generate;
+    request.generation.temperature = o.temperature;
+    request.generation.top_p = o.top_p;
+    request.generation.seed = o.seed;
+    request.generation.eos_id = -1;
+
+    std::vector<modscope::TraceDocument> docs;
+    docs.reserve(prompts.size());
+    Progress progress(prompts.size());
+    for (std::size_t i = 0; i < prompts.size(); ++i) {
+        const std::string which = batch ? "prompt " + std::to_string(i) +
+                                              (prompts[i].id.empty() ? "" : " (id " + prompts[i].id + ")")
+                                        : "the prompt";
+        modscope::TraceDocument doc;
+        try {
+            doc = modscope::traceModel(*model, prompts[i].text, request);
+        } catch (const modscope::Cancelled&) {
+            throw;
+        } catch (const Error& e) {
+            throw Error(batch ? which + ": " + e.what() : std::string(e.what()));
+        }
+        if (doc.truncated()) {
+            if (batch && isatty(STDERR_FILENO)) std::fputc('\n', stderr);
+            std::fprintf(stderr,
+                         "modscope-trace: note: %s has %zu tokens, more than the model's context of %d: "
+                         "tracing the first %zu\n",
+                         which.c_str(), doc.original_tokens, model->config().max_seq_len, doc.tokens.size());
+        }
+        if (o.generate > 0 && doc.generation && doc.generation->result.generated_ids.empty())
+            std::fprintf(stderr, "modscope-trace: note: %s fills the model's context: no tokens generated\n",
+                         which.c_str());
+        if (batch) {
+            doc.prompt_index = static_cast<int>(i);
+            doc.prompt_id = prompts[i].id;
+        }
+        docs.push_back(std::move(doc));
+        if (batch) progress.update(i + 1);
+    }
+
+    if (batch)
+        modscope::saveTraces(o.out, docs);
+    else
+        modscope::saveTrace(o.out, docs.front());
+    if (!o.quiet) printSummary(docs, *model, o.out);
+    return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+    Options options;
+    try {
+        options = parseArgs(argc, argv);
+    } catch (const std::exception& e) {
+        std::fprintf(stderr, "modscope-trace: error: %s (see modscope-trace --help)\n",
+                     oneLine(e.what()).c_str());
+        return 2;
+    }
+    try {
+        return run(options);
+    } catch (const std::exception& e) {
+        std::fprintf(stderr, "modscope-trace: error: %s\n", oneLine(e.what()).c_str());
+        return 1;
+    }
+}
