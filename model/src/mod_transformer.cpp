@@ -41,12 +41,13 @@ AttentionImpl::AttentionImpl(const ModelConfig& config)
 torch::Tensor AttentionImpl::forward(const torch::Tensor& x, const torch::Tensor& pos, const Rotary& rope,
                                      LayerKV* kv) {
     const auto B = x.size(0), S = x.size(1), d = x.size(2);
-    // [B, S, 3d] -> [3, B, H, S, hd]
-    const auto packed = qkv(x).view({B, S, 3, n_heads, head_dim}).permute({2, 0, 3, 1, 4});
+    // [B, S, 3d] -> 3 x [B, H, S, hd]; unbind's backward is one stack, where three selects would each
+    // allocate and fill a zero tensor the size of all three.
+    const auto parts = qkv(x).view({B, S, 3, n_heads, head_dim}).unbind(2);
     // Scaling q rather than the scores touches S*hd values instead of S*S.
-    auto q = rope.apply(packed[0], pos) * (1.0 / std::sqrt(double(head_dim)));
-    auto k = rope.apply(packed[1], pos);
-    auto v = packed[2];
+    auto q = rope.apply(parts[0].transpose(1, 2), pos) * (1.0 / std::sqrt(double(head_dim)));
+    auto k = rope.apply(parts[1].transpose(1, 2), pos);
+    auto v = parts[2].transpose(1, 2);
     std::int64_t prior = 0;
     if (kv != nullptr) {
         if (kv->k.defined() && kv->k.size(2) > 0) {
@@ -55,13 +56,19 @@ torch::Tensor AttentionImpl::forward(const torch::Tensor& x, const torch::Tensor
             v = torch::cat({kv->v, v}, 2);
         }
         kv->k = k;
-        kv->v = v.contiguous();
+        kv->v = v = v.contiguous();
     }
-    auto scores = torch::matmul(q, k.transpose(-2, -1));  // [B, H, S, prior+S]
+    const auto P = prior + S;
+    torch::Tensor scores;  // [B, H, S, P]
     if (S > 1) {
-        // Query i sees every cached key and the new keys up to itself: never an empty row, so no NaN.
-        const auto future = torch::ones({S, prior + S}, x.options().dtype(torch::kBool)).triu(prior + 1);
-        scores = scores.masked_fill(future, -std::numeric_limits<float>::infinity());
+        // Query i sees every cached key and the new keys up to itself, so no row is empty (no NaN). The
+        // -inf bias is added inside the batched matmul: one pass over the scores, not a separate mask.
+        const auto bias = torch::full({S, P}, -std::numeric_limits<float>::infinity(), x.options()).triu(prior + 1);
+        scores = torch::baddbmm(bias, q.reshape({B * n_heads, S, head_dim}),
+                                k.reshape({B * n_heads, P, head_dim}).transpose(1, 2))
+                     .view({B, n_heads, S, P});
+    } else {
+        scores = torch::matmul(q, k.transpose(-2, -1));
     }
     const auto out = torch::matmul(torch::softmax(scores, -1), v);  // [B, H, S, hd]
     return proj(out.transpose(1, 2).reshape({B, S, d}));

@@ -395,6 +395,7 @@ TrainProgress Trainer::run(const std::function<void(const TrainProgress&)>& on_p
     TrainProgress progress;
     progress.total_steps = s.total_steps;
     double window_tokens = 0.0, window_seconds = 0.0;
+    int run_steps = 0;
     const int eval_len = *std::max_element(opt.seq_lens.begin(), opt.seq_lens.end());
 
     const auto runEval = [&]() {
@@ -439,7 +440,8 @@ TrainProgress Trainer::run(const std::function<void(const TrainProgress&)>& on_p
         const double lr = s.lrAt(s.step);
         for (auto& group : s.optimizer->param_groups())
             static_cast<torch::optim::AdamWOptions&>(group.options()).lr(lr);
-        s.optimizer->zero_grad();
+        // Gradients set to none rather than zeroed: backward then writes them instead of adding to zeros.
+        for (auto& p : net.parameters()) p.mutable_grad() = torch::Tensor();
         loss.backward();
         torch::nn::utils::clip_grad_norm_(net.parameters(), opt.grad_clip);
         s.optimizer->step();
@@ -458,7 +460,9 @@ TrainProgress Trainer::run(const std::function<void(const TrainProgress&)>& on_p
         progress.lr = lr;
         progress.tokens_per_second = window_tokens / std::max(1e-9, window_seconds);
         progress.elapsed_seconds = secondsSince(t_start);
-        progress.eta_seconds = (s.total_steps - s.step) * (window_seconds / (1.0 - std::pow(0.9, std::min<std::int64_t>(s.step, 200))));
+        // window_seconds is an exponential sum (decay 0.9): times 0.1, bias-corrected, it is the mean step time.
+        const double mean_step = 0.1 * window_seconds / (1.0 - std::pow(0.9, double(std::min(++run_steps, 500))));
+        progress.eta_seconds = (s.total_steps - s.step) * mean_step;
         progress.train_flops = s.train_flops;
         progress.has_eval = false;
         progress.message.clear();
