@@ -1,0 +1,933 @@
+#include "main_window.h"
+
+#include <QAction>
+#include <QActionGroup>
+#include <QApplication>
+#include <QCloseEvent>
+#include <QComboBox>
+#include <QDir>
+#include <QDockWidget>
+#include <QDragEnterEvent>
+#include <QDropEvent>
+#include <QFileDialog>
+#include <QFileInfo>
+#include <QLabel>
+#include <QMenuBar>
+#include <QMessageBox>
+#include <QMimeData>
+#include <QScreen>
+#include <QSettings>
+#include <QSignalBlocker>
+#include <QSlider>
+#include <QStandardPaths>
+#include <QStatusBar>
+#include <QToolBar>
+#include <QVBoxLayout>
+
+#include <cmath>
+
+#include "capacity_chart.h"
+#include "cell_details_panel.h"
+#include "engine_session.h"
+#include "figure_export.h"
+#include "generation_controls.h"
+#include "message_banner.h"
+#include "modscope/paths.h"
+#include "trace_io_qt.h"
+#include "plot_theme.h"
+#include "predictor_panel.h"
+#include "prompt_editor.h"
+#include "routing_controls.h"
+#include "routing_heatmap.h"
+#include "shortcut_sheet.h"
+#include "token_depth_view.h"
+#include "trace_export.h"
+
+namespace modscope {
+namespace {
+
+constexpr int kDebounceMs = 150;
+constexpr int kGenerationPaintMs = 33;  // at most ~30 view updates a second while tokens stream
+constexpr int kMaxRecentModels = 8;
+constexpr int kMaxSavedPromptChars = 64 * 1024;
+
+const char* kSamplePrompt =
+    "Mixture-of-Depths transformers spend compute where it matters: at every routed layer, a router "
+    "picks the tokens worth processing and the rest skip ahead on the residual stream. Type here and "
+    "watch each layer decide.";
+
+QString formatParameters(std::int64_t n) {
+    if (n >= 1000000000) return QStringLiteral("%1 B").arg(n / 1e9, 0, 'f', 2);
+    if (n >= 1000000) return QStringLiteral("%1 M").arg(n / 1e6, 0, 'f', 2);
+    if (n >= 1000) return QStringLiteral("%1 k").arg(n / 1e3, 0, 'f', 1);
+    return QString::number(n);
+}
+
+QDockWidget* makeDock(const QString& title, const QString& name, QWidget* content, QMainWindow* window) {
+    auto* dock = new QDockWidget(title, window);
+    dock->setObjectName(name);  // saveState() needs it
+    dock->setWidget(content);
+    dock->setFeatures(QDockWidget::DockWidgetMovable | QDockWidget::DockWidgetFloatable |
+                      QDockWidget::DockWidgetClosable);
+    return dock;
+}
+
+}  // namespace
+
+MainWindow::MainWindow(const Options& options, QWidget* parent)
+    : QMainWindow(parent), options_(options), session_(std::make_unique<EngineSession>()) {
+    setWindowTitle(tr("ModScope"));
+    setAcceptDrops(true);
+    setDockNestingEnabled(true);
+    setDockOptions(QMainWindow::AnimatedDocks | QMainWindow::AllowNestedDocks | QMainWindow::AllowTabbedDocks);
+    // The right column runs the full height; the prompt and the text view sit above and below the heatmap.
+    setCorner(Qt::TopRightCorner, Qt::RightDockWidgetArea);
+    setCorner(Qt::BottomRightCorner, Qt::RightDockWidgetArea);
+    setCorner(Qt::TopLeftCorner, Qt::TopDockWidgetArea);
+    setCorner(Qt::BottomLeftCorner, Qt::BottomDockWidgetArea);
+
+    auto* central = new QWidget(this);
+    auto* layout = new QVBoxLayout(central);
+    layout->setContentsMargins(0, 0, 0, 0);
+    layout->setSpacing(0);
+    banner_ = new MessageBanner(central);
+    heatmap_ = new RoutingHeatmap(central);
+    heatmap_->setObjectName(QStringLiteral("heatmap"));
+    layout->addWidget(banner_);
+    layout->addWidget(heatmap_, 1);
+    setCentralWidget(central);
+
+    buildDocks();
+    buildActions();
+    buildMenus();
+    buildToolBar();
+
+    status_device_ = new QLabel(this);
+    status_model_ = new QLabel(this);
+    status_tokens_ = new QLabel(this);
+    status_latency_ = new QLabel(this);
+    status_latency_->setToolTip(tr("From the start of the last run to the repainted heatmap (model time in brackets)"));
+    for (QLabel* l : {status_device_, status_model_, status_tokens_, status_latency_}) {
+        l->setContentsMargins(8, 0, 8, 0);
+        statusBar()->addPermanentWidget(l);
+    }
+
+    debounce_.setSingleShot(true);
+    debounce_.setInterval(kDebounceMs);
+    connect(&debounce_, &QTimer::timeout, this, &MainWindow::requestRun);
+    generation_paint_.setSingleShot(true);
+    generation_paint_.setInterval(kGenerationPaintMs);
+    connect(&generation_paint_, &QTimer::timeout, this, [this] {
+        if (pending_generation_snapshot_) applySnapshot(std::exchange(pending_generation_snapshot_, nullptr));
+    });
+
+    connect(session_.get(), &EngineSession::modelLoaded, this, &MainWindow::onModelLoaded);
+    connect(session_.get(), &EngineSession::modelLoadFailed, this, &MainWindow::onModelLoadFailed);
+    connect(session_.get(), &EngineSession::runFinished, this, &MainWindow::onRunFinished);
+    connect(session_.get(), &EngineSession::runFailed, this, &MainWindow::onRunFailed);
+    connect(session_.get(), &EngineSession::generationStep, this, &MainWindow::onGenerationStep);
+    connect(session_.get(), &EngineSession::generationFinished, this, &MainWindow::onGenerationFinished);
+    connect(session_.get(), &EngineSession::generationFailed, this, &MainWindow::onGenerationFailed);
+
+    connect(prompt_, &PromptEditor::edited, this, &MainWindow::onPromptEdited);
+    connect(routing_, &RoutingControls::capacityChanged, this, [this] {
+        generation_document_.reset();
+        requestRun();
+    });
+    connect(routing_, &RoutingControls::modeChanged, this, [this](RoutingMode mode) {
+        generation_document_.reset();
+        QSignalBlocker a(topk_action_), b(causal_action_);
+        topk_action_->setChecked(mode == RoutingMode::TopK);
+        causal_action_->setChecked(mode == RoutingMode::Causal);
+        requestRun();
+    });
+    connect(generation_, &GenerationControls::generateRequested, this, &MainWindow::startGeneration);
+    connect(generation_, &GenerationControls::stopRequested, this, &MainWindow::stopGeneration);
+    connect(heatmap_, &RoutingHeatmap::cellSelected, this, [this](int layer, int token) {
+        details_->setCell(layer, token);
+        depth_->selectToken(token);
+    });
+    connect(heatmap_, &RoutingHeatmap::selectionCleared, this, [this] {
+        details_->setCell(-1, -1);
+        depth_->selectToken(-1);
+    });
+    connect(depth_, &TokenDepthView::tokenSelected, this, [this](int token) {
+        if (token < 0) {
+            heatmap_->selectCell(-1, -1);
+            return;
+        }
+        // Keep the locked layer when there is one; otherwise the first routed layer says the most.
+        int layer = heatmap_->selectedLayer();
+        if (layer < 0 && snapshot_)
+            for (const auto& l : snapshot_->trace.layers)
+                if (l.routed) {
+                    layer = l.index;
+                    break;
+                }
+        heatmap_->selectCell(std::max(layer, 0), token);
+    });
+    connect(heatmap_, &QCustomPlot::afterReplot, this, [this] {
+        if (!measuring_paint_) return;
+        measuring_paint_ = false;
+        last_latency_ms_ = run_clock_.nsecsElapsed() / 1e6;
+        updateStatus();
+    });
+
+    default_state_ = saveState();
+    restoreSettings();
+    applyPlotTheme();
+    heatmap_->setPlaceholder(tr("No model loaded yet.\nOpen one with File › Open Model (Ctrl+O), or drop its folder "
+                                "on this window."));
+    updateStatus();
+}
+
+QString MainWindow::samplePrompt() { return QString::fromUtf8(kSamplePrompt); }
+
+MainWindow::~MainWindow() {
+    closing_ = true;
+    session_->shutdown();
+}
+
+// ---------------------------------------------------------------------------------------------- building
+
+void MainWindow::buildDocks() {
+    auto* prompt_box = new QWidget(this);
+    auto* prompt_layout = new QVBoxLayout(prompt_box);
+    prompt_layout->setContentsMargins(0, 0, 0, 0);
+    prompt_layout->setSpacing(0);
+    prompt_ = new PromptEditor(prompt_box);
+    generation_ = new GenerationControls(prompt_box);
+    prompt_layout->addWidget(prompt_, 1);
+    prompt_layout->addWidget(generation_);
+    prompt_dock_ = makeDock(tr("Prompt"), QStringLiteral("prompt-dock"), prompt_box, this);
+
+    depth_ = new TokenDepthView(this);
+    depth_dock_ = makeDock(tr("Per-token depth"), QStringLiteral("depth-dock"), depth_, this);
+    details_ = new CellDetailsPanel(this);
+    details_dock_ = makeDock(tr("Selected token"), QStringLiteral("details-dock"), details_, this);
+    capacity_ = new CapacityChart(this);
+    capacity_dock_ = makeDock(tr("Capacity and compute"), QStringLiteral("capacity-dock"), capacity_, this);
+    predictor_ = new PredictorPanel(this);
+    predictor_dock_ = makeDock(tr("Predictor accuracy"), QStringLiteral("predictor-dock"), predictor_, this);
+
+    addDockWidget(Qt::TopDockWidgetArea, prompt_dock_);
+    addDockWidget(Qt::BottomDockWidgetArea, depth_dock_);
+    addDockWidget(Qt::RightDockWidgetArea, capacity_dock_);
+    addDockWidget(Qt::RightDockWidgetArea, predictor_dock_);
+    addDockWidget(Qt::RightDockWidgetArea, details_dock_);
+}
+
+void MainWindow::buildActions() {
+    auto make = [this](const QString& text, const QList<QKeySequence>& keys, auto slot) {
+        auto* a = new QAction(text, this);
+        a->setShortcuts(keys);
+        connect(a, &QAction::triggered, this, slot);
+        addAction(a);  // shortcuts work while menus are hidden (full screen, tests)
+        return a;
+    };
+    open_action_ = make(tr("&Open Model…"), {QKeySequence::Open}, &MainWindow::chooseModelDirectory);
+    open_action_->setIcon(style()->standardIcon(QStyle::SP_DialogOpenButton));
+    open_action_->setToolTip(tr("Open a model directory (config.json, weights.pt, tokenizer.model)"));
+    reload_action_ = make(tr("&Reload Model"), {QKeySequence(Qt::CTRL | Qt::SHIFT | Qt::Key_R)}, [this] {
+        if (model_ && !model_->directory.empty()) openModel(QString::fromStdString(model_->directory));
+    });
+    export_json_action_ = make(tr("Export Trace as &JSON…"), {QKeySequence(Qt::CTRL | Qt::Key_E)},
+                               [this] { chooseTraceExport(QStringLiteral("json")); });
+    export_csv_action_ = make(tr("Export Trace as &CSV…"), {QKeySequence(Qt::CTRL | Qt::SHIFT | Qt::Key_E)},
+                              [this] { chooseTraceExport(QStringLiteral("csv")); });
+    export_heatmap_action_ = make(tr("Export &Heatmap…"), {QKeySequence(Qt::CTRL | Qt::SHIFT | Qt::Key_H)},
+                                  [this] { chooseFigureExport(QStringLiteral("heatmap")); });
+    export_capacity_action_ = make(tr("Export Ca&pacity Chart…"), {},
+                                   [this] { chooseFigureExport(QStringLiteral("capacity")); });
+    export_predictor_action_ = make(tr("Export P&redictor Panel…"), {},
+                                    [this] { chooseFigureExport(QStringLiteral("predictor")); });
+    export_depth_action_ = make(tr("Export Token &Depth…"), {},
+                                [this] { chooseFigureExport(QStringLiteral("depth")); });
+    export_window_action_ = make(tr("Export &Window…"), {QKeySequence(Qt::CTRL | Qt::SHIFT | Qt::Key_S)},
+                                 [this] { chooseFigureExport(QStringLiteral("window")); });
+    // Some platforms define no standard Quit keys: Ctrl+Q everywhere.
+    quit_action_ = make(tr("&Quit"), {QKeySequence(Qt::CTRL | Qt::Key_Q)}, &QWidget::close);
+
+    generate_action_ = make(tr("&Generate"), {QKeySequence(Qt::CTRL | Qt::Key_G)}, &MainWindow::startGeneration);
+    stop_action_ = make(tr("&Stop Generating"), {QKeySequence(Qt::CTRL | Qt::Key_Period)}, &MainWindow::stopGeneration);
+    stop_action_->setEnabled(false);
+    rerun_action_ = make(tr("Re-&run"), {QKeySequence(Qt::CTRL | Qt::Key_R)}, &MainWindow::runNow);
+    topk_action_ = make(tr("&Top-k Routing"), {QKeySequence(Qt::CTRL | Qt::Key_1)},
+                        [this] { routing_->setMode(RoutingMode::TopK); });
+    causal_action_ = make(tr("&Causal Routing"), {QKeySequence(Qt::CTRL | Qt::Key_2)},
+                          [this] { routing_->setMode(RoutingMode::Causal); });
+    auto* mode_group = new QActionGroup(this);
+    for (QAction* a : {topk_action_, causal_action_}) {
+        a->setCheckable(true);
+        mode_group->addAction(a);
+    }
+    topk_action_->setChecked(true);
+    capacity_up_action_ = make(tr("Capacity +5%"), {QKeySequence(Qt::CTRL | Qt::Key_BracketRight)},
+                               [this] { routing_->setCapacity(std::min(1.0, routing_->capacity() + 0.05)); });
+    capacity_down_action_ = make(tr("Capacity −5%"), {QKeySequence(Qt::CTRL | Qt::Key_BracketLeft)},
+                                 [this] { routing_->setCapacity(std::max(0.0, routing_->capacity() - 0.05)); });
+
+    reset_view_action_ = make(tr("Reset Heatmap &Zoom"), {QKeySequence(Qt::CTRL | Qt::Key_0)},
+                              [this] { heatmap_->resetView(); });
+    reset_view_action_->setIcon(style()->standardIcon(QStyle::SP_BrowserReload));
+    focus_prompt_action_ = make(tr("&Focus Prompt"), {QKeySequence(Qt::CTRL | Qt::Key_L)}, [this] {
+        prompt_dock_->show();
+        prompt_->editor()->setFocus();
+    });
+    reset_layout_action_ = make(tr("Restore Default &Layout"), {}, &MainWindow::resetLayout);
+    shortcuts_action_ = make(tr("&Keyboard Shortcuts"), {QKeySequence::HelpContents, QKeySequence(Qt::CTRL | Qt::Key_Slash)},
+                             &MainWindow::showShortcuts);
+    about_action_ = make(tr("&About ModScope"), {}, &MainWindow::showAbout);
+
+    theme_group_ = new QActionGroup(this);
+    for (auto [choice, text] : {std::pair{ThemeChoice::System, tr("Follow the &System")},
+                                std::pair{ThemeChoice::Light, tr("&Light")}, std::pair{ThemeChoice::Dark, tr("&Dark")}}) {
+        auto* a = new QAction(text, theme_group_);
+        a->setCheckable(true);
+        a->setData(int(choice));
+        a->setChecked(choice == ThemeChoice::System);
+        connect(a, &QAction::triggered, this, [this, c = choice] { setTheme(c); });
+    }
+}
+
+void MainWindow::buildMenus() {
+    auto* file = menuBar()->addMenu(tr("&File"));
+    file->addAction(open_action_);
+    recent_menu_ = file->addMenu(tr("Open &Recent"));
+    file->addAction(reload_action_);
+    file->addSeparator();
+    file->addAction(export_json_action_);
+    file->addAction(export_csv_action_);
+    file->addSeparator();
+    file->addAction(export_heatmap_action_);
+    file->addAction(export_capacity_action_);
+    file->addAction(export_predictor_action_);
+    file->addAction(export_depth_action_);
+    file->addAction(export_window_action_);
+    file->addSeparator();
+    file->addAction(quit_action_);
+
+    auto* run = menuBar()->addMenu(tr("&Run"));
+    run->addAction(rerun_action_);
+    run->addSeparator();
+    run->addAction(topk_action_);
+    run->addAction(causal_action_);
+    run->addAction(capacity_up_action_);
+    run->addAction(capacity_down_action_);
+    run->addSeparator();
+    run->addAction(generate_action_);
+    run->addAction(stop_action_);
+
+    view_menu_ = menuBar()->addMenu(tr("&View"));
+    view_menu_->addAction(reset_view_action_);
+    view_menu_->addAction(focus_prompt_action_);
+    view_menu_->addSeparator();
+    for (QDockWidget* d : {prompt_dock_, depth_dock_, details_dock_, capacity_dock_, predictor_dock_})
+        view_menu_->addAction(d->toggleViewAction());
+    view_menu_->addAction(reset_layout_action_);
+    view_menu_->addSeparator();
+    auto* theme = view_menu_->addMenu(tr("&Theme"));
+    theme->addActions(theme_group_->actions());
+
+    auto* help = menuBar()->addMenu(tr("&Help"));
+    help->addAction(shortcuts_action_);
+    help->addAction(about_action_);
+    updateRecentMenu();
+}
+
+void MainWindow::buildToolBar() {
+    auto* bar = addToolBar(tr("Main"));
+    bar->setObjectName(QStringLiteral("main-toolbar"));
+    bar->setMovable(false);
+    bar->setToolButtonStyle(Qt::ToolButtonTextBesideIcon);
+    bar->addAction(open_action_);
+    bar->addSeparator();
+    auto* device_label = new QLabel(tr(" Device "), bar);
+    device_box_ = new QComboBox(bar);
+    device_box_->addItem(tr("auto"), QStringLiteral("auto"));
+    device_box_->addItem(tr("cpu"), QStringLiteral("cpu"));
+    if (cudaAvailable()) device_box_->addItem(tr("cuda"), QStringLiteral("cuda"));
+    device_box_->setToolTip(tr("Where the model runs; auto takes CUDA when it is available"));
+    const int idx = device_box_->findData(options_.device);
+    device_box_->setCurrentIndex(idx >= 0 ? idx : 0);
+    connect(device_box_, qOverload<int>(&QComboBox::currentIndexChanged), this, &MainWindow::onDeviceChanged);
+    bar->addWidget(device_label);
+    bar->addWidget(device_box_);
+    bar->addSeparator();
+    routing_ = new RoutingControls(bar);
+    bar->addWidget(routing_);
+    bar->addSeparator();
+    bar->addAction(reset_view_action_);
+}
+
+// ---------------------------------------------------------------------------------------------- settings
+
+void MainWindow::restoreSettings() {
+    resize(1600, 1000);
+    if (!options_.settings) return;
+    QSettings& s = *options_.settings;
+    if (options_.restore_layout) {
+        if (restoreGeometry(s.value(QStringLiteral("window/geometry")).toByteArray())) layout_restored_ = true;
+        restoreState(s.value(QStringLiteral("window/state")).toByteArray());
+    }
+    theme_ = themeChoiceFromString(s.value(QStringLiteral("view/theme"), QStringLiteral("system")).toString());
+    if (theme_ != ThemeChoice::System) setTheme(theme_);
+    if (s.value(QStringLiteral("routing/mode")).toString() == QLatin1String("causal")) {
+        QSignalBlocker b(routing_);
+        routing_->setMode(RoutingMode::Causal);
+        causal_action_->setChecked(true);
+    }
+    GenerationSettings g;
+    g.max_new_tokens = s.value(QStringLiteral("generation/tokens"), g.max_new_tokens).toInt();
+    g.temperature = s.value(QStringLiteral("generation/temperature"), g.temperature).toDouble();
+    g.top_p = s.value(QStringLiteral("generation/top_p"), g.top_p).toDouble();
+    g.seed = s.value(QStringLiteral("generation/seed"), 0).toULongLong();
+    generation_->setSettings(g);
+}
+
+void MainWindow::saveSettings() {
+    if (!options_.settings) return;
+    QSettings& s = *options_.settings;
+    s.setValue(QStringLiteral("window/geometry"), saveGeometry());
+    s.setValue(QStringLiteral("window/state"), saveState());
+    s.setValue(QStringLiteral("view/theme"), toString(theme_));
+    s.setValue(QStringLiteral("routing/mode"), routing_->mode() == RoutingMode::Causal ? QStringLiteral("causal")
+                                                                                        : QStringLiteral("topk"));
+    const auto g = generation_->settings();
+    s.setValue(QStringLiteral("generation/tokens"), g.max_new_tokens);
+    s.setValue(QStringLiteral("generation/temperature"), g.temperature);
+    s.setValue(QStringLiteral("generation/top_p"), g.top_p);
+    s.setValue(QStringLiteral("generation/seed"), qulonglong(g.seed));
+    s.setValue(QStringLiteral("device"), device_box_->currentData().toString());
+    const QString text = prompt_->text();
+    if (text.size() <= kMaxSavedPromptChars) s.setValue(QStringLiteral("prompt/text"), text);
+    s.sync();
+}
+
+void MainWindow::updateRecentMenu() {
+    recent_menu_->clear();
+    const QStringList recent = options_.settings ? options_.settings->value(QStringLiteral("model/recent")).toStringList()
+                                                 : QStringList();
+    for (const QString& dir : recent) {
+        auto* a = recent_menu_->addAction(QDir::toNativeSeparators(dir));
+        connect(a, &QAction::triggered, this, [this, dir] { openModel(dir); });
+    }
+    recent_menu_->setEnabled(!recent.isEmpty());
+}
+
+// ---------------------------------------------------------------------------------------------- models
+
+QString MainWindow::modelDirectoryFor(const QString& path) {
+    const QFileInfo info(path);
+    return info.isDir() ? info.absoluteFilePath() : info.absolutePath();
+}
+
+void MainWindow::openModel(const QString& directory) {
+    if (directory.isEmpty()) return;
+    if (generating_) stopGeneration();
+    loading_dir_ = directory;
+    statusBar()->showMessage(tr("Opening %1…").arg(QDir::toNativeSeparators(directory)));
+    session_->loadModel(directory, device_box_->currentData().toString());
+}
+
+void MainWindow::openDefaultModel() {
+    try {
+        openModel(QString::fromStdString(defaultModelDirectory()));
+    } catch (const std::exception& e) {
+        showError(QString::fromUtf8(e.what()));
+        heatmap_->setPlaceholder(tr("No model loaded.\nOpen one with File › Open Model (Ctrl+O), or drop its folder "
+                                    "on this window."));
+    }
+}
+
+void MainWindow::onModelLoaded(const ModelInfo& info) {
+    model_ = info;
+    const QString dir = QString::fromStdString(info.directory);
+    loading_dir_.clear();
+    statusBar()->showMessage(tr("Opened %1").arg(QString::fromStdString(info.name)), 4000);
+    if (banner_->kind() == MessageBanner::Kind::Error) banner_->dismiss();
+    if (options_.settings && !dir.isEmpty()) {
+        QStringList recent = options_.settings->value(QStringLiteral("model/recent")).toStringList();
+        recent.removeAll(dir);
+        recent.prepend(dir);
+        while (recent.size() > kMaxRecentModels) recent.removeLast();
+        options_.settings->setValue(QStringLiteral("model/recent"), recent);
+        updateRecentMenu();
+    }
+    {
+        // A model is trained for its own capacity: start there (or at --capacity, once).
+        QSignalBlocker block(routing_);
+        routing_->setCapacity(startup_capacity_.value_or(info.config.capacity));
+        startup_capacity_.reset();
+    }
+    generation_document_.reset();
+    heatmap_->setPlaceholder(tr("Type a prompt above: how each layer routes each token appears here."));
+    updateWindowTitle();
+    updateStatus();
+    runNow();
+    Q_EMIT modelChanged(info);
+}
+
+void MainWindow::onModelLoadFailed(const QString& message) {
+    const QString dir = loading_dir_;
+    loading_dir_.clear();
+    statusBar()->clearMessage();
+    QString text = tr("Could not open the model in %1:\n%2").arg(QDir::toNativeSeparators(dir), message);
+    if (model_) text += tr("\nStill using %1.").arg(QString::fromStdString(model_->name));
+    showError(text);
+    // The device box follows the model in use.
+    if (model_) {
+        QSignalBlocker block(device_box_);
+        const int idx = device_box_->findData(pending_device_.isEmpty() ? device_box_->currentData() : pending_device_);
+        if (idx >= 0) device_box_->setCurrentIndex(idx);
+    }
+    pending_device_.clear();
+    Q_EMIT modelLoadFailed(message);
+}
+
+void MainWindow::onDeviceChanged() {
+    if (!model_ || model_->directory.empty()) return;
+    pending_device_ = QString::fromStdString(model_->device).startsWith(QLatin1String("cuda")) ? QStringLiteral("cuda")
+                                                                                             : QStringLiteral("cpu");
+    openModel(QString::fromStdString(model_->directory));
+}
+
+// ---------------------------------------------------------------------------------------------- runs
+
+void MainWindow::setPrompt(const QString& text) { prompt_->setText(text); }
+
+void MainWindow::setCapacity(double fraction) {
+    if (!model_) startup_capacity_ = fraction;
+    routing_->setCapacity(fraction);
+}
+
+void MainWindow::setRoutingMode(RoutingMode mode) { routing_->setMode(mode); }
+
+void MainWindow::onPromptEdited() {
+    // A typed edit ends the generated text's marking and the generation's trace.
+    generated_from_byte_ = std::string::npos;
+    generation_document_.reset();
+    stale_ = true;
+    prompt_->setStale(true);
+    heatmap_->setStale(true);
+    debounce_.start();
+}
+
+void MainWindow::runNow() { requestRun(); }
+
+void MainWindow::requestRun() {
+    debounce_.stop();
+    if (generating_ || closing_) return;  // the generation streams its own views
+    if (!model_ && !session_->isLoading()) {
+        stale_ = false;
+        prompt_->setStale(false);
+        heatmap_->setStale(false);
+        return;
+    }
+    run_clock_.start();
+    session_->requestRun(prompt_->text(), routing_->mode(), routing_->capacity(), generated_from_byte_);
+    stale_ = true;
+    prompt_->setStale(true);
+    heatmap_->setStale(true);
+}
+
+void MainWindow::selectCell(int layer, int token) {
+    if (snapshot_ && !snapshot_->empty()) heatmap_->selectCell(layer, token);
+    else pending_selection_ = std::make_pair(layer, token);
+}
+
+void MainWindow::onRunFinished(const SnapshotPtr& snapshot) {
+    if (generating_) return;
+    applySnapshot(snapshot);
+    if (snapshot->original_tokens_exact && !deferred_exports_.isEmpty())
+        for (const QString& path : std::exchange(deferred_exports_, {})) exportTrace(path);
+    if (pending_selection_ && !snapshot->empty()) {
+        const auto [layer, token] = *pending_selection_;
+        pending_selection_.reset();
+        heatmap_->selectCell(layer, token);
+    }
+    stale_ = debounce_.isActive() || session_->isRunPending();
+    prompt_->setStale(stale_);
+    heatmap_->setStale(stale_);
+    Q_EMIT runApplied(snapshot);
+}
+
+void MainWindow::onRunFailed(const QString& message) {
+    stale_ = debounce_.isActive() || session_->isRunPending();
+    prompt_->setStale(stale_);
+    heatmap_->setStale(stale_);
+    showError(tr("The run failed: %1").arg(message));
+}
+
+void MainWindow::applySnapshot(const SnapshotPtr& snapshot) {
+    if (!snapshot) return;
+    snapshot_ = snapshot;
+    // The heatmap first and painted at once: the run's latency ends when it shows.
+    measuring_paint_ = run_clock_.isValid();
+    heatmap_->setSnapshot(snapshot, /*repaint_now=*/true);
+    depth_->setSnapshot(snapshot);
+    capacity_->setSnapshot(snapshot);
+    if (generating_ && generation_dense_kv_bytes_ > 0)
+        capacity_->setGenerationKvCache(generation_kv_bytes_, generation_dense_kv_bytes_);
+    predictor_->setSnapshot(snapshot);
+    details_->setSnapshot(snapshot);
+    if (heatmap_->selectedToken() >= 0) details_->setCell(heatmap_->selectedLayer(), heatmap_->selectedToken());
+
+    const auto& s = *snapshot;
+    if (!generating_) {
+        if (s.tokens() == 0) {
+            prompt_->setOverflowFrom(-1);
+            prompt_->setNotice(prompt_->text().isEmpty()
+                                   ? tr("Empty prompt: type something to see its routing.")
+                                   : tr("This prompt gives no tokens: type some text to see its routing."));
+            heatmap_->setPlaceholder(tr("Type a prompt above: how each layer routes each token appears here."));
+        } else if (s.truncated) {
+            // What the model saw ends where the snapshot's text ends; the rest is greyed in the editor.
+            prompt_->setOverflowFrom(int(QString::fromStdString(s.prompt).size()));
+            const QString length = s.original_tokens_exact
+                                       ? tr("%1 tokens").arg(QLocale().toString(qulonglong(s.original_tokens)))
+                                       : tr("over %1 tokens (counting…)").arg(QLocale().toString(qulonglong(s.original_tokens)));
+            prompt_->setNotice(tr("Truncated: the prompt is %1, the model's context %2. Only the first %2 run; the "
+                                  "rest is greyed out.")
+                                   .arg(length)
+                                   .arg(s.max_seq_len),
+                               true);
+        } else {
+            prompt_->setOverflowFrom(-1);
+            prompt_->setNotice(tr("%1 tokens of the model's %2-token context").arg(s.tokens()).arg(s.max_seq_len));
+        }
+    }
+    last_model_ms_ = s.trace.elapsed_ms;
+    updateStatus();
+}
+
+// ---------------------------------------------------------------------------------------------- generation
+
+void MainWindow::startGeneration() {
+    if (generating_ || !model_) return;
+    debounce_.stop();
+    generating_ = true;
+    generated_tokens_ = 0;
+    generation_kv_bytes_ = generation_dense_kv_bytes_ = 0;
+    const auto settings = generation_->settings();
+    generation_target_ = settings.max_new_tokens;
+    generated_from_byte_ = std::string::npos;
+    generation_document_.reset();
+    // The generation streams its own views from here on; nothing shown is waiting for a run.
+    stale_ = false;
+    heatmap_->setStale(false);
+    prompt_->setStale(false);
+    prompt_->setGenerating(true);
+    prompt_->setOverflowFrom(-1);
+    prompt_->setNotice(tr("Generating in causal mode: each routed layer's predictor decides for each new token."));
+    generation_->setRunning(true);
+    generation_->setStatus(tr("starting…"));
+    generate_action_->setEnabled(false);
+    stop_action_->setEnabled(true);
+    predictor_->startGeneration();
+    session_->startGeneration(prompt_->text(), settings, routing_->capacity());
+}
+
+void MainWindow::generate(int count) {
+    if (count > 0) {
+        auto settings = generation_->settings();
+        settings.max_new_tokens = count;
+        generation_->setSettings(settings);
+    }
+    startGeneration();
+}
+
+void MainWindow::stopGeneration() {
+    if (!generating_) return;
+    generation_->setStatus(tr("stopping…"));
+    session_->stopGeneration();
+}
+
+void MainWindow::onGenerationStep(const GenerationPoint& point, const SnapshotPtr& snapshot) {
+    if (point.index >= 0) {
+        prompt_->appendGenerated(QString::fromStdString(point.text));
+        predictor_->addGenerationPoint(point);
+        generated_tokens_ = point.index + 1;
+        generation_kv_bytes_ = point.kv_cache_bytes;
+        generation_dense_kv_bytes_ = point.dense_kv_cache_bytes;
+        capacity_->setGenerationKvCache(point.kv_cache_bytes, point.dense_kv_cache_bytes);
+        generation_->setStatus(tr("%1 / %2 tokens · %3 ms/token · predictor %4% right")
+                                   .arg(generated_tokens_)
+                                   .arg(generation_target_)
+                                   .arg(point.step_ms, 0, 'f', 1)
+                                   .arg(point.accuracy * 100.0, 0, 'f', 0));
+    }
+    // Views repaint at a bounded rate however fast tokens come; the newest snapshot wins.
+    pending_generation_snapshot_ = snapshot;
+    if (!generation_paint_.isActive()) generation_paint_.start();
+}
+
+void MainWindow::onGenerationFinished(const GenerationSummary& summary) {
+    generation_paint_.stop();
+    if (pending_generation_snapshot_) applySnapshot(std::exchange(pending_generation_snapshot_, nullptr));
+    generating_ = false;
+    prompt_->setGenerating(false);
+    generation_->setRunning(false);
+    generate_action_->setEnabled(true);
+    stop_action_->setEnabled(false);
+    const QString text = QString::fromStdString(summary.text);
+    if (prompt_->text() != text) {
+        // Text still held back (a character split over byte tokens) or a stop before the first token.
+        QSignalBlocker block(prompt_);
+        prompt_->setText(text);
+    }
+    QString status;
+    if (summary.cancelled) status = tr("stopped after %1 tokens").arg(summary.generated);
+    else if (summary.hit_eos) status = tr("%1 tokens, ended at end-of-sequence").arg(summary.generated);
+    else if (summary.hit_context) status = tr("%1 tokens, the model's context is full").arg(summary.generated);
+    else status = tr("%1 tokens").arg(summary.generated);
+    if (summary.tokens_per_second > 0) status += tr(" · %1 tokens/s").arg(summary.tokens_per_second, 0, 'f', 1);
+    generation_->setStatus(status);
+    if (summary.generated > 0) {
+        generated_from_byte_ = summary.prompt_bytes;
+        generation_document_ = summary.document;
+    }
+    // The final view in the chosen mode, generated tokens still marked.
+    if (!closing_) requestRun();
+    Q_EMIT generationDone(summary);
+}
+
+void MainWindow::onGenerationFailed(const QString& message) {
+    generation_paint_.stop();
+    pending_generation_snapshot_.reset();
+    generating_ = false;
+    prompt_->setGenerating(false);
+    generation_->setRunning(false);
+    generation_->setStatus(QString());
+    generate_action_->setEnabled(true);
+    stop_action_->setEnabled(false);
+    showError(tr("Generation failed: %1").arg(message));
+    if (!closing_) requestRun();
+}
+
+// ---------------------------------------------------------------------------------------------- export
+
+void MainWindow::exportTrace(const QString& path) {
+    const SnapshotPtr snapshot = snapshot_;
+    const auto generation = generation_document_;
+    if (!generation && snapshot && !snapshot->original_tokens_exact) {
+        // A long prompt's length is still being counted; the file gets the exact count a moment later.
+        deferred_exports_.append(path);
+        statusBar()->showMessage(tr("Exporting %1 once the prompt is counted…").arg(QDir::toNativeSeparators(path)));
+        return;
+    }
+    if (!generation && (!snapshot || snapshot->empty())) {
+        onExportDone(path, tr("Nothing to export yet: run a prompt first."));
+        return;
+    }
+    statusBar()->showMessage(tr("Exporting %1…").arg(QDir::toNativeSeparators(path)));
+    // Serialising 2,048 tokens x 32 layers takes a moment: off the GUI thread, from immutable values.
+    export_pool_.start([this, path, snapshot, generation] {
+        QString error;
+        try {
+            error = generation ? modscope::exportTrace(*generation, path)
+                               : modscope::exportTrace(traceDocumentFor(*snapshot), path);
+        } catch (const std::exception& e) {
+            error = QString::fromUtf8(e.what());
+        }
+        QMetaObject::invokeMethod(this, [this, path, error] { onExportDone(path, error); }, Qt::QueuedConnection);
+    });
+}
+
+void MainWindow::onExportDone(const QString& path, const QString& error) {
+    if (error.isEmpty()) {
+        statusBar()->showMessage(tr("Saved %1").arg(QDir::toNativeSeparators(path)), 6000);
+    } else {
+        statusBar()->clearMessage();
+        showError(error);
+    }
+    Q_EMIT exportFinished(path, error);
+}
+
+QString MainWindow::exportFigure(const QString& which, const QString& path) {
+    QString error;
+    if (figureFormatFor(path) == FigureFormat::Unknown) {
+        error = tr("Cannot export %1: use a file name ending in .png, .svg or .pdf").arg(QFileInfo(path).fileName());
+    } else if (which == QLatin1String("heatmap")) {
+        error = exportPlot(heatmap_, path);
+    } else if (which == QLatin1String("capacity")) {
+        error = exportPlot(capacity_->plot(), path);
+    } else if (which == QLatin1String("predictor")) {
+        error = exportWidget(predictor_, path);
+    } else if (which == QLatin1String("depth")) {
+        const QSize size = depth_->contentSize();
+        error = exportPainting(path, size, [this, size](QPainter* p) { depth_->renderContent(p, size); });
+    } else if (which == QLatin1String("window")) {
+        error = figureFormatFor(path) == FigureFormat::Png ? saveImageAtomically(grab().toImage(), path)
+                                                           : exportWidget(this, path);
+    } else {
+        error = tr("Unknown figure \"%1\"").arg(which);
+    }
+    onExportDone(path, error);
+    return error;
+}
+
+void MainWindow::chooseTraceExport(const QString& suffix) {
+    const QString dir = QStandardPaths::writableLocation(QStandardPaths::DocumentsLocation);
+    const QString name = QStringLiteral("%1/modscope-trace.%2").arg(dir, suffix);
+    const QString filter = suffix == QLatin1String("json") ? tr("Trace JSON (*.json)") : tr("Trace CSV (*.csv)");
+    const QString path = QFileDialog::getSaveFileName(this, tr("Export Trace"), name, filter);
+    if (!path.isEmpty()) exportTrace(path);
+}
+
+void MainWindow::chooseFigureExport(const QString& which) {
+    const QString dir = QStandardPaths::writableLocation(QStandardPaths::PicturesLocation);
+    QString selected;
+    const QString path = QFileDialog::getSaveFileName(this, tr("Export Figure"),
+                                                      QStringLiteral("%1/modscope-%2.png").arg(dir, which),
+                                                      tr("PNG image (*.png);;SVG drawing (*.svg);;PDF document (*.pdf)"),
+                                                      &selected);
+    if (path.isEmpty()) return;
+    QString file = path;
+    if (QFileInfo(file).suffix().isEmpty()) {
+        // The filter chosen decides when the name has no extension.
+        file += selected.contains(QLatin1String("svg"))   ? QStringLiteral(".svg")
+                : selected.contains(QLatin1String("pdf")) ? QStringLiteral(".pdf")
+                                                          : QStringLiteral(".png");
+    }
+    exportFigure(which, file);
+}
+
+// ---------------------------------------------------------------------------------------------- UI
+
+void MainWindow::chooseModelDirectory() {
+    const QString start = model_ ? QString::fromStdString(model_->directory) : QDir::homePath();
+    const QString dir = QFileDialog::getExistingDirectory(this, tr("Open Model Directory"), start);
+    if (!dir.isEmpty()) openModel(dir);
+}
+
+void MainWindow::setTheme(ThemeChoice choice) {
+    theme_ = choice;
+    for (QAction* a : theme_group_->actions()) a->setChecked(ThemeChoice(a->data().toInt()) == choice);
+    applyTheme(choice);
+    applyPlotTheme();
+}
+
+void MainWindow::applyPlotTheme() {
+    const PlotTheme theme = PlotTheme::fromPalette(QApplication::palette());
+    heatmap_->setTheme(theme);
+    depth_->setTheme(theme);
+    capacity_->setTheme(theme);
+    predictor_->setTheme(theme);
+    details_->setTheme(theme);
+    prompt_->setTheme(theme);
+    banner_->update();
+}
+
+void MainWindow::showShortcuts() {
+    QList<QPair<QString, QString>> heatmap_keys = {
+        {tr("Mouse wheel / drag"), tr("Heatmap: zoom / pan along the tokens")},
+        {tr("Click"), tr("Heatmap: lock a cell (click again to release)")},
+        {tr("← → ↑ ↓"), tr("Heatmap: move the locked cell")},
+        {tr("Esc"), tr("Heatmap: release the locked cell")},
+        {tr("+ / −"), tr("Heatmap: zoom in / out")},
+        {tr("Home / double-click"), tr("Heatmap: show every token")},
+    };
+    ShortcutSheet sheet(actions(), heatmap_keys, this);
+    sheet.exec();
+}
+
+void MainWindow::showAbout() {
+    QString model = tr("No model loaded.");
+    if (model_) {
+        model = tr("<b>Model</b>: %1 (%2 parameters, %3 layers, %4 routed, context %5)<br><b>Directory</b>: %6<br>"
+                   "<b>Device</b>: %7")
+                    .arg(QString::fromStdString(model_->name).toHtmlEscaped(), formatParameters(model_->parameters))
+                    .arg(model_->config.n_layers)
+                    .arg(model_->config.routed_layers.size())
+                    .arg(model_->config.max_seq_len)
+                    .arg(QDir::toNativeSeparators(QString::fromStdString(model_->directory)).toHtmlEscaped(),
+                         QString::fromStdString(model_->device));
+    }
+    QMessageBox::about(this, tr("About ModScope"),
+                       tr("<h3>ModScope %1</h3><p>See how a Mixture-of-Depths transformer spends its compute: which "
+                          "tokens each layer processes and which skip ahead.</p><p>%2</p><p>Qt %3 · CUDA %4</p>")
+                           .arg(QCoreApplication::applicationVersion(), model, QString::fromLatin1(qVersion()),
+                                cudaAvailable() ? tr("available") : tr("not available")));
+}
+
+void MainWindow::applyDefaultDockSizes() {
+    const int w = width(), h = height();
+    resizeDocks({capacity_dock_}, {std::max(420, w * 29 / 100)}, Qt::Horizontal);
+    resizeDocks({capacity_dock_, predictor_dock_, details_dock_}, {h * 34 / 100, h * 36 / 100, h * 30 / 100},
+                Qt::Vertical);
+    resizeDocks({prompt_dock_, depth_dock_}, {std::max(150, h * 16 / 100), std::max(130, h * 17 / 100)}, Qt::Vertical);
+}
+
+void MainWindow::resetLayout() {
+    restoreState(default_state_);
+    for (QDockWidget* d : {prompt_dock_, depth_dock_, details_dock_, capacity_dock_, predictor_dock_}) {
+        d->setFloating(false);
+        d->show();
+    }
+    applyDefaultDockSizes();
+}
+
+void MainWindow::showError(const QString& text) { banner_->showMessage(MessageBanner::Kind::Error, text); }
+
+void MainWindow::updateWindowTitle() {
+    setWindowTitle(model_ ? tr("%1 — ModScope").arg(QString::fromStdString(model_->name)) : tr("ModScope"));
+}
+
+void MainWindow::updateStatus() {
+    status_device_->setText(model_ ? tr("device %1").arg(QString::fromStdString(model_->device)) : tr("no device"));
+    status_model_->setText(model_ ? tr("%1 · %2 parameters")
+                                        .arg(QString::fromStdString(model_->name), formatParameters(model_->parameters))
+                                  : tr("no model"));
+    status_model_->setToolTip(model_ ? QDir::toNativeSeparators(QString::fromStdString(model_->directory)) : QString());
+    const int tokens = snapshot_ ? snapshot_->tokens() : 0;
+    status_tokens_->setText((tokens == 1 ? tr("1 token") : tr("%1 tokens").arg(tokens)) +
+                            (snapshot_ && snapshot_->truncated ? tr(" (truncated)") : QString()));
+    if (last_latency_ms_ >= 0)
+        status_latency_->setText(tr("latency %1 ms (model %2 ms)").arg(last_latency_ms_, 0, 'f', 1).arg(last_model_ms_, 0, 'f', 1));
+    else
+        status_latency_->setText(tr("latency –"));
+}
+
+QString MainWindow::statusText() const {
+    return QStringList{status_device_->text(), status_model_->text(), status_tokens_->text(), status_latency_->text()}
+        .join(QStringLiteral(" | "));
+}
+
+// ---------------------------------------------------------------------------------------------- events
+
+void MainWindow::showEvent(QShowEvent* event) {
+    QMainWindow::showEvent(event);
+    if (first_show_done_) return;
+    first_show_done_ = true;
+    if (!layout_restored_) applyDefaultDockSizes();
+}
+
+void MainWindow::closeEvent(QCloseEvent* event) {
+    closing_ = true;
+    debounce_.stop();
+    saveSettings();
+    // Raises every cancel flag and joins the engine thread: no run or generation outlives the window.
+    session_->shutdown();
+    event->accept();
+}
+
+void MainWindow::changeEvent(QEvent* event) {
+    QMainWindow::changeEvent(event);
+    // The system switched light/dark (or setTheme did): QCustomPlot does not follow palettes by itself.
+    if (event->type() == QEvent::PaletteChange && heatmap_) applyPlotTheme();
+}
+
+void MainWindow::dragEnterEvent(QDragEnterEvent* event) {
+    const auto* mime = event->mimeData();
+    if (mime->hasUrls() && !mime->urls().isEmpty() && mime->urls().first().isLocalFile()) event->acceptProposedAction();
+}
+
+void MainWindow::dropEvent(QDropEvent* event) {
+    const auto urls = event->mimeData()->urls();
+    if (urls.isEmpty() || !urls.first().isLocalFile()) return;
+    openModel(modelDirectoryFor(urls.first().toLocalFile()));
+    event->acceptProposedAction();
+}
+
+}  // namespace modscope

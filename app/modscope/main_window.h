@@ -1,0 +1,224 @@
+// MainWindow: the prompt, the routing heatmap and the panels around it, wired to one EngineSession.
+//
+// Every edit, capacity or mode change becomes a run request (edits debounced); the session cancels runs a
+// newer request has made out of date, and only the newest result reaches the views, all of which take
+// the same immutable snapshot. The window never waits on the engine.
+#pragma once
+
+#include <QElapsedTimer>
+#include <QMainWindow>
+#include <QPointer>
+#include <QThreadPool>
+#include <QTimer>
+
+#include <memory>
+#include <optional>
+
+#include "engine_jobs.h"
+#include "theme_manager.h"
+
+class QActionGroup;
+class QComboBox;
+class QDockWidget;
+class QLabel;
+class QMenu;
+class QSettings;
+
+namespace modscope {
+
+class CapacityChart;
+class CellDetailsPanel;
+class EngineSession;
+class GenerationControls;
+class MessageBanner;
+class PredictorPanel;
+class PromptEditor;
+class RoutingControls;
+class RoutingHeatmap;
+class TokenDepthView;
+struct TraceDocument;
+
+class MainWindow : public QMainWindow {
+    Q_OBJECT
+public:
+    struct Options {
+        QSettings* settings = nullptr;  // null: nothing restored or saved (screenshots)
+        QString device = QStringLiteral("auto");
+        bool restore_layout = true;
+    };
+    explicit MainWindow(const Options& options, QWidget* parent = nullptr);
+    ~MainWindow() override;
+
+    // The prompt shown on a first start.
+    static QString samplePrompt();
+
+    // Opens a model directory on the worker thread; on failure the current model stays in use.
+    void openModel(const QString& directory);
+    // The bundled default model (paths.h); a clear message when there is none.
+    void openDefaultModel();
+    void setPrompt(const QString& text);
+    void setCapacity(double fraction);
+    void setRoutingMode(RoutingMode mode);
+    void setTheme(ThemeChoice choice);
+    // Runs the prompt now (no debounce).
+    void runNow();
+    // Generates tokens after the prompt with the generation panel's settings (tokens = count when > 0).
+    void generate(int count = 0);
+    // Locks a heatmap cell; before the first run it is locked when that run arrives.
+    void selectCell(int layer, int token);
+
+    // Exports write atomically. Trace exports finish on a pool thread (exportFinished); figures at once.
+    void exportTrace(const QString& path);
+    QString exportFigure(const QString& which, const QString& path);  // "heatmap", "capacity", "predictor", "depth", "window"
+
+    // For tests and the screenshot mode.
+    RoutingHeatmap* heatmap() const { return heatmap_; }
+    PromptEditor* promptEditor() const { return prompt_; }
+    RoutingControls* routingControls() const { return routing_; }
+    PredictorPanel* predictorPanel() const { return predictor_; }
+    CapacityChart* capacityChart() const { return capacity_; }
+    TokenDepthView* depthView() const { return depth_; }
+    CellDetailsPanel* detailsPanel() const { return details_; }
+    GenerationControls* generationControls() const { return generation_; }
+    MessageBanner* banner() const { return banner_; }
+    EngineSession* session() const { return session_.get(); }
+    const SnapshotPtr& snapshot() const { return snapshot_; }
+    const std::optional<ModelInfo>& model() const { return model_; }
+    bool isStale() const { return stale_; }
+    QString statusText() const;  // the status bar's fields, joined
+
+Q_SIGNALS:
+    void modelChanged(const modscope::ModelInfo& info);
+    void modelLoadFailed(const QString& message);
+    void runApplied(const modscope::SnapshotPtr& snapshot);
+    void generationDone(const modscope::GenerationSummary& summary);
+    void exportFinished(const QString& path, const QString& error);
+
+protected:
+    void closeEvent(QCloseEvent* event) override;
+    void changeEvent(QEvent* event) override;
+    void dragEnterEvent(QDragEnterEvent* event) override;
+    void dropEvent(QDropEvent* event) override;
+    void showEvent(QShowEvent* event) override;
+
+private:
+    void buildActions();
+    void buildMenus();
+    void buildToolBar();
+    void buildDocks();
+    void restoreSettings();
+    void saveSettings();
+    void applyPlotTheme();
+    void updateRecentMenu();
+    void updateStatus();
+    void updateWindowTitle();
+
+    void onPromptEdited();
+    void requestRun();
+    void onModelLoaded(const ModelInfo& info);
+    void onModelLoadFailed(const QString& message);
+    void onRunFinished(const SnapshotPtr& snapshot);
+    void onRunFailed(const QString& message);
+    void applySnapshot(const SnapshotPtr& snapshot);
+    void startGeneration();
+    void stopGeneration();
+    void onGenerationStep(const GenerationPoint& point, const SnapshotPtr& snapshot);
+    void onGenerationFinished(const GenerationSummary& summary);
+    void onGenerationFailed(const QString& message);
+    void onDeviceChanged();
+
+    void chooseModelDirectory();
+    void chooseTraceExport(const QString& suffix);
+    void chooseFigureExport(const QString& which);
+    void showShortcuts();
+    void showAbout();
+    void resetLayout();
+    void showError(const QString& text);
+    void onExportDone(const QString& path, const QString& error);
+    void applyDefaultDockSizes();
+    static QString modelDirectoryFor(const QString& path);
+
+    Options options_;
+    std::unique_ptr<EngineSession> session_;
+    std::optional<ModelInfo> model_;
+    QString loading_dir_;
+    QString pending_device_;
+    SnapshotPtr snapshot_;
+    SnapshotPtr pending_generation_snapshot_;
+    std::shared_ptr<const TraceDocument> generation_document_;
+    std::size_t generated_from_byte_ = std::string::npos;
+    bool stale_ = false;
+    bool generating_ = false;
+    bool closing_ = false;
+    int generated_tokens_ = 0;
+    int generation_target_ = 0;
+    QTimer debounce_;
+    QTimer generation_paint_;
+    QElapsedTimer run_clock_;
+    bool measuring_paint_ = false;
+    double last_latency_ms_ = -1.0;
+    double last_model_ms_ = -1.0;
+    ThemeChoice theme_ = ThemeChoice::System;
+    QByteArray default_state_;
+    bool layout_restored_ = false;
+    bool first_show_done_ = false;
+    std::optional<double> startup_capacity_;
+    std::optional<std::pair<int, int>> pending_selection_;
+    QStringList deferred_exports_;  // trace exports waiting for a long prompt's token count
+    std::int64_t generation_kv_bytes_ = 0, generation_dense_kv_bytes_ = 0;
+
+    // Views.
+    MessageBanner* banner_ = nullptr;
+    RoutingHeatmap* heatmap_ = nullptr;
+    PromptEditor* prompt_ = nullptr;
+    GenerationControls* generation_ = nullptr;
+    RoutingControls* routing_ = nullptr;
+    TokenDepthView* depth_ = nullptr;
+    CapacityChart* capacity_ = nullptr;
+    PredictorPanel* predictor_ = nullptr;
+    CellDetailsPanel* details_ = nullptr;
+    QComboBox* device_box_ = nullptr;
+    QDockWidget* prompt_dock_ = nullptr;
+    QDockWidget* depth_dock_ = nullptr;
+    QDockWidget* details_dock_ = nullptr;
+    QDockWidget* capacity_dock_ = nullptr;
+    QDockWidget* predictor_dock_ = nullptr;
+
+    // Status bar fields.
+    QLabel* status_device_ = nullptr;
+    QLabel* status_model_ = nullptr;
+    QLabel* status_tokens_ = nullptr;
+    QLabel* status_latency_ = nullptr;
+
+    // Actions.
+    QMenu* recent_menu_ = nullptr;
+    QMenu* view_menu_ = nullptr;
+    QAction* open_action_ = nullptr;
+    QAction* reload_action_ = nullptr;
+    QAction* export_json_action_ = nullptr;
+    QAction* export_csv_action_ = nullptr;
+    QAction* export_heatmap_action_ = nullptr;
+    QAction* export_capacity_action_ = nullptr;
+    QAction* export_predictor_action_ = nullptr;
+    QAction* export_depth_action_ = nullptr;
+    QAction* export_window_action_ = nullptr;
+    QAction* quit_action_ = nullptr;
+    QAction* generate_action_ = nullptr;
+    QAction* stop_action_ = nullptr;
+    QAction* rerun_action_ = nullptr;
+    QAction* topk_action_ = nullptr;
+    QAction* causal_action_ = nullptr;
+    QAction* capacity_up_action_ = nullptr;
+    QAction* capacity_down_action_ = nullptr;
+    QAction* reset_view_action_ = nullptr;
+    QAction* focus_prompt_action_ = nullptr;
+    QAction* reset_layout_action_ = nullptr;
+    QAction* shortcuts_action_ = nullptr;
+    QAction* about_action_ = nullptr;
+    QActionGroup* theme_group_ = nullptr;
+
+    // Last: destroyed first, waiting for exports still writing (they post back to this window).
+    QThreadPool export_pool_;
+};
+
+}  // namespace modscope

@@ -1,0 +1,32 @@
+// Model checkpoints for the app's tests and for development: untrained (they route fine for UI work),
+// small, written in seconds. Uses only modscope/engine.h: app tests build without LibTorch headers.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace modscope::apptest {
+
+struct FixtureOptions {
+    std::string name = "app-fixture";
+    int n_layers = 4;
+    int d_model = 32;
+    int n_heads = 2;
+    int d_ff = 64;
+    int max_seq_len = 64;
+    std::vector<int> routed_layers{1, 3};
+    double capacity = 0.25;
+    int vocab_size = 400;
+    std::vector<std::string> corpus_files;  // empty: a generated English-like corpus
+    std::uint64_t seed = 7;
+};
+
+// Writes config.json, weights.pt and tokenizer.model into dir (created if needed). The tokenizer is
+// trained once per process and options (vocab, corpus).
+void writeFixtureModel(const std::string& dir, const FixtureOptions& options = {});
+
+// Deterministic generated text: words, punctuation, digits, newlines.
+std::string fixtureCorpus(std::size_t bytes, std::uint64_t seed);
+
+}  // namespace modscope::apptest

@@ -1,0 +1,522 @@
+// The desktop app's main window, driven as a user would: typing, the capacity slider, the mode switch,
+// exports, a broken model, generation, awkward prompts and closing mid-run.
+#include <QAction>
+#include <QComboBox>
+#include <QDockWidget>
+#include <QFile>
+#include <QImage>
+#include <QPainter>
+#include <QPlainTextEdit>
+#include <QPushButton>
+#include <QSettings>
+#include <QSignalSpy>
+#include <QSlider>
+#include <QSvgRenderer>
+#include <QTableWidget>
+#include <QTemporaryDir>
+#include <QTest>
+
+#include <fstream>
+
+#include "app_fixture.h"
+#include "capacity_chart.h"
+#include "cell_details_panel.h"
+#include "engine_session.h"
+#include "generation_controls.h"
+#include "main_window.h"
+#include "message_banner.h"
+#include "modscope/engine.h"
+#include "predictor_panel.h"
+#include "prompt_editor.h"
+#include "qcustomplot.h"
+#include "routing_controls.h"
+#include "routing_heatmap.h"
+#include "shortcut_sheet.h"
+#include "snapshot_builder.h"
+#include "token_depth_view.h"
+#include "trace_io_qt.h"
+
+using namespace modscope;
+
+namespace {
+
+constexpr int kTimeoutMs = 20000;
+
+QString readAll(const QString& path) {
+    QFile f(path);
+    if (!f.open(QIODevice::ReadOnly)) return {};
+    return QString::fromUtf8(f.readAll());
+}
+
+}  // namespace
+
+class AppMainWindowTest : public QObject {
+    Q_OBJECT
+
+private:
+    QTemporaryDir dir_;
+    QString model_dir_;   // 4 layers (1 and 3 routed), context 64
+    QString model2_dir_;  // 6 layers, another name
+    std::unique_ptr<Tokenizer> tokenizer_;
+
+    // A window with the fixture model loaded and its first run shown.
+    std::unique_ptr<MainWindow> makeWindow(const QString& prompt = QStringLiteral("the quick brown fox"),
+                                           QSettings* settings = nullptr) {
+        MainWindow::Options o;
+        o.settings = settings;
+        o.device = QStringLiteral("cpu");
+        auto w = std::make_unique<MainWindow>(o);
+        w->resize(1400, 900);
+        w->show();
+        w->setPrompt(prompt);
+        QSignalSpy loaded(w.get(), &MainWindow::modelChanged);
+        w->openModel(model_dir_);
+        if (!loaded.wait(kTimeoutMs)) return nullptr;
+        waitForRun(*w);
+        return w;
+    }
+
+    // Until the views show the newest request's run.
+    static bool waitForRun(MainWindow& w) {
+        (void)QTest::qWaitFor([&] { return !w.isStale() && w.snapshot() && w.snapshot()->job == w.session()->latestRunJob(); },
+                        kTimeoutMs);
+        return !w.isStale() && w.snapshot() != nullptr;
+    }
+
+    std::size_t tokenCount(const QString& text) const { return tokenizer_->encode(text.toStdString()).size(); }
+
+private Q_SLOTS:
+    void initTestCase() {
+        QVERIFY(dir_.isValid());
+        model_dir_ = dir_.filePath(QStringLiteral("model"));
+        model2_dir_ = dir_.filePath(QStringLiteral("model2"));
+        apptest::writeFixtureModel(model_dir_.toStdString());
+        apptest::FixtureOptions six;
+        six.name = "six-layers";
+        six.n_layers = 6;
+        six.routed_layers = {1, 3, 5};
+        apptest::writeFixtureModel(model2_dir_.toStdString(), six);
+        tokenizer_ = Tokenizer::load(QDir(model_dir_).filePath(QStringLiteral("tokenizer.model")).toStdString());
+    }
+
+    void typingGivesOneColumnPerTokenAndOneRowPerLayer() {
+        auto w = makeWindow(QString());
+        QVERIFY(w);
+        QCOMPARE(w->heatmap()->columnCount(), 0);  // empty prompt: nothing to show, and no error
+        QVERIFY(w->banner()->text().isEmpty());
+
+        auto* editor = w->promptEditor()->editor();
+        editor->setFocus();
+        const QString typed = QStringLiteral("the routing layer said unto them");
+        QTest::keyClicks(editor, typed);
+        QVERIFY(w->isStale());  // a visible marker until the run for this text arrives
+        QVERIFY(w->heatmap()->isStale());
+        QVERIFY(waitForRun(*w));
+        QVERIFY(!w->heatmap()->isStale());
+
+        const int tokens = int(tokenCount(typed));
+        QVERIFY(tokens > 3);
+        QCOMPARE(w->snapshot()->tokens(), tokens);
+        QCOMPARE(w->heatmap()->columnCount(), tokens);
+        QCOMPARE(w->heatmap()->rowCount(), 4);
+        QCOMPARE(w->heatmap()->tokenTicker() != nullptr, true);
+        QVERIFY(w->statusText().contains(QStringLiteral("%1 tokens").arg(tokens)));
+        QVERIFY(w->statusText().contains(QStringLiteral("app-fixture")));
+
+        // Typing more re-runs; many keystrokes in a burst end in one up-to-date view.
+        QTest::keyClicks(editor, QStringLiteral(" and the river"));
+        QVERIFY(waitForRun(*w));
+        QCOMPARE(w->heatmap()->columnCount(), int(tokenCount(typed + QStringLiteral(" and the river"))));
+    }
+
+    void capacitySliderSetsEachRoutedLayersProcessedCountToK() {
+        auto w = makeWindow(QStringLiteral("the model of the river said that every token is a fortune cookie and "
+                                           "the light of the house is time"));
+        QVERIFY(w);
+        const int T = w->snapshot()->tokens();
+        QVERIFY(T >= 16);
+        for (int tenths : {500, 250, 1000, 0}) {  // 50 %, 25 %, 100 %, 0 %
+            w->routingControls()->slider()->setValue(tenths);
+            QVERIFY(waitForRun(*w));
+            const double capacity = tenths / 1000.0;
+            QCOMPARE(w->snapshot()->trace.capacity, capacity);
+            const int k = capacityToK(capacity, T);
+            for (const auto& layer : w->snapshot()->trace.layers) {
+                if (layer.routed) {
+                    QCOMPARE(layer.k, k);
+                    QCOMPARE(layer.processed, k);
+                } else {
+                    QCOMPARE(layer.processed, T);
+                }
+            }
+            // The capacity bars show the same counts.
+            const auto bars = w->capacityChart()->processedBars();
+            QCOMPARE(bars.size(), 4);
+            QCOMPARE(int(bars[1]), k);
+            QCOMPARE(int(bars[3]), k);
+            QCOMPARE(w->routingControls()->spinBox()->value(), tenths / 10.0);
+        }
+    }
+
+    void causalModeUpdatesThePredictorPanel() {
+        auto w = makeWindow(QStringLiteral("a tree by the river, and the dark water of time said unto them"));
+        QVERIFY(w);
+        QVERIFY(w->predictorPanel()->summary().contains(QStringLiteral("top-k")));
+        const auto before = w->snapshot();
+        w->routingControls()->modeBox()->setCurrentIndex(1);
+        QVERIFY(waitForRun(*w));
+        const auto& s = *w->snapshot();
+        QVERIFY(s.job != before->job);
+        QCOMPARE(s.trace.mode, RoutingMode::Causal);
+        QVERIFY(w->predictorPanel()->summary().contains(QStringLiteral("causal")));
+        // The table shows this run's counts: one row per routed layer and one for all of them.
+        auto* table = w->predictorPanel()->table();
+        QCOMPARE(table->rowCount(), 3);
+        AgreementCounts l1 = s.agreement[1];
+        const Agreement expected = Agreement::of(s.trace.layers[1]);
+        QCOMPARE(l1.tp, expected.tp);
+        QCOMPARE(table->item(0, 4)->text(), QString::number(expected.tp));
+        QCOMPARE(table->item(0, 5)->text(), QString::number(expected.fp));
+        QCOMPARE(table->item(0, 6)->text(), QString::number(expected.tn));
+        QCOMPARE(table->item(0, 7)->text(), QString::number(expected.fn));
+        QCOMPARE(table->item(0, 1)->text(), QStringLiteral("%1%").arg(expected.accuracy() * 100.0, 0, 'f', 1));
+        // In causal mode the predictor decides: processed == predictor_selected.
+        for (const auto& layer : s.trace.layers)
+            if (layer.routed) QCOMPARE(layer.selected, layer.predictor_selected);
+    }
+
+    void exportsWriteFilesThatParseBack() {
+        auto w = makeWindow(QStringLiteral("fire and water, light and dark: the house by the river"));
+        QVERIFY(w);
+        QTemporaryDir out;
+        const int T = w->snapshot()->tokens();
+
+        QSignalSpy done(w.get(), &MainWindow::exportFinished);
+        const QString json = out.filePath(QStringLiteral("trace.json"));
+        const QString csv = out.filePath(QStringLiteral("trace.csv"));
+        w->exportTrace(json);
+        w->exportTrace(csv);
+        QTRY_COMPARE_WITH_TIMEOUT(done.count(), 2, kTimeoutMs);
+        for (const auto& call : done) QCOMPARE(call.at(1).toString(), QString());
+
+        const TraceDocument doc = loadTrace(json.toStdString());
+        QCOMPARE(int(doc.tokens.size()), T);
+        QCOMPARE(int(doc.run.layers.size()), 4);
+        QCOMPARE(doc.model.name, std::string("app-fixture"));
+        QCOMPARE(doc.run.layers[1].selected, w->snapshot()->trace.layers[1].selected);
+        const auto rows = traceRowsFromCsv(readAll(csv).toStdString());
+        QCOMPARE(int(rows.size()), T * 4);
+
+        for (const QString& name : {QStringLiteral("heatmap.png"), QStringLiteral("heatmap.svg"),
+                                    QStringLiteral("heatmap.pdf"), QStringLiteral("capacity.svg"),
+                                    QStringLiteral("predictor.pdf"), QStringLiteral("depth.png"),
+                                    QStringLiteral("window.png")}) {
+            const QString which = name.section(QLatin1Char('.'), 0, 0);
+            const QString path = out.filePath(name);
+            QCOMPARE(w->exportFigure(which, path), QString());
+            QVERIFY2(QFileInfo(path).size() > 200, qPrintable(name));
+            if (name.endsWith(QLatin1String(".png"))) {
+                QImage image(path);
+                QVERIFY2(!image.isNull(), qPrintable(name));
+            } else if (name.endsWith(QLatin1String(".svg"))) {
+                QSvgRenderer svg(path);
+                QVERIFY2(svg.isValid(), qPrintable(name));
+                const QByteArray dump = qgetenv("MODSCOPE_VIEWS_DUMP");
+                if (!dump.isEmpty()) {
+                    QImage image(svg.defaultSize(), QImage::Format_ARGB32);
+                    image.fill(Qt::white);
+                    QPainter painter(&image);
+                    svg.render(&painter);
+                    painter.end();
+                    image.save(QString::fromLocal8Bit(dump) + QLatin1Char('/') + name + QStringLiteral(".png"));
+                }
+            } else {
+                QFile f(path);
+                QVERIFY(f.open(QIODevice::ReadOnly));
+                QVERIFY(f.read(5) == "%PDF-");
+            }
+        }
+        QVERIFY(QImage(out.filePath(QStringLiteral("window.png"))).size() == w->size());
+
+        // A failed export: a clear message, nothing half-written, and the app goes on as before.
+        const auto snapshot = w->snapshot();
+        const QString bad = out.filePath(QStringLiteral("no/such/dir/trace.json"));
+        done.clear();
+        w->exportTrace(bad);
+        QTRY_COMPARE_WITH_TIMEOUT(done.count(), 1, kTimeoutMs);
+        QVERIFY(!done.first().at(1).toString().isEmpty());
+        QVERIFY(w->banner()->text().contains(QStringLiteral("no/such/dir")));
+        QVERIFY(!QFileInfo::exists(bad));
+        QVERIFY(!w->exportFigure(QStringLiteral("heatmap"), out.filePath(QStringLiteral("no/dir/x.png"))).isEmpty());
+        QVERIFY(!w->exportFigure(QStringLiteral("heatmap"), out.filePath(QStringLiteral("x.bmp"))).isEmpty());
+        QCOMPARE(w->snapshot(), snapshot);
+        QTest::keyClicks(w->promptEditor()->editor(), QStringLiteral(" again"));
+        QVERIFY(waitForRun(*w));
+    }
+
+    void brokenModelShowsAnErrorAndThePreviousModelStaysUsable() {
+        auto w = makeWindow(QStringLiteral("the lazy dog"));
+        QVERIFY(w);
+        QTemporaryDir broken;
+        {
+            std::ofstream(QDir(broken.path()).filePath(QStringLiteral("config.json")).toStdString()) << "{ not json";
+            std::ofstream(QDir(broken.path()).filePath(QStringLiteral("weights.pt")).toStdString()) << "garbage";
+            std::ofstream(QDir(broken.path()).filePath(QStringLiteral("tokenizer.model")).toStdString()) << "garbage";
+        }
+        for (const QString& bad : {broken.path(), dir_.filePath(QStringLiteral("does-not-exist"))}) {
+            QSignalSpy failed(w.get(), &MainWindow::modelLoadFailed);
+            w->openModel(bad);
+            QVERIFY(failed.wait(kTimeoutMs));
+            QCOMPARE(w->banner()->kind(), MessageBanner::Kind::Error);
+            QVERIFY(w->banner()->text().contains(QStringLiteral("Could not open the model")));
+            QVERIFY(w->banner()->text().contains(QStringLiteral("Still using app-fixture")));
+            QCOMPARE(QString::fromStdString(w->model()->name), QStringLiteral("app-fixture"));
+            // Still usable: an edit runs on the old model.
+            QTest::keyClicks(w->promptEditor()->editor(), QStringLiteral(" jumps"));
+            QVERIFY(waitForRun(*w));
+            QCOMPARE(w->snapshot()->model_name, std::string("app-fixture"));
+            QCOMPARE(w->heatmap()->rowCount(), 4);
+        }
+        // A good model replaces it, and clears the error.
+        QSignalSpy loaded(w.get(), &MainWindow::modelChanged);
+        w->openModel(model2_dir_);
+        QVERIFY(loaded.wait(kTimeoutMs));
+        QVERIFY(waitForRun(*w));
+        QCOMPARE(w->heatmap()->rowCount(), 6);
+        QVERIFY(w->banner()->text().isEmpty());
+    }
+
+    void aHugePasteIsTruncatedToTheContextWithANotice() {
+        auto w = makeWindow();
+        QVERIFY(w);
+        QString huge;
+        const QString line = QStringLiteral("the river of time said unto them, the house of fire and water.\n");
+        while (huge.size() < 1024 * 1024) huge += line;
+        QElapsedTimer clock;
+        clock.start();
+        w->setPrompt(huge);
+        qInfo("1 MB prompt: set in %lld ms", clock.elapsed());
+        QVERIFY(clock.elapsed() < 2000);  // the GUI thread did not tokenize a megabyte
+        QVERIFY(waitForRun(*w));
+        qInfo("1 MB prompt: shown %lld ms after the paste", clock.elapsed());
+        const SnapshotPtr shown = w->snapshot();
+        const auto& s = *shown;
+        QVERIFY(s.truncated);
+        QCOMPARE(s.tokens(), 64);
+        QVERIFY(s.original_tokens > 64);
+        QCOMPARE(w->heatmap()->columnCount(), 64);
+        QVERIFY(w->promptEditor()->notice().contains(QStringLiteral("Truncated")));
+        QVERIFY(w->promptEditor()->overflowFrom() > 0);
+        QVERIFY(w->promptEditor()->overflowFrom() < huge.size());
+        QVERIFY(w->statusText().contains(QStringLiteral("truncated")));
+        // The export keeps what was cut: the original sizes, the text that ran.
+        QTemporaryDir out;
+        QSignalSpy done(w.get(), &MainWindow::exportFinished);
+        w->exportTrace(out.filePath(QStringLiteral("cut.json")));
+        QVERIFY(done.wait(kTimeoutMs));
+        QCOMPARE(done.first().at(1).toString(), QString());
+        const TraceDocument doc = loadTrace(out.filePath(QStringLiteral("cut.json")).toStdString());
+        QVERIFY(doc.truncated());
+        QCOMPARE(doc.tokens.size(), std::size_t(64));
+        QCOMPARE(doc.original_tokens, tokenCount(huge));
+        QVERIFY(w->snapshot()->original_tokens_exact);
+        QVERIFY(w->promptEditor()->notice().contains(QLocale().toString(qulonglong(tokenCount(huge)))));
+        QCOMPARE(doc.original_bytes, std::size_t(huge.toUtf8().size()));
+    }
+
+    void awkwardPromptsHaveDefinedBehaviour() {
+        auto w = makeWindow();
+        QVERIFY(w);
+        // Empty: no run to show, no error, a hint.
+        w->setPrompt(QString());
+        QVERIFY(waitForRun(*w));
+        QCOMPARE(w->snapshot()->tokens(), 0);
+        QCOMPARE(w->heatmap()->columnCount(), 0);
+        QVERIFY(w->promptEditor()->notice().contains(QStringLiteral("Empty")));
+        QVERIFY(w->banner()->text().isEmpty());
+        // Whitespace, emoji, right-to-left scripts, combining marks: they tokenize (byte fallback) and run.
+        for (const QString& text : {QStringLiteral("   \n\t  "), QStringLiteral("fire 🔥 and water 💧👩‍👩‍👧"),
+                                    QStringLiteral("שלום עולם and مرحبا بالعالم"), QStringLiteral("e\u0301te\u0301 naïve")}) {
+            w->setPrompt(text);
+            QVERIFY(waitForRun(*w));
+            const auto& s = *w->snapshot();
+            QCOMPARE(s.tokens(), int(tokenCount(text)));
+            QCOMPARE(w->heatmap()->columnCount(), s.tokens());
+            for (const auto& t : s.texts) QVERIFY(QString::fromStdString(t).toStdString() == t);  // valid UTF-8
+            QVERIFY(w->banner()->text().isEmpty());
+        }
+        // Invalid UTF-8 (from a file or the command line) becomes U+FFFD before it is tokenized.
+        const auto p = preparePrompt(*tokenizer_, std::string("ab\xff\xfe" "cd\xc3"), 64);
+        QVERIFY(isValidUtf8(p.text));
+        QVERIFY(!p.tokens.empty());
+        QCOMPARE(p.text, std::string("ab\xef\xbf\xbd\xef\xbf\xbd" "cd\xef\xbf\xbd"));
+    }
+
+    void chunkedTokenizingEqualsOneEncode() {
+        // Long prompts are tokenized in chunks (cancellable, and only as far as the run needs): the tokens
+        // and byte ranges must be exactly those of one encode.
+        const std::string texts[] = {apptest::fixtureCorpus(20000, 5), "  two  spaces   and\nnew\n\nlines  ",
+                                     "fire \xf0\x9f\x94\xa5 and \xd7\xa9\xd7\x9c\xd7\x95\xd7\x9d water", "nospacesatalllllllllllllll"};
+        for (const auto& text : texts) {
+            const auto whole = tokenizer_->encode(text);
+            for (std::size_t chunk : {std::size_t(7), std::size_t(64), std::size_t(1000)}) {
+                std::vector<Token> pieces;
+                encodeInChunks(*tokenizer_, text, 0, nullptr, [&](std::vector<Token>&& t) {
+                    pieces.insert(pieces.end(), t.begin(), t.end());
+                    return true;
+                }, chunk);
+                QCOMPARE(pieces.size(), whole.size());
+                for (std::size_t i = 0; i < whole.size(); ++i) {
+                    QCOMPARE(pieces[i].id, whole[i].id);
+                    QCOMPARE(pieces[i].byte_begin, whole[i].byte_begin);
+                    QCOMPARE(pieces[i].byte_end, whole[i].byte_end);
+                }
+            }
+        }
+        // Stopping early keeps the first tokens exact and counts the rest afterwards.
+        const std::string long_text = apptest::fixtureCorpus(300000, 9);
+        auto p = preparePrompt(*tokenizer_, long_text, 64, /*stop_early=*/true);
+        QVERIFY(!p.counted);
+        QVERIFY(p.truncated());
+        const auto whole = tokenizer_->encode(long_text);
+        for (int i = 0; i < 64; ++i) QCOMPARE(p.tokens[i].id, whole[i].id);
+        countRemainingTokens(*tokenizer_, p, nullptr);
+        QVERIFY(p.counted);
+        QCOMPARE(p.original_tokens, whole.size());
+        std::atomic<bool> cancel{true};
+        QVERIFY_THROWS_EXCEPTION(Cancelled, preparePrompt(*tokenizer_, long_text, 64, true, &cancel));
+    }
+
+    void selectionFillsTheDetailsPanel() {
+        auto w = makeWindow(QStringLiteral("the quick brown fox jumps over the lazy dog"));
+        QVERIFY(w);
+        auto* heatmap = w->heatmap();
+        // Click the cell of layer 1, token 2.
+        const double x = heatmap->xAxis->coordToPixel(2), y = heatmap->yAxis->coordToPixel(1);
+        QTest::mouseClick(heatmap, Qt::LeftButton, Qt::NoModifier, QPoint(int(x), int(y)));
+        QCOMPARE(heatmap->selectedToken(), 2);
+        QCOMPARE(heatmap->selectedLayer(), 1);
+        QCOMPARE(w->detailsPanel()->token(), 2);
+        QCOMPARE(w->detailsPanel()->table()->rowCount(), 4);
+        QCOMPARE(w->depthView()->selectedToken(), 2);
+        const QString summary = heatmap->cellSummary(1, 2);
+        for (const char* part : {"router logit", "rank", "top-k threshold", "predictor p", "Decision"})
+            QVERIFY2(summary.contains(QLatin1String(part)), part);
+        // The selection survives a re-run that still has the cell; Escape releases it.
+        QTest::keyClick(heatmap, Qt::Key_Right);
+        QCOMPARE(heatmap->selectedToken(), 3);
+        QTest::keyClick(heatmap, Qt::Key_Escape);
+        QCOMPARE(heatmap->selectedToken(), -1);
+        QCOMPARE(w->detailsPanel()->token(), -1);
+    }
+
+    void generationStreamsTokensAndStops() {
+        auto w = makeWindow(QStringLiteral("the river said"));
+        QVERIFY(w);
+        const QString before = w->promptEditor()->text();
+        GenerationSettings g;
+        g.max_new_tokens = 6;
+        g.temperature = 0.0;
+        w->generationControls()->setSettings(g);
+        QSignalSpy done(w.get(), &MainWindow::generationDone);
+        QTest::mouseClick(w->generationControls()->generateButton(), Qt::LeftButton);
+        QVERIFY(w->generationControls()->isRunning());
+        QVERIFY(w->promptEditor()->editor()->isReadOnly());
+        QVERIFY(done.wait(kTimeoutMs));
+        const auto summary = done.first().first().value<GenerationSummary>();
+        QVERIFY(summary.generated >= 1 && summary.generated <= 6);
+        QCOMPARE(w->predictorPanel()->generationPoints(), summary.generated);
+        QVERIFY(w->promptEditor()->text().startsWith(before));
+        QVERIFY(w->promptEditor()->text().size() > before.size());
+        QVERIFY(!w->promptEditor()->editor()->isReadOnly());
+        QVERIFY(summary.document && summary.document->generation);
+        QCOMPARE(int(summary.document->generation->result.generated_ids.size()), summary.generated);
+        QVERIFY(waitForRun(*w));
+        QVERIFY(w->snapshot()->generated_from > 0);  // generated tokens stay marked
+
+        // Stop: a long generation ends early, cancelled, and the window carries on.
+        g.max_new_tokens = 4096;
+        g.temperature = 1.0;
+        w->generationControls()->setSettings(g);
+        done.clear();
+        w->generationControls()->generateButton()->click();
+        QTRY_VERIFY_WITH_TIMEOUT(w->predictorPanel()->generationPoints() >= 1, kTimeoutMs);
+        w->generationControls()->stopButton()->click();
+        QVERIFY(done.wait(kTimeoutMs));
+        QVERIFY(!w->generationControls()->isRunning());
+        QVERIFY(waitForRun(*w));
+        QTest::keyClicks(w->promptEditor()->editor(), QStringLiteral(" more"));
+        QVERIFY(waitForRun(*w));
+    }
+
+    void closingDuringARunOrAGenerationShutsTheWorkerDown() {
+        {
+            auto w = makeWindow(QStringLiteral("time"));
+            QVERIFY(w);
+            GenerationSettings g;
+            g.max_new_tokens = 4096;
+            w->generationControls()->setSettings(g);
+            w->generationControls()->generateButton()->click();
+            QTest::qWait(30);
+            QElapsedTimer clock;
+            clock.start();
+            QVERIFY(w->close());
+            QVERIFY(clock.elapsed() < 5000);
+        }
+        {
+            auto w = makeWindow(QStringLiteral("time"));
+            QVERIFY(w);
+            w->setPrompt(QStringLiteral("a long prompt about the river and the house of light and dark"));
+            w->runNow();
+            QVERIFY(w->close());  // mid-run
+        }
+        // Destroying without close() (a crash path in tests, the app's exit) joins the thread too.
+        auto w = makeWindow(QStringLiteral("time"));
+        QVERIFY(w);
+        w->runNow();
+        w.reset();
+    }
+
+    void shortcutSheetListsEveryShortcut() {
+        auto w = makeWindow();
+        QVERIFY(w);
+        QList<QPair<QString, QString>> extra{{QStringLiteral("Esc"), QStringLiteral("release")}};
+        ShortcutSheet sheet(w->actions(), extra, w.get());
+        auto* table = sheet.findChild<QTableWidget*>();
+        QVERIFY(table);
+        int with_keys = 0;
+        for (QAction* a : w->actions()) with_keys += a->shortcuts().isEmpty() ? 0 : 1;
+        QCOMPARE(table->rowCount(), with_keys + 1);
+        QVERIFY(with_keys >= 12);
+        const QByteArray dump = qgetenv("MODSCOPE_VIEWS_DUMP");
+        if (!dump.isEmpty()) {
+            sheet.show();
+            sheet.grab().save(QString::fromLocal8Bit(dump) + QStringLiteral("/shortcuts.png"));
+        }
+    }
+
+    void layoutAndSettingsAreRestoredOnTheNextStart() {
+        QTemporaryDir conf;
+        QSettings settings(conf.filePath(QStringLiteral("modscope.ini")), QSettings::IniFormat);
+        {
+            auto w = makeWindow(QStringLiteral("remember me"), &settings);
+            QVERIFY(w);
+            auto* dock = w->findChild<QDockWidget*>(QStringLiteral("depth-dock"));
+            QVERIFY(dock);
+            dock->hide();
+            w->setRoutingMode(RoutingMode::Causal);
+            QVERIFY(waitForRun(*w));
+            QVERIFY(w->close());
+        }
+        QVERIFY(settings.value(QStringLiteral("model/recent")).toStringList().contains(QFileInfo(model_dir_).absoluteFilePath()));
+        QCOMPARE(settings.value(QStringLiteral("prompt/text")).toString(), QStringLiteral("remember me"));
+        auto w = makeWindow(QStringLiteral("again"), &settings);
+        QVERIFY(w);
+        QVERIFY(!w->findChild<QDockWidget*>(QStringLiteral("depth-dock"))->isVisible());
+        QCOMPARE(w->routingControls()->mode(), RoutingMode::Causal);
+        QCOMPARE(w->snapshot()->trace.mode, RoutingMode::Causal);
+    }
+};
+
+QTEST_MAIN(AppMainWindowTest)
+#include "app_main_window_test.moc"

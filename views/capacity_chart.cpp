@@ -1,0 +1,194 @@
+#include "capacity_chart.h"
+
+#include <QHelpEvent>
+#include <QToolTip>
+#include <QVBoxLayout>
+
+#include <qcustomplot.h>
+
+#include "ratio_meter.h"
+#include "token_axis_ticker.h"
+
+namespace modscope {
+namespace {
+
+QString bytesText(std::int64_t bytes) {
+    return QLocale().formattedDataSize(bytes, 1, QLocale::DataSizeTraditionalFormat);
+}
+
+QString flopsText(double flops) {
+    if (flops >= 1e9) return QStringLiteral("%1 GFLOPs").arg(flops / 1e9, 0, 'f', 2);
+    if (flops >= 1e6) return QStringLiteral("%1 MFLOPs").arg(flops / 1e6, 0, 'f', 1);
+    return QStringLiteral("%1 kFLOPs").arg(flops / 1e3, 0, 'f', 1);
+}
+
+}  // namespace
+
+CapacityChart::CapacityChart(QWidget* parent) : QWidget(parent) {
+    auto* layout = new QVBoxLayout(this);
+    layout->setContentsMargins(6, 6, 6, 6);
+    layout->setSpacing(6);
+    flops_ = new RatioMeter(tr("FLOPs"), this);
+    kv_ = new RatioMeter(tr("KV cache"), this);
+    layout->addWidget(flops_);
+    layout->addWidget(kv_);
+
+    plot_ = new QCustomPlot(this);
+    plot_->setMinimumHeight(150);
+    plot_->plotLayout()->insertRow(0);
+    subtitle_ = new QCPTextElement(plot_, QString());
+    plot_->plotLayout()->addElement(0, 0, subtitle_);
+    routed_ = new QCPBars(plot_->xAxis, plot_->yAxis);
+    routed_->setName(tr("processed"));
+    routed_->setWidth(0.56);
+    full_ = new QCPBars(plot_->xAxis, plot_->yAxis);
+    full_->setName(tr("full layer (all tokens)"));
+    full_->setWidth(0.56);
+    // Drawn last, over the bars: k stays visible when causal routing processes more than k.
+    capacity_ = new QCPBars(plot_->xAxis, plot_->yAxis);
+    capacity_->setName(tr("capacity k"));
+    capacity_->setWidth(0.78);
+    ticker_.reset(new TokenAxisTicker);
+    plot_->xAxis->setTicker(ticker_);
+    plot_->xAxis->setSubTicks(false);
+    plot_->xAxis->grid()->setVisible(false);
+    plot_->yAxis->setLabel(tr("tokens"));
+    // Token counts are whole numbers: no 2.5-token ticks on short prompts.
+    QSharedPointer<QCPAxisTickerFixed> counts(new QCPAxisTickerFixed);
+    counts->setTickStep(1.0);
+    counts->setScaleStrategy(QCPAxisTickerFixed::ssMultiples);
+    counts->setTickCount(4);
+    plot_->yAxis->setTicker(counts);
+    // The legend gets a row of its own under the bars: inside the axis rect it would cover the full layers.
+    plot_->legend->setVisible(true);
+    plot_->legend->setFillOrder(QCPLegend::foColumnsFirst);
+    plot_->legend->setWrap(3);
+    plot_->legend->setIconSize(12, 10);
+    plot_->legend->setMargins(QMargins(4, 2, 4, 2));
+    plot_->axisRect()->insetLayout()->take(plot_->legend);
+    plot_->plotLayout()->addElement(2, 0, plot_->legend);
+    plot_->plotLayout()->setRowStretchFactor(0, 0.001);
+    plot_->plotLayout()->setRowStretchFactor(2, 0.001);
+    plot_->plotLayout()->setRowSpacing(2);
+    plot_->setMouseTracking(true);
+    plot_->installEventFilter(this);
+    layout->addWidget(plot_, 1);
+
+    setTheme(PlotTheme::fromPalette(palette()));
+    setSnapshot(nullptr);
+}
+
+void CapacityChart::setTheme(const PlotTheme& theme) {
+    theme_ = theme;
+    theme_.apply(plot_);
+    capacity_->setPen(QPen(theme_.capacity, 1.4, Qt::DashLine));
+    capacity_->setBrush(Qt::NoBrush);
+    routed_->setPen(Qt::NoPen);
+    routed_->setBrush(theme_.processed);
+    full_->setPen(Qt::NoPen);
+    full_->setBrush(theme_.full_layer);
+    QFont f = plot_->font();
+    subtitle_->setFont(f);
+    subtitle_->setTextColor(theme_.muted);
+    flops_->setTheme(theme_);
+    kv_->setTheme(theme_);
+    plot_->replot(QCustomPlot::rpQueuedReplot);
+}
+
+void CapacityChart::setSnapshot(SnapshotPtr snapshot) {
+    snapshot_ = std::move(snapshot);
+    generation_kv_ = false;
+    QVector<double> keys, cap, routed_keys, routed_vals, full_keys, full_vals;
+    QVector<QString> labels;
+    int T = 0;
+    if (snapshot_ && !snapshot_->empty()) {
+        T = snapshot_->tokens();
+        for (const auto& layer : snapshot_->trace.layers) {
+            if (layer.routed) {
+                keys.append(layer.index);
+                cap.append(layer.k);
+            }
+            labels.append(QStringLiteral("L%1").arg(layer.index));
+            (layer.routed ? routed_keys : full_keys).append(layer.index);
+            (layer.routed ? routed_vals : full_vals).append(layer.processed);
+        }
+    }
+    capacity_->setData(keys, cap, true);
+    routed_->setData(routed_keys, routed_vals, true);
+    full_->setData(full_keys, full_vals, true);
+    ticker_->setLabels(labels);
+    const int L = int(labels.size());
+    ticker_->setStep(L > 16 ? (L > 32 ? 8 : 4) : 1);
+    plot_->xAxis->setRange(-0.6, std::max(L, 1) - 0.4);
+    // Headroom above T for the legend.
+    plot_->yAxis->setRange(0, std::max(T, 1) * 1.05);
+
+    if (snapshot_ && !snapshot_->empty() && snapshot_->trace.dense_flops > 0) {
+        const auto& tr_ = snapshot_->trace;
+        flops_->setValue(tr_.flops / tr_.dense_flops,
+                         tr("%1 of %2 · %3× less").arg(flopsText(tr_.flops), flopsText(tr_.dense_flops))
+                             .arg(tr_.dense_flops / std::max(1.0, tr_.flops), 0, 'f', 2));
+    } else {
+        flops_->clear(tr("no run"));
+    }
+    if (snapshot_ && snapshot_->dense_kv_cache_bytes > 0) {
+        kv_->setValue(double(snapshot_->kv_cache_bytes) / double(snapshot_->dense_kv_cache_bytes),
+                      tr("%1 of %2 for these tokens")
+                          .arg(bytesText(snapshot_->kv_cache_bytes), bytesText(snapshot_->dense_kv_cache_bytes)));
+    } else {
+        kv_->clear(tr("no run"));
+    }
+    updateSubtitle();
+    plot_->replot(QCustomPlot::rpQueuedReplot);
+}
+
+void CapacityChart::setGenerationKvCache(std::int64_t bytes, std::int64_t dense_bytes) {
+    if (dense_bytes <= 0) return;
+    generation_kv_ = true;
+    kv_->setValue(double(bytes) / double(dense_bytes),
+                  tr("%1 of %2 while generating").arg(bytesText(bytes), bytesText(dense_bytes)));
+    updateSubtitle();
+    plot_->replot(QCustomPlot::rpQueuedReplot);
+}
+
+void CapacityChart::updateSubtitle() {
+    if (!snapshot_ || snapshot_->empty()) {
+        subtitle_->setText(tr("Tokens processed per layer"));
+        return;
+    }
+    // The exported figure carries the meters' numbers too.
+    subtitle_->setText(tr("Tokens processed per layer, of %1\nFLOPs %2% of dense · KV cache %3% of dense")
+                           .arg(snapshot_->tokens())
+                           .arg(flops_->fraction() * 100.0, 0, 'f', 1)
+                           .arg(kv_->fraction() * 100.0, 0, 'f', 1));
+}
+
+QVector<double> CapacityChart::processedBars() const {
+    QVector<double> v;
+    if (!snapshot_ || snapshot_->empty()) return v;
+    v.resize(snapshot_->layers());
+    for (auto it = routed_->data()->constBegin(); it != routed_->data()->constEnd(); ++it)
+        v[int(it->key)] = it->value;
+    for (auto it = full_->data()->constBegin(); it != full_->data()->constEnd(); ++it)
+        v[int(it->key)] = it->value;
+    return v;
+}
+
+bool CapacityChart::eventFilter(QObject* watched, QEvent* event) {
+    if (watched == plot_ && event->type() == QEvent::ToolTip && snapshot_ && !snapshot_->empty()) {
+        auto* help = static_cast<QHelpEvent*>(event);
+        const int l = int(std::lround(plot_->xAxis->pixelToCoord(help->pos().x())));
+        if (l >= 0 && l < snapshot_->layers()) {
+            const auto& layer = snapshot_->trace.layers[l];
+            QToolTip::showText(help->globalPos(),
+                               layer.routed ? tr("L%1 (routed): processed %2 of %3 tokens, capacity k = %4")
+                                                  .arg(l).arg(layer.processed).arg(snapshot_->tokens()).arg(layer.k)
+                                            : tr("L%1 (full): processed all %2 tokens").arg(l).arg(layer.processed),
+                               plot_);
+        }
+        return true;
+    }
+    return QWidget::eventFilter(watched, event);
+}
+
+}  // namespace modscope

@@ -1,0 +1,127 @@
+#include "cell_details_panel.h"
+
+#include <QHeaderView>
+#include <QLabel>
+#include <QTableWidget>
+#include <QVBoxLayout>
+
+#include <cmath>
+
+#include "piece_text.h"
+
+namespace modscope {
+namespace {
+
+enum Column { kLayer, kDecision, kLogit, kRank, kThreshold, kProb, kTopk, kColumns };
+
+QTableWidgetItem* cell(const QString& text, Qt::Alignment align = Qt::AlignRight) {
+    auto* item = new QTableWidgetItem(text);
+    item->setFlags(Qt::ItemIsEnabled);
+    item->setTextAlignment(align | Qt::AlignVCenter);
+    return item;
+}
+
+}  // namespace
+
+CellDetailsPanel::CellDetailsPanel(QWidget* parent) : QWidget(parent) {
+    auto* layout = new QVBoxLayout(this);
+    layout->setContentsMargins(6, 6, 6, 6);
+    layout->setSpacing(6);
+    header_ = new QLabel(this);
+    header_->setWordWrap(true);
+    header_->setTextFormat(Qt::RichText);
+    header_->setTextInteractionFlags(Qt::TextSelectableByMouse);
+    layout->addWidget(header_);
+    table_ = new QTableWidget(0, kColumns, this);
+    table_->setHorizontalHeaderLabels({tr("Layer"), tr("Decision"), tr("Logit"), tr("Rank"), tr("Thresh."), tr("p"),
+                                       tr("Top-k")});
+    const QStringList tips = {tr("Layer (top row = last layer); routed layers have a router, full layers process every token"),
+                              tr("What this run did with the token in this layer"), tr("Router logit r = w·x"),
+                              tr("Rank of the router logit among the run's tokens (0 = highest)"),
+                              tr("Top-k threshold: the k-th largest router logit of the layer"),
+                              tr("Causal predictor's probability that the token is in the top k"),
+                              tr("Whether the token is in the top k of this layer's router logits")};
+    for (int c = 0; c < kColumns; ++c) table_->horizontalHeaderItem(c)->setToolTip(tips[c]);
+    table_->verticalHeader()->setVisible(false);
+    table_->verticalHeader()->setDefaultSectionSize(table_->fontMetrics().height() + 6);
+    table_->horizontalHeader()->setSectionResizeMode(QHeaderView::ResizeToContents);
+    table_->horizontalHeader()->setStretchLastSection(true);
+    table_->setEditTriggers(QAbstractItemView::NoEditTriggers);
+    table_->setSelectionMode(QAbstractItemView::NoSelection);
+    table_->setFocusPolicy(Qt::NoFocus);
+    layout->addWidget(table_, 1);
+    theme_ = PlotTheme::fromPalette(palette());
+    refresh();
+}
+
+void CellDetailsPanel::setSnapshot(SnapshotPtr snapshot) {
+    snapshot_ = std::move(snapshot);
+    if (!snapshot_ || token_ >= snapshot_->tokens()) layer_ = token_ = -1;
+    refresh();
+}
+
+void CellDetailsPanel::setCell(int layer, int token) {
+    layer_ = layer;
+    token_ = token;
+    refresh();
+}
+
+void CellDetailsPanel::setTheme(const PlotTheme& theme) {
+    theme_ = theme;
+    refresh();
+}
+
+QString CellDetailsPanel::headline() const { return header_->text(); }
+
+void CellDetailsPanel::refresh() {
+    if (!snapshot_ || snapshot_->empty() || token_ < 0 || token_ >= snapshot_->tokens()) {
+        header_->setText(tr("Click a heatmap cell or a token to lock it here. Arrow keys move the lock; "
+                            "Esc releases it."));
+        table_->setRowCount(0);
+        return;
+    }
+    const auto& s = *snapshot_;
+    const int t = token_;
+    header_->setText(tr("<b>%1</b> · token %2 of %3 · id %4 · processed by <b>%5 of %6</b> layers%7")
+                         .arg(pieceLabel(s.pieces[t], 40).toHtmlEscaped())
+                         .arg(t)
+                         .arg(s.tokens())
+                         .arg(s.trace.token_ids[t])
+                         .arg(s.depth[t])
+                         .arg(s.layers())
+                         .arg(s.isGenerated(t) ? tr(" · generated") : QString()));
+    const int L = s.layers();
+    table_->setRowCount(L);
+    // Top row = last layer, as in the heatmap.
+    for (int l = 0; l < L; ++l) {
+        const int row = L - 1 - l;
+        const auto& layer = s.trace.layers[l];
+        const bool processed = layer.selected[t];
+        table_->setItem(row, kLayer, cell(layer.routed ? tr("L%1 routed").arg(l) : tr("L%1 full").arg(l), Qt::AlignLeft));
+        table_->setItem(row, kDecision, cell(processed ? tr("processed") : tr("skipped"), Qt::AlignLeft));
+        if (layer.routed) {
+            const float p = layer.predictor_prob[t];
+            table_->setItem(row, kLogit, cell(QString::number(layer.router_logits[t], 'f', 3)));
+            table_->setItem(row, kRank, cell(QStringLiteral("%1").arg(layer.rank[t])));
+            table_->setItem(row, kThreshold, cell(QString::number(layer.topk_threshold, 'f', 3)));
+            table_->setItem(row, kProb, cell(std::isfinite(p) ? QString::number(p, 'f', 3) : QStringLiteral("–")));
+            table_->setItem(row, kTopk, cell(layer.topk_selected[t] ? tr("yes") : tr("no"), Qt::AlignLeft));
+        } else {
+            for (int c : {kLogit, kRank, kThreshold, kProb, kTopk}) table_->setItem(row, c, cell(QStringLiteral("–")));
+        }
+        QColor decision = processed ? theme_.processed : theme_.skipped;
+        decision.setAlpha(processed ? 70 : 160);
+        table_->item(row, kDecision)->setBackground(decision);
+        if (l == layer_) {
+            QColor hl = theme_.accent;
+            hl.setAlpha(50);
+            for (int c = 0; c < kColumns; ++c)
+                if (c != kDecision) table_->item(row, c)->setBackground(hl);
+            QFont f = table_->font();
+            f.setBold(true);
+            for (int c = 0; c < kColumns; ++c) table_->item(row, c)->setFont(f);
+        }
+    }
+}
+
+}  // namespace modscope

@@ -1,0 +1,32 @@
+// HeatmapLegend: the heatmap's title row. What was run on the left, what each mark means on the right, so
+// an exported figure explains itself.
+#pragma once
+
+#include <QString>
+
+#include <qcustomplot.h>
+
+#include "plot_theme.h"
+
+namespace modscope {
+
+class HeatmapLegend : public QCPLayoutElement {
+public:
+    explicit HeatmapLegend(QCustomPlot* plot);
+
+    void setTitle(const QString& title) { title_ = title; }
+    void setTheme(const PlotTheme& theme) { theme_ = theme; }
+    void setShowDisagreement(bool show) { show_disagreement_ = show; }
+
+protected:
+    QSize minimumOuterSizeHint() const override;
+    QSize maximumOuterSizeHint() const override;
+    void draw(QCPPainter* painter) override;
+
+private:
+    QString title_;
+    PlotTheme theme_;
+    bool show_disagreement_ = true;
+};
+
+}  // namespace modscope

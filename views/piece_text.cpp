@@ -1,0 +1,39 @@
+#include "piece_text.h"
+
+#include <QStringDecoder>
+
+namespace modscope {
+
+QString pieceLabel(const std::string& piece, int max_chars) {
+    QString s;
+    if (piece.size() == 6 && piece.rfind("<0x", 0) == 0 && piece.back() == '>') {
+        const QString hex = QString::fromLatin1(piece.substr(3, 2).c_str());
+        if (hex == QLatin1String("0A")) return QStringLiteral("↵");
+        if (hex == QLatin1String("09")) return QStringLiteral("⇥");
+        if (hex == QLatin1String("0D")) return QStringLiteral("␍");
+        if (hex == QLatin1String("20")) return QStringLiteral("␣");
+        return QStringLiteral("⟨%1⟩").arg(hex);
+    }
+    s = QString::fromUtf8(piece.data(), qsizetype(piece.size()));
+    s.replace(QChar(0x2581), QChar(0x2423));  // ▁ -> ␣
+    s.replace(QLatin1Char('\n'), QChar(0x21B5));
+    s.replace(QLatin1Char('\t'), QChar(0x21E5));
+    if (max_chars > 1 && s.size() > max_chars) s = s.left(max_chars - 1) + QChar(0x2026);
+    return s;
+}
+
+QString visibleText(const std::string& text) {
+    QString s = QString::fromUtf8(text.data(), qsizetype(text.size()));
+    s.replace(QLatin1Char('\t'), QChar(0x21E5));
+    s.replace(QLatin1Char('\r'), QString());
+    s.replace(QLatin1Char('\n'), QChar(0x21B5));
+    return s;
+}
+
+bool isWellFormedUtf8(const std::string& bytes) {
+    QStringDecoder decoder(QStringDecoder::Utf8, QStringDecoder::Flag::Stateless);
+    const QString s = decoder.decode(QByteArrayView(bytes.data(), qsizetype(bytes.size())));
+    return !decoder.hasError();
+}
+
+}  // namespace modscope

@@ -1,0 +1,20 @@
+// How token text is shown: whitespace made visible, byte pieces named, long pieces shortened.
+#pragma once
+
+#include <QString>
+#include <string>
+
+namespace modscope {
+
+// A tokenizer piece as an axis label: SentencePiece's "▁" becomes a visible "␣", byte pieces "<0x0A>"
+// become "↵" (newline) or "⟨E2⟩", and anything longer than max_chars is elided.
+QString pieceLabel(const std::string& piece, int max_chars = 12);
+
+// The prompt text of one token for running text: newlines and tabs shown as symbols so a token made only
+// of whitespace still has something to see.
+QString visibleText(const std::string& text);
+
+// Text of a byte range that may split a UTF-8 sequence (byte-fallback tokens): valid UTF-8 or empty.
+bool isWellFormedUtf8(const std::string& bytes);
+
+}  // namespace modscope

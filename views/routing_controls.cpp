@@ -1,0 +1,85 @@
+#include "routing_controls.h"
+
+#include <QComboBox>
+#include <QDoubleSpinBox>
+#include <QHBoxLayout>
+#include <QLabel>
+#include <QSlider>
+
+#include <cmath>
+
+namespace modscope {
+
+RoutingControls::RoutingControls(QWidget* parent) : QWidget(parent) {
+    auto* row = new QHBoxLayout(this);
+    row->setContentsMargins(4, 0, 4, 0);
+    row->setSpacing(6);
+    auto* cap_label = new QLabel(tr("&Capacity"), this);
+    // The slider moves in 0.1% steps so it can show any value the spin box holds (12.5% included).
+    slider_ = new QSlider(Qt::Horizontal, this);
+    slider_->setRange(0, 1000);
+    slider_->setSingleStep(10);
+    slider_->setPageStep(100);
+    slider_->setMinimumWidth(160);
+    slider_->setMaximumWidth(280);
+    slider_->setToolTip(tr("Fraction of tokens each routed layer processes in top-k mode (k = ⌈capacity·T⌉, "
+                           "at least 1)"));
+    cap_label->setBuddy(slider_);
+    spin_ = new QDoubleSpinBox(this);
+    spin_->setRange(0.0, 100.0);
+    spin_->setDecimals(1);
+    spin_->setSingleStep(1.0);
+    spin_->setSuffix(QStringLiteral(" %"));
+    spin_->setKeyboardTracking(false);
+    spin_->setFixedWidth(spin_->fontMetrics().horizontalAdvance(QStringLiteral("100.0 %")) + 44);
+    auto* mode_label = new QLabel(tr("&Routing"), this);
+    mode_ = new QComboBox(this);
+    mode_->addItem(tr("top-k (expert choice)"), int(RoutingMode::TopK));
+    mode_->addItem(tr("causal (predictor)"), int(RoutingMode::Causal));
+    mode_->setToolTip(tr("top-k: each routed layer takes the k tokens with the largest router logits (sees "
+                         "the whole prompt).\ncausal: each token's predictor decides alone, as in generation."));
+    mode_label->setBuddy(mode_);
+    row->addWidget(cap_label);
+    row->addWidget(slider_);
+    row->addWidget(spin_);
+    row->addSpacing(12);
+    row->addWidget(mode_label);
+    row->addWidget(mode_);
+    setSizePolicy(QSizePolicy::Maximum, QSizePolicy::Fixed);
+
+    connect(slider_, &QSlider::valueChanged, this, [this](int v) {
+        if (syncing_) return;
+        syncing_ = true;
+        spin_->setValue(v / 10.0);
+        syncing_ = false;
+        Q_EMIT capacityChanged(v / 1000.0);
+    });
+    connect(spin_, qOverload<double>(&QDoubleSpinBox::valueChanged), this, [this](double v) {
+        if (syncing_) return;
+        syncing_ = true;
+        slider_->setValue(int(std::lround(v * 10.0)));
+        syncing_ = false;
+        Q_EMIT capacityChanged(v / 100.0);
+    });
+    connect(mode_, qOverload<int>(&QComboBox::currentIndexChanged), this,
+            [this](int) { Q_EMIT modeChanged(mode()); });
+    setCapacity(0.125);
+}
+
+double RoutingControls::capacity() const { return spin_->value() / 100.0; }
+
+void RoutingControls::setCapacity(double fraction) {
+    const double pct = std::clamp(fraction, 0.0, 1.0) * 100.0;
+    if (std::abs(spin_->value() - pct) < 1e-9) return;
+    syncing_ = true;
+    spin_->setValue(pct);
+    slider_->setValue(int(std::lround(pct * 10.0)));
+    syncing_ = false;
+    Q_EMIT capacityChanged(capacity());
+}
+
+RoutingMode RoutingControls::mode() const { return RoutingMode(mode_->currentData().toInt()); }
+
+void RoutingControls::setMode(RoutingMode mode) { mode_->setCurrentIndex(mode == RoutingMode::Causal ? 1 : 0); }
+
+}  // namespace modscope

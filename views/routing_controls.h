@@ -1,0 +1,39 @@
+// RoutingControls: capacity (slider and spin box kept in step) and routing mode. Both re-run at once.
+#pragma once
+
+#include <QWidget>
+
+#include "modscope/engine.h"
+
+class QComboBox;
+class QDoubleSpinBox;
+class QSlider;
+
+namespace modscope {
+
+class RoutingControls : public QWidget {
+    Q_OBJECT
+public:
+    explicit RoutingControls(QWidget* parent = nullptr);
+
+    double capacity() const;  // fraction 0 ... 1
+    void setCapacity(double fraction);
+    RoutingMode mode() const;
+    void setMode(RoutingMode mode);
+
+    QSlider* slider() const { return slider_; }
+    QDoubleSpinBox* spinBox() const { return spin_; }
+    QComboBox* modeBox() const { return mode_; }
+
+Q_SIGNALS:
+    void capacityChanged(double fraction);
+    void modeChanged(modscope::RoutingMode mode);
+
+private:
+    QSlider* slider_;
+    QDoubleSpinBox* spin_;
+    QComboBox* mode_;
+    bool syncing_ = false;
+};
+
+}  // namespace modscope

@@ -1,0 +1,507 @@
+#include "routing_heatmap.h"
+
+#include <QToolTip>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+
+#include "color_maps.h"
+#include "heatmap_legend.h"
+#include "heatmap_overlay.h"
+#include "piece_text.h"
+#include "token_axis_ticker.h"
+
+namespace modscope {
+namespace {
+
+constexpr double kMinVisibleTokens = 4.0;
+
+QString layerLabel(const LayerTrace& layer) {
+    return QStringLiteral("L%1 %2").arg(layer.index).arg(layer.routed ? QStringLiteral("routed") : QStringLiteral("full"));
+}
+
+QString number(double v, int decimals = 3) {
+    return std::isfinite(v) ? QString::number(v, 'f', decimals) : QStringLiteral("–");
+}
+
+}  // namespace
+
+RoutingHeatmap::RoutingHeatmap(QWidget* parent) : QCustomPlot(parent) {
+    setNoAntialiasingOnDrag(true);
+    setPlottingHint(QCP::phCacheLabels, true);
+    setMouseTracking(true);
+    setFocusPolicy(Qt::StrongFocus);
+    setMinimumSize(320, 220);
+
+    // The overlay repaints alone (hover, selection) from its own buffer, above the colour map.
+    addLayer(QStringLiteral("marks"), layer(QStringLiteral("main")), QCustomPlot::limAbove);
+    layer(QStringLiteral("marks"))->setMode(QCPLayer::lmBuffered);
+
+    plotLayout()->insertRow(0);
+    legend_ = new HeatmapLegend(this);
+    plotLayout()->addElement(0, 0, legend_);
+    plotLayout()->setRowStretchFactor(0, 0.001);
+
+    map_ = new QCPColorMap(xAxis, yAxis);
+    map_->setInterpolate(false);
+    map_->setTightBoundary(false);
+    scale_ = new QCPColorScale(this);
+    plotLayout()->addElement(1, 1, scale_);
+    scale_->setType(QCPAxis::atRight);
+    scale_->setBarWidth(12);
+    scale_->axis()->setLabel(QStringLiteral("router logit"));
+    map_->setColorScale(scale_);
+    auto* group = new QCPMarginGroup(this);
+    axisRect()->setMarginGroup(QCP::msBottom | QCP::msTop, group);
+    scale_->setMarginGroup(QCP::msBottom | QCP::msTop, group);
+
+    overlay_ = new HeatmapOverlay(this, axisRect());
+
+    token_ticker_.reset(new TokenAxisTicker);
+    xAxis->setTicker(token_ticker_);
+    xAxis->setTickLabelRotation(-90);
+    xAxis->setSubTicks(false);
+    xAxis->grid()->setVisible(false);
+    xAxis->setTickLength(0, 3);
+    position_ticker_.reset(new TokenAxisTicker);
+    xAxis2->setVisible(true);
+    xAxis2->setTicker(position_ticker_);
+    xAxis2->setSubTicks(false);
+    xAxis2->grid()->setVisible(false);
+    xAxis2->setLabel(QStringLiteral("token position"));
+    xAxis2->setTickLength(0, 3);
+    layer_ticker_.reset(new TokenAxisTicker);
+    yAxis->setTicker(layer_ticker_);
+    yAxis->setSubTicks(false);
+    yAxis->grid()->setVisible(false);
+    yAxis->setTickLength(0, 3);
+    yAxis->setLabel(QStringLiteral("layer"));
+
+    axisRect()->setRangeDrag(Qt::Horizontal);
+    axisRect()->setRangeZoom(Qt::Horizontal);
+    setInteractions(QCP::iRangeDrag | QCP::iRangeZoom);
+    connect(xAxis, qOverload<const QCPRange&>(&QCPAxis::rangeChanged), this,
+            &RoutingHeatmap::onTokenRangeChanged);
+    // Tick label steps depend on the axis rect's size, known only once the layout ran.
+    connect(this, &QCustomPlot::afterReplot, this, [this] { painted_ = true; });
+    connect(this, &QCustomPlot::afterLayout, this, [this] {
+        const bool ticks = updateTickSteps();
+        const bool bins = updateBinning();
+        if (ticks || bins) replot(QCustomPlot::rpQueuedReplot);
+    });
+
+    setTheme(PlotTheme::fromPalette(palette()));
+    setSnapshot(nullptr);
+}
+
+void RoutingHeatmap::setTheme(const PlotTheme& theme) {
+    theme_ = theme;
+    theme_.apply(this);
+    map_->setGradient(viridisGradient(theme_.full_layer));
+    scale_->setGradient(map_->gradient());
+    overlay_->setTheme(theme_);
+    legend_->setTheme(theme_);
+    // Alpha depends on the theme: refill so skipped cells fade into this canvas.
+    fillColorMap();
+    replot(QCustomPlot::rpQueuedReplot);
+}
+
+void RoutingHeatmap::setPlaceholder(const QString& text) {
+    overlay_->setPlaceholder(text);
+    replotOverlay();
+}
+
+void RoutingHeatmap::setStale(bool stale) {
+    if (stale_ == stale) return;
+    stale_ = stale;
+    overlay_->setStale(stale);
+    replotOverlay();
+}
+
+void RoutingHeatmap::setSnapshot(SnapshotPtr snapshot, bool repaint_now) {
+    const int old_tokens = snapshot_ ? snapshot_->tokens() : 0;
+    const int old_layers = snapshot_ ? snapshot_->layers() : 0;
+    const QCPRange old_range = xAxis->range();
+    snapshot_ = std::move(snapshot);
+    overlay_->setSnapshot(snapshot_);
+    const int T = snapshot_ ? snapshot_->tokens() : 0;
+    const int L = snapshot_ && !snapshot_->empty() ? snapshot_->layers() : 0;
+
+    QVector<QString> pieces, positions, layers;
+    pieces.reserve(T);
+    positions.reserve(T);
+    for (int t = 0; t < T; ++t) {
+        pieces.append(pieceLabel(snapshot_->pieces[t]));
+        positions.append(QString::number(t));
+    }
+    for (int l = 0; l < L; ++l) layers.append(layerLabel(snapshot_->trace.layers[l]));
+    layer_labels_long_ = std::move(layers);
+    layer_labels_dirty_ = true;  // updateTickSteps picks long or short labels
+    token_ticker_->setLabels(std::move(pieces));
+    position_ticker_->setLabels(std::move(positions));
+    overlay_->setShowDisagreement(snapshot_ && snapshot_->routedLayerCount() > 0);
+    legend_->setShowDisagreement(snapshot_ && snapshot_->routedLayerCount() > 0);
+
+    if (sel_token_ >= T || sel_layer_ >= L) {
+        sel_layer_ = sel_token_ = -1;
+        overlay_->setSelection(-1, -1);
+        Q_EMIT selectionCleared();
+    }
+    hover_layer_ = hover_token_ = -1;
+    overlay_->setHover(-1, -1);
+
+    updateTitle();
+    yAxis->setRange(-0.5, std::max(L, 1) - 0.5);
+    // Keep the user's zoom while typing or streaming; a new model or a shorter text shows everything.
+    const bool keep = T > 0 && L == old_layers && old_tokens > 0 && T >= old_tokens &&
+                      old_range.size() < old_tokens - 0.01;
+    if (keep) {
+        // Streaming: follow the newest token when it was in view.
+        if (old_range.upper >= old_tokens - 1.0 && T > old_tokens) {
+            const double shift = T - old_tokens;
+            xAxis->setRange(old_range.lower + shift, old_range.upper + shift);
+        } else {
+            onTokenRangeChanged(old_range);
+        }
+    } else {
+        xAxis->setRange(-0.5, std::max(T, 1) - 0.5);
+    }
+    bin_ = tokensPerBinFor(xAxis->range());
+    fillColorMap();
+    updateTickSteps();
+    replot(repaint_now && isVisible() ? QCustomPlot::rpImmediateRefresh : QCustomPlot::rpQueuedReplot);
+}
+
+int RoutingHeatmap::tokensPerBinFor(const QCPRange& range) const {
+    // More tokens in view than pixels: a pixel column shows a bin of tokens instead of every other token
+    // (nearest-neighbour scaling would silently drop columns, and with them processed cells).
+    const double pixels = std::max(1, axisRect()->width());
+    const double visible = std::max(1.0, range.size());
+    return std::max(1, int(std::ceil(visible / pixels)));
+}
+
+void RoutingHeatmap::fillColorMap() {
+    auto* data = map_->data();
+    const int T = snapshot_ ? snapshot_->tokens() : 0;
+    const int L = snapshot_ && !snapshot_->empty() ? snapshot_->layers() : 0;
+    if (T == 0 || L == 0) {
+        data->setSize(0, 0);
+        map_->setVisible(false);
+        scale_->setVisible(false);
+        bin_ = 1;
+        return;
+    }
+    map_->setVisible(true);
+    scale_->setVisible(true);
+    const int n = std::max(1, bin_);
+    const int bins = (T + n - 1) / n;
+    // QCPColorMap spreads keySize cells over keyRange: one cell would have no width, so a single column or
+    // layer is drawn as two identical half cells.
+    const int kx = bins == 1 ? 2 : bins, ky = L == 1 ? 2 : L;
+    data->setSize(kx, ky);
+    const double first_center = (std::min(n, T) - 1) / 2.0;
+    data->setRange(bins == 1 ? QCPRange(first_center - 0.25 * n, first_center + 0.25 * n)
+                             : QCPRange(first_center, first_center + double(bins - 1) * n),
+                   L == 1 ? QCPRange(-0.25, 0.25) : QCPRange(0, L - 1));
+    const double nan = std::numeric_limits<double>::quiet_NaN();
+    double lo = std::numeric_limits<double>::infinity(), hi = -lo;
+    const auto skipped_alpha = static_cast<unsigned char>(theme_.skipped_alpha);
+    for (int ly = 0; ly < ky; ++ly) {
+        const auto& layer = snapshot_->trace.layers[L == 1 ? 0 : ly];
+        const bool has_logits = layer.routed && layer.router_logits.size() == std::size_t(T);
+        for (int bx = 0; bx < kx; ++bx) {
+            const int b = bins == 1 ? 0 : bx;
+            if (!has_logits) {
+                data->setCell(bx, ly, nan);
+                data->setAlpha(bx, ly, 255);
+                continue;
+            }
+            // A bin shows its most decisive token: the largest logit among those processed, else among all;
+            // it is opaque when any token in it was processed, more so the more were.
+            const int t0 = b * n, t1 = std::min(T, t0 + n);
+            double best_all = -std::numeric_limits<double>::infinity(), best_processed = best_all;
+            int processed = 0;
+            for (int t = t0; t < t1; ++t) {
+                const double v = layer.router_logits[t];
+                if (!std::isfinite(v)) continue;
+                best_all = std::max(best_all, v);
+                if (t < int(layer.selected.size()) && layer.selected[t]) {
+                    ++processed;
+                    best_processed = std::max(best_processed, v);
+                }
+            }
+            const double v = processed ? best_processed : best_all;
+            data->setCell(bx, ly, std::isfinite(v) ? v : nan);
+            if (std::isfinite(v)) lo = std::min(lo, v), hi = std::max(hi, v);
+            if (processed == 0) {
+                data->setAlpha(bx, ly, skipped_alpha);
+            } else if (n == 1) {
+                data->setAlpha(bx, ly, 255);
+            } else {
+                const double f = double(processed) / double(t1 - t0);
+                data->setAlpha(bx, ly, static_cast<unsigned char>(std::lround(150.0 + 105.0 * f)));
+            }
+        }
+    }
+    if (!(lo < hi)) {
+        lo = std::isfinite(lo) ? lo - 1.0 : -1.0;
+        hi = std::isfinite(hi) ? hi + 1.0 : 1.0;
+    }
+    map_->setDataRange(QCPRange(lo, hi));
+}
+
+bool RoutingHeatmap::updateBinning() {
+    const int n = tokensPerBinFor(xAxis->range());
+    if (n == bin_) return false;
+    bin_ = n;
+    fillColorMap();
+    return true;
+}
+
+void RoutingHeatmap::updateTitle() {
+    if (!snapshot_ || snapshot_->empty()) {
+        legend_->setTitle(QStringLiteral("Routing"));
+        return;
+    }
+    const auto& s = *snapshot_;
+    QString title = QStringLiteral("%1 routing · capacity %2% · %3 tokens × %4 layers (%5 routed)")
+                        .arg(s.trace.mode == RoutingMode::Causal ? QStringLiteral("Causal") : QStringLiteral("Top-k"))
+                        .arg(s.trace.capacity * 100.0, 0, 'g', 4)
+                        .arg(s.tokens())
+                        .arg(s.layers())
+                        .arg(s.routedLayerCount());
+    if (s.truncated) title += QStringLiteral(" · prompt truncated");
+    legend_->setTitle(title);
+}
+
+int RoutingHeatmap::columnCount() const {
+    if (!snapshot_ || snapshot_->empty()) return 0;
+    // Token columns the colour map covers: keySize cells of bin_ tokens each (the last may be partial).
+    const int cells = (snapshot_->tokens() + bin_ - 1) / bin_ == 1 ? 1 : map_->data()->keySize();
+    return std::min(snapshot_->tokens(), cells * bin_);
+}
+
+int RoutingHeatmap::rowCount() const {
+    if (!snapshot_ || snapshot_->empty()) return 0;
+    return snapshot_->layers() == 1 ? 1 : map_->data()->valueSize();
+}
+
+void RoutingHeatmap::onTokenRangeChanged(const QCPRange& range) {
+    if (clamping_) return;
+    const int T = snapshot_ ? snapshot_->tokens() : 0;
+    const double lo_bound = -0.5, hi_bound = std::max(T, 1) - 0.5;
+    const double full = hi_bound - lo_bound;
+    double size = std::clamp(range.size(), std::min(kMinVisibleTokens, full), full);
+    double lo = range.center() - size / 2;
+    lo = std::clamp(lo, lo_bound, hi_bound - size);
+    const QCPRange clamped(lo, lo + size);
+    clamping_ = true;
+    if (std::abs(clamped.lower - range.lower) > 1e-9 || std::abs(clamped.upper - range.upper) > 1e-9)
+        xAxis->setRange(clamped);
+    xAxis2->setRange(clamped);
+    clamping_ = false;
+    updateTickSteps();
+    updateBinning();
+}
+
+bool RoutingHeatmap::updateTickSteps() {
+    const QFontMetrics fm(xAxis->tickLabelFont());
+    const double width = std::max(1, axisRect()->width());
+    const double height = std::max(1, axisRect()->height());
+    const double px_token = width / std::max(1e-9, xAxis->range().size());
+    const double px_layer = height / std::max(1e-9, yAxis->range().size());
+    // Rotated piece labels need a line height each; positions need room for their digits.
+    const int piece_step = TokenAxisTicker::stepFor(px_token, fm.height() + 3);
+    const int digits = int(QString::number(std::max(1, snapshot_ ? snapshot_->tokens() : 1)).size());
+    const int position_step = TokenAxisTicker::stepFor(px_token, fm.horizontalAdvance(QString(digits + 2, QLatin1Char('0'))));
+    const int layer_step = TokenAxisTicker::stepFor(px_layer, fm.height() + 1);
+    const bool changed = piece_step != token_ticker_->step() || position_step != position_ticker_->step() ||
+                         layer_step != layer_ticker_->step();
+    if (layer_step != layer_ticker_->step() || layer_labels_dirty_) {
+        layer_labels_dirty_ = false;
+        // Thinned labels name the layer only: "routed"/"full" on every other row would mark one kind only
+        // (the rows' colours still tell them apart).
+        QVector<QString> labels = layer_labels_long_;
+        if (layer_step > 1)
+            for (int l = 0; l < labels.size(); ++l) labels[l] = QStringLiteral("L%1").arg(l);
+        layer_ticker_->setLabels(std::move(labels));
+    }
+    token_ticker_->setStep(piece_step);
+    position_ticker_->setStep(position_step);
+    layer_ticker_->setStep(layer_step);
+    return changed;
+}
+
+void RoutingHeatmap::resetView() {
+    const int T = snapshot_ ? snapshot_->tokens() : 0;
+    const int L = snapshot_ && !snapshot_->empty() ? snapshot_->layers() : 0;
+    xAxis->setRange(-0.5, std::max(T, 1) - 0.5);
+    yAxis->setRange(-0.5, std::max(L, 1) - 0.5);
+    replot(QCustomPlot::rpQueuedReplot);
+}
+
+QPair<int, int> RoutingHeatmap::cellAt(const QPoint& pos) const {
+    if (!snapshot_ || snapshot_->empty() || !axisRect()->rect().contains(pos)) return {-1, -1};
+    const int t = int(std::lround(xAxis->pixelToCoord(pos.x())));
+    const int l = int(std::lround(yAxis->pixelToCoord(pos.y())));
+    if (t < 0 || t >= snapshot_->tokens() || l < 0 || l >= snapshot_->layers()) return {-1, -1};
+    return {l, t};
+}
+
+QString RoutingHeatmap::cellSummary(int l, int t) const {
+    if (!snapshot_ || snapshot_->empty() || l < 0 || t < 0 || l >= snapshot_->layers() || t >= snapshot_->tokens())
+        return {};
+    const auto& s = *snapshot_;
+    const auto& layer = s.trace.layers[l];
+    const int T = s.tokens();
+    QString html = QStringLiteral("<b>%1</b>&nbsp;&nbsp;token %2 of %3 (id %4)%5<br>")
+                       .arg(pieceLabel(s.pieces[t], 40).toHtmlEscaped())
+                       .arg(t)
+                       .arg(T)
+                       .arg(s.trace.token_ids[t])
+                       .arg(s.isGenerated(t) ? QStringLiteral(" · generated") : QString());
+    if (!layer.routed) {
+        html += QStringLiteral("Layer %1 · <b>full</b>: processes every token<br>Decision: <b>processed</b>").arg(l);
+        return html;
+    }
+    const bool processed = layer.selected[t];
+    const bool in_topk = layer.topk_selected[t];
+    const float prob = t < int(layer.predictor_prob.size()) ? layer.predictor_prob[t] : NAN;
+    html += QStringLiteral("Layer %1 · <b>routed</b> (k = %2 of %3)<br>").arg(l).arg(layer.k).arg(T);
+    html += QStringLiteral("<table cellspacing=0 cellpadding=1>");
+    auto row = [&](const QString& a, const QString& b) {
+        html += QStringLiteral("<tr><td>%1&nbsp;&nbsp;</td><td>%2</td></tr>").arg(a, b);
+    };
+    row(QStringLiteral("router logit"), number(layer.router_logits[t]));
+    row(QStringLiteral("rank"), QStringLiteral("%1 of %2 (0 = highest)").arg(layer.rank[t]).arg(T));
+    row(QStringLiteral("top-k threshold"), QStringLiteral("%1 (k-th largest logit)").arg(number(layer.topk_threshold)));
+    row(QStringLiteral("in top-k"), in_topk ? QStringLiteral("yes") : QStringLiteral("no"));
+    row(QStringLiteral("predictor p"),
+        QStringLiteral("%1 %2 %3 → %4")
+            .arg(number(prob))
+            .arg(prob > s.predictor_threshold ? QStringLiteral("&gt;") : QStringLiteral("≤"))
+            .arg(s.predictor_threshold, 0, 'g', 3)
+            .arg(prob > s.predictor_threshold ? QStringLiteral("process") : QStringLiteral("skip")));
+    html += QStringLiteral("</table>");
+    const QString rule = s.trace.mode == RoutingMode::Causal ? QStringLiteral("by the predictor (causal)")
+                                                             : QStringLiteral("by top-k");
+    html += QStringLiteral("Decision: <b>%1</b> %2").arg(processed ? QStringLiteral("processed") : QStringLiteral("skipped"), rule);
+    return html;
+}
+
+void RoutingHeatmap::selectCell(int layer, int token) {
+    const bool valid = snapshot_ && !snapshot_->empty() && layer >= 0 && token >= 0 &&
+                       layer < snapshot_->layers() && token < snapshot_->tokens();
+    if (!valid) layer = token = -1;
+    if (layer == sel_layer_ && token == sel_token_) return;
+    sel_layer_ = layer;
+    sel_token_ = token;
+    overlay_->setSelection(layer, token);
+    if (valid) {
+        // Bring a selection made elsewhere (the text view, the keyboard) into view.
+        const QCPRange r = xAxis->range();
+        if (token < r.lower + 0.5 || token > r.upper - 0.5) {
+            const double size = r.size();
+            xAxis->setRange(token - size / 2, token + size / 2);
+            replot(QCustomPlot::rpQueuedReplot);
+        }
+        Q_EMIT cellSelected(layer, token);
+    } else {
+        Q_EMIT selectionCleared();
+    }
+    replotOverlay();
+}
+
+void RoutingHeatmap::moveSelection(int d_layer, int d_token) {
+    if (!snapshot_ || snapshot_->empty()) return;
+    int l = sel_layer_ < 0 ? 0 : sel_layer_ + d_layer;
+    int t = sel_token_ < 0 ? std::max(0, int(std::ceil(xAxis->range().lower))) : sel_token_ + d_token;
+    selectCell(std::clamp(l, 0, snapshot_->layers() - 1), std::clamp(t, 0, snapshot_->tokens() - 1));
+}
+
+void RoutingHeatmap::replotOverlay() {
+    // Only the overlay's buffer is redrawn; the colour map and axes come from their own buffers (which
+    // exist after the first full replot).
+    if (!painted_) {
+        replot(QCustomPlot::rpQueuedReplot);
+        return;
+    }
+    if (auto* l = layer(QStringLiteral("marks"))) l->replot();
+}
+
+void RoutingHeatmap::mousePressEvent(QMouseEvent* event) {
+    pressed_ = event->button() == Qt::LeftButton;
+    press_pos_ = event->pos();
+    QCustomPlot::mousePressEvent(event);
+}
+
+void RoutingHeatmap::mouseMoveEvent(QMouseEvent* event) {
+    QCustomPlot::mouseMoveEvent(event);
+    if (event->buttons() != Qt::NoButton) return;
+    const auto [l, t] = cellAt(event->pos());
+    if (l == hover_layer_ && t == hover_token_) return;
+    hover_layer_ = l;
+    hover_token_ = t;
+    overlay_->setHover(l, t);
+    replotOverlay();
+    Q_EMIT cellHovered(l, t);
+    if (l >= 0) {
+        QToolTip::showText(event->globalPosition().toPoint(), cellSummary(l, t), this);
+    } else {
+        QToolTip::hideText();
+    }
+}
+
+void RoutingHeatmap::mouseReleaseEvent(QMouseEvent* event) {
+    QCustomPlot::mouseReleaseEvent(event);
+    if (!pressed_ || event->button() != Qt::LeftButton) return;
+    pressed_ = false;
+    if ((event->pos() - press_pos_).manhattanLength() > 4) return;  // a drag, not a click
+    const auto [l, t] = cellAt(event->pos());
+    if (l < 0) return;
+    if (l == sel_layer_ && t == sel_token_) {
+        selectCell(-1, -1);  // clicking the locked cell unlocks it
+    } else {
+        selectCell(l, t);
+    }
+}
+
+void RoutingHeatmap::mouseDoubleClickEvent(QMouseEvent* event) {
+    QCustomPlot::mouseDoubleClickEvent(event);
+    if (event->button() == Qt::LeftButton) resetView();
+}
+
+void RoutingHeatmap::leaveEvent(QEvent* event) {
+    QCustomPlot::leaveEvent(event);
+    if (hover_layer_ < 0) return;
+    hover_layer_ = hover_token_ = -1;
+    overlay_->setHover(-1, -1);
+    replotOverlay();
+    Q_EMIT cellHovered(-1, -1);
+}
+
+void RoutingHeatmap::keyPressEvent(QKeyEvent* event) {
+    const QCPRange r = xAxis->range();
+    switch (event->key()) {
+    case Qt::Key_Left: moveSelection(0, -1); break;
+    case Qt::Key_Right: moveSelection(0, 1); break;
+    case Qt::Key_Up: moveSelection(1, 0); break;
+    case Qt::Key_Down: moveSelection(-1, 0); break;
+    case Qt::Key_Escape: selectCell(-1, -1); break;
+    case Qt::Key_Home:
+    case Qt::Key_0: resetView(); break;
+    case Qt::Key_Plus:
+    case Qt::Key_Equal: xAxis->scaleRange(0.5, sel_token_ >= 0 ? sel_token_ : r.center()); replot(rpQueuedReplot); break;
+    case Qt::Key_Minus: xAxis->scaleRange(2.0, r.center()); replot(rpQueuedReplot); break;
+    default: QCustomPlot::keyPressEvent(event); return;
+    }
+    event->accept();
+}
+
+void RoutingHeatmap::resizeEvent(QResizeEvent* event) {
+    QCustomPlot::resizeEvent(event);
+    updateTickSteps();
+}
+
+}  // namespace modscope

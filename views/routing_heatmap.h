@@ -1,0 +1,105 @@
+// RoutingHeatmap: layers x tokens, coloured by router logit, with processed and skipped cells told apart.
+//
+// One QCPColorMap holds every cell (the logit picks the colour, a processed cell is opaque, a skipped one
+// fades into the canvas), one HeatmapOverlay paints marks for the visible cells only, and one
+// TokenAxisTicker labels only the visible tokens. Nothing is created per cell or per label, so 2,048
+// tokens x 32 layers repaint like 20 x 6.
+#pragma once
+
+#include <QPoint>
+
+#include <qcustomplot.h>
+
+#include "plot_theme.h"
+#include "routing_snapshot.h"
+
+namespace modscope {
+
+class HeatmapLegend;
+class HeatmapOverlay;
+class TokenAxisTicker;
+
+class RoutingHeatmap : public QCustomPlot {
+    Q_OBJECT
+public:
+    explicit RoutingHeatmap(QWidget* parent = nullptr);
+
+    // Shows a run. The zoom is kept when the token count is unchanged or grew by streaming; a selection
+    // is kept while its cell still exists. repaint_now paints before returning (the latency path: the
+    // heatmap first, the other panels after); otherwise the repaint is queued.
+    void setSnapshot(SnapshotPtr snapshot, bool repaint_now = false);
+    const SnapshotPtr& snapshot() const { return snapshot_; }
+
+    // Results belong to an older prompt than the one in the editor.
+    void setStale(bool stale);
+    bool isStale() const { return stale_; }
+    void setTheme(const PlotTheme& theme);
+    void setPlaceholder(const QString& text);
+
+    // Locks a cell (layer, token); -1 clears.
+    void selectCell(int layer, int token);
+    int selectedLayer() const { return sel_layer_; }
+    int selectedToken() const { return sel_token_; }
+    // Shows every token and layer.
+    void resetView();
+
+    // Cells of the colour map (columns = tokens, rows = layers); 0 x 0 for an empty run.
+    int columnCount() const;
+    int tokensPerColumn() const { return bin_; }  // > 1 when zoomed out past one pixel per token
+    int rowCount() const;
+    QCPColorMap* colorMap() const { return map_; }
+    const TokenAxisTicker* tokenTicker() const { return token_ticker_.data(); }
+    // The cell under a widget position, or (-1, -1).
+    QPair<int, int> cellAt(const QPoint& pos) const;  // (layer, token)
+    // What hovering a cell shows: token, position, layer, logit, rank, threshold, probability, decision.
+    QString cellSummary(int layer, int token) const;
+
+Q_SIGNALS:
+    void cellSelected(int layer, int token);
+    void selectionCleared();
+    void cellHovered(int layer, int token);  // (-1, -1) when the mouse leaves the cells
+
+protected:
+    void mousePressEvent(QMouseEvent* event) override;
+    void mouseMoveEvent(QMouseEvent* event) override;
+    void mouseReleaseEvent(QMouseEvent* event) override;
+    void mouseDoubleClickEvent(QMouseEvent* event) override;
+    void leaveEvent(QEvent* event) override;
+    void keyPressEvent(QKeyEvent* event) override;
+    void resizeEvent(QResizeEvent* event) override;
+
+private:
+    void fillColorMap();
+    int tokensPerBinFor(const QCPRange& range) const;
+    // Re-bins the colour map when the zoom changed how many tokens share a pixel; true when it did.
+    bool updateBinning();
+    void updateLayerAxis();
+    void updateTitle();
+    void onTokenRangeChanged(const QCPRange& range);
+    // Picks label steps from the pixels a token and a layer get now; true when a step changed.
+    bool updateTickSteps();
+    void replotOverlay();
+    void moveSelection(int d_layer, int d_token);
+
+    SnapshotPtr snapshot_;
+    PlotTheme theme_;
+    QCPColorMap* map_ = nullptr;
+    QCPColorScale* scale_ = nullptr;
+    HeatmapOverlay* overlay_ = nullptr;
+    HeatmapLegend* legend_ = nullptr;
+    QSharedPointer<TokenAxisTicker> token_ticker_;
+    QSharedPointer<TokenAxisTicker> position_ticker_;
+    QSharedPointer<TokenAxisTicker> layer_ticker_;
+    int sel_layer_ = -1, sel_token_ = -1;
+    int hover_layer_ = -1, hover_token_ = -1;
+    bool stale_ = false;
+    bool clamping_ = false;
+    bool painted_ = false;
+    int bin_ = 1;  // tokens per colour-map column
+    QVector<QString> layer_labels_long_;
+    bool layer_labels_dirty_ = true;
+    QPoint press_pos_;
+    bool pressed_ = false;
+};
+
+}  // namespace modscope

@@ -1,0 +1,35 @@
+// TokenAxisTicker: labels an integer axis (tokens, layers) with its own strings, only for the ticks in the
+// visible range and only every step-th one, so a 2,048-token axis costs as many labels as fit on screen.
+#pragma once
+
+#include <QString>
+#include <QVector>
+
+#include <qcustomplot.h>
+
+namespace modscope {
+
+class TokenAxisTicker : public QCPAxisTicker {
+public:
+    void setLabels(QVector<QString> labels) { labels_ = std::move(labels); }
+    const QVector<QString>& labels() const { return labels_; }
+    // Label every step-th index (>= 1). The owner picks it from the pixels one index gets on screen.
+    void setStep(int step) { step_ = step < 1 ? 1 : step; }
+    int step() const { return step_; }
+
+    // The smallest step from 1, 2, 5, 10, 20, 50, ... that leaves min_pixels between labels; a fixed set
+    // of steps keeps labels from jumping between neighbours while zooming.
+    static int stepFor(double pixels_per_index, double min_pixels);
+
+protected:
+    double getTickStep(const QCPRange& range) override { return step_; }
+    int getSubTickCount(double tick_step) override { return 0; }
+    QString getTickLabel(double tick, const QLocale& locale, QChar format_char, int precision) override;
+    QVector<double> createTickVector(double tick_step, const QCPRange& range) override;
+
+private:
+    QVector<QString> labels_;
+    int step_ = 1;
+};
+
+}  // namespace modscope
