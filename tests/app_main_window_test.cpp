@@ -34,7 +34,7 @@
 #include "shortcut_sheet.h"
 #include "snapshot_builder.h"
 #include "token_depth_view.h"
-#include "trace_io_qt.h"
+#include "modscope/trace_io.h"
 
 using namespace modscope;
 

@@ -2,7 +2,7 @@
 
 #include <chrono>
 
-#include "trace_io_qt.h"
+#include "modscope/trace_io.h"
 #include "snapshot_builder.h"
 
 namespace modscope {

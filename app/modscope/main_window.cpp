@@ -33,7 +33,7 @@
 #include "generation_controls.h"
 #include "message_banner.h"
 #include "modscope/paths.h"
-#include "trace_io_qt.h"
+#include "modscope/trace_io.h"
 #include "plot_theme.h"
 #include "predictor_panel.h"
 #include "prompt_editor.h"

@@ -4,7 +4,7 @@
 
 #include <algorithm>
 
-#include "trace_io_qt.h"
+#include "modscope/trace_io.h"
 
 namespace modscope {
 namespace {

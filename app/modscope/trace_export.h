@@ -4,7 +4,7 @@
 
 #include <QString>
 
-#include "trace_io_qt.h"
+#include "modscope/trace_io.h"
 #include "routing_snapshot.h"
 
 namespace modscope {

@@ -412,7 +412,7 @@ std::string writeDocument(const TraceDocument& doc, bool pretty) {
     w.beginObject();
     w.key("tokens"), w.integer(stats.tokens);
     w.key("processed"), w.integer(stats.processed);
-    w.key("slots"), w.integer(stats.slots);
+    w.key("slots"), w.integer(stats.pairs);
     w.key("processed_fraction"), w.number(stats.processedFraction(), "stats.processed_fraction");
     w.key("routed_processed_fraction"),
         w.number(stats.routedProcessedFraction(), "stats.routed_processed_fraction");
@@ -1450,9 +1450,9 @@ bool isValidUtf8(const std::string& text, std::size_t* bad_offset) {
 TraceStats& TraceStats::operator+=(const TraceStats& o) {
     tokens += o.tokens;
     processed += o.processed;
-    slots += o.slots;
+    pairs += o.pairs;
     routed_processed += o.routed_processed;
-    routed_slots += o.routed_slots;
+    routed_pairs += o.routed_pairs;
     flops += o.flops;
     dense_flops += o.dense_flops;
     predictor += o.predictor;
@@ -1484,10 +1484,10 @@ TraceStats traceStats(const TraceDocument& doc) {
         ls.tokens = T;
         ls.predictor = Agreement::of(l);
         s.processed += l.processed;
-        s.slots += T;
+        s.pairs += T;
         if (l.routed) {
             s.routed_processed += l.processed;
-            s.routed_slots += T;
+            s.routed_pairs += T;
             s.predictor += ls.predictor;
         }
         s.layers.push_back(ls);

@@ -78,14 +78,14 @@ struct TraceLayerStats {
 };
 struct TraceStats {
     int tokens = 0;
-    std::int64_t processed = 0, slots = 0;                // token-layer pairs processed, of all of them
-    std::int64_t routed_processed = 0, routed_slots = 0;  // the same over routed layers only
+    std::int64_t processed = 0, pairs = 0;                // token-layer pairs processed, of all of them
+    std::int64_t routed_processed = 0, routed_pairs = 0;  // the same over routed layers only
     double flops = 0.0, dense_flops = 0.0;
     Agreement predictor;  // summed over routed layers
     std::vector<TraceLayerStats> layers;
-    double processedFraction() const { return slots ? double(processed) / double(slots) : 0.0; }
+    double processedFraction() const { return pairs ? double(processed) / double(pairs) : 0.0; }
     double routedProcessedFraction() const {
-        return routed_slots ? double(routed_processed) / double(routed_slots) : 0.0;
+        return routed_pairs ? double(routed_processed) / double(routed_pairs) : 0.0;
     }
     double flopsFraction() const { return dense_flops > 0 ? flops / dense_flops : 0.0; }
     TraceStats& operator+=(const TraceStats& o);  // for batches: sums (layers matched by position)
