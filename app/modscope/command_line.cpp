@@ -57,8 +57,15 @@ QString parseCommandLine(const QStringList& arguments, CommandLineOptions* o) {
                                       QStringLiteral("Generate N tokens after the prompt once it has run (with "
                                                      "--screenshot: capture after them)."),
                                       QStringLiteral("N"));
+    const QCommandLineOption trace(QStringLiteral("trace"),
+                                   QStringLiteral("Replay this saved trace (.json) read-only, without its model."),
+                                   QStringLiteral("FILE"));
+    const QCommandLineOption pin_capacity(QStringLiteral("pin-capacity"),
+                                          QStringLiteral("Run first at this capacity and pin that run, then run at "
+                                                         "--capacity and compare (for --screenshot)."),
+                                          QStringLiteral("F"));
     parser.addOptions({help_option, version_option, model, device, prompt, capacity, mode, screenshot, size, theme, select,
-                       generate});
+                       generate, trace, pin_capacity});
     o->help_text = parser.helpText();
     if (!parser.parse(arguments)) return parser.errorText();
     if (!parser.positionalArguments().isEmpty())
@@ -76,6 +83,16 @@ QString parseCommandLine(const QStringList& arguments, CommandLineOptions* o) {
         if (!o->capacity)
             return QStringLiteral("--capacity must be a fraction from 0 to 1 (0.125) or a percentage (12.5%), not '%1'")
                 .arg(parser.value(capacity));
+    }
+    if (parser.isSet(pin_capacity)) {
+        o->pin_capacity = parseCapacity(parser.value(pin_capacity));
+        if (!o->pin_capacity)
+            return QStringLiteral("--pin-capacity must be a fraction from 0 to 1 (0.125) or a percentage (12.5%), not '%1'")
+                .arg(parser.value(pin_capacity));
+    }
+    if (parser.isSet(trace)) {
+        o->trace = parser.value(trace);
+        if (o->trace.isEmpty()) return QStringLiteral("--trace needs a file name");
     }
     if (parser.isSet(mode)) {
         const QString m = parser.value(mode).trimmed().toLower();

@@ -1,5 +1,5 @@
 // The command line: modscope [--model DIR] [--device D] [--prompt TEXT] [--capacity F] [--mode topk|causal]
-// [--screenshot FILE] [--size WxH] [--theme system|light|dark].
+// [--screenshot FILE] [--size WxH] [--theme system|light|dark] [--trace FILE] [--pin-capacity F].
 #pragma once
 
 #include <QSize>
@@ -21,7 +21,9 @@ struct CommandLineOptions {
     QSize size{1600, 1000};            // window size for --screenshot
     std::optional<QString> theme;      // "system", "light" or "dark"
     std::optional<std::pair<int, int>> select;  // lock this (layer, token) once the run is shown
-    int generate = 0;                  // generate this many tokens after the first run
+    int generate = 0;
+    QString trace;                     // replay this trace file
+    std::optional<double> pin_capacity;  // pin a run at this capacity before the one at --capacity                  // generate this many tokens after the first run
     bool help = false;
     bool version = false;
     QString help_text;

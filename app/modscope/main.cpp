@@ -45,7 +45,8 @@ int main(int argc, char** argv) {
         wo.device = settings->value(QStringLiteral("device"), QStringLiteral("auto")).toString();
     modscope::MainWindow window(wo);
     if (options.theme) window.setTheme(modscope::themeChoiceFromString(*options.theme));
-    if (options.capacity) window.setCapacity(*options.capacity);
+    if (options.pin_capacity) window.setCapacity(*options.pin_capacity);
+    else if (options.capacity) window.setCapacity(*options.capacity);
     if (options.mode) window.setRoutingMode(*options.mode);
     if (options.select) window.selectCell(options.select->first, options.select->second);
     QString prompt = modscope::MainWindow::samplePrompt();
@@ -59,6 +60,17 @@ int main(int argc, char** argv) {
     if (!options.model_dir.isEmpty()) window.openModel(options.model_dir);
     else window.openDefaultModel();
 
+    if (!options.trace.isEmpty()) window.openTrace(options.trace);
+    if (options.pin_capacity) {
+        // Connected before the screenshot taker: the run at --capacity is requested before it looks.
+        auto once = std::make_shared<QMetaObject::Connection>();
+        *once = QObject::connect(&window, &modscope::MainWindow::runApplied, &window, [&window, once, &options] {
+            if (window.isStale() || !window.model()) return;
+            QObject::disconnect(*once);
+            window.pinRun();
+            window.setCapacity(options.capacity.value_or(window.model()->config.capacity));
+        });
+    }
     if (screenshot) {
         auto* taker = new modscope::ScreenshotTaker(&window, options.screenshot, options.generate);
         taker->start();

@@ -9,21 +9,26 @@
 #include <QDockWidget>
 #include <QDragEnterEvent>
 #include <QDropEvent>
+#include <QFile>
 #include <QFileDialog>
 #include <QFileInfo>
 #include <QLabel>
 #include <QMenuBar>
 #include <QMessageBox>
 #include <QMimeData>
+#include <QPushButton>
 #include <QScreen>
 #include <QSettings>
 #include <QSignalBlocker>
 #include <QSlider>
+#include <QSplitter>
 #include <QStandardPaths>
 #include <QStatusBar>
 #include <QToolBar>
+#include <QHBoxLayout>
 #include <QVBoxLayout>
 
+#include <algorithm>
 #include <cmath>
 
 #include "capacity_chart.h"
@@ -38,8 +43,10 @@
 #include "predictor_panel.h"
 #include "prompt_editor.h"
 #include "routing_controls.h"
+#include "routing_diff_view.h"
 #include "routing_heatmap.h"
 #include "shortcut_sheet.h"
+#include "snapshot_builder.h"
 #include "token_depth_view.h"
 #include "trace_export.h"
 
@@ -93,7 +100,26 @@ MainWindow::MainWindow(const Options& options, QWidget* parent)
     banner_ = new MessageBanner(central);
     heatmap_ = new RoutingHeatmap(central);
     heatmap_->setObjectName(QStringLiteral("heatmap"));
+    // Replaying a trace changes what every panel means: a bar in the highlight colour says so and leads
+    // back, where a status-bar message would be missed.
+    replay_bar_ = new QWidget(central);
+    replay_bar_->setObjectName(QStringLiteral("replay-bar"));
+    replay_bar_->setStyleSheet(QStringLiteral("#replay-bar { background-color: palette(highlight); }"
+                                              "#replay-bar QLabel { color: palette(highlighted-text); }"));
+    replay_bar_->setAttribute(Qt::WA_StyledBackground);
+    auto* replay_layout = new QHBoxLayout(replay_bar_);
+    replay_layout->setContentsMargins(10, 4, 6, 4);
+    replay_label_ = new QLabel(replay_bar_);
+    replay_label_->setObjectName(QStringLiteral("replay-label"));
+    replay_label_->setTextInteractionFlags(Qt::TextSelectableByMouse);
+    auto* live_button = new QPushButton(tr("Return to Live Model"), replay_bar_);
+    live_button->setObjectName(QStringLiteral("return-live"));
+    connect(live_button, &QPushButton::clicked, this, &MainWindow::returnToLive);
+    replay_layout->addWidget(replay_label_, 1);
+    replay_layout->addWidget(live_button);
+    replay_bar_->hide();
     layout->addWidget(banner_);
+    layout->addWidget(replay_bar_);
     layout->addWidget(heatmap_, 1);
     setCentralWidget(central);
 
@@ -166,6 +192,22 @@ MainWindow::MainWindow(const Options& options, QWidget* parent)
                 }
         heatmap_->selectCell(std::max(layer, 0), token);
     });
+    // Zoom and pan follow each other across the live heatmap, the pinned one and the diff; the guard stops
+    // a clamped range from echoing back and forth.
+    linkZoom(heatmap_, pinned_heatmap_->xAxis, pinned_heatmap_->yAxis);
+    linkZoom(heatmap_, diff_view_->plot()->xAxis, nullptr);
+    linkZoom(pinned_heatmap_, heatmap_->xAxis, heatmap_->yAxis);
+    linkZoom(pinned_heatmap_, diff_view_->plot()->xAxis, nullptr);
+    connect(diff_view_->plot()->xAxis, qOverload<const QCPRange&>(&QCPAxis::rangeChanged), this,
+            [this](const QCPRange& range) {
+                if (linking_zoom_) return;
+                linking_zoom_ = true;
+                for (RoutingHeatmap* h : {heatmap_, pinned_heatmap_}) {
+                    h->xAxis->setRange(range);
+                    h->replot(QCustomPlot::rpQueuedReplot);
+                }
+                linking_zoom_ = false;
+            });
     connect(heatmap_, &QCustomPlot::afterReplot, this, [this] {
         if (!measuring_paint_) return;
         measuring_paint_ = false;
@@ -175,6 +217,7 @@ MainWindow::MainWindow(const Options& options, QWidget* parent)
 
     default_state_ = saveState();
     restoreSettings();
+    compare_dock_->hide();  // a restored layout may show it, but nothing is pinned at start
     applyPlotTheme();
     heatmap_->setPlaceholder(tr("No model loaded yet.\nOpen one with File › Open Model (Ctrl+O), or drop its folder "
                                 "on this window."));
@@ -210,11 +253,53 @@ void MainWindow::buildDocks() {
     predictor_ = new PredictorPanel(this);
     predictor_dock_ = makeDock(tr("Predictor accuracy"), QStringLiteral("predictor-dock"), predictor_, this);
 
+    auto* compare = new QSplitter(Qt::Vertical, this);
+    auto* pinned_box = new QWidget(compare);
+    auto* pinned_layout = new QVBoxLayout(pinned_box);
+    pinned_layout->setContentsMargins(6, 4, 6, 0);
+    pinned_layout->setSpacing(2);
+    pinned_label_ = new QLabel(pinned_box);
+    pinned_label_->setObjectName(QStringLiteral("pinned-label"));
+    pinned_heatmap_ = new RoutingHeatmap(pinned_box);
+    pinned_heatmap_->setObjectName(QStringLiteral("pinned-heatmap"));
+    pinned_heatmap_->setPlaceholder(tr("Nothing pinned: Run › Pin Run (Ctrl+P) freezes the run shown."));
+    pinned_layout->addWidget(pinned_label_);
+    pinned_layout->addWidget(pinned_heatmap_, 1);
+    diff_view_ = new RoutingDiffView(compare);
+    diff_view_->setObjectName(QStringLiteral("diff-view"));
+    compare->addWidget(pinned_box);
+    compare->addWidget(diff_view_);
+    compare->setStretchFactor(0, 1);
+    compare->setStretchFactor(1, 1);
+    compare_dock_ = makeDock(tr("Compare with pinned run"), QStringLiteral("compare-dock"), compare, this);
+
     addDockWidget(Qt::TopDockWidgetArea, prompt_dock_);
     addDockWidget(Qt::BottomDockWidgetArea, depth_dock_);
     addDockWidget(Qt::RightDockWidgetArea, capacity_dock_);
     addDockWidget(Qt::RightDockWidgetArea, predictor_dock_);
     addDockWidget(Qt::RightDockWidgetArea, details_dock_);
+    addDockWidget(Qt::BottomDockWidgetArea, compare_dock_, Qt::Vertical);
+    compare_dock_->hide();  // until a run is pinned
+}
+
+void MainWindow::linkZoom(RoutingHeatmap* from, QCPAxis* to_x, QCPAxis* to_y) {
+    connect(from->xAxis, qOverload<const QCPRange&>(&QCPAxis::rangeChanged), this, [this, to_x](const QCPRange& r) {
+        if (linking_zoom_) return;
+        linking_zoom_ = true;
+        to_x->setRange(r);
+        to_x->parentPlot()->replot(QCustomPlot::rpQueuedReplot);
+        linking_zoom_ = false;
+    });
+    if (!to_y) return;
+    connect(from->yAxis, qOverload<const QCPRange&>(&QCPAxis::rangeChanged), this, [this, from, to_y](const QCPRange& r) {
+        // Layers line up only when both runs have as many: otherwise each keeps all of its own rows.
+        auto* to = qobject_cast<RoutingHeatmap*>(to_y->parentPlot());
+        if (linking_zoom_ || !to || to->rowCount() != from->rowCount()) return;
+        linking_zoom_ = true;
+        to_y->setRange(r);
+        to->replot(QCustomPlot::rpQueuedReplot);
+        linking_zoom_ = false;
+    });
 }
 
 void MainWindow::buildActions() {
@@ -231,6 +316,14 @@ void MainWindow::buildActions() {
     reload_action_ = make(tr("&Reload Model"), {QKeySequence(Qt::CTRL | Qt::SHIFT | Qt::Key_R)}, [this] {
         if (model_ && !model_->directory.empty()) openModel(QString::fromStdString(model_->directory));
     });
+    open_trace_action_ = make(tr("Open &Trace…"), {QKeySequence(Qt::CTRL | Qt::SHIFT | Qt::Key_O)}, &MainWindow::chooseTrace);
+    open_trace_action_->setToolTip(tr("Replay a saved trace (.json) read-only, without its model"));
+    return_live_action_ = make(tr("Return to &Live Model"), {}, &MainWindow::returnToLive);
+    return_live_action_->setEnabled(false);
+    pin_action_ = make(tr("&Pin Run"), {QKeySequence(Qt::CTRL | Qt::Key_P)}, &MainWindow::pinRun);
+    pin_action_->setToolTip(tr("Freeze the run shown and compare the view with it"));
+    unpin_action_ = make(tr("&Unpin"), {QKeySequence(Qt::CTRL | Qt::SHIFT | Qt::Key_P)}, &MainWindow::unpin);
+    unpin_action_->setEnabled(false);
     export_json_action_ = make(tr("Export Trace as &JSON…"), {QKeySequence(Qt::CTRL | Qt::Key_E)},
                                [this] { chooseTraceExport(QStringLiteral("json")); });
     export_csv_action_ = make(tr("Export Trace as &CSV…"), {QKeySequence(Qt::CTRL | Qt::SHIFT | Qt::Key_E)},
@@ -296,6 +389,9 @@ void MainWindow::buildMenus() {
     recent_menu_ = file->addMenu(tr("Open &Recent"));
     file->addAction(reload_action_);
     file->addSeparator();
+    file->addAction(open_trace_action_);
+    file->addAction(return_live_action_);
+    file->addSeparator();
     file->addAction(export_json_action_);
     file->addAction(export_csv_action_);
     file->addSeparator();
@@ -317,12 +413,15 @@ void MainWindow::buildMenus() {
     run->addSeparator();
     run->addAction(generate_action_);
     run->addAction(stop_action_);
+    run->addSeparator();
+    run->addAction(pin_action_);
+    run->addAction(unpin_action_);
 
     view_menu_ = menuBar()->addMenu(tr("&View"));
     view_menu_->addAction(reset_view_action_);
     view_menu_->addAction(focus_prompt_action_);
     view_menu_->addSeparator();
-    for (QDockWidget* d : {prompt_dock_, depth_dock_, details_dock_, capacity_dock_, predictor_dock_})
+    for (QDockWidget* d : {prompt_dock_, depth_dock_, details_dock_, capacity_dock_, predictor_dock_, compare_dock_})
         view_menu_->addAction(d->toggleViewAction());
     view_menu_->addAction(reset_layout_action_);
     view_menu_->addSeparator();
@@ -358,6 +457,7 @@ void MainWindow::buildToolBar() {
     bar->addWidget(routing_);
     bar->addSeparator();
     bar->addAction(reset_view_action_);
+    bar->addAction(pin_action_);
 }
 
 // ---------------------------------------------------------------------------------------------- settings
@@ -456,8 +556,11 @@ void MainWindow::onModelLoaded(const ModelInfo& info) {
     }
     {
         // A model is trained for its own capacity: start there (or at --capacity, once).
+        // While a trace is replayed the controls show the trace's settings; the live ones wait.
         QSignalBlocker block(routing_);
-        routing_->setCapacity(startup_capacity_.value_or(info.config.capacity));
+        const double capacity = startup_capacity_.value_or(info.config.capacity);
+        if (replaying_) live_capacity_ = capacity;
+        else routing_->setCapacity(capacity);
         startup_capacity_.reset();
     }
     generation_document_.reset();
@@ -498,10 +601,23 @@ void MainWindow::setPrompt(const QString& text) { prompt_->setText(text); }
 
 void MainWindow::setCapacity(double fraction) {
     if (!model_) startup_capacity_ = fraction;
+    if (replaying_) {
+        // The controls show the replayed trace: the live run changes behind it.
+        live_capacity_ = std::clamp(fraction, 0.0, 1.0);
+        requestRun();
+        return;
+    }
     routing_->setCapacity(fraction);
 }
 
-void MainWindow::setRoutingMode(RoutingMode mode) { routing_->setMode(mode); }
+void MainWindow::setRoutingMode(RoutingMode mode) {
+    if (replaying_) {
+        live_mode_ = mode;
+        requestRun();
+        return;
+    }
+    routing_->setMode(mode);
+}
 
 void MainWindow::onPromptEdited() {
     // A typed edit ends the generated text's marking and the generation's trace.
@@ -525,8 +641,11 @@ void MainWindow::requestRun() {
         return;
     }
     run_clock_.start();
-    session_->requestRun(prompt_->text(), routing_->mode(), routing_->capacity(), generated_from_byte_);
+    // While replaying, the editor and controls show the trace; the live run keeps its own settings.
+    session_->requestRun(replaying_ ? live_prompt_ : prompt_->text(), replaying_ ? live_mode_ : routing_->mode(),
+                         replaying_ ? live_capacity_ : routing_->capacity(), generated_from_byte_);
     stale_ = true;
+    if (replaying_) return;  // the replayed trace on screen is not what is being run
     prompt_->setStale(true);
     heatmap_->setStale(true);
 }
@@ -538,6 +657,13 @@ void MainWindow::selectCell(int layer, int token) {
 
 void MainWindow::onRunFinished(const SnapshotPtr& snapshot) {
     if (generating_) return;
+    if (replaying_) {
+        // Kept for the return to live; the replayed trace stays on screen.
+        live_snapshot_ = snapshot;
+        stale_ = debounce_.isActive() || session_->isRunPending();
+        Q_EMIT runApplied(snapshot);
+        return;
+    }
     applySnapshot(snapshot);
     if (snapshot->original_tokens_exact && !deferred_exports_.isEmpty())
         for (const QString& path : std::exchange(deferred_exports_, {})) exportTrace(path);
@@ -562,6 +688,7 @@ void MainWindow::onRunFailed(const QString& message) {
 void MainWindow::applySnapshot(const SnapshotPtr& snapshot) {
     if (!snapshot) return;
     snapshot_ = snapshot;
+    if (!replaying_) live_snapshot_ = snapshot;
     // The heatmap first and painted at once: the run's latency ends when it shows.
     measuring_paint_ = run_clock_.isValid();
     heatmap_->setSnapshot(snapshot, /*repaint_now=*/true);
@@ -597,14 +724,17 @@ void MainWindow::applySnapshot(const SnapshotPtr& snapshot) {
             prompt_->setNotice(tr("%1 tokens of the model's %2-token context").arg(s.tokens()).arg(s.max_seq_len));
         }
     }
+    if (replaying_)
+        prompt_->setNotice(tr("The replayed trace's prompt (%1 tokens): read-only").arg(s.tokens()));
     last_model_ms_ = s.trace.elapsed_ms;
+    updateCompare();
     updateStatus();
 }
 
 // ---------------------------------------------------------------------------------------------- generation
 
 void MainWindow::startGeneration() {
-    if (generating_ || !model_) return;
+    if (generating_ || !model_ || replaying_) return;
     debounce_.stop();
     generating_ = true;
     generated_tokens_ = 0;
@@ -657,6 +787,7 @@ void MainWindow::onGenerationStep(const GenerationPoint& point, const SnapshotPt
                                    .arg(point.step_ms, 0, 'f', 1)
                                    .arg(point.accuracy * 100.0, 0, 'f', 0));
     }
+    if (replaying_) return;  // stopping: the replayed trace stays on screen
     // Views repaint at a bounded rate however fast tokens come; the newest snapshot wins.
     pending_generation_snapshot_ = snapshot;
     if (!generation_paint_.isActive()) generation_paint_.start();
@@ -668,10 +799,12 @@ void MainWindow::onGenerationFinished(const GenerationSummary& summary) {
     generating_ = false;
     prompt_->setGenerating(false);
     generation_->setRunning(false);
-    generate_action_->setEnabled(true);
+    generate_action_->setEnabled(!replaying_);
     stop_action_->setEnabled(false);
     const QString text = QString::fromStdString(summary.text);
-    if (prompt_->text() != text) {
+    if (replaying_) {
+        live_prompt_ = text;
+    } else if (prompt_->text() != text) {
         // Text still held back (a character split over byte tokens) or a stop before the first token.
         QSignalBlocker block(prompt_);
         prompt_->setText(text);
@@ -699,7 +832,7 @@ void MainWindow::onGenerationFailed(const QString& message) {
     prompt_->setGenerating(false);
     generation_->setRunning(false);
     generation_->setStatus(QString());
-    generate_action_->setEnabled(true);
+    generate_action_->setEnabled(!replaying_);
     stop_action_->setEnabled(false);
     showError(tr("Generation failed: %1").arg(message));
     if (!closing_) requestRun();
@@ -709,7 +842,8 @@ void MainWindow::onGenerationFailed(const QString& message) {
 
 void MainWindow::exportTrace(const QString& path) {
     const SnapshotPtr snapshot = snapshot_;
-    const auto generation = generation_document_;
+    // A replayed trace exports as it was read (with its generation, if it had one).
+    const auto generation = replaying_ ? replay_document_ : generation_document_;
     if (!generation && snapshot && !snapshot->original_tokens_exact) {
         // A long prompt's length is still being counted; the file gets the exact count a moment later.
         deferred_exports_.append(path);
@@ -793,6 +927,155 @@ void MainWindow::chooseFigureExport(const QString& which) {
     exportFigure(which, file);
 }
 
+// ---------------------------------------------------------------------------------------------- replay and compare
+
+bool MainWindow::openTrace(const QString& path) {
+    std::shared_ptr<const TraceDocument> doc;
+    SnapshotPtr snapshot;
+    try {
+        // Bounded to kMaxTraceFileBytes and quick to parse: read here rather than on a worker.
+        doc = std::make_shared<const TraceDocument>(loadTrace(QFile::encodeName(path).toStdString()));
+        snapshot = snapshotFromTrace(*doc);
+    } catch (const std::exception& e) {
+        showError(tr("Could not open the trace %1:\n%2").arg(QDir::toNativeSeparators(path), QString::fromUtf8(e.what())));
+        return false;
+    }
+    if (snapshot->empty()) {
+        showError(tr("Could not open the trace %1: it holds no tokens to show.").arg(QDir::toNativeSeparators(path)));
+        return false;
+    }
+    if (generating_) stopGeneration();
+    if (!replaying_) {
+        live_prompt_ = prompt_->text();
+        live_capacity_ = routing_->capacity();
+        live_mode_ = routing_->mode();
+        // An edit still waiting for its run is run now, so the live view is current when we return.
+        if (debounce_.isActive()) requestRun();
+    }
+    replaying_ = true;
+    replay_path_ = path;
+    replay_document_ = doc;
+    if (banner_->kind() == MessageBanner::Kind::Error) banner_->dismiss();
+    {
+        QSignalBlocker a(prompt_), b(routing_), c(topk_action_), d(causal_action_);
+        prompt_->setText(QString::fromStdString(doc->prompt));
+        prompt_->setOverflowFrom(-1);
+        routing_->setCapacity(doc->run.capacity);
+        routing_->setMode(doc->run.mode);
+        topk_action_->setChecked(doc->run.mode == RoutingMode::TopK);
+        causal_action_->setChecked(doc->run.mode == RoutingMode::Causal);
+    }
+    setLiveControlsEnabled(false);
+    replay_label_->setText(tr("Replaying trace %1 (model %2, capacity %3%, %4) — read-only")
+                               .arg(QFileInfo(path).fileName(), QString::fromStdString(doc->model.name))
+                               .arg(doc->run.capacity * 100.0, 0, 'g', 4)
+                               .arg(doc->run.mode == RoutingMode::TopK ? tr("top-k") : tr("causal")));
+    replay_label_->setToolTip(QDir::toNativeSeparators(QFileInfo(path).absoluteFilePath()));
+    replay_bar_->show();
+    prompt_->setStale(false);
+    heatmap_->setStale(false);
+    run_clock_.invalidate();  // no run to time
+    last_latency_ms_ = -1.0;
+    applySnapshot(snapshot);
+    updateWindowTitle();
+    statusBar()->showMessage(tr("Opened trace %1").arg(QDir::toNativeSeparators(path)), 4000);
+    return true;
+}
+
+void MainWindow::returnToLive() {
+    if (!replaying_) return;
+    replaying_ = false;
+    replay_document_.reset();
+    replay_path_.clear();
+    replay_bar_->hide();
+    {
+        QSignalBlocker a(prompt_), b(routing_), c(topk_action_), d(causal_action_);
+        prompt_->setText(live_prompt_);
+        routing_->setCapacity(live_capacity_);
+        routing_->setMode(live_mode_);
+        topk_action_->setChecked(live_mode_ == RoutingMode::TopK);
+        causal_action_->setChecked(live_mode_ == RoutingMode::Causal);
+    }
+    setLiveControlsEnabled(true);
+    run_clock_.invalidate();
+    if (live_snapshot_) {
+        applySnapshot(live_snapshot_);
+    } else {
+        // No live run yet (no model): nothing of the trace may stay on screen as if it were live.
+        snapshot_.reset();
+        heatmap_->setSnapshot(nullptr);
+        updateCompare();
+    }
+    stale_ = debounce_.isActive() || session_->isRunPending();
+    prompt_->setStale(stale_);
+    heatmap_->setStale(stale_);
+    updateWindowTitle();
+    updateStatus();
+}
+
+void MainWindow::setLiveControlsEnabled(bool enabled) {
+    prompt_->editor()->setReadOnly(!enabled);
+    generation_->setEnabled(enabled);
+    routing_->setEnabled(enabled);
+    device_box_->setEnabled(enabled);
+    for (QAction* a : {rerun_action_, topk_action_, causal_action_, capacity_up_action_, capacity_down_action_})
+        a->setEnabled(enabled);
+    generate_action_->setEnabled(enabled && !generating_);
+    return_live_action_->setEnabled(!enabled);
+}
+
+void MainWindow::chooseTrace() {
+    const QString dir = QStandardPaths::writableLocation(QStandardPaths::DocumentsLocation);
+    const QString path = QFileDialog::getOpenFileName(this, tr("Open Trace"), dir, tr("Trace JSON (*.json)"));
+    if (!path.isEmpty()) openTrace(path);
+}
+
+void MainWindow::pinRun() {
+    if (!snapshot_ || snapshot_->empty()) {
+        statusBar()->showMessage(tr("Nothing to pin yet: run a prompt first."), 4000);
+        return;
+    }
+    const bool first = !pinned_;
+    pinned_ = snapshot_;
+    unpin_action_->setEnabled(true);
+    if (first) {
+        compare_dock_->show();
+        compare_dock_->raise();
+        resizeDocks({compare_dock_}, {std::max(260, height() * 36 / 100)}, Qt::Vertical);
+    }
+    updateCompare();
+    // The pinned view starts where the live one is looking.
+    linking_zoom_ = true;
+    pinned_heatmap_->xAxis->setRange(heatmap_->xAxis->range());
+    diff_view_->plot()->xAxis->setRange(heatmap_->xAxis->range());
+    linking_zoom_ = false;
+    pinned_heatmap_->replot(QCustomPlot::rpQueuedReplot);
+    diff_view_->plot()->replot(QCustomPlot::rpQueuedReplot);
+}
+
+void MainWindow::unpin() {
+    if (!pinned_) return;
+    pinned_.reset();
+    unpin_action_->setEnabled(false);
+    compare_dock_->hide();
+    updateCompare();
+}
+
+void MainWindow::updateCompare() {
+    if (pinned_heatmap_->snapshot() != pinned_) pinned_heatmap_->setSnapshot(pinned_);
+    diff_view_->setSnapshots(snapshot_, pinned_);
+    if (!pinned_) {
+        pinned_label_->setText(tr("Nothing pinned."));
+        return;
+    }
+    const auto& p = *pinned_;
+    pinned_label_->setText(tr("Pinned: %1 · capacity %2% · %3 · %4 tokens")
+                               .arg(QString::fromStdString(p.model_name))
+                               .arg(p.trace.capacity * 100.0, 0, 'g', 4)
+                               .arg(p.trace.mode == RoutingMode::TopK ? tr("top-k") : tr("causal"))
+                               .arg(p.tokens()));
+}
+
 // ---------------------------------------------------------------------------------------------- UI
 
 void MainWindow::chooseModelDirectory() {
@@ -811,6 +1094,8 @@ void MainWindow::setTheme(ThemeChoice choice) {
 void MainWindow::applyPlotTheme() {
     const PlotTheme theme = PlotTheme::fromPalette(QApplication::palette());
     heatmap_->setTheme(theme);
+    pinned_heatmap_->setTheme(theme);
+    diff_view_->setTheme(theme);
     depth_->setTheme(theme);
     capacity_->setTheme(theme);
     predictor_->setTheme(theme);
@@ -865,12 +1150,18 @@ void MainWindow::resetLayout() {
         d->setFloating(false);
         d->show();
     }
+    compare_dock_->setFloating(false);
+    compare_dock_->setVisible(pinned_ != nullptr);
     applyDefaultDockSizes();
 }
 
 void MainWindow::showError(const QString& text) { banner_->showMessage(MessageBanner::Kind::Error, text); }
 
 void MainWindow::updateWindowTitle() {
+    if (replaying_) {
+        setWindowTitle(tr("Replaying %1 (read-only) — ModScope").arg(QFileInfo(replay_path_).fileName()));
+        return;
+    }
     setWindowTitle(model_ ? tr("%1 — ModScope").arg(QString::fromStdString(model_->name)) : tr("ModScope"));
 }
 
@@ -926,7 +1217,9 @@ void MainWindow::dragEnterEvent(QDragEnterEvent* event) {
 void MainWindow::dropEvent(QDropEvent* event) {
     const auto urls = event->mimeData()->urls();
     if (urls.isEmpty() || !urls.first().isLocalFile()) return;
-    openModel(modelDirectoryFor(urls.first().toLocalFile()));
+    const QFileInfo file(urls.first().toLocalFile());
+    if (file.isFile() && file.suffix().compare(QLatin1String("json"), Qt::CaseInsensitive) == 0) openTrace(file.filePath());
+    else openModel(modelDirectoryFor(file.filePath()));
     event->acceptProposedAction();
 }
 

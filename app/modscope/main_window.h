@@ -18,6 +18,7 @@
 #include "theme_manager.h"
 
 class QActionGroup;
+class QCPAxis;
 class QComboBox;
 class QDockWidget;
 class QLabel;
@@ -34,6 +35,7 @@ class MessageBanner;
 class PredictorPanel;
 class PromptEditor;
 class RoutingControls;
+class RoutingDiffView;
 class RoutingHeatmap;
 class TokenDepthView;
 struct TraceDocument;
@@ -67,6 +69,17 @@ public:
     // Locks a heatmap cell; before the first run it is locked when that run arrives.
     void selectCell(int layer, int token);
 
+    // Shows a saved trace (.json, one document) in the panels, read-only, without its model; the live
+    // model keeps running behind it. On failure the banner says why and nothing else changes.
+    bool openTrace(const QString& path);
+    // Back to the live model's view and controls.
+    void returnToLive();
+    bool isReplaying() const { return replaying_; }
+
+    // Freezes the run shown (live or replayed) and compares the view with it until unpinned.
+    void pinRun();
+    void unpin();
+
     // Exports write atomically. Trace exports finish on a pool thread (exportFinished); figures at once.
     void exportTrace(const QString& path);
     QString exportFigure(const QString& which, const QString& path);  // "heatmap", "capacity", "predictor", "depth", "window"
@@ -81,6 +94,13 @@ public:
     CellDetailsPanel* detailsPanel() const { return details_; }
     GenerationControls* generationControls() const { return generation_; }
     MessageBanner* banner() const { return banner_; }
+    QLabel* replayLabel() const { return replay_label_; }
+    RoutingHeatmap* pinnedHeatmap() const { return pinned_heatmap_; }
+    RoutingDiffView* diffView() const { return diff_view_; }
+    QDockWidget* compareDock() const { return compare_dock_; }
+    const SnapshotPtr& pinnedSnapshot() const { return pinned_; }
+    // The newest live run, also while a trace is replayed.
+    const SnapshotPtr& liveSnapshot() const { return live_snapshot_; }
     EngineSession* session() const { return session_.get(); }
     const SnapshotPtr& snapshot() const { return snapshot_; }
     const std::optional<ModelInfo>& model() const { return model_; }
@@ -128,6 +148,10 @@ private:
     void onDeviceChanged();
 
     void chooseModelDirectory();
+    void chooseTrace();
+    void setLiveControlsEnabled(bool enabled);
+    void updateCompare();
+    void linkZoom(RoutingHeatmap* from, QCPAxis* to_x, QCPAxis* to_y);
     void chooseTraceExport(const QString& suffix);
     void chooseFigureExport(const QString& which);
     void showShortcuts();
@@ -167,6 +191,17 @@ private:
     QStringList deferred_exports_;  // trace exports waiting for a long prompt's token count
     std::int64_t generation_kv_bytes_ = 0, generation_dense_kv_bytes_ = 0;
 
+    // Replay of a saved trace, and the pinned run.
+    bool replaying_ = false;
+    QString replay_path_;
+    std::shared_ptr<const TraceDocument> replay_document_;
+    SnapshotPtr live_snapshot_;
+    QString live_prompt_;  // the editor's text while it shows the trace's prompt
+    double live_capacity_ = 0.0;
+    RoutingMode live_mode_ = RoutingMode::TopK;
+    SnapshotPtr pinned_;
+    bool linking_zoom_ = false;
+
     // Views.
     MessageBanner* banner_ = nullptr;
     RoutingHeatmap* heatmap_ = nullptr;
@@ -183,6 +218,12 @@ private:
     QDockWidget* details_dock_ = nullptr;
     QDockWidget* capacity_dock_ = nullptr;
     QDockWidget* predictor_dock_ = nullptr;
+    QDockWidget* compare_dock_ = nullptr;
+    QWidget* replay_bar_ = nullptr;
+    QLabel* replay_label_ = nullptr;
+    RoutingHeatmap* pinned_heatmap_ = nullptr;
+    QLabel* pinned_label_ = nullptr;
+    RoutingDiffView* diff_view_ = nullptr;
 
     // Status bar fields.
     QLabel* status_device_ = nullptr;
@@ -195,6 +236,10 @@ private:
     QMenu* view_menu_ = nullptr;
     QAction* open_action_ = nullptr;
     QAction* reload_action_ = nullptr;
+    QAction* open_trace_action_ = nullptr;
+    QAction* return_live_action_ = nullptr;
+    QAction* pin_action_ = nullptr;
+    QAction* unpin_action_ = nullptr;
     QAction* export_json_action_ = nullptr;
     QAction* export_csv_action_ = nullptr;
     QAction* export_heatmap_action_ = nullptr;

@@ -143,6 +143,39 @@ void appendGenerated(const Tokenizer& tokenizer, PreparedPrompt& prompt, const s
     prompt.original_bytes = prompt.text.size();
 }
 
+namespace {
+
+// What the views read per token and per layer, from a snapshot's trace and the tokens of its text.
+void fillPerToken(RoutingSnapshot* s, const std::string& text, const std::vector<Token>& tokens) {
+    const int T = s->tokens();
+    const int L = s->layers();
+    s->pieces.resize(T);
+    s->texts.resize(T);
+    for (int t = 0; t < T && t < int(tokens.size()); ++t) {
+        s->pieces[t] = tokens[t].piece;
+        s->texts[t] = tokenText(text, tokens[t]);
+    }
+    s->depth.assign(T, 0);
+    s->agreement.assign(L, AgreementCounts{});
+    std::int64_t processed_total = 0;
+    for (const auto& layer : s->trace.layers) {
+        for (int t = 0; t < T; ++t) s->depth[t] += layer.selected[t] ? 1 : 0;
+        processed_total += layer.processed;
+        if (!layer.routed) continue;
+        const Agreement a = Agreement::of(layer);
+        AgreementCounts c{a.tp, a.fp, a.tn, a.fn};
+        // A trace file is untrusted: its layer indices are not used as positions unchecked.
+        if (layer.index >= 0 && layer.index < L) s->agreement[layer.index] = c;
+        s->agreement_total += c;
+    }
+    // K and V of d floats for each processed token in each layer (docs/MODEL.md, "Generation").
+    const std::int64_t per_token_layer = 2LL * s->d_model * std::int64_t(sizeof(float));
+    s->kv_cache_bytes = processed_total * per_token_layer;
+    s->dense_kv_cache_bytes = std::int64_t(T) * L * per_token_layer;
+}
+
+}  // namespace
+
 std::shared_ptr<RoutingSnapshot> emptySnapshot(const Model& model, const PreparedPrompt& prompt, std::uint64_t job) {
     auto s = std::make_shared<RoutingSnapshot>();
     const auto& c = model.config();
@@ -165,8 +198,6 @@ std::shared_ptr<RoutingSnapshot> emptySnapshot(const Model& model, const Prepare
 std::shared_ptr<RoutingSnapshot> buildSnapshot(const Model& model, const PreparedPrompt& prompt, RunTrace trace,
                                                std::uint64_t job, int generated_from) {
     auto s = emptySnapshot(model, prompt, job);
-    const int T = static_cast<int>(trace.token_ids.size());
-    const int L = static_cast<int>(trace.layers.size());
     s->trace = std::move(trace);
     s->trace.logits.clear();  // the views never read them; a snapshot is kept around
     s->trace.logits.shrink_to_fit();
@@ -176,28 +207,29 @@ std::shared_ptr<RoutingSnapshot> buildSnapshot(const Model& model, const Prepare
     s->used_bytes = prompt.text.size();
     s->generated_from = generated_from;
 
-    s->pieces.resize(T);
-    s->texts.resize(T);
-    for (int t = 0; t < T && t < int(prompt.tokens.size()); ++t) {
-        s->pieces[t] = prompt.tokens[t].piece;
-        s->texts[t] = tokenText(prompt.text, prompt.tokens[t]);
-    }
-    s->depth.assign(T, 0);
-    s->agreement.assign(L, AgreementCounts{});
-    std::int64_t processed_total = 0;
-    for (const auto& layer : s->trace.layers) {
-        for (int t = 0; t < T; ++t) s->depth[t] += layer.selected[t] ? 1 : 0;
-        processed_total += layer.processed;
-        if (!layer.routed) continue;
-        const Agreement a = Agreement::of(layer);
-        AgreementCounts c{a.tp, a.fp, a.tn, a.fn};
-        s->agreement[layer.index] = c;
-        s->agreement_total += c;
-    }
-    // K and V of d floats for each processed token in each layer (docs/MODEL.md, "Generation").
-    const std::int64_t per_token_layer = 2LL * s->d_model * std::int64_t(sizeof(float));
-    s->kv_cache_bytes = processed_total * per_token_layer;
-    s->dense_kv_cache_bytes = std::int64_t(T) * L * per_token_layer;
+    fillPerToken(s.get(), prompt.text, prompt.tokens);
+    return s;
+}
+
+std::shared_ptr<RoutingSnapshot> snapshotFromTrace(const TraceDocument& doc) {
+    auto s = std::make_shared<RoutingSnapshot>();
+    const auto& c = doc.model.config;
+    s->model_name = doc.model.name;
+    s->config = c;
+    s->weights_sha256 = doc.model.weights_sha256;
+    s->model_directory = doc.model.directory;
+    s->n_layers = c.n_layers;
+    s->d_model = c.d_model;
+    s->max_seq_len = c.max_seq_len;
+    s->predictor_threshold = c.predictor_threshold;
+    s->trace = doc.run;
+    s->prompt = doc.prompt;
+    s->prompt_tokens = doc.tokens;
+    s->original_tokens = doc.original_tokens;
+    s->truncated = doc.truncated();
+    s->prompt_bytes = doc.original_bytes;
+    s->used_bytes = doc.prompt.size();
+    fillPerToken(s.get(), doc.prompt, doc.tokens);
     return s;
 }
 

@@ -14,6 +14,8 @@
 
 namespace modscope {
 
+struct TraceDocument;
+
 // The prompt as it runs: its first max_tokens tokens and the text up to the last of them.
 struct PreparedPrompt {
     std::string text;
@@ -56,6 +58,10 @@ std::shared_ptr<RoutingSnapshot> buildSnapshot(const Model& model, const Prepare
 
 // The snapshot of a prompt that gave no tokens.
 std::shared_ptr<RoutingSnapshot> emptySnapshot(const Model& model, const PreparedPrompt& prompt, std::uint64_t job);
+
+// The snapshot of a saved trace (trace_io.h), shown without its model: the reader has already checked
+// that the token, layer and per-layer array lengths agree.
+std::shared_ptr<RoutingSnapshot> snapshotFromTrace(const TraceDocument& doc);
 
 // Replaces ill-formed UTF-8 sequences with U+FFFD.
 std::string sanitizeText(const std::string& text);
