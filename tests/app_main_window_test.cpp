@@ -7,6 +7,7 @@
 #include <QImage>
 #include <QPainter>
 #include <QPlainTextEdit>
+#include <QProcess>
 #include <QPushButton>
 #include <QSettings>
 #include <QSignalSpy>
@@ -252,6 +253,58 @@ private Q_SLOTS:
         QCOMPARE(w->snapshot(), snapshot);
         QTest::keyClicks(w->promptEditor()->editor(), QStringLiteral(" again"));
         QVERIFY(waitForRun(*w));
+    }
+
+    // The app's export and modscope-trace run the same engine code: the same input gives the same trace
+    // (everything but the timing fields and the model's directory path).
+    void exportMatchesTheCommandLine() {
+        const QString prompt = QStringLiteral("the king said unto them: 42 rivers, and the light!");
+        auto w = makeWindow(prompt);
+        QVERIFY(w);
+        w->setCapacity(0.25);
+        w->setRoutingMode(RoutingMode::Causal);
+        QVERIFY(waitForRun(*w));
+        QTemporaryDir out;
+        const QString app_json = out.filePath(QStringLiteral("app.json"));
+        const QString cli_json = out.filePath(QStringLiteral("cli.json"));
+        QSignalSpy done(w.get(), &MainWindow::exportFinished);
+        w->exportTrace(app_json);
+        QTRY_COMPARE_WITH_TIMEOUT(done.count(), 1, kTimeoutMs);
+        QProcess cli;
+        cli.start(QStringLiteral(MODSCOPE_BIN_DIR "/modscope-trace"),
+                  {"--model", model_dir_, "--prompt", prompt, "--capacity", "0.25", "--mode", "causal",
+                   "--device", "cpu", "--quiet", "--out", cli_json});
+        QVERIFY(cli.waitForFinished(kTimeoutMs));
+        QCOMPARE(cli.exitCode(), 0);
+
+        const TraceDocument a = loadTrace(app_json.toStdString()), b = loadTrace(cli_json.toStdString());
+        QCOMPARE(a.prompt, b.prompt);
+        QCOMPARE(a.model.name, b.model.name);
+        QCOMPARE(a.model.weights_sha256, b.model.weights_sha256);
+        QCOMPARE(a.model.config.toJson(), b.model.config.toJson());
+        QCOMPARE(a.tokens.size(), b.tokens.size());
+        for (std::size_t i = 0; i < a.tokens.size(); ++i) {
+            QCOMPARE(a.tokens[i].id, b.tokens[i].id);
+            QCOMPARE(a.tokens[i].piece, b.tokens[i].piece);
+            QCOMPARE(a.tokens[i].byte_begin, b.tokens[i].byte_begin);
+            QCOMPARE(a.tokens[i].byte_end, b.tokens[i].byte_end);
+        }
+        QCOMPARE(a.run.mode, RoutingMode::Causal);
+        QCOMPARE(a.run.mode, b.run.mode);
+        QCOMPARE(a.run.capacity, b.run.capacity);
+        QCOMPARE(a.run.flops, b.run.flops);
+        QCOMPARE(a.run.dense_flops, b.run.dense_flops);
+        QCOMPARE(a.run.layers.size(), b.run.layers.size());
+        for (std::size_t l = 0; l < a.run.layers.size(); ++l) {
+            const auto &x = a.run.layers[l], &y = b.run.layers[l];
+            QCOMPARE(x.k, y.k);
+            QCOMPARE(x.processed, y.processed);
+            QCOMPARE(x.selected, y.selected);
+            QCOMPARE(x.topk_selected, y.topk_selected);
+            QCOMPARE(x.router_logits, y.router_logits);
+            QCOMPARE(x.predictor_prob, y.predictor_prob);
+            QCOMPARE(x.rank, y.rank);
+        }
     }
 
     void brokenModelShowsAnErrorAndThePreviousModelStaysUsable() {

@@ -84,7 +84,9 @@ void EngineWorker::run(const RunRequest& request) {
         RunOptions options;
         options.mode = request.mode;
         options.capacity = request.capacity;
-        options.logits = RunOptions::Logits::None;
+        // As modscope-trace runs (traceModel): the next-token logits are part of the FLOPs a trace reports,
+        // so the app's export and the CLI's agree.
+        options.logits = RunOptions::Logits::Last;
         options.cancel = request.cancel.get();
         auto trace = model_->run(prompt.ids(), options);
         int generated_from = -1;
@@ -148,7 +150,7 @@ void EngineWorker::generate(const GenerateRequest& request) {
         RunOptions ro;
         ro.mode = RoutingMode::Causal;
         ro.capacity = request.capacity;
-        ro.logits = RunOptions::Logits::None;
+        ro.logits = RunOptions::Logits::Last;  // as traceModel runs, for the same FLOP count
         ro.cancel = request.cancel.get();
         RunTrace prompt_trace = model.run(prompt.ids(), ro);
         auto doc = std::make_shared<TraceDocument>(makeTraceDocument(model, prompt.text, prompt.tokens, prompt_trace));
