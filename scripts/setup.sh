@@ -18,7 +18,6 @@ packages=(
     python3-torch
     xvfb xauth fonts-dejavu-core
     fortunes bible-kjv
-    clang libclang-rt-14-dev
 )
 
 install_packages() {
