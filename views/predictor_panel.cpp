@@ -52,7 +52,7 @@ PredictorPanel::PredictorPanel(QWidget* parent) : QWidget(parent) {
     table_->verticalHeader()->setVisible(false);
     table_->verticalHeader()->setDefaultSectionSize(table_->fontMetrics().height() + 6);
     table_->horizontalHeader()->setSectionResizeMode(QHeaderView::Stretch);
-    for (int c : {kLayer, kAccuracy, kPrecision})
+    for (int c : {kLayer, kAccuracy, kPrecision, kRecall})
         table_->horizontalHeader()->setSectionResizeMode(c, QHeaderView::ResizeToContents);
     table_->horizontalHeader()->setMinimumSectionSize(36);
     table_->setVerticalScrollBarPolicy(Qt::ScrollBarAlwaysOff);
