@@ -99,12 +99,7 @@ PreparedPrompt preparePrompt(const Tokenizer& tokenizer, const std::string& raw,
     p.counted = p.scanned_bytes >= prompt.size();
     if (p.tokens.size() > max) {
         p.tokens.resize(max);
-        std::size_t cut = 0;
-        for (const auto& t : p.tokens) cut = std::max(cut, t.byte_end);
-        cut = std::min(cut, prompt.size());
-        // Byte-fallback pieces may end inside a character: keep the text valid UTF-8.
-        while (cut < prompt.size() && (static_cast<unsigned char>(prompt[cut]) & 0xC0) == 0x80) ++cut;
-        p.text = prompt.substr(0, cut);
+        p.text = promptTextCoveredBy(prompt, p.tokens);
     } else {
         p.text = prompt;
     }

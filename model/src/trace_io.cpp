@@ -1447,6 +1447,14 @@ bool isValidUtf8(const std::string& text, std::size_t* bad_offset) {
     return true;
 }
 
+std::string promptTextCoveredBy(const std::string& prompt, const std::vector<Token>& kept) {
+    std::size_t cut = 0;
+    for (const auto& t : kept) cut = std::max(cut, t.byte_end);
+    cut = std::min(cut, prompt.size());
+    while (cut < prompt.size() && (static_cast<unsigned char>(prompt[cut]) & 0xC0) == 0x80) ++cut;
+    return prompt.substr(0, cut);
+}
+
 TraceStats& TraceStats::operator+=(const TraceStats& o) {
     tokens += o.tokens;
     processed += o.processed;
@@ -1509,12 +1517,7 @@ PromptTokens tokenizePrompt(const Model& model, const std::string& prompt) {
     const auto max = static_cast<std::size_t>(model.config().max_seq_len);
     if (p.tokens.size() > max) {
         p.tokens.resize(max);
-        std::size_t cut = 0;
-        for (const auto& t : p.tokens) cut = std::max(cut, t.byte_end);
-        cut = std::min(cut, prompt.size());
-        // Byte-fallback pieces may end inside a character: keep the text valid UTF-8.
-        while (cut < prompt.size() && (static_cast<unsigned char>(prompt[cut]) & 0xC0) == 0x80) ++cut;
-        p.text = prompt.substr(0, cut);
+        p.text = promptTextCoveredBy(prompt, p.tokens);
     } else {
         p.text = prompt;
     }

@@ -19,6 +19,7 @@
 #include <sstream>
 
 #include "file_io.h"
+#include "modscope/trace_io.h"
 #include "model_impl.h"
 
 namespace modscope {
@@ -97,36 +98,9 @@ std::string evalJson(const EvalResult& e) {
 
 // ------------------------------------------------------------------------------------------------ corpus
 void requireUtf8(const std::string& text, const std::string& source) {
-    const auto* s = reinterpret_cast<const unsigned char*>(text.data());
-    const std::size_t n = text.size();
-    std::size_t i = 0;
-    while (i < n) {
-        const unsigned char c = s[i];
-        std::size_t len = 0;
-        std::uint32_t cp = 0, min = 0;
-        if (c < 0x80) {
-            ++i;
-            continue;
-        } else if ((c & 0xE0) == 0xC0) {
-            len = 2, cp = c & 0x1F, min = 0x80;
-        } else if ((c & 0xF0) == 0xE0) {
-            len = 3, cp = c & 0x0F, min = 0x800;
-        } else if ((c & 0xF8) == 0xF0) {
-            len = 4, cp = c & 0x07, min = 0x10000;
-        } else {
-            throw Error(source + ": not UTF-8 text (invalid byte 0x" +
-                        std::string(1, "0123456789abcdef"[c >> 4]) + std::string(1, "0123456789abcdef"[c & 15]) +
-                        " at byte offset " + std::to_string(i) + ")");
-        }
-        bool ok = i + len <= n;
-        for (std::size_t j = 1; ok && j < len; ++j) {
-            ok = (s[i + j] & 0xC0) == 0x80;
-            cp = (cp << 6) | (s[i + j] & 0x3F);
-        }
-        ok = ok && cp >= min && cp <= 0x10FFFF && !(cp >= 0xD800 && cp <= 0xDFFF);
-        if (!ok) throw Error(source + ": not UTF-8 text (malformed sequence at byte offset " + std::to_string(i) + ")");
-        i += len;
-    }
+    std::size_t bad = 0;
+    if (!isValidUtf8(text, &bad))
+        throw Error(source + ": not UTF-8 text (malformed sequence at byte offset " + std::to_string(bad) + ")");
 }
 
 Corpus Corpus::fromFiles(const std::vector<std::string>& files, double val_fraction) {

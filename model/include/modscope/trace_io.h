@@ -183,4 +183,8 @@ std::vector<TraceDocument> loadTraces(const std::string& path);
 // *bad_offset (when given) is the first offending byte.
 bool isValidUtf8(const std::string& text, std::size_t* bad_offset = nullptr);
 
+// The part of prompt that kept (a prefix of its tokens, after truncation) covers: cut after the last kept
+// token's end and moved forward to a character boundary, since byte-fallback pieces may end inside one.
+std::string promptTextCoveredBy(const std::string& prompt, const std::vector<Token>& kept);
+
 }  // namespace modscope
