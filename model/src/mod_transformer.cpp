@@ -32,6 +32,27 @@ torch::Tensor Rotary::apply(const torch::Tensor& x, const torch::Tensor& pos) co
 }
 
 // ---------------------------------------------------------------------------------------------- Attention
+torch::Tensor causalAttention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                              std::int64_t prior) {
+    const auto S = q.size(1);
+    if (S == 1) return torch::bmm(torch::softmax(torch::bmm(q, k.transpose(1, 2)), -1), v);  // sees every key
+    // Query block [s, e) needs keys [0, prior + e) only: the keys after it would be masked anyway, so the
+    // upper triangle of the score matrix is never computed, and each block's scores stay cache-sized.
+    constexpr std::int64_t kBlock = 128;
+    const auto strictly_upper = torch::ones({std::min(S, kBlock), std::min(S, kBlock)},
+                                            q.options().dtype(torch::kBool)).triu(1);
+    std::vector<torch::Tensor> blocks;
+    for (std::int64_t s = 0; s < S; s += kBlock) {
+        const auto n = std::min(kBlock, S - s), visible = prior + s + n;
+        auto scores = torch::bmm(q.narrow(1, s, n), k.narrow(1, 0, visible).transpose(1, 2));  // [N, n, visible]
+        // Query prior+s+i sees keys up to itself; the diagonal is never masked, so no row is empty (no NaN).
+        scores.narrow(2, prior + s, n).masked_fill_(strictly_upper.narrow(0, 0, n).narrow(1, 0, n),
+                                                    -std::numeric_limits<float>::infinity());
+        blocks.push_back(torch::bmm(torch::softmax(scores, -1), v.narrow(1, 0, visible)));  // [N, n, hd]
+    }
+    return blocks.size() == 1 ? blocks[0] : torch::cat(blocks, 1);
+}
+
 AttentionImpl::AttentionImpl(const ModelConfig& config)
     : n_heads(config.n_heads), head_dim(config.headDim()) {
     qkv = register_module("qkv", torch::nn::Linear(torch::nn::LinearOptions(config.d_model, 3 * config.d_model).bias(false)));
@@ -58,19 +79,9 @@ torch::Tensor AttentionImpl::forward(const torch::Tensor& x, const torch::Tensor
         kv->k = k;
         kv->v = v = v.contiguous();
     }
-    const auto P = prior + S;
-    torch::Tensor scores;  // [B, H, S, P]
-    if (S > 1) {
-        // Query i sees every cached key and the new keys up to itself, so no row is empty (no NaN). The
-        // -inf bias is added inside the batched matmul: one pass over the scores, not a separate mask.
-        const auto bias = torch::full({S, P}, -std::numeric_limits<float>::infinity(), x.options()).triu(prior + 1);
-        scores = torch::baddbmm(bias, q.reshape({B * n_heads, S, head_dim}),
-                                k.reshape({B * n_heads, P, head_dim}).transpose(1, 2))
-                     .view({B, n_heads, S, P});
-    } else {
-        scores = torch::matmul(q, k.transpose(-2, -1));
-    }
-    const auto out = torch::matmul(torch::softmax(scores, -1), v);  // [B, H, S, hd]
+    const auto out = causalAttention(q.reshape({B * n_heads, S, head_dim}), k.reshape({B * n_heads, prior + S, head_dim}),
+                                     v.reshape({B * n_heads, prior + S, head_dim}), prior)
+                         .view({B, n_heads, S, head_dim});
     return proj(out.transpose(1, 2).reshape({B, S, d}));
 }
 

@@ -40,6 +40,11 @@ struct Rotary {
     torch::Tensor apply(const torch::Tensor& x, const torch::Tensor& pos) const;
 };
 
+// Causal attention of S new queries over prior cached keys and the S new ones, in query blocks.
+// q [N, S, hd] (already scaled by 1/sqrt(hd)), k and v [N, prior + S, hd] -> [N, S, hd].
+torch::Tensor causalAttention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                              std::int64_t prior);
+
 struct AttentionImpl : torch::nn::Module {
     explicit AttentionImpl(const ModelConfig& config);
     // x [B, S, d], pos [B, S]; causal over the S tokens in their given (original) order.

@@ -74,7 +74,7 @@ Model::Model() : impl_(std::make_unique<Impl>()) {}
 Model::~Model() = default;
 
 std::unique_ptr<Model> Model::create(const ModelConfig& config, std::uint64_t seed, const std::string& device) {
-    configureThreads();
+    configureRuntime();
     config.validate();
     std::unique_ptr<Model> m(new Model());
     m->impl_->config = config;
@@ -86,7 +86,7 @@ std::unique_ptr<Model> Model::create(const ModelConfig& config, std::uint64_t se
 }
 
 std::unique_ptr<Model> Model::open(const std::string& dir, const std::string& device) {
-    configureThreads();
+    configureRuntime();
     const fs::path root(dir);
     if (!fs::is_directory(root)) throw Error(dir + ": not a model directory");
     const auto config_path = (root / "config.json").string();

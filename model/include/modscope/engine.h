@@ -238,8 +238,9 @@ double forwardFlops(const ModelConfig& config, int seq_len, const std::vector<in
                     int head_positions = -1);
 double denseForwardFlops(const ModelConfig& config, int seq_len, int head_positions = -1);
 
-// Sets LibTorch's intra-op thread count (measured best on 2 cores with OpenBLAS: 1, see DEVELOPERS.md).
-// Called once by Model::open/create unless the caller set MODSCOPE_TORCH_THREADS.
-void configureThreads();
+// Process-wide settings the engine measured best (DEVELOPERS.md, docs/PERFORMANCE.md): LibTorch's intra-op
+// pool at 1 thread beside OpenBLAS's own (MODSCOPE_TORCH_THREADS overrides), and a heap that keeps freed
+// blocks instead of returning them to the kernel. Called once by Model::open/create; idempotent.
+void configureRuntime();
 
 }  // namespace modscope
