@@ -1,0 +1,29 @@
+// Samples of one measurement and their summary: median with p10–p90 and min–max (docs/PERFORMANCE.md).
+#pragma once
+
+#include <chrono>
+#include <functional>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+namespace modscope::bench {
+
+struct Summary {
+    int n = 0;
+    double median = 0, p10 = 0, p90 = 0, min = 0, max = 0;
+    static Summary of(std::vector<double> samples);
+    // {"median", "p10", "p90", "min", "max", "n"}
+    nlohmann::json toJson() const;
+};
+
+// Milliseconds since t0.
+inline double msSince(std::chrono::steady_clock::time_point t0) {
+    return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+}
+
+// Calls fn `warmup` times untimed (first-call allocations, caches, OpenBLAS thread start-up), then `reps`
+// times timed, one sample per call.
+Summary timeRepeated(int warmup, int reps, const std::function<void()>& fn);
+
+}  // namespace modscope::bench
