@@ -192,13 +192,20 @@ void benchApp(BenchContext& ctx) {
         });
         bool loaded = false, failed = false;
         QString error;
-        QObject::connect(&window, &MainWindow::modelChanged, [&] { loaded = true, waiter.kick(); });
+        QObject::connect(&window, &MainWindow::modelChanged, [&] {
+            loaded = true;
+            waiter.kick();
+        });
         QObject::connect(&window, &MainWindow::modelLoadFailed, [&](const QString& m) {
-            failed = true, error = m;
+            failed = true;
+            error = m;
             waiter.kick();
         });
         int applied = 0;
-        QObject::connect(&window, &MainWindow::runApplied, [&] { ++applied, waiter.kick(); });
+        QObject::connect(&window, &MainWindow::runApplied, [&] {
+            ++applied;
+            waiter.kick();
+        });
 
         std::vector<int> lengths;
         for (int T : {128, 1024})
@@ -261,7 +268,8 @@ void benchApp(BenchContext& ctx) {
                     const auto& text = prompts[std::size_t(i) % prompts.size()];
                     const double ms = measure(text, debounce, &model_ms, &own_ms, &tokens);
                     if (!debounce && i < warmup) continue;
-                    total.push_back(ms), model.push_back(model_ms), own.push_back(own_ms);
+                    total.push_back(ms), model.push_back(model_ms);
+                    if (std::isfinite(own_ms)) own.push_back(own_ms);
                     token_counts.push_back(tokens);
                 }
                 const auto s = Summary::of(total), m = Summary::of(model), o = Summary::of(own);

@@ -26,4 +26,8 @@ inline double msSince(std::chrono::steady_clock::time_point t0) {
 // times timed, one sample per call.
 Summary timeRepeated(int warmup, int reps, const std::function<void()>& fn);
 
+// The same for several measurements taken in turn: each repetition calls every fn once, so load from
+// other processes on a shared machine falls on all of them alike. One Summary per fn.
+std::vector<Summary> timeInterleaved(int warmup, int reps, const std::vector<std::function<void()>>& fns);
+
 }  // namespace modscope::bench

@@ -8,6 +8,7 @@
 #include <filesystem>
 #include <chrono>
 #include <fstream>
+#include <functional>
 #include <map>
 
 #include "bench_corpus.h"
@@ -91,29 +92,41 @@ void benchModVsDense(BenchContext& ctx) {
         const auto ids = randomIds(T, cfg.vocab_size, 2);
         RunOptions ro;
         ro.logits = RunOptions::Logits::Last;
-        ctx.progress("dense T=" + std::to_string(T));
-        const auto d = timeRun(ctx, dense, ids, ro);
-        for (double capacity : {0.125, 0.25, 0.5, 1.0}) {
-            ctx.progress("MoD T=" + std::to_string(T) + " capacity " + fixed(capacity, 3));
-            ro.capacity = capacity;
-            const auto m = timeRun(ctx, model, ids, ro);
-            const double speedup = d.ms.median / m.ms.median;
-            const double ideal = m.trace.dense_flops / m.trace.flops;
-            table.addRow({std::to_string(T), fixed(capacity, 3), summaryCell(d.ms, 2), summaryCell(m.ms, 2),
-                          spreadCell(m.ms, 2), fixed(speedup, 2) + "×", fixed(ideal, 2) + "×",
+        ctx.progress("MoD and dense, T=" + std::to_string(T));
+        const std::vector<double> capacities{0.125, 0.25, 0.5, 1.0};
+        // Dense first, then each capacity, in turn every repetition (timeInterleaved).
+        std::vector<RunTrace> traces(1 + capacities.size());
+        std::vector<std::function<void()>> fns;
+        fns.push_back([&] { traces[0] = dense.run(ids, ro); });
+        for (std::size_t c = 0; c < capacities.size(); ++c)
+            fns.push_back([&, c] {
+                RunOptions o = ro;
+                o.capacity = capacities[c];
+                traces[1 + c] = model.run(ids, o);
+            });
+        const auto ms = timeInterleaved(warmupFor(ctx), repsFor(ctx, T), fns);
+        const Summary& d = ms[0];
+        for (std::size_t c = 0; c < capacities.size(); ++c) {
+            const double capacity = capacities[c];
+            const Summary& m = ms[1 + c];
+            const RunTrace& trace = traces[1 + c];
+            const double speedup = d.median / m.median;
+            const double ideal = trace.dense_flops / trace.flops;
+            table.addRow({std::to_string(T), fixed(capacity, 3), summaryCell(d, 2), summaryCell(m, 2),
+                          spreadCell(m, 2), fixed(speedup, 2) + "×", fixed(ideal, 2) + "×",
                           percent((speedup - 1.0) / std::max(1e-9, ideal - 1.0), 0)});
             rows.push_back({{"seq_len", T},
                             {"capacity", capacity},
-                            {"dense_ms", d.ms.median},
-                            {"mod_ms", m.ms.median},
-                            {"dense_spread_ms", {d.ms.p10, d.ms.p90}},
-                            {"mod_spread_ms", {m.ms.p10, m.ms.p90}},
-                            {"dense", d.ms.toJson()},
-                            {"mod", m.ms.toJson()},
+                            {"dense_ms", d.median},
+                            {"mod_ms", m.median},
+                            {"dense_spread_ms", {d.p10, d.p90}},
+                            {"mod_spread_ms", {m.p10, m.p90}},
+                            {"dense", d.toJson()},
+                            {"mod", m.toJson()},
                             {"speedup", speedup},
                             {"ideal_speedup", ideal},
-                            {"flops", m.trace.flops},
-                            {"dense_flops", m.trace.dense_flops}});
+                            {"flops", trace.flops},
+                            {"dense_flops", trace.dense_flops}});
         }
     }
     table.addNote("Dense: Model::create of the same config with routed_layers cleared (random weights). Ideal = "
@@ -145,37 +158,45 @@ void benchGeneration(BenchContext& ctx) {
     json out = json::object();
     out["prompt_tokens"] = prompt_len;
     out["new_tokens"] = new_tokens;
-    double mod_tps = 0, dense_tps = 0;
-    for (const Model* m : {&model, &dense}) {
-        const bool is_mod = m == &model;
-        ctx.progress(std::string("generation ") + (is_mod ? "MoD" : "dense"));
+    const Model* models[2] = {&model, &dense};
+    for (const Model* m : models) {
         GenerationOptions warm = go;
         warm.max_new_tokens = std::min(8, new_tokens);
         m->generate(prompt, warm);
-        std::vector<double> tps, step_ms;
-        GenerationResult last;
-        for (int i = 0; i < reps; ++i) {
+    }
+    // MoD and dense in turn, every repetition, so load from other processes falls on both alike.
+    std::vector<double> tps[2], step_ms[2];
+    GenerationResult last[2];
+    for (int i = 0; i < reps; ++i)
+        for (int w = 0; w < 2; ++w) {
+            ctx.progress(std::string("generation ") + (w == 0 ? "MoD" : "dense") + " " + std::to_string(i + 1) + "/" +
+                         std::to_string(reps));
             const auto t0 = std::chrono::steady_clock::now();
-            last = m->generate(prompt, go);
+            last[w] = models[w]->generate(prompt, go);
             const double ms = msSince(t0);
             // Whole call (prompt prefill included) per generated token, as a user waits for it.
-            tps.push_back(1000.0 * double(last.generated_ids.size()) / ms);
-            for (const auto& s : last.steps) step_ms.push_back(s.step_ms);
+            tps[w].push_back(1000.0 * double(last[w].generated_ids.size()) / ms);
+            for (const auto& st : last[w].steps) step_ms[w].push_back(st.step_ms);
         }
-        const auto t = Summary::of(tps);
-        const auto s = Summary::of(step_ms);
+    double mod_tps = 0, dense_tps = 0;
+    for (int w = 0; w < 2; ++w) {
+        const bool is_mod = w == 0;
+        const auto t = Summary::of(tps[w]);
+        const auto s = Summary::of(step_ms[w]);
+        const auto& r = last[w];
         (is_mod ? mod_tps : dense_tps) = t.median;
-        const double share = last.dense_kv_cache_bytes > 0 ? double(last.kv_cache_bytes) / double(last.dense_kv_cache_bytes) : 0.0;
+        const double share = r.dense_kv_cache_bytes > 0 ? double(r.kv_cache_bytes) / double(r.dense_kv_cache_bytes) : 0.0;
         table.addRow({is_mod ? "MoD (" + cfg.name + ")" : "dense twin", fixed(t.median, 1), spread(t.p10, t.p90, 1),
-                      fixed(s.median, 2), thousands(double(last.kv_cache_bytes)) + " B",
-                      thousands(double(last.dense_kv_cache_bytes)) + " B", percent(share)});
+                      fixed(s.median, 2), thousands(double(r.kv_cache_bytes)) + " B",
+                      thousands(double(r.dense_kv_cache_bytes)) + " B", percent(share)});
         out[is_mod ? "mod" : "dense"] = {{"tokens_per_second", t.median},
                                          {"tokens_per_second_summary", t.toJson()},
-                                         {"engine_tokens_per_second", last.tokens_per_second},
+                                         {"engine_tokens_per_second", r.tokens_per_second},
                                          {"step_ms", s.toJson()},
-                                         {"generated", last.generated_ids.size()},
-                                         {"kv_cache_bytes", last.kv_cache_bytes},
-                                         {"dense_kv_cache_bytes", last.dense_kv_cache_bytes}};
+                                         {"generated", r.generated_ids.size()},
+                                         {"kv_cache_bytes", r.kv_cache_bytes},
+                                         {"dense_kv_cache_bytes", r.dense_kv_cache_bytes},
+                                         {"kv_cache_share", share}};
     }
     out["speedup"] = dense_tps > 0 ? mod_tps / dense_tps : 0.0;
     table.addNote("tokens/s = generated tokens / wall time of the whole generate() call (prefill included), median of " +
@@ -395,8 +416,13 @@ void benchReference(BenchContext& ctx) {
         const auto ids = randomIds(T, cfg.vocab_size, 4);
         RunOptions ro;
         ro.logits = RunOptions::Logits::All;
-        const auto m = timeRun(ctx, *mod, ids, ro);
-        const auto d = timeRun(ctx, *dense, ids, ro);
+        RunTrace m_trace, d_trace;
+        const auto ms = timeInterleaved(warmupFor(ctx), repsFor(ctx, T), {[&] { m_trace = mod->run(ids, ro); },
+                                                                          [&] { d_trace = dense->run(ids, ro); }});
+        struct {
+            Summary ms;
+            RunTrace& trace;
+        } m{ms[0], m_trace}, d{ms[1], d_trace};
         const double speedup = d.ms.median / m.ms.median, ideal = m.trace.dense_flops / m.trace.flops;
         table.addRow({std::to_string(T), fixed(m.ms.median, 2), spreadCell(m.ms, 2), "≤ " + fixed(target, 0),
                       m.ms.median <= target ? "yes" : "no", fixed(d.ms.median, 2), fixed(speedup, 2) + "×",

@@ -2,6 +2,7 @@
 
 #include <sys/utsname.h>
 
+#include <filesystem>
 #include <fstream>
 #include <string>
 #include <thread>
@@ -25,6 +26,23 @@ std::string procField(const char* file, const std::string& key) {
         return value;
     }
     return {};
+}
+
+// The BLAS library this process has loaded. Debian's LibTorch reports BLAS_INFO "generic": it calls
+// whichever libblas.so.3 the alternatives system selects (OpenBLAS, or the slow reference BLAS).
+std::string loadedBlasLibrary() {
+    std::ifstream in("/proc/self/maps");
+    std::string line;
+    while (std::getline(in, line)) {
+        const auto slash = line.find('/');
+        if (slash == std::string::npos) continue;
+        const auto path = line.substr(slash);
+        if (path.find("blas") == std::string::npos) continue;
+        std::error_code ec;
+        const auto real = std::filesystem::canonical(path, ec);
+        return ec ? path : real.string();
+    }
+    return "unknown";
 }
 
 }  // namespace
@@ -51,6 +69,7 @@ nlohmann::json machineInfo() {
     const auto build = engineBuildInfo();
     m["libtorch"] = build.torch_version;
     m["blas"] = build.blas;
+    m["blas_library"] = loadedBlasLibrary();
     m["torch_threads"] = build.torch_threads;
     m["openblas_threads"] = build.openblas_threads.empty() ? nlohmann::json(nullptr) : nlohmann::json(build.openblas_threads);
     return m;

@@ -5,7 +5,8 @@
 
 namespace modscope::bench {
 
-// {"cpu", "cores", "memory_gb", "os", "load_average" [1, 5, 15 min], "libtorch", "blas", "torch_threads",
+// {"cpu", "cores", "memory_gb", "os", "load_average" [1, 5, 15 min], "libtorch", "blas", "blas_library",
+//  "torch_threads",
 //  "openblas_threads"}
 nlohmann::json machineInfo();
 

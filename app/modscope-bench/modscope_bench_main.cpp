@@ -96,7 +96,7 @@ int main(int argc, char** argv) {
         const auto& m = j["machine"];
         std::cout << "modscope-bench" << (options.quick ? " --quick" : "") << ": " << m["cpu"].get<std::string>()
                   << ", " << m["cores"].get<int>() << " cores, LibTorch " << m["libtorch"].get<std::string>()
-                  << " (BLAS " << m["blas"].get<std::string>() << ", " << m["torch_threads"].get<int>()
+                  << " (BLAS_INFO " << m["blas"].get<std::string>() << ": " << m["blas_library"].get<std::string>() << ", " << m["torch_threads"].get<int>()
                   << " torch thread(s)), load average " << loadAverage() << "\nmodel: " << ctx.modelDirectory()
                   << "\n\n";
 
@@ -131,7 +131,7 @@ int main(int argc, char** argv) {
         if (!options.markdown_path.empty()) {
             std::ostringstream md;
             md << "Measured on " << m["cpu"].get<std::string>() << " (" << m["cores"].get<int>() << " cores), LibTorch "
-               << m["libtorch"].get<std::string>() << ", BLAS " << m["blas"].get<std::string>() << ", "
+               << m["libtorch"].get<std::string>() << ", BLAS " << m["blas_library"].get<std::string>() << ", "
                << m["torch_threads"].get<int>() << " LibTorch thread(s); load average " << m["load_average"][0]
                << " at the start, " << j["load_average_end"] << " at the end; " << (options.quick ? "--quick, " : "")
                << "total " << static_cast<int>(seconds) << " s.\n\n";

@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdlib>
+#include <functional>
 #include <regex>
 #include <vector>
 
@@ -93,28 +94,49 @@ RoutedLayerProfile profileRoutedLayer(const Model& model, int seq_len, int reps,
     p.seq_len = seq_len;
     p.k = static_cast<int>(k);
     p.reps = reps;
-    p.router_ms = median(timeCalls(reps, [&] { (void)block.router(x).squeeze(-1); }));
-    p.topk_ms = median(timeCalls(reps, [&] { (void)nn::topkIndices(r, k); }));
-    p.predictor_ms = median(timeCalls(reps, [&] { (void)block.predictor(x.detach()); }));
-    p.gather_ms = median(timeCalls(reps, [&] {
-        (void)x.gather(1, idx.unsqueeze(-1).expand({1, k, x.size(2)}));
-        (void)pos.gather(1, idx);
-        (void)torch::sigmoid(r.gather(1, idx)).unsqueeze(-1);
-    }));
-    p.block_ms = median(timeCalls(reps, [&] { (void)block.delta(xs, ps, rope); }));
-    p.update_ms = median(timeCalls(reps, [&] { (void)(xs + gate * delta); }));
-    p.scatter_ms = median(timeCalls(reps, [&] { (void)x.scatter(1, idx.unsqueeze(-1).expand_as(updated), updated); }));
-
-    const auto whole = timeCalls(reps, [&] {
-        const auto r_ = block.router(x).squeeze(-1);
-        const auto idx_ = nn::topkIndices(r_, k);
-        (void)block.predictor(x.detach());
-        const auto xs_ = x.gather(1, idx_.unsqueeze(-1).expand({1, k, x.size(2)}));
-        const auto ps_ = pos.gather(1, idx_);
-        const auto gate_ = torch::sigmoid(r_.gather(1, idx_)).unsqueeze(-1);
-        const auto up_ = xs_ + gate_ * block.delta(xs_, ps_, rope);
-        (void)x.scatter(1, idx_.unsqueeze(-1).expand_as(up_), up_);
-    });
+    // Round-robin: every repetition times each stage once, so a burst of load from other processes on a
+    // shared machine falls on all stages alike rather than on whichever was being timed then.
+    enum Stage { kRouter, kTopk, kPredictor, kGather, kBlock, kUpdate, kScatter, kLayer, kStages };
+    const std::function<void()> stages[kStages] = {
+        [&] { (void)block.router(x).squeeze(-1); },
+        [&] { (void)nn::topkIndices(r, k); },
+        [&] { (void)block.predictor(x.detach()); },
+        [&] {
+            (void)x.gather(1, idx.unsqueeze(-1).expand({1, k, x.size(2)}));
+            (void)pos.gather(1, idx);
+            (void)torch::sigmoid(r.gather(1, idx)).unsqueeze(-1);
+        },
+        [&] { (void)block.delta(xs, ps, rope); },
+        [&] { (void)(xs + gate * delta); },
+        [&] { (void)x.scatter(1, idx.unsqueeze(-1).expand_as(updated), updated); },
+        [&] {
+            // The whole routed layer as hidden() runs it in top-k mode with the routing collected.
+            const auto r_ = block.router(x).squeeze(-1);
+            const auto idx_ = nn::topkIndices(r_, k);
+            (void)block.predictor(x.detach());
+            const auto xs_ = x.gather(1, idx_.unsqueeze(-1).expand({1, k, x.size(2)}));
+            const auto ps_ = pos.gather(1, idx_);
+            const auto gate_ = torch::sigmoid(r_.gather(1, idx_)).unsqueeze(-1);
+            const auto up_ = xs_ + gate_ * block.delta(xs_, ps_, rope);
+            (void)x.scatter(1, idx_.unsqueeze(-1).expand_as(up_), up_);
+        },
+    };
+    for (const auto& stage : stages) stage();  // warm-up
+    std::vector<double> ms[kStages];
+    for (int i = 0; i < reps; ++i)
+        for (int st = 0; st < kStages; ++st) {
+            const auto t0 = std::chrono::steady_clock::now();
+            stages[st]();
+            ms[st].push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
+        }
+    p.router_ms = median(ms[kRouter]);
+    p.topk_ms = median(ms[kTopk]);
+    p.predictor_ms = median(ms[kPredictor]);
+    p.gather_ms = median(ms[kGather]);
+    p.block_ms = median(ms[kBlock]);
+    p.update_ms = median(ms[kUpdate]);
+    p.scatter_ms = median(ms[kScatter]);
+    const auto& whole = ms[kLayer];
     p.layer_ms = median(whole);
     p.layer_p10_ms = quantile(whole, 0.1);
     p.layer_p90_ms = quantile(whole, 0.9);

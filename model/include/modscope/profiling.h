@@ -13,7 +13,7 @@
 namespace modscope {
 
 // One routed layer of a top-k forward split into its stages, each the median over reps of timing that
-// stage alone on the same inputs. The stages are what ModTransformerImpl::hidden does for a routed layer
+// stage alone on the same inputs (round-robin: each repetition times every stage once). The stages are what ModTransformerImpl::hidden does for a routed layer
 // in Model::run (top-k mode, routing collected for the trace):
 //   router     r = router(x)                           [1, T]
 //   topk       nn::topkIndices(r, k)                   the k selected positions, ascending
