@@ -33,10 +33,10 @@ std::vector<int> fitting(const std::vector<int>& lengths, int max_seq_len) {
 
 // Repetitions per length: enough for a stable median, fewer where one forward is long.
 int repsFor(const BenchContext& ctx, int T) {
-    if (ctx.quick()) return T >= 2048 ? 3 : 5;
-    return T >= 2048 ? 9 : (T >= 512 ? 15 : 25);
+    if (ctx.quick()) return T >= 2048 ? 2 : 5;
+    return T >= 2048 ? 5 : (T >= 512 ? 15 : 25);
 }
-int warmupFor(const BenchContext& ctx) { return ctx.quick() ? 1 : 2; }
+int warmupFor(const BenchContext& ctx, int T = 0) { return ctx.quick() || T >= 2048 ? 1 : 2; }
 
 struct TimedRun {
     Summary ms;
@@ -45,7 +45,7 @@ struct TimedRun {
 
 TimedRun timeRun(const BenchContext& ctx, const Model& model, const std::vector<int>& ids, const RunOptions& ro) {
     TimedRun r;
-    r.ms = timeRepeated(warmupFor(ctx), repsFor(ctx, static_cast<int>(ids.size())), [&] { r.trace = model.run(ids, ro); });
+    r.ms = timeRepeated(warmupFor(ctx, static_cast<int>(ids.size())), repsFor(ctx, static_cast<int>(ids.size())), [&] { r.trace = model.run(ids, ro); });
     return r;
 }
 
@@ -62,7 +62,8 @@ void benchForward(BenchContext& ctx) {
                     ", next-token logits as the app asks)",
                 {"T", "median ms", "p10–p90 ms", "model ms", "GFLOP", "GFLOP/s", "runs"});
     json rows = json::array();
-    for (int T : fitting({32, 128, 512, 2048}, cfg.max_seq_len)) {
+    const auto lengths = ctx.quick() ? std::vector<int>{32, 128, 512} : std::vector<int>{32, 128, 512, 2048};
+    for (int T : fitting(lengths, cfg.max_seq_len)) {
         ctx.progress("forward T=" + std::to_string(T));
         RunOptions ro;
         ro.logits = RunOptions::Logits::Last;
@@ -75,6 +76,7 @@ void benchForward(BenchContext& ctx) {
     }
     table.addNote("Wall time of Model::run (forward, top-k selection, full routing trace as the app's worker asks); "
                   "\"model ms\" is RunTrace.elapsed_ms of the last run. Seeded random token ids.");
+    if (ctx.quick()) table.addNote("--quick: T = 2048 skipped.");
     ctx.report().json["forward"] = rows;
     ctx.report().add(table);
 }
@@ -104,7 +106,7 @@ void benchModVsDense(BenchContext& ctx) {
                 o.capacity = capacities[c];
                 traces[1 + c] = model.run(ids, o);
             });
-        const auto ms = timeInterleaved(warmupFor(ctx), repsFor(ctx, T), fns);
+        const auto ms = timeInterleaved(warmupFor(ctx, T), repsFor(ctx, T), fns);
         const Summary& d = ms[0];
         for (std::size_t c = 0; c < capacities.size(); ++c) {
             const double capacity = capacities[c];
@@ -114,7 +116,7 @@ void benchModVsDense(BenchContext& ctx) {
             const double ideal = trace.dense_flops / trace.flops;
             table.addRow({std::to_string(T), fixed(capacity, 3), summaryCell(d, 2), summaryCell(m, 2),
                           spreadCell(m, 2), fixed(speedup, 2) + "×", fixed(ideal, 2) + "×",
-                          percent((speedup - 1.0) / std::max(1e-9, ideal - 1.0), 0)});
+                          ideal > 1.01 ? percent((speedup - 1.0) / (ideal - 1.0), 0) : "n/a"});
             rows.push_back({{"seq_len", T},
                             {"capacity", capacity},
                             {"dense_ms", d.median},
@@ -131,7 +133,7 @@ void benchModVsDense(BenchContext& ctx) {
     }
     table.addNote("Dense: Model::create of the same config with routed_layers cleared (random weights). Ideal = "
                   "RunTrace.dense_flops / RunTrace.flops (docs/MODEL.md, FLOPs). \"of ideal\" = (speed-up − 1) / "
-                  "(ideal − 1): the share of the possible saving realised (n/a-like at capacity 1, where ideal < 1).");
+                  "(ideal − 1): the share of the possible saving realised (n/a at capacity 1: nothing to save).");
     if (ctx.quick()) table.addNote("--quick: T = 2048 skipped.");
     ctx.report().json["mod_vs_dense"] = rows;
     ctx.report().add(table);
@@ -317,13 +319,13 @@ void benchTraining(BenchContext& ctx) {
     const std::string tokenizer = (fs::path(ctx.modelDirectory()) / "tokenizer.model").string();
     const ModelConfig base = ctx.model().config();
     const int warmup = ctx.quick() ? 1 : 3;
-    const int measured = ctx.quick() ? 3 : 10;
+    const int measured = ctx.quick() ? 2 : 10;
     TempDir tmp;
     std::string source;
     const auto corpus_path = tmp.path / "corpus.txt";
     {
         std::ofstream out(corpus_path, std::ios::binary);
-        out << corpusText(ctx.quick() ? 150000 : 400000, &source);
+        out << corpusText(ctx.quick() ? 120000 : 400000, &source);
     }
     Table table("Training throughput (Trainer, batch 16 × 256 = 4,096 tokens per step, " + base.name + " shape)",
                 {"model", "tokens/s", "p10–p90", "step ms", "GFLOP/s", "trainer's tokens/s"});
@@ -417,7 +419,7 @@ void benchReference(BenchContext& ctx) {
         RunOptions ro;
         ro.logits = RunOptions::Logits::All;
         RunTrace m_trace, d_trace;
-        const auto ms = timeInterleaved(warmupFor(ctx), repsFor(ctx, T), {[&] { m_trace = mod->run(ids, ro); },
+        const auto ms = timeInterleaved(warmupFor(ctx, T), repsFor(ctx, T), {[&] { m_trace = mod->run(ids, ro); },
                                                                           [&] { d_trace = dense->run(ids, ro); }});
         struct {
             Summary ms;
