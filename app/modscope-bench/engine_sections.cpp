@@ -33,7 +33,7 @@ std::vector<int> fitting(const std::vector<int>& lengths, int max_seq_len) {
 
 // Repetitions per length: enough for a stable median, fewer where one forward is long.
 int repsFor(const BenchContext& ctx, int T) {
-    if (ctx.quick()) return T >= 2048 ? 2 : 5;
+    if (ctx.quick()) return T >= 2048 ? 2 : (T >= 512 ? 3 : 5);
     return T >= 2048 ? 5 : (T >= 512 ? 15 : 25);
 }
 int warmupFor(const BenchContext& ctx, int T = 0) { return ctx.quick() || T >= 2048 ? 1 : 2; }
