@@ -8,7 +8,6 @@
 #include <QProcess>
 #include <QTemporaryDir>
 #include <QTest>
-
 #include <cmath>
 
 #include "app_fixture.h"
@@ -58,10 +57,11 @@ private Q_SLOTS:
         const QString json_path = tmp_.filePath(QStringLiteral("bench.json"));
         const QString md_path = tmp_.filePath(QStringLiteral("bench.md"));
         QByteArray err;
-        const int code = runBench({QStringLiteral("--model"), model_dir_, QStringLiteral("--quick"),
-                                   QStringLiteral("--sections"), QStringLiteral("forward,mod,peak,routing,reference"),
-                                   QStringLiteral("--json"), json_path, QStringLiteral("--markdown"), md_path},
-                                  &err);
+        const int code =
+            runBench({QStringLiteral("--model"), model_dir_, QStringLiteral("--quick"),
+                      QStringLiteral("--sections"), QStringLiteral("forward,mod,peak,routing,reference"),
+                      QStringLiteral("--json"), json_path, QStringLiteral("--markdown"), md_path},
+                     &err);
         QVERIFY2(code == 0, err.constData());
 
         QFile f(json_path);
@@ -79,7 +79,8 @@ private Q_SLOTS:
 
         const QJsonArray forward = j[QStringLiteral("forward")].toArray();
         QVERIFY(!forward.isEmpty());
-        for (const auto& v : forward) QVERIFY(v.toObject()[QStringLiteral("ms")].toObject()[QStringLiteral("median")].toDouble() > 0);
+        for (const auto& v : forward)
+            QVERIFY(v.toObject()[QStringLiteral("ms")].toObject()[QStringLiteral("median")].toDouble() > 0);
 
         const QJsonArray mod = j[QStringLiteral("mod_vs_dense")].toArray();
         QCOMPARE(mod.size(), 4);  // T = 128 (512 is beyond this model) × four capacities
@@ -87,11 +88,13 @@ private Q_SLOTS:
             const QJsonObject r = v.toObject();
             const int T = r[QStringLiteral("seq_len")].toInt();
             const double capacity = r[QStringLiteral("capacity")].toDouble();
-            const double dense_ms = r[QStringLiteral("dense_ms")].toDouble(), mod_ms = r[QStringLiteral("mod_ms")].toDouble();
+            const double dense_ms = r[QStringLiteral("dense_ms")].toDouble(),
+                         mod_ms = r[QStringLiteral("mod_ms")].toDouble();
             QCOMPARE(T, 128);
             QVERIFY(capacity > 0 && capacity <= 1);
             QVERIFY(dense_ms > 0 && mod_ms > 0);
-            QVERIFY(std::abs(r[QStringLiteral("speedup")].toDouble() - dense_ms / mod_ms) < 1e-9 * dense_ms / mod_ms);
+            QVERIFY(std::abs(r[QStringLiteral("speedup")].toDouble() - dense_ms / mod_ms) <
+                    1e-9 * dense_ms / mod_ms);
             QCOMPARE(r[QStringLiteral("mod_spread_ms")].toArray().size(), 2);
             // The ideal is the engine's FLOP ratio for this capacity: routed layers process k tokens.
             std::vector<int> processed;

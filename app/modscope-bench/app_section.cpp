@@ -1,11 +1,10 @@
 #include "app_section.h"
 
 #include <QElapsedTimer>
-#include <QGuiApplication>
 #include <QEventLoop>
+#include <QGuiApplication>
 #include <QRegularExpression>
 #include <QTimer>
-
 #include <chrono>
 #include <cmath>
 #include <cstdlib>
@@ -65,7 +64,8 @@ private:
 };
 
 // `count` different slices of text, each exactly `tokens` tokens long for the tokenizer.
-std::vector<std::string> promptsOfLength(const Tokenizer& tokenizer, const std::string& text, int tokens, int count) {
+std::vector<std::string> promptsOfLength(const Tokenizer& tokenizer, const std::string& text, int tokens,
+                                         int count) {
     const auto all = tokenizer.encode(text);
     std::vector<std::string> out;
     for (int i = 0; i < count; ++i) {
@@ -166,8 +166,8 @@ void benchApp(BenchContext& ctx) {
     const int edit_reps = ctx.quick() ? 2 : 5;
 
     json out = json::object();
-    Table runs("App: start of a run → heatmap repainted (real MainWindow, " + ctx.model().config().name + ", " +
-                   QGuiApplication::platformName().toStdString() + " platform)",
+    Table runs("App: start of a run → heatmap repainted (real MainWindow, " + ctx.model().config().name +
+                   ", " + QGuiApplication::platformName().toStdString() + " platform)",
                {"T", "what", "median ms", "p10–p90", "model ms", "window's own ms", "runs"});
     json run_rows = json::array();
     {
@@ -225,8 +225,8 @@ void benchApp(BenchContext& ctx) {
         int forced = 0;
         // One measurement: from just before the run starts (or the edit is made) to the end of the
         // heatmap's paint of the new snapshot.
-        const auto measure = [&](const std::string& text, bool through_debounce, double* model_ms, double* own_ms,
-                                 int* tokens) {
+        const auto measure = [&](const std::string& text, bool through_debounce, double* model_ms,
+                                 double* own_ms, int* tokens) {
             before = heatmap->snapshot();
             armed = true;
             Clock::time_point t0;
@@ -250,7 +250,8 @@ void benchApp(BenchContext& ctx) {
             const auto& s = heatmap->snapshot();
             *model_ms = s ? s->trace.elapsed_ms : 0.0;
             *tokens = s ? s->tokens() : 0;
-            const auto m = QRegularExpression(QStringLiteral("latency ([0-9.]+) ms")).match(window.statusText());
+            const auto m =
+                QRegularExpression(QStringLiteral("latency ([0-9.]+) ms")).match(window.statusText());
             *own_ms = m.hasMatch() ? m.captured(1).toDouble() : NAN;
             return ms;
         };
@@ -258,7 +259,8 @@ void benchApp(BenchContext& ctx) {
         for (int T : lengths) {
             const auto prompts = promptsOfLength(*tokenizer, corpus, T, warmup + reps + edit_reps);
             for (bool debounce : {false, true}) {
-                ctx.progress(std::string("app: T=") + std::to_string(T) + (debounce ? " edit → repaint" : " run → repaint"));
+                ctx.progress(std::string("app: T=") + std::to_string(T) +
+                             (debounce ? " edit → repaint" : " run → repaint"));
                 std::vector<double> total, model, own;
                 std::vector<double> token_counts;
                 const int n = debounce ? edit_reps : reps;
@@ -274,20 +276,27 @@ void benchApp(BenchContext& ctx) {
                 }
                 const auto s = Summary::of(total), m = Summary::of(model), o = Summary::of(own);
                 const int tokens = int(Summary::of(token_counts).median);
-                runs.addRow({std::to_string(tokens), debounce ? "edit → repaint (150 ms debounce included)" : "run → repaint",
+                runs.addRow({std::to_string(tokens),
+                             debounce ? "edit → repaint (150 ms debounce included)" : "run → repaint",
                              fixed(s.median, 1), spread(s.p10, s.p90, 1), fixed(m.median, 1),
                              debounce ? "" : fixed(o.median, 1), std::to_string(s.n)});
-                run_rows.push_back({{"seq_len", tokens}, {"kind", debounce ? "edit_to_repaint" : "run_to_repaint"},
-                                    {"ms", s.toJson()}, {"model_ms", m.median}, {"window_latency_ms", o.median}});
+                run_rows.push_back({{"seq_len", tokens},
+                                    {"kind", debounce ? "edit_to_repaint" : "run_to_repaint"},
+                                    {"ms", s.toJson()},
+                                    {"model_ms", m.median},
+                                    {"window_latency_ms", o.median}});
             }
         }
         app.watch(nullptr, nullptr);
-        runs.addNote("run → repaint: from MainWindow::runNow() (the run's start) to the end of the heatmap's paint event "
-                     "showing the new snapshot (QApplication::notify wraps the paint's delivery); " +
-                     std::to_string(warmup) + " warm-up runs, medians of " + std::to_string(reps) +
-                     ". model ms = RunTrace.elapsed_ms; window's own = the status bar's latency, measured by the app. "
-                     "edit → repaint: from setting the prompt text (as typing does) to the same paint. Paints forced: " +
-                     std::to_string(forced) + ".");
+        runs.addNote(
+            "run → repaint: from MainWindow::runNow() (the run's start) to the end of the heatmap's paint "
+            "event "
+            "showing the new snapshot (QApplication::notify wraps the paint's delivery); " +
+            std::to_string(warmup) + " warm-up runs, medians of " + std::to_string(reps) +
+            ". model ms = RunTrace.elapsed_ms; window's own = the status bar's latency, measured by the app. "
+            "edit → repaint: from setting the prompt text (as typing does) to the same paint. Paints "
+            "forced: " +
+            std::to_string(forced) + ".");
         out["runs"] = run_rows;
         out["forced_paints"] = forced;
         out["platform"] = QGuiApplication::platformName().toStdString();
@@ -342,8 +351,9 @@ void benchApp(BenchContext& ctx) {
            [&](int) { heatmap.replot(QCustomPlot::rpImmediateRefresh); });
     timeIt("repaint_ms", "repaint() alone (paint event)", [&](int) { heatmap.repaint(); });
     app.watch(nullptr, nullptr);
-    repaint.addNote("Each from the call to the end of the heatmap's paint event, 2 warm-up calls, medians of " +
-                    std::to_string(hreps) + ".");
+    repaint.addNote(
+        "Each from the call to the end of the heatmap's paint event, 2 warm-up calls, medians of " +
+        std::to_string(hreps) + ".");
     hm["layers"] = L;
     hm["tokens"] = T;
     out["heatmap_2048x32"] = hm;

@@ -9,7 +9,7 @@ namespace modscope::bench {
 
 const std::vector<std::string>& BenchOptions::allSections() {
     static const std::vector<std::string> all{"forward", "mod", "generation", "peak",
-                                              "routing", "app", "training", "reference"};
+                                              "routing", "app", "training",   "reference"};
     return all;
 }
 
@@ -21,10 +21,13 @@ void BenchReport::add(const Table& table) {
 BenchContext::BenchContext(BenchOptions options, BenchReport& report)
     : options_(std::move(options)), report_(report) {}
 
-void BenchContext::progress(const std::string& line) const { std::cerr << "[bench] " << line << std::endl; }
+void BenchContext::progress(const std::string& line) const {
+    std::cerr << "[bench] " << line << std::endl;
+}
 
 const std::string& BenchContext::modelDirectory() {
-    if (model_dir_.empty()) model_dir_ = options_.model_dir.empty() ? defaultModelDirectory() : options_.model_dir;
+    if (model_dir_.empty())
+        model_dir_ = options_.model_dir.empty() ? defaultModelDirectory() : options_.model_dir;
     return model_dir_;
 }
 

@@ -2,11 +2,10 @@
 #pragma once
 
 #include <memory>
+#include <nlohmann/json.hpp>
 #include <set>
 #include <string>
 #include <vector>
-
-#include <nlohmann/json.hpp>
 
 #include "bench_table.h"
 #include "modscope/engine.h"
@@ -14,7 +13,7 @@
 namespace modscope::bench {
 
 struct BenchOptions {
-    std::string model_dir;      // empty: the bundled default model (paths.h)
+    std::string model_dir;  // empty: the bundled default model (paths.h)
     std::string json_path;
     std::string markdown_path;
     bool quick = false;

@@ -31,10 +31,10 @@ std::string corpusText(std::size_t bytes, std::string* source) {
         if (source) *source = dir.string();
     }
     if (text.size() < bytes / 2) {
-        static const char* const words[] = {"the", "model", "routes", "tokens", "through", "a", "layer", "and",
-                                            "skips", "others", "capacity", "of", "every", "block", "is", "small",
-                                            "so", "compute", "falls", "while", "quality", "stays", "close", "to",
-                                            "dense"};
+        static const char* const words[] = {
+            "the",    "model",    "routes",  "tokens", "through", "a",  "layer", "and", "skips",
+            "others", "capacity", "of",      "every",  "block",   "is", "small", "so",  "compute",
+            "falls",  "while",    "quality", "stays",  "close",   "to", "dense"};
         std::mt19937 rng(5);
         std::uniform_int_distribution<int> pick(0, int(std::size(words)) - 1);
         text.clear();

@@ -3,9 +3,8 @@
 
 #include <chrono>
 #include <functional>
-#include <vector>
-
 #include <nlohmann/json.hpp>
+#include <vector>
 
 namespace modscope::bench {
 

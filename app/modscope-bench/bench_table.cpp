@@ -23,7 +23,9 @@ std::string pad(const std::string& s, std::size_t w, bool right) {
 }
 
 // Numbers right-aligned, words left-aligned.
-bool numeric(const std::string& s) { return !s.empty() && (std::isdigit(static_cast<unsigned char>(s[0])) || s[0] == '-'); }
+bool numeric(const std::string& s) {
+    return !s.empty() && (std::isdigit(static_cast<unsigned char>(s[0])) || s[0] == '-');
+}
 
 }  // namespace
 
@@ -35,7 +37,9 @@ void Table::addRow(std::vector<std::string> cells) {
     rows_.push_back(std::move(cells));
 }
 
-void Table::addNote(std::string note) { notes_.push_back(std::move(note)); }
+void Table::addNote(std::string note) {
+    notes_.push_back(std::move(note));
+}
 
 std::string Table::text() const {
     std::vector<std::size_t> w(columns_.size());
@@ -45,10 +49,12 @@ std::string Table::text() const {
     }
     std::ostringstream out;
     out << title_ << "\n";
-    for (std::size_t c = 0; c < columns_.size(); ++c) out << (c ? "  " : "  ") << pad(columns_[c], w[c], c > 0);
+    for (std::size_t c = 0; c < columns_.size(); ++c)
+        out << (c ? "  " : "  ") << pad(columns_[c], w[c], c > 0);
     out << "\n";
     for (const auto& r : rows_) {
-        for (std::size_t c = 0; c < columns_.size(); ++c) out << "  " << pad(r[c], w[c], c > 0 && numeric(r[c]));
+        for (std::size_t c = 0; c < columns_.size(); ++c)
+            out << "  " << pad(r[c], w[c], c > 0 && numeric(r[c]));
         out << "\n";
     }
     for (const auto& n : notes_) out << "  " << n << "\n";
@@ -79,9 +85,13 @@ std::string fixed(double value, int decimals) {
     return buf;
 }
 
-std::string spread(double lo, double hi, int decimals) { return fixed(lo, decimals) + "–" + fixed(hi, decimals); }
+std::string spread(double lo, double hi, int decimals) {
+    return fixed(lo, decimals) + "–" + fixed(hi, decimals);
+}
 
-std::string percent(double fraction, int decimals) { return fixed(100.0 * fraction, decimals) + "%"; }
+std::string percent(double fraction, int decimals) {
+    return fixed(100.0 * fraction, decimals) + "%";
+}
 
 std::string thousands(double value) {
     if (!std::isfinite(value)) return "n/a";

@@ -4,9 +4,9 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cmath>
 #include <filesystem>
-#include <chrono>
 #include <fstream>
 #include <functional>
 #include <map>
@@ -36,21 +36,29 @@ int repsFor(const BenchContext& ctx, int T) {
     if (ctx.quick()) return T >= 2048 ? 2 : (T >= 512 ? 3 : 5);
     return T >= 2048 ? 5 : (T >= 512 ? 15 : 25);
 }
-int warmupFor(const BenchContext& ctx, int T = 0) { return ctx.quick() || T >= 2048 ? 1 : 2; }
+int warmupFor(const BenchContext& ctx, int T = 0) {
+    return ctx.quick() || T >= 2048 ? 1 : 2;
+}
 
 struct TimedRun {
     Summary ms;
     RunTrace trace;  // of the last call
 };
 
-TimedRun timeRun(const BenchContext& ctx, const Model& model, const std::vector<int>& ids, const RunOptions& ro) {
+TimedRun timeRun(const BenchContext& ctx, const Model& model, const std::vector<int>& ids,
+                 const RunOptions& ro) {
     TimedRun r;
-    r.ms = timeRepeated(warmupFor(ctx, static_cast<int>(ids.size())), repsFor(ctx, static_cast<int>(ids.size())), [&] { r.trace = model.run(ids, ro); });
+    r.ms = timeRepeated(warmupFor(ctx, static_cast<int>(ids.size())),
+                        repsFor(ctx, static_cast<int>(ids.size())), [&] { r.trace = model.run(ids, ro); });
     return r;
 }
 
-std::string summaryCell(const Summary& s, int decimals) { return fixed(s.median, decimals); }
-std::string spreadCell(const Summary& s, int decimals) { return spread(s.p10, s.p90, decimals); }
+std::string summaryCell(const Summary& s, int decimals) {
+    return fixed(s.median, decimals);
+}
+std::string spreadCell(const Summary& s, int decimals) {
+    return spread(s.p10, s.p90, decimals);
+}
 
 }  // namespace
 
@@ -69,13 +77,18 @@ void benchForward(BenchContext& ctx) {
         ro.logits = RunOptions::Logits::Last;
         const auto r = timeRun(ctx, model, randomIds(T, cfg.vocab_size), ro);
         const double gflops = r.trace.flops / (r.ms.median * 1e6);
-        table.addRow({std::to_string(T), summaryCell(r.ms, 2), spreadCell(r.ms, 2), fixed(r.trace.elapsed_ms, 2),
-                      fixed(r.trace.flops / 1e9, 3), fixed(gflops, 1), std::to_string(r.ms.n)});
-        rows.push_back({{"seq_len", T}, {"ms", r.ms.toJson()}, {"flops", r.trace.flops},
-                        {"dense_flops", r.trace.dense_flops}, {"gflops", gflops}});
+        table.addRow({std::to_string(T), summaryCell(r.ms, 2), spreadCell(r.ms, 2),
+                      fixed(r.trace.elapsed_ms, 2), fixed(r.trace.flops / 1e9, 3), fixed(gflops, 1),
+                      std::to_string(r.ms.n)});
+        rows.push_back({{"seq_len", T},
+                        {"ms", r.ms.toJson()},
+                        {"flops", r.trace.flops},
+                        {"dense_flops", r.trace.dense_flops},
+                        {"gflops", gflops}});
     }
-    table.addNote("Wall time of Model::run (forward, top-k selection, full routing trace as the app's worker asks); "
-                  "\"model ms\" is RunTrace.elapsed_ms of the last run. Seeded random token ids.");
+    table.addNote(
+        "Wall time of Model::run (forward, top-k selection, full routing trace as the app's worker asks); "
+        "\"model ms\" is RunTrace.elapsed_ms of the last run. Seeded random token ids.");
     if (ctx.quick()) table.addNote("--quick: T = 2048 skipped.");
     ctx.report().json["forward"] = rows;
     ctx.report().add(table);
@@ -86,8 +99,9 @@ void benchModVsDense(BenchContext& ctx) {
     const Model& model = ctx.model();
     const Model& dense = ctx.denseTwin();
     const auto& cfg = model.config();
-    Table table("MoD against dense of the same shape (" + cfg.name + ", next-token logits)",
-                {"T", "capacity", "dense ms", "MoD ms", "MoD p10–p90", "speed-up", "ideal (FLOPs)", "of ideal"});
+    Table table(
+        "MoD against dense of the same shape (" + cfg.name + ", next-token logits)",
+        {"T", "capacity", "dense ms", "MoD ms", "MoD p10–p90", "speed-up", "ideal (FLOPs)", "of ideal"});
     json rows = json::array();
     const auto lengths = ctx.quick() ? std::vector<int>{128, 512} : std::vector<int>{128, 512, 2048};
     for (int T : fitting(lengths, cfg.max_seq_len)) {
@@ -131,9 +145,10 @@ void benchModVsDense(BenchContext& ctx) {
                             {"dense_flops", trace.dense_flops}});
         }
     }
-    table.addNote("Dense: Model::create of the same config with routed_layers cleared (random weights). Ideal = "
-                  "RunTrace.dense_flops / RunTrace.flops (docs/MODEL.md, FLOPs). \"of ideal\" = (speed-up − 1) / "
-                  "(ideal − 1): the share of the possible saving realised (n/a at capacity 1: nothing to save).");
+    table.addNote(
+        "Dense: Model::create of the same config with routed_layers cleared (random weights). Ideal = "
+        "RunTrace.dense_flops / RunTrace.flops (docs/MODEL.md, FLOPs). \"of ideal\" = (speed-up − 1) / "
+        "(ideal − 1): the share of the possible saving realised (n/a at capacity 1: nothing to save).");
     if (ctx.quick()) table.addNote("--quick: T = 2048 skipped.");
     ctx.report().json["mod_vs_dense"] = rows;
     ctx.report().add(table);
@@ -154,8 +169,8 @@ void benchGeneration(BenchContext& ctx) {
     go.temperature = 0.0f;  // greedy: every repetition generates the same tokens
     go.eos_id = -1;         // never stops early, so both models generate new_tokens
 
-    Table table("Generation in causal mode (Model::generate, KV cache, greedy, prompt " + std::to_string(prompt_len) +
-                    " tokens + " + std::to_string(new_tokens) + " new)",
+    Table table("Generation in causal mode (Model::generate, KV cache, greedy, prompt " +
+                    std::to_string(prompt_len) + " tokens + " + std::to_string(new_tokens) + " new)",
                 {"model", "tokens/s", "p10–p90", "ms/token", "KV cache", "dense KV cache", "KV share"});
     json out = json::object();
     out["prompt_tokens"] = prompt_len;
@@ -171,8 +186,8 @@ void benchGeneration(BenchContext& ctx) {
     GenerationResult last[2];
     for (int i = 0; i < reps; ++i)
         for (int w = 0; w < 2; ++w) {
-            ctx.progress(std::string("generation ") + (w == 0 ? "MoD" : "dense") + " " + std::to_string(i + 1) + "/" +
-                         std::to_string(reps));
+            ctx.progress(std::string("generation ") + (w == 0 ? "MoD" : "dense") + " " +
+                         std::to_string(i + 1) + "/" + std::to_string(reps));
             const auto t0 = std::chrono::steady_clock::now();
             last[w] = models[w]->generate(prompt, go);
             const double ms = msSince(t0);
@@ -187,9 +202,10 @@ void benchGeneration(BenchContext& ctx) {
         const auto s = Summary::of(step_ms[w]);
         const auto& r = last[w];
         (is_mod ? mod_tps : dense_tps) = t.median;
-        const double share = r.dense_kv_cache_bytes > 0 ? double(r.kv_cache_bytes) / double(r.dense_kv_cache_bytes) : 0.0;
-        table.addRow({is_mod ? "MoD (" + cfg.name + ")" : "dense twin", fixed(t.median, 1), spread(t.p10, t.p90, 1),
-                      fixed(s.median, 2), thousands(double(r.kv_cache_bytes)) + " B",
+        const double share =
+            r.dense_kv_cache_bytes > 0 ? double(r.kv_cache_bytes) / double(r.dense_kv_cache_bytes) : 0.0;
+        table.addRow({is_mod ? "MoD (" + cfg.name + ")" : "dense twin", fixed(t.median, 1),
+                      spread(t.p10, t.p90, 1), fixed(s.median, 2), thousands(double(r.kv_cache_bytes)) + " B",
                       thousands(double(r.dense_kv_cache_bytes)) + " B", percent(share)});
         out[is_mod ? "mod" : "dense"] = {{"tokens_per_second", t.median},
                                          {"tokens_per_second_summary", t.toJson()},
@@ -201,16 +217,21 @@ void benchGeneration(BenchContext& ctx) {
                                          {"kv_cache_share", share}};
     }
     out["speedup"] = dense_tps > 0 ? mod_tps / dense_tps : 0.0;
-    table.addNote("tokens/s = generated tokens / wall time of the whole generate() call (prefill included), median of " +
-                  std::to_string(reps) + " after one short warm-up; ms/token = median GenerationStep.step_ms. "
-                  "MoD/dense tokens/s: " + fixed(mod_tps / std::max(1e-9, dense_tps), 2) + "×.");
+    table.addNote(
+        "tokens/s = generated tokens / wall time of the whole generate() call (prefill included), median "
+        "of " +
+        std::to_string(reps) +
+        " after one short warm-up; ms/token = median GenerationStep.step_ms. "
+        "MoD/dense tokens/s: " +
+        fixed(mod_tps / std::max(1e-9, dense_tps), 2) + "×.");
     ctx.report().json["generation"] = out;
     ctx.report().add(table);
 }
 
 // ---------------------------------------------------------------------------------------------- peak
 void benchPeak(BenchContext& ctx) {
-    Table mm("Matmul peak (float32 torch::mm_out, n×n by n×n)", {"n", "best ms", "median ms", "best GFLOP/s", "median GFLOP/s", "runs"});
+    Table mm("Matmul peak (float32 torch::mm_out, n×n by n×n)",
+             {"n", "best ms", "median ms", "best GFLOP/s", "median GFLOP/s", "runs"});
     json mms = json::array();
     double peak = 0.0;
     for (int n : {1024, 2048}) {
@@ -220,8 +241,12 @@ void benchPeak(BenchContext& ctx) {
         peak = std::max(peak, p.best_gflops);
         mm.addRow({std::to_string(n), fixed(p.best_ms, 2), fixed(p.median_ms, 2), fixed(p.best_gflops, 1),
                    fixed(p.median_gflops, 1), std::to_string(p.reps)});
-        mms.push_back({{"n", n}, {"best_ms", p.best_ms}, {"median_ms", p.median_ms}, {"best_gflops", p.best_gflops},
-                       {"median_gflops", p.median_gflops}, {"reps", p.reps}});
+        mms.push_back({{"n", n},
+                       {"best_ms", p.best_ms},
+                       {"median_ms", p.median_ms},
+                       {"best_gflops", p.best_gflops},
+                       {"median_gflops", p.median_gflops},
+                       {"reps", p.reps}});
     }
     mm.addNote("Peak = the best of all runs (one warm-up call each). 2·n³ FLOPs per product.");
     ctx.report().json["matmul"] = mms;
@@ -234,7 +259,9 @@ void benchPeak(BenchContext& ctx) {
     std::vector<std::pair<int, std::pair<double, double>>> runs;  // T -> (flops, median ms)
     const auto& fwd = ctx.report().json.find("forward");
     if (fwd != ctx.report().json.end()) {
-        for (const auto& r : *fwd) runs.push_back({r["seq_len"].get<int>(), {r["flops"].get<double>(), r["ms"]["median"].get<double>()}});
+        for (const auto& r : *fwd)
+            runs.push_back(
+                {r["seq_len"].get<int>(), {r["flops"].get<double>(), r["ms"]["median"].get<double>()}});
     } else {
         for (int T : fitting({512, 2048}, cfg.max_seq_len)) {
             ctx.progress("engine forward T=" + std::to_string(T));
@@ -249,11 +276,17 @@ void benchPeak(BenchContext& ctx) {
     for (const auto& [T, fm] : runs) {
         const double g = fm.first / (fm.second * 1e6);
         engine = g;  // the longest length measured: the matmuls are largest there
-        eng.addRow({std::to_string(T), fixed(fm.first / 1e9, 3), fixed(fm.second, 2), fixed(g, 1), percent(g / peak)});
-        by_t.push_back({{"seq_len", T}, {"flops", fm.first}, {"ms", fm.second}, {"gflops", g}, {"fraction_of_peak", g / peak}});
+        eng.addRow({std::to_string(T), fixed(fm.first / 1e9, 3), fixed(fm.second, 2), fixed(g, 1),
+                    percent(g / peak)});
+        by_t.push_back({{"seq_len", T},
+                        {"flops", fm.first},
+                        {"ms", fm.second},
+                        {"gflops", g},
+                        {"fraction_of_peak", g / peak}});
     }
-    eng.addNote("GFLOP/s = RunTrace.flops (matmul FLOPs, docs/MODEL.md) / median wall time of Model::run. "
-                "engine_gflops in the JSON is the longest T's.");
+    eng.addNote(
+        "GFLOP/s = RunTrace.flops (matmul FLOPs, docs/MODEL.md) / median wall time of Model::run. "
+        "engine_gflops in the JSON is the longest T's.");
     ctx.report().json["engine_gflops"] = engine;
     ctx.report().json["engine_fraction_of_peak"] = peak > 0 ? engine / peak : 0.0;
     ctx.report().json["engine_gflops_by_seq_len"] = by_t;
@@ -272,7 +305,8 @@ void benchRouting(BenchContext& ctx) {
     Table table("Cost of routing in one routed layer (layer " +
                     std::to_string(*std::min_element(cfg.routed_layers.begin(), cfg.routed_layers.end())) +
                     ", top-k, capacity " + fixed(cfg.capacity, 3) + "; medians in ms)",
-                {"T", "k", "router", "top-k", "predictor", "gather", "scatter", "block", "update", "layer", "routing share"});
+                {"T", "k", "router", "top-k", "predictor", "gather", "scatter", "block", "update", "layer",
+                 "routing share"});
     json rows = json::array();
     const auto lengths = ctx.quick() ? std::vector<int>{128, 512} : std::vector<int>{128, 512, 2048};
     for (int T : fitting(lengths, cfg.max_seq_len)) {
@@ -280,18 +314,30 @@ void benchRouting(BenchContext& ctx) {
         const int reps = ctx.quick() ? 15 : (T >= 2048 ? 30 : 100);
         const auto p = profileRoutedLayer(model, T, reps);
         table.addRow({std::to_string(T), std::to_string(p.k), fixed(p.router_ms, 3), fixed(p.topk_ms, 3),
-                      fixed(p.predictor_ms, 3), fixed(p.gather_ms, 3), fixed(p.scatter_ms, 3), fixed(p.block_ms, 3),
-                      fixed(p.update_ms, 3), fixed(p.layer_ms, 3), percent(p.routingShare())});
-        rows.push_back({{"seq_len", T}, {"layer", p.layer}, {"k", p.k}, {"reps", p.reps},
-                        {"router_ms", p.router_ms}, {"topk_ms", p.topk_ms}, {"predictor_ms", p.predictor_ms},
-                        {"gather_ms", p.gather_ms}, {"scatter_ms", p.scatter_ms}, {"block_ms", p.block_ms},
-                        {"update_ms", p.update_ms}, {"layer_ms", p.layer_ms},
+                      fixed(p.predictor_ms, 3), fixed(p.gather_ms, 3), fixed(p.scatter_ms, 3),
+                      fixed(p.block_ms, 3), fixed(p.update_ms, 3), fixed(p.layer_ms, 3),
+                      percent(p.routingShare())});
+        rows.push_back({{"seq_len", T},
+                        {"layer", p.layer},
+                        {"k", p.k},
+                        {"reps", p.reps},
+                        {"router_ms", p.router_ms},
+                        {"topk_ms", p.topk_ms},
+                        {"predictor_ms", p.predictor_ms},
+                        {"gather_ms", p.gather_ms},
+                        {"scatter_ms", p.scatter_ms},
+                        {"block_ms", p.block_ms},
+                        {"update_ms", p.update_ms},
+                        {"layer_ms", p.layer_ms},
                         {"layer_spread_ms", {p.layer_p10_ms, p.layer_p90_ms}},
-                        {"routing_ms", p.routingMs()}, {"routing_share", p.routingShare()}});
+                        {"routing_ms", p.routingMs()},
+                        {"routing_share", p.routingShare()}});
     }
-    table.addNote("Each stage timed alone on the model's own modules (profiling.h, profileRoutedLayer), median of "
-                  "many calls after one warm-up; \"layer\" times the stages in sequence as one call. Share = (router + "
-                  "top-k + predictor + gather + scatter) / layer. The predictor runs in top-k mode only for the trace.");
+    table.addNote(
+        "Each stage timed alone on the model's own modules (profiling.h, profileRoutedLayer), median of "
+        "many calls after one warm-up; \"layer\" times the stages in sequence as one call. Share = (router + "
+        "top-k + predictor + gather + scatter) / layer. The predictor runs in top-k mode only for the "
+        "trace.");
     ctx.report().json["routing_cost"] = rows;
     ctx.report().add(table);
 }
@@ -304,7 +350,8 @@ struct TempDir {
     fs::path path;
     TempDir() {
         std::string tmpl = (fs::temp_directory_path() / "modscope-bench-XXXXXX").string();
-        if (!mkdtemp(tmpl.data())) throw Error("cannot create a temporary folder in " + fs::temp_directory_path().string());
+        if (!mkdtemp(tmpl.data()))
+            throw Error("cannot create a temporary folder in " + fs::temp_directory_path().string());
         path = tmpl;
     }
     ~TempDir() {
@@ -327,8 +374,9 @@ void benchTraining(BenchContext& ctx) {
         std::ofstream out(corpus_path, std::ios::binary);
         out << corpusText(ctx.quick() ? 120000 : 400000, &source);
     }
-    Table table("Training throughput (Trainer, batch 16 × 256 = 4,096 tokens per step, " + base.name + " shape)",
-                {"model", "tokens/s", "p10–p90", "step ms", "GFLOP/s", "trainer's tokens/s"});
+    Table table(
+        "Training throughput (Trainer, batch 16 × 256 = 4,096 tokens per step, " + base.name + " shape)",
+        {"model", "tokens/s", "p10–p90", "step ms", "GFLOP/s", "trainer's tokens/s"});
     json out = json::object();
     double mod_tps = 0, dense_tps = 0;
     for (bool dense : {false, true}) {
@@ -354,26 +402,30 @@ void benchTraining(BenchContext& ctx) {
         std::int64_t last_step = 0;
         auto last_time = std::chrono::steady_clock::now();
         Trainer trainer(o);
-        trainer.run([&](const TrainProgress& p) {
-            // Only the per-step callbacks (no message) count; the time between two is one step.
-            if (!p.message.empty() || p.step == last_step) return;
-            const auto now = std::chrono::steady_clock::now();
-            if (p.step == last_step + 1 && last_step >= warmup)
-                step_ms.push_back(std::chrono::duration<double, std::milli>(now - last_time).count());
-            last_time = now;
-            last_step = p.step;
-            trainer_tps = p.tokens_per_second;
-            if (p.step >= warmup + measured) stop = true;
-        }, &stop);
+        trainer.run(
+            [&](const TrainProgress& p) {
+                // Only the per-step callbacks (no message) count; the time between two is one step.
+                if (!p.message.empty() || p.step == last_step) return;
+                const auto now = std::chrono::steady_clock::now();
+                if (p.step == last_step + 1 && last_step >= warmup)
+                    step_ms.push_back(std::chrono::duration<double, std::milli>(now - last_time).count());
+                last_time = now;
+                last_step = p.step;
+                trainer_tps = p.tokens_per_second;
+                if (p.step >= warmup + measured) stop = true;
+            },
+            &stop);
         const auto s = Summary::of(step_ms);
         const double tps = 4096.0 * 1000.0 / s.median;
         const double flops = trainStepFlops(dense ? [&] { auto c = o.config; c.routed_layers.clear(); return c; }() : o.config, 256, 4096);
         (dense ? dense_tps : mod_tps) = tps;
         table.addRow({dense ? "dense" : "MoD", thousands(tps),
-                      thousands(4096.0 * 1000.0 / s.p90) + "–" + thousands(4096.0 * 1000.0 / s.p10), fixed(s.median, 1),
-                      fixed(flops / (s.median * 1e6), 1), thousands(trainer_tps)});
-        out[dense ? "dense" : "mod"] = {{"tokens_per_second", tps}, {"step_ms", s.toJson()},
-                                        {"train_step_flops", flops}, {"gflops", flops / (s.median * 1e6)},
+                      thousands(4096.0 * 1000.0 / s.p90) + "–" + thousands(4096.0 * 1000.0 / s.p10),
+                      fixed(s.median, 1), fixed(flops / (s.median * 1e6), 1), thousands(trainer_tps)});
+        out[dense ? "dense" : "mod"] = {{"tokens_per_second", tps},
+                                        {"step_ms", s.toJson()},
+                                        {"train_step_flops", flops},
+                                        {"gflops", flops / (s.median * 1e6)},
                                         {"trainer_tokens_per_second", trainer_tps}};
     }
     out["batch"] = 16;
@@ -382,9 +434,10 @@ void benchTraining(BenchContext& ctx) {
     out["measured_steps"] = measured;
     out["corpus"] = source;
     out["speedup"] = dense_tps > 0 ? mod_tps / dense_tps : 0.0;
-    table.addNote("Public Trainer API, bundled tokenizer, corpus from " + source + "; " + std::to_string(warmup) +
-                  " warm-up steps excluded, then the median of " + std::to_string(measured) +
-                  " step times (between progress callbacks). MoD/dense: " + fixed(mod_tps / std::max(1e-9, dense_tps), 2) +
+    table.addNote("Public Trainer API, bundled tokenizer, corpus from " + source + "; " +
+                  std::to_string(warmup) + " warm-up steps excluded, then the median of " +
+                  std::to_string(measured) + " step times (between progress callbacks). MoD/dense: " +
+                  fixed(mod_tps / std::max(1e-9, dense_tps), 2) +
                   "×. GFLOP/s from trainStepFlops (3× forward).");
     ctx.report().json["training"] = out;
     ctx.report().add(table);
@@ -409,9 +462,10 @@ void benchReference(BenchContext& ctx) {
     const auto dense = Model::create(dense_cfg, 1234, "cpu");
 
     const std::map<int, double> targets{{128, 4.0}, {512, 25.0}, {2048, 250.0}};
-    Table table("Reference shape (6 × d192, 3 heads, SwiGLU 512, V 2048, capacity 0.125 on layers 1/3/5, random "
-                "weights, batch 1, logits for all positions)",
-                {"T", "MoD ms", "p10–p90", "target", "met", "dense ms", "speed-up", "ideal"});
+    Table table(
+        "Reference shape (6 × d192, 3 heads, SwiGLU 512, V 2048, capacity 0.125 on layers 1/3/5, random "
+        "weights, batch 1, logits for all positions)",
+        {"T", "MoD ms", "p10–p90", "target", "met", "dense ms", "speed-up", "ideal"});
     json fwd = json::object(), rows = json::array();
     for (const auto& [T, target] : targets) {
         ctx.progress("reference T=" + std::to_string(T));
@@ -419,8 +473,9 @@ void benchReference(BenchContext& ctx) {
         RunOptions ro;
         ro.logits = RunOptions::Logits::All;
         RunTrace m_trace, d_trace;
-        const auto ms = timeInterleaved(warmupFor(ctx, T), repsFor(ctx, T), {[&] { m_trace = mod->run(ids, ro); },
-                                                                          [&] { d_trace = dense->run(ids, ro); }});
+        const auto ms =
+            timeInterleaved(warmupFor(ctx, T), repsFor(ctx, T),
+                            {[&] { m_trace = mod->run(ids, ro); }, [&] { d_trace = dense->run(ids, ro); }});
         struct {
             Summary ms;
             RunTrace& trace;
@@ -430,13 +485,21 @@ void benchReference(BenchContext& ctx) {
                       m.ms.median <= target ? "yes" : "no", fixed(d.ms.median, 2), fixed(speedup, 2) + "×",
                       fixed(ideal, 2) + "×"});
         fwd[std::to_string(T)] = m.ms.median;
-        rows.push_back({{"seq_len", T}, {"mod_ms", m.ms.median}, {"mod", m.ms.toJson()}, {"dense_ms", d.ms.median},
-                        {"dense", d.ms.toJson()}, {"target_ms", target}, {"meets_target", m.ms.median <= target},
-                        {"speedup", speedup}, {"ideal_speedup", ideal}, {"flops", m.trace.flops},
+        rows.push_back({{"seq_len", T},
+                        {"mod_ms", m.ms.median},
+                        {"mod", m.ms.toJson()},
+                        {"dense_ms", d.ms.median},
+                        {"dense", d.ms.toJson()},
+                        {"target_ms", target},
+                        {"meets_target", m.ms.median <= target},
+                        {"speedup", speedup},
+                        {"ideal_speedup", ideal},
+                        {"flops", m.trace.flops},
                         {"dense_flops", m.trace.dense_flops}});
     }
-    table.addNote("Model::run in top-k mode with RunOptions::Logits::All (the run always builds its trace: RunOptions "
-                  "has no switch to skip it). Dense: the same config with routed_layers cleared.");
+    table.addNote(
+        "Model::run in top-k mode with RunOptions::Logits::All (the run always builds its trace: RunOptions "
+        "has no switch to skip it). Dense: the same config with routed_layers cleared.");
     ctx.report().json["reference_forward_ms"] = fwd;
     ctx.report().json["reference"] = rows;
     ctx.report().add(table);

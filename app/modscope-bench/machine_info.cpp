@@ -71,7 +71,8 @@ nlohmann::json machineInfo() {
     m["blas"] = build.blas;
     m["blas_library"] = loadedBlasLibrary();
     m["torch_threads"] = build.torch_threads;
-    m["openblas_threads"] = build.openblas_threads.empty() ? nlohmann::json(nullptr) : nlohmann::json(build.openblas_threads);
+    m["openblas_threads"] =
+        build.openblas_threads.empty() ? nlohmann::json(nullptr) : nlohmann::json(build.openblas_threads);
     return m;
 }
 

@@ -43,12 +43,17 @@ std::string parse(int argc, char** argv, BenchOptions& o, bool& help) {
             into = argv[++i];
             return true;
         };
-        if (a == "-h" || a == "--help") help = true;
-        else if (a == "--quick") o.quick = true;
-        else if (a == "--model") { if (!value(o.model_dir)) return a + " needs a directory"; }
-        else if (a == "--json") { if (!value(o.json_path)) return a + " needs a file"; }
-        else if (a == "--markdown") { if (!value(o.markdown_path)) return a + " needs a file"; }
-        else if (a == "--sections") {
+        if (a == "-h" || a == "--help")
+            help = true;
+        else if (a == "--quick")
+            o.quick = true;
+        else if (a == "--model") {
+            if (!value(o.model_dir)) return a + " needs a directory";
+        } else if (a == "--json") {
+            if (!value(o.json_path)) return a + " needs a file";
+        } else if (a == "--markdown") {
+            if (!value(o.markdown_path)) return a + " needs a file";
+        } else if (a == "--sections") {
             std::string list;
             if (!value(list)) return a + " needs a list";
             std::stringstream ss(list);
@@ -60,7 +65,8 @@ std::string parse(int argc, char** argv, BenchOptions& o, bool& help) {
                 o.sections.insert(s);
             }
             if (o.sections.empty()) return a + " needs at least one section";
-        } else return "unknown option '" + a + "'";
+        } else
+            return "unknown option '" + a + "'";
     }
     return {};
 }
@@ -90,23 +96,27 @@ int main(int argc, char** argv) {
         j["quick"] = options.quick;
         j["machine"] = machineInfo();
         const Model& model = ctx.model();
-        j["model"] = {{"directory", ctx.modelDirectory()}, {"name", model.config().name},
+        j["model"] = {{"directory", ctx.modelDirectory()},
+                      {"name", model.config().name},
                       {"config", nlohmann::json::parse(model.config().toJson())},
-                      {"parameters", model.parameterCount()}, {"device", model.device()}};
+                      {"parameters", model.parameterCount()},
+                      {"device", model.device()}};
         const auto& m = j["machine"];
-        std::cout << "modscope-bench" << (options.quick ? " --quick" : "") << ": " << m["cpu"].get<std::string>()
-                  << ", " << m["cores"].get<int>() << " cores, LibTorch " << m["libtorch"].get<std::string>()
-                  << " (BLAS_INFO " << m["blas"].get<std::string>() << ": " << m["blas_library"].get<std::string>() << ", " << m["torch_threads"].get<int>()
-                  << " torch thread(s)), load average " << loadAverage() << "\nmodel: " << ctx.modelDirectory()
-                  << "\n\n";
+        std::cout << "modscope-bench" << (options.quick ? " --quick" : "") << ": "
+                  << m["cpu"].get<std::string>() << ", " << m["cores"].get<int>() << " cores, LibTorch "
+                  << m["libtorch"].get<std::string>() << " (BLAS_INFO " << m["blas"].get<std::string>()
+                  << ": " << m["blas_library"].get<std::string>() << ", " << m["torch_threads"].get<int>()
+                  << " torch thread(s)), load average " << loadAverage()
+                  << "\nmodel: " << ctx.modelDirectory() << "\n\n";
 
         nlohmann::json ran = nlohmann::json::array();
         const auto section = [&](const char* name, void (*fn)(BenchContext&)) {
             if (!options.wants(name)) return;
             const auto t0 = std::chrono::steady_clock::now();
             fn(ctx);
-            ran.push_back({{"name", name},
-                           {"seconds", std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count()}});
+            ran.push_back(
+                {{"name", name},
+                 {"seconds", std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count()}});
         };
         section("forward", benchForward);
         section("mod", benchModVsDense);
@@ -123,18 +133,20 @@ int main(int argc, char** argv) {
         section("reference", benchReference);
         j["sections"] = ran;
         j["load_average_end"] = loadAverage();
-        const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t_start).count();
+        const double seconds =
+            std::chrono::duration<double>(std::chrono::steady_clock::now() - t_start).count();
         j["duration_seconds"] = seconds;
         std::cout << "total " << seconds << " s, load average at the end " << loadAverage() << "\n";
 
         if (!options.json_path.empty()) writeFileAtomic(options.json_path, j.dump(2) + "\n");
         if (!options.markdown_path.empty()) {
             std::ostringstream md;
-            md << "Measured on " << m["cpu"].get<std::string>() << " (" << m["cores"].get<int>() << " cores), LibTorch "
-               << m["libtorch"].get<std::string>() << ", BLAS " << m["blas_library"].get<std::string>() << ", "
-               << m["torch_threads"].get<int>() << " LibTorch thread(s); load average " << m["load_average"][0]
-               << " at the start, " << j["load_average_end"] << " at the end; " << (options.quick ? "--quick, " : "")
-               << "total " << static_cast<int>(seconds) << " s.\n\n";
+            md << "Measured on " << m["cpu"].get<std::string>() << " (" << m["cores"].get<int>()
+               << " cores), LibTorch " << m["libtorch"].get<std::string>() << ", BLAS "
+               << m["blas_library"].get<std::string>() << ", " << m["torch_threads"].get<int>()
+               << " LibTorch thread(s); load average " << m["load_average"][0] << " at the start, "
+               << j["load_average_end"] << " at the end; " << (options.quick ? "--quick, " : "") << "total "
+               << static_cast<int>(seconds) << " s.\n\n";
             for (const auto& t : report.tables) md << t.markdown() << "\n";
             writeFileAtomic(options.markdown_path, md.str());
         }

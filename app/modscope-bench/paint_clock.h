@@ -7,7 +7,6 @@
 
 #include <QApplication>
 #include <QPointer>
-
 #include <chrono>
 #include <functional>
 

@@ -3,8 +3,6 @@
 // The stages repeat what ModTransformerImpl::hidden and processSelected (mod_transformer.cpp) do for a
 // routed layer in top-k mode, on the model's own modules. They are repeated here rather than instrumented
 // there so the forward pass carries no timing code; if that code changes, this file must follow it.
-#include "modscope/profiling.h"
-
 #include <ATen/Parallel.h>
 #include <ATen/Version.h>
 #include <torch/version.h>
@@ -17,6 +15,7 @@
 #include <vector>
 
 #include "model_impl.h"
+#include "modscope/profiling.h"
 
 namespace modscope {
 
@@ -47,7 +46,8 @@ std::vector<double> timeCalls(int reps, Fn&& fn) {
     for (int i = 0; i < reps; ++i) {
         const auto t0 = std::chrono::steady_clock::now();
         fn();
-        ms.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
+        ms.push_back(
+            std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
     }
     return ms;
 }
@@ -62,9 +62,11 @@ RoutedLayerProfile profileRoutedLayer(const Model& model, int seq_len, int reps,
         if (cfg.routed_layers.empty()) throw Error("the model has no routed layer to profile");
         layer = *std::min_element(cfg.routed_layers.begin(), cfg.routed_layers.end());
     }
-    if (layer >= cfg.n_layers || !cfg.isRouted(layer)) throw Error("layer " + std::to_string(layer) + " is not routed");
+    if (layer >= cfg.n_layers || !cfg.isRouted(layer))
+        throw Error("layer " + std::to_string(layer) + " is not routed");
     if (seq_len < 1 || seq_len > cfg.max_seq_len)
-        throw Error("sequence length " + std::to_string(seq_len) + " outside 1.." + std::to_string(cfg.max_seq_len));
+        throw Error("sequence length " + std::to_string(seq_len) + " outside 1.." +
+                    std::to_string(cfg.max_seq_len));
     reps = std::max(reps, 1);
 
     torch::InferenceMode guard;
@@ -127,7 +129,8 @@ RoutedLayerProfile profileRoutedLayer(const Model& model, int seq_len, int reps,
         for (int st = 0; st < kStages; ++st) {
             const auto t0 = std::chrono::steady_clock::now();
             stages[st]();
-            ms[st].push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
+            ms[st].push_back(
+                std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
         }
     p.router_ms = median(ms[kRouter]);
     p.topk_ms = median(ms[kTopk]);
@@ -167,8 +170,10 @@ EngineBuildInfo engineBuildInfo() {
     info.torch_version = TORCH_VERSION;
     const std::string config = at::show_config();
     std::smatch m;
-    if (std::regex_search(config, m, std::regex("BLAS_INFO=([^,\\s]+)"))) info.blas = m[1];
-    else info.blas = "unknown";
+    if (std::regex_search(config, m, std::regex("BLAS_INFO=([^,\\s]+)")))
+        info.blas = m[1];
+    else
+        info.blas = "unknown";
     info.torch_threads = at::get_num_threads();
     if (const char* env = std::getenv("OPENBLAS_NUM_THREADS")) info.openblas_threads = env;
     return info;

@@ -13,8 +13,9 @@
 namespace modscope {
 
 // One routed layer of a top-k forward split into its stages, each the median over reps of timing that
-// stage alone on the same inputs (round-robin: each repetition times every stage once). The stages are what ModTransformerImpl::hidden does for a routed layer
-// in Model::run (top-k mode, routing collected for the trace):
+// stage alone on the same inputs (round-robin: each repetition times every stage once). The stages are what
+// ModTransformerImpl::hidden does for a routed layer in Model::run (top-k mode, routing collected for the
+// trace):
 //   router     r = router(x)                           [1, T]
 //   topk       nn::topkIndices(r, k)                   the k selected positions, ascending
 //   predictor  predictor(x)                            the causal predictor, evaluated for the trace
@@ -30,7 +31,7 @@ struct RoutedLayerProfile {
     int reps = 0;
     double router_ms = 0, topk_ms = 0, predictor_ms = 0, gather_ms = 0, block_ms = 0, update_ms = 0,
            scatter_ms = 0;
-    double layer_ms = 0;       // median of the whole routed layer
+    double layer_ms = 0;  // median of the whole routed layer
     double layer_p10_ms = 0, layer_p90_ms = 0;
 
     // What routing adds around the block: router, top-k, predictor, gather and scatter.
@@ -55,9 +56,9 @@ MatmulPeak measureMatmulPeak(int n, int reps);
 
 // What the engine was built and runs with.
 struct EngineBuildInfo {
-    std::string torch_version;  // e.g. "1.13.1"
-    std::string blas;           // BLAS_INFO from LibTorch's build configuration, e.g. "open"
-    int torch_threads = 0;      // LibTorch's intra-op threads now (configureThreads())
+    std::string torch_version;     // e.g. "1.13.1"
+    std::string blas;              // LibTorch's BLAS_INFO; Debian's says "generic" (the selected libblas.so.3)
+    int torch_threads = 0;         // LibTorch's intra-op threads now (configureThreads())
     std::string openblas_threads;  // $OPENBLAS_NUM_THREADS when set, else empty (OpenBLAS uses every core)
 };
 EngineBuildInfo engineBuildInfo();
