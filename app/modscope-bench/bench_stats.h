@@ -1,0 +1,32 @@
+// Samples of one measurement and their summary: median with p10–p90 and min–max (docs/PERFORMANCE.md).
+#pragma once
+
+#include <chrono>
+#include <functional>
+#include <nlohmann/json.hpp>
+#include <vector>
+
+namespace modscope::bench {
+
+struct Summary {
+    int n = 0;
+    double median = 0, p10 = 0, p90 = 0, min = 0, max = 0;
+    static Summary of(std::vector<double> samples);
+    // {"median", "p10", "p90", "min", "max", "n"}
+    nlohmann::json toJson() const;
+};
+
+// Milliseconds since t0.
+inline double msSince(std::chrono::steady_clock::time_point t0) {
+    return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+}
+
+// Calls fn `warmup` times untimed (first-call allocations, caches, OpenBLAS thread start-up), then `reps`
+// times timed, one sample per call.
+Summary timeRepeated(int warmup, int reps, const std::function<void()>& fn);
+
+// The same for several measurements taken in turn: each repetition calls every fn once, so load from
+// other processes on a shared machine falls on all of them alike. One Summary per fn.
+std::vector<Summary> timeInterleaved(int warmup, int reps, const std::vector<std::function<void()>>& fns);
+
+}  // namespace modscope::bench

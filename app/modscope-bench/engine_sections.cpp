@@ -1,0 +1,507 @@
+#include "engine_sections.h"
+
+#include <stdlib.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cmath>
+#include <filesystem>
+#include <fstream>
+#include <functional>
+#include <map>
+
+#include "bench_corpus.h"
+#include "bench_stats.h"
+#include "modscope/profiling.h"
+#include "modscope/trainer.h"
+
+namespace modscope::bench {
+
+namespace fs = std::filesystem;
+using nlohmann::json;
+
+namespace {
+
+// Lengths the model can run, in order.
+std::vector<int> fitting(const std::vector<int>& lengths, int max_seq_len) {
+    std::vector<int> out;
+    for (int T : lengths)
+        if (T <= max_seq_len) out.push_back(T);
+    return out;
+}
+
+// Repetitions per length: enough for a stable median, fewer where one forward is long.
+int repsFor(const BenchContext& ctx, int T) {
+    if (ctx.quick()) return T >= 2048 ? 2 : (T >= 512 ? 3 : 5);
+    return T >= 2048 ? 5 : (T >= 512 ? 15 : 25);
+}
+int warmupFor(const BenchContext& ctx, int T = 0) {
+    return ctx.quick() || T >= 2048 ? 1 : 2;
+}
+
+struct TimedRun {
+    Summary ms;
+    RunTrace trace;  // of the last call
+};
+
+TimedRun timeRun(const BenchContext& ctx, const Model& model, const std::vector<int>& ids,
+                 const RunOptions& ro) {
+    TimedRun r;
+    r.ms = timeRepeated(warmupFor(ctx, static_cast<int>(ids.size())),
+                        repsFor(ctx, static_cast<int>(ids.size())), [&] { r.trace = model.run(ids, ro); });
+    return r;
+}
+
+std::string summaryCell(const Summary& s, int decimals) {
+    return fixed(s.median, decimals);
+}
+std::string spreadCell(const Summary& s, int decimals) {
+    return spread(s.p10, s.p90, decimals);
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------- forward
+void benchForward(BenchContext& ctx) {
+    const Model& model = ctx.model();
+    const auto& cfg = model.config();
+    Table table("Forward + trace, " + cfg.name + " (Model::run, top-k, capacity " + fixed(cfg.capacity, 3) +
+                    ", next-token logits as the app asks)",
+                {"T", "median ms", "p10–p90 ms", "model ms", "GFLOP", "GFLOP/s", "runs"});
+    json rows = json::array();
+    const auto lengths = ctx.quick() ? std::vector<int>{32, 128, 512} : std::vector<int>{32, 128, 512, 2048};
+    for (int T : fitting(lengths, cfg.max_seq_len)) {
+        ctx.progress("forward T=" + std::to_string(T));
+        RunOptions ro;
+        ro.logits = RunOptions::Logits::Last;
+        const auto r = timeRun(ctx, model, randomIds(T, cfg.vocab_size), ro);
+        const double gflops = r.trace.flops / (r.ms.median * 1e6);
+        table.addRow({std::to_string(T), summaryCell(r.ms, 2), spreadCell(r.ms, 2),
+                      fixed(r.trace.elapsed_ms, 2), fixed(r.trace.flops / 1e9, 3), fixed(gflops, 1),
+                      std::to_string(r.ms.n)});
+        rows.push_back({{"seq_len", T},
+                        {"ms", r.ms.toJson()},
+                        {"flops", r.trace.flops},
+                        {"dense_flops", r.trace.dense_flops},
+                        {"gflops", gflops}});
+    }
+    table.addNote(
+        "Wall time of Model::run (forward, top-k selection, full routing trace as the app's worker asks); "
+        "\"model ms\" is RunTrace.elapsed_ms of the last run. Seeded random token ids.");
+    if (ctx.quick()) table.addNote("--quick: T = 2048 skipped.");
+    ctx.report().json["forward"] = rows;
+    ctx.report().add(table);
+}
+
+// ---------------------------------------------------------------------------------------------- mod
+void benchModVsDense(BenchContext& ctx) {
+    const Model& model = ctx.model();
+    const Model& dense = ctx.denseTwin();
+    const auto& cfg = model.config();
+    Table table(
+        "MoD against dense of the same shape (" + cfg.name + ", next-token logits)",
+        {"T", "capacity", "dense ms", "MoD ms", "MoD p10–p90", "speed-up", "ideal (FLOPs)", "of ideal"});
+    json rows = json::array();
+    const auto lengths = ctx.quick() ? std::vector<int>{128, 512} : std::vector<int>{128, 512, 2048};
+    for (int T : fitting(lengths, cfg.max_seq_len)) {
+        const auto ids = randomIds(T, cfg.vocab_size, 2);
+        RunOptions ro;
+        ro.logits = RunOptions::Logits::Last;
+        ctx.progress("MoD and dense, T=" + std::to_string(T));
+        const std::vector<double> capacities{0.125, 0.25, 0.5, 1.0};
+        // Dense first, then each capacity, in turn every repetition (timeInterleaved).
+        std::vector<RunTrace> traces(1 + capacities.size());
+        std::vector<std::function<void()>> fns;
+        fns.push_back([&] { traces[0] = dense.run(ids, ro); });
+        for (std::size_t c = 0; c < capacities.size(); ++c)
+            fns.push_back([&, c] {
+                RunOptions o = ro;
+                o.capacity = capacities[c];
+                traces[1 + c] = model.run(ids, o);
+            });
+        const auto ms = timeInterleaved(warmupFor(ctx, T), repsFor(ctx, T), fns);
+        const Summary& d = ms[0];
+        for (std::size_t c = 0; c < capacities.size(); ++c) {
+            const double capacity = capacities[c];
+            const Summary& m = ms[1 + c];
+            const RunTrace& trace = traces[1 + c];
+            const double speedup = d.median / m.median;
+            const double ideal = trace.dense_flops / trace.flops;
+            table.addRow({std::to_string(T), fixed(capacity, 3), summaryCell(d, 2), summaryCell(m, 2),
+                          spreadCell(m, 2), fixed(speedup, 2) + "×", fixed(ideal, 2) + "×",
+                          ideal > 1.01 ? percent((speedup - 1.0) / (ideal - 1.0), 0) : "n/a"});
+            rows.push_back({{"seq_len", T},
+                            {"capacity", capacity},
+                            {"dense_ms", d.median},
+                            {"mod_ms", m.median},
+                            {"dense_spread_ms", {d.p10, d.p90}},
+                            {"mod_spread_ms", {m.p10, m.p90}},
+                            {"dense", d.toJson()},
+                            {"mod", m.toJson()},
+                            {"speedup", speedup},
+                            {"ideal_speedup", ideal},
+                            {"flops", trace.flops},
+                            {"dense_flops", trace.dense_flops}});
+        }
+    }
+    table.addNote(
+        "Dense: Model::create of the same config with routed_layers cleared (random weights). Ideal = "
+        "RunTrace.dense_flops / RunTrace.flops (docs/MODEL.md, FLOPs). \"of ideal\" = (speed-up − 1) / "
+        "(ideal − 1): the share of the possible saving realised (n/a at capacity 1: nothing to save).");
+    if (ctx.quick()) table.addNote("--quick: T = 2048 skipped.");
+    ctx.report().json["mod_vs_dense"] = rows;
+    ctx.report().add(table);
+}
+
+// ---------------------------------------------------------------------------------------------- generation
+void benchGeneration(BenchContext& ctx) {
+    const Model& model = ctx.model();
+    const Model& dense = ctx.denseTwin();
+    const auto& cfg = model.config();
+    const int prompt_len = std::min(64, cfg.max_seq_len / 2);
+    const int new_tokens = std::min(ctx.quick() ? 32 : 128, cfg.max_seq_len - prompt_len);
+    const int reps = ctx.quick() ? 2 : 5;
+    const auto prompt = randomIds(prompt_len, cfg.vocab_size, 3);
+
+    GenerationOptions go;
+    go.max_new_tokens = new_tokens;
+    go.temperature = 0.0f;  // greedy: every repetition generates the same tokens
+    go.eos_id = -1;         // never stops early, so both models generate new_tokens
+
+    Table table("Generation in causal mode (Model::generate, KV cache, greedy, prompt " +
+                    std::to_string(prompt_len) + " tokens + " + std::to_string(new_tokens) + " new)",
+                {"model", "tokens/s", "p10–p90", "ms/token", "KV cache", "dense KV cache", "KV share"});
+    json out = json::object();
+    out["prompt_tokens"] = prompt_len;
+    out["new_tokens"] = new_tokens;
+    const Model* models[2] = {&model, &dense};
+    for (const Model* m : models) {
+        GenerationOptions warm = go;
+        warm.max_new_tokens = std::min(8, new_tokens);
+        m->generate(prompt, warm);
+    }
+    // MoD and dense in turn, every repetition, so load from other processes falls on both alike.
+    std::vector<double> tps[2], step_ms[2];
+    GenerationResult last[2];
+    for (int i = 0; i < reps; ++i)
+        for (int w = 0; w < 2; ++w) {
+            ctx.progress(std::string("generation ") + (w == 0 ? "MoD" : "dense") + " " +
+                         std::to_string(i + 1) + "/" + std::to_string(reps));
+            const auto t0 = std::chrono::steady_clock::now();
+            last[w] = models[w]->generate(prompt, go);
+            const double ms = msSince(t0);
+            // Whole call (prompt prefill included) per generated token, as a user waits for it.
+            tps[w].push_back(1000.0 * double(last[w].generated_ids.size()) / ms);
+            for (const auto& st : last[w].steps) step_ms[w].push_back(st.step_ms);
+        }
+    double mod_tps = 0, dense_tps = 0;
+    for (int w = 0; w < 2; ++w) {
+        const bool is_mod = w == 0;
+        const auto t = Summary::of(tps[w]);
+        const auto s = Summary::of(step_ms[w]);
+        const auto& r = last[w];
+        (is_mod ? mod_tps : dense_tps) = t.median;
+        const double share =
+            r.dense_kv_cache_bytes > 0 ? double(r.kv_cache_bytes) / double(r.dense_kv_cache_bytes) : 0.0;
+        table.addRow({is_mod ? "MoD (" + cfg.name + ")" : "dense twin", fixed(t.median, 1),
+                      spread(t.p10, t.p90, 1), fixed(s.median, 2), thousands(double(r.kv_cache_bytes)) + " B",
+                      thousands(double(r.dense_kv_cache_bytes)) + " B", percent(share)});
+        out[is_mod ? "mod" : "dense"] = {{"tokens_per_second", t.median},
+                                         {"tokens_per_second_summary", t.toJson()},
+                                         {"engine_tokens_per_second", r.tokens_per_second},
+                                         {"step_ms", s.toJson()},
+                                         {"generated", r.generated_ids.size()},
+                                         {"kv_cache_bytes", r.kv_cache_bytes},
+                                         {"dense_kv_cache_bytes", r.dense_kv_cache_bytes},
+                                         {"kv_cache_share", share}};
+    }
+    out["speedup"] = dense_tps > 0 ? mod_tps / dense_tps : 0.0;
+    table.addNote(
+        "tokens/s = generated tokens / wall time of the whole generate() call (prefill included), median "
+        "of " +
+        std::to_string(reps) +
+        " after one short warm-up; ms/token = median GenerationStep.step_ms. "
+        "MoD/dense tokens/s: " +
+        fixed(mod_tps / std::max(1e-9, dense_tps), 2) + "×.");
+    ctx.report().json["generation"] = out;
+    ctx.report().add(table);
+}
+
+// ---------------------------------------------------------------------------------------------- peak
+void benchPeak(BenchContext& ctx) {
+    Table mm("Matmul peak (float32 torch::mm_out, n×n by n×n)",
+             {"n", "best ms", "median ms", "best GFLOP/s", "median GFLOP/s", "runs"});
+    json mms = json::array();
+    double peak = 0.0;
+    for (int n : {1024, 2048}) {
+        ctx.progress("matmul " + std::to_string(n));
+        const int reps = n >= 2048 ? (ctx.quick() ? 3 : 8) : (ctx.quick() ? 5 : 20);
+        const auto p = measureMatmulPeak(n, reps);
+        peak = std::max(peak, p.best_gflops);
+        mm.addRow({std::to_string(n), fixed(p.best_ms, 2), fixed(p.median_ms, 2), fixed(p.best_gflops, 1),
+                   fixed(p.median_gflops, 1), std::to_string(p.reps)});
+        mms.push_back({{"n", n},
+                       {"best_ms", p.best_ms},
+                       {"median_ms", p.median_ms},
+                       {"best_gflops", p.best_gflops},
+                       {"median_gflops", p.median_gflops},
+                       {"reps", p.reps}});
+    }
+    mm.addNote("Peak = the best of all runs (one warm-up call each). 2·n³ FLOPs per product.");
+    ctx.report().json["matmul"] = mms;
+    ctx.report().json["matmul_peak_gflops"] = peak;
+    ctx.report().add(mm);
+
+    // The engine's achieved rate: the forward section's medians when it ran, else measured here.
+    const Model& model = ctx.model();
+    const auto& cfg = model.config();
+    std::vector<std::pair<int, std::pair<double, double>>> runs;  // T -> (flops, median ms)
+    const auto& fwd = ctx.report().json.find("forward");
+    if (fwd != ctx.report().json.end()) {
+        for (const auto& r : *fwd)
+            runs.push_back(
+                {r["seq_len"].get<int>(), {r["flops"].get<double>(), r["ms"]["median"].get<double>()}});
+    } else {
+        for (int T : fitting({512, 2048}, cfg.max_seq_len)) {
+            ctx.progress("engine forward T=" + std::to_string(T));
+            const auto r = timeRun(ctx, model, randomIds(T, cfg.vocab_size), {});
+            runs.push_back({T, {r.trace.flops, r.ms.median}});
+        }
+    }
+    Table eng("Engine GFLOP/s (" + cfg.name + ", Model::run top-k) against the matmul peak",
+              {"T", "GFLOP", "median ms", "GFLOP/s", "of peak"});
+    json by_t = json::array();
+    double engine = 0.0;
+    for (const auto& [T, fm] : runs) {
+        const double g = fm.first / (fm.second * 1e6);
+        engine = g;  // the longest length measured: the matmuls are largest there
+        eng.addRow({std::to_string(T), fixed(fm.first / 1e9, 3), fixed(fm.second, 2), fixed(g, 1),
+                    percent(g / peak)});
+        by_t.push_back({{"seq_len", T},
+                        {"flops", fm.first},
+                        {"ms", fm.second},
+                        {"gflops", g},
+                        {"fraction_of_peak", g / peak}});
+    }
+    eng.addNote(
+        "GFLOP/s = RunTrace.flops (matmul FLOPs, docs/MODEL.md) / median wall time of Model::run. "
+        "engine_gflops in the JSON is the longest T's.");
+    ctx.report().json["engine_gflops"] = engine;
+    ctx.report().json["engine_fraction_of_peak"] = peak > 0 ? engine / peak : 0.0;
+    ctx.report().json["engine_gflops_by_seq_len"] = by_t;
+    ctx.report().add(eng);
+}
+
+// ---------------------------------------------------------------------------------------------- routing
+void benchRouting(BenchContext& ctx) {
+    const Model& model = ctx.model();
+    const auto& cfg = model.config();
+    if (cfg.routed_layers.empty()) {
+        ctx.progress("routing: the model has no routed layer; skipped");
+        ctx.report().json["routing_cost"] = json::array();
+        return;
+    }
+    Table table("Cost of routing in one routed layer (layer " +
+                    std::to_string(*std::min_element(cfg.routed_layers.begin(), cfg.routed_layers.end())) +
+                    ", top-k, capacity " + fixed(cfg.capacity, 3) + "; medians in ms)",
+                {"T", "k", "router", "top-k", "predictor", "gather", "scatter", "block", "update", "layer",
+                 "routing share"});
+    json rows = json::array();
+    const auto lengths = ctx.quick() ? std::vector<int>{128, 512} : std::vector<int>{128, 512, 2048};
+    for (int T : fitting(lengths, cfg.max_seq_len)) {
+        ctx.progress("routing T=" + std::to_string(T));
+        const int reps = ctx.quick() ? 15 : (T >= 2048 ? 30 : 100);
+        const auto p = profileRoutedLayer(model, T, reps);
+        table.addRow({std::to_string(T), std::to_string(p.k), fixed(p.router_ms, 3), fixed(p.topk_ms, 3),
+                      fixed(p.predictor_ms, 3), fixed(p.gather_ms, 3), fixed(p.scatter_ms, 3),
+                      fixed(p.block_ms, 3), fixed(p.update_ms, 3), fixed(p.layer_ms, 3),
+                      percent(p.routingShare())});
+        rows.push_back({{"seq_len", T},
+                        {"layer", p.layer},
+                        {"k", p.k},
+                        {"reps", p.reps},
+                        {"router_ms", p.router_ms},
+                        {"topk_ms", p.topk_ms},
+                        {"predictor_ms", p.predictor_ms},
+                        {"gather_ms", p.gather_ms},
+                        {"scatter_ms", p.scatter_ms},
+                        {"block_ms", p.block_ms},
+                        {"update_ms", p.update_ms},
+                        {"layer_ms", p.layer_ms},
+                        {"layer_spread_ms", {p.layer_p10_ms, p.layer_p90_ms}},
+                        {"routing_ms", p.routingMs()},
+                        {"routing_share", p.routingShare()}});
+    }
+    table.addNote(
+        "Each stage timed alone on the model's own modules (profiling.h, profileRoutedLayer), round-robin "
+        "(each repetition times every stage once), medians over 100 repetitions (30 at T = 2048, 15 with "
+        "--quick) after one warm-up; \"layer\" times the stages in sequence as one call. Share = (router + "
+        "top-k + predictor + gather + scatter) / layer. The predictor runs in top-k mode only for the "
+        "trace.");
+    ctx.report().json["routing_cost"] = rows;
+    ctx.report().add(table);
+}
+
+// ---------------------------------------------------------------------------------------------- training
+namespace {
+
+// A temporary folder removed when the benchmark leaves the section, also on an exception.
+struct TempDir {
+    fs::path path;
+    TempDir() {
+        std::string tmpl = (fs::temp_directory_path() / "modscope-bench-XXXXXX").string();
+        if (!mkdtemp(tmpl.data()))
+            throw Error("cannot create a temporary folder in " + fs::temp_directory_path().string());
+        path = tmpl;
+    }
+    ~TempDir() {
+        std::error_code ec;
+        fs::remove_all(path, ec);
+    }
+};
+
+}  // namespace
+
+void benchTraining(BenchContext& ctx) {
+    const std::string tokenizer = (fs::path(ctx.modelDirectory()) / "tokenizer.model").string();
+    const ModelConfig base = ctx.model().config();
+    const int warmup = ctx.quick() ? 1 : 3;
+    const int measured = ctx.quick() ? 2 : 10;
+    TempDir tmp;
+    std::string source;
+    const auto corpus_path = tmp.path / "corpus.txt";
+    {
+        std::ofstream out(corpus_path, std::ios::binary);
+        out << corpusText(ctx.quick() ? 120000 : 400000, &source);
+    }
+    Table table(
+        "Training throughput (Trainer, batch 16 × 256 = 4,096 tokens per step, " + base.name + " shape)",
+        {"model", "tokens/s", "p10–p90", "step ms", "GFLOP/s", "trainer's tokens/s"});
+    json out = json::object();
+    double mod_tps = 0, dense_tps = 0;
+    for (bool dense : {false, true}) {
+        ctx.progress(std::string("training ") + (dense ? "dense" : "MoD"));
+        TrainOptions o;
+        o.corpus_files = {corpus_path.string()};
+        o.out_dir = (tmp.path / (dense ? "dense" : "mod")).string();
+        o.tokenizer_model = tokenizer;
+        o.config = base;
+        o.config.max_seq_len = 256;  // the rotary table need not reach the bundled model's 2,048
+        o.dense = dense;
+        o.steps = warmup + measured + 1000;  // stopped from the callback after warmup + measured
+        o.seq_lens = {256};
+        o.batch_tokens = 4096;
+        o.eval_every = 0;
+        o.eval_windows = 2;
+        o.checkpoint_every = 0;
+        o.calibrate_threshold = false;
+        o.device = "cpu";
+        std::atomic<bool> stop{false};
+        std::vector<double> step_ms;
+        double trainer_tps = 0;
+        std::int64_t last_step = 0;
+        auto last_time = std::chrono::steady_clock::now();
+        Trainer trainer(o);
+        trainer.run(
+            [&](const TrainProgress& p) {
+                // Only the per-step callbacks (no message) count; the time between two is one step.
+                if (!p.message.empty() || p.step == last_step) return;
+                const auto now = std::chrono::steady_clock::now();
+                if (p.step == last_step + 1 && last_step >= warmup)
+                    step_ms.push_back(std::chrono::duration<double, std::milli>(now - last_time).count());
+                last_time = now;
+                last_step = p.step;
+                trainer_tps = p.tokens_per_second;
+                if (p.step >= warmup + measured) stop = true;
+            },
+            &stop);
+        const auto s = Summary::of(step_ms);
+        const double tps = 4096.0 * 1000.0 / s.median;
+        const double flops = trainStepFlops(dense ? [&] { auto c = o.config; c.routed_layers.clear(); return c; }() : o.config, 256, 4096);
+        (dense ? dense_tps : mod_tps) = tps;
+        table.addRow({dense ? "dense" : "MoD", thousands(tps),
+                      thousands(4096.0 * 1000.0 / s.p90) + "–" + thousands(4096.0 * 1000.0 / s.p10),
+                      fixed(s.median, 1), fixed(flops / (s.median * 1e6), 1), thousands(trainer_tps)});
+        out[dense ? "dense" : "mod"] = {{"tokens_per_second", tps},
+                                        {"step_ms", s.toJson()},
+                                        {"train_step_flops", flops},
+                                        {"gflops", flops / (s.median * 1e6)},
+                                        {"trainer_tokens_per_second", trainer_tps}};
+    }
+    out["batch"] = 16;
+    out["seq_len"] = 256;
+    out["warmup_steps"] = warmup;
+    out["measured_steps"] = measured;
+    out["corpus"] = source;
+    out["speedup"] = dense_tps > 0 ? mod_tps / dense_tps : 0.0;
+    table.addNote("Public Trainer API, bundled tokenizer, corpus from " + source + "; " +
+                  std::to_string(warmup) + " warm-up steps excluded, then the median of " +
+                  std::to_string(measured) + " step times (between progress callbacks). MoD/dense: " +
+                  fixed(mod_tps / std::max(1e-9, dense_tps), 2) +
+                  "×. GFLOP/s from trainStepFlops (3× forward).");
+    ctx.report().json["training"] = out;
+    ctx.report().add(table);
+}
+
+// ---------------------------------------------------------------------------------------------- reference
+void benchReference(BenchContext& ctx) {
+    ModelConfig cfg;
+    cfg.name = "reference";
+    cfg.vocab_size = 2048;
+    cfg.d_model = 192;
+    cfg.n_layers = 6;
+    cfg.n_heads = 3;
+    cfg.d_ff = 512;
+    cfg.max_seq_len = 2048;
+    cfg.capacity = 0.125;
+    cfg.routed_layers = {1, 3, 5};
+    ModelConfig dense_cfg = cfg;
+    dense_cfg.name = "reference-dense";
+    dense_cfg.routed_layers.clear();
+    const auto mod = Model::create(cfg, 1234, "cpu");
+    const auto dense = Model::create(dense_cfg, 1234, "cpu");
+
+    const std::map<int, double> targets{{128, 4.0}, {512, 25.0}, {2048, 250.0}};
+    Table table(
+        "Reference shape (6 × d192, 3 heads, SwiGLU 512, V 2048, capacity 0.125 on layers 1/3/5, random "
+        "weights, batch 1, logits for all positions)",
+        {"T", "MoD ms", "p10–p90", "target", "met", "dense ms", "speed-up", "ideal"});
+    json fwd = json::object(), rows = json::array();
+    for (const auto& [T, target] : targets) {
+        ctx.progress("reference T=" + std::to_string(T));
+        const auto ids = randomIds(T, cfg.vocab_size, 4);
+        RunOptions ro;
+        ro.logits = RunOptions::Logits::All;
+        RunTrace mod_trace, dense_trace;
+        // MoD and dense in turn, every repetition (timeInterleaved).
+        const auto ms = timeInterleaved(
+            warmupFor(ctx, T), repsFor(ctx, T),
+            {[&] { mod_trace = mod->run(ids, ro); }, [&] { dense_trace = dense->run(ids, ro); }});
+        const Summary &m = ms[0], &d = ms[1];
+        const double speedup = d.median / m.median, ideal = mod_trace.dense_flops / mod_trace.flops;
+        table.addRow({std::to_string(T), fixed(m.median, 2), spreadCell(m, 2), "≤ " + fixed(target, 0),
+                      m.median <= target ? "yes" : "no", fixed(d.median, 2), fixed(speedup, 2) + "×",
+                      fixed(ideal, 2) + "×"});
+        fwd[std::to_string(T)] = m.median;
+        rows.push_back({{"seq_len", T},
+                        {"mod_ms", m.median},
+                        {"mod", m.toJson()},
+                        {"dense_ms", d.median},
+                        {"dense", d.toJson()},
+                        {"target_ms", target},
+                        {"meets_target", m.median <= target},
+                        {"speedup", speedup},
+                        {"ideal_speedup", ideal},
+                        {"flops", mod_trace.flops},
+                        {"dense_flops", mod_trace.dense_flops}});
+    }
+    table.addNote(
+        "Model::run in top-k mode with RunOptions::Logits::All (the run always builds its trace: RunOptions "
+        "has no switch to skip it). Dense: the same config with routed_layers cleared.");
+    ctx.report().json["reference_forward_ms"] = fwd;
+    ctx.report().json["reference"] = rows;
+    ctx.report().add(table);
+}
+
+}  // namespace modscope::bench

@@ -1,0 +1,158 @@
+// modscope-bench: how fast the engine and the app are on this machine, in one run (docs/PERFORMANCE.md).
+//
+// modscope-bench [--model DIR] [--json FILE] [--markdown FILE] [--quick] [--sections LIST]
+//
+// Tables go to stdout, progress to stderr. Every figure is measured in this run; nothing fails on time
+// (exit 0 unless something could not be measured at all: 1, or a bad command line: 2).
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <iostream>
+#include <sstream>
+#include <string>
+
+#include "bench_context.h"
+#include "engine_sections.h"
+#include "machine_info.h"
+#include "modscope/engine.h"
+
+#ifdef MODSCOPE_BENCH_HAVE_APP
+#include "app_section.h"
+#endif
+
+namespace {
+
+const char* kUsage =
+    "usage: modscope-bench [--model DIR] [--json FILE] [--markdown FILE] [--quick] [--sections LIST]\n"
+    "\n"
+    "  --model DIR      model to measure (default: the bundled default model)\n"
+    "  --json FILE      write every figure as JSON (atomically)\n"
+    "  --markdown FILE  write the tables as Markdown (for docs/PERFORMANCE.md)\n"
+    "  --quick          fewer repetitions, no T = 2048 where slow, fewer training steps (under a minute)\n"
+    "  --sections LIST  comma-separated, in any order; default all:\n"
+    "                   forward,mod,generation,peak,routing,app,training,reference\n";
+
+using modscope::bench::BenchOptions;
+
+// Returns an error message, or empty when the command line is good.
+std::string parse(int argc, char** argv, BenchOptions& o, bool& help) {
+    for (int i = 1; i < argc; ++i) {
+        const std::string a = argv[i];
+        const auto value = [&](std::string& into) -> bool {
+            if (i + 1 >= argc) return false;
+            into = argv[++i];
+            return true;
+        };
+        if (a == "-h" || a == "--help")
+            help = true;
+        else if (a == "--quick")
+            o.quick = true;
+        else if (a == "--model") {
+            if (!value(o.model_dir)) return a + " needs a directory";
+        } else if (a == "--json") {
+            if (!value(o.json_path)) return a + " needs a file";
+        } else if (a == "--markdown") {
+            if (!value(o.markdown_path)) return a + " needs a file";
+        } else if (a == "--sections") {
+            std::string list;
+            if (!value(list)) return a + " needs a list";
+            std::stringstream ss(list);
+            std::string s;
+            while (std::getline(ss, s, ',')) {
+                if (s.empty()) continue;
+                const auto& all = BenchOptions::allSections();
+                if (std::find(all.begin(), all.end(), s) == all.end()) return "unknown section '" + s + "'";
+                o.sections.insert(s);
+            }
+            if (o.sections.empty()) return a + " needs at least one section";
+        } else
+            return "unknown option '" + a + "'";
+    }
+    return {};
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+    using namespace modscope;
+    using namespace modscope::bench;
+    BenchOptions options;
+    bool help = false;
+    if (const auto error = parse(argc, argv, options, help); !error.empty()) {
+        std::cerr << "modscope-bench: " << error << "\n\n" << kUsage;
+        return 2;
+    }
+    if (help) {
+        std::cout << kUsage;
+        return 0;
+    }
+    const auto t_start = std::chrono::steady_clock::now();
+    configureThreads();  // as the app and every tool run (before the machine's thread count is read)
+    BenchReport report;
+    BenchContext ctx(options, report);
+    try {
+        auto& j = report.json;
+        j["tool"] = "modscope-bench";
+        j["quick"] = options.quick;
+        j["machine"] = machineInfo();
+        const Model& model = ctx.model();
+        j["model"] = {{"directory", ctx.modelDirectory()},
+                      {"name", model.config().name},
+                      {"config", nlohmann::json::parse(model.config().toJson())},
+                      {"parameters", model.parameterCount()},
+                      {"device", model.device()}};
+        const auto& m = j["machine"];
+        std::cout << "modscope-bench" << (options.quick ? " --quick" : "") << ": "
+                  << m["cpu"].get<std::string>() << ", " << m["cores"].get<int>() << " cores, LibTorch "
+                  << m["libtorch"].get<std::string>() << " (BLAS_INFO " << m["blas"].get<std::string>()
+                  << ": " << m["blas_library"].get<std::string>() << ", " << m["torch_threads"].get<int>()
+                  << " torch thread(s)), load average " << loadAverage()
+                  << "\nmodel: " << ctx.modelDirectory() << "\n\n";
+
+        nlohmann::json ran = nlohmann::json::array();
+        const auto section = [&](const char* name, void (*fn)(BenchContext&)) {
+            if (!options.wants(name)) return;
+            const auto t0 = std::chrono::steady_clock::now();
+            fn(ctx);
+            ran.push_back(
+                {{"name", name},
+                 {"seconds", std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count()}});
+        };
+        section("forward", benchForward);
+        section("mod", benchModVsDense);
+        section("generation", benchGeneration);
+        section("peak", benchPeak);
+        section("routing", benchRouting);
+#ifdef MODSCOPE_BENCH_HAVE_APP
+        section("app", benchApp);
+#else
+        if (options.wants("app") && !options.sections.empty())
+            throw Error("this build has no app (MODSCOPE_BUILD_APP=OFF): the app section cannot run");
+#endif
+        section("training", benchTraining);
+        section("reference", benchReference);
+        j["sections"] = ran;
+        j["load_average_end"] = loadAverage();
+        const double seconds =
+            std::chrono::duration<double>(std::chrono::steady_clock::now() - t_start).count();
+        j["duration_seconds"] = seconds;
+        std::cout << "total " << seconds << " s, load average at the end " << loadAverage() << "\n";
+
+        if (!options.json_path.empty()) writeFileAtomic(options.json_path, j.dump(2) + "\n");
+        if (!options.markdown_path.empty()) {
+            std::ostringstream md;
+            md << "Measured on " << m["cpu"].get<std::string>() << " (" << m["cores"].get<int>()
+               << " cores), LibTorch " << m["libtorch"].get<std::string>() << ", BLAS "
+               << m["blas_library"].get<std::string>() << ", " << m["torch_threads"].get<int>()
+               << " LibTorch thread(s); load average " << m["load_average"][0] << " at the start, "
+               << j["load_average_end"] << " at the end; " << (options.quick ? "--quick, " : "") << "total "
+               << static_cast<int>(seconds) << " s.\n\n";
+            for (const auto& t : report.tables) md << t.markdown() << "\n";
+            writeFileAtomic(options.markdown_path, md.str());
+        }
+    } catch (const std::exception& e) {
+        std::cerr << "modscope-bench: " << e.what() << "\n";
+        return 1;
+    }
+    return 0;
+}

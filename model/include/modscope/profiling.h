@@ -1,0 +1,66 @@
+// ModScope profiling: measurements of the engine's internals for modscope-bench (docs/PERFORMANCE.md).
+//
+// Plain C++ types only, like engine.h: the benchmark tool (which also links Qt) never sees LibTorch. Every
+// time here is wall-clock on the calling thread, under torch::InferenceMode, in milliseconds; the device
+// is the model's (timings on a CUDA device would need synchronisation and are CPU-only for now).
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+#include "modscope/engine.h"
+
+namespace modscope {
+
+// One routed layer of a top-k forward split into its stages, each the median over reps of timing that
+// stage alone on the same inputs (round-robin: each repetition times every stage once). The stages are what
+// ModTransformerImpl::hidden does for a routed layer in Model::run (top-k mode, routing collected for the
+// trace):
+//   router     r = router(x)                           [1, T]
+//   topk       nn::topkIndices(r, k)                   the k selected positions, ascending
+//   predictor  predictor(x)                            the causal predictor, evaluated for the trace
+//   gather     x, positions and sigmoid(r) of the selected tokens
+//   block      block.delta on the k gathered tokens    attention + SwiGLU, the useful work
+//   update     xs + sigmoid(r) * delta                 the gated residual
+//   scatter    the updated rows written into a copy of x
+// layer_ms times all of them in sequence, as one call; it is the denominator of the share.
+struct RoutedLayerProfile {
+    int layer = 0;
+    int seq_len = 0;
+    int k = 0;
+    int reps = 0;
+    double router_ms = 0, topk_ms = 0, predictor_ms = 0, gather_ms = 0, block_ms = 0, update_ms = 0,
+           scatter_ms = 0;
+    double layer_ms = 0;  // median of the whole routed layer
+    double layer_p10_ms = 0, layer_p90_ms = 0;
+
+    // What routing adds around the block: router, top-k, predictor, gather and scatter.
+    double routingMs() const { return router_ms + topk_ms + predictor_ms + gather_ms + scatter_ms; }
+    double routingShare() const { return layer_ms > 0 ? routingMs() / layer_ms : 0.0; }
+};
+
+// Profiles routed layer `layer` (-1: the first routed layer) of model at seq_len tokens and the given
+// capacity (< 0: the model's), on the embeddings of seeded random token ids. Throws Error when the model
+// has no routed layer, the layer is not routed, or seq_len is outside 1 … max_seq_len.
+RoutedLayerProfile profileRoutedLayer(const Model& model, int seq_len, int reps, double capacity = -1.0,
+                                      int layer = -1, std::uint64_t seed = 1);
+
+// A large float32 matmul (n x n by n x n, torch::mm on the CPU), as the machine's practical peak.
+struct MatmulPeak {
+    int n = 0;
+    int reps = 0;
+    double best_ms = 0, median_ms = 0;
+    double best_gflops = 0, median_gflops = 0;  // 2 n^3 FLOPs per product
+};
+MatmulPeak measureMatmulPeak(int n, int reps);
+
+// What the engine was built and runs with.
+struct EngineBuildInfo {
+    std::string torch_version;     // e.g. "1.13.1"
+    std::string blas;              // LibTorch's BLAS_INFO; Debian's says "generic" (the selected libblas.so.3)
+    int torch_threads = 0;         // LibTorch's intra-op threads now (configureThreads())
+    std::string openblas_threads;  // $OPENBLAS_NUM_THREADS when set, else empty (OpenBLAS uses every core)
+};
+EngineBuildInfo engineBuildInfo();
+
+}  // namespace modscope

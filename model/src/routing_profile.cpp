@@ -1,0 +1,182 @@
+// Stage-by-stage timing of one routed layer, the matmul peak and the build information (profiling.h).
+//
+// The stages repeat what ModTransformerImpl::hidden and processSelected (mod_transformer.cpp) do for a
+// routed layer in top-k mode, on the model's own modules. They are repeated here rather than instrumented
+// there so the forward pass carries no timing code; if that code changes, this file must follow it.
+#include <ATen/Parallel.h>
+#include <ATen/Version.h>
+#include <torch/version.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdlib>
+#include <functional>
+#include <regex>
+#include <vector>
+
+#include "model_impl.h"
+#include "modscope/profiling.h"
+
+namespace modscope {
+
+namespace {
+
+double median(std::vector<double> v) {
+    if (v.empty()) return 0.0;
+    std::sort(v.begin(), v.end());
+    const auto n = v.size();
+    return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
+}
+
+double quantile(std::vector<double> v, double q) {
+    if (v.empty()) return 0.0;
+    std::sort(v.begin(), v.end());
+    const double pos = q * double(v.size() - 1);
+    const auto lo = static_cast<std::size_t>(pos);
+    const auto hi = std::min(lo + 1, v.size() - 1);
+    return v[lo] + (pos - double(lo)) * (v[hi] - v[lo]);
+}
+
+// Times fn reps times (after one untimed call that warms caches and allocator) and returns each call's ms.
+template <typename Fn>
+std::vector<double> timeCalls(int reps, Fn&& fn) {
+    fn();
+    std::vector<double> ms;
+    ms.reserve(reps);
+    for (int i = 0; i < reps; ++i) {
+        const auto t0 = std::chrono::steady_clock::now();
+        fn();
+        ms.push_back(
+            std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
+    }
+    return ms;
+}
+
+}  // namespace
+
+RoutedLayerProfile profileRoutedLayer(const Model& model, int seq_len, int reps, double capacity, int layer,
+                                      std::uint64_t seed) {
+    auto& impl = model.impl();
+    const auto& cfg = impl.config;
+    if (layer < 0) {
+        if (cfg.routed_layers.empty()) throw Error("the model has no routed layer to profile");
+        layer = *std::min_element(cfg.routed_layers.begin(), cfg.routed_layers.end());
+    }
+    if (layer >= cfg.n_layers || !cfg.isRouted(layer))
+        throw Error("layer " + std::to_string(layer) + " is not routed");
+    if (seq_len < 1 || seq_len > cfg.max_seq_len)
+        throw Error("sequence length " + std::to_string(seq_len) + " outside 1.." +
+                    std::to_string(cfg.max_seq_len));
+    reps = std::max(reps, 1);
+
+    torch::InferenceMode guard;
+    auto& block = *impl.net->blocks[static_cast<std::size_t>(layer)];
+    const auto& rope = impl.net->rope;
+    const auto k = capacityToK(capacity < 0 ? cfg.capacity : std::min(capacity, 1.0), seq_len);
+
+    // Inputs: embeddings of seeded random ids (timing depends on shapes, not on values).
+    torch::manual_seed(seed);
+    const auto opts = torch::TensorOptions().device(impl.device);
+    const auto ids = torch::randint(cfg.vocab_size, {1, seq_len}, opts.dtype(torch::kLong));
+    const auto x = impl.net->tok_emb(ids).contiguous();  // [1, T, d]
+    const auto pos = torch::arange(seq_len, opts.dtype(torch::kLong)).unsqueeze(0);
+
+    // Each stage's inputs are the previous stage's outputs, computed once.
+    const auto r = block.router(x).squeeze(-1);
+    const auto idx = nn::topkIndices(r, k);
+    const auto idx3 = idx.unsqueeze(-1).expand({1, k, x.size(2)});
+    const auto xs = x.gather(1, idx3);
+    const auto ps = pos.gather(1, idx);
+    const auto gate = torch::sigmoid(r.gather(1, idx)).unsqueeze(-1);
+    const auto delta = block.delta(xs, ps, rope);
+    const auto updated = xs + gate * delta;
+
+    RoutedLayerProfile p;
+    p.layer = layer;
+    p.seq_len = seq_len;
+    p.k = static_cast<int>(k);
+    p.reps = reps;
+    // Round-robin: every repetition times each stage once, so a burst of load from other processes on a
+    // shared machine falls on all stages alike rather than on whichever was being timed then.
+    enum Stage { kRouter, kTopk, kPredictor, kGather, kBlock, kUpdate, kScatter, kLayer, kStages };
+    const std::function<void()> stages[kStages] = {
+        [&] { (void)block.router(x).squeeze(-1); },
+        [&] { (void)nn::topkIndices(r, k); },
+        [&] { (void)block.predictor(x.detach()); },
+        [&] {
+            (void)x.gather(1, idx.unsqueeze(-1).expand({1, k, x.size(2)}));
+            (void)pos.gather(1, idx);
+            (void)torch::sigmoid(r.gather(1, idx)).unsqueeze(-1);
+        },
+        [&] { (void)block.delta(xs, ps, rope); },
+        [&] { (void)(xs + gate * delta); },
+        [&] { (void)x.scatter(1, idx.unsqueeze(-1).expand_as(updated), updated); },
+        [&] {
+            // The whole routed layer as hidden() runs it in top-k mode with the routing collected.
+            const auto r_ = block.router(x).squeeze(-1);
+            const auto idx_ = nn::topkIndices(r_, k);
+            (void)block.predictor(x.detach());
+            const auto xs_ = x.gather(1, idx_.unsqueeze(-1).expand({1, k, x.size(2)}));
+            const auto ps_ = pos.gather(1, idx_);
+            const auto gate_ = torch::sigmoid(r_.gather(1, idx_)).unsqueeze(-1);
+            const auto up_ = xs_ + gate_ * block.delta(xs_, ps_, rope);
+            (void)x.scatter(1, idx_.unsqueeze(-1).expand_as(up_), up_);
+        },
+    };
+    for (const auto& stage : stages) stage();  // warm-up
+    std::vector<double> ms[kStages];
+    for (int i = 0; i < reps; ++i)
+        for (int st = 0; st < kStages; ++st) {
+            const auto t0 = std::chrono::steady_clock::now();
+            stages[st]();
+            ms[st].push_back(
+                std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
+        }
+    p.router_ms = median(ms[kRouter]);
+    p.topk_ms = median(ms[kTopk]);
+    p.predictor_ms = median(ms[kPredictor]);
+    p.gather_ms = median(ms[kGather]);
+    p.block_ms = median(ms[kBlock]);
+    p.update_ms = median(ms[kUpdate]);
+    p.scatter_ms = median(ms[kScatter]);
+    const auto& whole = ms[kLayer];
+    p.layer_ms = median(whole);
+    p.layer_p10_ms = quantile(whole, 0.1);
+    p.layer_p90_ms = quantile(whole, 0.9);
+    return p;
+}
+
+MatmulPeak measureMatmulPeak(int n, int reps) {
+    torch::InferenceMode guard;
+    torch::manual_seed(7);
+    const auto a = torch::randn({n, n});
+    const auto b = torch::randn({n, n});
+    auto c = torch::empty({n, n});
+    // mm_out: no allocation in the timed loop, only the product.
+    const auto ms = timeCalls(std::max(reps, 1), [&] { torch::mm_out(c, a, b); });
+    MatmulPeak m;
+    m.n = n;
+    m.reps = static_cast<int>(ms.size());
+    m.best_ms = *std::min_element(ms.begin(), ms.end());
+    m.median_ms = median(ms);
+    const double flops = 2.0 * double(n) * double(n) * double(n);
+    m.best_gflops = flops / (m.best_ms * 1e6);
+    m.median_gflops = flops / (m.median_ms * 1e6);
+    return m;
+}
+
+EngineBuildInfo engineBuildInfo() {
+    EngineBuildInfo info;
+    info.torch_version = TORCH_VERSION;
+    const std::string config = at::show_config();
+    std::smatch m;
+    if (std::regex_search(config, m, std::regex("BLAS_INFO=([^,\\s]+)")))
+        info.blas = m[1];
+    else
+        info.blas = "unknown";
+    info.torch_threads = at::get_num_threads();
+    if (const char* env = std::getenv("OPENBLAS_NUM_THREADS")) info.openblas_threads = env;
+    return info;
+}
+
+}  // namespace modscope

@@ -1,0 +1,140 @@
+// modscope-bench must not rot: a --quick run of its cheap sections on a tiny fixture model exits 0 and
+// writes JSON with every required field, positive times, and ideal speed-ups that follow the engine's
+// FLOP count (recomputed here from forwardFlops). This checks the tool, not the machine's speed.
+#include <QFile>
+#include <QJsonArray>
+#include <QJsonDocument>
+#include <QJsonObject>
+#include <QProcess>
+#include <QTemporaryDir>
+#include <QTest>
+#include <cmath>
+
+#include "app_fixture.h"
+#include "modscope/engine.h"
+
+using namespace modscope;
+
+namespace {
+
+constexpr int kTimeoutMs = 240000;
+const QString kBench = QStringLiteral(MODSCOPE_BIN_DIR "/modscope-bench");
+
+}  // namespace
+
+class BenchToolTest : public QObject {
+    Q_OBJECT
+private:
+    QTemporaryDir tmp_;
+    QString model_dir_;
+    ModelConfig config_;
+
+    int runBench(const QStringList& args, QByteArray* err = nullptr) {
+        QProcess p;
+        p.start(kBench, args);
+        if (!p.waitForFinished(kTimeoutMs)) {
+            p.kill();
+            p.waitForFinished();
+            return -1;
+        }
+        if (err) *err = p.readAllStandardError();
+        return p.exitStatus() == QProcess::NormalExit ? p.exitCode() : -1;
+    }
+
+private Q_SLOTS:
+    void initTestCase() {
+        QVERIFY(tmp_.isValid());
+        model_dir_ = tmp_.filePath(QStringLiteral("model"));
+        apptest::FixtureOptions o;
+        o.max_seq_len = 128;  // so the T = 128 rows of the forward, MoD and routing sections run
+        apptest::writeFixtureModel(model_dir_.toStdString(), o);
+        QFile f(model_dir_ + QStringLiteral("/config.json"));
+        QVERIFY(f.open(QIODevice::ReadOnly));
+        config_ = ModelConfig::fromJson(f.readAll().toStdString());
+    }
+
+    void quickRunWritesRequiredFields() {
+        const QString json_path = tmp_.filePath(QStringLiteral("bench.json"));
+        const QString md_path = tmp_.filePath(QStringLiteral("bench.md"));
+        QByteArray err;
+        const int code =
+            runBench({QStringLiteral("--model"), model_dir_, QStringLiteral("--quick"),
+                      QStringLiteral("--sections"), QStringLiteral("forward,mod,peak,routing,reference"),
+                      QStringLiteral("--json"), json_path, QStringLiteral("--markdown"), md_path},
+                     &err);
+        QVERIFY2(code == 0, err.constData());
+
+        QFile f(json_path);
+        QVERIFY(f.open(QIODevice::ReadOnly));
+        QJsonParseError perr;
+        const QJsonObject j = QJsonDocument::fromJson(f.readAll(), &perr).object();
+        QCOMPARE(perr.error, QJsonParseError::NoError);
+
+        const QJsonObject m = j[QStringLiteral("machine")].toObject();
+        QVERIFY(!m[QStringLiteral("cpu")].toString().isEmpty());
+        QVERIFY(m[QStringLiteral("cores")].toInt() > 0);
+        QVERIFY(!m[QStringLiteral("libtorch")].toString().isEmpty());
+        QVERIFY(!m[QStringLiteral("blas")].toString().isEmpty());
+        QVERIFY(m[QStringLiteral("torch_threads")].toInt() > 0);
+
+        const QJsonArray forward = j[QStringLiteral("forward")].toArray();
+        QVERIFY(!forward.isEmpty());
+        for (const auto& v : forward)
+            QVERIFY(v.toObject()[QStringLiteral("ms")].toObject()[QStringLiteral("median")].toDouble() > 0);
+
+        const QJsonArray mod = j[QStringLiteral("mod_vs_dense")].toArray();
+        QCOMPARE(mod.size(), 4);  // T = 128 (512 is beyond this model) × four capacities
+        for (const auto& v : mod) {
+            const QJsonObject r = v.toObject();
+            const int T = r[QStringLiteral("seq_len")].toInt();
+            const double capacity = r[QStringLiteral("capacity")].toDouble();
+            const double dense_ms = r[QStringLiteral("dense_ms")].toDouble(),
+                         mod_ms = r[QStringLiteral("mod_ms")].toDouble();
+            QCOMPARE(T, 128);
+            QVERIFY(capacity > 0 && capacity <= 1);
+            QVERIFY(dense_ms > 0 && mod_ms > 0);
+            QVERIFY(std::abs(r[QStringLiteral("speedup")].toDouble() - dense_ms / mod_ms) <
+                    1e-9 * dense_ms / mod_ms);
+            QCOMPARE(r[QStringLiteral("mod_spread_ms")].toArray().size(), 2);
+            // The ideal is the engine's FLOP ratio for this capacity: routed layers process k tokens.
+            std::vector<int> processed;
+            for (int l = 0; l < config_.n_layers; ++l)
+                processed.push_back(config_.isRouted(l) ? capacityToK(capacity, T) : T);
+            const double ideal = denseForwardFlops(config_, T, 1) / forwardFlops(config_, T, processed, 1);
+            QVERIFY2(std::abs(r[QStringLiteral("ideal_speedup")].toDouble() - ideal) < 1e-9 * ideal,
+                     qPrintable(QStringLiteral("capacity %1: ideal %2, expected %3")
+                                    .arg(capacity)
+                                    .arg(r[QStringLiteral("ideal_speedup")].toDouble())
+                                    .arg(ideal)));
+        }
+
+        const double peak = j[QStringLiteral("matmul_peak_gflops")].toDouble();
+        const double engine = j[QStringLiteral("engine_gflops")].toDouble();
+        QVERIFY(peak > 0);
+        QVERIFY(engine > 0 && engine < 2 * peak);
+
+        const QJsonObject ref = j[QStringLiteral("reference_forward_ms")].toObject();
+        for (const char* T : {"128", "512", "2048"}) QVERIFY2(ref[QLatin1String(T)].toDouble() > 0, T);
+
+        const QJsonArray routing = j[QStringLiteral("routing_cost")].toArray();
+        QVERIFY(!routing.isEmpty());
+        for (const auto& v : routing) {
+            const double share = v.toObject()[QStringLiteral("routing_share")].toDouble();
+            QVERIFY(share > 0 && share < 1);
+        }
+
+        QFile md(md_path);
+        QVERIFY(md.open(QIODevice::ReadOnly));
+        const QByteArray text = md.readAll();
+        QVERIFY(text.contains("### MoD against dense"));
+        QVERIFY(text.contains("### Reference shape"));
+    }
+
+    void badCommandLineExitsTwo() {
+        QCOMPARE(runBench({QStringLiteral("--sections"), QStringLiteral("nonsense")}), 2);
+        QCOMPARE(runBench({QStringLiteral("--bogus")}), 2);
+    }
+};
+
+QTEST_GUILESS_MAIN(BenchToolTest)
+#include "bench_tool_test.moc"
