@@ -87,7 +87,7 @@ int main(int argc, char** argv) {
         return 0;
     }
     const auto t_start = std::chrono::steady_clock::now();
-    configureThreads();  // as the app and every tool run (before the machine's thread count is read)
+    configureRuntime();  // as the app and every tool run (before the machine's thread count is read)
     BenchReport report;
     BenchContext ctx(options, report);
     try {

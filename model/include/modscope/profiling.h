@@ -58,7 +58,7 @@ MatmulPeak measureMatmulPeak(int n, int reps);
 struct EngineBuildInfo {
     std::string torch_version;     // e.g. "1.13.1"
     std::string blas;              // LibTorch's BLAS_INFO; Debian's says "generic" (the selected libblas.so.3)
-    int torch_threads = 0;         // LibTorch's intra-op threads now (configureThreads())
+    int torch_threads = 0;         // LibTorch's intra-op threads now (configureRuntime())
     std::string openblas_threads;  // $OPENBLAS_NUM_THREADS when set, else empty (OpenBLAS uses every core)
 };
 EngineBuildInfo engineBuildInfo();
