@@ -196,6 +196,33 @@ private Q_SLOTS:
         const double expected = 2 * T * d * V + 2 * block(T) + 2 * (block(k) + routing);
         QCOMPARE(trace.flops, expected);
         QCOMPARE(trace.dense_flops, 2 * T * d * V + 4 * block(T));
+
+        // Beyond one query block of 128, attention scores only the blocks on and below the diagonal:
+        // at 160 tokens, 128 queries see 128 keys and the last 32 see all 160.
+        const int L = 160;
+        const auto longer = model->run(test::randomIds(L, 300, 2), opt);
+        const double pairs = 128.0 * 128 + 32.0 * 160;
+        const double dense_block = 8 * L * d * d + 4 * pairs * d + 6 * L * d * ff;
+        QCOMPARE(longer.dense_flops, 2 * L * d * V + 4 * dense_block);
+    }
+
+    // Blocked causal attention against the plain masked softmax over the whole square, with and without
+    // cached keys before the new queries, across block boundaries.
+    void blockedAttentionEqualsTheFullSquare() {
+        torch::manual_seed(3);
+        for (auto [S, prior] : {std::pair<int, int>{1, 0}, {5, 0}, {128, 0}, {129, 0}, {300, 0}, {200, 37}, {1, 90}}) {
+            const int N = 4, hd = 16, P = prior + S;
+            const auto q = torch::randn({N, S, hd}), k = torch::randn({N, P, hd}), v = torch::randn({N, P, hd});
+            const auto key = torch::arange(P).unsqueeze(0), query = torch::arange(S).unsqueeze(1) + prior;
+            const auto scores = torch::where(key <= query, torch::bmm(q, k.transpose(1, 2)),
+                                             torch::full({}, -std::numeric_limits<float>::infinity()));
+            const auto expected = torch::bmm(torch::softmax(scores, -1), v);
+            const auto got = nn::causalAttention(q, k, v, prior);
+            QCOMPARE(got.sizes().vec(), expected.sizes().vec());
+            QVERIFY2(torch::allclose(got, expected, 1e-5, 1e-5),
+                     qPrintable(QString("S %1 prior %2: max difference %3").arg(S).arg(prior)
+                                    .arg((got - expected).abs().max().item<float>())));
+        }
     }
 
     void rejectsBadInput() {

@@ -148,6 +148,31 @@ private Q_SLOTS:
         QCOMPARE(last.step, std::int64_t(6));  // ceil(5.5)
     }
 
+    // count_forced is a lower bound of the disagreements, reached when the predictor selects every token.
+    void evaluationCountsTheForcedDisagreements() {
+        auto model = Model::create(test::tinyConfig(), 4, "cpu");
+        const auto ids = test::randomIds(4000, model->config().vocab_size, 9);
+        const auto some = evaluate(*model, ids, 32, 16);
+        QVERIFY(!some.layers.empty());
+        for (const auto& l : some.layers) {
+            QVERIFY(l.count_forced >= 0);
+            QVERIFY(l.count_forced <= l.agreement.fp + l.agreement.fn);
+        }
+        {
+            torch::NoGradGuard guard;
+            for (auto& block : model->impl().net->blocks)
+                if (block->routed) block->predictor->fc2->bias.fill_(100.0f);
+        }
+        const auto all = evaluate(*model, ids, 32, 16);
+        const int k = capacityToK(model->config().capacity, 32);
+        for (const auto& l : all.layers) {
+            QCOMPARE(l.agreement.fn, std::int64_t(0));
+            QCOMPARE(l.count_forced, std::int64_t(16) * (32 - k));
+            QCOMPARE(l.count_forced, l.agreement.fp);
+            QCOMPARE(l.countForcedShare(), 1.0);
+        }
+    }
+
     void badCorporaAreRefused() {
         expectCorpusError({QDir(dir_.path()).filePath("nope.txt").toStdString()}, "no such corpus file");
         expectCorpusError({writeCorpus(dir_, "empty.txt", "")}, "empty");

@@ -306,7 +306,7 @@ void benchRouting(BenchContext& ctx) {
                     std::to_string(*std::min_element(cfg.routed_layers.begin(), cfg.routed_layers.end())) +
                     ", top-k, capacity " + fixed(cfg.capacity, 3) + "; medians in ms)",
                 {"T", "k", "router", "top-k", "predictor", "gather", "scatter", "block", "update", "layer",
-                 "routing share"});
+                 "routing share", "top-k mode", "causal mode"});
     json rows = json::array();
     const auto lengths = ctx.quick() ? std::vector<int>{128, 512} : std::vector<int>{128, 512, 2048};
     for (int T : fitting(lengths, cfg.max_seq_len)) {
@@ -316,7 +316,7 @@ void benchRouting(BenchContext& ctx) {
         table.addRow({std::to_string(T), std::to_string(p.k), fixed(p.router_ms, 3), fixed(p.topk_ms, 3),
                       fixed(p.predictor_ms, 3), fixed(p.gather_ms, 3), fixed(p.scatter_ms, 3),
                       fixed(p.block_ms, 3), fixed(p.update_ms, 3), fixed(p.layer_ms, 3),
-                      percent(p.routingShare())});
+                      percent(p.routingShare()), percent(p.topkModeShare()), percent(p.causalModeShare())});
         rows.push_back({{"seq_len", T},
                         {"layer", p.layer},
                         {"k", p.k},
@@ -331,14 +331,18 @@ void benchRouting(BenchContext& ctx) {
                         {"layer_ms", p.layer_ms},
                         {"layer_spread_ms", {p.layer_p10_ms, p.layer_p90_ms}},
                         {"routing_ms", p.routingMs()},
-                        {"routing_share", p.routingShare()}});
+                        {"routing_share", p.routingShare()},
+                        {"topk_mode_share", p.topkModeShare()},
+                        {"causal_mode_share", p.causalModeShare()}});
     }
     table.addNote(
         "Each stage timed alone on the model's own modules (profiling.h, profileRoutedLayer), round-robin "
         "(each repetition times every stage once), medians over 100 repetitions (30 at T = 2048, 15 with "
         "--quick) after one warm-up; \"layer\" times the stages in sequence as one call. Share = (router + "
-        "top-k + predictor + gather + scatter) / layer. The predictor runs in top-k mode only for the "
-        "trace.");
+        "top-k + predictor + gather + scatter) / layer, as Model::run does it for a trace. \"top-k mode\" is "
+        "(router + top-k + gather + scatter) / (those + block + update): a top-k forward without a trace, "
+        "which needs no predictor; \"causal mode\" is (router + predictor + gather + scatter) / (those + "
+        "block + update): causal routing, which needs no top-k.");
     ctx.report().json["routing_cost"] = rows;
     ctx.report().add(table);
 }

@@ -111,8 +111,8 @@ int evaluateCommand(const std::string& dir, const std::vector<std::string>& corp
     std::printf("held-out tokens: %zu; model %s, capacity %.3f, routed layers", val_ids.size(),
                 model->config().name.c_str(), model->config().capacity);
     for (int l : model->config().routed_layers) std::printf(" %d", l);
-    std::printf("\n\n%6s %8s %7s | %5s %9s %9s %9s %9s\n", "tokens", "loss", "ppl", "layer", "accuracy", "balanced",
-                "precision", "recall");
+    std::printf("\n\n%6s %8s %7s | %5s %9s %9s %9s %9s %13s\n", "tokens", "loss", "ppl", "layer", "accuracy",
+                "balanced", "precision", "recall", "count-forced");
     for (int T : lengths) {
         if (T > model->config().max_seq_len) continue;
         const auto e = modscope::evaluate(*model, val_ids, T, std::max(windows, 4096 / T));
@@ -120,11 +120,13 @@ int evaluateCommand(const std::string& dir, const std::vector<std::string>& corp
             const auto& a = e.layers[i].agreement;
             if (i == 0) std::printf("%6d %8.4f %7.2f |", T, e.loss, e.perplexity);
             else std::printf("%6s %8s %7s |", "", "", "");
-            std::printf(" %5d %8.2f%% %9.3f %9.3f %9.3f\n", e.layers[i].layer, 100 * a.accuracy(),
-                        a.balancedAccuracy(), a.precision(), a.recall());
+            std::printf(" %5d %8.2f%% %9.3f %9.3f %9.3f %12.0f%%\n", e.layers[i].layer, 100 * a.accuracy(),
+                        a.balancedAccuracy(), a.precision(), a.recall(), 100 * e.layers[i].countForcedShare());
         }
         if (e.layers.empty()) std::printf("%6d %8.4f %7.2f |\n", T, e.loss, e.perplexity);
     }
+    std::printf("\ncount-forced: share of the disagreements that the number of tokens the predictor selects in a\n"
+                "window forces on its own (|selected - k| per window), however well it chooses among them.\n");
     return 0;
 }
 

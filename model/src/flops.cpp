@@ -1,16 +1,17 @@
 // FLOP accounting of a forward pass, the formula of docs/MODEL.md "FLOPs".
+#include "attention_blocks.h"
 #include "modscope/engine.h"
 
 namespace modscope {
 
 namespace {
 
-// A block on n tokens that attend among themselves: projections, the full n x n score and value
-// products as computed, and the SwiGLU MLP. One multiply-add counts 2.
+// A block on n tokens that attend among themselves: projections, the score and value products of the
+// query blocks as computed (attention_blocks.h), and the SwiGLU MLP. One multiply-add counts 2.
 double blockFlops(const ModelConfig& c, double n) {
     const double d = c.d_model, ff = c.d_ff;
     const double projections = 2 * n * d * (3 * d) + 2 * n * d * d;
-    const double attention = 2 * (2 * n * n * d);
+    const double attention = 2 * (2 * attentionScorePairs(n) * d);
     const double mlp = 2 * n * d * (2 * ff) + 2 * n * ff * d;
     return projections + attention + mlp;
 }

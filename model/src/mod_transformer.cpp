@@ -1,6 +1,8 @@
 // Mixture-of-Depths transformer: forward passes for training, tracing and generation (docs/MODEL.md).
 #include "mod_transformer.h"
 
+#include "attention_blocks.h"
+
 #include <torch/nn/functional/activation.h>
 #include <torch/nn/init.h>
 
@@ -38,7 +40,7 @@ torch::Tensor causalAttention(const torch::Tensor& q, const torch::Tensor& k, co
     if (S == 1) return torch::bmm(torch::softmax(torch::bmm(q, k.transpose(1, 2)), -1), v);  // sees every key
     // Query block [s, e) needs keys [0, prior + e) only: the keys after it would be masked anyway, so the
     // upper triangle of the score matrix is never computed, and each block's scores stay cache-sized.
-    constexpr std::int64_t kBlock = 128;
+    constexpr std::int64_t kBlock = kAttentionQueryBlock;
     const auto strictly_upper = torch::ones({std::min(S, kBlock), std::min(S, kBlock)},
                                             q.options().dtype(torch::kBool)).triu(1);
     std::vector<torch::Tensor> blocks;

@@ -140,6 +140,7 @@ EvalResult evaluate(const Model& model, const std::vector<int>& ids, int seq_len
     EvalResult result;
     result.seq_len = seq_len;
     std::map<int, Agreement> per_layer;
+    std::map<int, std::int64_t> count_forced;
     double loss_sum = 0.0;
     int batches = 0;
     const int per_batch = std::max(1, 8192 / seq_len);
@@ -164,11 +165,14 @@ EvalResult evaluate(const Model& model, const std::vector<int>& ids, int seq_len
             a.fp += (~truth & pred).sum().item<std::int64_t>();
             a.tn += (~truth & ~pred).sum().item<std::int64_t>();
             a.fn += (truth & ~pred).sum().item<std::int64_t>();
+            // Each window's top-k holds exactly k tokens, so a predictor selecting n of them is wrong on at
+            // least |n - k|.
+            count_forced[li] += (pred.sum(1) - routing[li].k).abs().sum().item<std::int64_t>();
         }
     }
     result.loss = loss_sum / std::max(1, batches);
     result.perplexity = std::exp(result.loss);
-    for (const auto& [layer, a] : per_layer) result.layers.push_back({layer, a});
+    for (const auto& [layer, a] : per_layer) result.layers.push_back({layer, a, count_forced[layer]});
     return result;
 }
 

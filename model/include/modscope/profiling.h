@@ -37,6 +37,19 @@ struct RoutedLayerProfile {
     // What routing adds around the block: router, top-k, predictor, gather and scatter.
     double routingMs() const { return router_ms + topk_ms + predictor_ms + gather_ms + scatter_ms; }
     double routingShare() const { return layer_ms > 0 ? routingMs() / layer_ms : 0.0; }
+
+    // What each mode needs to route, as a share of that mode's routed layer (sums of stage medians):
+    // top-k mode without a trace has no predictor; causal mode (generation) has no top-k.
+    double topkModeShare() const {
+        const double routing = router_ms + topk_ms + gather_ms + scatter_ms;
+        const double total = routing + block_ms + update_ms;
+        return total > 0 ? routing / total : 0.0;
+    }
+    double causalModeShare() const {
+        const double routing = router_ms + predictor_ms + gather_ms + scatter_ms;
+        const double total = routing + block_ms + update_ms;
+        return total > 0 ? routing / total : 0.0;
+    }
 };
 
 // Profiles routed layer `layer` (-1: the first routed layer) of model at seq_len tokens and the given

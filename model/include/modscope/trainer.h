@@ -57,6 +57,13 @@ struct TrainOptions {
 struct LayerEval {
     int layer = 0;
     Agreement agreement;   // causal predictor against top-k, on held-out windows
+    // Sum over windows of |tokens the predictor selects - k|: disagreements its count alone forces, however
+    // well it picks. Their share of fp + fn says whether errors come from the rate or from the choice.
+    std::int64_t count_forced = 0;
+    double countForcedShare() const {
+        const auto wrong = agreement.fp + agreement.fn;
+        return wrong > 0 ? double(count_forced) / double(wrong) : 0.0;
+    }
 };
 
 struct EvalResult {
