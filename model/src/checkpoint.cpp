@@ -25,6 +25,10 @@ std::uint64_t maxWeightsFileBytes(const ModelConfig& config) {
     return params * 4 + 64 * 1024 + 1024 * static_cast<std::uint64_t>(config.n_layers);
 }
 
+std::uint64_t minWeightsFileBytes(const ModelConfig& config) {
+    return static_cast<std::uint64_t>(config.parameterCount()) * 4;
+}
+
 std::string serializeWeights(nn::ModTransformerImpl& net) {
     c10::Dict<std::string, at::Tensor> dict;
     for (const auto& p : net.named_parameters()) dict.insert(p.key(), p.value().detach().to(torch::kCPU).contiguous());
