@@ -31,14 +31,12 @@ std::string randomBytes(std::size_t n, std::uint64_t seed) {
     return s;
 }
 
-// Runs a Python script (Debian's, which has torch) with the given arguments; throws when it fails.
-void runPython(const std::string& script, const std::vector<std::string>& args) {
-    std::string command = "/usr/bin/python3 -";
-    for (const auto& a : args) command += " '" + a + "'";
-    FILE* p = ::popen(command.c_str(), "w");
+// Runs a Python script (Debian's, which has torch) from its standard input; throws when it fails.
+void runPython(const std::string& script) {
+    FILE* p = ::popen("/usr/bin/python3 -", "w");
     if (!p) throw std::runtime_error("cannot start /usr/bin/python3");
     std::fwrite(script.data(), 1, script.size(), p);
-    if (::pclose(p) != 0) throw std::runtime_error("python3 failed on: " + command);
+    if (::pclose(p) != 0) throw std::runtime_error("python3 failed on:\n" + script);
 }
 
 }  // namespace
@@ -80,18 +78,19 @@ std::vector<BadFile> makeBadCheckpoints(const std::string& good_dir, const std::
         {"weights-missing-tensor", "del d['layers.1.router.weight']"},
         {"weights-wrong-shape", "d['norm_f.weight'] = torch.ones(" + std::to_string(d + 1) + ")"},
     };
-    std::string script = "import sys, torch\nfor p, edit in zip(sys.argv[1::2], sys.argv[2::2]):\n"
-                         "    d = torch.load(p + '/weights.pt')\n    exec(edit)\n    torch.save(d, p + '/weights.pt')\n";
+    // The edits go into the script itself (no shell quoting of Python code); the paths are temporary
+    // directories without quotes.
+    std::string script = "import torch\n";
     std::vector<std::string> args;
     for (const auto& [name, edit] : edits) {
         args.push_back(copy(name));
-        args.push_back(edit);
+        script += "p = '" + args.back() + "/weights.pt'\nd = torch.load(p)\n" + edit + "\ntorch.save(d, p)\n";
     }
-    runPython(script, args);
+    runPython(script);
     out.push_back({"weights-nan", args[0], "'layers.1.router.weight' holds NaN or infinite values"});
-    out.push_back({"weights-inf", args[2], "'norm_f.weight' holds NaN or infinite values"});
-    out.push_back({"weights-missing-tensor", args[4], "missing tensor 'layers.1.router.weight'"});
-    out.push_back({"weights-wrong-shape", args[6],
+    out.push_back({"weights-inf", args[1], "'norm_f.weight' holds NaN or infinite values"});
+    out.push_back({"weights-missing-tensor", args[2], "missing tensor 'layers.1.router.weight'"});
+    out.push_back({"weights-wrong-shape", args[3],
                    "'norm_f.weight' has shape [" + std::to_string(d + 1) + "], the config needs [" +
                        std::to_string(d) + "]"});
 

@@ -9,6 +9,7 @@
 #include <nlohmann/json.hpp>
 
 #include "bad_files.h"
+#include "checkpoint.h"
 #include "file_size_limit.h"
 #include "test_support.h"
 
@@ -277,6 +278,55 @@ private Q_SLOTS:
         QCOMPARE(badfiles::readFile(pathIn(dir, "weights.pt")), before);
         QCOMPARE(QDir(dir.path()).entryList(QDir::Files | QDir::Hidden).size(), qsizetype(3));
         QCOMPARE(Model::open(dir.path().toStdString(), "cpu")->weightsSha256(), model->weightsSha256());
+    }
+
+    // fuzz_checkpoint's first finding: LibTorch's own reader copied past the end of a truncated zip (a heap
+    // overflow AddressSanitizer reports; silent garbage otherwise). Every cut of a real weights.pt, and the
+    // fuzzer's input itself, must now end in an Error.
+    void truncatedZipsAreRefusedWithoutReadingPastTheEnd() {
+        QTemporaryDir dir;
+        test::makeCheckpoint(dir.path().toStdString());
+        const auto good = badfiles::readFile(pathIn(dir, "weights.pt"));
+        auto model = Model::create(test::tinyConfig(), 1, "cpu");
+        for (std::size_t cut : {good.size() - 1, good.size() - 22, good.size() - 100, good.size() - 4096,
+                                good.size() * 3 / 4, std::size_t(30), std::size_t(4)}) {
+            const auto msg = [&]() -> std::string {
+                try {
+                    loadWeights(*model->impl().net, good.substr(0, cut), "weights.pt");
+                } catch (const Error& e) {
+                    return e.what();
+                }
+                return {};
+            }();
+            QVERIFY2(msg.find("not a readable weights file") != std::string::npos,
+                     qPrintable(QString("cut at %1: '%2'").arg(cut).arg(msg.c_str())));
+        }
+        // The fuzzer's config and inputs (fuzz/fuzz_checkpoint.cpp, fuzz/corpus/checkpoint).
+        ModelConfig c;
+        c.vocab_size = 16;
+        c.d_model = 8;
+        c.n_layers = 2;
+        c.n_heads = 2;
+        c.d_ff = 16;
+        c.max_seq_len = 16;
+        c.routed_layers = {1};
+        c.predictor_hidden = 4;
+        auto fuzz_model = Model::create(c, 1, "cpu");
+        const QString corpus = QStringLiteral(MODSCOPE_SOURCE_DIR "/fuzz/corpus/checkpoint/");
+        const auto load = [&](const char* name) -> std::string {
+            try {
+                loadWeights(*fuzz_model->impl().net, badfiles::readFile((corpus + name).toStdString()), name);
+            } catch (const Error& e) {
+                return e.what();
+            }
+            return {};
+        };
+        QVERIFY(load("truncated.pt").find("not a readable weights file") != std::string::npos);
+        QCOMPARE(load("valid.pt"), std::string());  // what Python's torch.save writes still loads
+        QCOMPARE(load("transposed.pt"), std::string());  // a strided tensor too
+        QVERIFY(load("nan.pt").find("NaN") != std::string::npos);
+        QVERIFY(load("list.pt").find("expected a dict") != std::string::npos);
+        qInfo("a legacy (pre-zip) torch.save file: %s", load("legacy_format.pt").c_str());
     }
 
     // libsentencepiece and LibTorch bring two protobuf versions; both must work in one process.
