@@ -1,6 +1,8 @@
 // weights.pt reading and writing with full validation: the file is untrusted input.
 #include "checkpoint.h"
 
+#include "weights_container.h"
+
 #include <caffe2/serialize/inline_container.h>
 #include <caffe2/serialize/read_adapter_interface.h>
 #include <torch/csrc/jit/serialization/import_read.h>
@@ -71,6 +73,11 @@ std::string serializeWeights(nn::ModTransformerImpl& net) {
 
 void loadWeights(nn::ModTransformerImpl& net, const std::string& bytes, const std::string& source) {
     if (bytes.empty()) throw Error(source + ": empty file");
+    try {
+        checkWeightsContainer(bytes);
+    } catch (const Error& e) {
+        throw Error(source + ": " + e.what());
+    }
     c10::IValue value;
     try {
         value = unpickleWeights(bytes);
