@@ -384,6 +384,7 @@ private Q_SLOTS:
         QCOMPARE(w->exportFigure(QStringLiteral("heatmap"), png), QString());
         QCOMPARE(w->exportFigure(QStringLiteral("heatmap"), svg), QString());
         const QByteArray before_json = readAll(json).toUtf8();
+        const qint64 before_svg_size = QFile(svg).size();
         QFile f(png);
         QVERIFY(f.open(QIODevice::ReadOnly));
         const QByteArray before_png = f.readAll();
@@ -399,11 +400,15 @@ private Q_SLOTS:
             QVERIFY(w->banner()->text().contains(QStringLiteral("trace.json")));
             QVERIFY(!w->exportFigure(QStringLiteral("heatmap"), png).isEmpty());
             QVERIFY(!w->exportFigure(QStringLiteral("heatmap"), svg).isEmpty());
+            const QString pdf_error = w->exportFigure(QStringLiteral("heatmap"), out.filePath(QStringLiteral("heatmap.pdf")));
+            QVERIFY2(pdf_error.contains(QStringLiteral("heatmap.pdf")), qPrintable(pdf_error));
         }
         QCOMPARE(readAll(json).toUtf8(), before_json);
         QVERIFY(f.open(QIODevice::ReadOnly));
         QCOMPARE(f.readAll(), before_png);
         QVERIFY(QSvgRenderer(svg).isValid());
+        QCOMPARE(QFile(svg).size(), before_svg_size);
+        // No temporary file, and no PDF half-written where there was none.
         QCOMPARE(QDir(out.path()).entryList(QDir::Files | QDir::Hidden | QDir::System).size(), qsizetype(3));
         // And with room again, the export goes through.
         done.clear();
@@ -437,7 +442,9 @@ private Q_SLOTS:
         const QString controls = QStringLiteral("a\u0001b\u0007c\u001b[31md\u007f\u200e\u202eevil\u202c\r\n\t");
         w->setPrompt(controls);
         QVERIFY(waitForRun(*w));
-        QCOMPARE(w->snapshot()->tokens(), int(tokenCount(controls)));
+        // The editor keeps every character but stores a line break as "\n" (the CR of "\r\n" goes).
+        QCOMPARE(w->promptEditor()->text(), QString(controls).replace(QStringLiteral("\r\n"), QStringLiteral("\n")));
+        QCOMPARE(w->snapshot()->tokens(), int(tokenCount(w->promptEditor()->text())));
         QVERIFY(w->banner()->text().isEmpty());
 
         // One-layer models: one routed layer, and one full layer with no router at all.
