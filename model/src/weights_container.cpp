@@ -5,6 +5,7 @@
 #include <caffe2/serialize/versions.h>
 
 #include <array>
+#include <cctype>
 #include <cstdint>
 #include <set>
 
@@ -119,6 +120,7 @@ void checkWeightsContainer(const std::string& data) {
         std::uint64_t local = b.le(pos + 42, 4, "a central header");
         if (b.le(pos + 34, 2, "a central header") != 0) corrupt("a multi-disk archive");
         r.name = b.str(pos + 46, name_len, "a record name");
+        if (r.name.empty()) corrupt("a record has no name");
         // Values that do not fit 32 bits are in the zip64 extra field, in this order.
         for (std::uint64_t e = pos + 46 + name_len; e + 4 <= pos + 46 + name_len + extra_len;) {
             const auto id = b.le(e, 2, "an extra field");
@@ -135,10 +137,18 @@ void checkWeightsContainer(const std::string& data) {
             }
             e += 4 + len;
         }
-        if (flags & 1) corrupt("'" + r.name + "' is encrypted");
+        if (flags & (0x0001 | 0x0040 | 0x2000)) corrupt("'" + r.name + "' is encrypted");
+        // The zip reader hands out a directory as an empty record without reading it (fuzz_checkpoint found
+        // LibTorch then parsing an uninitialised buffer as the format version).
+        const auto external = b.le(pos + 38, 4, "a central header");
+        if ((external & 0x10) != 0 || r.name.back() == '/') corrupt("'" + r.name + "' is a directory");
         if (method != 0) corrupt("'" + r.name + "' is compressed (LibTorch stores every record as it is)");
         if (comp != uncomp) corrupt("'" + r.name + "' has two different sizes");
-        if (name_len == 0 || !names.insert(r.name).second) corrupt("a record name is empty or repeated");
+        // LibTorch's zip reader looks names up ignoring case: two names that differ only in case would let it
+        // read another record than the one checked here.
+        std::string folded = r.name;
+        for (auto& c : folded) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+        if (!names.insert(folded).second) corrupt("the record name '" + r.name + "' is repeated");
         // Its local header, and the data after it, inside the part of the file before the directory.
         if (local > cd_offset || b.le(local, 4, "a local header") != kLocalHeader ||
             b.le(local + 8, 2, "a local header") != 0)
