@@ -20,6 +20,8 @@
 #include <fstream>
 
 #include "app_fixture.h"
+#include "bad_files.h"
+#include "file_size_limit.h"
 #include "capacity_chart.h"
 #include "cell_details_panel.h"
 #include "engine_session.h"
@@ -337,6 +339,140 @@ private Q_SLOTS:
         QVERIFY(waitForRun(*w));
         QCOMPARE(w->heatmap()->rowCount(), 6);
         QVERIFY(w->banner()->text().isEmpty());
+    }
+
+    // Issue 7's bad checkpoints (tests/bad_files.cpp): each refused with its reason in the banner, within
+    // seconds, and the model in use stays, usable.
+    void eachBadModelIsRefusedAndTheModelInUseStays() {
+        auto w = makeWindow(QStringLiteral("the lazy dog"));
+        QVERIFY(w);
+        QTemporaryDir parent;
+        const auto bad = badfiles::makeBadCheckpoints(model_dir_.toStdString(), parent.path().toStdString());
+        QVERIFY(bad.size() >= 15);
+        for (const auto& b : bad) {
+            QSignalSpy failed(w.get(), &MainWindow::modelLoadFailed);
+            QElapsedTimer clock;
+            clock.start();
+            w->openModel(QString::fromStdString(b.path));
+            QVERIFY2(failed.wait(kTimeoutMs), b.name.c_str());
+            QVERIFY2(clock.elapsed() < 10000, b.name.c_str());
+            QCOMPARE(w->banner()->kind(), MessageBanner::Kind::Error);
+            const QString text = w->banner()->text();
+            QVERIFY2(text.contains(QString::fromStdString(b.expected)) && text.contains(QStringLiteral("Still using app-fixture")),
+                     qPrintable(QString::fromStdString(b.name) + ": " + text));
+            QCOMPARE(QString::fromStdString(w->model()->name), QStringLiteral("app-fixture"));
+        }
+        QTest::keyClicks(w->promptEditor()->editor(), QStringLiteral(" jumps"));
+        QVERIFY(waitForRun(*w));
+        QCOMPARE(w->snapshot()->model_name, std::string("app-fixture"));
+        QCOMPARE(w->heatmap()->rowCount(), 4);
+    }
+
+    // Exports onto a full disk (RLIMIT_FSIZE, which binds root too): the banner says so, the file exported
+    // before is intact, and no temporary file is left.
+    void exportsOntoAFullDiskKeepTheEarlierFile() {
+        auto w = makeWindow(QStringLiteral("fire and water, light and dark"));
+        QVERIFY(w);
+        QTemporaryDir out;
+        const QString json = out.filePath(QStringLiteral("trace.json"));
+        const QString png = out.filePath(QStringLiteral("heatmap.png"));
+        const QString svg = out.filePath(QStringLiteral("heatmap.svg"));
+        QSignalSpy done(w.get(), &MainWindow::exportFinished);
+        w->exportTrace(json);
+        QVERIFY(done.wait(kTimeoutMs));
+        QCOMPARE(done.first().at(1).toString(), QString());
+        QCOMPARE(w->exportFigure(QStringLiteral("heatmap"), png), QString());
+        QCOMPARE(w->exportFigure(QStringLiteral("heatmap"), svg), QString());
+        const QByteArray before_json = readAll(json).toUtf8();
+        const qint64 before_svg_size = QFile(svg).size();
+        QFile f(png);
+        QVERIFY(f.open(QIODevice::ReadOnly));
+        const QByteArray before_png = f.readAll();
+        f.close();
+        QTest::keyClicks(w->promptEditor()->editor(), QStringLiteral(" and the river of time"));
+        QVERIFY(waitForRun(*w));
+        {
+            test::FileSizeLimit full(256);
+            done.clear();
+            w->exportTrace(json);
+            QVERIFY(done.wait(kTimeoutMs));
+            QVERIFY(done.first().at(1).toString().contains(QStringLiteral("left as it was")));
+            QVERIFY(w->banner()->text().contains(QStringLiteral("trace.json")));
+            QVERIFY(!w->exportFigure(QStringLiteral("heatmap"), png).isEmpty());
+            QVERIFY(!w->exportFigure(QStringLiteral("heatmap"), svg).isEmpty());
+            const QString pdf_error = w->exportFigure(QStringLiteral("heatmap"), out.filePath(QStringLiteral("heatmap.pdf")));
+            QVERIFY2(pdf_error.contains(QStringLiteral("heatmap.pdf")), qPrintable(pdf_error));
+        }
+        QCOMPARE(readAll(json).toUtf8(), before_json);
+        QVERIFY(f.open(QIODevice::ReadOnly));
+        QCOMPARE(f.readAll(), before_png);
+        QVERIFY(QSvgRenderer(svg).isValid());
+        QCOMPARE(QFile(svg).size(), before_svg_size);
+        // No temporary file, and no PDF half-written where there was none.
+        QCOMPARE(QDir(out.path()).entryList(QDir::Files | QDir::Hidden | QDir::System).size(), qsizetype(3));
+        // And with room again, the export goes through.
+        done.clear();
+        w->exportTrace(json);
+        QVERIFY(done.wait(kTimeoutMs));
+        QCOMPARE(done.first().at(1).toString(), QString());
+        QVERIFY(readAll(json).toUtf8() != before_json);
+    }
+
+    // T = 1, capacity 0 % and 100 %, a one-layer model (routed, and full), control characters: each runs
+    // and shows what the engine gives.
+    void extremeShapesAndInputs() {
+        auto w = makeWindow();
+        QVERIFY(w);
+        QString one;
+        for (const QString& candidate : {QStringLiteral("the"), QStringLiteral("a"), QStringLiteral("x")})
+            if (tokenCount(candidate) == 1) {
+                one = candidate;
+                break;
+            }
+        QVERIFY(!one.isEmpty());
+        w->setPrompt(one);
+        for (int tenths : {0, 1000}) {
+            w->routingControls()->slider()->setValue(tenths);
+            QVERIFY(waitForRun(*w));
+            QCOMPARE(w->snapshot()->tokens(), 1);
+            QCOMPARE(w->heatmap()->columnCount(), 1);
+            for (const auto& layer : w->snapshot()->trace.layers) QCOMPARE(layer.processed, 1);  // k = 1 at 0 % too
+        }
+        // Control characters (NUL excepted: the editor holds text) tokenize by byte fallback and run.
+        const QString controls = QStringLiteral("a\u0001b\u0007c\u001b[31md\u007f\u200e\u202eevil\u202c\r\n\t");
+        w->setPrompt(controls);
+        QVERIFY(waitForRun(*w));
+        // The editor keeps every character but stores a line break as "\n" (the CR of "\r\n" goes).
+        QCOMPARE(w->promptEditor()->text(), QString(controls).replace(QStringLiteral("\r\n"), QStringLiteral("\n")));
+        QCOMPARE(w->snapshot()->tokens(), int(tokenCount(w->promptEditor()->text())));
+        QVERIFY(w->banner()->text().isEmpty());
+
+        // One-layer models: one routed layer, and one full layer with no router at all.
+        for (const std::vector<int>& routed : {std::vector<int>{0}, std::vector<int>{}}) {
+            QTemporaryDir one_layer;
+            apptest::FixtureOptions o;
+            o.name = "one-layer";
+            o.n_layers = 1;
+            o.routed_layers = routed;
+            apptest::writeFixtureModel(one_layer.path().toStdString(), o);
+            QSignalSpy loaded(w.get(), &MainWindow::modelChanged);
+            w->openModel(one_layer.path());
+            QVERIFY(loaded.wait(kTimeoutMs));
+            w->setPrompt(QStringLiteral("the river said unto them"));
+            w->routingControls()->slider()->setValue(250);
+            QVERIFY(waitForRun(*w));
+            const auto& s = *w->snapshot();
+            QCOMPARE(s.model_name, std::string("one-layer"));
+            QCOMPARE(w->heatmap()->rowCount(), 1);
+            QCOMPARE(s.layers(), 1);
+            const int T = s.tokens();
+            QCOMPARE(s.trace.layers[0].processed, routed.empty() ? T : capacityToK(0.25, T));
+            w->setRoutingMode(RoutingMode::Causal);
+            QVERIFY(waitForRun(*w));
+            QCOMPARE(w->snapshot()->layers(), 1);
+            w->setRoutingMode(RoutingMode::TopK);
+            QVERIFY(waitForRun(*w));
+        }
     }
 
     void aHugePasteIsTruncatedToTheContextWithANotice() {

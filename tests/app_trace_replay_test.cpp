@@ -16,6 +16,7 @@
 #include <QTest>
 
 #include "app_fixture.h"
+#include "bad_files.h"
 #include "command_line.h"
 #include "engine_session.h"
 #include "generation_controls.h"
@@ -185,6 +186,33 @@ private Q_SLOTS:
         QVERIFY(w->isReplaying());
         QCOMPARE(w->snapshot(), replayed);
         QVERIFY(controlsLocked(*w));
+    }
+
+    // Issue 7's bad traces (tests/bad_files.cpp): each refused with the reader's reason in the banner,
+    // and the live view and its controls untouched.
+    void eachBadTraceIsRefusedAndChangesNothing() {
+        auto w = makeWindow(QString::fromLatin1(kLongPrompt));
+        QVERIFY(w);
+        const QString good = dir_.filePath(QStringLiteral("good-for-bad.json"));
+        QVERIFY(exportTo(*w, good));
+        QTemporaryDir parent;
+        const auto bad = badfiles::makeBadTraces(badfiles::readFile(good.toStdString()), parent.path().toStdString());
+        QVERIFY(bad.size() >= 10);
+        const SnapshotPtr before = w->snapshot();
+        for (const auto& b : bad) {
+            QElapsedTimer clock;
+            clock.start();
+            QVERIFY2(!w->openTrace(QString::fromStdString(b.path)), b.name.c_str());
+            QVERIFY(clock.elapsed() < 5000);
+            QCOMPARE(w->banner()->kind(), MessageBanner::Kind::Error);
+            const QString text = w->banner()->text();
+            QVERIFY2(text.contains(QString::fromStdString(b.expected)) &&
+                         text.contains(QFileInfo(QString::fromStdString(b.path)).fileName()),
+                     qPrintable(QString::fromStdString(b.name) + ": " + text));
+            QVERIFY(!w->isReplaying());
+            QCOMPARE(w->snapshot(), before);
+            QVERIFY(controlsLive(*w));
+        }
     }
 
     void aPinnedRunDiffsAgainstTheLiveOneAndZoomFollows() {

@@ -4,8 +4,13 @@
 #include <QFile>
 #include <QTemporaryDir>
 #include <QTest>
+#include <chrono>
 #include <fstream>
+#include <nlohmann/json.hpp>
 
+#include "bad_files.h"
+#include "checkpoint.h"
+#include "file_size_limit.h"
 #include "test_support.h"
 
 using namespace modscope;
@@ -13,6 +18,16 @@ using namespace modscope;
 namespace {
 
 std::string pathIn(const QTemporaryDir& dir, const char* name) { return QDir(dir.path()).filePath(name).toStdString(); }
+
+// Resident memory of this process, from /proc/self/statm.
+double residentMb() {
+    long pages = 0, resident = 0;
+    if (FILE* f = std::fopen("/proc/self/statm", "r")) {
+        if (std::fscanf(f, "%ld %ld", &pages, &resident) != 2) resident = 0;
+        std::fclose(f);
+    }
+    return double(resident) * double(::sysconf(_SC_PAGESIZE)) / (1024.0 * 1024.0);
+}
 
 // Opening dir must fail with a message containing every one of the given fragments.
 void expectRefused(const std::string& dir, const QStringList& fragments) {
@@ -133,7 +148,7 @@ private Q_SLOTS:
             good.assign(std::istreambuf_iterator<char>(in), {});
         }
         std::ofstream(weights, std::ios::binary | std::ios::trunc) << good.substr(0, good.size() / 2);
-        expectRefused(d, {"weights.pt"});
+        expectRefused(d, {"weights.pt", "too small"});
         std::ofstream(weights, std::ios::binary | std::ios::trunc);
         expectRefused(d, {"weights.pt", "empty"});
         std::ofstream(weights, std::ios::binary | std::ios::trunc) << std::string(5000, '\x37');
@@ -167,6 +182,172 @@ private Q_SLOTS:
         QFile::remove(QDir(dir.path()).filePath("tokenizer.model"));
         expectRefused(d, {"missing tokenizer.model"});
         expectRefused(pathIn(dir, "no-such-dir"), {"no-such-dir"});
+    }
+
+    // Every defect of issue 7's list (tests/bad_files.cpp): refused with a message that names the file and
+    // the problem, within seconds, and without allocating what a broken config asks for.
+    void refusesEveryBadCheckpointQuicklyInBoundedMemory() {
+        QTemporaryDir dir;
+        const auto good = pathIn(dir, "good");
+        test::makeCheckpoint(good);
+        const auto bad = badfiles::makeBadCheckpoints(good, dir.path().toStdString());
+        QVERIFY(bad.size() >= 15);
+        for (const auto& b : bad) {
+            const double rss0 = residentMb();
+            const auto t0 = std::chrono::steady_clock::now();
+            try {
+                Model::open(b.path, "cpu");
+                QFAIL(qPrintable(QString::fromStdString(b.name + " was accepted")));
+            } catch (const Error& e) {
+                const std::string message = e.what();
+                QVERIFY2(message.find(b.expected) != std::string::npos,
+                         qPrintable(QString::fromStdString(b.name + ": '" + message + "' lacks '" + b.expected + "'")));
+                QVERIFY2(message.find(b.path) != std::string::npos, qPrintable(QString::fromStdString(message)));
+            }
+            const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+            const double grown = residentMb() - rss0;
+            QVERIFY2(seconds < 5.0, qPrintable(QString::fromStdString(b.name) + QString(": %1 s").arg(seconds)));
+            // The huge-model config asks for 8.6 GB of tensors: nothing of the sort may be allocated.
+            QVERIFY2(grown < 64.0, qPrintable(QString::fromStdString(b.name) + QString(": +%1 MB").arg(grown)));
+        }
+        QVERIFY(Model::open(good, "cpu") != nullptr);
+    }
+
+    // Each of config.json's fields with an absurd value is refused by the config parser alone.
+    void refusesAbsurdConfigs_data() {
+        QTest::addColumn<QString>("json");
+        QTest::addColumn<QString>("expected");
+        const auto base = nlohmann::json::parse(test::tinyConfig().toJson());
+        const auto with = [&](nlohmann::json edit) {
+            auto j = base;
+            j.update(edit);
+            return QString::fromStdString(j.dump(2));
+        };
+        using J = nlohmann::json;
+        QTest::newRow("billion layers") << with({{"n_layers", 1000000000}}) << "'n_layers' is 1e+09";
+        QTest::newRow("layers as a float") << with({{"n_layers", 1e9}}) << "'n_layers' has the wrong type";
+        QTest::newRow("layers beyond int") << with({{"n_layers", 99999999999999LL}}) << "'n_layers' has the wrong type";
+        QTest::newRow("negative heads") << with({{"n_heads", -3}}) << "'n_heads' is -3";
+        QTest::newRow("zero heads") << with({{"n_heads", 0}}) << "'n_heads' is 0";
+        QTest::newRow("heads do not divide") << with({{"n_heads", 3}}) << "d_model (32) is not divisible by n_heads (3)";
+        QTest::newRow("odd head dim") << with({{"n_heads", 32}}) << "must be even";
+        QTest::newRow("huge vocab") << with({{"vocab_size", 2000000000}}) << "'vocab_size' is 2e+09";
+        QTest::newRow("huge context") << with({{"max_seq_len", 1073741824}}) << "'max_seq_len'";
+        QTest::newRow("huge model") << with({{"vocab_size", 1000000}, {"d_model", 16384}})
+                                    << "parameters is beyond what ModScope opens";
+        QTest::newRow("capacity above 1") << with({{"capacity", 1.5}}) << "'capacity' is 1.5";
+        QTest::newRow("negative d_ff") << with({{"d_ff", -1}}) << "'d_ff' is -1";
+        QTest::newRow("routed layer past the end") << with({{"routed_layers", {1, 9}}}) << "routed layer 9 does not exist";
+        QTest::newRow("routed layer twice") << with({{"routed_layers", {1, 1}}}) << "listed twice";
+        QTest::newRow("routed layers not an array") << with({{"routed_layers", 3}}) << "must be an array";
+        QTest::newRow("name not a string") << with({{"name", J::array()}}) << "'name' has the wrong type";
+        QTest::newRow("missing heads") << QString::fromStdString([&] { auto j = base; j.erase("n_heads"); return j.dump(); }())
+                                       << "missing field 'n_heads'";
+        QTest::newRow("other architecture") << with({{"architecture", "llama"}}) << "'architecture' is \"llama\"";
+        QTest::newRow("not an object") << QStringLiteral("[4, 32]") << "expected a JSON object";
+        QTest::newRow("deeply nested") << QString(100000, QLatin1Char('[')) << "not valid JSON";
+    }
+
+    void refusesAbsurdConfigs() {
+        QFETCH(QString, json);
+        QFETCH(QString, expected);
+        try {
+            ModelConfig::fromJson(json.toStdString());
+            QFAIL("accepted");
+        } catch (const Error& e) {
+            QVERIFY2(QString::fromUtf8(e.what()).contains(expected), e.what());
+        }
+    }
+
+    // A full disk while saving (simulated with RLIMIT_FSIZE, which also binds root): the save fails with a
+    // message, the checkpoint saved before is intact, and no temporary file is left.
+    void saveOnAFullDiskKeepsTheEarlierCheckpoint() {
+        QTemporaryDir dir;
+        auto model = test::makeCheckpoint(dir.path().toStdString());
+        const auto before = badfiles::readFile(pathIn(dir, "weights.pt"));
+        auto other = Model::create(test::tinyConfig(), 99, "cpu");
+        {
+            test::FileSizeLimit full(4096);
+            try {
+                other->save(dir.path().toStdString());
+                QFAIL("a save onto a full disk succeeded");
+            } catch (const Error& e) {
+                QVERIFY2(QString::fromUtf8(e.what()).contains(QStringLiteral("left as it was")), e.what());
+            }
+        }
+        QCOMPARE(badfiles::readFile(pathIn(dir, "weights.pt")), before);
+        QCOMPARE(QDir(dir.path()).entryList(QDir::Files | QDir::Hidden).size(), qsizetype(3));
+        QCOMPARE(Model::open(dir.path().toStdString(), "cpu")->weightsSha256(), model->weightsSha256());
+    }
+
+    // fuzz_checkpoint's first finding: LibTorch's own reader copied past the end of a truncated zip (a heap
+    // overflow AddressSanitizer reports; silent garbage otherwise). Every cut of a real weights.pt, and the
+    // fuzzer's input itself, must now end in an Error.
+    void truncatedZipsAreRefusedWithoutReadingPastTheEnd() {
+        QTemporaryDir dir;
+        test::makeCheckpoint(dir.path().toStdString());
+        const auto good = badfiles::readFile(pathIn(dir, "weights.pt"));
+        auto model = Model::create(test::tinyConfig(), 1, "cpu");
+        for (std::size_t cut : {good.size() - 1, good.size() - 22, good.size() - 100, good.size() - 4096,
+                                good.size() * 3 / 4, std::size_t(30), std::size_t(4)}) {
+            const auto msg = [&]() -> std::string {
+                try {
+                    loadWeights(*model->impl().net, good.substr(0, cut), "weights.pt");
+                } catch (const Error& e) {
+                    return e.what();
+                }
+                return {};
+            }();
+            QVERIFY2(msg.find("not a readable weights file") != std::string::npos,
+                     qPrintable(QString("cut at %1: '%2'").arg(cut).arg(msg.c_str())));
+        }
+        // The fuzzer's config and inputs (fuzz/fuzz_checkpoint.cpp, fuzz/corpus/checkpoint).
+        ModelConfig c;
+        c.vocab_size = 16;
+        c.d_model = 8;
+        c.n_layers = 2;
+        c.n_heads = 2;
+        c.d_ff = 16;
+        c.max_seq_len = 16;
+        c.routed_layers = {1};
+        c.predictor_hidden = 4;
+        auto fuzz_model = Model::create(c, 1, "cpu");
+        const QString corpus = QStringLiteral(MODSCOPE_SOURCE_DIR "/fuzz/corpus/checkpoint/");
+        const auto load = [&](const char* name) -> std::string {
+            try {
+                loadWeights(*fuzz_model->impl().net, badfiles::readFile((corpus + name).toStdString()), name);
+            } catch (const Error& e) {
+                return e.what();
+            }
+            return {};
+        };
+        QVERIFY(load("truncated.pt").find("not a readable weights file") != std::string::npos);
+        // fuzz_checkpoint's second finding, kept as tests/data/fuzz_regressions/: a record whose CRC-32 does
+        // not match made LibTorch's reader throw from its constructor, leaking its zip state (and the buffer
+        // of any record it had read). The container is now checked first; a compressed record (a zip bomb
+        // could claim gigabytes) is refused there too.
+        const auto regression = [&](const char* name) -> std::string {
+            try {
+                loadWeights(*fuzz_model->impl().net,
+                            badfiles::readFile(std::string(MODSCOPE_TEST_DATA_DIR "/fuzz_regressions/") + name), name);
+            } catch (const Error& e) {
+                return e.what();
+            }
+            return {};
+        };
+        const auto crc = regression("checkpoint-crc-mismatch-leak.pt");
+        QVERIFY2(crc.find("the CRC-32 of 'archive/data.pkl' does not match") != std::string::npos, crc.c_str());
+        // The third: the version record marked as a directory, which the zip reader "extracts" without
+        // reading, so LibTorch parsed uninitialised memory (and leaked its reader when that failed).
+        const auto dir_record = regression("checkpoint-version-is-a-directory.pt");
+        QVERIFY2(dir_record.find("'archive/version' is a directory") != std::string::npos, dir_record.c_str());
+        const auto deflated = regression("checkpoint-deflated.pt");
+        QVERIFY2(deflated.find("is compressed") != std::string::npos, deflated.c_str());
+        QCOMPARE(load("valid.pt"), std::string());  // what Python's torch.save writes still loads
+        QCOMPARE(load("transposed.pt"), std::string());  // a strided tensor too
+        QVERIFY(load("nan.pt").find("NaN") != std::string::npos);
+        QVERIFY(load("list.pt").find("expected a dict") != std::string::npos);
+        QVERIFY(load("legacy_format.pt").find("it does not start like a zip file") != std::string::npos);
     }
 
     // libsentencepiece and LibTorch bring two protobuf versions; both must work in one process.

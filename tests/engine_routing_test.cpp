@@ -225,6 +225,51 @@ private Q_SLOTS:
         }
     }
 
+    // The smallest shapes: one layer (routed, or full with no router), one token, capacity 0 and 1, both
+    // modes, and generation from one token and from a full context.
+    void oneLayerModelsAndOneToken() {
+        for (const std::vector<int>& routed : {std::vector<int>{0}, std::vector<int>{}}) {
+            auto config = test::tinyConfig();
+            config.n_layers = 1;
+            config.routed_layers = routed;
+            config.max_seq_len = 8;
+            auto model = Model::create(config, 3, "cpu");
+            for (const auto mode : {RoutingMode::TopK, RoutingMode::Causal}) {
+                for (double capacity : {0.0, 1.0}) {
+                    for (int T : {1, 8}) {
+                        RunOptions opt;
+                        opt.mode = mode;
+                        opt.capacity = capacity;
+                        opt.logits = RunOptions::Logits::All;
+                        const auto trace = model->run(test::randomIds(T, 300, 4), opt);
+                        QCOMPARE(int(trace.layers.size()), 1);
+                        const auto& layer = trace.layers[0];
+                        QCOMPARE(int(layer.selected.size()), T);
+                        QCOMPARE(int(trace.logits.size()), T * 300);
+                        for (float v : trace.logits) QVERIFY(std::isfinite(v));
+                        if (routed.empty()) {
+                            QCOMPARE(layer.processed, T);
+                        } else if (mode == RoutingMode::TopK) {
+                            QCOMPARE(layer.k, capacityToK(capacity, T));
+                            QCOMPARE(layer.processed, layer.k);
+                            QCOMPARE(layer.rank.size(), std::size_t(T));
+                        } else {
+                            QCOMPARE(int(layer.predictor_prob.size()), T);
+                        }
+                    }
+                }
+            }
+            GenerationOptions g;
+            g.max_new_tokens = 20;
+            g.temperature = 0.0f;
+            const auto one = model->generate({5}, g);
+            QCOMPARE(int(one.generated_ids.size()), 7);  // stops at the context of 8
+            QCOMPARE(int(one.steps.back().processed.size()), 1);
+            const auto full = model->generate(test::randomIds(8, 300, 5), g);
+            QVERIFY(full.generated_ids.empty());  // no room left: nothing generated, no error
+        }
+    }
+
     void rejectsBadInput() {
         auto model = Model::create(test::tinyConfig(), 1, "cpu");
         QVERIFY_THROWS_EXCEPTION(Error, model->run({}));

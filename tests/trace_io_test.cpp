@@ -3,6 +3,7 @@
 #include "modscope/trace_io.h"
 
 #include <QDir>
+#include <QElapsedTimer>
 #include <QFile>
 #include <QJsonArray>
 #include <QJsonDocument>
@@ -20,6 +21,8 @@
 #include <random>
 
 #include "modscope/paths.h"
+#include "bad_files.h"
+#include "file_size_limit.h"
 #include "test_support.h"
 
 using namespace modscope;
@@ -228,6 +231,14 @@ std::vector<std::string> awkwardPieces() {
             "\\",
             "x"};
 }
+
+// A refusal takes the tool's start (loading LibTorch) and a few reads. Under AddressSanitizer that start
+// alone took over 15 s on the shared 2-core machine (measured), so the bound there only catches a hang.
+#ifdef __SANITIZE_ADDRESS__
+constexpr qint64 kCliRefusalMs = 60000;
+#else
+constexpr qint64 kCliRefusalMs = 15000;
+#endif
 
 struct CliResult {
     int code = -1;
@@ -808,6 +819,91 @@ private Q_SLOTS:
             QVERIFY2(r.err.count('\n') == 1 && r.err.endsWith('\n'), qPrintable(what));
             QVERIFY2(!QFile::exists(out), qPrintable(what));
         }
+    }
+
+    // Issue 7's bad checkpoints through the command line: exit 1, exactly one line on stderr naming the
+    // problem, within seconds, and no output file.
+    void cliRefusesEveryBadCheckpoint() {
+        QTemporaryDir parent;
+        const auto bad = badfiles::makeBadCheckpoints(ckpt_.toStdString(), parent.path().toStdString());
+        const QString out = path("never.json");
+        for (const auto& b : bad) {
+            QElapsedTimer clock;
+            clock.start();
+            const auto r = runCli({"--model", QString::fromStdString(b.path), "--prompt", "hi", "--out", out});
+            const auto what = QString::fromStdString(b.name) + " -> " + r.err;
+            QVERIFY2(r.code == 1, qPrintable(QString("exit %1: ").arg(r.code) + what));
+            QVERIFY2(r.err.startsWith("modscope-trace: error: ") && r.err.contains(QString::fromStdString(b.expected)),
+                     qPrintable(what));
+            QVERIFY2(r.err.count('\n') == 1 && r.err.endsWith('\n'), qPrintable(what));
+            QVERIFY2(clock.elapsed() < kCliRefusalMs, qPrintable(what));
+            QVERIFY(!QFile::exists(out));
+        }
+    }
+
+    // Issue 7's bad traces, through the readers and through `modscope-trace --check`.
+    void badTracesAreRefusedByTheReadersAndTheCli() {
+        const auto doc = traceModel(*model_, "the river said unto them, fire and water", {});
+        const auto good_path = path("check-good.json");
+        saveTrace(good_path.toStdString(), doc);
+        saveTrace(path("check-good.csv").toStdString(), doc);
+        saveTraces(path("check-good.jsonl").toStdString(), {doc, doc});
+        for (const char* name : {"check-good.json", "check-good.csv", "check-good.jsonl"}) {
+            const auto r = runCli({"--check", path(name)});
+            QVERIFY2(r.code == 0 && r.err.isEmpty() && r.out.contains(name), qPrintable(r.err));
+        }
+        QVERIFY(runCli({"--check", path("check-good.jsonl")}).out.contains("2 modscope.trace/1 trace documents"));
+
+        QTemporaryDir parent;
+        const auto bad = badfiles::makeBadTraces(readAll(good_path), parent.path().toStdString());
+        QVERIFY(bad.size() >= 10);
+        for (const auto& b : bad) {
+            const auto msg = errorOf([&] { loadTrace(b.path); });
+            QVERIFY2(msg.find(b.expected) != std::string::npos && msg.find(b.path) == 0,
+                     qPrintable(QString::fromStdString(b.name + ": " + msg)));
+            const auto r = runCli({"--check", QString::fromStdString(b.path)});
+            const auto what = QString::fromStdString(b.name) + " -> " + r.err;
+            QVERIFY2(r.code == 1, qPrintable(QString("exit %1: ").arg(r.code) + what));
+            QVERIFY2(r.err.startsWith("modscope-trace: error: ") && r.err.contains(QString::fromStdString(b.expected)),
+                     qPrintable(what));
+            QVERIFY2(r.err.count('\n') == 1 && r.out.isEmpty(), qPrintable(what));
+        }
+        // A CSV with a row too many for its header, and a file of another kind.
+        writeAll(path("ragged.csv"), "layer,position\r\n0,1,2\r\n");
+        writeAll(path("prompt.txt"), "hello");
+        auto r = runCli({"--check", path("ragged.csv")});
+        QVERIFY2(r.code == 1 && r.err.contains("ragged.csv: ") && r.err.count('\n') == 1, qPrintable(r.err));
+        r = runCli({"--check", path("prompt.txt")});
+        QVERIFY2(r.code == 2 && r.err.contains("unknown format '.txt'"), qPrintable(r.err));
+    }
+
+    // An export onto a full disk (RLIMIT_FSIZE) or into a folder that cannot be written: an Error saying so,
+    // the earlier file intact, and no temporary file left beside it.
+    void failedSavesKeepTheEarlierFile() {
+        const auto doc = traceModel(*model_, "the house of light", {});
+        QTemporaryDir out;
+        for (const char* name : {"t.json", "t.jsonl", "t.csv"}) {
+            const auto file = QDir(out.path()).filePath(name).toStdString();
+            writeAll(QString::fromStdString(file), "earlier");
+            {
+                test::FileSizeLimit full(64);
+                const auto msg = errorOf([&] { saveTrace(file, doc); });
+                QVERIFY2(msg.find("left as it was") != std::string::npos, msg.c_str());
+            }
+            QCOMPARE(readAll(QString::fromStdString(file)), std::string("earlier"));
+        }
+        QCOMPARE(QDir(out.path()).entryList(QDir::Files | QDir::Hidden).size(), qsizetype(3));
+        // A folder that does not exist (and, unless root, one without write permission).
+        QVERIFY(errorOf([&] { saveTrace(QDir(out.path()).filePath("no/such/t.json").toStdString(), doc); })
+                    .find("cannot write here") != std::string::npos);
+        if (::geteuid() != 0) {
+            QFile::setPermissions(out.path(), QFileDevice::ReadOwner | QFileDevice::ExeOwner);
+            const auto msg = errorOf([&] { saveTrace(QDir(out.path()).filePath("t.json").toStdString(), doc); });
+            QFile::setPermissions(out.path(), QFileDevice::ReadOwner | QFileDevice::WriteOwner | QFileDevice::ExeOwner);
+            QVERIFY2(msg.find("cannot write here") != std::string::npos, msg.c_str());
+            QCOMPARE(readAll(QDir(out.path()).filePath("t.json")), std::string("earlier"));
+        }
+        QCOMPARE(QDir(out.path()).entryList(QDir::Files | QDir::Hidden).size(), qsizetype(3));
     }
 
     // docs/TRACE_FORMAT.md's example is exactly what the writer produces, in JSON and in CSV.

@@ -11,6 +11,7 @@
 #include <fstream>
 
 #include "modscope/trainer.h"
+#include "bad_files.h"
 #include "test_support.h"
 
 using namespace modscope;
@@ -190,6 +191,28 @@ private Q_SLOTS:
 
     // The command line: SIGINT mid-run saves a checkpoint and exits 130; --resume finishes the run with the
     // losses of a run never stopped.
+    // `modscope-train --evaluate` on each of issue 7's bad checkpoints: exit 1 and one line on stderr that
+    // names the problem.
+    void cliEvaluateRefusesBadCheckpoints() {
+        const auto good = QDir(dir_.path()).filePath("eval-good").toStdString();
+        test::makeCheckpoint(good);
+        const auto parent = QDir(dir_.path()).filePath("eval-bad");
+        QDir().mkpath(parent);
+        const auto bad = badfiles::makeBadCheckpoints(good, parent.toStdString());
+        const QString exe = QStringLiteral(MODSCOPE_BIN_DIR "/modscope-train");
+        for (const auto& b : bad) {
+            QProcess p;
+            p.start(exe, {"--evaluate", QString::fromStdString(b.path), "--corpus", QString::fromStdString(corpus_),
+                          "--device", "cpu"});
+            QVERIFY(p.waitForFinished(60000));
+            const QString err = QString::fromUtf8(p.readAllStandardError());
+            const QString what = QString::fromStdString(b.name) + " -> " + err;
+            QVERIFY2(p.exitStatus() == QProcess::NormalExit && p.exitCode() == 1, qPrintable(what));
+            QVERIFY2(err.startsWith("modscope-train: ") && err.contains(QString::fromStdString(b.expected)), qPrintable(what));
+            QVERIFY2(err.count('\n') == 1 && err.endsWith('\n'), qPrintable(what));
+        }
+    }
+
     void cliInterruptAndResume() {
         const QString exe = QStringLiteral(MODSCOPE_BIN_DIR "/modscope-train");
         const auto base = QStringList{"--corpus", QString::fromStdString(corpus_), "--vocab", "300", "--d-model", "32",

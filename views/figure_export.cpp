@@ -1,5 +1,6 @@
 #include "figure_export.h"
 
+#include <QBuffer>
 #include <QFileInfo>
 #include <QImage>
 #include <QPageLayout>
@@ -18,18 +19,35 @@ QString cannotWrite(const QString& path, const QString& why) {
     return QObject::tr("Could not write %1: %2").arg(QDir::toNativeSeparators(path), why);
 }
 
-// Opens a QSaveFile; the caller paints into it and calls finish().
+// Writes bytes to path through a QSaveFile, checking the count written. Figures are painted into memory
+// first: QSvgGenerator and QPdfWriter ignore a short write, and QSaveFile cannot see one, so on a full disk
+// an SVG was committed cut at the limit, over the earlier file.
+QString writeAtomically(const QString& path, const QByteArray& bytes) {
+    QSaveFile file(path);
+    if (!file.open(QIODevice::WriteOnly)) return cannotWrite(path, file.errorString());
+    if (file.write(bytes) != bytes.size() || !file.flush()) {
+        const QString why = file.error() != QFileDevice::NoError ? file.errorString() : QObject::tr("the disk is full");
+        file.cancelWriting();  // the temporary file goes with the QSaveFile; any earlier file stays
+        return cannotWrite(path, why);
+    }
+    if (!file.commit()) return cannotWrite(path, file.errorString());
+    return {};
+}
+
+// A figure's bytes in memory; finish() writes them.
 struct AtomicFile {
-    explicit AtomicFile(const QString& path) : file(path) {}
+    explicit AtomicFile(const QString& path) : path(path) { file.setBuffer(&bytes); }
     QString open() {
-        if (!file.open(QIODevice::WriteOnly)) return cannotWrite(file.fileName(), file.errorString());
+        if (!file.open(QIODevice::WriteOnly)) return cannotWrite(path, file.errorString());
         return {};
     }
     QString finish() {
-        if (!file.commit()) return cannotWrite(file.fileName(), file.errorString());
-        return {};
+        file.close();
+        return writeAtomically(path, bytes);
     }
-    QSaveFile file;
+    QString path;
+    QByteArray bytes;
+    QBuffer file;
 };
 
 // Runs draw on an SVG generator or a PDF writer whose logical canvas is size; draw begins and ends its own

@@ -30,6 +30,7 @@ constexpr std::uint64_t kMaxInputBytes = 64ull << 20;  // --input and --batch fi
 
 const char* kUsage = R"(usage:
   modscope-trace [--model DIR] (--prompt TEXT | --input FILE | --batch FILE.jsonl) --out FILE [options]
+  modscope-trace --check FILE
 
 Runs a Mixture-of-Depths model over a prompt and writes its routing trace. The extension of --out picks
 the format: .json (one trace document; with --batch a JSON array of them), .jsonl (one document per
@@ -49,6 +50,8 @@ docs/TRACE_FORMAT.md describes the formats. A per-layer summary goes to stdout.
   --device D            auto, cpu or cuda (default auto)
   --out FILE            the trace file to write (.json, .jsonl or .csv)
   --quiet               no summary on stdout
+  --check FILE          read a trace file (.json, .jsonl or .csv) as ModScope reads a trace it is sent,
+                        and say what it holds, or exit 1 with what is wrong with it
   -h, --help            this text
   --version             the version
 
@@ -63,7 +66,7 @@ public:
 };
 
 struct Options {
-    std::string model, prompt, input, batch, out, device = "auto";
+    std::string model, prompt, input, batch, out, check, device = "auto";
     bool have_prompt = false, quiet = false;
     double capacity = -1.0;
     modscope::RoutingMode mode = modscope::RoutingMode::TopK;
@@ -156,6 +159,8 @@ Options parseArgs(int argc, char** argv) {
             o.batch = next();
         else if (flag == "--out")
             o.out = next();
+        else if (flag == "--check")
+            o.check = next();
         else if (flag == "--device")
             o.device = next();
         else if (flag == "--capacity")
@@ -177,6 +182,10 @@ Options parseArgs(int argc, char** argv) {
         }
     }
     const int sources = int(o.have_prompt) + int(!o.input.empty()) + int(!o.batch.empty());
+    if (!o.check.empty()) {
+        if (sources != 0 || !o.out.empty()) throw UsageError("--check takes a trace file and nothing to run");
+        return o;
+    }
     if (sources != 1) throw UsageError("give exactly one of --prompt, --input or --batch");
     if (o.out.empty()) throw UsageError("--out FILE is required (.json, .jsonl or .csv)");
     std::string ext = std::filesystem::path(o.out).extension().string();
@@ -187,15 +196,15 @@ Options parseArgs(int argc, char** argv) {
     return o;
 }
 
-std::string readInput(const std::string& path, const char* flag) {
+std::string readInput(const std::string& path, const char* flag, std::uint64_t max_bytes = kMaxInputBytes) {
     std::string data;
     if (path == "-") {
         char buf[65536];
         std::size_t n = 0;
         while ((n = std::fread(buf, 1, sizeof(buf), stdin)) > 0) {
             data.append(buf, n);
-            if (data.size() > kMaxInputBytes)
-                throw Error(std::string(flag) + " -: more than " + std::to_string(kMaxInputBytes) + " bytes");
+            if (data.size() > max_bytes)
+                throw Error(std::string(flag) + " -: more than " + std::to_string(max_bytes) + " bytes");
         }
         return data;
     }
@@ -207,9 +216,9 @@ std::string readInput(const std::string& path, const char* flag) {
         throw Error(std::string(flag) + " " + path + ": not a regular file");
     const auto size = std::filesystem::file_size(path, ec);
     if (ec) throw Error(std::string(flag) + " " + path + ": " + ec.message());
-    if (size > kMaxInputBytes)
+    if (size > max_bytes)
         throw Error(std::string(flag) + " " + path + ": " + std::to_string(size) + " bytes, more than the " +
-                    std::to_string(kMaxInputBytes) + " accepted");
+                    std::to_string(max_bytes) + " accepted");
     std::ifstream in(path, std::ios::binary);
     if (!in) throw Error(std::string(flag) + " " + path + ": cannot open for reading");
     data.resize(static_cast<std::size_t>(size));
@@ -344,7 +353,35 @@ void printSummary(const std::vector<modscope::TraceDocument>& docs, const modsco
     std::printf("wrote     %s\n", out.c_str());
 }
 
+// --check: the file through the same readers the app replays traces with; one line on stdout when it is
+// sound, the reader's one-line reason (exit 1) when not.
+int checkTrace(const std::string& path) {
+    std::string ext = std::filesystem::path(path).extension().string();
+    for (auto& c : ext) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+    if (ext == ".csv") {
+        const auto text = readInput(path, "--check", modscope::kMaxTraceFileBytes);
+        std::vector<modscope::TraceCsvRow> rows;
+        try {
+            rows = modscope::traceRowsFromCsv(text);
+        } catch (const Error& e) {
+            throw Error(path + ": " + e.what());
+        }
+        std::printf("%s: a trace CSV of %zu rows\n", path.c_str(), rows.size());
+        return 0;
+    }
+    if (ext != ".json" && ext != ".jsonl")
+        throw UsageError("--check " + path + ": unknown format '" + (ext.empty() ? "(no extension)" : ext) +
+                         "' (use .json, .jsonl or .csv)");
+    const auto docs = modscope::loadTraces(path);
+    std::size_t tokens = 0;
+    for (const auto& d : docs) tokens += d.tokens.size();
+    std::printf("%s: %zu %s trace document%s, %zu tokens\n", path.c_str(), docs.size(), modscope::kTraceSchema,
+                docs.size() == 1 ? "" : "s", tokens);
+    return 0;
+}
+
 int run(const Options& o) {
+    if (!o.check.empty()) return checkTrace(o.check);
     std::vector<Prompt> prompts;
     if (o.have_prompt) {
         requireUtf8(o.prompt, "--prompt");
@@ -424,6 +461,9 @@ int main(int argc, char** argv) {
     }
     try {
         return run(options);
+    } catch (const UsageError& e) {
+        std::fprintf(stderr, "modscope-trace: error: %s (see modscope-trace --help)\n", oneLine(e.what()).c_str());
+        return 2;
     } catch (const std::exception& e) {
         std::fprintf(stderr, "modscope-trace: error: %s\n", oneLine(e.what()).c_str());
         return 1;

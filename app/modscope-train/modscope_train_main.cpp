@@ -239,7 +239,11 @@ int main(int argc, char** argv) {
                      final_progress.train_flops);
         return g_stop ? 130 : 0;
     } catch (const std::exception& e) {
-        std::fprintf(stderr, "modscope-train: %s\n", e.what());
+        // One line, whatever the message holds (a reader's or LibTorch's text may span lines).
+        std::string message = e.what();
+        for (auto& c : message)
+            if (c == '\n' || c == '\r') c = ' ';
+        std::fprintf(stderr, "modscope-train: %s\n", message.c_str());
         return 1;
     }
 }

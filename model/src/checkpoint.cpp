@@ -1,8 +1,15 @@
 // weights.pt reading and writing with full validation: the file is untrusted input.
 #include "checkpoint.h"
 
+#include "weights_container.h"
+
+#include <caffe2/serialize/inline_container.h>
+#include <caffe2/serialize/read_adapter_interface.h>
+#include <torch/csrc/jit/serialization/import_read.h>
 #include <torch/serialize.h>
 
+#include <algorithm>
+#include <cstring>
 #include <map>
 #include <sstream>
 
@@ -18,11 +25,43 @@ std::string shapeString(const at::IntArrayRef sizes) {
     return out.str();
 }
 
+// LibTorch 1.13's pickle_load reads the zip container through an adapter that copies whatever range the zip
+// reader asks for, past the end of the buffer when the file is truncated or its directory lies: a heap
+// overflow that fuzz_checkpoint found on its first seed (a weights.pt cut in half). This adapter copies only
+// bytes that exist; a short read makes the zip reader fail with an error instead.
+class BoundedReader : public caffe2::serialize::ReadAdapterInterface {
+public:
+    explicit BoundedReader(const std::string& data) : data_(data) {}
+    std::size_t size() const override { return data_.size(); }
+    std::size_t read(std::uint64_t pos, void* buf, std::size_t n, const char* /*what*/) const override {
+        if (pos >= data_.size()) return 0;
+        const auto available = static_cast<std::size_t>(std::min<std::uint64_t>(n, data_.size() - pos));
+        std::memcpy(buf, data_.data() + pos, available);
+        return available;
+    }
+
+private:
+    const std::string& data_;
+};
+
+// torch::pickle_load, with the bounded adapter: the container torch::pickle_save and Python's torch.save
+// write (a zip of data.pkl and one record per tensor).
+c10::IValue unpickleWeights(const std::string& bytes) {
+    caffe2::serialize::PyTorchStreamReader reader(std::make_shared<BoundedReader>(bytes));
+    return torch::jit::readArchiveAndTensors("data", /*pickle_prefix=*/"", /*tensor_prefix=*/"",
+                                             /*type_resolver=*/c10::nullopt, /*obj_loader=*/c10::nullopt,
+                                             /*device=*/c10::nullopt, reader);
+}
+
 }  // namespace
 
 std::uint64_t maxWeightsFileBytes(const ModelConfig& config) {
     const auto params = static_cast<std::uint64_t>(config.parameterCount());
     return params * 4 + 64 * 1024 + 1024 * static_cast<std::uint64_t>(config.n_layers);
+}
+
+std::uint64_t minWeightsFileBytes(const ModelConfig& config) {
+    return static_cast<std::uint64_t>(config.parameterCount()) * 4;
 }
 
 std::string serializeWeights(nn::ModTransformerImpl& net) {
@@ -34,9 +73,14 @@ std::string serializeWeights(nn::ModTransformerImpl& net) {
 
 void loadWeights(nn::ModTransformerImpl& net, const std::string& bytes, const std::string& source) {
     if (bytes.empty()) throw Error(source + ": empty file");
+    try {
+        checkWeightsContainer(bytes);
+    } catch (const Error& e) {
+        throw Error(source + ": " + e.what());
+    }
     c10::IValue value;
     try {
-        value = torch::pickle_load(std::vector<char>(bytes.begin(), bytes.end()));
+        value = unpickleWeights(bytes);
     } catch (const std::exception& e) {
         std::string what = e.what();
         if (const auto nl = what.find('\n'); nl != std::string::npos) what.resize(nl);

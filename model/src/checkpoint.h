@@ -16,5 +16,7 @@ void loadWeights(nn::ModTransformerImpl& net, const std::string& bytes, const st
 
 // The largest weights.pt a config can plausibly have: parameters * 4 bytes plus pickle overhead.
 std::uint64_t maxWeightsFileBytes(const ModelConfig& config);
+// The smallest: the parameters' float32 bytes (pickle stores every tensor's data uncompressed).
+std::uint64_t minWeightsFileBytes(const ModelConfig& config);
 
 }  // namespace modscope

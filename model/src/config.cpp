@@ -110,6 +110,10 @@ ModelConfig ModelConfig::fromJson(const std::string& text) {
         throw Error(std::string("config: not valid JSON (") + e.what() + ")");
     }
     if (!j.is_object()) throw Error("config: expected a JSON object");
+    // Optional for configs written before it existed; when present it must be this architecture.
+    if (const auto arch = j.find("architecture"); arch != j.end() && *arch != "modscope-mod-transformer/1")
+        throw Error("config: 'architecture' is " + arch->dump().substr(0, 80) +
+                    ", this build reads \"modscope-mod-transformer/1\" only");
     ModelConfig c;
     c.name = field<std::string>(j, "name", c.name, false);
     c.vocab_size = field<int>(j, "vocab_size", 0, true);

@@ -107,6 +107,12 @@ std::unique_ptr<Model> Model::open(const std::string& dir, const std::string& de
                     " pieces, but config.json says vocab_size " + std::to_string(config.vocab_size));
 
     const std::string bytes = readFileBounded(weights_path, maxWeightsFileBytes(config));
+    // Every parameter is stored as float32 in the file, so a file smaller than that cannot hold the model:
+    // refused here, before the model's tensors (as large as the config says) are allocated.
+    if (bytes.size() < minWeightsFileBytes(config))
+        throw Error(weights_path + ": " + std::to_string(bytes.size()) + " bytes, too small for the " +
+                    std::to_string(config.parameterCount()) + " float32 parameters config.json declares" +
+                    (bytes.empty() ? " (empty file)" : " (truncated?)"));
     std::unique_ptr<Model> m(new Model());
     auto& impl = *m->impl_;
     impl.config = config;

@@ -183,6 +183,9 @@ std::vector<TraceDocument> loadTraces(const std::string& path);
 // *bad_offset (when given) is the first offending byte.
 bool isValidUtf8(const std::string& text, std::size_t* bad_offset = nullptr);
 
+// text with each byte that does not begin a well-formed UTF-8 sequence replaced by U+FFFD.
+std::string sanitizeUtf8(const std::string& text);
+
 // The part of prompt that kept (a prefix of its tokens, after truncation) covers: cut after the last kept
 // token's end and moved forward to a character boundary, since byte-fallback pieces may end inside one.
 std::string promptTextCoveredBy(const std::string& prompt, const std::vector<Token>& kept);
