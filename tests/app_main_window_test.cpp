@@ -15,6 +15,7 @@
 #include <QSvgRenderer>
 #include <QTableWidget>
 #include <QTemporaryDir>
+#include <QMessageBox>
 #include <QTest>
 
 #include <fstream>
@@ -360,8 +361,11 @@ private Q_SLOTS:
             const QString text = w->banner()->text();
             QVERIFY2(text.contains(QString::fromStdString(b.expected)) && text.contains(QStringLiteral("Still using app-fixture")),
                      qPrintable(QString::fromStdString(b.name) + ": " + text));
+            QVERIFY2(w->refusalDialog() && w->refusalDialog()->isVisible(), b.name.c_str());
+            QVERIFY2(w->refusalDialog()->text().contains(QString::fromStdString(b.expected)), b.name.c_str());
             QCOMPARE(QString::fromStdString(w->model()->name), QStringLiteral("app-fixture"));
         }
+        w->refusalDialog()->accept();  // window-modal: the editor takes keys again once it is closed
         QTest::keyClicks(w->promptEditor()->editor(), QStringLiteral(" jumps"));
         QVERIFY(waitForRun(*w));
         QCOMPARE(w->snapshot()->model_name, std::string("app-fixture"));

@@ -13,6 +13,7 @@
 #include <QSignalSpy>
 #include <QSlider>
 #include <QTemporaryDir>
+#include <QMessageBox>
 #include <QTest>
 
 #include "app_fixture.h"
@@ -209,6 +210,8 @@ private Q_SLOTS:
             QVERIFY2(text.contains(QString::fromStdString(b.expected)) &&
                          text.contains(QFileInfo(QString::fromStdString(b.path)).fileName()),
                      qPrintable(QString::fromStdString(b.name) + ": " + text));
+            QVERIFY2(w->refusalDialog() && w->refusalDialog()->isVisible(), b.name.c_str());
+            QVERIFY2(w->refusalDialog()->text().contains(QString::fromStdString(b.expected)), b.name.c_str());
             QVERIFY(!w->isReplaying());
             QCOMPARE(w->snapshot(), before);
             QVERIFY(controlsLive(*w));

@@ -577,7 +577,7 @@ void MainWindow::onModelLoadFailed(const QString& message) {
     statusBar()->clearMessage();
     QString text = tr("Could not open the model in %1:\n%2").arg(QDir::toNativeSeparators(dir), message);
     if (model_) text += tr("\nStill using %1.").arg(QString::fromStdString(model_->name));
-    showError(text);
+    refuseFile(tr("Model refused"), text);
     // The device box follows the model in use.
     if (model_) {
         QSignalBlocker block(device_box_);
@@ -937,11 +937,13 @@ bool MainWindow::openTrace(const QString& path) {
         doc = std::make_shared<const TraceDocument>(loadTrace(QFile::encodeName(path).toStdString()));
         snapshot = snapshotFromTrace(*doc);
     } catch (const std::exception& e) {
-        showError(tr("Could not open the trace %1:\n%2").arg(QDir::toNativeSeparators(path), QString::fromUtf8(e.what())));
+        refuseFile(tr("Trace refused"),
+                   tr("Could not open the trace %1:\n%2").arg(QDir::toNativeSeparators(path), QString::fromUtf8(e.what())));
         return false;
     }
     if (snapshot->empty()) {
-        showError(tr("Could not open the trace %1: it holds no tokens to show.").arg(QDir::toNativeSeparators(path)));
+        refuseFile(tr("Trace refused"),
+                   tr("Could not open the trace %1: it holds no tokens to show.").arg(QDir::toNativeSeparators(path)));
         return false;
     }
     if (generating_) stopGeneration();
@@ -1156,6 +1158,20 @@ void MainWindow::resetLayout() {
 }
 
 void MainWindow::showError(const QString& text) { banner_->showMessage(MessageBanner::Kind::Error, text); }
+
+void MainWindow::refuseFile(const QString& title, const QString& text) {
+    showError(text);
+    // A file the user chose was refused: say so where it cannot be missed. One window-modal dialog, reused,
+    // opened without a nested event loop, so runs and the rest of the app carry on behind it.
+    if (!refusal_dialog_) {
+        refusal_dialog_ = new QMessageBox(QMessageBox::Warning, title, text, QMessageBox::Ok, this);
+        refusal_dialog_->setObjectName(QStringLiteral("refusalDialog"));
+        refusal_dialog_->setWindowModality(Qt::WindowModal);
+    }
+    refusal_dialog_->setWindowTitle(title);
+    refusal_dialog_->setText(text);
+    refusal_dialog_->open();
+}
 
 void MainWindow::updateWindowTitle() {
     if (replaying_) {

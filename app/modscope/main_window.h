@@ -23,6 +23,7 @@ class QComboBox;
 class QDockWidget;
 class QLabel;
 class QMenu;
+class QMessageBox;
 class QSettings;
 
 namespace modscope {
@@ -94,6 +95,8 @@ public:
     CellDetailsPanel* detailsPanel() const { return details_; }
     GenerationControls* generationControls() const { return generation_; }
     MessageBanner* banner() const { return banner_; }
+    // The dialog that names why a model or trace was refused (null until one was); it does not block.
+    QMessageBox* refusalDialog() const { return refusal_dialog_; }
     QLabel* replayLabel() const { return replay_label_; }
     RoutingHeatmap* pinnedHeatmap() const { return pinned_heatmap_; }
     RoutingDiffView* diffView() const { return diff_view_; }
@@ -158,6 +161,7 @@ private:
     void showAbout();
     void resetLayout();
     void showError(const QString& text);
+    void refuseFile(const QString& title, const QString& text);
     void onExportDone(const QString& path, const QString& error);
     void applyDefaultDockSizes();
     static QString modelDirectoryFor(const QString& path);
@@ -204,6 +208,7 @@ private:
 
     // Views.
     MessageBanner* banner_ = nullptr;
+    QPointer<QMessageBox> refusal_dialog_;
     RoutingHeatmap* heatmap_ = nullptr;
     PromptEditor* prompt_ = nullptr;
     GenerationControls* generation_ = nullptr;
