@@ -9,15 +9,12 @@
 #include <QTest>
 #include <QTextCursor>
 
-#include <unistd.h>
-
-#include <cstdio>
-
 #include "app_fixture.h"
 #include "engine_session.h"
 #include "main_window.h"
 #include "message_banner.h"
 #include "modscope/engine.h"
+#include "process_memory.h"
 #include "prompt_editor.h"
 #include "routing_heatmap.h"
 
@@ -33,14 +30,6 @@ constexpr int kEdits = 1000;
 // 800 edits after the warm-up, a leak of 10 kB per edit (a run's trace, or its logits) exceeds it.
 constexpr double kRssGrowthBoundMb = 8.0;
 
-double residentMb() {
-    long pages = 0, resident = 0;
-    if (FILE* f = std::fopen("/proc/self/statm", "r")) {
-        if (std::fscanf(f, "%ld %ld", &pages, &resident) != 2) resident = 0;
-        std::fclose(f);
-    }
-    return double(resident) * double(::sysconf(_SC_PAGESIZE)) / (1024.0 * 1024.0);
-}
 
 const QStringList kWords = {QStringLiteral("the"),   QStringLiteral("river"), QStringLiteral("said"),
                             QStringLiteral("unto"),  QStringLiteral("light"), QStringLiteral("house"),
@@ -138,14 +127,14 @@ private Q_SLOTS:
                 w.runNow();  // a request without the debounce, cancelling the one in flight
                 QCoreApplication::processEvents();
             }
-            if (i == 199) warm_rss = residentMb();
+            if (i == 199) warm_rss = test::residentMb();
         }
         const double edit_seconds = clock.elapsed() / 1000.0;
         QVERIFY(QTest::qWaitFor([&] { return !w.isStale() && w.snapshot() && w.snapshot()->job == w.session()->latestRunJob(); },
                                 kTimeoutMs));
         // Let the finished runs' last results drain and the allocator settle before measuring.
         QTest::qWait(500);
-        const double end_rss = residentMb();
+        const double end_rss = test::residentMb();
         qInfo("%d edits in %.1f s, %d runs shown; RSS %.1f MB after warm-up, %.1f MB at the end (%+.1f MB)", kEdits,
               edit_seconds, applied, warm_rss, end_rss, end_rss - warm_rss);
         QVERIFY(applied >= 10);

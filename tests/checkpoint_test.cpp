@@ -11,6 +11,8 @@
 #include "bad_files.h"
 #include "checkpoint.h"
 #include "file_size_limit.h"
+#include "../fuzz/fuzz_checkpoint_config.h"
+#include "process_memory.h"
 #include "test_support.h"
 
 using namespace modscope;
@@ -18,16 +20,6 @@ using namespace modscope;
 namespace {
 
 std::string pathIn(const QTemporaryDir& dir, const char* name) { return QDir(dir.path()).filePath(name).toStdString(); }
-
-// Resident memory of this process, from /proc/self/statm.
-double residentMb() {
-    long pages = 0, resident = 0;
-    if (FILE* f = std::fopen("/proc/self/statm", "r")) {
-        if (std::fscanf(f, "%ld %ld", &pages, &resident) != 2) resident = 0;
-        std::fclose(f);
-    }
-    return double(resident) * double(::sysconf(_SC_PAGESIZE)) / (1024.0 * 1024.0);
-}
 
 // Opening dir must fail with a message containing every one of the given fragments.
 void expectRefused(const std::string& dir, const QStringList& fragments) {
@@ -193,7 +185,7 @@ private Q_SLOTS:
         const auto bad = badfiles::makeBadCheckpoints(good, dir.path().toStdString());
         QVERIFY(bad.size() >= 15);
         for (const auto& b : bad) {
-            const double rss0 = residentMb();
+            const double rss0 = test::residentMb();
             const auto t0 = std::chrono::steady_clock::now();
             try {
                 Model::open(b.path, "cpu");
@@ -205,7 +197,7 @@ private Q_SLOTS:
                 QVERIFY2(message.find(b.path) != std::string::npos, qPrintable(QString::fromStdString(message)));
             }
             const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-            const double grown = residentMb() - rss0;
+            const double grown = test::residentMb() - rss0;
             QVERIFY2(seconds < 5.0, qPrintable(QString::fromStdString(b.name) + QString(": %1 s").arg(seconds)));
             // The huge-model config asks for 8.6 GB of tensors: nothing of the sort may be allocated.
             QVERIFY2(grown < 64.0, qPrintable(QString::fromStdString(b.name) + QString(": +%1 MB").arg(grown)));
@@ -302,16 +294,7 @@ private Q_SLOTS:
                      qPrintable(QString("cut at %1: '%2'").arg(cut).arg(msg.c_str())));
         }
         // The fuzzer's config and inputs (fuzz/fuzz_checkpoint.cpp, fuzz/corpus/checkpoint).
-        ModelConfig c;
-        c.vocab_size = 16;
-        c.d_model = 8;
-        c.n_layers = 2;
-        c.n_heads = 2;
-        c.d_ff = 16;
-        c.max_seq_len = 16;
-        c.routed_layers = {1};
-        c.predictor_hidden = 4;
-        auto fuzz_model = Model::create(c, 1, "cpu");
+        auto fuzz_model = Model::create(fuzz::checkpointSeedConfig(), 1, "cpu");
         const QString corpus = QStringLiteral(MODSCOPE_SOURCE_DIR "/fuzz/corpus/checkpoint/");
         const auto load = [&](const char* name) -> std::string {
             try {

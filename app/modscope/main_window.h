@@ -7,6 +7,7 @@
 
 #include <QElapsedTimer>
 #include <QMainWindow>
+#include <QMessageBox>
 #include <QPointer>
 #include <QThreadPool>
 #include <QTimer>
@@ -23,7 +24,6 @@ class QComboBox;
 class QDockWidget;
 class QLabel;
 class QMenu;
-class QMessageBox;
 class QSettings;
 
 namespace modscope {
