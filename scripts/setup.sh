@@ -5,7 +5,7 @@
 #                                under AddressSanitizer + UBSan (the dev-asan preset), then each libFuzzer
 #                                target for a bounded time (the fuzz preset). Any failure or finding fails it.
 # Options through the environment: BUILD_DIR (default build), BUILD_TYPE (Release), JOBS (all cores),
-# MODSCOPE_PRESET=dev-asan to build and test with AddressSanitizer + UBSan only, FUZZ_SECONDS (60 per target;
+# MODSCOPE_PRESET=dev-asan to build and test with AddressSanitizer + UBSan only, FUZZ_SECONDS (30 per target;
 # 0 skips fuzzing), SANITIZERS=0 to skip the sanitizer and fuzzing stages of `test`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -82,7 +82,7 @@ sanitizer_stage() {
 # Each libFuzzer target from its seed corpus (fuzz/corpus/<target>) for FUZZ_SECONDS. New inputs go to a
 # scratch folder; a crash, a leak, a timeout or an out-of-memory stops it with its input in build-fuzz/findings.
 fuzz_stage() {
-    local seconds=${FUZZ_SECONDS:-60}
+    local seconds=${FUZZ_SECONDS:-30}
     [ "$seconds" -gt 0 ] || return 0
     local t0=$SECONDS
     cmake --preset fuzz
