@@ -45,7 +45,7 @@ void configureRuntime() {
     std::call_once(once, [] {
         // A forward allocates and frees tensors of 0.1-50 MB by the dozen. By default glibc serves them
         // with mmap and returns them on free, so every run page-faults its buffers in again: 650k faults
-        // in 6 s of forwards, measured, and a third of the time at T = 128. Kept in the heap, they are
+        // in 6 s of forwards, measured, and up to a third of the time at T = 128. Kept in the heap, they are
         // reused; the process's footprint stays at its peak rather than shrinking between runs.
 #ifdef M_MMAP_THRESHOLD
         mallopt(M_MMAP_THRESHOLD, 512 << 20);
