@@ -21,6 +21,7 @@
 #include <fstream>
 
 #include "app_fixture.h"
+#include "app_window_fixture.h"
 #include "bad_files.h"
 #include "file_size_limit.h"
 #include "capacity_chart.h"
@@ -66,26 +67,11 @@ private:
     // A window with the fixture model loaded and its first run shown.
     std::unique_ptr<MainWindow> makeWindow(const QString& prompt = QStringLiteral("the quick brown fox"),
                                            QSettings* settings = nullptr) {
-        MainWindow::Options o;
-        o.settings = settings;
-        o.device = QStringLiteral("cpu");
-        auto w = std::make_unique<MainWindow>(o);
-        w->resize(1400, 900);
-        w->show();
-        w->setPrompt(prompt);
-        QSignalSpy loaded(w.get(), &MainWindow::modelChanged);
-        w->openModel(model_dir_);
-        if (!loaded.wait(kTimeoutMs)) return nullptr;
-        waitForRun(*w);
-        return w;
+        return apptest::openFixtureWindow(model_dir_, prompt, kTimeoutMs, settings);
     }
 
     // Until the views show the newest request's run.
-    static bool waitForRun(MainWindow& w) {
-        (void)QTest::qWaitFor([&] { return !w.isStale() && w.snapshot() && w.snapshot()->job == w.session()->latestRunJob(); },
-                        kTimeoutMs);
-        return !w.isStale() && w.snapshot() != nullptr;
-    }
+    static bool waitForRun(MainWindow& w) { return apptest::waitForLiveRun(w, kTimeoutMs); }
 
     std::size_t tokenCount(const QString& text) const { return tokenizer_->encode(text.toStdString()).size(); }
 

@@ -17,6 +17,7 @@
 #include <QTest>
 
 #include "app_fixture.h"
+#include "app_window_fixture.h"
 #include "bad_files.h"
 #include "command_line.h"
 #include "engine_session.h"
@@ -66,25 +67,10 @@ private:
     QString model_dir_;
 
     std::unique_ptr<MainWindow> makeWindow(const QString& prompt) {
-        MainWindow::Options o;
-        o.device = QStringLiteral("cpu");
-        auto w = std::make_unique<MainWindow>(o);
-        w->resize(1400, 900);
-        w->show();
-        w->setPrompt(prompt);
-        QSignalSpy loaded(w.get(), &MainWindow::modelChanged);
-        w->openModel(model_dir_);
-        if (!loaded.wait(kTimeoutMs)) return nullptr;
-        waitForRun(*w);
-        return w;
+        return apptest::openFixtureWindow(model_dir_, prompt, kTimeoutMs);
     }
 
-    static bool waitForRun(MainWindow& w) {
-        (void)QTest::qWaitFor(
-            [&] { return !w.isStale() && w.liveSnapshot() && w.liveSnapshot()->job == w.session()->latestRunJob(); },
-            kTimeoutMs);
-        return !w.isStale() && w.liveSnapshot() != nullptr;
-    }
+    static bool waitForRun(MainWindow& w) { return apptest::waitForLiveRun(w, kTimeoutMs); }
 
     static bool exportTo(MainWindow& w, const QString& path) {
         QSignalSpy done(&w, &MainWindow::exportFinished);

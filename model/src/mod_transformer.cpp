@@ -130,15 +130,10 @@ torch::Tensor topkIndices(const torch::Tensor& router_logits, std::int64_t k) {
     return std::get<0>(idx.sort(1));
 }
 
-namespace {
-
-// Gathers rows idx [B, k] of x [B, T, d] into a contiguous [B, k, d].
 torch::Tensor gatherRows(const torch::Tensor& x, const torch::Tensor& idx) {
     return x.gather(1, idx.unsqueeze(-1).expand({idx.size(0), idx.size(1), x.size(2)}));
 }
 
-// Runs the routed block on the tokens idx [B, k] of x and writes their updates back; every other row of x
-// is copied through untouched (scatter into a copy), so skipped tokens stay bit-for-bit the same.
 torch::Tensor processSelected(BlockImpl& block, const torch::Tensor& x, const torch::Tensor& pos,
                               const torch::Tensor& router_logits, const torch::Tensor& idx, const Rotary& rope,
                               LayerKV* kv) {
@@ -157,6 +152,8 @@ torch::Tensor processSelected(BlockImpl& block, const torch::Tensor& x, const to
     const auto updated = xs + gate * block.delta(xs, ps, rope, kv);
     return x.scatter(1, idx.unsqueeze(-1).expand_as(updated), updated);
 }
+
+namespace {
 
 void checkCancel(const std::atomic<bool>* cancel) {
     if (cancel != nullptr && cancel->load(std::memory_order_relaxed)) throw Cancelled();

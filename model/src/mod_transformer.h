@@ -141,4 +141,14 @@ TORCH_MODULE(ModTransformer);
 // The routed layer's selection for a run: indices into T, ascending (original order), per batch row.
 torch::Tensor topkIndices(const torch::Tensor& router_logits, std::int64_t k);  // [B, T] -> [B, k]
 
+// Gathers rows idx [B, k] of x [B, T, d] into a contiguous [B, k, d].
+torch::Tensor gatherRows(const torch::Tensor& x, const torch::Tensor& idx);
+
+// Runs the routed block on the tokens idx [B, k] of x (gated by sigmoid of their router logits) and writes
+// their updates back; every other row of x is copied through untouched (scatter into a copy), so skipped
+// tokens stay bit-for-bit the same. With kv, the block's cache holds the processed tokens only.
+torch::Tensor processSelected(BlockImpl& block, const torch::Tensor& x, const torch::Tensor& pos,
+                              const torch::Tensor& router_logits, const torch::Tensor& idx, const Rotary& rope,
+                              LayerKV* kv = nullptr);
+
 }  // namespace modscope::nn

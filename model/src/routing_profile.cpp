@@ -1,8 +1,8 @@
 // Stage-by-stage timing of one routed layer, the matmul peak and the build information (profiling.h).
 //
-// The stages repeat what ModTransformerImpl::hidden and processSelected (mod_transformer.cpp) do for a
-// routed layer in top-k mode, on the model's own modules. They are repeated here rather than instrumented
-// there so the forward pass carries no timing code; if that code changes, this file must follow it.
+// The stages are the steps of a routed layer in top-k mode (ModTransformerImpl::hidden, mod_transformer.cpp)
+// timed one by one on the model's own modules; the whole layer runs the engine's own nn::processSelected.
+// They are timed here rather than instrumented there so the forward pass carries no timing code.
 #include <ATen/Parallel.h>
 #include <ATen/Version.h>
 #include <torch/version.h>
@@ -84,8 +84,7 @@ RoutedLayerProfile profileRoutedLayer(const Model& model, int seq_len, int reps,
     // Each stage's inputs are the previous stage's outputs, computed once.
     const auto r = block.router(x).squeeze(-1);
     const auto idx = nn::topkIndices(r, k);
-    const auto idx3 = idx.unsqueeze(-1).expand({1, k, x.size(2)});
-    const auto xs = x.gather(1, idx3);
+    const auto xs = nn::gatherRows(x, idx);
     const auto ps = pos.gather(1, idx);
     const auto gate = torch::sigmoid(r.gather(1, idx)).unsqueeze(-1);
     const auto delta = block.delta(xs, ps, rope);
@@ -104,7 +103,7 @@ RoutedLayerProfile profileRoutedLayer(const Model& model, int seq_len, int reps,
         [&] { (void)nn::topkIndices(r, k); },
         [&] { (void)block.predictor(x.detach()); },
         [&] {
-            (void)x.gather(1, idx.unsqueeze(-1).expand({1, k, x.size(2)}));
+            (void)nn::gatherRows(x, idx);
             (void)pos.gather(1, idx);
             (void)torch::sigmoid(r.gather(1, idx)).unsqueeze(-1);
         },
@@ -116,11 +115,7 @@ RoutedLayerProfile profileRoutedLayer(const Model& model, int seq_len, int reps,
             const auto r_ = block.router(x).squeeze(-1);
             const auto idx_ = nn::topkIndices(r_, k);
             (void)block.predictor(x.detach());
-            const auto xs_ = x.gather(1, idx_.unsqueeze(-1).expand({1, k, x.size(2)}));
-            const auto ps_ = pos.gather(1, idx_);
-            const auto gate_ = torch::sigmoid(r_.gather(1, idx_)).unsqueeze(-1);
-            const auto up_ = xs_ + gate_ * block.delta(xs_, ps_, rope);
-            (void)x.scatter(1, idx_.unsqueeze(-1).expand_as(up_), up_);
+            (void)nn::processSelected(block, x, pos, r_, idx_, rope);
         },
     };
     for (const auto& stage : stages) stage();  // warm-up
