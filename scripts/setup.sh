@@ -3,15 +3,18 @@
 #   bash scripts/setup.sh run    install, build, and open the app on the bundled default model
 #   bash scripts/setup.sh test   install, build, and run every test through CTest; then the whole suite again
 #                                under AddressSanitizer + UBSan (the dev-asan preset), then each libFuzzer
-#                                target for a bounded time (the fuzz preset). Any failure or finding fails it.
+#                                target on a fixed number of inputs from a fixed seed (the fuzz preset). Any
+#                                failure or finding fails it.
+#   bash scripts/setup.sh fuzz   build the fuzz preset and fuzz each target for FUZZ_SECONDS (600) from a
+#                                random seed, to look for new defects rather than gate on old ones.
 # Options through the environment: BUILD_DIR (default build), BUILD_TYPE (Release), JOBS (all cores),
-# MODSCOPE_PRESET=dev-asan to build and test with AddressSanitizer + UBSan only, FUZZ_SECONDS (30 per target;
-# 0 skips fuzzing), SANITIZERS=0 to skip the sanitizer and fuzzing stages of `test`.
+# MODSCOPE_PRESET=dev-asan to build and test with AddressSanitizer + UBSan only, FUZZ=0 to skip the fuzz
+# stage of `test`, FUZZ_SEED (1) for its seed, SANITIZERS=0 to skip the sanitizer and fuzz stages of `test`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 mode=${1:-}
-case "$mode" in run|test|build|deps) ;; *) echo "usage: bash scripts/setup.sh run|test|build|deps" >&2; exit 2 ;; esac
+case "$mode" in run|test|build|deps|fuzz) ;; *) echo "usage: bash scripts/setup.sh run|test|build|deps|fuzz" >&2; exit 2 ;; esac
 
 # Every package the project needs, from Debian 12's archive.
 packages=(
@@ -65,8 +68,10 @@ build_dir() {
 
 install_packages
 [ "$mode" = deps ] && exit 0
-build
-dir=$(build_dir)
+if [ "$mode" != fuzz ]; then
+    build
+    dir=$(build_dir)
+fi
 
 # The whole suite under AddressSanitizer + UBSan (CMakePresets.json's dev-asan: the test preset sets
 # ASAN_OPTIONS). The tokenizer module stays uninstrumented (DEVELOPERS.md).
@@ -79,25 +84,43 @@ sanitizer_stage() {
     echo "setup: sanitizer stage: build $((t1 - t0)) s, tests $((SECONDS - t1)) s"
 }
 
-# Each libFuzzer target from its seed corpus (fuzz/corpus/<target>) for FUZZ_SECONDS. New inputs go to a
-# scratch folder; a crash, a leak, a timeout or an out-of-memory stops it with its input in build-fuzz/findings.
+# Each libFuzzer target from its seed corpus (fuzz/corpus/<target>, plus the inputs of past findings in
+# tests/data/fuzz_regressions) into a scratch folder; a crash, a leak, a timeout or an out-of-memory stops it
+# with its input in build-fuzz/findings. `test` runs a fixed number of inputs from a fixed seed, so that a red
+# CI reproduces with the same command (CI once failed on a finding a time-bounded random run happened on);
+# `fuzz` explores: FUZZ_SECONDS a target (default 600) from a random seed.
+fuzz_runs() {
+    case "$1" in  # about 20 s each on the 2-core CI machine
+    config) echo 400000 ;; trace_json) echo 120000 ;; trace_jsonl) echo 200000 ;; trace_csv) echo 400000 ;;
+    checkpoint) echo 100000 ;;
+    esac
+}
+
 fuzz_stage() {
-    local seconds=${FUZZ_SECONDS:-30}
-    [ "$seconds" -gt 0 ] || return 0
+    local how=$1
     local t0=$SECONDS
     cmake --preset fuzz
     cmake --build --preset fuzz -j "${JOBS:-$(nproc)}"
     local t1=$SECONDS
     mkdir -p build-fuzz/findings
-    local target work
+    local target work limits
     for target in config trace_json trace_jsonl trace_csv checkpoint; do
+        if [ "$how" = gate ]; then
+            limits=(-seed="${FUZZ_SEED:-1}" -runs="$(fuzz_runs "$target")" -max_total_time=300)
+            echo "setup: fuzzing fuzz_$target: ${limits[*]}"
+        else
+            limits=(-max_total_time="${FUZZ_SECONDS:-600}")
+            echo "setup: fuzzing fuzz_$target for ${FUZZ_SECONDS:-600} s from a random seed"
+        fi
         work=$(mktemp -d)
-        echo "setup: fuzzing fuzz_$target for $seconds s"
-        if ! build-fuzz/bin/fuzz_$target -max_total_time="$seconds" -rss_limit_mb=2048 -timeout=10 \
+        local corpora=("fuzz/corpus/$target")
+        if [ "$target" = checkpoint ]; then corpora+=(tests/data/fuzz_regressions); fi
+        if ! build-fuzz/bin/fuzz_$target "${limits[@]}" -rss_limit_mb=2048 -timeout=10 \
             -max_len=65536 -print_final_stats=1 -artifact_prefix="build-fuzz/findings/$target-" \
-            "$work" "fuzz/corpus/$target" > "build-fuzz/fuzz_$target.log" 2>&1; then
+            "$work" "${corpora[@]}" > "build-fuzz/fuzz_$target.log" 2>&1; then
             tail -n 60 "build-fuzz/fuzz_$target.log"
             echo "setup: fuzz_$target found a problem; its input is in build-fuzz/findings/" >&2
+            grep -m1 '^INFO: Seed:' "build-fuzz/fuzz_$target.log" >&2 || true
             rm -rf "$work"
             return 1
         fi
@@ -114,8 +137,11 @@ test)
     echo "setup: tests $((SECONDS - t0)) s"
     if [ "${SANITIZERS:-1}" != 0 ] && [ -z "${MODSCOPE_PRESET:-}" ]; then
         sanitizer_stage
-        fuzz_stage
+        [ "${FUZZ:-1}" = 0 ] || fuzz_stage gate
     fi
+    ;;
+fuzz)
+    fuzz_stage explore
     ;;
 run)
     model=resources/models/default

@@ -62,6 +62,12 @@ std::uint32_t crc32(const std::string& data, std::uint64_t pos, std::uint64_t n)
     return c ^ 0xFFFFFFFFu;
 }
 
+// Names as the zip reader compares them: ASCII letters folded to lower case.
+std::string folded(std::string name) {
+    for (auto& c : name) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+    return name;
+}
+
 struct Record {
     std::string name;
     std::uint64_t data_offset = 0;
@@ -121,10 +127,14 @@ void checkWeightsContainer(const std::string& data) {
         if (b.le(pos + 34, 2, "a central header") != 0) corrupt("a multi-disk archive");
         r.name = b.str(pos + 46, name_len, "a record name");
         if (r.name.empty()) corrupt("a record has no name");
-        // Values that do not fit 32 bits are in the zip64 extra field, in this order.
-        for (std::uint64_t e = pos + 46 + name_len; e + 4 <= pos + 46 + name_len + extra_len;) {
+        // Values that do not fit 32 bits are in the zip64 extra field, in this order. Every field must lie inside
+        // the extra area, and only the first zip64 field counts: what LibTorch's zip reader (miniz) does.
+        const std::uint64_t extra_end = pos + 46 + name_len + extra_len;
+        for (std::uint64_t e = pos + 46 + name_len; e < extra_end;) {
+            if (extra_end - e < 4) corrupt("'" + r.name + "' has a malformed extra field");
             const auto id = b.le(e, 2, "an extra field");
             const auto len = b.le(e + 2, 2, "an extra field");
+            if (extra_end - e - 4 < len) corrupt("'" + r.name + "' has a malformed extra field");
             if (id == 0x0001) {
                 std::uint64_t f = e + 4;
                 const std::uint64_t end = e + 4 + len;
@@ -134,10 +144,14 @@ void checkWeightsContainer(const std::string& data) {
                     *v = b.le(f, 8, "a zip64 extra field");
                     f += 8;
                 }
+                break;
             }
             e += 4 + len;
         }
         if (flags & (0x0001 | 0x0040 | 0x2000)) corrupt("'" + r.name + "' is encrypted");
+        // Bit 5, patch data: the zip reader refuses the record when asked for its size (fuzz_checkpoint found
+        // LibTorch then throwing out of its reader's constructor, which leaks the reader).
+        if (flags & 0x0020) corrupt("'" + r.name + "' is patch data");
         // The zip reader hands out a directory as an empty record without reading it (fuzz_checkpoint found
         // LibTorch then parsing an uninitialised buffer as the format version).
         const auto external = b.le(pos + 38, 4, "a central header");
@@ -146,9 +160,7 @@ void checkWeightsContainer(const std::string& data) {
         if (comp != uncomp) corrupt("'" + r.name + "' has two different sizes");
         // LibTorch's zip reader looks names up ignoring case: two names that differ only in case would let it
         // read another record than the one checked here.
-        std::string folded = r.name;
-        for (auto& c : folded) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
-        if (!names.insert(folded).second) corrupt("the record name '" + r.name + "' is repeated");
+        if (!names.insert(folded(r.name)).second) corrupt("the record name '" + r.name + "' is repeated");
         // Its local header, and the data after it, inside the part of the file before the directory.
         if (local > cd_offset || b.le(local, 4, "a local header") != kLocalHeader ||
             b.le(local + 8, 2, "a local header") != 0)
@@ -162,16 +174,20 @@ void checkWeightsContainer(const std::string& data) {
         pos += 46 + name_len + extra_len + comment_len;
     }
 
-    // LibTorch's reader takes the first record's folder as the archive's, and reads its version at once.
+    // LibTorch's reader takes the first record's folder as the archive's, and reads its version at once, from
+    // .data/version when there is one, else from version, looking names up ignoring case. Whatever it would
+    // refuse there must be refused here: an exception out of its constructor leaks the open zip reader.
     const auto slash = records.front().name.find('/');
     if (slash == std::string::npos) corrupt("its records are not in a folder");
     const std::string prefix = records.front().name.substr(0, slash + 1);
     const auto find = [&](const std::string& name) -> const Record* {
+        const std::string wanted = folded(prefix + name);
         for (const auto& r : records)
-            if (r.name == prefix + name) return &r;
+            if (folded(r.name) == wanted) return &r;
         return nullptr;
     };
-    const Record* version = find("version");
+    const Record* version = find(".data/version");
+    if (!version) version = find("version");
     if (!version) corrupt("no " + prefix + "version record");
     if (!find("data.pkl")) corrupt("no " + prefix + "data.pkl record");
     std::string text = b.str(version->data_offset, version->size, "the version record");
