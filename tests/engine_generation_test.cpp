@@ -13,9 +13,24 @@ class EngineGenerationTest : public QObject {
 private Q_SLOTS:
     // Incremental decoding (one token at a time, K/V cached only where a layer processed the token) must
     // give what a full causal-mode forward over the whole sequence gives. Tolerance 1e-4 on logits: the
-    // two paths multiply matrices of different shapes, so float sums are ordered differently.
+    // two paths multiply matrices of different shapes, so float sums are ordered differently. With budget
+    // feedback and the prefix top-k too: a step counts the layer's earlier decisions from its cache and ranks
+    // its router logit against the ones the cache keeps; the full pass walks the row.
+    void kvCacheMatchesFullRecompute_data() {
+        QTest::addColumn<double>("budget_gain");
+        QTest::addColumn<bool>("prefix_topk");
+        QTest::newRow("each token alone") << 0.0 << false;
+        QTest::newRow("budget feedback") << 1.5 << false;
+        QTest::newRow("budget feedback and prefix top-k") << 1.5 << true;
+    }
+
     void kvCacheMatchesFullRecompute() {
-        auto model = Model::create(test::tinyConfig(), 11, "cpu");
+        QFETCH(double, budget_gain);
+        QFETCH(bool, prefix_topk);
+        auto config = test::tinyConfig();
+        config.predictor_budget_gain = budget_gain;
+        config.predictor_prefix_topk = prefix_topk;
+        auto model = Model::create(config, 11, "cpu");
         auto& net = *model->impl().net;
         const auto prompt = test::randomIds(12, 300, 4);
         test::balancePredictors(*model, prompt);
@@ -23,6 +38,10 @@ private Q_SLOTS:
         std::vector<nn::LayerKV> kv;
         nn::ForwardOptions fo;
         fo.mode = RoutingMode::Causal;
+        fo.capacity = config.capacity;
+        fo.predictor_threshold = config.predictor_threshold;
+        fo.predictor_budget_gain = budget_gain;
+        fo.predictor_prefix_topk = prefix_topk;
         fo.kv = &kv;
         auto logits = net.logits(net.hidden(test::idsTensor(prompt), fo)[0][-1]);
 
@@ -35,8 +54,7 @@ private Q_SLOTS:
         for (int next : continuation) {
             std::vector<std::uint8_t> processed;
             std::vector<float> prob;
-            logits = net.step(next, static_cast<std::int64_t>(seq.size()), kv, model->config().predictor_threshold,
-                              &processed, &prob);
+            logits = net.step(next, static_cast<std::int64_t>(seq.size()), kv, fo.causalRule(), &processed, &prob);
             seq.push_back(next);
             step_logits.push_back(logits);
             step_processed.push_back(processed);

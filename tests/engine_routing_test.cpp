@@ -181,6 +181,70 @@ private Q_SLOTS:
         }
     }
 
+    // The budget rule on numbers worked by hand: capacity 0.25, gain 2, threshold 0.5, so token t is processed
+    // when logit + 2 * (0.25 * (t + 1) - n_t) > 0.
+    void budgetFeedbackFollowsItsFormula() {
+        const nn::CausalRule rule{0.5, 0.25, 2.0};
+        // t=0: 0.1 + 2*(0.25-0) = 0.6 > 0 -> 1 (n=1); t=1: 0.4 + 2*(0.5-1) = -0.6 -> 0;
+        // t=2: -1.4 + 2*(0.75-1) = -1.9 -> 0;      t=3: -0.4 + 2*(1.0-1) = -0.4 -> 0;
+        // t=4: -0.4 + 2*(1.25-1) = 0.1 -> 1 (n=2); t=5: 3.0 + 2*(1.5-2) = 2.0 -> 1 (n=3).
+        const auto logits = torch::tensor({0.1, 0.4, -1.4, -0.4, -0.4, 3.0}, torch::kFloat32).view({1, 6});
+        const auto flat = torch::zeros({1, 6});  // router logits: with no prefix top-k they do not matter
+        const auto decided = [](const torch::Tensor& mask) {
+            const auto m = mask.to(torch::kInt32).contiguous().view(-1);
+            return std::vector<int>(m.data_ptr<int>(), m.data_ptr<int>() + m.numel());
+        };
+        QCOMPARE(decided(nn::causalSelection(logits, flat, rule)), (std::vector<int>{1, 0, 0, 0, 1, 1}));
+        // Gain 0 is the paper's rule: each token alone, sigmoid(logit) > threshold.
+        QCOMPARE(decided(nn::causalSelection(logits, flat, {0.5, 0.25, 0.0})), (std::vector<int>{1, 1, 0, 0, 0, 1}));
+
+        // The prefix top-k, with a predictor that wants every token: token t is processed only when fewer
+        // than k(t+1) = ceil(0.25 (t+1)) earlier router logits are above its own (k = 1 up to t = 3, then 2).
+        // t1: 5 > 1; t3: 5, 6 > 2; t5: five above 0; t6: 5, 6, 2, 7 > 1 (the earlier 1 is not above).
+        const auto eager = torch::full({1, 8}, 3.0);
+        const auto router = torch::tensor({5.0, 1.0, 6.0, 2.0, 7.0, 0.0, 1.0, 9.0}, torch::kFloat32).view({1, 8});
+        QCOMPARE(decided(nn::causalSelection(eager, router, {0.5, 0.25, 0.0, true})),
+                 (std::vector<int>{1, 0, 1, 0, 1, 0, 0, 1}));
+        QCOMPARE(decided(nn::causalSelection(eager, router, {0.5, 0.25, 0.0, false})), std::vector<int>(8, 1));
+    }
+
+    // A predictor that wants every token: without feedback a routed layer processes all of them; with it, the
+    // count stays near capacity × T, and the run is still causal (a later edit changes no earlier decision).
+    void budgetFeedbackHoldsTheCountNearCapacity() {
+        auto config = test::tinyConfig();
+        auto model = Model::create(config, 6, "cpu");
+        {
+            torch::NoGradGuard guard;
+            for (auto& block : model->impl().net->blocks)
+                if (block->routed) block->predictor->fc2->bias.add_(8.0);
+        }
+        const auto a = test::randomIds(120, 300, 8);
+        RunOptions opt;
+        opt.mode = RoutingMode::Causal;
+        const auto greedy = model->run(a, opt);
+        for (const auto& layer : greedy.layers)
+            if (layer.routed) QVERIFY2(layer.processed > 110, qPrintable(QString::number(layer.processed)));
+
+        config.predictor_budget_gain = 4.0;
+        auto budgeted = Model::create(config, 6, "cpu");
+        {
+            torch::NoGradGuard guard;
+            for (auto& block : budgeted->impl().net->blocks)
+                if (block->routed) block->predictor->fc2->bias.add_(8.0);
+        }
+        auto b = a;
+        for (int t = 90; t < 120; ++t) b[t] = (b[t] + 31) % 300;
+        const auto ta = budgeted->run(a, opt), tb = budgeted->run(b, opt);
+        for (std::size_t li = 0; li < ta.layers.size(); ++li) {
+            const auto& layer = ta.layers[li];
+            if (!layer.routed) continue;
+            // capacity 0.25 of 120 = 30; the logit offset of ~8 buys about 8/4 = 2 tokens beyond it.
+            QVERIFY2(layer.processed >= 28 && layer.processed <= 36, qPrintable(QString::number(layer.processed)));
+            QCOMPARE(layer.selected, layer.predictor_selected);
+            for (int t = 0; t < 90; ++t) QCOMPARE(layer.selected[t], tb.layers[li].selected[t]);
+        }
+    }
+
     void flopsFollowTheFormula() {
         auto cfg = test::tinyConfig();
         auto model = Model::create(cfg, 6, "cpu");

@@ -89,6 +89,20 @@ private Q_SLOTS:
         checkAgainstReference(*model, dir.path().toStdString(), {1, 7, 40, 160});
     }
 
+    // Causal mode with the budget feedback and the prefix top-k (docs/MODEL.md), which the bundled model uses.
+    void tinyModelWithCausalRuleMatchesReference() {
+        QTemporaryDir dir;
+        auto tok = Tokenizer::load(test::tinyTokenizerPath());
+        auto config = test::tinyConfig(tok->vocabSize());
+        config.predictor_budget_gain = 1.5;
+        config.predictor_prefix_topk = true;
+        auto model = Model::create(config, 23, "cpu");
+        model->attachTokenizer(std::move(tok));
+        test::balancePredictors(*model, test::randomIds(64, config.vocab_size, 3));
+        model->save(dir.path().toStdString());
+        checkAgainstReference(*model, dir.path().toStdString(), {1, 7, 40, 160});
+    }
+
     // The bundled default model, as shipped.
     void bundledModelMatchesReference() {
         const auto dir = std::string(MODSCOPE_SOURCE_DIR "/resources/models/default");

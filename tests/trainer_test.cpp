@@ -149,6 +149,51 @@ private Q_SLOTS:
         QCOMPARE(last.step, std::int64_t(6));  // ceil(5.5)
     }
 
+    // --calibrate-causal: every candidate measured at every length, the best worst case written into the
+    // checkpoint's config. A predictor that wants every token scores capacity-level accuracy alone; the
+    // budget feedback and the prefix top-k are what rescue it, so the choice is not the default rule.
+    void causalRuleCalibrationPicksTheBestWorstCase() {
+        const auto trained = QDir(dir_.path()).filePath("calibrate-src").toStdString();
+        auto o = tinyOptions(corpus_, trained);
+        o.steps = 3;
+        Trainer(o).run({});
+        auto model = Model::open(trained, "cpu");
+        {
+            torch::NoGradGuard guard;
+            for (auto& block : model->impl().net->blocks)
+                if (block->routed) block->predictor->fc2->bias.fill_(20.0f);
+        }
+        const auto out = QDir(dir_.path()).filePath("calibrate").toStdString();
+        model->save(out);
+
+        const auto c = calibrateCausalRule(out, {corpus_}, o.val_fraction, {16, 32, 4096}, {0.0, 2.0}, 8, "cpu");
+        QCOMPARE(c.lengths, (std::vector<int>{16, 32}));  // 4096 is beyond max_seq_len
+        QCOMPARE(int(c.trials.size()), 4);
+        QVERIFY(c.chosen != nullptr);
+        for (const auto& t : c.trials) {
+            QCOMPARE(int(t.worst_accuracy.size()), 2);
+            QVERIFY(t.worst() <= c.chosen->worst());
+        }
+        // Gain 0 without the prefix top-k processes everything: accuracy = capacity.
+        QVERIFY2(std::abs(c.trials[0].worst() - o.config.capacity) < 0.02, qPrintable(QString::number(c.trials[0].worst())));
+        QVERIFY(c.chosen->worst() > 0.6);
+        const auto reopened = Model::open(out, "cpu");
+        QCOMPARE(reopened->config().predictor_budget_gain, c.chosen->gain);
+        QCOMPARE(reopened->config().predictor_prefix_topk, c.chosen->prefix_topk);
+
+        // A dense model has nothing to tune.
+        const auto dense = QDir(dir_.path()).filePath("dense-calibrate").toStdString();
+        o.out_dir = dense;
+        o.dense = true;
+        Trainer(o).run({});
+        try {
+            calibrateCausalRule(dense, {corpus_}, o.val_fraction, {16}, {0.0}, 8, "cpu");
+            QFAIL("a dense model was calibrated");
+        } catch (const Error& e) {
+            QVERIFY2(std::string(e.what()).find("dense model") != std::string::npos, e.what());
+        }
+    }
+
     // count_forced is a lower bound of the disagreements, reached when the predictor selects every token.
     void evaluationCountsTheForcedDisagreements() {
         auto model = Model::create(test::tinyConfig(), 4, "cpu");

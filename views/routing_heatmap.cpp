@@ -377,12 +377,42 @@ QString RoutingHeatmap::cellSummary(int l, int t) const {
     row(QStringLiteral("rank"), QStringLiteral("%1 of %2 (0 = highest)").arg(layer.rank[t]).arg(T));
     row(QStringLiteral("top-k threshold"), QStringLiteral("%1 (k-th largest logit)").arg(number(layer.topk_threshold)));
     row(QStringLiteral("in top-k"), in_topk ? QStringLiteral("yes") : QStringLiteral("no"));
-    row(QStringLiteral("predictor p"),
-        QStringLiteral("%1 %2 %3 → %4")
-            .arg(number(prob))
-            .arg(prob > s.predictor_threshold ? QStringLiteral("&gt;") : QStringLiteral("≤"))
-            .arg(s.predictor_threshold, 0, 'g', 3)
-            .arg(prob > s.predictor_threshold ? QStringLiteral("process") : QStringLiteral("skip")));
+    // Causal mode's rule (docs/MODEL.md), term by term, from what the trace holds of the tokens before t.
+    const auto& c = s.config;
+    const bool budget = c.predictor_budget_gain > 0.0, prefix = c.predictor_prefix_topk;
+    if (!budget && !prefix) {
+        row(QStringLiteral("predictor p"),
+            QStringLiteral("%1 %2 %3 → %4")
+                .arg(number(prob))
+                .arg(prob > s.predictor_threshold ? QStringLiteral("&gt;") : QStringLiteral("≤"))
+                .arg(s.predictor_threshold, 0, 'g', 3)
+                .arg(prob > s.predictor_threshold ? QStringLiteral("process") : QStringLiteral("skip")));
+    } else {
+        row(QStringLiteral("predictor p"), QStringLiteral("%1 (threshold %2)").arg(number(prob)).arg(s.predictor_threshold, 0, 'g', 3));
+        if (budget) {
+            const auto& decided = layer.predictor_selected;
+            const long before = std::count(decided.begin(), decided.begin() + std::min<std::size_t>(t, decided.size()), 1);
+            const double allowed = s.trace.capacity * (t + 1);
+            row(QStringLiteral("budget"), QStringLiteral("%1 of %2 earlier tokens taken, %3 allowed → logit %4%5")
+                                              .arg(before)
+                                              .arg(t)
+                                              .arg(number(allowed, 2))
+                                              .arg(allowed >= before ? QStringLiteral("+") : QString())
+                                              .arg(number(c.predictor_budget_gain * (allowed - before), 2)));
+        }
+        if (prefix) {
+            const auto& r = layer.router_logits;
+            const long higher = std::count_if(r.begin(), r.begin() + t, [&](float v) { return v > r[t]; });
+            const int kt = capacityToK(s.trace.capacity, t + 1);
+            row(QStringLiteral("prefix top-k"), QStringLiteral("%1 earlier tokens rank higher, top %2 so far → %3")
+                                                    .arg(higher)
+                                                    .arg(kt)
+                                                    .arg(higher < kt ? QStringLiteral("may process") : QStringLiteral("skip")));
+        }
+        row(QStringLiteral("causal rule"), layer.predictor_selected.size() > std::size_t(t) && layer.predictor_selected[t]
+                                                ? QStringLiteral("process")
+                                                : QStringLiteral("skip"));
+    }
     html += QStringLiteral("</table>");
     const QString rule = s.trace.mode == RoutingMode::Causal ? QStringLiteral("by the predictor (causal)")
                                                              : QStringLiteral("by top-k");

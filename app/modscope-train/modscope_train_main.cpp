@@ -24,6 +24,7 @@ void onSigint(int) {
 const char* kUsage = R"(usage:
   modscope-train --out DIR --corpus FILE [--corpus FILE ...] [options]
   modscope-train --evaluate DIR --corpus FILE [...] [--lengths 16,32,64,128,256] [--windows N]
+  modscope-train --calibrate-causal DIR --corpus FILE [...] [--gains G1,G2,...] [--lengths ...] [--windows N]
 
 Trains a Mixture-of-Depths model (or with --dense the dense baseline of the same shape) into DIR:
 config.json, weights.pt, tokenizer.model, train_log.jsonl and train_state.pt (for --resume).
@@ -44,10 +45,36 @@ training:
   --seed N --val-fraction F --eval-every N --eval-windows N --checkpoint-every N
   --resume                continue the run in DIR from train_state.pt
   --device auto|cpu|cuda
+evaluation and tuning of a trained model in DIR:
+  --evaluate DIR          held-out loss and causal-vs-top-k agreement by window length
+  --calibrate-causal DIR  choose causal mode's rule (docs/MODEL.md: budget gain, prefix top-k) on
+                          training-split windows: the one with the best worst-case agreement over routed
+                          layers and --lengths is written into DIR/config.json (--gains: the budget gains
+                          to try, each with and without the prefix top-k; default 0,0.25,0.5,0.75,1,1.25,
+                          1.5,2,3)
 model shape (defaults: the bundled model's):
   --vocab N --d-model N --layers N --heads N --d-ff N --max-seq-len N
   --capacity F --routed L1,L2,... (default every other layer) --predictor-hidden N
 )";
+
+std::vector<double> parseDoubles(const std::string& text) {
+    std::vector<double> out;
+    std::stringstream in(text);
+    std::string part;
+    while (std::getline(in, part, ',')) {
+        if (part.empty()) continue;
+        std::size_t used = 0;
+        double v = 0.0;
+        try {
+            v = std::stod(part, &used);
+        } catch (const std::exception&) {
+            used = 0;
+        }
+        if (used == 0 || used != part.size()) throw modscope::Error("not a list of numbers: '" + text + "'");
+        out.push_back(v);
+    }
+    return out;
+}
 
 std::vector<int> parseInts(const std::string& text) {
     std::vector<int> out;
@@ -130,13 +157,32 @@ int evaluateCommand(const std::string& dir, const std::vector<std::string>& corp
     return 0;
 }
 
+int calibrateCausalCommand(const std::string& dir, const std::vector<std::string>& corpus,
+                           const std::vector<int>& lengths, const std::vector<double>& gains, int windows,
+                           double val_fraction, const std::string& device) {
+    const auto c = modscope::calibrateCausalRule(dir, corpus, val_fraction, lengths, gains, windows, device);
+    std::printf("causal mode's rule, on %zu training-split tokens: lowest agreement with top-k over the routed\n"
+                "layers, by window length\n\n%6s %10s", c.training_tokens, "gain", "prefix-topk");
+    for (int T : c.lengths) std::printf(" %8d", T);
+    std::printf(" %8s\n", "worst");
+    for (const auto& trial : c.trials) {
+        std::printf("%6.2f %10s", trial.gain, trial.prefix_topk ? "yes" : "no");
+        for (double a : trial.worst_accuracy) std::printf(" %7.2f%%", 100 * a);
+        std::printf(" %7.2f%%%s\n", 100 * trial.worst(), &trial == c.chosen ? "  <- chosen" : "");
+    }
+    std::printf("\nwrote predictor_budget_gain %.2f, predictor_prefix_topk %s into %s/config.json\n",
+                c.chosen->gain, c.chosen->prefix_topk ? "true" : "false", dir.c_str());
+    return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
     using modscope::Error;
     modscope::TrainOptions opt;
     opt.config.name = "modscope";
-    std::string evaluate_dir;
+    std::string evaluate_dir, calibrate_dir;
+    std::vector<double> gains{0, 0.25, 0.5, 0.75, 1, 1.25, 1.5, 2, 3};
     std::vector<int> lengths{16, 32, 64, 128, 256};
     int windows = 64;
     bool routed_given = false;
@@ -185,6 +231,8 @@ int main(int argc, char** argv) {
             else if (a == "--routed") opt.config.routed_layers = parseInts(value()), routed_given = true;
             else if (a == "--predictor-hidden") opt.config.predictor_hidden = static_cast<int>(parseInt(a, value()));
             else if (a == "--evaluate") evaluate_dir = value();
+            else if (a == "--calibrate-causal") calibrate_dir = value();
+            else if (a == "--gains") gains = parseDoubles(value());
             else if (a == "--lengths") lengths = parseInts(value());
             else if (a == "--windows") windows = static_cast<int>(parseInt(a, value()));
             else throw Error("unknown option '" + a + "' (see --help)");
@@ -193,6 +241,9 @@ int main(int argc, char** argv) {
         if (opt.corpus_files.empty()) throw Error("no --corpus given (scripts/make_default_corpus.sh makes one)");
         if (!evaluate_dir.empty())
             return evaluateCommand(evaluate_dir, opt.corpus_files, lengths, windows, opt.val_fraction, opt.device);
+        if (!calibrate_dir.empty())
+            return calibrateCausalCommand(calibrate_dir, opt.corpus_files, lengths, gains, windows,
+                                          opt.val_fraction, opt.device);
         if (opt.out_dir.empty()) throw Error("no --out directory given");
 
         std::signal(SIGINT, onSigint);

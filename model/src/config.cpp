@@ -35,7 +35,10 @@ T field(const nlohmann::json& j, const char* name, T fallback, bool required) {
         return fallback;
     }
     try {
-        if constexpr (std::is_integral_v<T>) {
+        if constexpr (std::is_same_v<T, bool>) {
+            if (!it->is_boolean()) throw Error("");
+            return it->get<bool>();
+        } else if constexpr (std::is_integral_v<T>) {
             if (!it->is_number_integer()) throw Error("");
             const auto v = it->get<std::int64_t>();
             if (v < std::numeric_limits<int>::min() || v > std::numeric_limits<int>::max()) throw Error("");
@@ -70,6 +73,7 @@ void ModelConfig::validate() const {
     requireRange("capacity", capacity, 0.0, 1.0);
     requireRange("predictor_hidden", predictor_hidden, 1, kMaxPredictorHidden);
     requireRange("predictor_threshold", predictor_threshold, 0.0, 1.0);
+    requireRange("predictor_budget_gain", predictor_budget_gain, 0.0, 100.0);
     requireRange("rope_theta", rope_theta, 1.0, 1e9);
     requireRange("norm_eps", norm_eps, 1e-12, 1.0);
     if (d_model % n_heads != 0)
@@ -125,6 +129,8 @@ ModelConfig ModelConfig::fromJson(const std::string& text) {
     c.capacity = field<double>(j, "capacity", c.capacity, true);
     c.predictor_hidden = field<int>(j, "predictor_hidden", c.predictor_hidden, false);
     c.predictor_threshold = field<double>(j, "predictor_threshold", c.predictor_threshold, false);
+    c.predictor_budget_gain = field<double>(j, "predictor_budget_gain", c.predictor_budget_gain, false);
+    c.predictor_prefix_topk = field<bool>(j, "predictor_prefix_topk", c.predictor_prefix_topk, false);
     c.rope_theta = field<double>(j, "rope_theta", c.rope_theta, false);
     c.norm_eps = field<double>(j, "norm_eps", c.norm_eps, false);
     auto routed = j.find("routed_layers");
@@ -157,6 +163,8 @@ std::string ModelConfig::toJson() const {
     j["routed_layers"] = routed_layers;
     j["predictor_hidden"] = predictor_hidden;
     j["predictor_threshold"] = predictor_threshold;
+    j["predictor_budget_gain"] = predictor_budget_gain;
+    j["predictor_prefix_topk"] = predictor_prefix_topk;
     j["rope_theta"] = rope_theta;
     j["norm_eps"] = norm_eps;
     return j.dump(2) + "\n";
@@ -168,14 +176,6 @@ RoutingMode routingModeFromString(const std::string& text) {
     if (text == "topk") return RoutingMode::TopK;
     if (text == "causal") return RoutingMode::Causal;
     throw Error("unknown routing mode '" + text + "' (expected topk or causal)");
-}
-
-int capacityToK(double capacity, int seq_len) {
-    if (seq_len <= 0) return 0;
-    if (!(capacity >= 0.0)) capacity = 0.0;  // NaN and negatives
-    // The small epsilon keeps exact products such as 0.125 * 256 = 32 from rounding up through float noise.
-    const double raw = std::ceil(std::min(capacity, 1.0) * seq_len - 1e-9);
-    return std::clamp(static_cast<int>(raw), 1, seq_len);
 }
 
 }  // namespace modscope

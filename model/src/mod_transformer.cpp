@@ -6,6 +6,7 @@
 #include <torch/nn/functional/activation.h>
 #include <torch/nn/init.h>
 
+#include <algorithm>
 #include <cmath>
 
 namespace modscope::nn {
@@ -153,6 +154,42 @@ torch::Tensor processSelected(BlockImpl& block, const torch::Tensor& x, const to
     return x.scatter(1, idx.unsqueeze(-1).expand_as(updated), updated);
 }
 
+bool CausalRule::decide(double predictor_logit, std::int64_t position, std::int64_t processed_before,
+                        std::int64_t higher_before) const {
+    if (prefix_topk && higher_before >= capacityToK(capacity, static_cast<int>(position + 1))) return false;
+    const double shortfall = capacity * double(position + 1) - double(processed_before);
+    return 1.0 / (1.0 + std::exp(-(predictor_logit + budget_gain * shortfall))) > threshold;
+}
+
+std::int64_t countAbove(const std::vector<float>& history, float value) {
+    return std::count_if(history.begin(), history.end(), [value](float h) { return h > value; });
+}
+
+torch::Tensor causalSelection(const torch::Tensor& predictor_logits, const torch::Tensor& router_logits,
+                              const CausalRule& rule) {
+    // Each decision depends on the ones before it: a scalar walk along every row, the same arithmetic as a
+    // generation step's.
+    const auto logits = predictor_logits.detach().to(torch::kCPU, torch::kFloat32).contiguous();
+    const auto router = router_logits.detach().to(torch::kCPU, torch::kFloat32).contiguous();
+    auto out = torch::zeros(logits.sizes(), torch::TensorOptions().dtype(torch::kBool));
+    const auto B = logits.size(0), T = logits.size(1);
+    const auto in = logits.accessor<float, 2>();
+    const auto r = router.accessor<float, 2>();
+    auto sel = out.accessor<bool, 2>();
+    std::vector<float> history;
+    for (std::int64_t b = 0; b < B; ++b) {
+        std::int64_t n = 0;
+        history.clear();
+        for (std::int64_t t = 0; t < T; ++t) {
+            const std::int64_t higher = rule.prefix_topk ? countAbove(history, r[b][t]) : 0;
+            sel[b][t] = rule.decide(in[b][t], t, n, higher);
+            n += sel[b][t] ? 1 : 0;
+            if (rule.prefix_topk) history.push_back(r[b][t]);
+        }
+    }
+    return out.to(predictor_logits.device());
+}
+
 namespace {
 
 void checkCancel(const std::atomic<bool>* cancel) {
@@ -231,6 +268,10 @@ torch::Tensor ModTransformerImpl::hidden(const torch::Tensor& ids, const Forward
         }
         const auto k = capacityToK(options.capacity, static_cast<int>(T));
         const auto router_logits = block.router(x).squeeze(-1);  // [B, T]
+        if (kv != nullptr) {  // generation steps rank their token against these (CausalRule::prefix_topk)
+            const auto r = router_logits[0].to(torch::kCPU, torch::kFloat32).contiguous();
+            kv->router_logits.assign(r.data_ptr<float>(), r.data_ptr<float>() + T);
+        }
         const bool need_topk = options.mode == RoutingMode::TopK || options.collect;
         torch::Tensor topk_idx;
         if (need_topk) topk_idx = topkIndices(router_logits, k);  // [B, k]
@@ -242,8 +283,9 @@ torch::Tensor ModTransformerImpl::hidden(const torch::Tensor& ids, const Forward
         if (options.mode == RoutingMode::TopK) {
             x = processSelected(block, x, pos, router_logits, topk_idx, rope, kv);
         } else {
-            // Each token decides alone from its own block input, which depends on earlier tokens only.
-            selected_mask = torch::sigmoid(predictor_logits) > options.predictor_threshold;  // [B, T]
+            // Each token decides from its own block input, which depends on earlier tokens only, and from the
+            // layer's decisions on earlier tokens.
+            selected_mask = causalSelection(predictor_logits, router_logits, options.causalRule());  // [B, T]
             std::vector<torch::Tensor> rows;
             for (std::int64_t b = 0; b < B; ++b) {
                 const auto idx = selected_mask[b].nonzero().view({1, -1});  // [1, n_b], ascending
@@ -269,7 +311,7 @@ torch::Tensor ModTransformerImpl::hidden(const torch::Tensor& ids, const Forward
 torch::Tensor ModTransformerImpl::logits(const torch::Tensor& h) { return F::linear(h, tok_emb->weight); }
 
 torch::Tensor ModTransformerImpl::step(std::int64_t token, std::int64_t position, std::vector<LayerKV>& kv,
-                                       double threshold, std::vector<std::uint8_t>* processed,
+                                       const CausalRule& rule, std::vector<std::uint8_t>* processed,
                                        std::vector<float>* prob) {
     TORCH_CHECK(position >= 0 && position < config.max_seq_len, "position ", position, " beyond max_seq_len");
     TORCH_CHECK(kv.size() == blocks.size(), "KV cache has ", kv.size(), " layers");
@@ -284,14 +326,18 @@ torch::Tensor ModTransformerImpl::step(std::int64_t token, std::int64_t position
             x = x + block.delta(x, pos, rope, &kv[li]);
             continue;
         }
-        const float p = torch::sigmoid(block.predictor(x)).item<float>();
-        if (prob) (*prob)[li] = p;
-        if (!(p > threshold)) {
+        const float logit = block.predictor(x).item<float>();
+        if (prob) (*prob)[li] = 1.0f / (1.0f + std::exp(-logit));
+        const auto router_logit = block.router(x);  // [1, 1, 1]
+        const float r = router_logit.item<float>();
+        const std::int64_t higher = rule.prefix_topk ? countAbove(kv[li].router_logits, r) : 0;
+        const bool process = rule.decide(logit, position, kv[li].length(), higher);
+        kv[li].router_logits.push_back(r);
+        if (!process) {
             if (processed) (*processed)[li] = 0;
             continue;
         }
-        const auto gate = torch::sigmoid(block.router(x));  // [1, 1, 1]
-        x = x + gate * block.delta(x, pos, rope, &kv[li]);
+        x = x + torch::sigmoid(router_logit) * block.delta(x, pos, rope, &kv[li]);
     }
     return logits(norm_f(x)).view({-1});
 }

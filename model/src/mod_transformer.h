@@ -28,6 +28,7 @@ TORCH_MODULE(RmsNorm);
 struct LayerKV {
     torch::Tensor k;  // [B, H, n, hd], rotary already applied
     torch::Tensor v;  // [B, H, n, hd]
+    std::vector<float> router_logits;  // routed layers, B = 1: every token's router logit so far, processed or not
     std::int64_t length() const { return k.defined() ? k.size(2) : 0; }
     std::int64_t bytes() const { return k.defined() ? 2 * k.numel() * k.element_size() : 0; }
 };
@@ -103,14 +104,45 @@ struct LayerRouting {
     torch::Tensor predictor_logits;  // [B, T]
 };
 
+// Causal mode's decision (docs/MODEL.md "Causal mode"): token t is processed when
+//   sigmoid(predictor_logit_t + budget_gain * (capacity * (t + 1) - n_t)) > threshold,
+// n_t being the tokens before t that this layer processed, and, with prefix_topk, when also fewer than
+// k(t + 1) = capacityToK(capacity, t + 1) earlier tokens have a higher router logit (top-k over the tokens so
+// far). Only what is known at t enters it, so it stays causal; with budget_gain 0 and no prefix_topk each
+// token decides alone (the paper's predictor).
+struct CausalRule {
+    double threshold = 0.5;
+    double capacity = 0.125;
+    double budget_gain = 0.0;
+    bool prefix_topk = false;
+
+    // position: t, counted from the start of the sequence; processed_before: n_t; higher_before: earlier
+    // tokens whose router logit is above t's.
+    bool decide(double predictor_logit, std::int64_t position, std::int64_t processed_before,
+                std::int64_t higher_before) const;
+};
+
+// The rule applied along each row: predictor_logits and router_logits [B, T] -> processed [B, T] bool.
+torch::Tensor causalSelection(const torch::Tensor& predictor_logits, const torch::Tensor& router_logits,
+                              const CausalRule& rule);
+
+// How many of history are above value (the prefix-top-k rule's count).
+std::int64_t countAbove(const std::vector<float>& history, float value);
+
 struct ForwardOptions {
     RoutingMode mode = RoutingMode::TopK;
     double capacity = 0.125;
     double predictor_threshold = 0.5;
+    double predictor_budget_gain = 0.0;
+    bool predictor_prefix_topk = false;
     bool collect = false;                       // fill LayerRouting for every layer
     std::vector<LayerKV>* kv = nullptr;         // when set: filled with each layer's K/V (B must be 1)
     std::vector<torch::Tensor>* residuals = nullptr;  // when set: [0] embeddings, [i+1] after layer i
     const std::atomic<bool>* cancel = nullptr;
+
+    CausalRule causalRule() const {
+        return {predictor_threshold, capacity, predictor_budget_gain, predictor_prefix_topk};
+    }
 };
 
 struct ModTransformerImpl : torch::nn::Module {
@@ -122,9 +154,10 @@ struct ModTransformerImpl : torch::nn::Module {
     // hidden [.., d] -> logits [.., V] through the tied embedding
     torch::Tensor logits(const torch::Tensor& hidden);
 
-    // One generation step in causal mode: token id at position pos, kv holds every layer's cache.
-    // Returns logits [V]; processed/prob (size n_layers) report each layer's decision.
-    torch::Tensor step(std::int64_t token, std::int64_t pos, std::vector<LayerKV>& kv, double threshold,
+    // One generation step in causal mode: token id at position pos, kv holds every layer's cache (a routed
+    // layer's cache holds the tokens it processed, which is the rule's n_t). Returns logits [V];
+    // processed/prob (size n_layers) report each layer's decision and predictor probability.
+    torch::Tensor step(std::int64_t token, std::int64_t pos, std::vector<LayerKV>& kv, const CausalRule& rule,
                        std::vector<std::uint8_t>* processed, std::vector<float>* prob);
 
     void initWeights(std::uint64_t seed);

@@ -167,6 +167,8 @@ RunTrace Model::run(const std::vector<int>& ids, const RunOptions& options) cons
     fo.mode = options.mode;
     fo.capacity = options.capacity < 0 ? impl.config.capacity : std::min(options.capacity, 1.0);
     fo.predictor_threshold = impl.config.predictor_threshold;
+    fo.predictor_budget_gain = impl.config.predictor_budget_gain;
+    fo.predictor_prefix_topk = impl.config.predictor_prefix_topk;
     fo.collect = true;
     fo.cancel = options.cancel;
     std::vector<nn::LayerRouting> routing;
@@ -200,9 +202,9 @@ RunTrace Model::run(const std::vector<int>& ids, const RunOptions& options) cons
             lt.router_logits = toVector<float>(r.router_logits[0]);
             lt.topk_selected = maskToVector(r.topk_mask[0]);
             lt.predictor_prob = toVector<float>(torch::sigmoid(r.predictor_logits[0]));
-            lt.predictor_selected.resize(T);
-            for (int t = 0; t < T; ++t)
-                lt.predictor_selected[t] = lt.predictor_prob[t] > impl.config.predictor_threshold ? 1 : 0;
+            // What causal mode decides from these inputs (in causal mode, exactly what it processed).
+            lt.predictor_selected =
+                maskToVector(nn::causalSelection(r.predictor_logits, r.router_logits, fo.causalRule())[0]);
             std::vector<int> order(T);
             for (int t = 0; t < T; ++t) order[t] = t;
             std::stable_sort(order.begin(), order.end(),
@@ -238,6 +240,8 @@ GenerationResult Model::generate(const std::vector<int>& prompt_ids, const Gener
     fo.mode = RoutingMode::Causal;
     fo.capacity = cfg.capacity;
     fo.predictor_threshold = cfg.predictor_threshold;
+    fo.predictor_budget_gain = cfg.predictor_budget_gain;
+    fo.predictor_prefix_topk = cfg.predictor_prefix_topk;
     fo.kv = &kv;
     fo.cancel = options.cancel;
     torch::Tensor logits;
@@ -266,7 +270,7 @@ GenerationResult Model::generate(const std::vector<int>& prompt_ids, const Gener
         result.generated_ids.push_back(step.token_id);
         // The sampled token runs through the model at once: its K/V join the caches of the layers that
         // process it, its routing is reported, and its logits give the next token.
-        logits = impl.net->step(step.token_id, position, kv, cfg.predictor_threshold, &step.processed,
+        logits = impl.net->step(step.token_id, position, kv, fo.causalRule(), &step.processed,
                                 &step.predictor_prob);
         ++position;
         std::int64_t bytes = 0;

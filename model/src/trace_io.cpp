@@ -1322,7 +1322,6 @@ void csvField(std::string& out, const std::string& s) {
 void appendCsvRows(std::string& out, const TraceDocument& doc, int prompt_index) {
     const auto& run = doc.run;
     const std::size_t T = doc.tokens.size();
-    const double threshold = doc.model.config.predictor_threshold;
     const std::string prefix = prompt_index >= 0 ? std::to_string(prompt_index) + "," : std::string();
     for (std::size_t li = 0; li < run.layers.size(); ++li) {
         const auto& l = run.layers[li];
@@ -1369,7 +1368,8 @@ void appendCsvRows(std::string& out, const TraceDocument& doc, int prompt_index)
                     throw Error("cannot write the trace: generation step " + std::to_string(i) + " layer " +
                                 std::to_string(li) + " has a non-finite predictor probability");
                 out += formatFloat(p) + ",";
-                out += p > threshold ? "1," : "0,";
+                // A generation step runs in causal mode: what the rule decided is what the layer processed.
+                out += s.processed.at(li) ? "1," : "0,";
             } else {
                 out += ",,";
             }

@@ -9,6 +9,7 @@
 #include <torch/serialize/input-archive.h>
 #include <torch/serialize/output-archive.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <filesystem>
@@ -159,7 +160,10 @@ EvalResult evaluate(const Model& model, const std::vector<int>& ids, int seq_len
         for (int li = 0; li < impl.config.n_layers; ++li) {
             if (!impl.config.isRouted(li)) continue;
             const auto truth = routing[li].topk_mask;
-            const auto pred = torch::sigmoid(routing[li].predictor_logits) > impl.config.predictor_threshold;
+            const nn::CausalRule rule{impl.config.predictor_threshold, fo.capacity, impl.config.predictor_budget_gain,
+                                      impl.config.predictor_prefix_topk};
+            const auto pred =
+                nn::causalSelection(routing[li].predictor_logits, routing[li].router_logits, rule).to(truth.device());
             auto& a = per_layer[li];
             a.tp += (truth & pred).sum().item<std::int64_t>();
             a.fp += (~truth & pred).sum().item<std::int64_t>();
@@ -173,6 +177,64 @@ EvalResult evaluate(const Model& model, const std::vector<int>& ids, int seq_len
     result.loss = loss_sum / std::max(1, batches);
     result.perplexity = std::exp(result.loss);
     for (const auto& [layer, a] : per_layer) result.layers.push_back({layer, a, count_forced[layer]});
+    return result;
+}
+
+// ------------------------------------------------------------------------------------------- causal rule
+double CausalRuleTrial::worst() const {
+    return worst_accuracy.empty() ? 0.0 : *std::min_element(worst_accuracy.begin(), worst_accuracy.end());
+}
+
+CausalRuleCalibration calibrateCausalRule(const std::string& dir, const std::vector<std::string>& corpus_files,
+                                          double val_fraction, const std::vector<int>& lengths,
+                                          const std::vector<double>& gains, int windows,
+                                          const std::string& device, std::uint64_t seed) {
+    if (gains.empty()) throw Error("no budget gains to try");
+    for (const double g : gains)
+        if (!(g >= 0.0 && g <= 100.0)) throw Error("budget gain " + std::to_string(g) + " is outside 0..100");
+    auto model = Model::open(dir, device);
+    if (!model->tokenizer()) throw Error(dir + ": no tokenizer.model");
+    auto& impl = model->impl();
+    auto config = impl.config;
+    if (config.routed_layers.empty()) throw Error(dir + ": a dense model has no causal decisions to tune");
+    const auto corpus = Corpus::fromFiles(corpus_files, val_fraction);
+    const auto ids = model->tokenizer()->encodeIds(corpus.train_text);
+
+    CausalRuleCalibration result;
+    result.training_tokens = ids.size();
+    for (const bool prefix : {false, true})
+        for (const double g : gains) result.trials.push_back({g, prefix, {}});
+    torch::InferenceMode guard;
+    std::mt19937_64 rng(seed);
+    for (const int T : lengths) {
+        if (T < 1 || T > config.max_seq_len || static_cast<std::size_t>(T) >= ids.size()) continue;
+        result.lengths.push_back(T);
+        // One top-k forward a length: the logits and top-k do not depend on the rule. At least 32k tokens a
+        // length: neighbouring gains differ by tenths of a percent.
+        const auto w = sampleWindows(ids, T, std::max(windows, 32768 / T), rng).to(impl.device);
+        nn::ForwardOptions fo;
+        fo.capacity = config.capacity;
+        fo.collect = true;
+        std::vector<nn::LayerRouting> routing;
+        impl.net->hidden(w.narrow(1, 0, T), fo, &routing);
+        for (auto& trial : result.trials) {
+            double worst = 1.0;
+            for (int li = 0; li < config.n_layers; ++li) {
+                if (!config.isRouted(li)) continue;
+                const nn::CausalRule rule{config.predictor_threshold, config.capacity, trial.gain, trial.prefix_topk};
+                const auto& r = routing[li];
+                const auto pred = nn::causalSelection(r.predictor_logits, r.router_logits, rule).to(impl.device);
+                worst = std::min(worst, (pred == r.topk_mask).to(torch::kFloat64).mean().item<double>());
+            }
+            trial.worst_accuracy.push_back(worst);
+        }
+    }
+    if (result.lengths.empty()) throw Error("no window length fits both the model and the corpus");
+    for (const auto& trial : result.trials)  // in order of simplicity: a tie keeps the earlier one
+        if (!result.chosen || trial.worst() > result.chosen->worst()) result.chosen = &trial;
+    config.predictor_budget_gain = result.chosen->gain;
+    config.predictor_prefix_topk = result.chosen->prefix_topk;
+    writeFileAtomic((fs::path(dir) / "config.json").string(), config.toJson());
     return result;
 }
 

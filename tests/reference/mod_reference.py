@@ -33,6 +33,8 @@ class ModReference:
         self.cos, self.sin = angles.cos(), angles.sin()
         self.eps = c.get("norm_eps", 1e-5)
         self.threshold = c.get("predictor_threshold", 0.5)
+        self.budget_gain = c.get("predictor_budget_gain", 0.0)
+        self.prefix_topk = c.get("predictor_prefix_topk", False)
 
     def rmsnorm(self, x, weight):
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * weight
@@ -59,6 +61,19 @@ class ModReference:
         m = (F.silu(g) * u) @ self.w[p + "mlp.down.weight"].T
         return a + m
 
+    def causal_selection(self, pred_logit, r, capacity):
+        """docs/MODEL.md "Causal mode": decided in order, from earlier decisions and earlier router logits."""
+        sel, taken = [], 0
+        for t in range(len(r)):
+            shortfall = capacity * (t + 1) - taken
+            ok = torch.sigmoid(pred_logit[t].double() + self.budget_gain * shortfall).item() > self.threshold
+            if self.prefix_topk:
+                k_so_far = min(max(math.ceil(capacity * (t + 1) - 1e-9), 1), t + 1)
+                ok = ok and int((r[:t] > r[t]).sum()) < k_so_far
+            sel.append(ok)
+            taken += ok
+        return torch.tensor(sel, dtype=torch.bool)
+
     def forward(self, ids, capacity=None, mode="topk"):
         c = self.cfg
         capacity = c["capacity"] if capacity is None else capacity
@@ -74,11 +89,12 @@ class ModReference:
             p = f"layers.{i}."
             r = x @ self.w[p + "router.weight"][0]
             hp = F.silu(x @ self.w[p + "predictor.fc1.weight"].T + self.w[p + "predictor.fc1.bias"])
-            prob = torch.sigmoid(hp @ self.w[p + "predictor.fc2.weight"][0] + self.w[p + "predictor.fc2.bias"][0])
+            pred_logit = hp @ self.w[p + "predictor.fc2.weight"][0] + self.w[p + "predictor.fc2.bias"][0]
+            prob = torch.sigmoid(pred_logit)
             k = min(max(math.ceil(capacity * T - 1e-9), 1), T)
             topk = torch.zeros(T, dtype=torch.bool)
             topk[r.topk(k).indices] = True
-            sel = topk if mode == "topk" else prob > self.threshold
+            sel = topk if mode == "topk" else self.causal_selection(pred_logit, r, capacity)
             idx = sel.nonzero().view(-1)  # ascending: original order
             if len(idx):
                 xs = x[idx]

@@ -4,7 +4,9 @@
 // nothing under model/src. docs/MODEL.md specifies the model these types describe.
 #pragma once
 
+#include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <cstdint>
 #include <functional>
 #include <memory>
@@ -38,6 +40,13 @@ struct ModelConfig {
     std::vector<int> routed_layers{1, 3, 5};
     int predictor_hidden = 64;
     double predictor_threshold = 0.5;   // causal mode: a token is processed when its probability > this
+    // Causal mode's budget feedback: logits added to a token's predictor logit per token the layer is under
+    // capacity × (tokens so far), counting only its own earlier decisions (docs/MODEL.md). 0: each token
+    // decides alone, as in the paper.
+    double predictor_budget_gain = 0.0;
+    // Causal mode's prefix top-k: a token is processed only when its router logit ranks within the top
+    // capacity × (tokens so far) of the sequence so far (docs/MODEL.md).
+    bool predictor_prefix_topk = false;
     double rope_theta = 10000.0;
     double norm_eps = 1e-5;
 
@@ -59,8 +68,15 @@ enum class RoutingMode { TopK, Causal };
 const char* toString(RoutingMode mode);
 RoutingMode routingModeFromString(const std::string& text);  // "topk" | "causal", throws Error
 
-// k = clamp(ceil(capacity * T), 1, T): the number of tokens a routed block takes in top-k mode.
-int capacityToK(double capacity, int seq_len);
+// k = clamp(ceil(capacity * T), 1, T): the number of tokens a routed block takes in top-k mode. Inline so that
+// the views, which do not link the engine, count as it does.
+inline int capacityToK(double capacity, int seq_len) {
+    if (seq_len <= 0) return 0;
+    if (!(capacity >= 0.0)) capacity = 0.0;  // NaN and negatives
+    // The small epsilon keeps exact products such as 0.125 * 256 = 32 from rounding up through float noise.
+    const double raw = std::ceil(std::min(capacity, 1.0) * seq_len - 1e-9);
+    return std::clamp(static_cast<int>(raw), 1, seq_len);
+}
 
 // What one layer did with every token of a run. Per-token vectors have length T (the run's tokens).
 struct LayerTrace {

@@ -107,6 +107,31 @@ private:
 EvalResult evaluate(const Model& model, const std::vector<int>& ids, int seq_len, int windows,
                     std::uint64_t seed = 99);
 
+// Causal mode's rule (ModelConfig::predictor_budget_gain and predictor_prefix_topk, docs/MODEL.md) chosen by
+// measurement. For each candidate, the causal decisions' agreement with top-k in every routed layer at every
+// window length, on windows drawn from the training split (the held-out split stays for reporting). The
+// candidate whose worst (layer, length) accuracy is highest wins; ties go to the simpler rule.
+struct CausalRuleTrial {
+    double gain = 0.0;
+    bool prefix_topk = false;
+    std::vector<double> worst_accuracy;  // per length (CausalRuleCalibration::lengths): lowest over routed layers
+    double worst() const;
+};
+
+struct CausalRuleCalibration {
+    std::vector<int> lengths;
+    std::vector<CausalRuleTrial> trials;  // every gain without, then with the prefix top-k
+    const CausalRuleTrial* chosen = nullptr;
+    std::size_t training_tokens = 0;
+};
+
+// Opens the checkpoint in dir, measures every gain in `gains` with and without the prefix top-k over at least
+// 32k tokens a length (seeded), and rewrites dir/config.json (atomically) with the chosen rule.
+CausalRuleCalibration calibrateCausalRule(const std::string& dir, const std::vector<std::string>& corpus_files,
+                                          double val_fraction, const std::vector<int>& lengths,
+                                          const std::vector<double>& gains, int windows,
+                                          const std::string& device, std::uint64_t seed = 7);
+
 // Training FLOPs of one step of batch_tokens tokens at seq_len (3x the forward: forward + backward).
 double trainStepFlops(const ModelConfig& config, int seq_len, int batch_tokens);
 
