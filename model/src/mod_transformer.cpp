@@ -176,15 +176,19 @@ torch::Tensor causalSelection(const torch::Tensor& predictor_logits, const torch
     const auto in = logits.accessor<float, 2>();
     const auto r = router.accessor<float, 2>();
     auto sel = out.accessor<bool, 2>();
-    std::vector<float> history;
+    std::vector<float> sorted;  // the row's router logits so far, ascending: a count above is a binary search
     for (std::int64_t b = 0; b < B; ++b) {
         std::int64_t n = 0;
-        history.clear();
+        sorted.clear();
         for (std::int64_t t = 0; t < T; ++t) {
-            const std::int64_t higher = rule.prefix_topk ? countAbove(history, r[b][t]) : 0;
+            std::int64_t higher = 0;
+            if (rule.prefix_topk) {
+                const auto at = std::upper_bound(sorted.begin(), sorted.end(), r[b][t]);
+                higher = sorted.end() - at;
+                sorted.insert(at, r[b][t]);
+            }
             sel[b][t] = rule.decide(in[b][t], t, n, higher);
             n += sel[b][t] ? 1 : 0;
-            if (rule.prefix_topk) history.push_back(r[b][t]);
         }
     }
     return out.to(predictor_logits.device());
