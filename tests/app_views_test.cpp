@@ -180,6 +180,23 @@ private Q_SLOTS:
         QVERIFY(text.contains(QString::number(layer.predictor_prob[7], 'f', 3)));
         QVERIFY(text.contains(layer.selected[7] ? QStringLiteral("processed") : QStringLiteral("skipped")));
         QVERIFY(heatmap.cellSummary(0, 7).contains(QStringLiteral("full")));
+        QVERIFY(!text.contains(QStringLiteral("budget")));  // the paper's rule: the predictor alone
+
+        // A model with causal mode's budget feedback and prefix top-k: each term, from the tokens before.
+        auto with_rule = std::make_shared<RoutingSnapshot>(*s);
+        with_rule->config.predictor_budget_gain = 1.5;
+        with_rule->config.predictor_prefix_topk = true;
+        heatmap.setSnapshot(with_rule);
+        const QString rule_text = heatmap.cellSummary(1, 7);
+        const long taken = std::count(layer.predictor_selected.begin(), layer.predictor_selected.begin() + 7, 1);
+        const long higher = std::count_if(layer.router_logits.begin(), layer.router_logits.begin() + 7,
+                                          [&](float v) { return v > layer.router_logits[7]; });
+        QVERIFY2(rule_text.contains(QStringLiteral("%1 of 7 earlier tokens taken, 2.00 allowed").arg(taken)),
+                 qPrintable(rule_text));
+        QVERIFY2(rule_text.contains(QStringLiteral("%1 earlier tokens rank higher, top 2 so far").arg(higher)),
+                 qPrintable(rule_text));
+        QVERIFY(rule_text.contains(layer.predictor_selected[7] ? QStringLiteral("causal rule&nbsp;&nbsp;</td><td>process")
+                                                               : QStringLiteral("causal rule&nbsp;&nbsp;</td><td>skip")));
         QCOMPARE(heatmap.cellAt(QPoint(2, 2)), qMakePair(-1, -1));
         // A single token still draws (QCPColorMap needs two cells for a width).
         heatmap.setSnapshot(synthetic(1, 1, 1.0));

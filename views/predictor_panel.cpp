@@ -121,13 +121,16 @@ void PredictorPanel::setSnapshot(SnapshotPtr snapshot) {
         return;
     }
     const bool causal = s.trace.mode == RoutingMode::Causal;
+    // Models calibrated with --calibrate-causal correct the predictor with the earlier tokens (docs/MODEL.md).
+    const bool corrected = s.config.predictor_budget_gain > 0.0 || s.config.predictor_prefix_topk;
+    const QString who = corrected ? tr("the predictor's choices, corrected by budget and prefix rank,")
+                                  : tr("the predictor's choices");
     header_->setText(
         tr("<b>Causal predictor vs. top-k</b> at capacity %1% over %2 tokens. %3 Overall accuracy <b>%4</b>.")
             .arg(s.trace.capacity * 100.0, 0, 'g', 4)
             .arg(s.tokens())
-            .arg(causal ? tr("Mode <b>causal</b>: the predictor's choices ran; top-k is what training "
-                             "would have picked.")
-                        : tr("Mode <b>top-k</b>: top-k ran; the predictor is scored as if it had decided."))
+            .arg(causal ? tr("Mode <b>causal</b>: %1 ran; top-k is what training would have picked.").arg(who)
+                        : tr("Mode <b>top-k</b>: top-k ran; %1 are scored as if they had decided.").arg(who))
             .arg(percent(s.agreement_total.accuracy())));
     table_->setRowCount(routed + 1);
     int row = 0;
