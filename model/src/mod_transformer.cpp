@@ -131,13 +131,37 @@ torch::Tensor topkIndices(const torch::Tensor& router_logits, std::int64_t k) {
     return std::get<0>(idx.sort(1));
 }
 
+namespace {
+
+// idx [B, k] into T -> row numbers [B*k] into x viewed as [B*T, d].
+torch::Tensor flatRows(const torch::Tensor& idx, std::int64_t T) {
+    if (idx.size(0) == 1) return idx.reshape(-1);
+    return (idx + torch::arange(idx.size(0), idx.options()).unsqueeze(1) * T).reshape(-1);
+}
+
+}  // namespace
+
 torch::Tensor gatherRows(const torch::Tensor& x, const torch::Tensor& idx) {
-    return x.gather(1, idx.unsqueeze(-1).expand({idx.size(0), idx.size(1), x.size(2)}));
+    // Whole rows copied as rows: a gather with the index expanded over d looks up every element.
+    const auto B = x.size(0), T = x.size(1), d = x.size(2);
+    return x.reshape({B * T, d}).index_select(0, flatRows(idx, T)).view({B, idx.size(1), d});
+}
+
+torch::Tensor scatterRows(const torch::Tensor& x, const torch::Tensor& idx, const torch::Tensor& rows, bool in_place) {
+    const auto B = x.size(0), T = x.size(1), d = x.size(2);
+    const auto flat = flatRows(idx, T);
+    const auto src = rows.reshape({-1, d});
+    if (in_place) {
+        TORCH_CHECK(x.is_contiguous() && !torch::GradMode::is_enabled(), "in-place row scatter needs inference");
+        x.view({B * T, d}).index_copy_(0, flat, src);
+        return x;
+    }
+    return x.reshape({B * T, d}).index_copy(0, flat, src).view({B, T, d});
 }
 
 torch::Tensor processSelected(BlockImpl& block, const torch::Tensor& x, const torch::Tensor& pos,
                               const torch::Tensor& router_logits, const torch::Tensor& idx, const Rotary& rope,
-                              LayerKV* kv) {
+                              LayerKV* kv, bool in_place) {
     if (idx.size(1) == 0) {
         if (kv != nullptr) {
             const auto B = x.size(0);
@@ -151,7 +175,7 @@ torch::Tensor processSelected(BlockImpl& block, const torch::Tensor& x, const to
     const auto ps = pos.gather(1, idx);                              // [B, k]
     const auto gate = torch::sigmoid(router_logits.gather(1, idx)).unsqueeze(-1);  // [B, k, 1]
     const auto updated = xs + gate * block.delta(xs, ps, rope, kv);
-    return x.scatter(1, idx.unsqueeze(-1).expand_as(updated), updated);
+    return scatterRows(x, idx, updated, in_place);
 }
 
 bool CausalRule::decide(double predictor_logit, std::int64_t position, std::int64_t processed_before,
@@ -285,7 +309,9 @@ torch::Tensor ModTransformerImpl::hidden(const torch::Tensor& ids, const Forward
 
         torch::Tensor selected_mask;
         if (options.mode == RoutingMode::TopK) {
-            x = processSelected(block, x, pos, router_logits, topk_idx, rope, kv);
+            // Nothing but this loop holds x unless residuals are kept, so inference updates it in place.
+            const bool in_place = !torch::GradMode::is_enabled() && options.residuals == nullptr && x.is_contiguous();
+            x = processSelected(block, x, pos, router_logits, topk_idx, rope, kv, in_place);
         } else {
             // Each token decides from its own block input, which depends on earlier tokens only, and from the
             // layer's decisions on earlier tokens.

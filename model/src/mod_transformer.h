@@ -174,14 +174,19 @@ TORCH_MODULE(ModTransformer);
 // The routed layer's selection for a run: indices into T, ascending (original order), per batch row.
 torch::Tensor topkIndices(const torch::Tensor& router_logits, std::int64_t k);  // [B, T] -> [B, k]
 
-// Gathers rows idx [B, k] of x [B, T, d] into a contiguous [B, k, d].
+// Gathers rows idx [B, k] of x [B, T, d] into a contiguous [B, k, d] (whole rows: index_select on [B*T, d]).
 torch::Tensor gatherRows(const torch::Tensor& x, const torch::Tensor& idx);
 
+// Writes rows [B, k, d] into x [B, T, d] at idx [B, k]: into a copy of x, or, with in_place, into x itself
+// (inference only, when nothing else holds x: saves copying the T - k rows that skip).
+torch::Tensor scatterRows(const torch::Tensor& x, const torch::Tensor& idx, const torch::Tensor& rows, bool in_place);
+
 // Runs the routed block on the tokens idx [B, k] of x (gated by sigmoid of their router logits) and writes
-// their updates back; every other row of x is copied through untouched (scatter into a copy), so skipped
-// tokens stay bit-for-bit the same. With kv, the block's cache holds the processed tokens only.
+// their updates back; every other row of x is untouched, so skipped tokens stay bit-for-bit the same. With
+// in_place the updates go into x itself (see scatterRows). With kv, the block's cache holds the processed
+// tokens only.
 torch::Tensor processSelected(BlockImpl& block, const torch::Tensor& x, const torch::Tensor& pos,
                               const torch::Tensor& router_logits, const torch::Tensor& idx, const Rotary& rope,
-                              LayerKV* kv = nullptr);
+                              LayerKV* kv = nullptr, bool in_place = false);
 
 }  // namespace modscope::nn

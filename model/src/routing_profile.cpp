@@ -89,6 +89,8 @@ RoutedLayerProfile profileRoutedLayer(const Model& model, int seq_len, int reps,
     const auto gate = torch::sigmoid(r.gather(1, idx)).unsqueeze(-1);
     const auto delta = block.delta(xs, ps, rope);
     const auto updated = xs + gate * delta;
+    // What a top-k forward writes its updates into in place (hidden()): a copy, so x stays the input.
+    auto x_scratch = x.clone();
 
     RoutedLayerProfile p;
     p.layer = layer;
@@ -109,13 +111,13 @@ RoutedLayerProfile profileRoutedLayer(const Model& model, int seq_len, int reps,
         },
         [&] { (void)block.delta(xs, ps, rope); },
         [&] { (void)(xs + gate * delta); },
-        [&] { (void)x.scatter(1, idx.unsqueeze(-1).expand_as(updated), updated); },
+        [&] { (void)nn::scatterRows(x_scratch, idx, updated, /*in_place=*/true); },
         [&] {
             // The whole routed layer as hidden() runs it in top-k mode with the routing collected.
             const auto r_ = block.router(x).squeeze(-1);
             const auto idx_ = nn::topkIndices(r_, k);
             (void)block.predictor(x.detach());
-            (void)nn::processSelected(block, x, pos, r_, idx_, rope);
+            (void)nn::processSelected(block, x_scratch, pos, r_, idx_, rope, nullptr, /*in_place=*/true);
         },
     };
     for (const auto& stage : stages) stage();  // warm-up
