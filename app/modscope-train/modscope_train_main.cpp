@@ -57,37 +57,35 @@ model shape (defaults: the bundled model's):
   --capacity F --routed L1,L2,... (default every other layer) --predictor-hidden N
 )";
 
-std::vector<double> parseDoubles(const std::string& text) {
-    std::vector<double> out;
+// A comma-separated list, empty parts skipped; every part must convert whole, else Error("not <what>: ...").
+template <typename T, typename Convert>
+std::vector<T> parseList(const std::string& text, const char* what, Convert convert) {
+    std::vector<T> out;
     std::stringstream in(text);
     std::string part;
     while (std::getline(in, part, ',')) {
         if (part.empty()) continue;
         std::size_t used = 0;
-        double v = 0.0;
+        T v{};
         try {
-            v = std::stod(part, &used);
+            v = convert(part, &used);
         } catch (const std::exception&) {
             used = 0;
         }
-        if (used == 0 || used != part.size()) throw modscope::Error("not a list of numbers: '" + text + "'");
+        if (used == 0 || used != part.size()) throw modscope::Error(std::string("not ") + what + ": '" + text + "'");
         out.push_back(v);
     }
     return out;
 }
 
+std::vector<double> parseDoubles(const std::string& text) {
+    return parseList<double>(text, "a list of numbers",
+                             [](const std::string& s, std::size_t* used) { return std::stod(s, used); });
+}
+
 std::vector<int> parseInts(const std::string& text) {
-    std::vector<int> out;
-    std::stringstream in(text);
-    std::string part;
-    while (std::getline(in, part, ',')) {
-        if (part.empty()) continue;
-        std::size_t used = 0;
-        const int v = std::stoi(part, &used);
-        if (used != part.size()) throw modscope::Error("not an integer list: '" + text + "'");
-        out.push_back(v);
-    }
-    return out;
+    return parseList<int>(text, "an integer list",
+                          [](const std::string& s, std::size_t* used) { return std::stoi(s, used); });
 }
 
 double parseDouble(const std::string& flag, const std::string& text) {
