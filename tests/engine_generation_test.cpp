@@ -39,9 +39,7 @@ private Q_SLOTS:
         nn::ForwardOptions fo;
         fo.mode = RoutingMode::Causal;
         fo.capacity = config.capacity;
-        fo.predictor_threshold = config.predictor_threshold;
-        fo.predictor_budget_gain = budget_gain;
-        fo.predictor_prefix_topk = prefix_topk;
+        fo.setCausalRule(config);
         fo.kv = &kv;
         auto logits = net.logits(net.hidden(test::idsTensor(prompt), fo)[0][-1]);
 

@@ -296,7 +296,7 @@ torch::Tensor ModTransformerImpl::hidden(const torch::Tensor& ids, const Forward
         }
         const auto k = capacityToK(options.capacity, static_cast<int>(T));
         const auto router_logits = block.router(x).squeeze(-1);  // [B, T]
-        if (kv != nullptr) {  // generation steps rank their token against these (CausalRule::prefix_topk)
+        if (kv != nullptr && options.predictor_prefix_topk) {  // generation steps rank their token against these
             const auto r = router_logits[0].to(torch::kCPU, torch::kFloat32).contiguous();
             kv->router_logits.assign(r.data_ptr<float>(), r.data_ptr<float>() + T);
         }
@@ -358,15 +358,20 @@ torch::Tensor ModTransformerImpl::step(std::int64_t token, std::int64_t position
         }
         const float logit = block.predictor(x).item<float>();
         if (prob) (*prob)[li] = 1.0f / (1.0f + std::exp(-logit));
-        const auto router_logit = block.router(x);  // [1, 1, 1]
-        const float r = router_logit.item<float>();
-        const std::int64_t higher = rule.prefix_topk ? countAbove(kv[li].router_logits, r) : 0;
-        const bool process = rule.decide(logit, position, kv[li].length(), higher);
-        kv[li].router_logits.push_back(r);
-        if (!process) {
+        // The router runs for a skipped token only when the prefix top-k must rank it.
+        torch::Tensor router_logit;  // [1, 1, 1]
+        std::int64_t higher = 0;
+        if (rule.prefix_topk) {
+            router_logit = block.router(x);
+            const float r = router_logit.item<float>();
+            higher = countAbove(kv[li].router_logits, r);
+            kv[li].router_logits.push_back(r);
+        }
+        if (!rule.decide(logit, position, kv[li].length(), higher)) {
             if (processed) (*processed)[li] = 0;
             continue;
         }
+        if (!router_logit.defined()) router_logit = block.router(x);
         x = x + torch::sigmoid(router_logit) * block.delta(x, pos, rope, &kv[li]);
     }
     return logits(norm_f(x)).view({-1});

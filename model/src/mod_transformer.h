@@ -28,7 +28,9 @@ TORCH_MODULE(RmsNorm);
 struct LayerKV {
     torch::Tensor k;  // [B, H, n, hd], rotary already applied
     torch::Tensor v;  // [B, H, n, hd]
-    std::vector<float> router_logits;  // routed layers, B = 1: every token's router logit so far, processed or not
+    // Routed layers, B = 1, only when the causal rule uses the prefix top-k: every token's router logit so far,
+    // processed or not.
+    std::vector<float> router_logits;
     std::int64_t length() const { return k.defined() ? k.size(2) : 0; }
     std::int64_t bytes() const { return k.defined() ? 2 * k.numel() * k.element_size() : 0; }
 };
@@ -142,6 +144,12 @@ struct ForwardOptions {
 
     CausalRule causalRule() const {
         return {predictor_threshold, capacity, predictor_budget_gain, predictor_prefix_topk};
+    }
+    // The config's causal rule (threshold, budget gain, prefix top-k); the capacity stays the run's own.
+    void setCausalRule(const ModelConfig& config) {
+        predictor_threshold = config.predictor_threshold;
+        predictor_budget_gain = config.predictor_budget_gain;
+        predictor_prefix_topk = config.predictor_prefix_topk;
     }
 };
 

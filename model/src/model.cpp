@@ -166,9 +166,7 @@ RunTrace Model::run(const std::vector<int>& ids, const RunOptions& options) cons
     nn::ForwardOptions fo;
     fo.mode = options.mode;
     fo.capacity = options.capacity < 0 ? impl.config.capacity : std::min(options.capacity, 1.0);
-    fo.predictor_threshold = impl.config.predictor_threshold;
-    fo.predictor_budget_gain = impl.config.predictor_budget_gain;
-    fo.predictor_prefix_topk = impl.config.predictor_prefix_topk;
+    fo.setCausalRule(impl.config);
     fo.collect = true;
     fo.cancel = options.cancel;
     std::vector<nn::LayerRouting> routing;
@@ -202,9 +200,11 @@ RunTrace Model::run(const std::vector<int>& ids, const RunOptions& options) cons
             lt.router_logits = toVector<float>(r.router_logits[0]);
             lt.topk_selected = maskToVector(r.topk_mask[0]);
             lt.predictor_prob = toVector<float>(torch::sigmoid(r.predictor_logits[0]));
-            // What causal mode decides from these inputs (in causal mode, exactly what it processed).
+            // What causal mode decides from these inputs: in causal mode, what it processed.
             lt.predictor_selected =
-                maskToVector(nn::causalSelection(r.predictor_logits, r.router_logits, fo.causalRule())[0]);
+                options.mode == RoutingMode::Causal
+                    ? lt.selected
+                    : maskToVector(nn::causalSelection(r.predictor_logits, r.router_logits, fo.causalRule())[0]);
             std::vector<int> order(T);
             for (int t = 0; t < T; ++t) order[t] = t;
             std::stable_sort(order.begin(), order.end(),
@@ -239,9 +239,7 @@ GenerationResult Model::generate(const std::vector<int>& prompt_ids, const Gener
     nn::ForwardOptions fo;
     fo.mode = RoutingMode::Causal;
     fo.capacity = cfg.capacity;
-    fo.predictor_threshold = cfg.predictor_threshold;
-    fo.predictor_budget_gain = cfg.predictor_budget_gain;
-    fo.predictor_prefix_topk = cfg.predictor_prefix_topk;
+    fo.setCausalRule(cfg);
     fo.kv = &kv;
     fo.cancel = options.cancel;
     torch::Tensor logits;

@@ -150,6 +150,7 @@ EvalResult evaluate(const Model& model, const std::vector<int>& ids, int seq_len
         const auto w = sampleWindows(ids, seq_len, b, rng).to(impl.device);
         nn::ForwardOptions fo;
         fo.capacity = impl.config.capacity;
+        fo.setCausalRule(impl.config);
         fo.collect = true;
         std::vector<nn::LayerRouting> routing;
         const auto h = impl.net->hidden(w.narrow(1, 0, seq_len), fo, &routing);
@@ -160,10 +161,9 @@ EvalResult evaluate(const Model& model, const std::vector<int>& ids, int seq_len
         for (int li = 0; li < impl.config.n_layers; ++li) {
             if (!impl.config.isRouted(li)) continue;
             const auto truth = routing[li].topk_mask;
-            const nn::CausalRule rule{impl.config.predictor_threshold, fo.capacity, impl.config.predictor_budget_gain,
-                                      impl.config.predictor_prefix_topk};
-            const auto pred =
-                nn::causalSelection(routing[li].predictor_logits, routing[li].router_logits, rule).to(truth.device());
+            const auto pred = nn::causalSelection(routing[li].predictor_logits, routing[li].router_logits,
+                                                  fo.causalRule())
+                                  .to(truth.device());
             auto& a = per_layer[li];
             a.tp += (truth & pred).sum().item<std::int64_t>();
             a.fp += (~truth & pred).sum().item<std::int64_t>();
