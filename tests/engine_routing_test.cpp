@@ -14,7 +14,7 @@ torch::Tensor denseReferenceLogits(nn::ModTransformerImpl& net, const torch::Ten
     const auto pos = torch::arange(T, torch::kLong).unsqueeze(0);
     auto x = net.tok_emb(ids);
     for (auto& block : net.blocks) {
-        const auto delta = block->delta(x, pos, net.rope);
+        const auto delta = block->delta(x, pos, net.positions);
         if (block->routed) x = x + torch::sigmoid(block->router(x)) * delta;
         else x = x + delta;
     }
@@ -245,6 +245,77 @@ private Q_SLOTS:
         }
     }
 
+    // A run without the per-token trace is the same forward: identical logits, counts and FLOPs, in both
+    // modes, with the rule's prefix top-k and budget feedback (causal mode then reads fewer predictor rows).
+    void runWithoutPerTokenRoutingIsTheSameForward() {
+        auto config = test::tinyConfig();
+        config.predictor_budget_gain = 1.5;
+        config.predictor_prefix_topk = true;
+        auto model = Model::create(config, 11, "cpu");
+        test::balancePredictors(*model, test::randomIds(64, 300, 3));
+        const auto ids = test::randomIds(90, 300, 12);
+        for (const auto mode : {RoutingMode::TopK, RoutingMode::Causal}) {
+            RunOptions full;
+            full.mode = mode;
+            full.logits = RunOptions::Logits::All;
+            RunOptions bare = full;
+            bare.per_token_routing = false;
+            const auto a = model->run(ids, full), b = model->run(ids, bare);
+            QCOMPARE(b.logits, a.logits);
+            QCOMPARE(b.flops, a.flops);
+            QCOMPARE(b.dense_flops, a.dense_flops);
+            QCOMPARE(b.layers.size(), a.layers.size());
+            for (std::size_t li = 0; li < a.layers.size(); ++li) {
+                QCOMPARE(b.layers[li].routed, a.layers[li].routed);
+                QCOMPARE(b.layers[li].k, a.layers[li].k);
+                QCOMPARE(b.layers[li].processed, a.layers[li].processed);
+                QVERIFY(b.layers[li].selected.empty() && b.layers[li].router_logits.empty());
+            }
+        }
+    }
+
+    // The prefix top-k's count for every token at once, against counting by hand; ties are not "higher".
+    void higherBeforeCountsEarlierHigherLogits() {
+        torch::manual_seed(9);
+        for (int T : {1, 2, 17, 300}) {
+            // Values on a coarse grid so that ties are common.
+            const auto row = (torch::randint(0, 7, {T}) * 0.5).to(torch::kFloat32).contiguous();
+            const auto* r = row.data_ptr<float>();
+            const auto got = nn::higherBefore(r, T);
+            for (int t = 0; t < T; ++t) {
+                std::int64_t expected = 0;
+                for (int u = 0; u < t; ++u) expected += r[u] > r[t] ? 1 : 0;
+                QCOMPARE(got[t], expected);
+            }
+        }
+    }
+
+    // Causal mode's forward reads the predictor only for the prefix top-k's candidates; the decisions must be
+    // the rule's on every token's predictor logit, with and without budget feedback, for batches of rows.
+    void causalRoutingDecidesAsTheRuleOnEveryToken() {
+        auto model = Model::create(test::tinyConfig(), 7, "cpu");
+        auto& net = *model->impl().net;
+        torch::InferenceMode guard;
+        torch::manual_seed(10);
+        for (auto& block : net.blocks) {
+            if (!block->routed) continue;
+            for (int T : {1, 9, 130}) {
+                const auto x = torch::randn({2, T, net.config.d_model});
+                const auto router = block->router(x).squeeze(-1);
+                const auto every = block->predictor(x);
+                for (const nn::CausalRule rule : {nn::CausalRule{0.5, 0.25, 0.0, true}, nn::CausalRule{0.5, 0.25, 1.5, true},
+                                                  nn::CausalRule{0.3, 0.125, 0.0, false}}) {
+                    const auto expected = nn::causalSelection(every, router, rule);
+                    const auto got = nn::causalRouting(*block, x, router, rule);
+                    QVERIFY(torch::equal(got, expected));
+                }
+                // What the predictor is spared: on random inputs about a third of the tokens are candidates.
+                const auto candidates = nn::prefixTopkCandidates(router, 0.25).sum().item<std::int64_t>();
+                if (T > 100) QVERIFY2(candidates < T, qPrintable(QString::number(candidates)));
+            }
+        }
+    }
+
     void flopsFollowTheFormula() {
         auto cfg = test::tinyConfig();
         auto model = Model::create(cfg, 6, "cpu");
@@ -274,6 +345,7 @@ private Q_SLOTS:
     // cached keys before the new queries, across block boundaries.
     void blockedAttentionEqualsTheFullSquare() {
         torch::manual_seed(3);
+        const nn::PositionTables tables(512, 16, 10000.0);
         for (auto [S, prior] : {std::pair<int, int>{1, 0}, {5, 0}, {128, 0}, {129, 0}, {300, 0}, {200, 37}, {1, 90}}) {
             const int N = 4, hd = 16, P = prior + S;
             const auto q = torch::randn({N, S, hd}), k = torch::randn({N, P, hd}), v = torch::randn({N, P, hd});
@@ -281,12 +353,43 @@ private Q_SLOTS:
             const auto scores = torch::where(key <= query, torch::bmm(q, k.transpose(1, 2)),
                                              torch::full({}, -std::numeric_limits<float>::infinity()));
             const auto expected = torch::bmm(torch::softmax(scores, -1), v);
-            const auto got = nn::causalAttention(q, k, v, prior);
+            const auto got = nn::causalAttention(q, k, v, prior, tables);
             QCOMPARE(got.sizes().vec(), expected.sizes().vec());
             QVERIFY2(torch::allclose(got, expected, 1e-5, 1e-5),
                      qPrintable(QString("S %1 prior %2: max difference %3").arg(S).arg(prior)
                                     .arg((got - expected).abs().max().item<float>())));
         }
+    }
+
+    // The joint rotary of q and k against the rotation written out: each pair (x_i, x_{i + hd/2}) turned by
+    // pos * theta^(-2i/hd), q then scaled by 1/sqrt(hd); positions in any order, strided input.
+    void rotaryOfQueriesAndKeysRotatesEachPair() {
+        torch::manual_seed(4);
+        const int B = 2, S = 7, H = 3, hd = 8, half = hd / 2;
+        const double theta = 10000.0;
+        const nn::PositionTables tables(64, hd, theta);
+        const auto qkv = torch::randn({B, S, 3, H, hd});
+        const auto pos = torch::randint(0, 64, {B, S}, torch::kLong);
+        const auto got = tables.rotateQK(qkv.narrow(2, 0, 2), pos);  // [B, S, 2, H, hd]
+        QVERIFY(got.is_contiguous());
+        const auto acc = qkv.accessor<float, 5>();
+        const auto out = got.accessor<float, 5>();
+        const auto p = pos.accessor<std::int64_t, 2>();
+        double worst = 0;
+        for (int b = 0; b < B; ++b)
+            for (int s = 0; s < S; ++s)
+                for (int which = 0; which < 2; ++which)
+                    for (int h = 0; h < H; ++h)
+                        for (int i = 0; i < half; ++i) {
+                            const double angle = double(p[b][s]) * std::pow(theta, -2.0 * i / hd);
+                            const double x1 = acc[b][s][which][h][i], x2 = acc[b][s][which][h][i + half];
+                            const double scale = which == 0 ? 1.0 / std::sqrt(double(hd)) : 1.0;
+                            const double y1 = (x1 * std::cos(angle) - x2 * std::sin(angle)) * scale;
+                            const double y2 = (x1 * std::sin(angle) + x2 * std::cos(angle)) * scale;
+                            worst = std::max({worst, std::abs(y1 - out[b][s][which][h][i]),
+                                              std::abs(y2 - out[b][s][which][h][i + half])});
+                        }
+        QVERIFY2(worst < 1e-4, qPrintable(QString("largest difference %1").arg(worst)));
     }
 
     // The smallest shapes: one layer (routed, or full with no router), one token, capacity 0 and 1, both

@@ -108,6 +108,7 @@ void benchModVsDense(BenchContext& ctx) {
         const auto ids = randomIds(T, cfg.vocab_size, 2);
         RunOptions ro;
         ro.logits = RunOptions::Logits::Last;
+        ro.per_token_routing = false;  // forwards compared, not the trace built around them
         ctx.progress("MoD and dense, T=" + std::to_string(T));
         const std::vector<double> capacities{0.125, 0.25, 0.5, 1.0};
         // Dense first, then each capacity, in turn every repetition (timeInterleaved).
@@ -146,6 +147,7 @@ void benchModVsDense(BenchContext& ctx) {
         }
     }
     table.addNote(
+        "Model::run with RunOptions::per_token_routing off: the forward alone, no per-token trace. "
         "Dense: Model::create of the same config with routed_layers cleared (random weights). Ideal = "
         "RunTrace.dense_flops / RunTrace.flops (docs/MODEL.md, FLOPs). \"of ideal\" = (speed-up − 1) / "
         "(ideal − 1): the share of the possible saving realised (n/a at capacity 1: nothing to save).");
@@ -305,8 +307,8 @@ void benchRouting(BenchContext& ctx) {
     Table table("Cost of routing in one routed layer (layer " +
                     std::to_string(*std::min_element(cfg.routed_layers.begin(), cfg.routed_layers.end())) +
                     ", top-k, capacity " + fixed(cfg.capacity, 3) + "; medians in ms)",
-                {"T", "k", "router", "top-k", "predictor", "gather", "scatter", "block", "update", "layer",
-                 "routing share", "top-k mode", "causal mode"});
+                {"T", "k", "router", "top-k", "predictor", "causal select", "gather", "scatter", "block", "update",
+                 "layer", "routing share", "top-k mode", "causal mode"});
     json rows = json::array();
     const auto lengths = ctx.quick() ? std::vector<int>{128, 512} : std::vector<int>{128, 512, 2048};
     for (int T : fitting(lengths, cfg.max_seq_len)) {
@@ -314,7 +316,7 @@ void benchRouting(BenchContext& ctx) {
         const int reps = ctx.quick() ? 15 : (T >= 2048 ? 30 : 100);
         const auto p = profileRoutedLayer(model, T, reps);
         table.addRow({std::to_string(T), std::to_string(p.k), fixed(p.router_ms, 3), fixed(p.topk_ms, 3),
-                      fixed(p.predictor_ms, 3), fixed(p.gather_ms, 3), fixed(p.scatter_ms, 3),
+                      fixed(p.predictor_ms, 3), fixed(p.causal_select_ms, 3), fixed(p.gather_ms, 3), fixed(p.scatter_ms, 3),
                       fixed(p.block_ms, 3), fixed(p.update_ms, 3), fixed(p.layer_ms, 3),
                       percent(p.routingShare()), percent(p.topkModeShare()), percent(p.causalModeShare())});
         rows.push_back({{"seq_len", T},
@@ -324,6 +326,7 @@ void benchRouting(BenchContext& ctx) {
                         {"router_ms", p.router_ms},
                         {"topk_ms", p.topk_ms},
                         {"predictor_ms", p.predictor_ms},
+                        {"causal_select_ms", p.causal_select_ms},
                         {"gather_ms", p.gather_ms},
                         {"scatter_ms", p.scatter_ms},
                         {"block_ms", p.block_ms},
@@ -341,8 +344,10 @@ void benchRouting(BenchContext& ctx) {
         "--quick) after one warm-up; \"layer\" times the stages in sequence as one call. Share = (router + "
         "top-k + predictor + gather + scatter) / layer, as Model::run does it for a trace. \"top-k mode\" is "
         "(router + top-k + gather + scatter) / (those + block + update): a top-k forward without a trace, "
-        "which needs no predictor; \"causal mode\" is (router + predictor + gather + scatter) / (those + "
-        "block + update): causal routing, which needs no top-k.");
+        "which needs no predictor; \"causal mode\" is (router + causal select + gather + scatter) / (those + "
+        "block + update): causal routing as generation and causal runs do it, where \"causal select\" is the "
+        "rule's walk with the predictor read only for the tokens the prefix top-k lets through (the whole "
+        "row when the model's rule has no prefix top-k).");
     ctx.report().json["routing_cost"] = rows;
     ctx.report().add(table);
 }
@@ -477,6 +482,7 @@ void benchReference(BenchContext& ctx) {
         const auto ids = randomIds(T, cfg.vocab_size, 4);
         RunOptions ro;
         ro.logits = RunOptions::Logits::All;
+        ro.per_token_routing = false;
         RunTrace mod_trace, dense_trace;
         // MoD and dense in turn, every repetition (timeInterleaved).
         const auto ms = timeInterleaved(
@@ -501,8 +507,9 @@ void benchReference(BenchContext& ctx) {
                         {"dense_flops", mod_trace.dense_flops}});
     }
     table.addNote(
-        "Model::run in top-k mode with RunOptions::Logits::All (the run always builds its trace: RunOptions "
-        "has no switch to skip it). Dense: the same config with routed_layers cleared.");
+        "Model::run in top-k mode with RunOptions::Logits::All and per_token_routing off: the forward alone, "
+        "as the PyTorch figures in issue 6 time it (bench/pytorch_reference_forward.py times one now). Dense: "
+        "the same config with routed_layers cleared.");
     ctx.report().json["reference_forward_ms"] = fwd;
     ctx.report().json["reference"] = rows;
     ctx.report().add(table);

@@ -23,34 +23,53 @@ torch::Tensor RmsNormImpl::forward(const torch::Tensor& x) {
     return x * torch::rsqrt(x.pow(2).mean(-1, /*keepdim=*/true) + eps) * weight;
 }
 
-// ---------------------------------------------------------------------------------------------- Rotary
-torch::Tensor Rotary::apply(const torch::Tensor& x, const torch::Tensor& pos) const {
-    const auto half = x.size(-1) / 2;
-    // [B, S, hd/2] -> [B, 1, S, hd/2] so every head shares its token's angle
-    const auto c = cos.index_select(0, pos.reshape(-1)).view({pos.size(0), 1, pos.size(1), half});
-    const auto s = sin.index_select(0, pos.reshape(-1)).view({pos.size(0), 1, pos.size(1), half});
-    const auto x1 = x.narrow(-1, 0, half);
-    const auto x2 = x.narrow(-1, half, half);
-    return torch::cat({x1 * c - x2 * s, x1 * s + x2 * c}, -1);
+// ---------------------------------------------------------------------------------------------- positions
+PositionTables::PositionTables(std::int64_t max_seq_len, std::int64_t head_dim, double theta) {
+    const auto inv_freq = 1.0 / torch::pow(theta, torch::arange(0, head_dim, 2, torch::kFloat32) / double(head_dim));
+    const auto angles = torch::outer(torch::arange(max_seq_len, torch::kFloat32), inv_freq.to(torch::kFloat32));
+    const auto c = angles.cos(), s = angles.sin();                                   // [L, hd/2]
+    const auto cos_row = torch::cat({c, c}, -1), sin_row = torch::cat({-s, s}, -1);  // [L, hd]
+    const double scale = 1.0 / std::sqrt(double(head_dim));
+    // [L, 2 (cos, sin), 2 (q, k), 1, hd]; q's factors carry the attention scale, which then costs nothing.
+    rope = torch::stack({torch::stack({cos_row * scale, cos_row}, 1), torch::stack({sin_row * scale, sin_row}, 1)}, 1)
+               .unsqueeze(3)
+               .contiguous();
+    // [kBlock, L + kBlock]: entry (i, c) is -inf when c - L > i. Query block [s, s + n) after `prior` cached
+    // keys reads columns [L - prior - s, L + n): zero up to its own diagonal, -inf after it.
+    const auto rows = torch::arange(kAttentionQueryBlock, torch::kLong).unsqueeze(1);
+    const auto cols = torch::arange(max_seq_len + kAttentionQueryBlock, torch::kLong).unsqueeze(0) - max_seq_len;
+    causal_bias = torch::zeros({kAttentionQueryBlock, max_seq_len + kAttentionQueryBlock})
+                      .masked_fill(cols > rows, -std::numeric_limits<float>::infinity());
+}
+
+torch::Tensor PositionTables::rotateQK(const torch::Tensor& qk, const torch::Tensor& pos) const {
+    const auto B = qk.size(0), S = qk.size(1), hd = qk.size(-1), half = hd / 2;
+    const auto f = rope.index_select(0, pos.reshape(-1)).view({B, S, 2, 2, 1, hd});
+    // Rotating (x1, x2) by the angle is x * (c, c) + (x2, x1) * (-s, s): two products over both halves.
+    const auto swapped = torch::cat({qk.narrow(-1, half, half), qk.narrow(-1, 0, half)}, -1);
+    return torch::addcmul(qk * f.select(2, 0), swapped, f.select(2, 1));
+}
+
+torch::Tensor PositionTables::causalBias(std::int64_t prior, std::int64_t start, std::int64_t n) const {
+    const auto L = causal_bias.size(1) - kAttentionQueryBlock;
+    return causal_bias.narrow(0, 0, n).narrow(1, L - prior - start, prior + start + n);
 }
 
 // ---------------------------------------------------------------------------------------------- Attention
 torch::Tensor causalAttention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
-                              std::int64_t prior) {
+                              std::int64_t prior, const PositionTables& positions) {
     const auto S = q.size(1);
     if (S == 1) return torch::bmm(torch::softmax(torch::bmm(q, k.transpose(1, 2)), -1), v);  // sees every key
     // Query block [s, e) needs keys [0, prior + e) only: the keys after it would be masked anyway, so the
     // upper triangle of the score matrix is never computed, and each block's scores stay cache-sized.
+    // The mask is an additive bias, 0 or -inf, added by the score product itself (baddbmm's beta); every
+    // query sees its own key, so no row is all -inf (no NaN).
     constexpr std::int64_t kBlock = kAttentionQueryBlock;
-    const auto strictly_upper = torch::ones({std::min(S, kBlock), std::min(S, kBlock)},
-                                            q.options().dtype(torch::kBool)).triu(1);
     std::vector<torch::Tensor> blocks;
     for (std::int64_t s = 0; s < S; s += kBlock) {
         const auto n = std::min(kBlock, S - s), visible = prior + s + n;
-        auto scores = torch::bmm(q.narrow(1, s, n), k.narrow(1, 0, visible).transpose(1, 2));  // [N, n, visible]
-        // Query prior+s+i sees keys up to itself; the diagonal is never masked, so no row is empty (no NaN).
-        scores.narrow(2, prior + s, n).masked_fill_(strictly_upper.narrow(0, 0, n).narrow(1, 0, n),
-                                                    -std::numeric_limits<float>::infinity());
+        const auto scores = torch::baddbmm(positions.causalBias(prior, s, n), q.narrow(1, s, n),
+                                           k.narrow(1, 0, visible).transpose(1, 2));  // [N, n, visible]
         blocks.push_back(torch::bmm(torch::softmax(scores, -1), v.narrow(1, 0, visible)));  // [N, n, hd]
     }
     return blocks.size() == 1 ? blocks[0] : torch::cat(blocks, 1);
@@ -62,16 +81,16 @@ AttentionImpl::AttentionImpl(const ModelConfig& config)
     proj = register_module("proj", torch::nn::Linear(torch::nn::LinearOptions(config.d_model, config.d_model).bias(false)));
 }
 
-torch::Tensor AttentionImpl::forward(const torch::Tensor& x, const torch::Tensor& pos, const Rotary& rope,
+torch::Tensor AttentionImpl::forward(const torch::Tensor& x, const torch::Tensor& pos, const PositionTables& positions,
                                      LayerKV* kv) {
     const auto B = x.size(0), S = x.size(1), d = x.size(2);
-    // [B, S, 3d] -> 3 x [B, H, S, hd]; unbind's backward is one stack, where three selects would each
-    // allocate and fill a zero tensor the size of all three.
-    const auto parts = qkv(x).view({B, S, 3, n_heads, head_dim}).unbind(2);
-    // Scaling q rather than the scores touches S*hd values instead of S*S.
-    auto q = rope.apply(parts[0].transpose(1, 2), pos) * (1.0 / std::sqrt(double(head_dim)));
-    auto k = rope.apply(parts[1].transpose(1, 2), pos);
-    auto v = parts[2].transpose(1, 2);
+    const auto H = n_heads, hd = head_dim;
+    const auto qkv_out = qkv(x).view({B, S, 3, H, hd});
+    const auto qk = positions.rotateQK(qkv_out.narrow(2, 0, 2), pos);  // [B, S, 2, H, hd], q scaled
+    // Head-major views [B, H, S, hd]; with B = 1 the reshapes below stay views (bmm takes row strides).
+    const auto q = qk.select(2, 0).transpose(1, 2);
+    auto k = qk.select(2, 1).transpose(1, 2);
+    auto v = qkv_out.select(2, 2).transpose(1, 2);
     std::int64_t prior = 0;
     if (kv != nullptr) {
         if (kv->k.defined() && kv->k.size(2) > 0) {
@@ -79,12 +98,12 @@ torch::Tensor AttentionImpl::forward(const torch::Tensor& x, const torch::Tensor
             k = torch::cat({kv->k, k}, 2);
             v = torch::cat({kv->v, v}, 2);
         }
-        kv->k = k;
+        kv->k = k = k.contiguous();
         kv->v = v = v.contiguous();
     }
-    const auto out = causalAttention(q.reshape({B * n_heads, S, head_dim}), k.reshape({B * n_heads, prior + S, head_dim}),
-                                     v.reshape({B * n_heads, prior + S, head_dim}), prior)
-                         .view({B, n_heads, S, head_dim});
+    const auto out = causalAttention(q.reshape({B * H, S, hd}), k.reshape({B * H, prior + S, hd}),
+                                     v.reshape({B * H, prior + S, hd}), prior, positions)
+                         .view({B, H, S, hd});
     return proj(out.transpose(1, 2).reshape({B, S, d}));
 }
 
@@ -119,8 +138,8 @@ BlockImpl::BlockImpl(const ModelConfig& config, int index_) : index(index_), rou
     }
 }
 
-torch::Tensor BlockImpl::delta(const torch::Tensor& x, const torch::Tensor& pos, const Rotary& rope, LayerKV* kv) {
-    const auto a = attn(attn_norm(x), pos, rope, kv);
+torch::Tensor BlockImpl::delta(const torch::Tensor& x, const torch::Tensor& pos, const PositionTables& positions, LayerKV* kv) {
+    const auto a = attn(attn_norm(x), pos, positions, kv);
     const auto m = mlp(mlp_norm(x + a));
     return a + m;
 }
@@ -160,7 +179,7 @@ torch::Tensor scatterRows(const torch::Tensor& x, const torch::Tensor& idx, cons
 }
 
 torch::Tensor processSelected(BlockImpl& block, const torch::Tensor& x, const torch::Tensor& pos,
-                              const torch::Tensor& router_logits, const torch::Tensor& idx, const Rotary& rope,
+                              const torch::Tensor& router_logits, const torch::Tensor& idx, const PositionTables& positions,
                               LayerKV* kv, bool in_place) {
     if (idx.size(1) == 0) {
         if (kv != nullptr) {
@@ -174,7 +193,7 @@ torch::Tensor processSelected(BlockImpl& block, const torch::Tensor& x, const to
     const auto xs = gatherRows(x, idx);                              // [B, k, d]
     const auto ps = pos.gather(1, idx);                              // [B, k]
     const auto gate = torch::sigmoid(router_logits.gather(1, idx)).unsqueeze(-1);  // [B, k, 1]
-    const auto updated = xs + gate * block.delta(xs, ps, rope, kv);
+    const auto updated = xs + gate * block.delta(xs, ps, positions, kv);
     return scatterRows(x, idx, updated, in_place);
 }
 
@@ -189,33 +208,101 @@ std::int64_t countAbove(const std::vector<float>& history, float value) {
     return std::count_if(history.begin(), history.end(), [value](float h) { return h > value; });
 }
 
+std::vector<std::int64_t> higherBefore(const float* logits, std::int64_t T) {
+    // Rank the row once (ties share a rank), then walk it with a Fenwick tree of the ranks seen so far:
+    // O(T log T), where keeping a sorted prefix would move O(T^2) values.
+    std::vector<std::int64_t> order(T);
+    for (std::int64_t t = 0; t < T; ++t) order[t] = t;
+    std::sort(order.begin(), order.end(), [logits](std::int64_t a, std::int64_t b) { return logits[a] < logits[b]; });
+    std::vector<std::int64_t> rank(T);  // 1-based, ascending value
+    std::int64_t ranks = 0;
+    for (std::int64_t i = 0; i < T; ++i) {
+        if (i == 0 || logits[order[i]] != logits[order[i - 1]]) ++ranks;
+        rank[order[i]] = ranks;
+    }
+    std::vector<std::int64_t> tree(ranks + 1, 0), out(T);
+    for (std::int64_t t = 0; t < T; ++t) {
+        std::int64_t at_most = 0;  // earlier tokens ranked at or below t's
+        for (auto i = rank[t]; i > 0; i -= i & -i) at_most += tree[i];
+        out[t] = t - at_most;
+        for (auto i = rank[t]; i <= ranks; i += i & -i) ++tree[i];
+    }
+    return out;
+}
+
+namespace {
+
+torch::Tensor cpuFloat(const torch::Tensor& t) { return t.detach().to(torch::kCPU, torch::kFloat32).contiguous(); }
+
+}  // namespace
+
 torch::Tensor causalSelection(const torch::Tensor& predictor_logits, const torch::Tensor& router_logits,
                               const CausalRule& rule) {
     // Each decision depends on the ones before it: a scalar walk along every row, the same arithmetic as a
     // generation step's.
-    const auto logits = predictor_logits.detach().to(torch::kCPU, torch::kFloat32).contiguous();
-    const auto router = router_logits.detach().to(torch::kCPU, torch::kFloat32).contiguous();
+    const auto logits = cpuFloat(predictor_logits);
+    const auto router = cpuFloat(router_logits);
     auto out = torch::zeros(logits.sizes(), torch::TensorOptions().dtype(torch::kBool));
     const auto B = logits.size(0), T = logits.size(1);
     const auto in = logits.accessor<float, 2>();
-    const auto r = router.accessor<float, 2>();
     auto sel = out.accessor<bool, 2>();
-    std::vector<float> sorted;  // the row's router logits so far, ascending: a count above is a binary search
+    std::vector<std::int64_t> higher(T, 0);
     for (std::int64_t b = 0; b < B; ++b) {
+        if (rule.prefix_topk) higher = higherBefore(router[b].data_ptr<float>(), T);
         std::int64_t n = 0;
-        sorted.clear();
         for (std::int64_t t = 0; t < T; ++t) {
-            std::int64_t higher = 0;
-            if (rule.prefix_topk) {
-                const auto at = std::upper_bound(sorted.begin(), sorted.end(), r[b][t]);
-                higher = sorted.end() - at;
-                sorted.insert(at, r[b][t]);
-            }
-            sel[b][t] = rule.decide(in[b][t], t, n, higher);
+            sel[b][t] = rule.decide(in[b][t], t, n, higher[t]);
             n += sel[b][t] ? 1 : 0;
         }
     }
     return out.to(predictor_logits.device());
+}
+
+torch::Tensor prefixTopkCandidates(const torch::Tensor& router_logits, double capacity) {
+    const auto router = cpuFloat(router_logits);
+    const auto B = router.size(0), T = router.size(1);
+    auto out = torch::zeros({B, T}, torch::TensorOptions().dtype(torch::kBool));
+    auto sel = out.accessor<bool, 2>();
+    for (std::int64_t b = 0; b < B; ++b) {
+        const auto higher = higherBefore(router[b].data_ptr<float>(), T);
+        for (std::int64_t t = 0; t < T; ++t) sel[b][t] = higher[t] < capacityToK(capacity, static_cast<int>(t + 1));
+    }
+    return out.to(router_logits.device());
+}
+
+torch::Tensor causalRouting(BlockImpl& block, const torch::Tensor& x, const torch::Tensor& router_logits,
+                            const CausalRule& rule) {
+    if (!rule.prefix_topk) return causalSelection(block.predictor(x.detach()), router_logits, rule);
+    // A token outside the router's top k of the tokens so far is skipped whatever the predictor says, so the
+    // predictor reads only the others: about capacity x T rows instead of T. One walk finds them, one decides.
+    const auto router = cpuFloat(router_logits);
+    const auto B = router.size(0), T = router.size(1), d = x.size(2);
+    std::vector<std::vector<std::int64_t>> higher(B);
+    std::vector<std::int64_t> rows;  // candidates as rows of x viewed [B * T, d]
+    for (std::int64_t b = 0; b < B; ++b) {
+        higher[b] = higherBefore(router[b].data_ptr<float>(), T);
+        for (std::int64_t t = 0; t < T; ++t)
+            if (higher[b][t] < capacityToK(rule.capacity, static_cast<int>(t + 1))) rows.push_back(b * T + t);
+    }
+    torch::Tensor logits;  // [rows]
+    if (!rows.empty()) {
+        const auto idx = torch::tensor(rows, torch::kLong).to(x.device());
+        logits = cpuFloat(block.predictor(x.detach().reshape({B * T, d}).index_select(0, idx)));
+    }
+    auto out = torch::zeros({B, T}, torch::TensorOptions().dtype(torch::kBool));
+    auto sel = out.accessor<bool, 2>();
+    const float* logit = logits.defined() ? logits.data_ptr<float>() : nullptr;
+    std::size_t next = 0;
+    for (std::int64_t b = 0; b < B; ++b) {
+        std::int64_t n = 0;
+        for (std::int64_t t = 0; t < T; ++t) {
+            const bool candidate = next < rows.size() && rows[next] == b * T + t;
+            // A token that is no candidate fails the prefix test inside decide() whatever its logit.
+            sel[b][t] = rule.decide(candidate ? logit[next++] : 0.0, t, n, higher[b][t]);
+            n += sel[b][t] ? 1 : 0;
+        }
+    }
+    return out.to(router_logits.device());
 }
 
 namespace {
@@ -237,12 +324,10 @@ ModTransformerImpl::ModTransformerImpl(const ModelConfig& config_) : config(conf
     }
     norm_f = register_module("norm_f", RmsNorm(config.d_model, config.norm_eps));
 
-    const auto hd = config.headDim();
-    const auto inv_freq =
-        1.0 / torch::pow(config.rope_theta, torch::arange(0, hd, 2, torch::kFloat32) / double(hd));  // [hd/2]
-    const auto angles = torch::outer(torch::arange(config.max_seq_len, torch::kFloat32), inv_freq.to(torch::kFloat32));
-    rope.cos = register_buffer("rope_cos", angles.cos());
-    rope.sin = register_buffer("rope_sin", angles.sin());
+    // Buffers move with the module to its device; checkpoints hold parameters only, so these are rebuilt.
+    positions = PositionTables(config.max_seq_len, config.headDim(), config.rope_theta);
+    positions.rope = register_buffer("rope_factors", positions.rope);
+    positions.causal_bias = register_buffer("causal_bias", positions.causal_bias);
 }
 
 void ModTransformerImpl::initWeights(std::uint64_t seed) {
@@ -286,7 +371,7 @@ torch::Tensor ModTransformerImpl::hidden(const torch::Tensor& ids, const Forward
         auto& block = *blocks[li];
         LayerKV* kv = options.kv != nullptr ? &(*options.kv)[li] : nullptr;
         if (!block.routed) {
-            x = x + block.delta(x, pos, rope, kv);
+            x = x + block.delta(x, pos, positions, kv);
             if (routing != nullptr && options.collect) {
                 auto& r = (*routing)[li];
                 r.k = T;
@@ -303,24 +388,25 @@ torch::Tensor ModTransformerImpl::hidden(const torch::Tensor& ids, const Forward
         const bool need_topk = options.mode == RoutingMode::TopK || options.collect;
         torch::Tensor topk_idx;
         if (need_topk) topk_idx = topkIndices(router_logits, k);  // [B, k]
-        torch::Tensor predictor_logits;
-        if (options.mode == RoutingMode::Causal || options.collect)
-            predictor_logits = block.predictor(x.detach());  // [B, T]
+        torch::Tensor predictor_logits;  // [B, T], every token's: a trace shows them all
+        if (options.collect) predictor_logits = block.predictor(x.detach());
 
         torch::Tensor selected_mask;
         if (options.mode == RoutingMode::TopK) {
             // Nothing but this loop holds x unless residuals are kept, so inference updates it in place.
             const bool in_place = !torch::GradMode::is_enabled() && options.residuals == nullptr && x.is_contiguous();
-            x = processSelected(block, x, pos, router_logits, topk_idx, rope, kv, in_place);
+            x = processSelected(block, x, pos, router_logits, topk_idx, positions, kv, in_place);
         } else {
             // Each token decides from its own block input, which depends on earlier tokens only, and from the
             // layer's decisions on earlier tokens.
-            selected_mask = causalSelection(predictor_logits, router_logits, options.causalRule());  // [B, T]
+            selected_mask = predictor_logits.defined()
+                                ? causalSelection(predictor_logits, router_logits, options.causalRule())
+                                : causalRouting(block, x, router_logits, options.causalRule());  // [B, T]
             std::vector<torch::Tensor> rows;
             for (std::int64_t b = 0; b < B; ++b) {
                 const auto idx = selected_mask[b].nonzero().view({1, -1});  // [1, n_b], ascending
                 rows.push_back(processSelected(block, x.narrow(0, b, 1), pos.narrow(0, b, 1),
-                                               router_logits.narrow(0, b, 1), idx, rope, kv));
+                                               router_logits.narrow(0, b, 1), idx, positions, kv));
             }
             x = B == 1 ? rows[0] : torch::cat(rows, 0);
         }
@@ -329,7 +415,7 @@ torch::Tensor ModTransformerImpl::hidden(const torch::Tensor& ids, const Forward
             r.k = k;
             r.router_logits = router_logits;
             r.predictor_logits = predictor_logits;
-            if (topk_idx.defined())
+            if (topk_idx.defined() && options.collect)  // without collect, top-k mode's selection is its k
                 r.topk_mask = torch::zeros({B, T}, ids.options().dtype(torch::kBool)).scatter(1, topk_idx, true);
             r.selected_mask = options.mode == RoutingMode::TopK ? r.topk_mask : selected_mask;
         }
@@ -353,7 +439,7 @@ torch::Tensor ModTransformerImpl::step(std::int64_t token, std::int64_t position
     for (std::size_t li = 0; li < blocks.size(); ++li) {
         auto& block = *blocks[li];
         if (!block.routed) {
-            x = x + block.delta(x, pos, rope, &kv[li]);
+            x = x + block.delta(x, pos, positions, &kv[li]);
             continue;
         }
         const float logit = block.predictor(x).item<float>();
@@ -372,7 +458,7 @@ torch::Tensor ModTransformerImpl::step(std::int64_t token, std::int64_t position
             continue;
         }
         if (!router_logit.defined()) router_logit = block.router(x);
-        x = x + torch::sigmoid(router_logit) * block.delta(x, pos, rope, &kv[li]);
+        x = x + torch::sigmoid(router_logit) * block.delta(x, pos, positions, &kv[li]);
     }
     return logits(norm_f(x)).view({-1});
 }

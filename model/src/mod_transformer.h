@@ -35,24 +35,36 @@ struct LayerKV {
     std::int64_t bytes() const { return k.defined() ? 2 * k.numel() * k.element_size() : 0; }
 };
 
-// Rotary tables shared by every layer: cos/sin of position * inv_freq, in float32.
-struct Rotary {
-    torch::Tensor cos;  // [max_seq_len, hd/2]
-    torch::Tensor sin;  // [max_seq_len, hd/2]
-    // x [B, H, S, hd], pos [B, S] int64 -> x rotated by each token's own position
-    torch::Tensor apply(const torch::Tensor& x, const torch::Tensor& pos) const;
+// Tables that depend on positions only, shared by every layer and built once from the config.
+struct PositionTables {
+    PositionTables() = default;
+    PositionTables(std::int64_t max_seq_len, std::int64_t head_dim, double rope_theta);
+
+    // Rotary factors of each position for q and k at once: [max_seq_len, 2 (cos, sin), 2 (q, k), 1, hd],
+    // holding (c, c) and (-s, s) over the two halves of a head, q's multiplied by 1/sqrt(hd).
+    torch::Tensor rope;
+    // Additive causal mask for a query block: [kAttentionQueryBlock, max_seq_len + kAttentionQueryBlock] of 0
+    // and -inf (see causalBias).
+    torch::Tensor causal_bias;
+
+    // qk [B, S, 2, H, hd] (q then k, any strides) rotated by each token's own position pos [B, S] int64;
+    // q comes out scaled by 1/sqrt(hd). Returns a new contiguous [B, S, 2, H, hd].
+    torch::Tensor rotateQK(const torch::Tensor& qk, const torch::Tensor& pos) const;
+    // The mask of query rows [start, start + n) (n <= kAttentionQueryBlock) after `prior` cached keys over the
+    // keys [0, prior + start + n): [n, prior + start + n], -inf where the key comes after the query.
+    torch::Tensor causalBias(std::int64_t prior, std::int64_t start, std::int64_t n) const;
 };
 
 // Causal attention of S new queries over prior cached keys and the S new ones, in query blocks.
 // q [N, S, hd] (already scaled by 1/sqrt(hd)), k and v [N, prior + S, hd] -> [N, S, hd].
 torch::Tensor causalAttention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
-                              std::int64_t prior);
+                              std::int64_t prior, const PositionTables& positions);
 
 struct AttentionImpl : torch::nn::Module {
     explicit AttentionImpl(const ModelConfig& config);
     // x [B, S, d], pos [B, S]; causal over the S tokens in their given (original) order.
     // With kv, the cached keys come first and the new ones are appended to it.
-    torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& pos, const Rotary& rope,
+    torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& pos, const PositionTables& positions,
                           LayerKV* kv = nullptr);
 
     torch::nn::Linear qkv{nullptr};   // weight [3d, d]: rows q, then k, then v
@@ -83,7 +95,7 @@ TORCH_MODULE(Predictor);
 struct BlockImpl : torch::nn::Module {
     BlockImpl(const ModelConfig& config, int index);
     // f(x) = a + m with a = attn(attn_norm(x)), m = mlp(mlp_norm(x + a)): the block's residual update.
-    torch::Tensor delta(const torch::Tensor& x, const torch::Tensor& pos, const Rotary& rope,
+    torch::Tensor delta(const torch::Tensor& x, const torch::Tensor& pos, const PositionTables& positions,
                         LayerKV* kv = nullptr);
 
     int index;
@@ -97,7 +109,8 @@ struct BlockImpl : torch::nn::Module {
 };
 TORCH_MODULE(Block);
 
-// What one layer decided in a forward; tensors are empty for full layers unless noted.
+// What one layer decided in a forward; tensors are empty for full layers unless noted. Without
+// ForwardOptions::collect, only k, router_logits and (causal mode) selected_mask are filled.
 struct LayerRouting {
     std::int64_t k = 0;              // top-k size (routed) or T
     torch::Tensor router_logits;     // [B, T]
@@ -130,6 +143,18 @@ torch::Tensor causalSelection(const torch::Tensor& predictor_logits, const torch
 
 // How many of history are above value (the prefix-top-k rule's count).
 std::int64_t countAbove(const std::vector<float>& history, float value);
+
+// For each t of a row of T router logits: how many tokens before t have a strictly higher logit.
+std::vector<std::int64_t> higherBefore(const float* logits, std::int64_t T);
+
+// router_logits [B, T] -> [B, T] bool: the tokens the prefix top-k lets through, those with fewer than
+// capacityToK(capacity, t + 1) higher router logits before them.
+torch::Tensor prefixTopkCandidates(const torch::Tensor& router_logits, double capacity);
+
+// Causal mode's selection for a routed block with input x [B, T, d] -> [B, T] bool, as causalSelection
+// decides it; with the prefix top-k, the predictor runs on the candidates only (prefixTopkCandidates).
+torch::Tensor causalRouting(BlockImpl& block, const torch::Tensor& x, const torch::Tensor& router_logits,
+                            const CausalRule& rule);
 
 struct ForwardOptions {
     RoutingMode mode = RoutingMode::TopK;
@@ -175,7 +200,7 @@ struct ModTransformerImpl : torch::nn::Module {
     torch::nn::ModuleList layers{nullptr};
     RmsNorm norm_f{nullptr};
     std::vector<Block> blocks;  // typed handles into layers
-    Rotary rope;                // buffers, not parameters: rebuilt from the config
+    PositionTables positions;   // buffers, not parameters: rebuilt from the config
 };
 TORCH_MODULE(ModTransformer);
 
@@ -194,7 +219,7 @@ torch::Tensor scatterRows(const torch::Tensor& x, const torch::Tensor& idx, cons
 // in_place the updates go into x itself (see scatterRows). With kv, the block's cache holds the processed
 // tokens only.
 torch::Tensor processSelected(BlockImpl& block, const torch::Tensor& x, const torch::Tensor& pos,
-                              const torch::Tensor& router_logits, const torch::Tensor& idx, const Rotary& rope,
+                              const torch::Tensor& router_logits, const torch::Tensor& idx, const PositionTables& positions,
                               LayerKV* kv = nullptr, bool in_place = false);
 
 }  // namespace modscope::nn

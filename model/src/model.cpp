@@ -167,7 +167,7 @@ RunTrace Model::run(const std::vector<int>& ids, const RunOptions& options) cons
     fo.mode = options.mode;
     fo.capacity = options.capacity < 0 ? impl.config.capacity : std::min(options.capacity, 1.0);
     fo.setCausalRule(impl.config);
-    fo.collect = true;
+    fo.collect = options.per_token_routing;
     fo.cancel = options.cancel;
     std::vector<nn::LayerRouting> routing;
     const auto h = impl.net->hidden(input, fo, &routing);
@@ -188,7 +188,19 @@ RunTrace Model::run(const std::vector<int>& ids, const RunOptions& options) cons
     }
 
     std::vector<int> processed;
-    for (int li = 0; li < impl.config.n_layers; ++li) {
+    for (int li = 0; li < impl.config.n_layers && !options.per_token_routing; ++li) {
+        const auto& r = routing[li];
+        LayerTrace lt;
+        lt.index = li;
+        lt.routed = impl.config.isRouted(li);
+        lt.k = lt.routed ? static_cast<int>(r.k) : T;
+        lt.processed = !lt.routed                          ? T
+                       : options.mode == RoutingMode::TopK ? lt.k
+                                                           : static_cast<int>(r.selected_mask.sum().item<std::int64_t>());
+        processed.push_back(lt.processed);
+        trace.layers.push_back(std::move(lt));
+    }
+    for (int li = 0; li < impl.config.n_layers && options.per_token_routing; ++li) {
         const auto& r = routing[li];
         LayerTrace lt;
         lt.index = li;

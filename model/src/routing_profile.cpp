@@ -71,8 +71,13 @@ RoutedLayerProfile profileRoutedLayer(const Model& model, int seq_len, int reps,
 
     torch::InferenceMode guard;
     auto& block = *impl.net->blocks[static_cast<std::size_t>(layer)];
-    const auto& rope = impl.net->rope;
-    const auto k = capacityToK(capacity < 0 ? cfg.capacity : std::min(capacity, 1.0), seq_len);
+    const auto& positions = impl.net->positions;
+    const double cap = capacity < 0 ? cfg.capacity : std::min(capacity, 1.0);
+    const auto k = capacityToK(cap, seq_len);
+    nn::ForwardOptions causal;
+    causal.capacity = cap;
+    causal.setCausalRule(cfg);
+    const auto rule = causal.causalRule();
 
     // Inputs: embeddings of seeded random ids (timing depends on shapes, not on values).
     torch::manual_seed(seed);
@@ -87,7 +92,7 @@ RoutedLayerProfile profileRoutedLayer(const Model& model, int seq_len, int reps,
     const auto xs = nn::gatherRows(x, idx);
     const auto ps = pos.gather(1, idx);
     const auto gate = torch::sigmoid(r.gather(1, idx)).unsqueeze(-1);
-    const auto delta = block.delta(xs, ps, rope);
+    const auto delta = block.delta(xs, ps, positions);
     const auto updated = xs + gate * delta;
     // What a top-k forward writes its updates into in place (hidden()): a copy, so x stays the input.
     auto x_scratch = x.clone();
@@ -99,17 +104,18 @@ RoutedLayerProfile profileRoutedLayer(const Model& model, int seq_len, int reps,
     p.reps = reps;
     // Round-robin: every repetition times each stage once, so a burst of load from other processes on a
     // shared machine falls on all stages alike rather than on whichever was being timed then.
-    enum Stage { kRouter, kTopk, kPredictor, kGather, kBlock, kUpdate, kScatter, kLayer, kStages };
+    enum Stage { kRouter, kTopk, kPredictor, kCausal, kGather, kBlock, kUpdate, kScatter, kLayer, kStages };
     const std::function<void()> stages[kStages] = {
         [&] { (void)block.router(x).squeeze(-1); },
         [&] { (void)nn::topkIndices(r, k); },
         [&] { (void)block.predictor(x.detach()); },
+        [&] { (void)nn::causalRouting(block, x, r, rule); },
         [&] {
             (void)nn::gatherRows(x, idx);
             (void)pos.gather(1, idx);
             (void)torch::sigmoid(r.gather(1, idx)).unsqueeze(-1);
         },
-        [&] { (void)block.delta(xs, ps, rope); },
+        [&] { (void)block.delta(xs, ps, positions); },
         [&] { (void)(xs + gate * delta); },
         [&] { (void)nn::scatterRows(x_scratch, idx, updated, /*in_place=*/true); },
         [&] {
@@ -117,7 +123,7 @@ RoutedLayerProfile profileRoutedLayer(const Model& model, int seq_len, int reps,
             const auto r_ = block.router(x).squeeze(-1);
             const auto idx_ = nn::topkIndices(r_, k);
             (void)block.predictor(x.detach());
-            (void)nn::processSelected(block, x_scratch, pos, r_, idx_, rope, nullptr, /*in_place=*/true);
+            (void)nn::processSelected(block, x_scratch, pos, r_, idx_, positions, nullptr, /*in_place=*/true);
         },
     };
     for (const auto& stage : stages) stage();  // warm-up
@@ -132,6 +138,7 @@ RoutedLayerProfile profileRoutedLayer(const Model& model, int seq_len, int reps,
     p.router_ms = median(ms[kRouter]);
     p.topk_ms = median(ms[kTopk]);
     p.predictor_ms = median(ms[kPredictor]);
+    p.causal_select_ms = median(ms[kCausal]);
     p.gather_ms = median(ms[kGather]);
     p.block_ms = median(ms[kBlock]);
     p.update_ms = median(ms[kUpdate]);

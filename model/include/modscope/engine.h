@@ -123,6 +123,10 @@ struct RunOptions {
     RoutingMode mode = RoutingMode::TopK;
     double capacity = -1.0;          // < 0: the model's configured capacity
     enum class Logits { None, Last, All } logits = Logits::Last;
+    // false: the forward alone. Each LayerTrace then holds index, routed, k and processed only (the FLOPs
+    // and logits are the same); the per-token vectors stay empty, and the predictor runs only where causal
+    // mode needs it. What benchmarks time when they compare forwards.
+    bool per_token_routing = true;
     const std::atomic<bool>* cancel = nullptr;  // checked between layers; raises Cancelled
 };
 

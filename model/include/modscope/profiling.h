@@ -18,7 +18,9 @@ namespace modscope {
 // trace):
 //   router     r = router(x)                           [1, T]
 //   topk       nn::topkIndices(r, k)                   the k selected positions, ascending
-//   predictor  predictor(x)                            the causal predictor, evaluated for the trace
+//   predictor  predictor(x)                            the causal predictor on every token, for the trace
+//   causal     causal mode's selection instead of top-k: the rule's walk along the row, the predictor read
+//              for the tokens it can process (all of them, or with the prefix top-k only the candidates)
 //   gather     x, positions and sigmoid(r) of the selected tokens
 //   block      block.delta on the k gathered tokens    attention + SwiGLU, the useful work
 //   update     xs + sigmoid(r) * delta                 the gated residual
@@ -29,8 +31,8 @@ struct RoutedLayerProfile {
     int seq_len = 0;
     int k = 0;
     int reps = 0;
-    double router_ms = 0, topk_ms = 0, predictor_ms = 0, gather_ms = 0, block_ms = 0, update_ms = 0,
-           scatter_ms = 0;
+    double router_ms = 0, topk_ms = 0, predictor_ms = 0, causal_select_ms = 0, gather_ms = 0, block_ms = 0,
+           update_ms = 0, scatter_ms = 0;
     double layer_ms = 0;  // median of the whole routed layer
     double layer_p10_ms = 0, layer_p90_ms = 0;
 
@@ -39,14 +41,15 @@ struct RoutedLayerProfile {
     double routingShare() const { return layer_ms > 0 ? routingMs() / layer_ms : 0.0; }
 
     // What each mode needs to route, as a share of that mode's routed layer (sums of stage medians):
-    // top-k mode without a trace has no predictor; causal mode (generation) has no top-k.
+    // top-k mode without a trace has no predictor; causal mode replaces top-k and the predictor with its
+    // own selection (block and update timed on k tokens, about what causal mode processes).
     double topkModeShare() const {
         const double routing = router_ms + topk_ms + gather_ms + scatter_ms;
         const double total = routing + block_ms + update_ms;
         return total > 0 ? routing / total : 0.0;
     }
     double causalModeShare() const {
-        const double routing = router_ms + predictor_ms + gather_ms + scatter_ms;
+        const double routing = router_ms + causal_select_ms + gather_ms + scatter_ms;
         const double total = routing + block_ms + update_ms;
         return total > 0 ? routing / total : 0.0;
     }
