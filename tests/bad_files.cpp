@@ -142,7 +142,9 @@ std::vector<BadFile> makeBadTraces(const std::string& good_json, const std::stri
     std::string overflow = good.dump(2);
     overflow.replace(overflow.find("\"capacity\": "), 12, "\"capacity\": 1e999, \"x\": ");
     write("trace-number-overflow", overflow, "number overflow");
-    write("trace-truncated", good_json.substr(0, good_json.size() / 2), "unexpected end of input");
+    // Cut just after a comma near the middle: halfway through a number would be another error ("-0.").
+    write("trace-truncated", good_json.substr(0, good_json.rfind(',', good_json.size() / 2) + 1),
+          "unexpected end of input");
     write("trace-random", randomBytes(3000, 3), "invalid trace");
     write("trace-empty", "", "not valid JSON");
     return out;

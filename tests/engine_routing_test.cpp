@@ -274,6 +274,35 @@ private Q_SLOTS:
         }
     }
 
+    // Inference multiplies by transposed copies of the weights (nn::linear); a weight written in place, as an
+    // optimizer step or a checkpoint load does, must be seen by the next forward, which must match the
+    // autograd path's F::linear.
+    void inferenceWeightCopiesFollowInPlaceUpdates() {
+        auto model = Model::create(test::tinyConfig(), 13, "cpu");
+        auto& net = *model->impl().net;
+        const auto ids = test::idsTensor(test::randomIds(40, 300, 14));
+        nn::ForwardOptions fo;
+        const auto inference = [&] {
+            torch::InferenceMode guard;
+            return net.logits(net.hidden(ids, fo)).clone();
+        };
+        const auto autograd = [&] { return net.logits(net.hidden(ids, fo)).detach(); };
+        const auto before = inference();
+        QVERIFY(torch::allclose(before, autograd(), 1e-4, 1e-5));
+        {
+            torch::NoGradGuard guard;
+            for (auto& block : net.blocks) {
+                block->attn->qkv->weight.mul_(1.5);
+                block->mlp->down->weight.add_(0.01);
+                if (block->routed) block->predictor->fc1->weight.neg_();
+            }
+            net.tok_emb->weight.mul_(0.5);
+        }
+        const auto after = inference();
+        QVERIFY((after - before).abs().max().item<double>() > 1e-2);
+        QVERIFY(torch::allclose(after, autograd(), 1e-4, 1e-5));
+    }
+
     // The prefix top-k's count for every token at once, against counting by hand; ties are not "higher".
     void higherBeforeCountsEarlierHigherLogits() {
         torch::manual_seed(9);

@@ -69,9 +69,11 @@ void checkAgainstReference(const Model& model, const std::string& checkpoint_dir
     const auto out = test::runPython(QString::fromUtf8(script.readAll()),
                                      {QString::fromStdString(checkpoint_dir), "--compare", path});
     const auto report = QJsonDocument::fromJson(out.toUtf8()).object();
-    qInfo("reference: %d cases, max |logit difference| %.3g", report["cases"].toInt(),
-          report["max_logit_diff"].toDouble());
+    qInfo("reference: %d cases, max |logit difference| %.3g, %d near ties", report["cases"].toInt(),
+          report["max_logit_diff"].toDouble(), report["near_ties"].toInt());
     QCOMPARE(report["cases"].toInt(), int(cases.size()));
+    // A tie within rounding is rare on random inputs; many would mean the two disagree more than rounding does.
+    QVERIFY2(report["near_ties"].toInt() <= 3, qPrintable(out));
     QVERIFY2(report["problems"].toArray().isEmpty(), qPrintable(out));
 }
 

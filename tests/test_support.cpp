@@ -112,7 +112,9 @@ QString runPython(const QString& script, const QStringList& args) {
     }
     const auto err = QString::fromUtf8(p.readAllStandardError());
     if (p.exitStatus() != QProcess::NormalExit || p.exitCode() != 0) {
-        QTest::qFail(qPrintable("python3 failed: " + err), __FILE__, __LINE__);
+        const auto how = p.exitStatus() != QProcess::NormalExit ? QString("crashed") : QString("exit code %1").arg(p.exitCode());
+        QTest::qFail(qPrintable("python3 failed (" + how + "): " + err + QString::fromUtf8(p.readAllStandardOutput()).left(2000)),
+                     __FILE__, __LINE__);
         return {};
     }
     return QString::fromUtf8(p.readAllStandardOutput());

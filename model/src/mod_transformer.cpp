@@ -23,6 +23,25 @@ torch::Tensor RmsNormImpl::forward(const torch::Tensor& x) {
     return x * torch::rsqrt(x.pow(2).mean(-1, /*keepdim=*/true) + eps) * weight;
 }
 
+// ---------------------------------------------------------------------------------------------- linear
+torch::Tensor TransposedWeight::of(const torch::Tensor& weight) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    const std::int64_t version = weight.is_inference() ? 0 : weight._version();
+    if (!transposed_.defined() || data_ != weight.data_ptr() || version != version_) {
+        transposed_ = weight.detach().t().contiguous();
+        data_ = weight.data_ptr();
+        version_ = version;
+    }
+    return transposed_;
+}
+
+torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& bias,
+                     TransposedWeight& cache) {
+    if (torch::GradMode::is_enabled() || !weight.device().is_cpu()) return F::linear(x, weight, bias);
+    auto y = torch::matmul(x, cache.of(weight));
+    return bias.defined() ? y.add_(bias) : y;
+}
+
 // ---------------------------------------------------------------------------------------------- positions
 PositionTables::PositionTables(std::int64_t max_seq_len, std::int64_t head_dim, double theta) {
     const auto inv_freq = 1.0 / torch::pow(theta, torch::arange(0, head_dim, 2, torch::kFloat32) / double(head_dim));
@@ -85,7 +104,7 @@ torch::Tensor AttentionImpl::forward(const torch::Tensor& x, const torch::Tensor
                                      LayerKV* kv) {
     const auto B = x.size(0), S = x.size(1), d = x.size(2);
     const auto H = n_heads, hd = head_dim;
-    const auto qkv_out = qkv(x).view({B, S, 3, H, hd});
+    const auto qkv_out = linear(x, qkv->weight, {}, qkv_t).view({B, S, 3, H, hd});
     const auto qk = positions.rotateQK(qkv_out.narrow(2, 0, 2), pos);  // [B, S, 2, H, hd], q scaled
     // Head-major views [B, H, S, hd]; with B = 1 the reshapes below stay views (bmm takes row strides).
     const auto q = qk.select(2, 0).transpose(1, 2);
@@ -104,7 +123,7 @@ torch::Tensor AttentionImpl::forward(const torch::Tensor& x, const torch::Tensor
     const auto out = causalAttention(q.reshape({B * H, S, hd}), k.reshape({B * H, prior + S, hd}),
                                      v.reshape({B * H, prior + S, hd}), prior, positions)
                          .view({B, H, S, hd});
-    return proj(out.transpose(1, 2).reshape({B, S, d}));
+    return linear(out.transpose(1, 2).reshape({B, S, d}), proj->weight, {}, proj_t);
 }
 
 // ---------------------------------------------------------------------------------------------- SwiGLU
@@ -114,8 +133,8 @@ SwiGluImpl::SwiGluImpl(std::int64_t d_model, std::int64_t d_ff) {
 }
 
 torch::Tensor SwiGluImpl::forward(const torch::Tensor& x) {
-    const auto gu = gate_up(x).chunk(2, -1);
-    return down(F::silu(gu[0]) * gu[1]);
+    const auto gu = linear(x, gate_up->weight, {}, gate_up_t).chunk(2, -1);
+    return linear(F::silu(gu[0]) * gu[1], down->weight, {}, down_t);
 }
 
 // ---------------------------------------------------------------------------------------------- Predictor
@@ -124,7 +143,10 @@ PredictorImpl::PredictorImpl(std::int64_t d_model, std::int64_t hidden) {
     fc2 = register_module("fc2", torch::nn::Linear(torch::nn::LinearOptions(hidden, 1)));
 }
 
-torch::Tensor PredictorImpl::forward(const torch::Tensor& x) { return fc2(F::silu(fc1(x))).squeeze(-1); }
+torch::Tensor PredictorImpl::forward(const torch::Tensor& x) {
+    // One output: a matrix-vector product (gemv), where fc2(...) would be a matrix product with one column.
+    return torch::matmul(F::silu(linear(x, fc1->weight, fc1->bias, fc1_t)), fc2->weight.view(-1)) + fc2->bias;
+}
 
 // ---------------------------------------------------------------------------------------------- Block
 BlockImpl::BlockImpl(const ModelConfig& config, int index_) : index(index_), routed(config.isRouted(index_)) {
@@ -136,6 +158,10 @@ BlockImpl::BlockImpl(const ModelConfig& config, int index_) : index(index_), rou
         router = register_module("router", torch::nn::Linear(torch::nn::LinearOptions(config.d_model, 1).bias(false)));
         predictor = register_module("predictor", Predictor(config.d_model, config.predictor_hidden));
     }
+}
+
+torch::Tensor BlockImpl::routerLogits(const torch::Tensor& x) {
+    return torch::matmul(x, router->weight.view(-1));  // a matrix-vector product, as in PredictorImpl::forward
 }
 
 torch::Tensor BlockImpl::delta(const torch::Tensor& x, const torch::Tensor& pos, const PositionTables& positions, LayerKV* kv) {
@@ -380,7 +406,7 @@ torch::Tensor ModTransformerImpl::hidden(const torch::Tensor& ids, const Forward
             continue;
         }
         const auto k = capacityToK(options.capacity, static_cast<int>(T));
-        const auto router_logits = block.router(x).squeeze(-1);  // [B, T]
+        const auto router_logits = block.routerLogits(x);  // [B, T]
         if (kv != nullptr && options.predictor_prefix_topk) {  // generation steps rank their token against these
             const auto r = router_logits[0].to(torch::kCPU, torch::kFloat32).contiguous();
             kv->router_logits.assign(r.data_ptr<float>(), r.data_ptr<float>() + T);
@@ -424,7 +450,7 @@ torch::Tensor ModTransformerImpl::hidden(const torch::Tensor& ids, const Forward
     return norm_f(x);
 }
 
-torch::Tensor ModTransformerImpl::logits(const torch::Tensor& h) { return F::linear(h, tok_emb->weight); }
+torch::Tensor ModTransformerImpl::logits(const torch::Tensor& h) { return linear(h, tok_emb->weight, {}, head_t); }
 
 torch::Tensor ModTransformerImpl::step(std::int64_t token, std::int64_t position, std::vector<LayerKV>& kv,
                                        const CausalRule& rule, std::vector<std::uint8_t>* processed,

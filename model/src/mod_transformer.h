@@ -9,6 +9,7 @@
 #include <torch/nn/modules/linear.h>
 
 #include <atomic>
+#include <mutex>
 #include <vector>
 
 #include "modscope/engine.h"
@@ -34,6 +35,26 @@ struct LayerKV {
     std::int64_t length() const { return k.defined() ? k.size(2) : 0; }
     std::int64_t bytes() const { return k.defined() ? 2 * k.numel() * k.element_size() : 0; }
 };
+
+// A weight [out, in] kept as a contiguous [in, out] copy for forwards without autograd on the CPU (see
+// linear()). Rebuilt when the weight's storage or version changes: an optimizer step or a checkpoint load
+// writes the weight in place, which bumps its version.
+class TransposedWeight {
+public:
+    torch::Tensor of(const torch::Tensor& weight);
+
+private:
+    std::mutex mutex_;
+    torch::Tensor transposed_;  // [in, out]
+    const void* data_ = nullptr;
+    std::int64_t version_ = -1;
+};
+
+// y = x W^T + b for x [..., in]. Without autograd on the CPU, x is multiplied by cache's [in, out] copy of W:
+// OpenBLAS runs that 5-25% faster than W transposed on the fly, most for the few rows a routed block, the
+// predictor or a generation step sees (docs/PERFORMANCE.md). Otherwise F::linear.
+torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& bias,
+                     TransposedWeight& cache);
 
 // Tables that depend on positions only, shared by every layer and built once from the config.
 struct PositionTables {
@@ -70,6 +91,7 @@ struct AttentionImpl : torch::nn::Module {
     torch::nn::Linear qkv{nullptr};   // weight [3d, d]: rows q, then k, then v
     torch::nn::Linear proj{nullptr};  // weight [d, d]
     std::int64_t n_heads, head_dim;
+    TransposedWeight qkv_t, proj_t;
 };
 TORCH_MODULE(Attention);
 
@@ -79,6 +101,7 @@ struct SwiGluImpl : torch::nn::Module {
 
     torch::nn::Linear gate_up{nullptr};  // weight [2 d_ff, d]: rows gate, then up
     torch::nn::Linear down{nullptr};     // weight [d, d_ff]
+    TransposedWeight gate_up_t, down_t;
 };
 TORCH_MODULE(SwiGlu);
 
@@ -89,6 +112,7 @@ struct PredictorImpl : torch::nn::Module {
 
     torch::nn::Linear fc1{nullptr};  // weight [h, d], bias [h]
     torch::nn::Linear fc2{nullptr};  // weight [1, h], bias [1]
+    TransposedWeight fc1_t;
 };
 TORCH_MODULE(Predictor);
 
@@ -97,6 +121,9 @@ struct BlockImpl : torch::nn::Module {
     // f(x) = a + m with a = attn(attn_norm(x)), m = mlp(mlp_norm(x + a)): the block's residual update.
     torch::Tensor delta(const torch::Tensor& x, const torch::Tensor& pos, const PositionTables& positions,
                         LayerKV* kv = nullptr);
+
+    // Routed only: r = w.x for x [B, S, d] -> [B, S].
+    torch::Tensor routerLogits(const torch::Tensor& x);
 
     int index;
     bool routed;
@@ -201,6 +228,7 @@ struct ModTransformerImpl : torch::nn::Module {
     RmsNorm norm_f{nullptr};
     std::vector<Block> blocks;  // typed handles into layers
     PositionTables positions;   // buffers, not parameters: rebuilt from the config
+    TransposedWeight head_t;    // the tied output head, tok_emb's weight as [d, V]
 };
 TORCH_MODULE(ModTransformer);
 

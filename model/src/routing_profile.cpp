@@ -87,7 +87,7 @@ RoutedLayerProfile profileRoutedLayer(const Model& model, int seq_len, int reps,
     const auto pos = torch::arange(seq_len, opts.dtype(torch::kLong)).unsqueeze(0);
 
     // Each stage's inputs are the previous stage's outputs, computed once.
-    const auto r = block.router(x).squeeze(-1);
+    const auto r = block.routerLogits(x);
     const auto idx = nn::topkIndices(r, k);
     const auto xs = nn::gatherRows(x, idx);
     const auto ps = pos.gather(1, idx);
@@ -106,7 +106,7 @@ RoutedLayerProfile profileRoutedLayer(const Model& model, int seq_len, int reps,
     // shared machine falls on all stages alike rather than on whichever was being timed then.
     enum Stage { kRouter, kTopk, kPredictor, kCausal, kGather, kBlock, kUpdate, kScatter, kLayer, kStages };
     const std::function<void()> stages[kStages] = {
-        [&] { (void)block.router(x).squeeze(-1); },
+        [&] { (void)block.routerLogits(x); },
         [&] { (void)nn::topkIndices(r, k); },
         [&] { (void)block.predictor(x.detach()); },
         [&] { (void)nn::causalRouting(block, x, r, rule); },
@@ -120,7 +120,7 @@ RoutedLayerProfile profileRoutedLayer(const Model& model, int seq_len, int reps,
         [&] { (void)nn::scatterRows(x_scratch, idx, updated, /*in_place=*/true); },
         [&] {
             // The whole routed layer as hidden() runs it in top-k mode with the routing collected.
-            const auto r_ = block.router(x).squeeze(-1);
+            const auto r_ = block.routerLogits(x);
             const auto idx_ = nn::topkIndices(r_, k);
             (void)block.predictor(x.detach());
             (void)nn::processSelected(block, x_scratch, pos, r_, idx_, positions, nullptr, /*in_place=*/true);
