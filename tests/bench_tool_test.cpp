@@ -96,11 +96,15 @@ private Q_SLOTS:
             QVERIFY(std::abs(r[QStringLiteral("speedup")].toDouble() - dense_ms / mod_ms) <
                     1e-9 * dense_ms / mod_ms);
             QCOMPARE(r[QStringLiteral("mod_spread_ms")].toArray().size(), 2);
-            // The ideal is the engine's FLOP ratio for this capacity: routed layers process k tokens.
-            std::vector<int> processed;
-            for (int l = 0; l < config_.n_layers; ++l)
+            // The ideal is the engine's FLOP ratio for this capacity: routed layers process k tokens, and a
+            // forward without the per-token trace in top-k mode computes no predictor logit.
+            std::vector<int> processed, predictor_rows;
+            for (int l = 0; l < config_.n_layers; ++l) {
                 processed.push_back(config_.isRouted(l) ? capacityToK(capacity, T) : T);
-            const double ideal = denseForwardFlops(config_, T, 1) / forwardFlops(config_, T, processed, 1);
+                predictor_rows.push_back(0);
+            }
+            const double ideal =
+                denseForwardFlops(config_, T, 1) / forwardFlops(config_, T, processed, 1, predictor_rows);
             QVERIFY2(std::abs(r[QStringLiteral("ideal_speedup")].toDouble() - ideal) < 1e-9 * ideal,
                      qPrintable(QStringLiteral("capacity %1: ideal %2, expected %3")
                                     .arg(capacity)

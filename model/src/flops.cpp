@@ -16,9 +16,9 @@ double blockFlops(const ModelConfig& c, double n) {
     return projections + attention + mlp;
 }
 
-double routingFlops(const ModelConfig& c, double T) {
+double routingFlops(const ModelConfig& c, double T, double predictor_rows) {
     const double d = c.d_model, h = c.predictor_hidden;
-    return 2 * T * d + 2 * T * (d * h + h);  // router, predictor
+    return 2 * T * d + 2 * predictor_rows * (d * h + h);  // router, predictor
 }
 
 double headFlops(const ModelConfig& c, double T) { return 2 * T * double(c.d_model) * c.vocab_size; }
@@ -26,12 +26,13 @@ double headFlops(const ModelConfig& c, double T) { return 2 * T * double(c.d_mod
 }  // namespace
 
 double forwardFlops(const ModelConfig& config, int seq_len, const std::vector<int>& processed,
-                    int head_positions) {
+                    int head_positions, const std::vector<int>& predictor_rows) {
     double total = headFlops(config, head_positions < 0 ? seq_len : head_positions);
     for (int i = 0; i < config.n_layers; ++i) {
         const double n = i < static_cast<int>(processed.size()) ? processed[i] : seq_len;
         total += blockFlops(config, n);
-        if (config.isRouted(i)) total += routingFlops(config, seq_len);
+        const double rows = i < static_cast<int>(predictor_rows.size()) ? predictor_rows[i] : seq_len;
+        if (config.isRouted(i)) total += routingFlops(config, seq_len, rows);
     }
     return total;
 }

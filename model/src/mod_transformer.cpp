@@ -297,7 +297,8 @@ torch::Tensor prefixTopkCandidates(const torch::Tensor& router_logits, double ca
 }
 
 torch::Tensor causalRouting(BlockImpl& block, const torch::Tensor& x, const torch::Tensor& router_logits,
-                            const CausalRule& rule) {
+                            const CausalRule& rule, std::int64_t* predictor_rows) {
+    if (predictor_rows != nullptr) *predictor_rows = x.size(0) * x.size(1);
     if (!rule.prefix_topk) return causalSelection(block.predictor(x.detach()), router_logits, rule);
     // A token outside the router's top k of the tokens so far is skipped whatever the predictor says, so the
     // predictor reads only the others: about capacity x T rows instead of T. One walk finds them, one decides.
@@ -311,6 +312,7 @@ torch::Tensor causalRouting(BlockImpl& block, const torch::Tensor& x, const torc
             if (higher[b][t] < capacityToK(rule.capacity, static_cast<int>(t + 1))) rows.push_back(b * T + t);
     }
     torch::Tensor logits;  // [rows]
+    if (predictor_rows != nullptr) *predictor_rows = static_cast<std::int64_t>(rows.size());
     if (!rows.empty()) {
         const auto idx = torch::tensor(rows, torch::kLong).to(x.device());
         logits = cpuFloat(block.predictor(x.detach().reshape({B * T, d}).index_select(0, idx)));
@@ -415,7 +417,11 @@ torch::Tensor ModTransformerImpl::hidden(const torch::Tensor& ids, const Forward
         torch::Tensor topk_idx;
         if (need_topk) topk_idx = topkIndices(router_logits, k);  // [B, k]
         torch::Tensor predictor_logits;  // [B, T], every token's: a trace shows them all
-        if (options.collect) predictor_logits = block.predictor(x.detach());
+        std::int64_t predictor_rows = 0;
+        if (options.collect) {
+            predictor_logits = block.predictor(x.detach());
+            predictor_rows = B * T;
+        }
 
         torch::Tensor selected_mask;
         if (options.mode == RoutingMode::TopK) {
@@ -427,7 +433,7 @@ torch::Tensor ModTransformerImpl::hidden(const torch::Tensor& ids, const Forward
             // layer's decisions on earlier tokens.
             selected_mask = predictor_logits.defined()
                                 ? causalSelection(predictor_logits, router_logits, options.causalRule())
-                                : causalRouting(block, x, router_logits, options.causalRule());  // [B, T]
+                                : causalRouting(block, x, router_logits, options.causalRule(), &predictor_rows);
             std::vector<torch::Tensor> rows;
             for (std::int64_t b = 0; b < B; ++b) {
                 const auto idx = selected_mask[b].nonzero().view({1, -1});  // [1, n_b], ascending
@@ -441,6 +447,7 @@ torch::Tensor ModTransformerImpl::hidden(const torch::Tensor& ids, const Forward
             r.k = k;
             r.router_logits = router_logits;
             r.predictor_logits = predictor_logits;
+            r.predictor_rows = predictor_rows;
             if (topk_idx.defined() && options.collect)  // without collect, top-k mode's selection is its k
                 r.topk_mask = torch::zeros({B, T}, ids.options().dtype(torch::kBool)).scatter(1, topk_idx, true);
             r.selected_mask = options.mode == RoutingMode::TopK ? r.topk_mask : selected_mask;

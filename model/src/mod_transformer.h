@@ -144,6 +144,7 @@ struct LayerRouting {
     torch::Tensor topk_mask;         // [B, T] bool
     torch::Tensor selected_mask;     // [B, T] bool, what was processed (all true for full layers)
     torch::Tensor predictor_logits;  // [B, T]
+    std::int64_t predictor_rows = 0; // tokens whose predictor logit was computed (B * T with collect)
 };
 
 // Causal mode's decision (docs/MODEL.md "Causal mode"): token t is processed when
@@ -181,7 +182,7 @@ torch::Tensor prefixTopkCandidates(const torch::Tensor& router_logits, double ca
 // Causal mode's selection for a routed block with input x [B, T, d] -> [B, T] bool, as causalSelection
 // decides it; with the prefix top-k, the predictor runs on the candidates only (prefixTopkCandidates).
 torch::Tensor causalRouting(BlockImpl& block, const torch::Tensor& x, const torch::Tensor& router_logits,
-                            const CausalRule& rule);
+                            const CausalRule& rule, std::int64_t* predictor_rows = nullptr);
 
 struct ForwardOptions {
     RoutingMode mode = RoutingMode::TopK;

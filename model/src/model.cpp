@@ -187,7 +187,7 @@ RunTrace Model::run(const std::vector<int>& ids, const RunOptions& options) cons
         head_positions = 1;
     }
 
-    std::vector<int> processed;
+    std::vector<int> processed, predictor_rows;
     for (int li = 0; li < impl.config.n_layers && !options.per_token_routing; ++li) {
         const auto& r = routing[li];
         LayerTrace lt;
@@ -198,6 +198,7 @@ RunTrace Model::run(const std::vector<int>& ids, const RunOptions& options) cons
                        : options.mode == RoutingMode::TopK ? lt.k
                                                            : static_cast<int>(r.selected_mask.sum().item<std::int64_t>());
         processed.push_back(lt.processed);
+        predictor_rows.push_back(static_cast<int>(r.predictor_rows));
         trace.layers.push_back(std::move(lt));
     }
     for (int li = 0; li < impl.config.n_layers && options.per_token_routing; ++li) {
@@ -230,7 +231,7 @@ RunTrace Model::run(const std::vector<int>& ids, const RunOptions& options) cons
         processed.push_back(lt.processed);
         trace.layers.push_back(std::move(lt));
     }
-    trace.flops = forwardFlops(impl.config, T, processed, head_positions);
+    trace.flops = forwardFlops(impl.config, T, processed, head_positions, predictor_rows);
     trace.dense_flops = denseForwardFlops(impl.config, T, head_positions);
     trace.elapsed_ms = msSince(t0);
     return trace;

@@ -253,9 +253,10 @@ private:
 void writeFileAtomic(const std::string& path, const std::string& data);
 
 // FLOPs of one forward (matmuls only, docs/MODEL.md "FLOPs"): processed[i] = tokens layer i processed,
-// head_positions = positions whose logits were computed (-1: all of them).
+// head_positions = positions whose logits were computed (-1: all of them), predictor_rows[i] = tokens whose
+// predictor logit routed layer i computed (empty: every token, as a traced run does).
 double forwardFlops(const ModelConfig& config, int seq_len, const std::vector<int>& processed,
-                    int head_positions = -1);
+                    int head_positions = -1, const std::vector<int>& predictor_rows = {});
 double denseForwardFlops(const ModelConfig& config, int seq_len, int head_positions = -1);
 
 // Process-wide settings the engine measured best (DEVELOPERS.md, docs/PERFORMANCE.md): LibTorch's intra-op
