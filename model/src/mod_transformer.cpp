@@ -225,7 +225,7 @@ torch::Tensor processSelected(BlockImpl& block, const torch::Tensor& x, const to
 
 bool CausalRule::decide(double predictor_logit, std::int64_t position, std::int64_t processed_before,
                         std::int64_t higher_before) const {
-    if (prefix_topk && higher_before >= capacityToK(capacity, static_cast<int>(position + 1))) return false;
+    if (prefix_topk && !inPrefixTopk(capacity, position, higher_before)) return false;
     const double shortfall = capacity * double(position + 1) - double(processed_before);
     return 1.0 / (1.0 + std::exp(-(predictor_logit + budget_gain * shortfall))) > threshold;
 }
@@ -291,7 +291,7 @@ torch::Tensor prefixTopkCandidates(const torch::Tensor& router_logits, double ca
     auto sel = out.accessor<bool, 2>();
     for (std::int64_t b = 0; b < B; ++b) {
         const auto higher = higherBefore(router[b].data_ptr<float>(), T);
-        for (std::int64_t t = 0; t < T; ++t) sel[b][t] = higher[t] < capacityToK(capacity, static_cast<int>(t + 1));
+        for (std::int64_t t = 0; t < T; ++t) sel[b][t] = CausalRule::inPrefixTopk(capacity, t, higher[t]);
     }
     return out.to(router_logits.device());
 }
@@ -309,7 +309,7 @@ torch::Tensor causalRouting(BlockImpl& block, const torch::Tensor& x, const torc
     for (std::int64_t b = 0; b < B; ++b) {
         higher[b] = higherBefore(router[b].data_ptr<float>(), T);
         for (std::int64_t t = 0; t < T; ++t)
-            if (higher[b][t] < capacityToK(rule.capacity, static_cast<int>(t + 1))) rows.push_back(b * T + t);
+            if (CausalRule::inPrefixTopk(rule.capacity, t, higher[b][t])) rows.push_back(b * T + t);
     }
     torch::Tensor logits;  // [rows]
     if (predictor_rows != nullptr) *predictor_rows = static_cast<std::int64_t>(rows.size());

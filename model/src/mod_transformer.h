@@ -163,6 +163,10 @@ struct CausalRule {
     // tokens whose router logit is above t's.
     bool decide(double predictor_logit, std::int64_t position, std::int64_t processed_before,
                 std::int64_t higher_before) const;
+    // The prefix top-k's test alone (whatever prefix_topk says): fewer than k(t + 1) higher before t.
+    static bool inPrefixTopk(double capacity, std::int64_t position, std::int64_t higher_before) {
+        return higher_before < capacityToK(capacity, static_cast<int>(position + 1));
+    }
 };
 
 // The rule applied along each row: predictor_logits and router_logits [B, T] -> processed [B, T] bool.

@@ -187,7 +187,8 @@ RunTrace Model::run(const std::vector<int>& ids, const RunOptions& options) cons
         head_positions = 1;
     }
 
-    std::vector<int> processed, predictor_rows;
+    std::vector<int> processed, predictor_rows;  // predictor_rows stays empty for a traced run: every token
+    // Without the per-token trace: counts only, and the predictor rows the forward actually computed.
     for (int li = 0; li < impl.config.n_layers && !options.per_token_routing; ++li) {
         const auto& r = routing[li];
         LayerTrace lt;
