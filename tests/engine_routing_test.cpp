@@ -320,6 +320,10 @@ private Q_SLOTS:
                 QCOMPARE(got[t], expected);
             }
         }
+        // A NaN logit ranks lowest: every finite earlier logit counts as higher than it, and it counts for none.
+        const float nan = std::numeric_limits<float>::quiet_NaN();
+        const std::vector<float> odd{1.0f, nan, 2.0f, nan, 0.5f};
+        QCOMPARE(nn::higherBefore(odd.data(), 5), (std::vector<std::int64_t>{0, 1, 0, 2, 2}));
     }
 
     // Causal mode's forward reads the predictor only for the prefix top-k's candidates; the decisions must be

@@ -237,13 +237,17 @@ std::int64_t countAbove(const std::vector<float>& history, float value) {
 std::vector<std::int64_t> higherBefore(const float* logits, std::int64_t T) {
     // Rank the row once (ties share a rank), then walk it with a Fenwick tree of the ranks seen so far:
     // O(T log T), where keeping a sorted prefix would move O(T^2) values.
+    // A NaN (weights that overflowed) ranks lowest, as nothing is above it: std::sort needs a strict order.
+    std::vector<float> key(logits, logits + T);
+    for (auto& v : key)
+        if (std::isnan(v)) v = -std::numeric_limits<float>::infinity();
     std::vector<std::int64_t> order(T);
     for (std::int64_t t = 0; t < T; ++t) order[t] = t;
-    std::sort(order.begin(), order.end(), [logits](std::int64_t a, std::int64_t b) { return logits[a] < logits[b]; });
+    std::sort(order.begin(), order.end(), [&key](std::int64_t a, std::int64_t b) { return key[a] < key[b]; });
     std::vector<std::int64_t> rank(T);  // 1-based, ascending value
     std::int64_t ranks = 0;
     for (std::int64_t i = 0; i < T; ++i) {
-        if (i == 0 || logits[order[i]] != logits[order[i - 1]]) ++ranks;
+        if (i == 0 || key[order[i]] != key[order[i - 1]]) ++ranks;
         rank[order[i]] = ranks;
     }
     std::vector<std::int64_t> tree(ranks + 1, 0), out(T);
