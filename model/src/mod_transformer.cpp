@@ -231,7 +231,10 @@ bool CausalRule::decide(double predictor_logit, std::int64_t position, std::int6
 }
 
 std::int64_t countAbove(const std::vector<float>& history, float value) {
-    return std::count_if(history.begin(), history.end(), [value](float h) { return h > value; });
+    // NaN counts as -inf, as in higherBefore, so a generation step ranks a token as the full forward does.
+    const auto key = [](float v) { return std::isnan(v) ? -std::numeric_limits<float>::infinity() : v; };
+    const float at = key(value);
+    return std::count_if(history.begin(), history.end(), [&](float h) { return key(h) > at; });
 }
 
 std::vector<std::int64_t> higherBefore(const float* logits, std::int64_t T) {
