@@ -306,6 +306,31 @@ private Q_SLOTS:
         QVERIFY(torch::allclose(after, autograd(), 1e-4, 1e-5));
     }
 
+    // A causal forward of a batch updates its rows in place, each by its own decisions: the same as each row
+    // alone, and the same as the copying path autograd takes.
+    void causalBatchEqualsEachRowAlone() {
+        auto config = test::tinyConfig();
+        config.predictor_budget_gain = 1.5;
+        config.predictor_prefix_topk = true;
+        auto model = Model::create(config, 15, "cpu");
+        test::balancePredictors(*model, test::randomIds(64, 300, 3));
+        auto& net = *model->impl().net;
+        const auto ids = torch::cat({test::idsTensor(test::randomIds(50, 300, 16)),
+                                     test::idsTensor(test::randomIds(50, 300, 17))}, 0);  // [2, 50]
+        nn::ForwardOptions fo;
+        fo.mode = RoutingMode::Causal;
+        fo.setCausalRule(config);
+        torch::Tensor batch, rows[2];
+        {
+            torch::InferenceMode guard;
+            batch = net.hidden(ids, fo).clone();
+            for (int b = 0; b < 2; ++b) rows[b] = net.hidden(ids.narrow(0, b, 1), fo).clone();
+        }
+        const auto copying = net.hidden(ids, fo).detach();
+        for (int b = 0; b < 2; ++b) QVERIFY(torch::allclose(batch[b], rows[b][0], 1e-5, 1e-6));
+        QVERIFY(torch::allclose(batch, copying, 1e-5, 1e-6));
+    }
+
     // The prefix top-k's count for every token at once, against counting by hand; ties are not "higher".
     void higherBeforeCountsEarlierHigherLogits() {
         torch::manual_seed(9);

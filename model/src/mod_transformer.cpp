@@ -431,9 +431,9 @@ torch::Tensor ModTransformerImpl::hidden(const torch::Tensor& ids, const Forward
         }
 
         torch::Tensor selected_mask;
+        // Nothing but this loop holds x unless residuals are kept, so inference updates it in place.
+        const bool in_place = !torch::GradMode::is_enabled() && options.residuals == nullptr && x.is_contiguous();
         if (options.mode == RoutingMode::TopK) {
-            // Nothing but this loop holds x unless residuals are kept, so inference updates it in place.
-            const bool in_place = !torch::GradMode::is_enabled() && options.residuals == nullptr && x.is_contiguous();
             x = processSelected(block, x, pos, router_logits, topk_idx, positions, kv, in_place);
         } else {
             // Each token decides from its own block input, which depends on earlier tokens only, and from the
@@ -441,13 +441,13 @@ torch::Tensor ModTransformerImpl::hidden(const torch::Tensor& ids, const Forward
             selected_mask = predictor_logits.defined()
                                 ? causalSelection(predictor_logits, router_logits, options.causalRule())
                                 : causalRouting(block, x, router_logits, options.causalRule(), &predictor_rows);
-            std::vector<torch::Tensor> rows;
+            std::vector<torch::Tensor> rows;  // each row's own selection; in place, rows of x itself
             for (std::int64_t b = 0; b < B; ++b) {
                 const auto idx = selected_mask[b].nonzero().view({1, -1});  // [1, n_b], ascending
                 rows.push_back(processSelected(block, x.narrow(0, b, 1), pos.narrow(0, b, 1),
-                                               router_logits.narrow(0, b, 1), idx, positions, kv));
+                                               router_logits.narrow(0, b, 1), idx, positions, kv, in_place));
             }
-            x = B == 1 ? rows[0] : torch::cat(rows, 0);
+            if (!in_place) x = B == 1 ? rows[0] : torch::cat(rows, 0);
         }
         if (routing != nullptr) {
             auto& r = (*routing)[li];
