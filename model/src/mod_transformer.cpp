@@ -267,12 +267,23 @@ namespace {
 
 torch::Tensor cpuFloat(const torch::Tensor& t) { return t.detach().to(torch::kCPU, torch::kFloat32).contiguous(); }
 
+// The rule along one row, in order: each decision depends on the ones before it, the same arithmetic as a
+// generation step's. logit(t) is t's predictor logit, asked once per t in order; higher as higherBefore's
+// (all zero without the prefix top-k).
+template <typename Logit>
+void decideRow(const CausalRule& rule, const std::vector<std::int64_t>& higher, Logit&& logit,
+               torch::TensorAccessor<bool, 1> sel) {
+    std::int64_t n = 0;
+    for (std::int64_t t = 0; t < sel.size(0); ++t) {
+        sel[t] = rule.decide(logit(t), t, n, higher[t]);
+        n += sel[t] ? 1 : 0;
+    }
+}
+
 }  // namespace
 
 torch::Tensor causalSelection(const torch::Tensor& predictor_logits, const torch::Tensor& router_logits,
                               const CausalRule& rule) {
-    // Each decision depends on the ones before it: a scalar walk along every row, the same arithmetic as a
-    // generation step's.
     const auto logits = cpuFloat(predictor_logits);
     const auto router = cpuFloat(router_logits);
     auto out = torch::zeros(logits.sizes(), torch::TensorOptions().dtype(torch::kBool));
@@ -282,25 +293,10 @@ torch::Tensor causalSelection(const torch::Tensor& predictor_logits, const torch
     std::vector<std::int64_t> higher(T, 0);
     for (std::int64_t b = 0; b < B; ++b) {
         if (rule.prefix_topk) higher = higherBefore(router[b].data_ptr<float>(), T);
-        std::int64_t n = 0;
-        for (std::int64_t t = 0; t < T; ++t) {
-            sel[b][t] = rule.decide(in[b][t], t, n, higher[t]);
-            n += sel[b][t] ? 1 : 0;
-        }
+        const auto row = in[b];
+        decideRow(rule, higher, [&row](std::int64_t t) { return double(row[t]); }, sel[b]);
     }
     return out.to(predictor_logits.device());
-}
-
-torch::Tensor prefixTopkCandidates(const torch::Tensor& router_logits, double capacity) {
-    const auto router = cpuFloat(router_logits);
-    const auto B = router.size(0), T = router.size(1);
-    auto out = torch::zeros({B, T}, torch::TensorOptions().dtype(torch::kBool));
-    auto sel = out.accessor<bool, 2>();
-    for (std::int64_t b = 0; b < B; ++b) {
-        const auto higher = higherBefore(router[b].data_ptr<float>(), T);
-        for (std::int64_t t = 0; t < T; ++t) sel[b][t] = CausalRule::inPrefixTopk(capacity, t, higher[t]);
-    }
-    return out.to(router_logits.device());
 }
 
 torch::Tensor causalRouting(BlockImpl& block, const torch::Tensor& x, const torch::Tensor& router_logits,
@@ -329,13 +325,11 @@ torch::Tensor causalRouting(BlockImpl& block, const torch::Tensor& x, const torc
     const float* logit = logits.defined() ? logits.data_ptr<float>() : nullptr;
     std::size_t next = 0;
     for (std::int64_t b = 0; b < B; ++b) {
-        std::int64_t n = 0;
-        for (std::int64_t t = 0; t < T; ++t) {
-            const bool candidate = next < rows.size() && rows[next] == b * T + t;
-            // A token that is no candidate fails the prefix test inside decide() whatever its logit.
-            sel[b][t] = rule.decide(candidate ? logit[next++] : 0.0, t, n, higher[b][t]);
-            n += sel[b][t] ? 1 : 0;
-        }
+        // A token that is no candidate fails the prefix test inside decide() whatever its logit.
+        const auto candidate_logit = [&](std::int64_t t) {
+            return next < rows.size() && rows[next] == b * T + t ? double(logit[next++]) : 0.0;
+        };
+        decideRow(rule, higher[b], candidate_logit, sel[b]);
     }
     return out.to(router_logits.device());
 }
@@ -485,10 +479,10 @@ torch::Tensor ModTransformerImpl::step(std::int64_t token, std::int64_t position
         const float logit = block.predictor(x).item<float>();
         if (prob) (*prob)[li] = 1.0f / (1.0f + std::exp(-logit));
         // The router runs for a skipped token only when the prefix top-k must rank it.
-        torch::Tensor router_logit;  // [1, 1, 1]
+        torch::Tensor router_logit;  // [1, 1]
         std::int64_t higher = 0;
         if (rule.prefix_topk) {
-            router_logit = block.router(x);
+            router_logit = block.routerLogits(x);
             const float r = router_logit.item<float>();
             higher = countAbove(kv[li].router_logits, r);
             kv[li].router_logits.push_back(r);
@@ -497,8 +491,8 @@ torch::Tensor ModTransformerImpl::step(std::int64_t token, std::int64_t position
             if (processed) (*processed)[li] = 0;
             continue;
         }
-        if (!router_logit.defined()) router_logit = block.router(x);
-        x = x + torch::sigmoid(router_logit) * block.delta(x, pos, positions, &kv[li]);
+        if (!router_logit.defined()) router_logit = block.routerLogits(x);
+        x = x + torch::sigmoid(router_logit).unsqueeze(-1) * block.delta(x, pos, positions, &kv[li]);
     }
     return logits(norm_f(x)).view({-1});
 }

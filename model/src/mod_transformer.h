@@ -179,12 +179,9 @@ std::int64_t countAbove(const std::vector<float>& history, float value);
 // For each t of a row of T router logits: how many tokens before t have a strictly higher logit.
 std::vector<std::int64_t> higherBefore(const float* logits, std::int64_t T);
 
-// router_logits [B, T] -> [B, T] bool: the tokens the prefix top-k lets through, those with fewer than
-// capacityToK(capacity, t + 1) higher router logits before them.
-torch::Tensor prefixTopkCandidates(const torch::Tensor& router_logits, double capacity);
-
 // Causal mode's selection for a routed block with input x [B, T, d] -> [B, T] bool, as causalSelection
-// decides it; with the prefix top-k, the predictor runs on the candidates only (prefixTopkCandidates).
+// decides it; with the prefix top-k, the predictor runs only on its candidates (the tokens with fewer than
+// k(t + 1) higher router logits before them). predictor_rows: how many rows the predictor read.
 torch::Tensor causalRouting(BlockImpl& block, const torch::Tensor& x, const torch::Tensor& router_logits,
                             const CausalRule& rule, std::int64_t* predictor_rows = nullptr);
 
