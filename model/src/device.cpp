@@ -2,10 +2,13 @@
 #include <ATen/Parallel.h>
 #include <torch/cuda.h>
 
+#include <dlfcn.h>
 #include <malloc.h>
 
 #include <cstdlib>
 #include <mutex>
+#include <thread>
+#include <algorithm>
 
 #include "modscope/engine.h"
 
@@ -52,9 +55,13 @@ void configureRuntime() {
         mallopt(M_TRIM_THRESHOLD, 1 << 30);
         mallopt(M_TOP_PAD, 64 << 20);
 #endif
-        // OpenBLAS parallelises the matmuls on its own; LibTorch's OpenMP pool spinning beside it halves
-        // throughput on a 2-core machine (DEVELOPERS.md, docs/PERFORMANCE.md).
-        int threads = 1;
+        // The matmuls run on oneDNN's sgemm (cpu_matmul.h), threaded by LibTorch's OpenMP pool like every
+        // other operator; OpenBLAS, which would start its own threads for any product left to it, gets one.
+        // Two pools spinning for the same cores halve throughput on a 2-core machine (DEVELOPERS.md).
+        if (auto* set_blas_threads =
+                reinterpret_cast<void (*)(int)>(dlsym(RTLD_DEFAULT, "openblas_set_num_threads")))
+            set_blas_threads(1);
+        int threads = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
         if (const char* env = std::getenv("MODSCOPE_TORCH_THREADS")) {
             const int v = std::atoi(env);
             if (v > 0) threads = v;
