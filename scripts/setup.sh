@@ -21,7 +21,7 @@ packages=(
     build-essential cmake ninja-build pkg-config git
     clang libclang-rt-14-dev
     qt6-base-dev qt6-svg-dev qt6-qpa-plugins libgl-dev libqcustomplot-dev
-    libsentencepiece-dev libtorch-dev libopenblas0-pthread nlohmann-json3-dev
+    libsentencepiece-dev libtorch-dev libdnnl-dev libopenblas0-pthread nlohmann-json3-dev
     python3-torch
     xvfb xauth fonts-dejavu-core
     fortunes bible-kjv
