@@ -2,6 +2,7 @@
 #include "mod_transformer.h"
 
 #include "attention_blocks.h"
+#include "cpu_kernels.h"
 #include "cpu_matmul.h"
 
 #include <torch/nn/functional/activation.h>
@@ -15,12 +16,22 @@ namespace modscope::nn {
 namespace F = torch::nn::functional;
 using torch::indexing::Slice;
 
+namespace {
+
+// Whether autograd must see this operation: then it runs as LibTorch operators, not a fused loop.
+bool needsGrad(const torch::Tensor& a, const torch::Tensor& b) {
+    return torch::GradMode::is_enabled() && (a.requires_grad() || b.requires_grad());
+}
+
+}  // namespace
+
 // ---------------------------------------------------------------------------------------------- RMSNorm
 RmsNormImpl::RmsNormImpl(std::int64_t dim, double eps_) : eps(eps_) {
     weight = register_parameter("weight", torch::ones({dim}));
 }
 
 torch::Tensor RmsNormImpl::forward(const torch::Tensor& x) {
+    if (!needsGrad(x, weight) && cpu::appliesTo(x)) return cpu::rmsNorm(x, weight, eps);
     return x * torch::rsqrt(x.pow(2).mean(-1, /*keepdim=*/true) + eps) * weight;
 }
 
@@ -39,8 +50,7 @@ torch::Tensor TransposedWeight::of(const torch::Tensor& weight) {
 torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& bias,
                      TransposedWeight& cache) {
     if (!cpu::applies(x) || !cpu::applies(weight)) return F::linear(x, weight, bias);
-    const bool grad = torch::GradMode::is_enabled() &&
-                      (x.requires_grad() || weight.requires_grad() || (bias.defined() && bias.requires_grad()));
+    const bool grad = needsGrad(x, weight) || (bias.defined() && needsGrad(bias, bias));
     auto shape = x.sizes().vec();
     shape.back() = weight.size(0);
     // With autograd the product reads W through a transposed view, so its gradient reaches the parameter;
@@ -70,6 +80,7 @@ PositionTables::PositionTables(std::int64_t max_seq_len, std::int64_t head_dim, 
 }
 
 torch::Tensor PositionTables::rotateQK(const torch::Tensor& qk, const torch::Tensor& pos) const {
+    if (!needsGrad(qk, rope) && cpu::appliesTo(qk)) return cpu::rotateQK(qk, pos, rope);
     const auto B = qk.size(0), S = qk.size(1), hd = qk.size(-1), half = hd / 2;
     const auto f = rope.index_select(0, pos.reshape(-1)).view({B, S, 2, 2, 1, hd});
     // Rotating (x1, x2) by the angle is x * (c, c) + (x2, x1) * (-s, s): two products over both halves.

@@ -1,5 +1,6 @@
-// The engine's CPU matrix products (oneDNN sgemm, cpu_matmul.h) against LibTorch's own, values and gradients,
-// for every operand layout the engine hands them, and the thread settings they depend on.
+// The engine's CPU fast paths against LibTorch's operators: the matrix products (oneDNN sgemm, cpu_matmul.h),
+// values and gradients, for every operand layout the engine hands them, and the thread settings they depend
+// on; the fused loops of forwards without autograd (cpu_kernels.h).
 #include <QTest>
 
 #include <ATen/Parallel.h>
@@ -8,6 +9,7 @@
 
 #include <thread>
 
+#include "cpu_kernels.h"
 #include "cpu_matmul.h"
 #include "test_support.h"
 
@@ -38,7 +40,7 @@ torch::Tensor inLayout(const torch::Tensor& m, int layout) {
 
 }  // namespace
 
-class EngineMatmulTest : public QObject {
+class EngineCpuPathsTest : public QObject {
     Q_OBJECT
 
 private Q_SLOTS:
@@ -133,6 +135,46 @@ private Q_SLOTS:
         QCOMPARE(get(), 1);
     }
 
+    void rmsNormMatchesTheOperators() {
+        torch::manual_seed(4);
+        nn::RmsNorm norm(37, 1e-5);
+        norm->weight.data().uniform_(0.5, 1.5);
+        // d 37: the loop's tail after its blocks of eight; rows 50 apart: a column slice read in place.
+        const auto wide = torch::randn({3, 11, 50}) * 3;
+        for (const auto& x : {wide.narrow(2, 0, 37), wide.narrow(2, 5, 37).contiguous(), wide.narrow(2, 0, 37).select(1, 4)}) {
+            const auto want = x * torch::rsqrt(x.pow(2).mean(-1, true) + 1e-5) * norm->weight;
+            const auto fused = cpu::rmsNorm(x, norm->weight.detach(), 1e-5);
+            QVERIFY(fused.is_contiguous());
+            QVERIFY(close(fused, want.detach(), 1e-5));
+            torch::NoGradGuard no_grad;  // the module takes the fused loop only without autograd
+            QVERIFY(close(norm(x), want.detach(), 1e-5));
+        }
+        // With autograd the module stays on operators, so the weight gets its gradient.
+        norm(wide.narrow(2, 0, 37)).sum().backward();
+        QVERIFY(norm->weight.grad().defined());
+    }
+
+    void rotaryLoopMatchesTheOperators() {
+        torch::manual_seed(5);
+        const nn::PositionTables tables(64, 16, 10000.0);
+        const auto qkv = torch::randn({2, 9, 3, 2, 16});
+        const auto qk = qkv.narrow(2, 0, 2);  // a strided view, as attention passes it
+        const auto pos = torch::tensor({3, 4, 5, 9, 10, 11, 40, 41, 63, 0, 1, 2, 3, 4, 5, 6, 7, 8}, torch::kLong).view({2, 9});
+        const auto fused = cpu::rotateQK(qk, pos, tables.rope);
+        auto grad_in = qk.clone().requires_grad_();
+        const auto ops = tables.rotateQK(grad_in, pos);  // autograd: the operator path
+        QVERIFY(close(fused, ops.detach(), 1e-6));
+        {
+            torch::NoGradGuard no_grad;
+            QVERIFY(close(tables.rotateQK(qk, pos), ops.detach(), 1e-6));
+        }
+        // Rotation keeps each pair's length (q's scaled by 1/sqrt(hd)), and position 0 does not rotate.
+        QVERIFY(close(fused.select(2, 1).norm(2, -1), qk.select(2, 1).norm(2, -1), 1e-5));
+        QVERIFY(close(fused[1][0][1], qk[1][0][1], 1e-6));
+        QVERIFY(!close(fused[0][0][1], qk[0][0][1], 1e-3));
+        QVERIFY_THROWS_EXCEPTION(c10::Error, cpu::rotateQK(qk, torch::full({2, 9}, 64, torch::kLong), tables.rope));
+    }
+
     // The model's forward, which now runs on these products, still matches a forward through torch's own.
     void modelForwardMatchesTorchProducts() {
         auto model = Model::create(test::tinyConfig(), 5, "cpu");
@@ -169,5 +211,5 @@ private Q_SLOTS:
     }
 };
 
-QTEST_GUILESS_MAIN(EngineMatmulTest)
-#include "engine_matmul_test.moc"
+QTEST_GUILESS_MAIN(EngineCpuPathsTest)
+#include "engine_cpu_paths_test.moc"

@@ -1,0 +1,96 @@
+// Fused CPU loops (cpu_kernels.h). Each is built for AVX2 and for the baseline; the loader picks one per CPU.
+#include "cpu_kernels.h"
+
+#include <ATen/Parallel.h>
+
+#include <cmath>
+
+namespace modscope::cpu {
+
+namespace {
+
+// Rows per parallel chunk: below ~64k elements a second thread costs more than it saves.
+std::int64_t grainRows(std::int64_t row_elements) { return std::max<std::int64_t>(1, 65536 / std::max<std::int64_t>(row_elements, 1)); }
+
+__attribute__((target_clones("avx2", "default")))
+void rmsNormRows(const float* x, std::int64_t ldx, const float* w, float* y, std::int64_t rows, std::int64_t d,
+                 float eps) {
+    for (std::int64_t r = 0; r < rows; ++r) {
+        const float* xr = x + r * ldx;
+        float* yr = y + r * d;
+        // Eight partial sums: a vector accumulator, where one sum would be a serial chain.
+        float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+        std::int64_t i = 0;
+        for (; i + 8 <= d; i += 8)
+            for (int j = 0; j < 8; ++j) acc[j] += xr[i + j] * xr[i + j];
+        float ss = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+        for (; i < d; ++i) ss += xr[i] * xr[i];
+        const float s = 1.0f / std::sqrt(ss / static_cast<float>(d) + eps);
+        for (std::int64_t k = 0; k < d; ++k) yr[k] = xr[k] * s * w[k];
+    }
+}
+
+__attribute__((target_clones("avx2", "default")))
+void rotateHead(const float* x, const float* c, const float* s, float* y, std::int64_t hd) {
+    const std::int64_t half = hd / 2;
+    for (std::int64_t i = 0; i < half; ++i) y[i] = x[i] * c[i] + x[i + half] * s[i];
+    for (std::int64_t i = half; i < hd; ++i) y[i] = x[i] * c[i] + x[i - half] * s[i];
+}
+
+}  // namespace
+
+bool appliesTo(const torch::Tensor& t) {
+    return t.defined() && t.device().is_cpu() && t.scalar_type() == torch::kFloat32 && t.dim() > 0 &&
+           (t.stride(-1) == 1 || t.size(-1) == 1);
+}
+
+torch::Tensor rmsNorm(const torch::Tensor& x_in, const torch::Tensor& weight, double eps) {
+    TORCH_CHECK(appliesTo(x_in) && appliesTo(weight) && weight.dim() == 1 && weight.size(0) == x_in.size(-1),
+                "cpu::rmsNorm: float32 CPU x [..., d] and weight [d] expected");
+    const auto d = x_in.size(-1);
+    const auto x = x_in.reshape({-1, d});  // a view whenever the rows allow one, whatever their spacing
+    const auto w = weight.contiguous();
+    auto y = torch::empty(x_in.sizes(), x_in.options());
+    const auto rows = x.size(0), ldx = rows > 1 ? x.stride(0) : d;
+    const float* xp = x.data_ptr<float>();
+    const float* wp = w.data_ptr<float>();
+    float* yp = y.data_ptr<float>();
+    at::parallel_for(0, rows, grainRows(d), [&](std::int64_t r0, std::int64_t r1) {
+        rmsNormRows(xp + r0 * ldx, ldx, wp, yp + r0 * d, r1 - r0, d, static_cast<float>(eps));
+    });
+    return y;
+}
+
+torch::Tensor rotateQK(const torch::Tensor& qk, const torch::Tensor& pos_in, const torch::Tensor& rope_in) {
+    TORCH_CHECK(appliesTo(qk) && qk.dim() == 5 && qk.size(2) == 2 && qk.size(-1) % 2 == 0,
+                "cpu::rotateQK: float32 CPU qk [B, S, 2, H, hd] expected");
+    const auto B = qk.size(0), S = qk.size(1), H = qk.size(3), hd = qk.size(4);
+    const auto pos = pos_in.to(torch::kCPU, torch::kLong).contiguous().view({-1});
+    TORCH_CHECK(pos.numel() == B * S, "cpu::rotateQK: pos must be [B, S]");
+    const auto rope = rope_in.contiguous();
+    TORCH_CHECK(rope.dim() == 5 && rope.size(1) == 2 && rope.size(2) == 2 && rope.size(4) == hd,
+                "cpu::rotateQK: rope must be [L, 2, 2, 1, hd]");
+    const auto L = rope.size(0);
+    const std::int64_t* pp = pos.data_ptr<std::int64_t>();
+    for (std::int64_t i = 0; i < B * S; ++i) TORCH_CHECK(pp[i] >= 0 && pp[i] < L, "cpu::rotateQK: position out of range");
+    auto out = torch::empty({B, S, 2, H, hd}, qk.options());
+    const float* xp = qk.data_ptr<float>();
+    const float* rp = rope.data_ptr<float>();
+    float* op = out.data_ptr<float>();
+    const auto sb = qk.stride(0), ss = qk.stride(1), sw = qk.stride(2), sh = qk.stride(3);
+    at::parallel_for(0, B * S, grainRows(2 * H * hd), [&](std::int64_t t0, std::int64_t t1) {
+        for (auto t = t0; t < t1; ++t) {
+            const auto b = t / S, s = t % S;
+            const float* f = rp + pp[t] * 4 * hd;  // [cos, sin] x [q, k], hd each
+            for (std::int64_t which = 0; which < 2; ++which) {
+                const float* c = f + which * hd;
+                const float* sn = f + (2 + which) * hd;
+                for (std::int64_t h = 0; h < H; ++h)
+                    rotateHead(xp + b * sb + s * ss + which * sw + h * sh, c, sn, op + ((t * 2 + which) * H + h) * hd, hd);
+            }
+        }
+    });
+    return out;
+}
+
+}  // namespace modscope::cpu

@@ -1,0 +1,24 @@
+// Fused CPU loops for forwards without autograd (internal to model/).
+//
+// At T = 128 a layer's elementwise work is a few dozen microseconds, but as LibTorch operators it is a dozen
+// dispatches and temporaries per layer: RMSNorm alone was six operators (pow, mean, add, rsqrt, mul, mul).
+// These loops do the same arithmetic in one pass (docs/PERFORMANCE.md). Callers use them only where
+// appliesTo() holds and no gradient is needed; otherwise they take the operator path, which autograd follows.
+#pragma once
+
+#include <torch/types.h>
+
+namespace modscope::cpu {
+
+// A float32 CPU tensor whose last dimension is contiguous.
+bool appliesTo(const torch::Tensor& t);
+
+// x [..., d] -> x * rsqrt(mean(x^2 over d) + eps) * weight [d]; a new contiguous tensor.
+torch::Tensor rmsNorm(const torch::Tensor& x, const torch::Tensor& weight, double eps);
+
+// qk [B, S, 2, H, hd] (q then k; strides free but the last) rotated by positions pos [B, S] (int64) with the
+// factors rope [L, 2 (cos, sin), 2 (q, k), 1, hd] (PositionTables::rope): out = qk * cos + swap_halves(qk) * sin.
+// Returns a new contiguous [B, S, 2, H, hd].
+torch::Tensor rotateQK(const torch::Tensor& qk, const torch::Tensor& pos, const torch::Tensor& rope);
+
+}  // namespace modscope::cpu
