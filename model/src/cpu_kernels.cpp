@@ -4,6 +4,7 @@
 #include <ATen/Parallel.h>
 
 #include <cmath>
+#include <cstring>
 
 namespace modscope::cpu {
 
@@ -91,6 +92,40 @@ torch::Tensor rotateQK(const torch::Tensor& qk, const torch::Tensor& pos_in, con
         }
     });
     return out;
+}
+
+namespace {
+
+const std::int64_t* checkedRows(const torch::Tensor& rows, std::int64_t n) {
+    TORCH_CHECK(rows.device().is_cpu() && rows.scalar_type() == torch::kLong && rows.dim() == 1 && rows.is_contiguous(),
+                "cpu row copy: rows must be a contiguous CPU int64 vector");
+    const std::int64_t* r = rows.data_ptr<std::int64_t>();
+    for (std::int64_t i = 0; i < rows.numel(); ++i) TORCH_CHECK(r[i] >= 0 && r[i] < n, "cpu row copy: row ", r[i], " out of range");
+    return r;
+}
+
+}  // namespace
+
+torch::Tensor gatherRows(const torch::Tensor& x2d, const torch::Tensor& rows) {
+    TORCH_CHECK(appliesTo(x2d) && x2d.dim() == 2, "cpu::gatherRows: float32 CPU [N, d] expected");
+    const auto d = x2d.size(1), k = rows.numel(), ld = x2d.stride(0);
+    const std::int64_t* r = checkedRows(rows, x2d.size(0));
+    auto out = torch::empty({k, d}, x2d.options());
+    const float* src = x2d.data_ptr<float>();
+    float* dst = out.data_ptr<float>();
+    for (std::int64_t i = 0; i < k; ++i) std::memcpy(dst + i * d, src + r[i] * ld, sizeof(float) * d);
+    return out;
+}
+
+void scatterRows(torch::Tensor& x2d, const torch::Tensor& rows, const torch::Tensor& src_in) {
+    TORCH_CHECK(appliesTo(x2d) && x2d.dim() == 2 && x2d.is_contiguous(), "cpu::scatterRows: contiguous float32 CPU [N, d] expected");
+    const auto d = x2d.size(1), k = rows.numel();
+    const auto src = src_in.contiguous();
+    TORCH_CHECK(src.scalar_type() == torch::kFloat32 && src.numel() == k * d, "cpu::scatterRows: src must be [k, d]");
+    const std::int64_t* r = checkedRows(rows, x2d.size(0));
+    const float* from = src.data_ptr<float>();
+    float* to = x2d.data_ptr<float>();
+    for (std::int64_t i = 0; i < k; ++i) std::memcpy(to + r[i] * d, from + i * d, sizeof(float) * d);
 }
 
 }  // namespace modscope::cpu

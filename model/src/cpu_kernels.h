@@ -21,4 +21,10 @@ torch::Tensor rmsNorm(const torch::Tensor& x, const torch::Tensor& weight, doubl
 // Returns a new contiguous [B, S, 2, H, hd].
 torch::Tensor rotateQK(const torch::Tensor& qk, const torch::Tensor& pos, const torch::Tensor& rope);
 
+// Rows of x2d [N, d] (rows any distance apart) at rows [k] (int64, each in [0, N)) -> a new contiguous [k, d].
+torch::Tensor gatherRows(const torch::Tensor& x2d, const torch::Tensor& rows);
+
+// x2d[rows[i]] = src[i] for src [k, d]; x2d must be contiguous. rows must not repeat.
+void scatterRows(torch::Tensor& x2d, const torch::Tensor& rows, const torch::Tensor& src);
+
 }  // namespace modscope::cpu

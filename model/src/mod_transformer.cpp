@@ -219,6 +219,8 @@ torch::Tensor flatRows(const torch::Tensor& idx, std::int64_t T) {
 torch::Tensor gatherRows(const torch::Tensor& x, const torch::Tensor& idx) {
     // Whole rows copied as rows: a gather with the index expanded over d looks up every element.
     const auto B = x.size(0), T = x.size(1), d = x.size(2);
+    if (!needsGrad(x, x) && cpu::appliesTo(x) && idx.device().is_cpu())  // a memcpy per row, one call in all
+        return cpu::gatherRows(x.reshape({B * T, d}), flatRows(idx, T).contiguous()).view({B, idx.size(1), d});
     return x.reshape({B * T, d}).index_select(0, flatRows(idx, T)).view({B, idx.size(1), d});
 }
 
@@ -228,7 +230,9 @@ torch::Tensor scatterRows(const torch::Tensor& x, const torch::Tensor& idx, cons
     const auto src = rows.reshape({-1, d});
     if (in_place) {
         TORCH_CHECK(x.is_contiguous() && !torch::GradMode::is_enabled(), "in-place row scatter needs inference");
-        x.view({B * T, d}).index_copy_(0, flat, src);
+        auto flat_x = x.view({B * T, d});
+        if (cpu::appliesTo(x) && flat.device().is_cpu()) cpu::scatterRows(flat_x, flat.contiguous(), src);
+        else flat_x.index_copy_(0, flat, src);
         return x;
     }
     return x.reshape({B * T, d}).index_copy(0, flat, src).view({B, T, d});
