@@ -73,6 +73,8 @@ nlohmann::json machineInfo() {
     m["torch_threads"] = build.torch_threads;
     m["openblas_threads"] =
         build.openblas_threads.empty() ? nlohmann::json(nullptr) : nlohmann::json(build.openblas_threads);
+    m["openblas_threads_now"] = build.openblas_threads_now;
+    m["matmul_library"] = build.matmul_library;
     return m;
 }
 

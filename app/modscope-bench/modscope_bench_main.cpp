@@ -105,8 +105,9 @@ int main(int argc, char** argv) {
         std::cout << "modscope-bench" << (options.quick ? " --quick" : "") << ": "
                   << m["cpu"].get<std::string>() << ", " << m["cores"].get<int>() << " cores, LibTorch "
                   << m["libtorch"].get<std::string>() << " (BLAS_INFO " << m["blas"].get<std::string>()
-                  << ": " << m["blas_library"].get<std::string>() << ", " << m["torch_threads"].get<int>()
-                  << " torch thread(s)), load average " << loadAverage()
+                  << ": " << m["blas_library"].get<std::string>() << " on " << m["openblas_threads_now"].get<int>()
+                  << " thread(s)), matmuls on " << m["matmul_library"].get<std::string>() << ", "
+                  << m["torch_threads"].get<int>() << " torch thread(s), load average " << loadAverage()
                   << "\nmodel: " << ctx.modelDirectory() << "\n\n";
 
         nlohmann::json ran = nlohmann::json::array();
@@ -143,8 +144,9 @@ int main(int argc, char** argv) {
             std::ostringstream md;
             md << "Measured on " << m["cpu"].get<std::string>() << " (" << m["cores"].get<int>()
                << " cores), LibTorch " << m["libtorch"].get<std::string>() << ", BLAS "
-               << m["blas_library"].get<std::string>() << ", " << m["torch_threads"].get<int>()
-               << " LibTorch thread(s); load average " << m["load_average"][0] << " at the start, "
+               << m["blas_library"].get<std::string>() << " (" << m["openblas_threads_now"].get<int>()
+               << " thread), matmuls on " << m["matmul_library"].get<std::string>() << ", "
+               << m["torch_threads"].get<int>() << " LibTorch thread(s); load average " << m["load_average"][0] << " at the start, "
                << j["load_average_end"] << " at the end; " << (options.quick ? "--quick, " : "") << "total "
                << static_cast<int>(seconds) << " s.\n\n";
             for (const auto& t : report.tables) md << t.markdown() << "\n";

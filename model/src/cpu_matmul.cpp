@@ -5,6 +5,7 @@
 #include <torch/autograd.h>
 
 #include <dnnl.h>
+#include <dlfcn.h>
 
 #include <algorithm>
 #include <vector>
@@ -175,6 +176,16 @@ void gemmInto(const torch::Tensor& a, const torch::Tensor& b, torch::Tensor& c, 
                 "cpu::gemmInto: the output must be a row-major float32 [", a.size(0), ", ", b.size(1), "]");
     check(gemm(matrixOf(readableLayout(a)), matrixOf(readableLayout(b)), c.data_ptr<float>(),
                c.size(0) == 1 ? std::max<std::int64_t>(c.size(1), 1) : c.stride(0), beta));
+}
+
+// Looked up at run time: libblas.so.3 is whichever BLAS Debian's alternatives select.
+int openBlasThreads() {
+    auto* get = reinterpret_cast<int (*)()>(dlsym(RTLD_DEFAULT, "openblas_get_num_threads"));
+    return get != nullptr ? get() : 0;
+}
+
+void setOpenBlasThreads(int threads) {
+    if (auto* set = reinterpret_cast<void (*)(int)>(dlsym(RTLD_DEFAULT, "openblas_set_num_threads"))) set(threads);
 }
 
 }  // namespace modscope::cpu

@@ -25,4 +25,8 @@ torch::Tensor bmm(const torch::Tensor& a, const torch::Tensor& b, const torch::T
 // Raw product into a caller's row-major output: c = a @ b + beta c. No autograd.
 void gemmInto(const torch::Tensor& a, const torch::Tensor& b, torch::Tensor& c, float beta);
 
+// OpenBLAS's thread count now, 0 when the BLAS LibTorch loaded is not OpenBLAS; and its setter (a no-op then).
+int openBlasThreads();
+void setOpenBlasThreads(int threads);
+
 }  // namespace modscope::cpu

@@ -2,7 +2,6 @@
 #include <ATen/Parallel.h>
 #include <torch/cuda.h>
 
-#include <dlfcn.h>
 #include <malloc.h>
 
 #include <cstdlib>
@@ -10,6 +9,7 @@
 #include <thread>
 #include <algorithm>
 
+#include "cpu_matmul.h"
 #include "modscope/engine.h"
 
 namespace modscope {
@@ -58,9 +58,7 @@ void configureRuntime() {
         // The matmuls run on oneDNN's sgemm (cpu_matmul.h), threaded by LibTorch's OpenMP pool like every
         // other operator; OpenBLAS, which would start its own threads for any product left to it, gets one.
         // Two pools spinning for the same cores halve throughput on a 2-core machine (DEVELOPERS.md).
-        if (auto* set_blas_threads =
-                reinterpret_cast<void (*)(int)>(dlsym(RTLD_DEFAULT, "openblas_set_num_threads")))
-            set_blas_threads(1);
+        cpu::setOpenBlasThreads(1);
         int threads = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
         if (const char* env = std::getenv("MODSCOPE_TORCH_THREADS")) {
             const int v = std::atoi(env);

@@ -12,8 +12,12 @@
 #include <cstdlib>
 #include <functional>
 #include <regex>
+#include <thread>
 #include <vector>
 
+#include <dnnl.h>
+
+#include "cpu_matmul.h"
 #include "model_impl.h"
 #include "modscope/profiling.h"
 
@@ -150,15 +154,33 @@ RoutedLayerProfile profileRoutedLayer(const Model& model, int seq_len, int reps,
     return p;
 }
 
-MatmulPeak measureMatmulPeak(int n, int reps) {
+MatmulPeak measureMatmulPeak(int n, int reps, MatmulLibrary library) {
     torch::InferenceMode guard;
     torch::manual_seed(7);
     const auto a = torch::randn({n, n});
     const auto b = torch::randn({n, n});
     auto c = torch::empty({n, n});
-    // mm_out: no allocation in the timed loop, only the product.
-    const auto ms = timeCalls(std::max(reps, 1), [&] { torch::mm_out(c, a, b); });
     MatmulPeak m;
+    // Into a preallocated output: no allocation in the timed loop, only the product.
+    std::vector<double> ms;
+    if (library == MatmulLibrary::Engine) {
+        m.threads = at::get_num_threads();
+        ms = timeCalls(std::max(reps, 1), [&] { cpu::gemmInto(a, b, c, 0.f); });
+    } else {
+        using cpu::openBlasThreads, cpu::setOpenBlasThreads;
+        const int before = openBlasThreads();
+        if (before == 0) throw Error("the BLAS LibTorch loaded is not OpenBLAS");
+        setOpenBlasThreads(static_cast<int>(std::max(1u, std::thread::hardware_concurrency())));
+        m.threads = openBlasThreads();
+        try {
+            ms = timeCalls(std::max(reps, 1), [&] { torch::mm_out(c, a, b); });
+        } catch (...) {
+            setOpenBlasThreads(before);
+            throw;
+        }
+        setOpenBlasThreads(before);
+    }
+    m.library = library;
     m.n = n;
     m.reps = static_cast<int>(ms.size());
     m.best_ms = *std::min_element(ms.begin(), ms.end());
@@ -179,6 +201,9 @@ EngineBuildInfo engineBuildInfo() {
     else
         info.blas = "unknown";
     info.torch_threads = at::get_num_threads();
+    info.openblas_threads_now = cpu::openBlasThreads();
+    info.matmul_library = "oneDNN " + std::to_string(dnnl_version()->major) + "." +
+                          std::to_string(dnnl_version()->minor) + "." + std::to_string(dnnl_version()->patch) + " sgemm";
     if (const char* env = std::getenv("OPENBLAS_NUM_THREADS")) info.openblas_threads = env;
     return info;
 }

@@ -61,21 +61,28 @@ struct RoutedLayerProfile {
 RoutedLayerProfile profileRoutedLayer(const Model& model, int seq_len, int reps, double capacity = -1.0,
                                       int layer = -1, std::uint64_t seed = 1);
 
-// A large float32 matmul (n x n by n x n, torch::mm on the CPU), as the machine's practical peak.
+// A large float32 matmul (n x n by n x n on the CPU), as the machine's practical peak, by the library the
+// engine multiplies with (oneDNN's sgemm, on LibTorch's threads) or by OpenBLAS, given every core for the
+// measurement (the engine leaves it one thread otherwise: DEVELOPERS.md, Threads).
+enum class MatmulLibrary { Engine, OpenBlas };
 struct MatmulPeak {
     int n = 0;
     int reps = 0;
+    MatmulLibrary library = MatmulLibrary::Engine;
+    int threads = 0;  // the threads the product ran on
     double best_ms = 0, median_ms = 0;
     double best_gflops = 0, median_gflops = 0;  // 2 n^3 FLOPs per product
 };
-MatmulPeak measureMatmulPeak(int n, int reps);
+MatmulPeak measureMatmulPeak(int n, int reps, MatmulLibrary library = MatmulLibrary::Engine);
 
 // What the engine was built and runs with.
 struct EngineBuildInfo {
     std::string torch_version;     // e.g. "1.13.1"
     std::string blas;              // LibTorch's BLAS_INFO; Debian's says "generic" (the selected libblas.so.3)
     int torch_threads = 0;         // LibTorch's intra-op threads now (configureRuntime())
-    std::string openblas_threads;  // $OPENBLAS_NUM_THREADS when set, else empty (OpenBLAS uses every core)
+    std::string openblas_threads;  // $OPENBLAS_NUM_THREADS when set, else empty
+    int openblas_threads_now = 0;  // OpenBLAS's thread count now (configureRuntime() sets 1); 0: not OpenBLAS
+    std::string matmul_library;    // what the engine's CPU matmuls run on, e.g. "oneDNN 2.6.3 sgemm"
 };
 EngineBuildInfo engineBuildInfo();
 
