@@ -175,6 +175,20 @@ private Q_SLOTS:
         QVERIFY_THROWS_EXCEPTION(c10::Error, cpu::rotateQK(qk, torch::full({2, 9}, 64, torch::kLong), tables.rope));
     }
 
+    void rowCopiesMatchIndexOperators() {
+        torch::manual_seed(6);
+        const auto wide = torch::randn({40, 30});
+        const auto x = wide.narrow(1, 3, 24);  // rows 30 apart
+        const auto rows = torch::tensor({39, 0, 7, 8, 21}, torch::kLong);
+        QVERIFY(torch::equal(cpu::gatherRows(x, rows), x.index_select(0, rows)));
+        auto target = torch::zeros({40, 24});
+        const auto src = torch::randn({5, 24});
+        cpu::scatterRows(target, rows, src);
+        QVERIFY(torch::equal(target, torch::zeros({40, 24}).index_copy(0, rows, src)));
+        QVERIFY_THROWS_EXCEPTION(c10::Error, cpu::gatherRows(x, torch::tensor({40}, torch::kLong)));
+        QVERIFY_THROWS_EXCEPTION(c10::Error, cpu::scatterRows(target, torch::tensor({-1}, torch::kLong), src.narrow(0, 0, 1)));
+    }
+
     // The model's forward, which now runs on these products, still matches a forward through torch's own.
     void modelForwardMatchesTorchProducts() {
         auto model = Model::create(test::tinyConfig(), 5, "cpu");
