@@ -165,7 +165,7 @@ torch::Tensor bmm(const torch::Tensor& a, const torch::Tensor& b, const torch::T
         TORCH_CHECK(applies(add) && add.dim() == 2 && add.size(0) == a.size(1) && add.size(1) == b.size(2),
                     "cpu::bmm: the added matrix must be float32 [", a.size(1), ", ", b.size(2), "]");
     }
-    const auto constant = add.defined() ? add.detach() : add;
+    const auto constant = add.defined() && add.requires_grad() ? add.detach() : add;
     return needsGrad(a, b) ? BmmFunction::apply(a, b, &constant) : rawBmm(a, b, constant);
 }
 
