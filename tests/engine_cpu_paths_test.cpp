@@ -189,6 +189,21 @@ private Q_SLOTS:
         QVERIFY_THROWS_EXCEPTION(c10::Error, cpu::scatterRows(target, torch::tensor({-1}, torch::kLong), src.narrow(0, 0, 1)));
     }
 
+    // The CPU top-k against torch::topk: the same set for distinct values; ties go to the earlier position and
+    // NaN counts above everything, as torch::topk orders them.
+    void topkSelectionMatchesTorch() {
+        torch::manual_seed(7);
+        for (const int T : {1, 8, 100, 512}) {
+            const auto r = torch::randn({3, T});
+            for (const int k : {0, 1, std::max(1, T / 8), T}) {
+                const auto want = std::get<0>(std::get<1>(r.topk(k, 1, true, false)).sort(1));
+                QVERIFY2(torch::equal(nn::topkIndices(r, k), want), qPrintable(QString("T %1 k %2").arg(T).arg(k)));
+            }
+        }
+        const auto ties = torch::tensor({1.f, 3.f, 2.f, 3.f, 3.f, NAN, 0.f}).unsqueeze(0);
+        QVERIFY(torch::equal(nn::topkIndices(ties, 3), torch::tensor({1, 3, 5}, torch::kLong).unsqueeze(0)));
+    }
+
     // The model's forward, which now runs on these products, still matches a forward through torch's own.
     void modelForwardMatchesTorchProducts() {
         auto model = Model::create(test::tinyConfig(), 5, "cpu");
