@@ -86,10 +86,27 @@ torch::Tensor rawMm(const torch::Tensor& a_in, const torch::Tensor& b_in) {
     return c;
 }
 
-torch::Tensor rawBmm(const torch::Tensor& a_in, const torch::Tensor& b_in, const torch::Tensor& add) {
+// c[p] = a[p] @ b[p] + beta c[p] for c's rows contiguous, ldc apart, batch entries cstride apart.
+void bmmRaw(const torch::Tensor& a_in, const torch::Tensor& b_in, float* out, std::int64_t ldc, std::int64_t cstride,
+            float beta) {
     const auto a = readableLayout(a_in), b = readableLayout(b_in);
-    const auto P = a.size(0), M = a.size(1), N = b.size(2);
+    const auto P = a.size(0);
     TORCH_CHECK(b.size(0) == P, "cpu::bmm: batch sizes ", P, " and ", b.size(0), " differ");
+    // A training batch has dozens of (row, head) products of a few hundred rows: one per thread beats
+    // splitting each across threads. A batch of one has three: each gets every thread.
+    if (P >= 4 && at::get_num_threads() > 1 && !at::in_parallel_region()) {
+        std::vector<int> status(P, dnnl_success);
+        at::parallel_for(0, P, 1, [&](std::int64_t p0, std::int64_t p1) {
+            for (auto p = p0; p < p1; ++p) status[p] = gemm(matrixOf(a, p), matrixOf(b, p), out + p * cstride, ldc, beta);
+        });
+        for (const int s : status) check(s);
+    } else {
+        for (std::int64_t p = 0; p < P; ++p) check(gemm(matrixOf(a, p), matrixOf(b, p), out + p * cstride, ldc, beta));
+    }
+}
+
+torch::Tensor rawBmm(const torch::Tensor& a, const torch::Tensor& b, const torch::Tensor& add) {
+    const auto P = a.size(0), M = a.size(1), N = b.size(2);
     torch::Tensor c;
     float beta = 0.f;
     if (add.defined()) {
@@ -98,19 +115,7 @@ torch::Tensor rawBmm(const torch::Tensor& a_in, const torch::Tensor& b_in, const
     } else {
         c = torch::empty({P, M, N}, a.options());
     }
-    float* out = c.data_ptr<float>();
-    const auto ldc = std::max<std::int64_t>(N, 1);
-    // A training batch has dozens of (row, head) products of a few hundred rows: one per thread beats
-    // splitting each across threads. A batch of one has three: each gets every thread.
-    if (P >= 4 && at::get_num_threads() > 1 && !at::in_parallel_region()) {
-        std::vector<int> status(P, dnnl_success);
-        at::parallel_for(0, P, 1, [&](std::int64_t p0, std::int64_t p1) {
-            for (auto p = p0; p < p1; ++p) status[p] = gemm(matrixOf(a, p), matrixOf(b, p), out + p * M * N, ldc, beta);
-        });
-        for (const int s : status) check(s);
-    } else {
-        for (std::int64_t p = 0; p < P; ++p) check(gemm(matrixOf(a, p), matrixOf(b, p), out + p * M * N, ldc, beta));
-    }
+    bmmRaw(a, b, c.data_ptr<float>(), std::max<std::int64_t>(N, 1), M * N, beta);
     return c;
 }
 
@@ -167,6 +172,15 @@ torch::Tensor bmm(const torch::Tensor& a, const torch::Tensor& b, const torch::T
     }
     const auto constant = add.defined() && add.requires_grad() ? add.detach() : add;
     return needsGrad(a, b) ? BmmFunction::apply(a, b, &constant) : rawBmm(a, b, constant);
+}
+
+void bmmInto(const torch::Tensor& a, const torch::Tensor& b, torch::Tensor& c) {
+    checkOperands(a, b, 3);
+    const auto P = a.size(0), M = a.size(1), N = b.size(2);
+    TORCH_CHECK(applies(c) && c.dim() == 3 && c.size(0) == P && c.size(1) == M && c.size(2) == N &&
+                    (c.stride(2) == 1 || N == 1) && (M == 1 || c.stride(1) >= N),
+                "cpu::bmmInto: the output must be a float32 [", P, ", ", M, ", ", N, "] view with contiguous rows");
+    bmmRaw(a, b, c.data_ptr<float>(), M == 1 ? std::max<std::int64_t>(N, 1) : c.stride(1), c.stride(0), 0.f);
 }
 
 void gemmInto(const torch::Tensor& a, const torch::Tensor& b, torch::Tensor& c, float beta) {

@@ -106,9 +106,11 @@ torch::Tensor batchedProduct(const torch::Tensor& a, const torch::Tensor& b, con
 }  // namespace
 
 torch::Tensor causalAttention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
-                              std::int64_t prior, const PositionTables& positions) {
+                              std::int64_t prior, const PositionTables& positions, const torch::Tensor& into) {
     const auto S = q.size(1);
-    if (S == 1) return batchedProduct(torch::softmax(batchedProduct(q, k.transpose(1, 2)), -1), v);  // sees every key
+    const bool write_into = into.defined();
+    TORCH_CHECK(!write_into || (cpu::applies(q) && !needsGrad(q, k) && !v.requires_grad()),
+                "causalAttention: `into` is for CPU forwards without autograd");
     // Query block [s, e) needs keys [0, prior + e) only: the keys after it would be masked anyway, so the
     // upper triangle of the score matrix is never computed, and each block's scores stay cache-sized.
     // The mask is an additive bias, 0 or -inf, that the score product starts from (beta = 1); every query
@@ -117,10 +119,21 @@ torch::Tensor causalAttention(const torch::Tensor& q, const torch::Tensor& k, co
     std::vector<torch::Tensor> blocks;
     for (std::int64_t s = 0; s < S; s += kBlock) {
         const auto n = std::min(kBlock, S - s), visible = prior + s + n;
-        const auto scores = batchedProduct(q.narrow(1, s, n), k.narrow(1, 0, visible).transpose(1, 2),
-                                           positions.causalBias(prior, s, n));  // [N, n, visible]
-        blocks.push_back(batchedProduct(torch::softmax(scores, -1), v.narrow(1, 0, visible)));  // [N, n, hd]
+        const auto kt = k.narrow(1, 0, visible).transpose(1, 2);
+        const auto vs = v.narrow(1, 0, visible);
+        if (write_into) {
+            // One new query sees every key: no mask.
+            auto scores = S == 1 ? cpu::bmm(q, kt) : cpu::bmm(q.narrow(1, s, n), kt, positions.causalBias(prior, s, n));
+            at::_softmax_out(scores, scores, -1, false);  // in place: each row reads its max and sum first
+            auto target = into.narrow(1, s, n);
+            cpu::bmmInto(scores, vs, target);
+            continue;
+        }
+        const auto scores = S == 1 ? batchedProduct(q, kt)
+                                   : batchedProduct(q.narrow(1, s, n), kt, positions.causalBias(prior, s, n));
+        blocks.push_back(batchedProduct(torch::softmax(scores, -1), vs));  // [N, n, hd]
     }
+    if (write_into) return into;
     return blocks.size() == 1 ? blocks[0] : torch::cat(blocks, 1);
 }
 
@@ -150,9 +163,15 @@ torch::Tensor AttentionImpl::forward(const torch::Tensor& x, const torch::Tensor
         kv->k = k = k.contiguous();
         kv->v = v = v.contiguous();
     }
-    const auto out = causalAttention(q.reshape({B * H, S, hd}), k.reshape({B * H, prior + S, hd}),
-                                     v.reshape({B * H, prior + S, hd}), prior, positions)
-                         .view({B, H, S, hd});
+    const auto q3 = q.reshape({B * H, S, hd}), k3 = k.reshape({B * H, prior + S, hd});
+    const auto v3 = v.reshape({B * H, prior + S, hd});
+    if (B == 1 && cpu::applies(x) && !torch::GradMode::is_enabled()) {
+        // Heads write side by side into the [S, H * hd] rows the projection reads: no transposing copy.
+        auto merged = torch::empty({S, H, hd}, x.options());
+        causalAttention(q3, k3, v3, prior, positions, merged.transpose(0, 1));
+        return linear(merged.view({1, S, d}), proj->weight, {}, proj_t);
+    }
+    const auto out = causalAttention(q3, k3, v3, prior, positions).view({B, H, S, hd});
     return linear(out.transpose(1, 2).reshape({B, S, d}), proj->weight, {}, proj_t);
 }
 

@@ -79,8 +79,10 @@ struct PositionTables {
 
 // Causal attention of S new queries over prior cached keys and the S new ones, in query blocks.
 // q [N, S, hd] (already scaled by 1/sqrt(hd)), k and v [N, prior + S, hd] -> [N, S, hd].
+// With `into` (a float32 CPU [N, S, hd] view with contiguous rows, no autograd), the result is written there
+// and `into` returned: attention can then write straight into the layout the output projection reads.
 torch::Tensor causalAttention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
-                              std::int64_t prior, const PositionTables& positions);
+                              std::int64_t prior, const PositionTables& positions, const torch::Tensor& into = {});
 
 struct AttentionImpl : torch::nn::Module {
     explicit AttentionImpl(const ModelConfig& config);
