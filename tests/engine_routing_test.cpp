@@ -425,6 +425,13 @@ private Q_SLOTS:
             QVERIFY2(torch::allclose(got, expected, 1e-5, 1e-5),
                      qPrintable(QString("S %1 prior %2: max difference %3").arg(S).arg(prior)
                                     .arg((got - expected).abs().max().item<float>())));
+            // Written into a strided view (heads side by side in wider rows), as a batch-of-one forward does.
+            torch::NoGradGuard no_grad;
+            auto rows = torch::full({S, N, hd + 3}, 7.f);
+            const auto into = rows.narrow(2, 0, hd).transpose(0, 1);  // [N, S, hd], rows N * (hd + 3) apart
+            QCOMPARE(nn::causalAttention(q, k, v, prior, tables, into).data_ptr(), into.data_ptr());
+            QVERIFY(torch::allclose(into, expected, 1e-5, 1e-5));
+            QVERIFY(torch::equal(rows.narrow(2, hd, 3), torch::full({S, N, 3}, 7.f)));  // nothing else written
         }
     }
 
