@@ -543,6 +543,11 @@ torch::Tensor ModTransformerImpl::hidden(const torch::Tensor& ids, const Forward
 
 torch::Tensor ModTransformerImpl::logits(const torch::Tensor& h) { return linear(h, tok_emb->weight, {}, head_t); }
 
+void ModTransformerImpl::logitsInto(const torch::Tensor& h, torch::Tensor& out) {
+    TORCH_CHECK(!torch::GradMode::is_enabled() && cpu::applies(h) && h.dim() == 2, "logitsInto: CPU [N, d] without autograd");
+    cpu::gemmInto(h, head_t.of(tok_emb->weight), out, 0.f);
+}
+
 torch::Tensor ModTransformerImpl::step(std::int64_t token, std::int64_t position, std::vector<LayerKV>& kv,
                                        const CausalRule& rule, std::vector<std::uint8_t>* processed,
                                        std::vector<float>* prob) {

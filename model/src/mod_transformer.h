@@ -218,6 +218,9 @@ struct ModTransformerImpl : torch::nn::Module {
                          std::vector<LayerRouting>* routing = nullptr);
     // hidden [.., d] -> logits [.., V] through the tied embedding
     torch::Tensor logits(const torch::Tensor& hidden);
+    // The same for hidden [N, d] on the CPU without autograd, written into out, a row-major float32 [N, V]
+    // (the caller's memory: a trace's vector, so the logits are not copied again).
+    void logitsInto(const torch::Tensor& hidden, torch::Tensor& out);
 
     // One generation step in causal mode: token id at position pos, kv holds every layer's cache (a routed
     // layer's cache holds the tokens it processed, which is the rule's n_t). Returns logits [V];

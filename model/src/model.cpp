@@ -179,7 +179,14 @@ RunTrace Model::run(const std::vector<int>& ids, const RunOptions& options) cons
     trace.token_ids = ids;
     int head_positions = 0;
     if (options.logits == RunOptions::Logits::All) {
-        trace.logits = toVector<float>(impl.net->logits(h[0]));
+        if (h.device().is_cpu() && h.scalar_type() == torch::kFloat32) {
+            // The head writes into the trace's own vector: [T, V] logits are not copied a second time.
+            trace.logits.resize(static_cast<std::size_t>(T) * impl.config.vocab_size);
+            auto out = torch::from_blob(trace.logits.data(), {T, impl.config.vocab_size}, torch::kFloat32);
+            impl.net->logitsInto(h[0], out);
+        } else {
+            trace.logits = toVector<float>(impl.net->logits(h[0]));
+        }
         trace.all_logits = true;
         head_positions = T;
     } else if (options.logits == RunOptions::Logits::Last) {
