@@ -6,11 +6,16 @@
 #include <ATen/Parallel.h>
 
 #include <dlfcn.h>
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
+#include <chrono>
 #include <thread>
 
 #include "cpu_kernels.h"
 #include "cpu_matmul.h"
+#include "cpu_threads.h"
 #include "test_support.h"
 
 using namespace modscope;
@@ -202,6 +207,47 @@ private Q_SLOTS:
         }
         const auto ties = torch::tensor({1.f, 3.f, 2.f, 3.f, 3.f, NAN, 0.f}).unsqueeze(0);
         QVERIFY(torch::equal(nn::topkIndices(ties, 3), torch::tensor({1, 3, 5}, torch::kLong).unsqueeze(0)));
+    }
+
+    // The choice from two readings: other processes' share of the machine is its busy time minus ours.
+    void threadsFollowOtherProcessesLoad() {
+        const cpu::CpuTimes t0{100.0, 50.0, 10.0};
+        QCOMPARE(cpu::threadsFromLoad(t0, {101.0, 50.2, 10.0}, 2), 2);  // others 0.2 cores
+        QCOMPARE(cpu::threadsFromLoad(t0, {101.0, 51.5, 10.0}, 2), 1);  // others 1.5 cores
+        QCOMPARE(cpu::threadsFromLoad(t0, {101.0, 52.0, 12.0}, 2), 2);  // both cores busy, all of it ours
+        QCOMPARE(cpu::threadsFromLoad(t0, {101.0, 51.0, 10.4}, 4), 1);  // others 0.6 cores
+        QCOMPARE(cpu::threadsFromLoad(t0, {100.05, 51.0, 10.0}, 2), 0);  // too short to tell
+        const auto now = cpu::readCpuTimes();
+        QVERIFY(now.machine_busy > 0 && now.own_busy > 0 && now.machine_busy >= now.own_busy);
+    }
+
+    // Two processes spinning on every core: the next CPU work gets one thread, so no barrier of ours waits
+    // for a preempted thread. LibTorch's count is put back after; the engine's choice stays at one thread until
+    // its next reading, which no later test here takes.
+    void busyMachineGetsOneThread() {
+        if (qEnvironmentVariableIsSet("MODSCOPE_TORCH_THREADS")) QSKIP("thread count overridden");
+        const int cores = int(std::max(1u, std::thread::hardware_concurrency()));
+        cpu::adaptThreads();  // first reading
+        std::vector<pid_t> children;
+        for (int i = 0; i < cores; ++i) {
+            const pid_t pid = fork();
+            if (pid == 0) {
+                volatile unsigned long spin = 0;
+                for (;;) ++spin;
+            }
+            QVERIFY(pid > 0);
+            children.push_back(pid);
+        }
+        std::this_thread::sleep_for(std::chrono::milliseconds(600));
+        const int chosen = cpu::adaptThreads();
+        const int torch_threads = at::get_num_threads();
+        for (const pid_t pid : children) {
+            kill(pid, SIGKILL);
+            waitpid(pid, nullptr, 0);
+        }
+        QCOMPARE(chosen, 1);
+        QCOMPARE(torch_threads, 1);
+        at::set_num_threads(cores);
     }
 
     // The model's forward, which now runs on these products, still matches a forward through torch's own.

@@ -8,6 +8,7 @@
 #include <random>
 
 #include "checkpoint.h"
+#include "cpu_threads.h"
 #include "file_io.h"
 #include "model_impl.h"
 #include "sha256.h"
@@ -158,6 +159,7 @@ void Model::attachTokenizer(std::unique_ptr<Tokenizer> tokenizer) {
 
 RunTrace Model::run(const std::vector<int>& ids, const RunOptions& options) const {
     const auto t0 = std::chrono::steady_clock::now();
+    cpu::adaptThreads();
     torch::InferenceMode guard;
     auto& impl = *impl_;
     const auto input = impl.idsTensor(ids);
@@ -247,6 +249,7 @@ RunTrace Model::run(const std::vector<int>& ids, const RunOptions& options) cons
 
 GenerationResult Model::generate(const std::vector<int>& prompt_ids, const GenerationOptions& options,
                                  const std::function<bool(const GenerationStep&)>& on_step) const {
+    cpu::adaptThreads();
     torch::InferenceMode guard;
     auto& impl = *impl_;
     const auto& cfg = impl.config;
@@ -281,6 +284,7 @@ GenerationResult Model::generate(const std::vector<int>& prompt_ids, const Gener
             result.cancelled = true;
             break;
         }
+        cpu::adaptThreads();  // reads the load at most every 0.25 s
         const auto ts = std::chrono::steady_clock::now();
         GenerationStep step;
         step.index = i;

@@ -19,6 +19,7 @@
 #include <random>
 #include <sstream>
 
+#include "cpu_threads.h"
 #include "file_io.h"
 #include "modscope/trace_io.h"
 #include "model_impl.h"
@@ -447,6 +448,7 @@ TrainProgress Trainer::run(const std::function<void(const TrainProgress&)>& on_p
 
     while (s.step < s.total_steps) {
         if (stop && stop->load()) break;
+        cpu::adaptThreads();
         const auto t0 = std::chrono::steady_clock::now();
         // Every step's batch follows from (seed, step) alone, so a resumed run sees the same data.
         std::mt19937_64 rng(opt.seed * 0x9E3779B97F4A7C15ull + static_cast<std::uint64_t>(s.step));

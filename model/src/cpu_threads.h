@@ -1,0 +1,29 @@
+// How many threads the engine's CPU work gets, chosen from what the rest of the machine is doing
+// (internal to model/).
+//
+// Why: the matmuls and loops run on LibTorch's OpenMP pool, and a parallel region ends at a barrier that waits
+// for every thread of the team. With other processes keeping the cores busy, the kernel preempts one of our
+// threads for a whole time slice while the other waits at the barrier, at every region: a 114-token run in the
+// app took 706 ms instead of 10 ms with two busy processes beside it, and 14 ms on one thread
+// (DEVELOPERS.md, Threads and matmuls). So the engine takes every core while the others are idle, and one
+// thread while other processes use more than half a core.
+#pragma once
+
+namespace modscope::cpu {
+
+// Cumulative CPU time in seconds: all cores' busy time (steal included) and this process's own.
+struct CpuTimes {
+    double wall = 0, machine_busy = 0, own_busy = 0;
+};
+CpuTimes readCpuTimes();  // /proc/stat and /proc/self/stat; zeros where they cannot be read
+
+// Threads for the next interval given two readings: `cores` when other processes used at most half a core
+// between them, else 1. Fewer than 0.1 s apart: undecided (returns 0).
+int threadsFromLoad(const CpuTimes& before, const CpuTimes& after, int cores);
+
+// Called before CPU work on the calling thread: re-reads the load at most every 0.25 s and sets LibTorch's
+// thread count (this thread's OpenMP pool, which also threads oneDNN) to the choice. A no-op when
+// MODSCOPE_TORCH_THREADS fixes the count. Returns the threads in force.
+int adaptThreads();
+
+}  // namespace modscope::cpu
