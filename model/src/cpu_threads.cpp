@@ -71,6 +71,7 @@ int adaptThreads() {
     static std::mutex mutex;
     static CpuTimes last = readCpuTimes();
     static int chosen = allCores();
+    int threads = 0;
     {
         std::lock_guard<std::mutex> lock(mutex);
         if (nowSeconds() - last.wall >= 0.25) {
@@ -78,9 +79,10 @@ int adaptThreads() {
             if (const int n = threadsFromLoad(last, now, allCores()); n > 0) chosen = n;
             last = now;
         }
+        threads = chosen;
     }
-    if (at::get_num_threads() != chosen) at::set_num_threads(chosen);
-    return chosen;
+    if (at::get_num_threads() != threads) at::set_num_threads(threads);
+    return threads;
 }
 
 }  // namespace modscope::cpu
