@@ -215,7 +215,9 @@ private Q_SLOTS:
         QCOMPARE(cpu::threadsFromLoad(t0, {101.0, 50.2, 10.0}, 2), 2);  // others 0.2 cores
         QCOMPARE(cpu::threadsFromLoad(t0, {101.0, 51.5, 10.0}, 2), 1);  // others 1.5 cores
         QCOMPARE(cpu::threadsFromLoad(t0, {101.0, 52.0, 12.0}, 2), 2);  // both cores busy, all of it ours
-        QCOMPARE(cpu::threadsFromLoad(t0, {101.0, 51.0, 10.4}, 4), 1);  // others 0.6 cores
+        QCOMPARE(cpu::threadsFromLoad(t0, {101.0, 51.0, 10.4}, 4), 3);  // others 0.6 cores of 4
+        QCOMPARE(cpu::threadsFromLoad(t0, {101.0, 53.0, 10.4}, 4), 1);  // others 2.6 cores of 4
+        QCOMPARE(cpu::threadsFromLoad(t0, {101.0, 50.0, 10.0}, 16), 16);
         QCOMPARE(cpu::threadsFromLoad(t0, {100.05, 51.0, 10.0}, 2), 0);  // too short to tell
         const auto now = cpu::readCpuTimes();
         QVERIFY(now.machine_busy > 0 && now.own_busy > 0 && now.machine_busy >= now.own_busy);

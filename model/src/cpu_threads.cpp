@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <cstdlib>
 #include <fstream>
 #include <mutex>
@@ -59,7 +60,8 @@ int threadsFromLoad(const CpuTimes& before, const CpuTimes& after, int cores) {
     const double wall = after.wall - before.wall;
     if (wall < 0.1) return 0;
     const double others = ((after.machine_busy - before.machine_busy) - (after.own_busy - before.own_busy)) / wall;
-    return others > 0.5 ? 1 : std::max(1, cores);
+    // Leave other processes the cores they are using (rounded), and keep the rest.
+    return std::max(1, cores - static_cast<int>(std::floor(std::max(0.0, others) + 0.5)));
 }
 
 int adaptThreads() {

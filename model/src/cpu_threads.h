@@ -5,8 +5,8 @@
 // for every thread of the team. With other processes keeping the cores busy, the kernel preempts one of our
 // threads for a whole time slice while the other waits at the barrier, at every region: a 114-token run in the
 // app took 706 ms instead of 10 ms with two busy processes beside it, and 14 ms on one thread
-// (DEVELOPERS.md, Threads and matmuls). So the engine takes every core while the others are idle, and one
-// thread while other processes use more than half a core.
+// (DEVELOPERS.md, Threads and matmuls). So the engine leaves other processes the cores they are using and
+// takes the rest: on two cores, one thread while others use more than half a core, both otherwise.
 #pragma once
 
 namespace modscope::cpu {
@@ -17,8 +17,8 @@ struct CpuTimes {
 };
 CpuTimes readCpuTimes();  // /proc/stat and /proc/self/stat; zeros where they cannot be read
 
-// Threads for the next interval given two readings: `cores` when other processes used at most half a core
-// between them, else 1. Fewer than 0.1 s apart: undecided (returns 0).
+// Threads for the next interval given two readings: `cores` less the cores other processes used between them
+// (rounded to the nearest), at least 1. Fewer than 0.1 s apart: undecided (returns 0).
 int threadsFromLoad(const CpuTimes& before, const CpuTimes& after, int cores);
 
 // Called before CPU work on the calling thread: re-reads the load at most every 0.25 s and sets LibTorch's
