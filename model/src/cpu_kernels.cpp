@@ -3,6 +3,8 @@
 
 #include <ATen/Parallel.h>
 
+#include "cpu_matmul.h"
+
 #include <cmath>
 #include <cstring>
 
@@ -40,10 +42,7 @@ void rotateHead(const float* x, const float* c, const float* s, float* y, std::i
 
 }  // namespace
 
-bool appliesTo(const torch::Tensor& t) {
-    return t.defined() && t.device().is_cpu() && t.scalar_type() == torch::kFloat32 && t.dim() > 0 &&
-           (t.stride(-1) == 1 || t.size(-1) == 1);
-}
+bool appliesTo(const torch::Tensor& t) { return applies(t) && t.dim() > 0 && (t.stride(-1) == 1 || t.size(-1) == 1); }
 
 torch::Tensor rmsNorm(const torch::Tensor& x_in, const torch::Tensor& weight, double eps) {
     TORCH_CHECK(appliesTo(x_in) && appliesTo(weight) && weight.dim() == 1 && weight.size(0) == x_in.size(-1),

@@ -119,10 +119,6 @@ torch::Tensor rawBmm(const torch::Tensor& a, const torch::Tensor& b, const torch
     return c;
 }
 
-bool needsGrad(const torch::Tensor& a, const torch::Tensor& b) {
-    return torch::GradMode::is_enabled() && (a.requires_grad() || b.requires_grad());
-}
-
 // The products' gradients are products again: dA = dC B^T, dB = A^T dC, the transposes free views.
 struct MmFunction : torch::autograd::Function<MmFunction> {
     static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& a, const torch::Tensor& b) {
@@ -158,6 +154,10 @@ struct BmmFunction : torch::autograd::Function<BmmFunction> {
 }  // namespace
 
 bool applies(const torch::Tensor& t) { return t.defined() && t.device().is_cpu() && t.scalar_type() == torch::kFloat32; }
+
+bool needsGrad(const torch::Tensor& a, const torch::Tensor& b) {
+    return torch::GradMode::is_enabled() && (a.requires_grad() || b.requires_grad());
+}
 
 torch::Tensor mm(const torch::Tensor& a, const torch::Tensor& b) {
     checkOperands(a, b, 2);

@@ -14,6 +14,10 @@ namespace modscope::cpu {
 // Whether these products apply: a float32 CPU tensor. Everything else (CUDA, other dtypes) takes torch's ops.
 bool applies(const torch::Tensor& t);
 
+// Whether autograd must see an operation on a and b: grad mode is on and either requires grad. The fast
+// paths (these products' raw forms, cpu_kernels.h's loops) are for when it need not.
+bool needsGrad(const torch::Tensor& a, const torch::Tensor& b);
+
 // a [M, K] @ b [K, N] -> [M, N]. Either operand may be any 2-D view whose rows or columns are contiguous (a
 // transpose or a column slice is free). Differentiable when grad mode is on and an operand requires grad.
 torch::Tensor mm(const torch::Tensor& a, const torch::Tensor& b);

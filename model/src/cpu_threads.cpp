@@ -23,9 +23,14 @@ double nowSeconds() {
     return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
 }
 
+}  // namespace
+
 int allCores() { return static_cast<int>(std::max(1u, std::thread::hardware_concurrency())); }
 
-}  // namespace
+int fixedThreads() {
+    const char* env = std::getenv("MODSCOPE_TORCH_THREADS");
+    return env != nullptr ? std::max(0, std::atoi(env)) : 0;
+}
 
 CpuTimes readCpuTimes() {
     CpuTimes t;
@@ -65,10 +70,7 @@ int threadsFromLoad(const CpuTimes& before, const CpuTimes& after, int cores) {
 }
 
 int adaptThreads() {
-    static const bool fixed = [] {
-        const char* env = std::getenv("MODSCOPE_TORCH_THREADS");
-        return env != nullptr && std::atoi(env) > 0;
-    }();
+    static const bool fixed = fixedThreads() > 0;
     if (fixed) return at::get_num_threads();
     static std::mutex mutex;
     static CpuTimes last = readCpuTimes();

@@ -11,6 +11,11 @@
 
 namespace modscope::cpu {
 
+// The cores LibTorch may use: every one, or MODSCOPE_TORCH_THREADS when it is set to a positive count
+// (which also stops adaptThreads from changing it).
+int allCores();
+int fixedThreads();  // MODSCOPE_TORCH_THREADS's count, 0 when unset or not positive
+
 // Cumulative CPU time in seconds: all cores' busy time (steal included) and this process's own.
 struct CpuTimes {
     double wall = 0, machine_busy = 0, own_busy = 0;

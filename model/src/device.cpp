@@ -6,10 +6,9 @@
 
 #include <cstdlib>
 #include <mutex>
-#include <thread>
-#include <algorithm>
 
 #include "cpu_matmul.h"
+#include "cpu_threads.h"
 #include "modscope/engine.h"
 
 namespace modscope {
@@ -59,11 +58,8 @@ void configureRuntime() {
         // other operator; OpenBLAS, which would start its own threads for any product left to it, gets one.
         // Two pools spinning for the same cores halve throughput on a 2-core machine (DEVELOPERS.md).
         cpu::setOpenBlasThreads(1);
-        int threads = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
-        if (const char* env = std::getenv("MODSCOPE_TORCH_THREADS")) {
-            const int v = std::atoi(env);
-            if (v > 0) threads = v;
-        }
+        const int fixed = cpu::fixedThreads();
+        const int threads = fixed > 0 ? fixed : cpu::allCores();
         at::set_num_threads(threads);
     });
 }

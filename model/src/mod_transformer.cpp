@@ -16,14 +16,7 @@ namespace modscope::nn {
 namespace F = torch::nn::functional;
 using torch::indexing::Slice;
 
-namespace {
-
-// Whether autograd must see this operation: then it runs as LibTorch operators, not a fused loop.
-bool needsGrad(const torch::Tensor& a, const torch::Tensor& b) {
-    return torch::GradMode::is_enabled() && (a.requires_grad() || b.requires_grad());
-}
-
-}  // namespace
+using cpu::needsGrad;
 
 // ---------------------------------------------------------------------------------------------- RMSNorm
 RmsNormImpl::RmsNormImpl(std::int64_t dim, double eps_) : eps(eps_) {
@@ -251,6 +244,13 @@ torch::Tensor topkIndices(const torch::Tensor& router_logits, std::int64_t k) {
 
 namespace {
 
+// Rows of x2d [N, d] at rows [k]: a memcpy per row on the CPU when autograd need not see it, index_select
+// otherwise.
+torch::Tensor selectRows(const torch::Tensor& x2d, const torch::Tensor& rows) {
+    if (!needsGrad(x2d, x2d) && cpu::appliesTo(x2d) && rows.device().is_cpu()) return cpu::gatherRows(x2d, rows.contiguous());
+    return x2d.index_select(0, rows);
+}
+
 // idx [B, k] into T -> row numbers [B*k] into x viewed as [B*T, d].
 torch::Tensor flatRows(const torch::Tensor& idx, std::int64_t T) {
     if (idx.size(0) == 1) return idx.reshape(-1);
@@ -262,9 +262,7 @@ torch::Tensor flatRows(const torch::Tensor& idx, std::int64_t T) {
 torch::Tensor gatherRows(const torch::Tensor& x, const torch::Tensor& idx) {
     // Whole rows copied as rows: a gather with the index expanded over d looks up every element.
     const auto B = x.size(0), T = x.size(1), d = x.size(2);
-    if (!needsGrad(x, x) && cpu::appliesTo(x) && idx.device().is_cpu())  // a memcpy per row, one call in all
-        return cpu::gatherRows(x.reshape({B * T, d}), flatRows(idx, T).contiguous()).view({B, idx.size(1), d});
-    return x.reshape({B * T, d}).index_select(0, flatRows(idx, T)).view({B, idx.size(1), d});
+    return selectRows(x.reshape({B * T, d}), flatRows(idx, T)).view({B, idx.size(1), d});
 }
 
 torch::Tensor scatterRows(const torch::Tensor& x, const torch::Tensor& idx, const torch::Tensor& rows, bool in_place) {
@@ -399,9 +397,7 @@ torch::Tensor causalRouting(BlockImpl& block, const torch::Tensor& x, const torc
     if (predictor_rows != nullptr) *predictor_rows = static_cast<std::int64_t>(rows.size());
     if (!rows.empty()) {
         const auto idx = torch::tensor(rows, torch::kLong).to(x.device());
-        const auto flat = x.detach().reshape({B * T, d});
-        const bool on_cpu = !torch::GradMode::is_enabled() && cpu::appliesTo(flat);
-        logits = cpuFloat(block.predictor(on_cpu ? cpu::gatherRows(flat, idx) : flat.index_select(0, idx)));
+        logits = cpuFloat(block.predictor(selectRows(x.detach().reshape({B * T, d}), idx)));
     }
     auto out = torch::zeros({B, T}, torch::TensorOptions().dtype(torch::kBool));
     auto sel = out.accessor<bool, 2>();

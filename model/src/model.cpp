@@ -8,6 +8,7 @@
 #include <random>
 
 #include "checkpoint.h"
+#include "cpu_matmul.h"
 #include "cpu_threads.h"
 #include "file_io.h"
 #include "model_impl.h"
@@ -181,7 +182,7 @@ RunTrace Model::run(const std::vector<int>& ids, const RunOptions& options) cons
     trace.token_ids = ids;
     int head_positions = 0;
     if (options.logits == RunOptions::Logits::All) {
-        if (h.device().is_cpu() && h.scalar_type() == torch::kFloat32) {
+        if (cpu::applies(h)) {
             // The head writes into the trace's own vector: [T, V] logits are not copied a second time.
             trace.logits.resize(static_cast<std::size_t>(T) * impl.config.vocab_size);
             auto out = torch::from_blob(trace.logits.data(), {T, impl.config.vocab_size}, torch::kFloat32);

@@ -12,12 +12,12 @@
 #include <cstdlib>
 #include <functional>
 #include <regex>
-#include <thread>
 #include <vector>
 
 #include <dnnl.h>
 
 #include "cpu_matmul.h"
+#include "cpu_threads.h"
 #include "model_impl.h"
 #include "modscope/profiling.h"
 
@@ -170,7 +170,7 @@ MatmulPeak measureMatmulPeak(int n, int reps, MatmulLibrary library) {
         using cpu::openBlasThreads, cpu::setOpenBlasThreads;
         const int before = openBlasThreads();
         if (before == 0) throw Error("the BLAS LibTorch loaded is not OpenBLAS");
-        setOpenBlasThreads(static_cast<int>(std::max(1u, std::thread::hardware_concurrency())));
+        setOpenBlasThreads(cpu::allCores());
         m.threads = openBlasThreads();
         try {
             ms = timeCalls(std::max(reps, 1), [&] { torch::mm_out(c, a, b); });
