@@ -260,7 +260,8 @@ double forwardFlops(const ModelConfig& config, int seq_len, const std::vector<in
 double denseForwardFlops(const ModelConfig& config, int seq_len, int head_positions = -1);
 
 // Process-wide settings the engine measured best (DEVELOPERS.md, docs/PERFORMANCE.md): LibTorch's intra-op
-// pool on every core (MODSCOPE_TORCH_THREADS overrides), which also threads the engine's oneDNN matmuls;
+// pool on every core (MODSCOPE_TORCH_THREADS overrides; while other processes keep cores busy, runs and training
+// steps give those back), which also threads the engine's oneDNN matmuls;
 // OpenBLAS at one thread, so that no second pool spins beside it; and a heap that keeps freed blocks instead
 // of returning them to the kernel. Called once by Model::open/create; idempotent.
 void configureRuntime();
