@@ -6,15 +6,21 @@
 #include <ATen/Parallel.h>
 
 #include <dlfcn.h>
+#include <omp.h>
 #include <signal.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <array>
+#include <atomic>
 #include <chrono>
+#include <mutex>
+#include <set>
 #include <thread>
 
 #include "cpu_kernels.h"
 #include "cpu_matmul.h"
+#include "cpu_signals.h"
 #include "cpu_threads.h"
 #include "test_support.h"
 
@@ -250,6 +256,87 @@ private Q_SLOTS:
         QCOMPARE(chosen, 1);
         QCOMPARE(torch_threads, 1);
         at::set_num_threads(cores);
+    }
+
+    // Signal handlers never run on a thread that runs the products, nor on the OpenMP threads working for it,
+    // where oneDNN's sgemm would have the handler's frame written into the heap (cpu_signals.h). The computing
+    // thread starts as an app's worker does, signals unblocked, and runs a parallel region of its own (starting
+    // its OpenMP threads) before its first product. Then it multiplies while another thread sends SIGUSR1 every
+    // 0.2 ms to the process and to each computing thread by id (as a profiler's timer does). Once with a team
+    // of two threads and once alone.
+    void signalHandlersStayOffComputeThreads() {
+        static std::atomic<int> handled{0};
+        static std::array<std::atomic<pid_t>, 1 << 15> ran_on{};
+        struct sigaction action {};
+        action.sa_handler = [](int) {
+            const int i = handled.fetch_add(1);
+            if (i < int(ran_on.size())) ran_on[i] = gettid();
+        };
+        action.sa_flags = SA_RESTART;
+        sigemptyset(&action.sa_mask);
+        QVERIFY(sigaction(SIGUSR1, &action, nullptr) == 0);
+        const int threads_before = at::get_num_threads();
+        torch::manual_seed(3);
+        const auto a = torch::randn({128, 192}), b = torch::randn({192, 512});
+        const auto pa = torch::randn({8, 64, 32}), pb = torch::randn({8, 32, 64});
+        const auto want = exact(a, b), pwant = exact(pa, pb);
+
+        for (const int team : {2, 1}) {
+            handled = 0;
+            std::mutex mutex;
+            std::set<pid_t> compute;
+            std::atomic<bool> multiplying{false}, stop{false};
+            int wrong = 0, products = 0;
+            std::thread worker([&] {
+                sigset_t none;
+                sigemptyset(&none);
+                pthread_sigmask(SIG_SETMASK, &none, nullptr);
+                at::set_num_threads(team);
+                const auto noteThreads = [&] {
+#pragma omp parallel num_threads(team)
+                    {
+                        std::lock_guard<std::mutex> lock(mutex);
+                        compute.insert(gettid());
+                    }
+                };
+                noteThreads();
+                const auto t0 = std::chrono::steady_clock::now();
+                while (std::chrono::steady_clock::now() - t0 < std::chrono::milliseconds(800)) {
+                    wrong += !close(cpu::mm(a, b), want) + !close(cpu::bmm(pa, pb), pwant);
+                    products += 2;
+                    multiplying = true;
+                }
+                noteThreads();
+            });
+            std::thread sender([&] {
+                while (!multiplying) std::this_thread::sleep_for(std::chrono::microseconds(100));
+                std::vector<pid_t> targets;
+                {
+                    std::lock_guard<std::mutex> lock(mutex);
+                    targets.assign(compute.begin(), compute.end());
+                }
+                while (!stop) {
+                    kill(getpid(), SIGUSR1);
+                    for (const pid_t tid : targets) tgkill(getpid(), tid, SIGUSR1);
+                    std::this_thread::sleep_for(std::chrono::microseconds(200));
+                }
+            });
+            worker.join();
+            stop = true;
+            sender.join();
+            std::this_thread::sleep_for(std::chrono::milliseconds(50));  // the last ones handled
+
+            QCOMPARE(wrong, 0);
+            QVERIFY2(products > 50, qPrintable(QString::number(products)));
+            QCOMPARE(int(compute.size()), team);
+            const int n = std::min<int>(handled, int(ran_on.size()));
+            QVERIFY2(n > 200, qPrintable(QString::number(n)));
+            int on_compute = 0;
+            for (int i = 0; i < n; ++i) on_compute += compute.count(ran_on[i]) > 0;
+            QVERIFY2(on_compute == 0, qPrintable(QString("team of %1: %2 of %3 signals handled on a computing thread")
+                                                     .arg(team).arg(on_compute).arg(n)));
+        }
+        at::set_num_threads(threads_before);
     }
 
     // The model's forward, which now runs on these products, still matches a forward through torch's own.

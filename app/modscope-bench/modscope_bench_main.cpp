@@ -74,6 +74,7 @@ std::string parse(int argc, char** argv, BenchOptions& o, bool& help) {
 }  // namespace
 
 int main(int argc, char** argv) {
+    modscope::startSignalThread();
     using namespace modscope;
     using namespace modscope::bench;
     BenchOptions options;

@@ -451,6 +451,7 @@ int run(const Options& o) {
 }  // namespace
 
 int main(int argc, char** argv) {
+    modscope::startSignalThread();
     Options options;
     try {
         options = parseArgs(argc, argv);

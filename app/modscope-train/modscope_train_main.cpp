@@ -176,6 +176,7 @@ int calibrateCausalCommand(const std::string& dir, const std::vector<std::string
 }  // namespace
 
 int main(int argc, char** argv) {
+    modscope::startSignalThread();
     using modscope::Error;
     modscope::TrainOptions opt;
     opt.config.name = "modscope";

@@ -8,9 +8,11 @@
 
 #include "command_line.h"
 #include "main_window.h"
+#include "modscope/engine.h"
 #include "screenshot_taker.h"
 
 int main(int argc, char** argv) {
+    modscope::startSignalThread();
     QApplication app(argc, argv);
     QApplication::setOrganizationName(QStringLiteral("ModScope"));
     QApplication::setApplicationName(QStringLiteral("modscope"));

@@ -13,6 +13,7 @@ namespace modscope::cpu {
 namespace {
 
 // Rows per parallel chunk: below ~64k elements a second thread costs more than it saves.
+// (This file is built without -fopenmp, so at::parallel_for runs every chunk on the calling thread.)
 std::int64_t grainRows(std::int64_t row_elements) { return std::max<std::int64_t>(1, 65536 / std::max<std::int64_t>(row_elements, 1)); }
 
 __attribute__((target_clones("avx2", "default")))

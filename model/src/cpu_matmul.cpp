@@ -1,5 +1,6 @@
 // oneDNN sgemm behind torch tensors (cpu_matmul.h).
 #include "cpu_matmul.h"
+#include "cpu_signals.h"
 
 #include <ATen/Parallel.h>
 #include <torch/autograd.h>
@@ -66,6 +67,7 @@ int gemm(const Matrix& a, const Matrix& b, float* c, std::int64_t ldc, float bet
     }
     Operand A{}, B{};
     if (!readable(a, &A) || !readable(b, &B)) return dnnl_invalid_arguments;
+    keepSignalsOffThisThread();
     return dnnl_sgemm(A.trans, B.trans, M, N, K, 1.f, A.data, A.ld, B.data, B.ld, beta, c, ldc);
 }
 
@@ -92,9 +94,11 @@ void bmmRaw(const torch::Tensor& a_in, const torch::Tensor& b_in, float* out, st
     const auto a = readableLayout(a_in), b = readableLayout(b_in);
     const auto P = a.size(0);
     TORCH_CHECK(b.size(0) == P, "cpu::bmm: batch sizes ", P, " and ", b.size(0), " differ");
-    // A training batch has dozens of (row, head) products of a few hundred rows: one per thread beats
-    // splitting each across threads. A batch of one has three: each gets every thread.
+    // A training batch has dozens of (row, head) products of a few hundred rows, meant to go one per thread.
+    // This file is built without -fopenmp, though, so at::parallel_for runs them in turn on this thread, each
+    // threaded inside oneDNN, as a batch of one's three products are.
     if (P >= 4 && at::get_num_threads() > 1 && !at::in_parallel_region()) {
+        keepSignalsOffThisThread();  // before the region, so that none of its threads takes a signal mid-product
         std::vector<int> status(P, dnnl_success);
         at::parallel_for(0, P, 1, [&](std::int64_t p0, std::int64_t p1) {
             for (auto p = p0; p < p1; ++p) status[p] = gemm(matrixOf(a, p), matrixOf(b, p), out + p * cstride, ldc, beta);

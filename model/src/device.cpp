@@ -8,6 +8,7 @@
 #include <mutex>
 
 #include "cpu_matmul.h"
+#include "cpu_signals.h"
 #include "cpu_threads.h"
 #include "modscope/engine.h"
 
@@ -63,5 +64,7 @@ void configureRuntime() {
         at::set_num_threads(threads);
     });
 }
+
+void startSignalThread() { cpu::startSignalThread(); }
 
 }  // namespace modscope

@@ -266,4 +266,12 @@ double denseForwardFlops(const ModelConfig& config, int seq_len, int head_positi
 // of returning them to the kernel. Called once by Model::open/create; idempotent.
 void configureRuntime();
 
+// Starts the thread that runs the process's handlers of asynchronous signals (SIGINT, SIGTERM, SIGCHLD, ...).
+// The engine blocks those signals, for good, on every thread that runs its matrix products, and on the OpenMP
+// threads working for it: oneDNN 2.6's sgemm corrupts the heap when a handler runs on a thread mid-product
+// (model/src/cpu_signals.h). It starts this thread at its first product; call this first in main() so that the
+// process answers signals from the start even when its parent left them blocked (a process that ran the engine
+// passes its blocked mask on to the programs it starts).
+void startSignalThread();
+
 }  // namespace modscope
