@@ -6,7 +6,6 @@
 #include <ATen/Parallel.h>
 
 #include <dlfcn.h>
-#include <omp.h>
 #include <signal.h>
 #include <sys/wait.h>
 #include <unistd.h>
