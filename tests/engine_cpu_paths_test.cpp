@@ -233,7 +233,7 @@ private Q_SLOTS:
     // its next reading, which no later test here takes.
     void busyMachineGetsOneThread() {
         if (qEnvironmentVariableIsSet("MODSCOPE_TORCH_THREADS")) QSKIP("thread count overridden");
-        const int cores = int(std::max(1u, std::thread::hardware_concurrency()));
+        const int cores = cpu::allCores();
         cpu::adaptThreads();  // first reading
         std::vector<pid_t> children;
         for (int i = 0; i < cores; ++i) {

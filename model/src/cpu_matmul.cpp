@@ -2,14 +2,12 @@
 #include "cpu_matmul.h"
 #include "cpu_signals.h"
 
-#include <ATen/Parallel.h>
 #include <torch/autograd.h>
 
 #include <dnnl.h>
 #include <dlfcn.h>
 
 #include <algorithm>
-#include <vector>
 
 namespace modscope::cpu {
 
@@ -94,19 +92,9 @@ void bmmRaw(const torch::Tensor& a_in, const torch::Tensor& b_in, float* out, st
     const auto a = readableLayout(a_in), b = readableLayout(b_in);
     const auto P = a.size(0);
     TORCH_CHECK(b.size(0) == P, "cpu::bmm: batch sizes ", P, " and ", b.size(0), " differ");
-    // A training batch has dozens of (row, head) products of a few hundred rows, meant to go one per thread.
-    // This file is built without -fopenmp, though, so at::parallel_for runs them in turn on this thread, each
-    // threaded inside oneDNN, as a batch of one's three products are.
-    if (P >= 4 && at::get_num_threads() > 1 && !at::in_parallel_region()) {
-        keepSignalsOffThisThread();  // before the region, so that none of its threads takes a signal mid-product
-        std::vector<int> status(P, dnnl_success);
-        at::parallel_for(0, P, 1, [&](std::int64_t p0, std::int64_t p1) {
-            for (auto p = p0; p < p1; ++p) status[p] = gemm(matrixOf(a, p), matrixOf(b, p), out + p * cstride, ldc, beta);
-        });
-        for (const int s : status) check(s);
-    } else {
-        for (std::int64_t p = 0; p < P; ++p) check(gemm(matrixOf(a, p), matrixOf(b, p), out + p * cstride, ldc, beta));
-    }
+    // One product after another, each threaded inside oneDNN. (An at::parallel_for over the batch, meant to give
+    // each thread its own products in training, ran them in turn anyway: this file is built without -fopenmp.)
+    for (std::int64_t p = 0; p < P; ++p) check(gemm(matrixOf(a, p), matrixOf(b, p), out + p * cstride, ldc, beta));
 }
 
 torch::Tensor rawBmm(const torch::Tensor& a, const torch::Tensor& b, const torch::Tensor& add) {

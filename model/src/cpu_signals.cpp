@@ -45,7 +45,9 @@ void startSignalThread() {
 }
 
 void keepSignalsOffThisThread() {
-    if (at::in_parallel_region()) return;  // a product inside a region: its master blocked the team before it
+    // No product of the engine's runs inside a parallel region of its own; were one to, its master would call
+    // this before the region, and a region must not be started from inside one.
+    if (at::in_parallel_region()) return;
     const int team = at::get_num_threads();
     if (t_shielded_team >= team) return;
     startSignalThread();
