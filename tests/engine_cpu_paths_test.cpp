@@ -191,12 +191,53 @@ private Q_SLOTS:
         const auto x = wide.narrow(1, 3, 24);  // rows 30 apart
         const auto rows = torch::tensor({39, 0, 7, 8, 21}, torch::kLong);
         QVERIFY(torch::equal(cpu::gatherRows(x, rows), x.index_select(0, rows)));
-        auto target = torch::zeros({40, 24});
-        const auto src = torch::randn({5, 24});
-        cpu::scatterRows(target, rows, src);
-        QVERIFY(torch::equal(target, torch::zeros({40, 24}).index_copy(0, rows, src)));
         QVERIFY_THROWS_EXCEPTION(c10::Error, cpu::gatherRows(x, torch::tensor({40}, torch::kLong)));
-        QVERIFY_THROWS_EXCEPTION(c10::Error, cpu::scatterRows(target, torch::tensor({-1}, torch::kLong), src.narrow(0, 0, 1)));
+
+        // The gated update added in place: the selected rows get sigmoid(logit) * delta, no other row changes.
+        // d 37: the vector loop's tail.
+        auto target = torch::randn({40, 37});
+        const auto before = target.clone();
+        const auto logits = torch::randn({40}) * 3;
+        const auto delta = torch::randn({5, 37});
+        cpu::addGatedRows(target, rows, logits, delta);
+        const auto want = before.index_add(0, rows, torch::sigmoid(logits.index_select(0, rows)).unsqueeze(1) * delta);
+        QVERIFY(close(target, want, 1e-6));
+        const auto untouched = torch::ones({40}, torch::kBool).index_fill(0, rows, false);
+        QVERIFY(torch::equal(target.index({untouched}), before.index({untouched})));
+        QVERIFY_THROWS_EXCEPTION(c10::Error, cpu::addGatedRows(target, torch::tensor({-1}, torch::kLong), logits, delta.narrow(0, 0, 1)));
+        QVERIFY_THROWS_EXCEPTION(c10::Error, cpu::addGatedRows(target, rows, logits, delta.narrow(0, 0, 4)));
+    }
+
+    // The router's dot per row against the operator, for strided rows and a length with a tail.
+    void rowDotMatchesTheOperator() {
+        torch::manual_seed(11);
+        const auto w = torch::randn({37});
+        const auto wide = torch::randn({2, 9, 50});
+        for (const auto& x : {wide.narrow(2, 0, 37), wide.narrow(2, 5, 37).contiguous(), wide.narrow(2, 1, 37).select(1, 3)}) {
+            const auto got = cpu::rowDot(x, w);
+            QCOMPARE(got.sizes().vec(), x.sizes().slice(0, x.dim() - 1).vec());
+            QVERIFY(close(got, torch::matmul(x, w), 1e-5));
+        }
+        QVERIFY_THROWS_EXCEPTION(c10::Error, cpu::rowDot(wide, w));
+    }
+
+    // The predictor's fused forward against the module's operators, for a batch of rows and for none; the
+    // module takes it without autograd.
+    void predictorLogitsMatchTheOperators() {
+        torch::manual_seed(12);
+        nn::Predictor predictor(40, 24);
+        predictor->fc1->bias.data().uniform_(-1, 1);
+        predictor->fc2->bias.data().fill_(0.3);
+        const auto x = torch::randn({3, 17, 40});
+        const auto want = (torch::silu(x.matmul(predictor->fc1->weight.t()) + predictor->fc1->bias)
+                               .matmul(predictor->fc2->weight.view(-1)) + predictor->fc2->bias).detach();
+        const auto fused = cpu::predictorLogits(x.view({-1, 40}), predictor->fc1->weight.t().contiguous(), predictor->fc1->bias,
+                                                predictor->fc2->weight, predictor->fc2->bias);
+        QVERIFY(close(fused.view({3, 17}), want, 1e-5));
+        QCOMPARE(cpu::predictorLogits(x.view({-1, 40}).narrow(0, 0, 0), predictor->fc1->weight.t().contiguous(),
+                                      predictor->fc1->bias, predictor->fc2->weight, predictor->fc2->bias).numel(), 0);
+        torch::InferenceMode guard;
+        QVERIFY(close(predictor(x), want, 1e-5));
     }
 
     // The CPU top-k against torch::topk: the same set for distinct values; ties go to the earlier position and

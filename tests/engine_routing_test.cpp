@@ -335,24 +335,38 @@ private Q_SLOTS:
         QVERIFY(torch::allclose(batch, copying, 1e-5, 1e-6));
     }
 
-    // The prefix top-k's count for every token at once, against counting by hand; ties are not "higher".
-    void higherBeforeCountsEarlierHigherLogits() {
+    // The prefix top-k's candidates against counting by hand: t passes when fewer than k(t + 1) earlier logits
+    // are strictly above its own (ties are not "higher"), across capacities and lengths.
+    void prefixTopkCandidatesCountEarlierHigherLogits() {
         torch::manual_seed(9);
-        for (int T : {1, 2, 17, 300}) {
-            // Values on a coarse grid so that ties are common.
-            const auto row = (torch::randint(0, 7, {T}) * 0.5).to(torch::kFloat32).contiguous();
-            const auto* r = row.data_ptr<float>();
-            const auto got = nn::higherBefore(r, T);
+        const auto key = [](float v) { return std::isnan(v) ? -std::numeric_limits<float>::infinity() : v; };
+        const auto byHand = [&](const float* r, int T, double capacity) {
+            std::vector<std::int64_t> out;
             for (int t = 0; t < T; ++t) {
-                std::int64_t expected = 0;
-                for (int u = 0; u < t; ++u) expected += r[u] > r[t] ? 1 : 0;
-                QCOMPARE(got[t], expected);
+                std::int64_t higher = 0;
+                for (int u = 0; u < t; ++u) higher += key(r[u]) > key(r[t]) ? 1 : 0;
+                if (nn::CausalRule::inPrefixTopk(capacity, t, higher)) out.push_back(t);
             }
-        }
+            return out;
+        };
+        for (double capacity : {0.125, 0.25, 0.5, 1.0})
+            for (int T : {1, 2, 17, 300, 1000}) {
+                // Values on a coarse grid so that ties are common, and a continuous row.
+                const auto coarse = (torch::randint(0, 7, {T}) * 0.5).to(torch::kFloat32).contiguous();
+                const auto fine = torch::randn({T}).contiguous();
+                for (const auto& row : {coarse, fine}) {
+                    const auto* r = row.data_ptr<float>();
+                    QCOMPARE(nn::prefixTopkCandidates(r, T, capacity), byHand(r, T, capacity));
+                }
+                // A rising row: every token is above all before it.
+                const auto rising = torch::arange(T, torch::kFloat32).contiguous();
+                QCOMPARE(nn::prefixTopkCandidates(rising.data_ptr<float>(), T, capacity).size(), std::size_t(T));
+            }
         // A NaN logit ranks lowest: every finite earlier logit counts as higher than it, and it counts for none.
         const float nan = std::numeric_limits<float>::quiet_NaN();
-        const std::vector<float> odd{1.0f, nan, 2.0f, nan, 0.5f};
-        QCOMPARE(nn::higherBefore(odd.data(), 5), (std::vector<std::int64_t>{0, 1, 0, 2, 2}));
+        const std::vector<float> odd{1.0f, nan, 2.0f, nan, 0.5f, nan, 3.0f, 0.1f};
+        QCOMPARE(nn::prefixTopkCandidates(odd.data(), 8, 0.25), byHand(odd.data(), 8, 0.25));
+        QCOMPARE(nn::prefixTopkCandidates(odd.data(), 8, 0.25), (std::vector<std::int64_t>{0, 2, 6}));
     }
 
     // Causal mode's forward reads the predictor only for the prefix top-k's candidates; the decisions must be
@@ -372,8 +386,13 @@ private Q_SLOTS:
                                                   nn::CausalRule{0.3, 0.125, 0.0, false}}) {
                     const auto expected = nn::causalSelection(every, router, rule);
                     std::int64_t rows = -1;
-                    const auto got = nn::causalRouting(*block, x, router, rule, &rows);
+                    std::vector<torch::Tensor> selected;
+                    const auto got = nn::causalRouting(*block, x, router, rule, &rows, &selected);
                     QVERIFY(torch::equal(got, expected));
+                    // Each row's processed positions, ascending, as the mask has them.
+                    QCOMPARE(selected.size(), std::size_t(2));
+                    for (int b = 0; b < 2; ++b)
+                        QVERIFY(torch::equal(selected[b], expected[b].nonzero().view({1, -1})));
                     // What the predictor is spared: with the prefix top-k it reads only the candidates, on
                     // random inputs about a third of the tokens; without it, every token.
                     if (!rule.prefix_topk) QCOMPARE(rows, std::int64_t(2 * T));

@@ -41,6 +41,63 @@ void rotateHead(const float* x, const float* c, const float* s, float* y, std::i
     for (std::int64_t i = half; i < hd; ++i) y[i] = x[i] * c[i] + x[i - half] * s[i];
 }
 
+// GCC's vector type: AVX registers in the AVX2 build, pairs of SSE registers in the baseline one. Unaligned
+// (aligned(4)): rows start wherever a view puts them.
+typedef float Float8 __attribute__((vector_size(32), aligned(4)));
+
+// No helpers taking or returning Float8: outside the AVX2 build their ABI would differ (-Wpsabi).
+#define MODSCOPE_LOAD8(p) (*reinterpret_cast<const Float8*>(p))
+#define MODSCOPE_SUM8(a) (((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7])))
+
+// Four rows at a time: four independent accumulators where one row's would be a serial chain of additions,
+// and each load of w serves four rows (1.3x faster than one row with two accumulators at 512 x 192).
+__attribute__((target_clones("avx2", "default")))
+void rowDots(const float* x, std::int64_t ldx, std::int64_t rows, const float* w, std::int64_t d, float* out) {
+    std::int64_t r = 0;
+    for (; r + 4 <= rows; r += 4) {
+        const float* x0 = x + r * ldx;
+        const float *x1 = x0 + ldx, *x2 = x1 + ldx, *x3 = x2 + ldx;
+        Float8 a0 = {}, a1 = {}, a2 = {}, a3 = {};
+        std::int64_t i = 0;
+        for (; i + 8 <= d; i += 8) {
+            const Float8 wi = MODSCOPE_LOAD8(w + i);
+            a0 += MODSCOPE_LOAD8(x0 + i) * wi;
+            a1 += MODSCOPE_LOAD8(x1 + i) * wi;
+            a2 += MODSCOPE_LOAD8(x2 + i) * wi;
+            a3 += MODSCOPE_LOAD8(x3 + i) * wi;
+        }
+        float s0 = MODSCOPE_SUM8(a0), s1 = MODSCOPE_SUM8(a1), s2 = MODSCOPE_SUM8(a2), s3 = MODSCOPE_SUM8(a3);
+        for (; i < d; ++i) {
+            s0 += x0[i] * w[i];
+            s1 += x1[i] * w[i];
+            s2 += x2[i] * w[i];
+            s3 += x3[i] * w[i];
+        }
+        out[r] = s0;
+        out[r + 1] = s1;
+        out[r + 2] = s2;
+        out[r + 3] = s3;
+    }
+    for (; r < rows; ++r) {
+        const float* xr = x + r * ldx;
+        Float8 a = {};
+        std::int64_t i = 0;
+        for (; i + 8 <= d; i += 8) a += MODSCOPE_LOAD8(xr + i) * MODSCOPE_LOAD8(w + i);
+        float s = MODSCOPE_SUM8(a);
+        for (; i < d; ++i) s += xr[i] * w[i];
+        out[r] = s;
+    }
+}
+#undef MODSCOPE_LOAD8
+#undef MODSCOPE_SUM8
+
+__attribute__((target_clones("avx2", "default")))
+void addScaledRow(float* y, const float* x, float scale, std::int64_t d) {
+    for (std::int64_t i = 0; i < d; ++i) y[i] += scale * x[i];
+}
+
+float sigmoid(float v) { return 1.0f / (1.0f + std::exp(-v)); }
+
 }  // namespace
 
 bool appliesTo(const torch::Tensor& t) { return applies(t) && t.dim() > 0 && (t.stride(-1) == 1 || t.size(-1) == 1); }
@@ -117,15 +174,54 @@ torch::Tensor gatherRows(const torch::Tensor& x2d, const torch::Tensor& rows) {
     return out;
 }
 
-void scatterRows(torch::Tensor& x2d, const torch::Tensor& rows, const torch::Tensor& src_in) {
-    TORCH_CHECK(appliesTo(x2d) && x2d.dim() == 2 && x2d.is_contiguous(), "cpu::scatterRows: contiguous float32 CPU [N, d] expected");
-    const auto d = x2d.size(1), k = rows.numel();
-    const auto src = src_in.contiguous();
-    TORCH_CHECK(src.scalar_type() == torch::kFloat32 && src.numel() == k * d, "cpu::scatterRows: src must be [k, d]");
-    const std::int64_t* r = checkedRows(rows, x2d.size(0));
-    const float* from = src.data_ptr<float>();
+torch::Tensor rowDot(const torch::Tensor& x_in, const torch::Tensor& w_in) {
+    TORCH_CHECK(appliesTo(x_in) && applies(w_in) && w_in.dim() == 1 && w_in.size(0) == x_in.size(-1),
+                "cpu::rowDot: float32 CPU x [..., d] and w [d] expected");
+    const auto d = x_in.size(-1);
+    const auto x = x_in.reshape({-1, d});
+    const auto w = w_in.contiguous();
+    auto sizes = x_in.sizes().vec();
+    sizes.pop_back();
+    auto out = torch::empty(sizes, x_in.options());
+    const auto rows = x.size(0);
+    rowDots(x.data_ptr<float>(), rows > 1 ? x.stride(0) : d, rows, w.data_ptr<float>(), d, out.data_ptr<float>());
+    return out;
+}
+
+void addGatedRows(torch::Tensor& x2d, const torch::Tensor& rows, const torch::Tensor& logits_in, const torch::Tensor& delta_in) {
+    TORCH_CHECK(appliesTo(x2d) && x2d.dim() == 2 && x2d.is_contiguous(), "cpu::addGatedRows: contiguous float32 CPU [N, d] expected");
+    const auto N = x2d.size(0), d = x2d.size(1), k = rows.numel();
+    const auto delta = delta_in.contiguous();
+    const auto logits = logits_in.contiguous();
+    TORCH_CHECK(delta.scalar_type() == torch::kFloat32 && delta.numel() == k * d, "cpu::addGatedRows: delta must be [k, d]");
+    TORCH_CHECK(applies(logits) && logits.numel() == N, "cpu::addGatedRows: logits must be [N]");
+    const std::int64_t* r = checkedRows(rows, N);
+    const float* l = logits.data_ptr<float>();
+    const float* from = delta.data_ptr<float>();
     float* to = x2d.data_ptr<float>();
-    for (std::int64_t i = 0; i < k; ++i) std::memcpy(to + r[i] * d, from + i * d, sizeof(float) * d);
+    for (std::int64_t i = 0; i < k; ++i) addScaledRow(to + r[i] * d, from + i * d, sigmoid(l[r[i]]), d);
+}
+
+torch::Tensor predictorLogits(const torch::Tensor& x, const torch::Tensor& fc1_t, const torch::Tensor& b1_in,
+                              const torch::Tensor& w2_in, const torch::Tensor& b2) {
+    TORCH_CHECK(appliesTo(x) && x.dim() == 2 && applies(fc1_t) && fc1_t.dim() == 2 && fc1_t.size(0) == x.size(1),
+                "cpu::predictorLogits: float32 CPU x [n, d] and fc1_t [d, h] expected");
+    const auto n = x.size(0), h = fc1_t.size(1);
+    const auto b1 = b1_in.contiguous(), w2 = w2_in.contiguous().view({-1});
+    TORCH_CHECK(applies(b1) && b1.numel() == h && applies(w2) && w2.numel() == h && applies(b2) && b2.numel() == 1,
+                "cpu::predictorLogits: b1 [h], w2 [h] and b2 [1] expected");
+    auto out = torch::empty({n}, x.options());
+    if (n == 0) return out;
+    auto hidden = torch::empty({n, h}, x.options());
+    float* hp = hidden.data_ptr<float>();
+    for (std::int64_t i = 0; i < n; ++i) std::memcpy(hp + i * h, b1.data_ptr<float>(), sizeof(float) * h);
+    gemmInto(x, fc1_t, hidden, 1.f);
+    at::silu_(hidden);
+    rowDots(hp, h, n, w2.data_ptr<float>(), h, out.data_ptr<float>());
+    const float bias = *b2.data_ptr<float>();
+    float* o = out.data_ptr<float>();
+    for (std::int64_t i = 0; i < n; ++i) o[i] += bias;
+    return out;
 }
 
 }  // namespace modscope::cpu

@@ -24,7 +24,19 @@ torch::Tensor rotateQK(const torch::Tensor& qk, const torch::Tensor& pos, const 
 // Rows of x2d [N, d] (rows any distance apart) at rows [k] (int64, each in [0, N)) -> a new contiguous [k, d].
 torch::Tensor gatherRows(const torch::Tensor& x2d, const torch::Tensor& rows);
 
-// x2d[rows[i]] = src[i] for src [k, d]; x2d must be contiguous. rows must not repeat.
-void scatterRows(torch::Tensor& x2d, const torch::Tensor& rows, const torch::Tensor& src);
+// x [..., d] . w [d] -> [...]: one dot product per row (a router's logits). A matrix-vector product as a
+// LibTorch operator cost 7 us at 512 x 192, most of it dispatch; this loop is 1-2 us.
+torch::Tensor rowDot(const torch::Tensor& x, const torch::Tensor& w);
+
+// x2d[rows[i]] += sigmoid(logits[rows[i]]) * delta[i] for delta [k, d] and logits [N]: a routed block's gated
+// update written straight into the residual stream, where the operators gathered x's rows, updated the copy
+// and copied it back. x2d must be contiguous; rows must not repeat.
+void addGatedRows(torch::Tensor& x2d, const torch::Tensor& rows, const torch::Tensor& logits, const torch::Tensor& delta);
+
+// The causal predictor's logits for rows x [n, d]: silu(x fc1_t + b1) . w2 + b2 with fc1_t [d, h] (the
+// transposed weight), b1 [h], w2 [h], b2 [1] -> [n]. The bias rides on the product (its output starts as b1)
+// and the last layer is a dot per row: four operators fewer than the module's own forward.
+torch::Tensor predictorLogits(const torch::Tensor& x, const torch::Tensor& fc1_t, const torch::Tensor& b1,
+                              const torch::Tensor& w2, const torch::Tensor& b2);
 
 }  // namespace modscope::cpu

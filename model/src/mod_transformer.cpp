@@ -186,6 +186,12 @@ PredictorImpl::PredictorImpl(std::int64_t d_model, std::int64_t hidden) {
 }
 
 torch::Tensor PredictorImpl::forward(const torch::Tensor& x) {
+    if (!needsGrad(x, fc1->weight) && cpu::appliesTo(x) && x.dim() >= 1) {
+        auto sizes = x.sizes().vec();
+        sizes.pop_back();
+        return cpu::predictorLogits(x.reshape({-1, x.size(-1)}), fc1_t.of(fc1->weight), fc1->bias, fc2->weight, fc2->bias)
+            .view(sizes);
+    }
     // One output: a matrix-vector product (gemv), where fc2(...) would be a matrix product with one column.
     return torch::matmul(F::silu(linear(x, fc1->weight, fc1->bias, fc1_t)), fc2->weight.view(-1)) + fc2->bias;
 }
@@ -203,6 +209,7 @@ BlockImpl::BlockImpl(const ModelConfig& config, int index_) : index(index_), rou
 }
 
 torch::Tensor BlockImpl::routerLogits(const torch::Tensor& x) {
+    if (!needsGrad(x, router->weight) && cpu::appliesTo(x)) return cpu::rowDot(x, router->weight.view(-1));
     return torch::matmul(x, router->weight.view(-1));  // a matrix-vector product, as in PredictorImpl::forward
 }
 
@@ -265,23 +272,26 @@ torch::Tensor gatherRows(const torch::Tensor& x, const torch::Tensor& idx) {
     return selectRows(x.reshape({B * T, d}), flatRows(idx, T)).view({B, idx.size(1), d});
 }
 
-torch::Tensor scatterRows(const torch::Tensor& x, const torch::Tensor& idx, const torch::Tensor& rows, bool in_place) {
+torch::Tensor scatterRows(const torch::Tensor& x, const torch::Tensor& idx, const torch::Tensor& rows) {
     const auto B = x.size(0), T = x.size(1), d = x.size(2);
-    const auto flat = flatRows(idx, T);
-    const auto src = rows.reshape({-1, d});
-    if (in_place) {
-        TORCH_CHECK(x.is_contiguous() && !torch::GradMode::is_enabled(), "in-place row scatter needs inference");
-        auto flat_x = x.view({B * T, d});
-        if (cpu::appliesTo(x) && flat.device().is_cpu()) cpu::scatterRows(flat_x, flat.contiguous(), src);
-        else flat_x.index_copy_(0, flat, src);
-        return x;
-    }
-    return x.reshape({B * T, d}).index_copy(0, flat, src).view({B, T, d});
+    return x.reshape({B * T, d}).index_copy(0, flatRows(idx, T), rows.reshape({-1, d})).view({B, T, d});
 }
 
-torch::Tensor processSelected(BlockImpl& block, const torch::Tensor& x, const torch::Tensor& pos,
-                              const torch::Tensor& router_logits, const torch::Tensor& idx, const PositionTables& positions,
-                              LayerKV* kv, bool in_place) {
+void addGatedRows(torch::Tensor& x, const torch::Tensor& idx, const torch::Tensor& router_logits, const torch::Tensor& delta) {
+    TORCH_CHECK(x.is_contiguous() && !torch::GradMode::is_enabled(), "addGatedRows: in place, inference only");
+    const auto B = x.size(0), T = x.size(1), d = x.size(2);
+    const auto flat = flatRows(idx, T);
+    auto flat_x = x.view({B * T, d});
+    if (cpu::appliesTo(x) && flat.device().is_cpu()) {
+        cpu::addGatedRows(flat_x, flat.contiguous(), router_logits.reshape(-1), delta.reshape({-1, d}));
+        return;
+    }
+    const auto gate = torch::sigmoid(router_logits.reshape(-1).index_select(0, flat)).unsqueeze(-1);
+    flat_x.index_add_(0, flat, gate * delta.reshape({-1, d}));
+}
+
+torch::Tensor processSelected(BlockImpl& block, const torch::Tensor& x, const torch::Tensor& router_logits,
+                              const torch::Tensor& idx, const PositionTables& positions, LayerKV* kv, bool in_place) {
     if (idx.size(1) == 0) {
         if (kv != nullptr) {
             const auto B = x.size(0);
@@ -291,53 +301,99 @@ torch::Tensor processSelected(BlockImpl& block, const torch::Tensor& x, const to
         }
         return x;
     }
-    const auto xs = gatherRows(x, idx);                              // [B, k, d]
-    const auto ps = pos.gather(1, idx);                              // [B, k]
+    const auto xs = gatherRows(x, idx);  // [B, k, d]
+    // A token keeps its own position: the selected positions are the indices themselves.
+    const auto delta = block.delta(xs, idx, positions, kv);
+    if (in_place) {
+        TORCH_CHECK(x.is_contiguous() && !torch::GradMode::is_enabled(), "in-place routed update needs inference");
+        auto target = x;
+        addGatedRows(target, idx, router_logits, delta);
+        return x;
+    }
     const auto gate = torch::sigmoid(router_logits.gather(1, idx)).unsqueeze(-1);  // [B, k, 1]
-    const auto delta = block.delta(xs, ps, positions, kv);
     // Without autograd xs is this call's own copy and nothing reads it after delta(): update it in place.
     const auto updated = torch::GradMode::is_enabled() ? xs + gate * delta : xs.addcmul_(gate, delta);
-    return scatterRows(x, idx, updated, in_place);
+    return scatterRows(x, idx, updated);
 }
 
 bool CausalRule::decide(double predictor_logit, std::int64_t position, std::int64_t processed_before,
                         std::int64_t higher_before) const {
     if (prefix_topk && !inPrefixTopk(capacity, position, higher_before)) return false;
+    return passes(predictor_logit, position, processed_before);
+}
+
+bool CausalRule::passes(double predictor_logit, std::int64_t position, std::int64_t processed_before) const {
     const double shortfall = capacity * double(position + 1) - double(processed_before);
     return 1.0 / (1.0 + std::exp(-(predictor_logit + budget_gain * shortfall))) > threshold;
 }
 
+namespace {
+
+// NaN (weights that overflowed) ranks lowest, as nothing is above it.
+float rankKey(float v) { return std::isnan(v) ? -std::numeric_limits<float>::infinity() : v; }
+
+}  // namespace
+
 std::int64_t countAbove(const std::vector<float>& history, float value) {
-    // NaN counts as -inf, as in higherBefore, so a generation step ranks a token as the full forward does.
-    const auto key = [](float v) { return std::isnan(v) ? -std::numeric_limits<float>::infinity() : v; };
-    const float at = key(value);
-    return std::count_if(history.begin(), history.end(), [&](float h) { return key(h) > at; });
+    // NaN counts as -inf, as in prefixTopkCandidates, so a generation step ranks a token as the full forward does.
+    const float at = rankKey(value);
+    return std::count_if(history.begin(), history.end(), [&](float h) { return rankKey(h) > at; });
 }
 
-std::vector<std::int64_t> higherBefore(const float* logits, std::int64_t T) {
-    // Rank the row once (ties share a rank), then walk it with a Fenwick tree of the ranks seen so far:
-    // O(T log T), where keeping a sorted prefix would move O(T^2) values. Sorting (value, position) pairs
-    // rather than positions by value keeps the comparisons off indirect loads (10.1 -> 8.4 us at T = 512).
-    // A NaN (weights that overflowed) ranks lowest, as nothing is above it: std::sort needs a strict order.
-    std::vector<std::pair<float, std::int32_t>> order(T);
-    for (std::int64_t t = 0; t < T; ++t) {
-        const float v = logits[t];
-        order[t] = {std::isnan(v) ? -std::numeric_limits<float>::infinity() : v, static_cast<std::int32_t>(t)};
+namespace {
+
+// k(n) = capacityToK(capacity, n) for n = 1 .. T at table[n - 1], kept per thread for the last capacity asked:
+// the forward's routed layers share it, and the ceil per token took 40% of the walk below (perf).
+const std::vector<int>& prefixK(double capacity, std::int64_t T) {
+    thread_local double table_capacity = -1.0;
+    thread_local std::vector<int> table;
+    if (!(capacity == table_capacity)) {  // NaN never matches: recomputed each time
+        table.clear();
+        table_capacity = capacity;
     }
-    std::sort(order.begin(), order.end());
-    std::vector<std::int32_t> rank(T);  // 1-based, ascending value
-    std::int32_t ranks = 0;
-    for (std::int64_t i = 0; i < T; ++i) {
-        if (i == 0 || order[i].first != order[i - 1].first) ++ranks;
-        rank[order[i].second] = ranks;
-    }
-    std::vector<std::int32_t> tree(ranks + 1, 0);
-    std::vector<std::int64_t> out(T);
+    for (auto n = static_cast<std::int64_t>(table.size()); n < T; ++n)
+        table.push_back(capacityToK(capacity, static_cast<int>(n + 1)));
+    return table;
+}
+
+}  // namespace
+
+std::vector<std::int64_t> prefixTopkCandidates(const float* logits, std::int64_t T, double capacity) {
+    // t passes when fewer than k = k(t + 1) earlier logits are above its own, that is when it is at least the
+    // k-th largest earlier logit. The k largest earlier logits are kept sorted (`top`, ascending, so the k-th
+    // largest is its front) and the others in a max-heap (`rest`), which gives up its largest when k grows.
+    // A token below the front costs one heap push; one above it replaces the front. The Fenwick-tree count of
+    // every token's higher logits this replaces took 8.4 us at T = 512; this takes about a third of that.
+    const auto& ks = prefixK(capacity, T);
+    std::vector<float> top, rest;
+    top.reserve(T > 0 ? static_cast<std::size_t>(ks[T - 1]) + 1 : 1);
+    rest.reserve(static_cast<std::size_t>(T));
+    std::vector<std::int64_t> out;
+    out.reserve(top.capacity() * 2);
     for (std::int64_t t = 0; t < T; ++t) {
-        std::int64_t at_most = 0;  // earlier tokens ranked at or below t's
-        for (auto i = rank[t]; i > 0; i -= i & -i) at_most += tree[i];
-        out[t] = t - at_most;
-        for (auto i = rank[t]; i <= ranks; i += i & -i) ++tree[i];
+        const auto k = static_cast<std::size_t>(ks[t]);
+        while (top.size() < k && !rest.empty()) {  // the largest of the rest is at most top's front
+            std::pop_heap(rest.begin(), rest.end());
+            top.insert(top.begin(), rest.back());
+            rest.pop_back();
+        }
+        const float v = rankKey(logits[t]);
+        if (top.size() < k) {  // fewer than k earlier tokens at all
+            out.push_back(t);
+            top.insert(std::upper_bound(top.begin(), top.end(), v), v);
+            continue;
+        }
+        if (v >= top.front()) out.push_back(t);
+        if (v > top.front()) {  // v joins the k largest; the front leaves them
+            rest.push_back(top.front());
+            std::push_heap(rest.begin(), rest.end());
+            const auto at = std::upper_bound(top.begin() + 1, top.end(), v);
+            std::move(top.begin() + 1, at, top.begin());
+            *(at - 1) = v;
+        } else {
+            rest.push_back(v);
+            std::push_heap(rest.begin(), rest.end());
+        }
     }
     return out;
 }
@@ -346,70 +402,85 @@ namespace {
 
 torch::Tensor cpuFloat(const torch::Tensor& t) { return t.detach().to(torch::kCPU, torch::kFloat32).contiguous(); }
 
-// The rule along one row, in order: each decision depends on the ones before it, the same arithmetic as a
-// generation step's. logit(t) is t's predictor logit, asked once per t in order; higher as higherBefore's
-// (all zero without the prefix top-k).
+// The rule along one row of T tokens, in order: each decision depends on the ones before it, the same
+// arithmetic as a generation step's. candidates: the prefix top-k's, ascending (unused without it);
+// logit(): the predictor logit of the next token that can be processed, asked once per such token, in order.
 template <typename Logit>
-void decideRow(const CausalRule& rule, const std::vector<std::int64_t>& higher, Logit&& logit,
-               torch::TensorAccessor<bool, 1> sel) {
+void decideRow(const CausalRule& rule, std::int64_t T, const std::vector<std::int64_t>& candidates, Logit&& logit,
+               bool* sel) {
     std::int64_t n = 0;
-    for (std::int64_t t = 0; t < sel.size(0); ++t) {
-        sel[t] = rule.decide(logit(t), t, n, higher[t]);
+    std::size_t next = 0;
+    for (std::int64_t t = 0; t < T; ++t) {
+        bool open = true;
+        if (rule.prefix_topk) {
+            open = next < candidates.size() && candidates[next] == t;
+            next += open ? 1 : 0;
+        }
+        sel[t] = open && rule.passes(logit(t), t, n);
         n += sel[t] ? 1 : 0;
+    }
+}
+
+// Each row's selected positions (ascending) as [1, n_b] int64 on device.
+void selectedRows(const torch::Tensor& mask, const torch::Device& device, std::vector<torch::Tensor>* out) {
+    if (out == nullptr) return;
+    const auto B = mask.size(0), T = mask.size(1);
+    out->clear();
+    const bool* m = mask.data_ptr<bool>();
+    for (std::int64_t b = 0; b < B; ++b) {
+        std::vector<std::int64_t> rows;
+        for (std::int64_t t = 0; t < T; ++t)
+            if (m[b * T + t]) rows.push_back(t);
+        out->push_back(torch::tensor(rows, torch::kLong).view({1, -1}).to(device));
     }
 }
 
 }  // namespace
 
 torch::Tensor causalSelection(const torch::Tensor& predictor_logits, const torch::Tensor& router_logits,
-                              const CausalRule& rule) {
+                              const CausalRule& rule, std::vector<torch::Tensor>* selected) {
     const auto logits = cpuFloat(predictor_logits);
     const auto router = cpuFloat(router_logits);
-    auto out = torch::zeros(logits.sizes(), torch::TensorOptions().dtype(torch::kBool));
     const auto B = logits.size(0), T = logits.size(1);
-    const auto in = logits.accessor<float, 2>();
-    auto sel = out.accessor<bool, 2>();
-    std::vector<std::int64_t> higher(T, 0);
+    auto out = torch::empty({B, T}, torch::TensorOptions().dtype(torch::kBool));
+    std::vector<std::int64_t> candidates;
     for (std::int64_t b = 0; b < B; ++b) {
-        if (rule.prefix_topk) higher = higherBefore(router[b].data_ptr<float>(), T);
-        const auto row = in[b];
-        decideRow(rule, higher, [&row](std::int64_t t) { return double(row[t]); }, sel[b]);
+        if (rule.prefix_topk) candidates = prefixTopkCandidates(router.data_ptr<float>() + b * T, T, rule.capacity);
+        const float* row = logits.data_ptr<float>() + b * T;
+        decideRow(rule, T, candidates, [row](std::int64_t t) { return double(row[t]); }, out.data_ptr<bool>() + b * T);
     }
+    selectedRows(out, predictor_logits.device(), selected);
     return out.to(predictor_logits.device());
 }
 
 torch::Tensor causalRouting(BlockImpl& block, const torch::Tensor& x, const torch::Tensor& router_logits,
-                            const CausalRule& rule, std::int64_t* predictor_rows) {
-    if (predictor_rows != nullptr) *predictor_rows = x.size(0) * x.size(1);
-    if (!rule.prefix_topk) return causalSelection(block.predictor(x.detach()), router_logits, rule);
+                            const CausalRule& rule, std::int64_t* predictor_rows, std::vector<torch::Tensor>* selected) {
+    if (!rule.prefix_topk) {
+        if (predictor_rows != nullptr) *predictor_rows = x.size(0) * x.size(1);
+        return causalSelection(block.predictor(x.detach()), router_logits, rule, selected);
+    }
     // A token outside the router's top k of the tokens so far is skipped whatever the predictor says, so the
-    // predictor reads only the others: about capacity x T rows instead of T. One walk finds them, one decides.
+    // predictor reads only the others: about capacity x T rows instead of T.
     const auto router = cpuFloat(router_logits);
     const auto B = router.size(0), T = router.size(1), d = x.size(2);
-    std::vector<std::vector<std::int64_t>> higher(B);
-    std::vector<std::int64_t> rows;  // candidates as rows of x viewed [B * T, d]
+    std::vector<std::vector<std::int64_t>> candidates(B);
+    std::vector<std::int64_t> rows;  // the candidates as rows of x viewed [B * T, d]
     for (std::int64_t b = 0; b < B; ++b) {
-        higher[b] = higherBefore(router[b].data_ptr<float>(), T);
-        for (std::int64_t t = 0; t < T; ++t)
-            if (CausalRule::inPrefixTopk(rule.capacity, t, higher[b][t])) rows.push_back(b * T + t);
+        candidates[b] = prefixTopkCandidates(router.data_ptr<float>() + b * T, T, rule.capacity);
+        for (const auto t : candidates[b]) rows.push_back(b * T + t);
     }
-    torch::Tensor logits;  // [rows]
     if (predictor_rows != nullptr) *predictor_rows = static_cast<std::int64_t>(rows.size());
+    torch::Tensor logits;  // [rows], in the candidates' order
     if (!rows.empty()) {
-        const auto idx = torch::tensor(rows, torch::kLong).to(x.device());
+        // A view of rows, read before it goes out of scope (a copy on another device).
+        const auto idx = torch::from_blob(rows.data(), {static_cast<std::int64_t>(rows.size())}, torch::kLong).to(x.device());
         logits = cpuFloat(block.predictor(selectRows(x.detach().reshape({B * T, d}), idx)));
     }
-    auto out = torch::zeros({B, T}, torch::TensorOptions().dtype(torch::kBool));
-    auto sel = out.accessor<bool, 2>();
+    auto out = torch::empty({B, T}, torch::TensorOptions().dtype(torch::kBool));
     const float* logit = logits.defined() ? logits.data_ptr<float>() : nullptr;
-    std::size_t next = 0;
-    for (std::int64_t b = 0; b < B; ++b) {
-        // A token that is no candidate fails the prefix test inside decide() whatever its logit.
-        const auto candidate_logit = [&](std::int64_t t) {
-            return next < rows.size() && rows[next] == b * T + t ? double(logit[next++]) : 0.0;
-        };
-        decideRow(rule, higher[b], candidate_logit, sel[b]);
-    }
+    for (std::int64_t b = 0; b < B; ++b)
+        decideRow(rule, T, candidates[b], [&logit](std::int64_t) { return double(*logit++); }, out.data_ptr<bool>() + b * T);
+    selectedRows(out, router_logits.device(), selected);
     return out.to(router_logits.device());
 }
 
@@ -507,19 +578,18 @@ torch::Tensor ModTransformerImpl::hidden(const torch::Tensor& ids, const Forward
         // Nothing but this loop holds x unless residuals are kept, so inference updates it in place.
         const bool in_place = !torch::GradMode::is_enabled() && options.residuals == nullptr && x.is_contiguous();
         if (options.mode == RoutingMode::TopK) {
-            x = processSelected(block, x, pos, router_logits, topk_idx, positions, kv, in_place);
+            x = processSelected(block, x, router_logits, topk_idx, positions, kv, in_place);
         } else {
             // Each token decides from its own block input, which depends on earlier tokens only, and from the
             // layer's decisions on earlier tokens.
+            std::vector<torch::Tensor> chosen;  // [1, n_b] per row, ascending
             selected_mask = predictor_logits.defined()
-                                ? causalSelection(predictor_logits, router_logits, options.causalRule())
-                                : causalRouting(block, x, router_logits, options.causalRule(), &predictor_rows);
+                                ? causalSelection(predictor_logits, router_logits, options.causalRule(), &chosen)
+                                : causalRouting(block, x, router_logits, options.causalRule(), &predictor_rows, &chosen);
             std::vector<torch::Tensor> rows;  // each row's own selection; in place, rows of x itself
-            for (std::int64_t b = 0; b < B; ++b) {
-                const auto idx = selected_mask[b].nonzero().view({1, -1});  // [1, n_b], ascending
-                rows.push_back(processSelected(block, x.narrow(0, b, 1), pos.narrow(0, b, 1),
-                                               router_logits.narrow(0, b, 1), idx, positions, kv, in_place));
-            }
+            for (std::int64_t b = 0; b < B; ++b)
+                rows.push_back(processSelected(block, x.narrow(0, b, 1), router_logits.narrow(0, b, 1), chosen[b],
+                                               positions, kv, in_place));
             if (!in_place) x = B == 1 ? rows[0] : torch::cat(rows, 0);
         }
         if (routing != nullptr) {

@@ -166,27 +166,32 @@ struct CausalRule {
     // tokens whose router logit is above t's.
     bool decide(double predictor_logit, std::int64_t position, std::int64_t processed_before,
                 std::int64_t higher_before) const;
+    // The predictor's test alone, for a token the prefix top-k lets through (or any token without it).
+    bool passes(double predictor_logit, std::int64_t position, std::int64_t processed_before) const;
     // The prefix top-k's test alone (whatever prefix_topk says): fewer than k(t + 1) higher before t.
     static bool inPrefixTopk(double capacity, std::int64_t position, std::int64_t higher_before) {
         return higher_before < capacityToK(capacity, static_cast<int>(position + 1));
     }
 };
 
-// The rule applied along each row: predictor_logits and router_logits [B, T] -> processed [B, T] bool.
+// The rule applied along each row: predictor_logits and router_logits [B, T] -> processed [B, T] bool. With
+// selected, also each row's processed positions as [1, n_b] int64, ascending.
 torch::Tensor causalSelection(const torch::Tensor& predictor_logits, const torch::Tensor& router_logits,
-                              const CausalRule& rule);
+                              const CausalRule& rule, std::vector<torch::Tensor>* selected = nullptr);
 
-// How many of history are above value (the prefix-top-k rule's count).
+// How many of history are above value (the prefix-top-k rule's count; NaN counts as -inf).
 std::int64_t countAbove(const std::vector<float>& history, float value);
 
-// For each t of a row of T router logits: how many tokens before t have a strictly higher logit.
-std::vector<std::int64_t> higherBefore(const float* logits, std::int64_t T);
+// The positions t of a row of T router logits that pass the prefix top-k at this capacity, ascending: those
+// with fewer than k(t + 1) earlier logits strictly above their own (NaN counts as -inf).
+std::vector<std::int64_t> prefixTopkCandidates(const float* logits, std::int64_t T, double capacity);
 
 // Causal mode's selection for a routed block with input x [B, T, d] -> [B, T] bool, as causalSelection
 // decides it; with the prefix top-k, the predictor runs only on its candidates (the tokens with fewer than
 // k(t + 1) higher router logits before them). predictor_rows: how many rows the predictor read.
 torch::Tensor causalRouting(BlockImpl& block, const torch::Tensor& x, const torch::Tensor& router_logits,
-                            const CausalRule& rule, std::int64_t* predictor_rows = nullptr);
+                            const CausalRule& rule, std::int64_t* predictor_rows = nullptr,
+                            std::vector<torch::Tensor>* selected = nullptr);
 
 struct ForwardOptions {
     RoutingMode mode = RoutingMode::TopK;
@@ -246,16 +251,20 @@ torch::Tensor topkIndices(const torch::Tensor& router_logits, std::int64_t k);  
 // Gathers rows idx [B, k] of x [B, T, d] into a contiguous [B, k, d] (whole rows: index_select on [B*T, d]).
 torch::Tensor gatherRows(const torch::Tensor& x, const torch::Tensor& idx);
 
-// Writes rows [B, k, d] into x [B, T, d] at idx [B, k]: into a copy of x, or, with in_place, into x itself
-// (inference only, when nothing else holds x: saves copying the T - k rows that skip).
-torch::Tensor scatterRows(const torch::Tensor& x, const torch::Tensor& idx, const torch::Tensor& rows, bool in_place);
+// x [B, T, d] with rows [B, k, d] written at idx [B, k]: a copy.
+torch::Tensor scatterRows(const torch::Tensor& x, const torch::Tensor& idx, const torch::Tensor& rows);
 
-// Runs the routed block on the tokens idx [B, k] of x (gated by sigmoid of their router logits) and writes
-// their updates back; every other row of x is untouched, so skipped tokens stay bit-for-bit the same. With
-// in_place the updates go into x itself (see scatterRows). With kv, the block's cache holds the processed
-// tokens only.
-torch::Tensor processSelected(BlockImpl& block, const torch::Tensor& x, const torch::Tensor& pos,
-                              const torch::Tensor& router_logits, const torch::Tensor& idx, const PositionTables& positions,
-                              LayerKV* kv = nullptr, bool in_place = false);
+// The gated update of a routed block added into x itself: x[b, idx[b, i]] += sigmoid(router_logits[b, idx[b, i]])
+// * delta[b, i] for router_logits [B, T] and delta [B, k, d]. Inference only, x contiguous and held by nothing
+// else: the T - k rows that skip are never touched, and the selected ones are not copied out and back.
+void addGatedRows(torch::Tensor& x, const torch::Tensor& idx, const torch::Tensor& router_logits, const torch::Tensor& delta);
+
+// Runs the routed block on the tokens idx [B, k] of x (gated by sigmoid of their router logits; each token at
+// its own position) and writes their updates back; every other row of x is untouched, so skipped tokens stay
+// bit-for-bit the same. With in_place the updates go into x itself (addGatedRows), otherwise into a copy.
+// With kv, the block's cache holds the processed tokens only.
+torch::Tensor processSelected(BlockImpl& block, const torch::Tensor& x, const torch::Tensor& router_logits,
+                              const torch::Tensor& idx, const PositionTables& positions, LayerKV* kv = nullptr,
+                              bool in_place = false);
 
 }  // namespace modscope::nn

@@ -1,8 +1,8 @@
 // Stage-by-stage timing of one routed layer, the matmul peak and the build information (profiling.h).
 //
-// The stages are the steps of a routed layer in top-k mode (ModTransformerImpl::hidden, mod_transformer.cpp)
-// timed one by one on the model's own modules; the whole layer runs the engine's own nn::processSelected.
-// They are timed here rather than instrumented there so the forward pass carries no timing code.
+// The stages are the steps of a routed layer (ModTransformerImpl::hidden, mod_transformer.cpp) called one
+// after another on the model's own modules, with a clock read between them. They are timed here rather than
+// instrumented there so the forward pass carries no timing code.
 #include <ATen/Parallel.h>
 #include <ATen/Version.h>
 #include <torch/version.h>
@@ -83,69 +83,73 @@ RoutedLayerProfile profileRoutedLayer(const Model& model, int seq_len, int reps,
     causal.setCausalRule(cfg);
     const auto rule = causal.causalRule();
 
-    // Inputs: embeddings of seeded random ids (timing depends on shapes, not on values).
+    // The layer's input: what the layers before it make of seeded random ids.
     torch::manual_seed(seed);
     const auto opts = torch::TensorOptions().device(impl.device);
     const auto ids = torch::randint(cfg.vocab_size, {1, seq_len}, opts.dtype(torch::kLong));
-    const auto x = impl.net->tok_emb(ids).contiguous();  // [1, T, d]
-    const auto pos = torch::arange(seq_len, opts.dtype(torch::kLong)).unsqueeze(0);
-
-    // Each stage's inputs are the previous stage's outputs, computed once.
-    const auto r = block.routerLogits(x);
-    const auto idx = nn::topkIndices(r, k);
-    const auto xs = nn::gatherRows(x, idx);
-    const auto ps = pos.gather(1, idx);
-    const auto gate = torch::sigmoid(r.gather(1, idx)).unsqueeze(-1);
-    const auto delta = block.delta(xs, ps, positions);
-    const auto updated = xs + gate * delta;
-    // What a top-k forward writes its updates into in place (hidden()): a copy, so x stays the input.
-    auto x_scratch = x.clone();
+    std::vector<torch::Tensor> residuals;  // [i]: the input of layer i
+    nn::ForwardOptions before;
+    before.capacity = cap;
+    before.residuals = &residuals;
+    (void)impl.net->hidden(ids, before);
+    const auto x = residuals[static_cast<std::size_t>(layer)].contiguous();  // [1, T, d]
+    // hidden() updates x in place; the stages run on this copy, refreshed from x before each pass.
+    auto work = x.clone();
 
     RoutedLayerProfile p;
     p.layer = layer;
     p.seq_len = seq_len;
     p.k = static_cast<int>(k);
     p.reps = reps;
-    // Round-robin: every repetition times each stage once, so a burst of load from other processes on a
-    // shared machine falls on all stages alike rather than on whichever was being timed then.
-    enum Stage { kRouter, kTopk, kPredictor, kCausal, kGather, kBlock, kUpdate, kScatter, kLayer, kStages };
-    const std::function<void()> stages[kStages] = {
-        [&] { (void)block.routerLogits(x); },
-        [&] { (void)nn::topkIndices(r, k); },
-        [&] { (void)block.predictor(x.detach()); },
-        [&] { (void)nn::causalRouting(block, x, r, rule); },
-        [&] {
-            (void)nn::gatherRows(x, idx);
-            (void)pos.gather(1, idx);
-            (void)torch::sigmoid(r.gather(1, idx)).unsqueeze(-1);
-        },
-        [&] { (void)block.delta(xs, ps, positions); },
-        [&] { (void)(xs + gate * delta); },
-        [&] { (void)nn::scatterRows(x_scratch, idx, updated, /*in_place=*/true); },
-        [&] {
-            // The whole routed layer as hidden() runs it in top-k mode with the routing collected.
-            const auto r_ = block.routerLogits(x);
-            const auto idx_ = nn::topkIndices(r_, k);
-            (void)block.predictor(x.detach());
-            (void)nn::processSelected(block, x_scratch, pos, r_, idx_, positions, nullptr, /*in_place=*/true);
-        },
-    };
-    for (const auto& stage : stages) stage();  // warm-up
+    // Each repetition runs the routed layer as hidden() does, with a clock read between stages, so each stage
+    // finds the caches as the forward leaves them: x just written by the layer before (the copy), the
+    // selected rows just read by the router. Timed alone in turn, the small stages read x back from L3
+    // after the block had evicted it, and measured 1.5-3x their cost in the forward.
+    enum Stage { kRouter, kTopk, kPredictor, kCausal, kGather, kBlock, kScatter, kLayer, kStages };
     std::vector<double> ms[kStages];
-    for (int i = 0; i < reps; ++i)
-        for (int st = 0; st < kStages; ++st) {
-            const auto t0 = std::chrono::steady_clock::now();
-            stages[st]();
-            ms[st].push_back(
-                std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
-        }
+    using Clock = std::chrono::steady_clock;
+    const auto between = [](Clock::time_point a, Clock::time_point b) {
+        return std::chrono::duration<double, std::milli>(b - a).count();
+    };
+    for (int i = -1; i < reps; ++i) {  // i = -1: warm-up
+        // Top-k mode with the routing collected for a trace (Model::run): the predictor reads every token.
+        work.copy_(x);
+        const auto t0 = Clock::now();
+        const auto r = block.routerLogits(work);
+        const auto t1 = Clock::now();
+        const auto idx = nn::topkIndices(r, k);
+        const auto t2 = Clock::now();
+        (void)block.predictor(work);
+        const auto t3 = Clock::now();
+        const auto xs = nn::gatherRows(work, idx);
+        const auto t4 = Clock::now();
+        const auto delta = block.delta(xs, idx, positions);
+        const auto t5 = Clock::now();
+        nn::addGatedRows(work, idx, r, delta);
+        const auto t6 = Clock::now();
+        // Causal mode's selection where top-k mode's stands, after the router on a fresh x.
+        work.copy_(x);
+        const auto r_causal = block.routerLogits(work);
+        std::vector<torch::Tensor> selected;
+        const auto c0 = Clock::now();
+        (void)nn::causalRouting(block, work, r_causal, rule, nullptr, &selected);
+        const auto c1 = Clock::now();
+        if (i < 0) continue;
+        ms[kRouter].push_back(between(t0, t1));
+        ms[kTopk].push_back(between(t1, t2));
+        ms[kPredictor].push_back(between(t2, t3));
+        ms[kGather].push_back(between(t3, t4));
+        ms[kBlock].push_back(between(t4, t5));
+        ms[kScatter].push_back(between(t5, t6));
+        ms[kLayer].push_back(between(t0, t6));
+        ms[kCausal].push_back(between(c0, c1));
+    }
     p.router_ms = median(ms[kRouter]);
     p.topk_ms = median(ms[kTopk]);
     p.predictor_ms = median(ms[kPredictor]);
     p.causal_select_ms = median(ms[kCausal]);
     p.gather_ms = median(ms[kGather]);
     p.block_ms = median(ms[kBlock]);
-    p.update_ms = median(ms[kUpdate]);
     p.scatter_ms = median(ms[kScatter]);
     const auto& whole = ms[kLayer];
     p.layer_ms = median(whole);

@@ -21,10 +21,10 @@ namespace modscope {
 //   predictor  predictor(x)                            the causal predictor on every token, for the trace
 //   causal     causal mode's selection instead of top-k: the rule's walk along the row, the predictor read
 //              for the tokens it can process (all of them, or with the prefix top-k only the candidates)
-//   gather     x, positions and sigmoid(r) of the selected tokens
+//   gather     the selected rows of x, copied out      [1, k, d]
 //   block      block.delta on the k gathered tokens    attention + SwiGLU, the useful work
-//   update     xs + sigmoid(r) * delta                 the gated residual
-//   scatter    the updated rows written into a copy of x
+//   scatter    x[idx] += sigmoid(r[idx]) * delta       the gated update added into x's selected rows in place
+//              (nn::addGatedRows: the update and the write-back are one pass)
 // layer_ms times all of them in sequence, as one call; it is the denominator of the share.
 struct RoutedLayerProfile {
     int layer = 0;
@@ -32,7 +32,7 @@ struct RoutedLayerProfile {
     int k = 0;
     int reps = 0;
     double router_ms = 0, topk_ms = 0, predictor_ms = 0, causal_select_ms = 0, gather_ms = 0, block_ms = 0,
-           update_ms = 0, scatter_ms = 0;
+           scatter_ms = 0;
     double layer_ms = 0;  // median of the whole routed layer
     double layer_p10_ms = 0, layer_p90_ms = 0;
 
@@ -42,15 +42,16 @@ struct RoutedLayerProfile {
 
     // What each mode needs to route, as a share of that mode's routed layer (sums of stage medians):
     // top-k mode without a trace has no predictor; causal mode replaces top-k and the predictor with its
-    // own selection (block and update timed on k tokens, about what causal mode processes).
+    // own selection (the block timed on k tokens, about what causal mode processes). The gated update counts
+    // as routing, although a dense block adds its update to the residual stream too.
     double topkModeShare() const {
         const double routing = router_ms + topk_ms + gather_ms + scatter_ms;
-        const double total = routing + block_ms + update_ms;
+        const double total = routing + block_ms;
         return total > 0 ? routing / total : 0.0;
     }
     double causalModeShare() const {
         const double routing = router_ms + causal_select_ms + gather_ms + scatter_ms;
-        const double total = routing + block_ms + update_ms;
+        const double total = routing + block_ms;
         return total > 0 ? routing / total : 0.0;
     }
 };
