@@ -32,6 +32,13 @@ torch::Tensor exact(const torch::Tensor& a, const torch::Tensor& b) {
     return torch::matmul(a.to(torch::kFloat64), b.to(torch::kFloat64)).to(torch::kFloat32);
 }
 
+// LibTorch's pool at two threads for a scope, whatever the machine has: the row loops split from 256 rows.
+struct TwoThreads {
+    int before = at::get_num_threads();
+    TwoThreads() { at::set_num_threads(2); }
+    ~TwoThreads() { at::set_num_threads(before); }
+};
+
 bool close(const torch::Tensor& got, const torch::Tensor& want, double tol = 1e-4) {
     if (got.sizes() != want.sizes()) return false;
     return torch::allclose(got, want, tol, tol);
@@ -151,7 +158,10 @@ private Q_SLOTS:
         norm->weight.data().uniform_(0.5, 1.5);
         // d 37: the loop's tail after its blocks of eight; rows 50 apart: a column slice read in place.
         const auto wide = torch::randn({3, 11, 50}) * 3;
-        for (const auto& x : {wide.narrow(2, 0, 37), wide.narrow(2, 5, 37).contiguous(), wide.narrow(2, 0, 37).select(1, 4)}) {
+        const auto many = torch::randn({2, 150, 50}) * 3;  // 300 rows: split over two threads
+        const TwoThreads two;
+        for (const auto& x : {wide.narrow(2, 0, 37), wide.narrow(2, 5, 37).contiguous(), wide.narrow(2, 0, 37).select(1, 4),
+                              many.narrow(2, 0, 37)}) {
             const auto want = x * torch::rsqrt(x.pow(2).mean(-1, true) + 1e-5) * norm->weight;
             const auto fused = cpu::rmsNorm(x, norm->weight.detach(), 1e-5);
             QVERIFY(fused.is_contiguous());
@@ -183,6 +193,15 @@ private Q_SLOTS:
         QVERIFY(close(fused[1][0][1], qk[1][0][1], 1e-6));
         QVERIFY(!close(fused[0][0][1], qk[0][0][1], 1e-3));
         QVERIFY_THROWS_EXCEPTION(c10::Error, cpu::rotateQK(qk, torch::full({2, 9}, 64, torch::kLong), tables.rope));
+
+        // 2 x 150 tokens: split over two threads, a row's tokens on both.
+        const TwoThreads two;
+        const nn::PositionTables longer(512, 16, 10000.0);
+        const auto many = torch::randn({2, 150, 3, 2, 16}).narrow(2, 0, 2);
+        const auto where = torch::randint(512, {2, 150}, torch::kLong);
+        const auto split = cpu::rotateQK(many, where, longer.rope);
+        auto many_grad = many.clone().requires_grad_();
+        QVERIFY(close(split, longer.rotateQK(many_grad, where).detach(), 1e-6));
     }
 
     void rowCopiesMatchIndexOperators() {
@@ -213,7 +232,11 @@ private Q_SLOTS:
         torch::manual_seed(11);
         const auto w = torch::randn({37});
         const auto wide = torch::randn({2, 9, 50});
-        for (const auto& x : {wide.narrow(2, 0, 37), wide.narrow(2, 5, 37).contiguous(), wide.narrow(2, 1, 37).select(1, 3)}) {
+        // 300 rows: split over two threads.
+        const auto many = torch::randn({300, 50});
+        const TwoThreads two;
+        for (const auto& x : {wide.narrow(2, 0, 37), wide.narrow(2, 5, 37).contiguous(), wide.narrow(2, 1, 37).select(1, 3),
+                              many.narrow(1, 2, 37)}) {
             const auto got = cpu::rowDot(x, w);
             QCOMPARE(got.sizes().vec(), x.sizes().slice(0, x.dim() - 1).vec());
             QVERIFY(close(got, torch::matmul(x, w), 1e-5));

@@ -1,7 +1,18 @@
 // Fused CPU loops (cpu_kernels.h). Each is built for AVX2 and for the baseline; the loader picks one per CPU.
+// From 256 rows the row loops split their rows over LibTorch's threads (OpenMP, this file only): the router's
+// logits at 512 x 192 took 6.8 us on one thread and 4.3 on two, reading x produced by a two-thread add as in the
+// forward; the reference forward at T = 128 (no loop that long) did not change.
 #include "cpu_kernels.h"
 
 #include <ATen/Parallel.h>
+
+#ifdef _OPENMP
+#include <omp.h>
+// A parallel region over `team` threads, when the file is built with OpenMP (the fuzz build's copy is not).
+#define MODSCOPE_TEAM_REGION(team) _Pragma("omp parallel num_threads(team) if (team > 1)")
+#else
+#define MODSCOPE_TEAM_REGION(team)
+#endif
 
 #include "cpu_matmul.h"
 
@@ -12,9 +23,21 @@ namespace modscope::cpu {
 
 namespace {
 
-// Rows per parallel chunk: below ~64k elements a second thread costs more than it saves.
-// (This file is built without -fopenmp, so at::parallel_for runs every chunk on the calling thread.)
-std::int64_t grainRows(std::int64_t row_elements) { return std::max<std::int64_t>(1, 65536 / std::max<std::int64_t>(row_elements, 1)); }
+// Rows from which a row loop is split over LibTorch's threads: 128 measured no better, and below, a region's
+// start-up is a good part of the loop.
+constexpr std::int64_t kParallelRows = 256;
+
+// This thread's contiguous share of rows, in multiples of `align`, inside a parallel region (all of them
+// outside one, and in builds without OpenMP).
+std::pair<std::int64_t, std::int64_t> myShare(std::int64_t rows, std::int64_t align) {
+#ifdef _OPENMP
+    const std::int64_t n = omp_get_num_threads(), i = omp_get_thread_num();
+#else
+    const std::int64_t n = 1, i = 0;
+#endif
+    const auto per = (rows + n * align - 1) / (n * align) * align;
+    return {std::min(rows, i * per), std::min(rows, (i + 1) * per)};
+}
 
 __attribute__((target_clones("avx2", "default")))
 void rmsNormRows(const float* x, std::int64_t ldx, const float* w, float* y, std::int64_t rows, std::int64_t d,
@@ -113,9 +136,12 @@ torch::Tensor rmsNorm(const torch::Tensor& x_in, const torch::Tensor& weight, do
     const float* xp = x.data_ptr<float>();
     const float* wp = w.data_ptr<float>();
     float* yp = y.data_ptr<float>();
-    at::parallel_for(0, rows, grainRows(d), [&](std::int64_t r0, std::int64_t r1) {
+    const int team = rows >= kParallelRows ? at::get_num_threads() : 1;
+    MODSCOPE_TEAM_REGION(team)
+    {
+        const auto [r0, r1] = myShare(rows, 4);
         rmsNormRows(xp + r0 * ldx, ldx, wp, yp + r0 * d, r1 - r0, d, static_cast<float>(eps));
-    });
+    }
     return y;
 }
 
@@ -136,7 +162,10 @@ torch::Tensor rotateQK(const torch::Tensor& qk, const torch::Tensor& pos_in, con
     const float* rp = rope.data_ptr<float>();
     float* op = out.data_ptr<float>();
     const auto sb = qk.stride(0), ss = qk.stride(1), sw = qk.stride(2), sh = qk.stride(3);
-    at::parallel_for(0, B * S, grainRows(2 * H * hd), [&](std::int64_t t0, std::int64_t t1) {
+    const int team = B * S >= kParallelRows ? at::get_num_threads() : 1;
+    MODSCOPE_TEAM_REGION(team)
+    {
+        const auto [t0, t1] = myShare(B * S, 4);
         for (auto t = t0; t < t1; ++t) {
             const auto b = t / S, s = t % S;
             const float* f = rp + pp[t] * 4 * hd;  // [cos, sin] x [q, k], hd each
@@ -147,7 +176,7 @@ torch::Tensor rotateQK(const torch::Tensor& qk, const torch::Tensor& pos_in, con
                     rotateHead(xp + b * sb + s * ss + which * sw + h * sh, c, sn, op + ((t * 2 + which) * H + h) * hd, hd);
             }
         }
-    });
+    }
     return out;
 }
 
@@ -183,8 +212,16 @@ torch::Tensor rowDot(const torch::Tensor& x_in, const torch::Tensor& w_in) {
     auto sizes = x_in.sizes().vec();
     sizes.pop_back();
     auto out = torch::empty(sizes, x_in.options());
-    const auto rows = x.size(0);
-    rowDots(x.data_ptr<float>(), rows > 1 ? x.stride(0) : d, rows, w.data_ptr<float>(), d, out.data_ptr<float>());
+    const auto rows = x.size(0), ldx = rows > 1 ? x.stride(0) : d;
+    const float* xp = x.data_ptr<float>();
+    const float* wp = w.data_ptr<float>();
+    float* op = out.data_ptr<float>();
+    const int team = rows >= kParallelRows ? at::get_num_threads() : 1;
+    MODSCOPE_TEAM_REGION(team)
+    {
+        const auto [r0, r1] = myShare(rows, 4);
+        rowDots(xp + r0 * ldx, ldx, r1 - r0, wp, d, op + r0);
+    }
     return out;
 }
 
