@@ -16,8 +16,10 @@
 
 #include "cpu_matmul.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <limits>
 
 namespace modscope::cpu {
 
@@ -237,6 +239,20 @@ void addGatedRows(torch::Tensor& x2d, const torch::Tensor& rows, const torch::Te
     const float* from = delta.data_ptr<float>();
     float* to = x2d.data_ptr<float>();
     for (std::int64_t i = 0; i < k; ++i) addScaledRow(to + r[i] * d, from + i * d, sigmoid(l[r[i]]), d);
+}
+
+void maskLaterKeys(torch::Tensor& scores, std::int64_t first) {
+    TORCH_CHECK(appliesTo(scores) && scores.dim() == 3 && first >= 0, "cpu::maskLaterKeys: float32 CPU [P, n, keys] expected");
+    const auto P = scores.size(0), n = scores.size(1), keys = scores.size(2);
+    const auto sp = scores.stride(0), sr = scores.stride(1);
+    float* base = scores.data_ptr<float>();
+    const float ninf = -std::numeric_limits<float>::infinity();
+    for (std::int64_t p = 0; p < P; ++p)
+        for (std::int64_t i = 0; i < n; ++i) {
+            const auto visible = std::min(keys, first + i + 1);
+            float* row = base + p * sp + i * sr;
+            std::fill(row + visible, row + keys, ninf);
+        }
 }
 
 torch::Tensor predictorLogits(const torch::Tensor& x, const torch::Tensor& fc1_t, const torch::Tensor& b1_in,

@@ -33,6 +33,11 @@ torch::Tensor rowDot(const torch::Tensor& x, const torch::Tensor& w);
 // and copied it back. x2d must be contiguous; rows must not repeat.
 void addGatedRows(torch::Tensor& x2d, const torch::Tensor& rows, const torch::Tensor& logits, const torch::Tensor& delta);
 
+// Causal masking of scores [P, n, keys] (rows contiguous, any row and batch strides) in place: query row i,
+// whose own key is first + i, may see keys 0 .. first + i; every later key's score becomes -inf. Writes only
+// the masked entries, the triangle after the diagonal, where adding a 0 / -inf bias copied every score.
+void maskLaterKeys(torch::Tensor& scores, std::int64_t first);
+
 // The causal predictor's logits for rows x [n, d]: silu(x fc1_t + b1) . w2 + b2 with fc1_t [d, h] (the
 // transposed weight), b1 [h], w2 [h], b2 [1] -> [n]. The bias rides on the product (its output starts as b1)
 // and the last layer is a dot per row: four operators fewer than the module's own forward.
