@@ -350,9 +350,10 @@ void benchRouting(BenchContext& ctx) {
                         {"causal_mode_share", p.causalModeShare()}});
     }
     table.addNote(
-        "Each stage timed alone on the model's own modules (profiling.h, profileRoutedLayer), round-robin "
-        "(each repetition times every stage once), medians over 100 repetitions (30 at T = 2048, 15 with "
-        "--quick) after one warm-up; \"layer\" times the stages in sequence as one call. Share = (router + "
+        "The layer's stages run as the forward runs them, one after another on the model's own modules and "
+        "on the layer's real input (profiling.h, profileRoutedLayer), with a clock read between stages; causal "
+        "select runs after the router on a fresh copy of the input. Medians over 100 repetitions (30 at "
+        "T = 2048, 15 with --quick) after one warm-up; \"layer\" is the top-k pass's total. Share = (router + "
         "top-k + predictor + gather + scatter) / layer, as Model::run does it for a trace; \"gated scatter\" "
         "adds sigmoid(r) * block output into x's selected rows in place (update and write-back in one pass, "
         "counted as routing). \"top-k mode\" is (router + top-k + gather + scatter) / (those + block): a top-k "

@@ -307,8 +307,7 @@ torch::Tensor processSelected(BlockImpl& block, const torch::Tensor& x, const to
     // A token keeps its own position: the selected positions are the indices themselves.
     const auto delta = block.delta(xs, idx, positions, kv);
     if (in_place) {
-        TORCH_CHECK(x.is_contiguous() && !torch::GradMode::is_enabled(), "in-place routed update needs inference");
-        auto target = x;
+        auto target = x;  // a handle to x's storage, which addGatedRows writes (it checks the conditions)
         addGatedRows(target, idx, router_logits, delta);
         return x;
     }
