@@ -24,8 +24,8 @@ torch::Tensor rotateQK(const torch::Tensor& qk, const torch::Tensor& pos, const 
 // Rows of x2d [N, d] (rows any distance apart) at rows [k] (int64, each in [0, N)) -> a new contiguous [k, d].
 torch::Tensor gatherRows(const torch::Tensor& x2d, const torch::Tensor& rows);
 
-// x [..., d] . w [d] -> [...]: one dot product per row (a router's logits). A matrix-vector product as a
-// LibTorch operator cost 7 us at 512 x 192, most of it dispatch; this loop is 1-2 us.
+// x [..., d] . w [d] -> [...]: one dot product per row (a router's logits). At 512 x 192, timed alone,
+// LibTorch's matrix-vector product took 7.1 us, this loop 5.6 on one thread and 4.3 on two.
 torch::Tensor rowDot(const torch::Tensor& x, const torch::Tensor& w);
 
 // x2d[rows[i]] += sigmoid(logits[rows[i]]) * delta[i] for delta [k, d] and logits [N]: a routed block's gated

@@ -66,7 +66,7 @@ struct PositionTables {
     // holding (c, c) and (-s, s) over the two halves of a head, q's multiplied by 1/sqrt(hd).
     torch::Tensor rope;
     // Additive causal mask for a query block: [kAttentionQueryBlock, max_seq_len + kAttentionQueryBlock] of 0
-    // and -inf (see causalBias).
+    // and -inf (see causalBias). The operator path adds it; CPU inference masks its scores in place instead.
     torch::Tensor causal_bias;
 
     // qk [B, S, 2, H, hd] (q then k, any strides) rotated by each token's own position pos [B, S] int64;
