@@ -45,7 +45,8 @@ private Q_SLOTS:
 
         // Teacher-forced continuation: the cache must be exact whatever tokens arrive (greedy decoding of an
         // untrained model repeats one token and would exercise only one routing decision).
-        const auto continuation = test::randomIds(40, 300, 99);
+        // 12 + 60 tokens: past the cache's first 64 places, so full layers grow theirs mid-generation.
+        const auto continuation = test::randomIds(60, 300, 99);
         std::vector<int> seq = prompt;
         std::vector<torch::Tensor> step_logits{logits};
         std::vector<std::vector<std::uint8_t>> step_processed;
@@ -83,6 +84,32 @@ private Q_SLOTS:
         QVERIFY(skipped > 0);
         for (std::size_t li = 0; li < kv.size(); ++li)
             QCOMPARE(int(kv[li].length()), full.layers[li].processed);
+    }
+
+    // Appending keys and values in pieces gives what concatenating them gives, across the doublings of the
+    // cache's room; within its room an append moves nothing.
+    void kvAppendEqualsConcatenation() {
+        torch::manual_seed(21);
+        torch::InferenceMode guard;
+        nn::LayerKV kv;
+        std::vector<torch::Tensor> ks, vs;
+        for (const int S : {50, 1, 13, 1, 1, 100, 7}) {
+            // Strided pieces, as attention passes them (a view of its q/k/v projection).
+            const auto k = torch::randn({1, S, 2, 3, 8}).select(2, 1).transpose(1, 2);
+            const auto v = torch::randn({1, S, 3, 8}).transpose(1, 2);
+            const void* before = kv.k_store.defined() ? kv.k_store.data_ptr() : nullptr;
+            const auto room = kv.k_store.defined() ? kv.k_store.size(2) : 0;
+            const auto n = kv.length();
+            kv.append(k, v);
+            ks.push_back(k);
+            vs.push_back(v);
+            QCOMPARE(kv.length(), n + S);
+            QVERIFY(torch::equal(kv.k, torch::cat(ks, 2)));
+            QVERIFY(torch::equal(kv.v, torch::cat(vs, 2)));
+            QCOMPARE(kv.bytes(), std::int64_t(2 * 3 * 8 * 4) * kv.length());
+            if (n + S <= room) QCOMPARE(kv.k_store.data_ptr(), before);
+        }
+        QVERIFY(kv.k_store.size(2) >= 173);
     }
 
     void generationReportsCacheAgainstDense() {

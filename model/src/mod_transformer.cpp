@@ -150,13 +150,10 @@ torch::Tensor AttentionImpl::forward(const torch::Tensor& x, const torch::Tensor
     auto v = qkv_out.select(2, 2).transpose(1, 2);
     std::int64_t prior = 0;
     if (kv != nullptr) {
-        if (kv->k.defined() && kv->k.size(2) > 0) {
-            prior = kv->k.size(2);
-            k = torch::cat({kv->k, k}, 2);
-            v = torch::cat({kv->v, v}, 2);
-        }
-        kv->k = k = k.contiguous();
-        kv->v = v = v.contiguous();
+        prior = kv->length();
+        kv->append(k, v);
+        k = kv->k;
+        v = kv->v;
     }
     const auto q3 = q.reshape({B * H, S, hd}), k3 = k.reshape({B * H, prior + S, hd});
     const auto v3 = v.reshape({B * H, prior + S, hd});
@@ -168,6 +165,26 @@ torch::Tensor AttentionImpl::forward(const torch::Tensor& x, const torch::Tensor
     }
     const auto out = causalAttention(q3, k3, v3, prior, positions).view({B, H, S, hd});
     return linear(out.transpose(1, 2).reshape({B, S, d}), proj->weight, {}, proj_t);
+}
+
+void LayerKV::append(const torch::Tensor& k_new, const torch::Tensor& v_new) {
+    const auto n = length(), S = k_new.size(2);
+    if (!k_store.defined() || n + S > k_store.size(2)) {
+        const std::int64_t capacity = std::max<std::int64_t>({n + S, k_store.defined() ? 2 * k_store.size(2) : 0, 64});
+        auto sizes = k_new.sizes().vec();
+        sizes[2] = capacity;
+        auto k_grown = torch::empty(sizes, k_new.options()), v_grown = torch::empty(sizes, v_new.options());
+        if (n > 0) {
+            k_grown.narrow(2, 0, n).copy_(k);
+            v_grown.narrow(2, 0, n).copy_(v);
+        }
+        k_store = k_grown;
+        v_store = v_grown;
+    }
+    k_store.narrow(2, n, S).copy_(k_new);
+    v_store.narrow(2, n, S).copy_(v_new);
+    k = k_store.narrow(2, 0, n + S);
+    v = v_store.narrow(2, 0, n + S);
 }
 
 // ---------------------------------------------------------------------------------------------- SwiGLU

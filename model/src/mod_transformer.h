@@ -27,12 +27,18 @@ TORCH_MODULE(RmsNorm);
 
 // Keys and values a layer keeps for generation: only the tokens it processed.
 struct LayerKV {
-    torch::Tensor k;  // [B, H, n, hd], rotary already applied
-    torch::Tensor v;  // [B, H, n, hd]
+    torch::Tensor k;  // [B, H, n, hd], rotary already applied: a view of k_store's first n tokens
+    torch::Tensor v;  // [B, H, n, hd], of v_store
+    // Room for more tokens than n, grown by doubling: a step appends its token's keys and values in place,
+    // where concatenating copied the whole cache at every step (quadratic in the generated length).
+    torch::Tensor k_store, v_store;  // [B, H, capacity, hd]
     // Routed layers, B = 1, only when the causal rule uses the prefix top-k: every token's router logit so far,
     // processed or not.
     std::vector<float> router_logits;
     std::int64_t length() const { return k.defined() ? k.size(2) : 0; }
+    // Appends k_new and v_new [B, H, S, hd] after the n cached tokens; k and v then view all n + S.
+    void append(const torch::Tensor& k_new, const torch::Tensor& v_new);
+    // The keys and values of the n cached tokens (the room behind them may hold up to twice as many).
     std::int64_t bytes() const { return k.defined() ? 2 * k.numel() * k.element_size() : 0; }
 };
 
