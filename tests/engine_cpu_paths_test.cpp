@@ -160,8 +160,8 @@ private Q_SLOTS:
         const auto wide = torch::randn({3, 11, 50}) * 3;
         const auto many = torch::randn({2, 150, 50}) * 3;  // 300 rows: split over two threads
         const TwoThreads two;
-        for (const auto& x : {wide.narrow(2, 0, 37), wide.narrow(2, 5, 37).contiguous(), wide.narrow(2, 0, 37).select(1, 4),
-                              many.narrow(2, 0, 37)}) {
+        for (const auto& x : {wide.narrow(2, 0, 37), wide.narrow(2, 5, 37).contiguous(),
+                              wide.narrow(2, 0, 37).select(1, 4), many.narrow(2, 0, 37)}) {
             const auto want = x * torch::rsqrt(x.pow(2).mean(-1, true) + 1e-5) * norm->weight;
             const auto fused = cpu::rmsNorm(x, norm->weight.detach(), 1e-5);
             QVERIFY(fused.is_contiguous());
@@ -212,18 +212,20 @@ private Q_SLOTS:
         QVERIFY(torch::equal(cpu::gatherRows(x, rows), x.index_select(0, rows)));
         QVERIFY_THROWS_EXCEPTION(c10::Error, cpu::gatherRows(x, torch::tensor({40}, torch::kLong)));
 
-        // The gated update added in place: the selected rows get sigmoid(logit) * delta, no other row changes.
-        // d 37: the vector loop's tail.
+        // The gated update added in place: the selected rows get sigmoid(logit) * delta, no other row
+        // changes. d 37: the vector loop's tail.
         auto target = torch::randn({40, 37});
         const auto before = target.clone();
         const auto logits = torch::randn({40}) * 3;
         const auto delta = torch::randn({5, 37});
         cpu::addGatedRows(target, rows, logits, delta);
-        const auto want = before.index_add(0, rows, torch::sigmoid(logits.index_select(0, rows)).unsqueeze(1) * delta);
+        const auto want =
+            before.index_add(0, rows, torch::sigmoid(logits.index_select(0, rows)).unsqueeze(1) * delta);
         QVERIFY(close(target, want, 1e-6));
         const auto untouched = torch::ones({40}, torch::kBool).index_fill(0, rows, false);
         QVERIFY(torch::equal(target.index({untouched}), before.index({untouched})));
-        QVERIFY_THROWS_EXCEPTION(c10::Error, cpu::addGatedRows(target, torch::tensor({-1}, torch::kLong), logits, delta.narrow(0, 0, 1)));
+        QVERIFY_THROWS_EXCEPTION(c10::Error, cpu::addGatedRows(target, torch::tensor({-1}, torch::kLong),
+                                                               logits, delta.narrow(0, 0, 1)));
         QVERIFY_THROWS_EXCEPTION(c10::Error, cpu::addGatedRows(target, rows, logits, delta.narrow(0, 0, 4)));
     }
 
@@ -235,8 +237,8 @@ private Q_SLOTS:
         // 300 rows: split over two threads.
         const auto many = torch::randn({300, 50});
         const TwoThreads two;
-        for (const auto& x : {wide.narrow(2, 0, 37), wide.narrow(2, 5, 37).contiguous(), wide.narrow(2, 1, 37).select(1, 3),
-                              many.narrow(1, 2, 37)}) {
+        for (const auto& x : {wide.narrow(2, 0, 37), wide.narrow(2, 5, 37).contiguous(),
+                              wide.narrow(2, 1, 37).select(1, 3), many.narrow(1, 2, 37)}) {
             const auto got = cpu::rowDot(x, w);
             QCOMPARE(got.sizes().vec(), x.sizes().slice(0, x.dim() - 1).vec());
             QVERIFY(close(got, torch::matmul(x, w), 1e-5));
@@ -252,13 +254,13 @@ private Q_SLOTS:
         predictor->fc1->bias.data().uniform_(-1, 1);
         predictor->fc2->bias.data().fill_(0.3);
         const auto x = torch::randn({3, 17, 40});
-        const auto want = (torch::silu(x.matmul(predictor->fc1->weight.t()) + predictor->fc1->bias)
-                               .matmul(predictor->fc2->weight.view(-1)) + predictor->fc2->bias).detach();
-        const auto fused = cpu::predictorLogits(x.view({-1, 40}), predictor->fc1->weight.t().contiguous(), predictor->fc1->bias,
-                                                predictor->fc2->weight, predictor->fc2->bias);
-        QVERIFY(close(fused.view({3, 17}), want, 1e-5));
-        QCOMPARE(cpu::predictorLogits(x.view({-1, 40}).narrow(0, 0, 0), predictor->fc1->weight.t().contiguous(),
-                                      predictor->fc1->bias, predictor->fc2->weight, predictor->fc2->bias).numel(), 0);
+        const auto &w1 = predictor->fc1->weight, &b1 = predictor->fc1->bias;
+        const auto &w2 = predictor->fc2->weight, &b2 = predictor->fc2->bias;
+        const auto want = (torch::silu(x.matmul(w1.t()) + b1).matmul(w2.view(-1)) + b2).detach();
+        const auto w1_t = w1.t().contiguous();
+        const auto rows = x.view({-1, 40});
+        QVERIFY(close(cpu::predictorLogits(rows, w1_t, b1, w2, b2).view({3, 17}), want, 1e-5));
+        QCOMPARE(cpu::predictorLogits(rows.narrow(0, 0, 0), w1_t, b1, w2, b2).numel(), 0);
         torch::InferenceMode guard;
         QVERIFY(close(predictor(x), want, 1e-5));
     }

@@ -335,8 +335,8 @@ private Q_SLOTS:
         QVERIFY(torch::allclose(batch, copying, 1e-5, 1e-6));
     }
 
-    // The prefix top-k's candidates against counting by hand: t passes when fewer than k(t + 1) earlier logits
-    // are strictly above its own (ties are not "higher"), across capacities and lengths.
+    // The prefix top-k's candidates against counting by hand: t passes when fewer than k(t + 1) earlier
+    // logits are strictly above its own (ties are not "higher"), across capacities and lengths.
     void prefixTopkCandidatesCountEarlierHigherLogits() {
         torch::manual_seed(9);
         const auto key = [](float v) { return std::isnan(v) ? -std::numeric_limits<float>::infinity() : v; };
@@ -360,7 +360,8 @@ private Q_SLOTS:
                 }
                 // A rising row: every token is above all before it.
                 const auto rising = torch::arange(T, torch::kFloat32).contiguous();
-                QCOMPARE(nn::prefixTopkCandidates(rising.data_ptr<float>(), T, capacity).size(), std::size_t(T));
+                QCOMPARE(nn::prefixTopkCandidates(rising.data_ptr<float>(), T, capacity).size(),
+                         std::size_t(T));
             }
         // A NaN logit ranks lowest: every finite earlier logit counts as higher than it, and it counts for none.
         const float nan = std::numeric_limits<float>::quiet_NaN();

@@ -319,8 +319,8 @@ void benchRouting(BenchContext& ctx) {
     Table table("Cost of routing in one routed layer (layer " +
                     std::to_string(*std::min_element(cfg.routed_layers.begin(), cfg.routed_layers.end())) +
                     ", top-k, capacity " + fixed(cfg.capacity, 3) + "; medians in ms)",
-                {"T", "k", "router", "top-k", "predictor", "causal select", "gather", "gated scatter", "block",
-                 "layer", "routing share", "top-k mode", "causal mode"});
+                {"T", "k", "router", "top-k", "predictor", "causal select", "gather", "gated scatter",
+                 "block", "layer", "routing share", "top-k mode", "causal mode"});
     json rows = json::array();
     const auto lengths = ctx.quick() ? std::vector<int>{128, 512} : std::vector<int>{128, 512, 2048};
     for (int T : fitting(lengths, cfg.max_seq_len)) {
@@ -328,8 +328,8 @@ void benchRouting(BenchContext& ctx) {
         const int reps = ctx.quick() ? 15 : (T >= 2048 ? 30 : 100);
         const auto p = profileRoutedLayer(model, T, reps);
         table.addRow({std::to_string(T), std::to_string(p.k), fixed(p.router_ms, 3), fixed(p.topk_ms, 3),
-                      fixed(p.predictor_ms, 3), fixed(p.causal_select_ms, 3), fixed(p.gather_ms, 3), fixed(p.scatter_ms, 3),
-                      fixed(p.block_ms, 3), fixed(p.layer_ms, 3),
+                      fixed(p.predictor_ms, 3), fixed(p.causal_select_ms, 3), fixed(p.gather_ms, 3),
+                      fixed(p.scatter_ms, 3), fixed(p.block_ms, 3), fixed(p.layer_ms, 3),
                       percent(p.routingShare()), percent(p.topkModeShare()), percent(p.causalModeShare())});
         rows.push_back({{"seq_len", T},
                         {"layer", p.layer},
@@ -351,16 +351,16 @@ void benchRouting(BenchContext& ctx) {
     }
     table.addNote(
         "The layer's stages run as the forward runs them, one after another on the model's own modules and "
-        "on the layer's real input (profiling.h, profileRoutedLayer), with a clock read between stages; causal "
-        "select runs after the router on a fresh copy of the input. Medians over 100 repetitions (30 at "
-        "T = 2048, 15 with --quick) after one warm-up; \"layer\" is the top-k pass's total. Share = (router + "
-        "top-k + predictor + gather + scatter) / layer, as Model::run does it for a trace; \"gated scatter\" "
-        "adds sigmoid(r) * block output into x's selected rows in place (update and write-back in one pass, "
-        "counted as routing). \"top-k mode\" is (router + top-k + gather + scatter) / (those + block): a top-k "
-        "forward without a trace, which needs no predictor; \"causal mode\" is (router + causal select + gather "
-        "+ scatter) / (those + block): causal routing as generation and causal runs do it, where \"causal select\" is the "
-        "rule's walk with the predictor read only for the tokens the prefix top-k lets through (the whole "
-        "row when the model's rule has no prefix top-k).");
+        "on the layer's real input (profiling.h, profileRoutedLayer), with a clock read between stages; "
+        "causal select runs after the router on a fresh copy of the input. Medians over 100 repetitions (30 "
+        "at T = 2048, 15 with --quick) after one warm-up; \"layer\" is the top-k pass's total. Share = "
+        "(router + top-k + predictor + gather + scatter) / layer, as Model::run does it for a trace; \"gated "
+        "scatter\" adds sigmoid(r) * block output into x's selected rows in place (update and write-back in "
+        "one pass, counted as routing). \"top-k mode\" is (router + top-k + gather + scatter) / (those + "
+        "block): a top-k forward without a trace, which needs no predictor; \"causal mode\" is (router + "
+        "causal select + gather + scatter) / (those + block): causal routing as generation and causal runs "
+        "do it, where \"causal select\" is the rule's walk with the predictor read only for the tokens the "
+        "prefix top-k lets through (the whole row when the model's rule has no prefix top-k).");
     ctx.report().json["routing_cost"] = rows;
     ctx.report().add(table);
 }

@@ -1,7 +1,7 @@
 // Fused CPU loops (cpu_kernels.h). Each is built for AVX2 and for the baseline; the loader picks one per CPU.
 // From 256 rows the row loops split their rows over LibTorch's threads (OpenMP, this file only): the router's
-// logits at 512 x 192 took 6.8 us on one thread and 4.3 on two, reading x produced by a two-thread add as in the
-// forward; the reference forward at T = 128 (no loop that long) did not change.
+// logits at 512 x 192 took 6.8 us on one thread and 4.3 on two, reading x produced by a two-thread add as in
+// the forward; the reference forward at T = 128 (no loop that long) did not change.
 #include "cpu_kernels.h"
 
 #include <ATen/Parallel.h>
@@ -14,12 +14,12 @@
 #define MODSCOPE_TEAM_REGION(team)
 #endif
 
-#include "cpu_matmul.h"
-
 #include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <limits>
+
+#include "cpu_matmul.h"
 
 namespace modscope::cpu {
 
@@ -227,12 +227,15 @@ torch::Tensor rowDot(const torch::Tensor& x_in, const torch::Tensor& w_in) {
     return out;
 }
 
-void addGatedRows(torch::Tensor& x2d, const torch::Tensor& rows, const torch::Tensor& logits_in, const torch::Tensor& delta_in) {
-    TORCH_CHECK(appliesTo(x2d) && x2d.dim() == 2 && x2d.is_contiguous(), "cpu::addGatedRows: contiguous float32 CPU [N, d] expected");
+void addGatedRows(torch::Tensor& x2d, const torch::Tensor& rows, const torch::Tensor& logits_in,
+                  const torch::Tensor& delta_in) {
+    TORCH_CHECK(appliesTo(x2d) && x2d.dim() == 2 && x2d.is_contiguous(),
+                "cpu::addGatedRows: contiguous float32 CPU [N, d] expected");
     const auto N = x2d.size(0), d = x2d.size(1), k = rows.numel();
     const auto delta = delta_in.contiguous();
     const auto logits = logits_in.contiguous();
-    TORCH_CHECK(delta.scalar_type() == torch::kFloat32 && delta.numel() == k * d, "cpu::addGatedRows: delta must be [k, d]");
+    TORCH_CHECK(delta.scalar_type() == torch::kFloat32 && delta.numel() == k * d,
+                "cpu::addGatedRows: delta must be [k, d]");
     TORCH_CHECK(applies(logits) && logits.numel() == N, "cpu::addGatedRows: logits must be [N]");
     const std::int64_t* r = checkedRows(rows, N);
     const float* l = logits.data_ptr<float>();
@@ -242,7 +245,8 @@ void addGatedRows(torch::Tensor& x2d, const torch::Tensor& rows, const torch::Te
 }
 
 void maskLaterKeys(torch::Tensor& scores, std::int64_t first) {
-    TORCH_CHECK(appliesTo(scores) && scores.dim() == 3 && first >= 0, "cpu::maskLaterKeys: float32 CPU [P, n, keys] expected");
+    TORCH_CHECK(appliesTo(scores) && scores.dim() == 3 && first >= 0,
+                "cpu::maskLaterKeys: float32 CPU [P, n, keys] expected");
     const auto P = scores.size(0), n = scores.size(1), keys = scores.size(2);
     const auto sp = scores.stride(0), sr = scores.stride(1);
     float* base = scores.data_ptr<float>();
@@ -257,12 +261,14 @@ void maskLaterKeys(torch::Tensor& scores, std::int64_t first) {
 
 torch::Tensor predictorLogits(const torch::Tensor& x, const torch::Tensor& fc1_t, const torch::Tensor& b1_in,
                               const torch::Tensor& w2_in, const torch::Tensor& b2) {
-    TORCH_CHECK(appliesTo(x) && x.dim() == 2 && applies(fc1_t) && fc1_t.dim() == 2 && fc1_t.size(0) == x.size(1),
-                "cpu::predictorLogits: float32 CPU x [n, d] and fc1_t [d, h] expected");
+    TORCH_CHECK(
+        appliesTo(x) && x.dim() == 2 && applies(fc1_t) && fc1_t.dim() == 2 && fc1_t.size(0) == x.size(1),
+        "cpu::predictorLogits: float32 CPU x [n, d] and fc1_t [d, h] expected");
     const auto n = x.size(0), h = fc1_t.size(1);
     const auto b1 = b1_in.contiguous(), w2 = w2_in.contiguous().view({-1});
-    TORCH_CHECK(applies(b1) && b1.numel() == h && applies(w2) && w2.numel() == h && applies(b2) && b2.numel() == 1,
-                "cpu::predictorLogits: b1 [h], w2 [h] and b2 [1] expected");
+    TORCH_CHECK(
+        applies(b1) && b1.numel() == h && applies(w2) && w2.numel() == h && applies(b2) && b2.numel() == 1,
+        "cpu::predictorLogits: b1 [h], w2 [h] and b2 [1] expected");
     auto out = torch::empty({n}, x.options());
     if (n == 0) return out;
     auto hidden = torch::empty({n, h}, x.options());

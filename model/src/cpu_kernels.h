@@ -31,7 +31,8 @@ torch::Tensor rowDot(const torch::Tensor& x, const torch::Tensor& w);
 // x2d[rows[i]] += sigmoid(logits[rows[i]]) * delta[i] for delta [k, d] and logits [N]: a routed block's gated
 // update written straight into the residual stream, where the operators gathered x's rows, updated the copy
 // and copied it back. x2d must be contiguous; rows must not repeat.
-void addGatedRows(torch::Tensor& x2d, const torch::Tensor& rows, const torch::Tensor& logits, const torch::Tensor& delta);
+void addGatedRows(torch::Tensor& x2d, const torch::Tensor& rows, const torch::Tensor& logits,
+                  const torch::Tensor& delta);
 
 // Causal masking of scores [P, n, keys] (rows contiguous, any row and batch strides) in place: query row i,
 // whose own key is first + i, may see keys 0 .. first + i; every later key's score becomes -inf. Writes only

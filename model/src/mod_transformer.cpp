@@ -170,7 +170,8 @@ torch::Tensor AttentionImpl::forward(const torch::Tensor& x, const torch::Tensor
 void LayerKV::append(const torch::Tensor& k_new, const torch::Tensor& v_new) {
     const auto n = length(), S = k_new.size(2);
     if (!k_store.defined() || n + S > k_store.size(2)) {
-        const std::int64_t capacity = std::max<std::int64_t>({n + S, k_store.defined() ? 2 * k_store.size(2) : 0, 64});
+        const std::int64_t capacity =
+            std::max<std::int64_t>({n + S, k_store.defined() ? 2 * k_store.size(2) : 0, 64});
         auto sizes = k_new.sizes().vec();
         sizes[2] = capacity;
         auto k_grown = torch::empty(sizes, k_new.options()), v_grown = torch::empty(sizes, v_new.options());
@@ -208,7 +209,8 @@ torch::Tensor PredictorImpl::forward(const torch::Tensor& x) {
     if (!needsGrad(x, fc1->weight) && cpu::appliesTo(x) && x.dim() >= 1) {
         auto sizes = x.sizes().vec();
         sizes.pop_back();
-        return cpu::predictorLogits(x.reshape({-1, x.size(-1)}), fc1_t.of(fc1->weight), fc1->bias, fc2->weight, fc2->bias)
+        return cpu::predictorLogits(x.reshape({-1, x.size(-1)}), fc1_t.of(fc1->weight), fc1->bias,
+                                    fc2->weight, fc2->bias)
             .view(sizes);
     }
     // One output: a matrix-vector product (gemv), where fc2(...) would be a matrix product with one column.
@@ -296,8 +298,10 @@ torch::Tensor scatterRows(const torch::Tensor& x, const torch::Tensor& idx, cons
     return x.reshape({B * T, d}).index_copy(0, flatRows(idx, T), rows.reshape({-1, d})).view({B, T, d});
 }
 
-void addGatedRows(torch::Tensor& x, const torch::Tensor& idx, const torch::Tensor& router_logits, const torch::Tensor& delta) {
-    TORCH_CHECK(x.is_contiguous() && !torch::GradMode::is_enabled(), "addGatedRows: in place, inference only");
+void addGatedRows(torch::Tensor& x, const torch::Tensor& idx, const torch::Tensor& router_logits,
+                  const torch::Tensor& delta) {
+    TORCH_CHECK(x.is_contiguous() && !torch::GradMode::is_enabled(),
+                "addGatedRows: in place, inference only");
     const auto B = x.size(0), T = x.size(1), d = x.size(2);
     const auto flat = flatRows(idx, T);
     auto flat_x = x.view({B * T, d});
@@ -310,7 +314,8 @@ void addGatedRows(torch::Tensor& x, const torch::Tensor& idx, const torch::Tenso
 }
 
 torch::Tensor processSelected(BlockImpl& block, const torch::Tensor& x, const torch::Tensor& router_logits,
-                              const torch::Tensor& idx, const PositionTables& positions, LayerKV* kv, bool in_place) {
+                              const torch::Tensor& idx, const PositionTables& positions, LayerKV* kv,
+                              bool in_place) {
     if (idx.size(1) == 0) {
         if (kv != nullptr) {
             const auto B = x.size(0);
@@ -353,15 +358,16 @@ float rankKey(float v) { return std::isnan(v) ? -std::numeric_limits<float>::inf
 }  // namespace
 
 std::int64_t countAbove(const std::vector<float>& history, float value) {
-    // NaN counts as -inf, as in prefixTopkCandidates, so a generation step ranks a token as the full forward does.
+    // NaN counts as -inf, as in prefixTopkCandidates, so a generation step ranks a token as the full forward
+    // does.
     const float at = rankKey(value);
     return std::count_if(history.begin(), history.end(), [&](float h) { return rankKey(h) > at; });
 }
 
 namespace {
 
-// k(n) = capacityToK(capacity, n) for n = 1 .. T at table[n - 1], kept per thread for the last capacity asked:
-// the forward's routed layers share it, and the ceil per token took 40% of the walk below (perf).
+// k(n) = capacityToK(capacity, n) for n = 1 .. T at table[n - 1], kept per thread for the last capacity
+// asked: the forward's routed layers share it, and the ceil per token took 40% of the walk below (perf).
 const std::vector<int>& prefixK(double capacity, std::int64_t T) {
     thread_local double table_capacity = -1.0;
     thread_local std::vector<int> table;
@@ -424,8 +430,8 @@ torch::Tensor cpuFloat(const torch::Tensor& t) { return t.detach().to(torch::kCP
 // arithmetic as a generation step's. candidates: the prefix top-k's, ascending (unused without it);
 // logit(): the predictor logit of the next token that can be processed, asked once per such token, in order.
 template <typename Logit>
-void decideRow(const CausalRule& rule, std::int64_t T, const std::vector<std::int64_t>& candidates, Logit&& logit,
-               bool* sel) {
+void decideRow(const CausalRule& rule, std::int64_t T, const std::vector<std::int64_t>& candidates,
+               Logit&& logit, bool* sel) {
     std::int64_t n = 0;
     std::size_t next = 0;
     for (std::int64_t t = 0; t < T; ++t) {
@@ -463,16 +469,19 @@ torch::Tensor causalSelection(const torch::Tensor& predictor_logits, const torch
     auto out = torch::empty({B, T}, torch::TensorOptions().dtype(torch::kBool));
     std::vector<std::int64_t> candidates;
     for (std::int64_t b = 0; b < B; ++b) {
-        if (rule.prefix_topk) candidates = prefixTopkCandidates(router.data_ptr<float>() + b * T, T, rule.capacity);
+        if (rule.prefix_topk)
+            candidates = prefixTopkCandidates(router.data_ptr<float>() + b * T, T, rule.capacity);
         const float* row = logits.data_ptr<float>() + b * T;
-        decideRow(rule, T, candidates, [row](std::int64_t t) { return double(row[t]); }, out.data_ptr<bool>() + b * T);
+        const auto logit = [row](std::int64_t t) { return double(row[t]); };
+        decideRow(rule, T, candidates, logit, out.data_ptr<bool>() + b * T);
     }
     selectedRows(out, predictor_logits.device(), selected);
     return out.to(predictor_logits.device());
 }
 
 torch::Tensor causalRouting(BlockImpl& block, const torch::Tensor& x, const torch::Tensor& router_logits,
-                            const CausalRule& rule, std::int64_t* predictor_rows, std::vector<torch::Tensor>* selected) {
+                            const CausalRule& rule, std::int64_t* predictor_rows,
+                            std::vector<torch::Tensor>* selected) {
     if (!rule.prefix_topk) {
         if (predictor_rows != nullptr) *predictor_rows = x.size(0) * x.size(1);
         return causalSelection(block.predictor(x.detach()), router_logits, rule, selected);
@@ -491,13 +500,15 @@ torch::Tensor causalRouting(BlockImpl& block, const torch::Tensor& x, const torc
     torch::Tensor logits;  // [rows], in the candidates' order
     if (!rows.empty()) {
         // A view of rows, read before it goes out of scope (a copy on another device).
-        const auto idx = torch::from_blob(rows.data(), {static_cast<std::int64_t>(rows.size())}, torch::kLong).to(x.device());
+        const auto idx = torch::from_blob(rows.data(), {static_cast<std::int64_t>(rows.size())}, torch::kLong)
+                             .to(x.device());
         logits = cpuFloat(block.predictor(selectRows(x.detach().reshape({B * T, d}), idx)));
     }
     auto out = torch::empty({B, T}, torch::TensorOptions().dtype(torch::kBool));
     const float* logit = logits.defined() ? logits.data_ptr<float>() : nullptr;
+    const auto next_logit = [&logit](std::int64_t) { return double(*logit++); };
     for (std::int64_t b = 0; b < B; ++b)
-        decideRow(rule, T, candidates[b], [&logit](std::int64_t) { return double(*logit++); }, out.data_ptr<bool>() + b * T);
+        decideRow(rule, T, candidates[b], next_logit, out.data_ptr<bool>() + b * T);
     selectedRows(out, router_logits.device(), selected);
     return out.to(router_logits.device());
 }
@@ -601,13 +612,14 @@ torch::Tensor ModTransformerImpl::hidden(const torch::Tensor& ids, const Forward
             // Each token decides from its own block input, which depends on earlier tokens only, and from the
             // layer's decisions on earlier tokens.
             std::vector<torch::Tensor> chosen;  // [1, n_b] per row, ascending
-            selected_mask = predictor_logits.defined()
-                                ? causalSelection(predictor_logits, router_logits, options.causalRule(), &chosen)
-                                : causalRouting(block, x, router_logits, options.causalRule(), &predictor_rows, &chosen);
+            selected_mask =
+                predictor_logits.defined()
+                    ? causalSelection(predictor_logits, router_logits, options.causalRule(), &chosen)
+                    : causalRouting(block, x, router_logits, options.causalRule(), &predictor_rows, &chosen);
             std::vector<torch::Tensor> rows;  // each row's own selection; in place, rows of x itself
             for (std::int64_t b = 0; b < B; ++b)
-                rows.push_back(processSelected(block, x.narrow(0, b, 1), router_logits.narrow(0, b, 1), chosen[b],
-                                               positions, kv, in_place));
+                rows.push_back(processSelected(block, x.narrow(0, b, 1), router_logits.narrow(0, b, 1),
+                                               chosen[b], positions, kv, in_place));
             if (!in_place) x = B == 1 ? rows[0] : torch::cat(rows, 0);
         }
         if (routing != nullptr) {

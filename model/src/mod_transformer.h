@@ -260,17 +260,19 @@ torch::Tensor gatherRows(const torch::Tensor& x, const torch::Tensor& idx);
 // x [B, T, d] with rows [B, k, d] written at idx [B, k]: a copy.
 torch::Tensor scatterRows(const torch::Tensor& x, const torch::Tensor& idx, const torch::Tensor& rows);
 
-// The gated update of a routed block added into x itself: x[b, idx[b, i]] += sigmoid(router_logits[b, idx[b, i]])
-// * delta[b, i] for router_logits [B, T] and delta [B, k, d]. Inference only, x contiguous and held by nothing
-// else: the T - k rows that skip are never touched, and the selected ones are not copied out and back.
-void addGatedRows(torch::Tensor& x, const torch::Tensor& idx, const torch::Tensor& router_logits, const torch::Tensor& delta);
+// The gated update of a routed block added into x itself, for router_logits r [B, T] and delta [B, k, d]:
+//   x[b, idx[b, i]] += sigmoid(r[b, idx[b, i]]) * delta[b, i].
+// Inference only, x contiguous and held by nothing else: the T - k rows that skip are never touched, and the
+// selected ones are not copied out and back.
+void addGatedRows(torch::Tensor& x, const torch::Tensor& idx, const torch::Tensor& router_logits,
+                  const torch::Tensor& delta);
 
 // Runs the routed block on the tokens idx [B, k] of x (gated by sigmoid of their router logits; each token at
 // its own position) and writes their updates back; every other row of x is untouched, so skipped tokens stay
 // bit-for-bit the same. With in_place the updates go into x itself (addGatedRows), otherwise into a copy.
 // With kv, the block's cache holds the processed tokens only.
 torch::Tensor processSelected(BlockImpl& block, const torch::Tensor& x, const torch::Tensor& router_logits,
-                              const torch::Tensor& idx, const PositionTables& positions, LayerKV* kv = nullptr,
-                              bool in_place = false);
+                              const torch::Tensor& idx, const PositionTables& positions,
+                              LayerKV* kv = nullptr, bool in_place = false);
 
 }  // namespace modscope::nn

@@ -103,9 +103,9 @@ RoutedLayerProfile profileRoutedLayer(const Model& model, int seq_len, int reps,
     p.reps = reps;
     // Each repetition runs the routed layer as hidden() does, with a clock read between stages, so each stage
     // finds the caches as the forward leaves them: x just written by the layer before (the copy), the
-    // selected rows just read by the router. Timed alone in turn instead, the gather read x back from L3 after
-    // the block had evicted it: 7.4 us against 3.1 in sequence at T = 512 (the router and causal selection
-    // came within 15% of their figures in sequence, the gated scatter 20% under).
+    // selected rows just read by the router. Timed alone in turn instead, the gather read x back from L3
+    // after the block had evicted it: 7.4 us against 3.1 in sequence at T = 512 (the router and causal
+    // selection came within 15% of their figures in sequence, the gated scatter 20% under).
     enum Stage { kRouter, kTopk, kPredictor, kCausal, kGather, kBlock, kScatter, kLayer, kStages };
     std::vector<double> ms[kStages];
     using Clock = std::chrono::steady_clock;
