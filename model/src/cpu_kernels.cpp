@@ -41,6 +41,18 @@ std::pair<std::int64_t, std::int64_t> myShare(std::int64_t rows, std::int64_t al
     return {std::min(rows, i * per), std::min(rows, (i + 1) * per)};
 }
 
+// fn(r0, r1) over [0, rows): one share per thread of LibTorch's team from kParallelRows rows, all of them on
+// the calling thread below.
+template <typename Fn>
+void forRowShares(std::int64_t rows, Fn&& fn) {
+    const int team = rows >= kParallelRows ? at::get_num_threads() : 1;
+    MODSCOPE_TEAM_REGION(team)
+    {
+        const auto [r0, r1] = myShare(rows, 4);
+        fn(r0, r1);
+    }
+}
+
 __attribute__((target_clones("avx2", "default")))
 void rmsNormRows(const float* x, std::int64_t ldx, const float* w, float* y, std::int64_t rows, std::int64_t d,
                  float eps) {
@@ -138,12 +150,9 @@ torch::Tensor rmsNorm(const torch::Tensor& x_in, const torch::Tensor& weight, do
     const float* xp = x.data_ptr<float>();
     const float* wp = w.data_ptr<float>();
     float* yp = y.data_ptr<float>();
-    const int team = rows >= kParallelRows ? at::get_num_threads() : 1;
-    MODSCOPE_TEAM_REGION(team)
-    {
-        const auto [r0, r1] = myShare(rows, 4);
+    forRowShares(rows, [&](std::int64_t r0, std::int64_t r1) {
         rmsNormRows(xp + r0 * ldx, ldx, wp, yp + r0 * d, r1 - r0, d, static_cast<float>(eps));
-    }
+    });
     return y;
 }
 
@@ -164,10 +173,7 @@ torch::Tensor rotateQK(const torch::Tensor& qk, const torch::Tensor& pos_in, con
     const float* rp = rope.data_ptr<float>();
     float* op = out.data_ptr<float>();
     const auto sb = qk.stride(0), ss = qk.stride(1), sw = qk.stride(2), sh = qk.stride(3);
-    const int team = B * S >= kParallelRows ? at::get_num_threads() : 1;
-    MODSCOPE_TEAM_REGION(team)
-    {
-        const auto [t0, t1] = myShare(B * S, 4);
+    forRowShares(B * S, [&](std::int64_t t0, std::int64_t t1) {
         for (auto t = t0; t < t1; ++t) {
             const auto b = t / S, s = t % S;
             const float* f = rp + pp[t] * 4 * hd;  // [cos, sin] x [q, k], hd each
@@ -178,7 +184,7 @@ torch::Tensor rotateQK(const torch::Tensor& qk, const torch::Tensor& pos_in, con
                     rotateHead(xp + b * sb + s * ss + which * sw + h * sh, c, sn, op + ((t * 2 + which) * H + h) * hd, hd);
             }
         }
-    }
+    });
     return out;
 }
 
@@ -218,12 +224,9 @@ torch::Tensor rowDot(const torch::Tensor& x_in, const torch::Tensor& w_in) {
     const float* xp = x.data_ptr<float>();
     const float* wp = w.data_ptr<float>();
     float* op = out.data_ptr<float>();
-    const int team = rows >= kParallelRows ? at::get_num_threads() : 1;
-    MODSCOPE_TEAM_REGION(team)
-    {
-        const auto [r0, r1] = myShare(rows, 4);
+    forRowShares(rows, [&](std::int64_t r0, std::int64_t r1) {
         rowDots(xp + r0 * ldx, ldx, r1 - r0, wp, d, op + r0);
-    }
+    });
     return out;
 }
 

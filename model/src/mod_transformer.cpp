@@ -206,7 +206,7 @@ PredictorImpl::PredictorImpl(std::int64_t d_model, std::int64_t hidden) {
 }
 
 torch::Tensor PredictorImpl::forward(const torch::Tensor& x) {
-    if (!needsGrad(x, fc1->weight) && cpu::appliesTo(x) && x.dim() >= 1) {
+    if (!needsGrad(x, fc1->weight) && cpu::appliesTo(x)) {
         auto sizes = x.sizes().vec();
         sizes.pop_back();
         return cpu::predictorLogits(x.reshape({-1, x.size(-1)}), fc1_t.of(fc1->weight), fc1->bias,
