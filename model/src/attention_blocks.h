@@ -11,9 +11,15 @@ namespace modscope {
 // diagonal are never computed. A sequence of at most one block is one square product.
 constexpr std::int64_t kAttentionQueryBlock = 128;
 
+// Up to this many queries, a CPU forward without autograd attends row by row (cpu::smallCausalAttention):
+// each query's scores stop at its own key, the triangle rather than the square block. The count below takes
+// the triangle there for every path; autograd's and the GPU's square block computes at most 1.3% more of such
+// a layer's FLOPs (d 192, 32 queries; docs/MODEL.md).
+constexpr std::int64_t kSmallAttentionQueries = 32;
+
 // Query-key pairs whose scores a causal forward of n new tokens after `prior` cached ones computes.
 inline double attentionScorePairs(double n, double prior = 0.0) {
-    if (n <= 1) return n * (prior + n);
+    if (n <= kSmallAttentionQueries) return n * prior + n * (n + 1) / 2;
     double pairs = 0.0;
     for (double s = 0; s < n; s += kAttentionQueryBlock) {
         const double m = std::min<double>(kAttentionQueryBlock, n - s);

@@ -53,21 +53,26 @@ void forRowShares(std::int64_t rows, Fn&& fn) {
     }
 }
 
+// RMSNorm of rows x (plus rows a, when a is not null: the norm of a sum that is never stored).
 __attribute__((target_clones("avx2", "default")))
-void rmsNormRows(const float* x, std::int64_t ldx, const float* w, float* y, std::int64_t rows, std::int64_t d,
-                 float eps) {
+void rmsNormRows(const float* x, std::int64_t ldx, const float* a, std::int64_t lda, const float* w, float* y,
+                 std::int64_t rows, std::int64_t d, float eps) {
     for (std::int64_t r = 0; r < rows; ++r) {
         const float* xr = x + r * ldx;
+        const float* ar = a != nullptr ? a + r * lda : nullptr;
         float* yr = y + r * d;
+        if (ar != nullptr)
+            for (std::int64_t k = 0; k < d; ++k) yr[k] = xr[k] + ar[k];
+        const float* in = ar != nullptr ? yr : xr;
         // Eight partial sums: a vector accumulator, where one sum would be a serial chain.
         float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
         std::int64_t i = 0;
         for (; i + 8 <= d; i += 8)
-            for (int j = 0; j < 8; ++j) acc[j] += xr[i + j] * xr[i + j];
+            for (int j = 0; j < 8; ++j) acc[j] += in[i + j] * in[i + j];
         float ss = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
-        for (; i < d; ++i) ss += xr[i] * xr[i];
+        for (; i < d; ++i) ss += in[i] * in[i];
         const float s = 1.0f / std::sqrt(ss / static_cast<float>(d) + eps);
-        for (std::int64_t k = 0; k < d; ++k) yr[k] = xr[k] * s * w[k];
+        for (std::int64_t k = 0; k < d; ++k) yr[k] = in[k] * s * w[k];
     }
 }
 
@@ -125,8 +130,6 @@ void rowDots(const float* x, std::int64_t ldx, std::int64_t rows, const float* w
         out[r] = s;
     }
 }
-#undef MODSCOPE_LOAD8
-#undef MODSCOPE_SUM8
 
 __attribute__((target_clones("avx2", "default")))
 void addScaledRow(float* y, const float* x, float scale, std::int64_t d) {
@@ -135,23 +138,148 @@ void addScaledRow(float* y, const float* x, float scale, std::int64_t d) {
 
 float sigmoid(float v) { return 1.0f / (1.0f + std::exp(-v)); }
 
+// y[i] = exp(scale * x[i] - shift), eight at a time: Cephes' expf (x = n ln 2 + r, a degree-5 polynomial for
+// e^r, 2^n built from exponent bits in two halves so that denormal results and 2^128 are reachable). Within 2
+// ulp of std::exp where the result is normal; inf above 88.72, at most float's smallest denormal below -103;
+// NaN stays NaN. x and y may be the same row.
+__attribute__((target_clones("avx2", "default")))
+void expRow(const float* x, float scale, float shift, float* y, std::int64_t n) {
+    typedef int Int8 __attribute__((vector_size(32)));
+    std::int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        Float8 v;
+        std::memcpy(&v, x + i, sizeof v);
+        v = v * scale - shift;
+        v = v < -104.0f ? -104.0f : v;
+        v = v > 88.8f ? 88.8f : v;
+        // Round to nearest by adding 1.5 * 2^23: the integer lands in the mantissa's low bits.
+        const Float8 t = v * 1.44269504088896341f + 12582912.0f;
+        const Float8 nf = t - 12582912.0f;
+        const Float8 r = (v - nf * 0.693359375f) + nf * 2.12194440e-4f;
+        Float8 p = r * 1.9875691500e-4f + 1.3981999507e-3f;
+        p = p * r + 8.3334519073e-3f;
+        p = p * r + 4.1665795894e-2f;
+        p = p * r + 1.6666665459e-1f;
+        p = p * r + 5.0000001201e-1f;
+        p = p * (r * r) + r + 1.0f;
+        const Int8 ni = __builtin_convertvector(nf, Int8), half = ni >> 1;
+        // A same-sized vector cast keeps the bits: 2^half and 2^(n - half), each a normal float.
+        const Float8 out = (p * (Float8)((half + 127) << 23)) * (Float8)((ni - half + 127) << 23);
+        std::memcpy(y + i, &out, sizeof out);
+    }
+    for (; i < n; ++i) y[i] = std::exp(scale * x[i] - shift);
+}
+
+// Rows of a matrix: row i at data + i * ld.
+template <typename T>
+struct Rows {
+    T* data;
+    std::int64_t ld;
+};
+
+// One head's causal attention for S queries after `prior` keys: query i (scaled) against keys 0 .. prior + i,
+// softmax, the weighted sum of their values. scores: room for the keys rounded up to 8. The loops stay inside
+// this one function: called per key, the dot and the weighted add cost more than their arithmetic.
+__attribute__((target_clones("avx2", "default")))
+void attendHead(Rows<const float> q, Rows<const float> k, Rows<const float> v, Rows<float> out, std::int64_t S,
+                std::int64_t prior, std::int64_t hd, float* scores) {
+    for (std::int64_t i = 0; i < S; ++i) {
+        const float* qi = q.data + i * q.ld;
+        const auto visible = prior + i + 1;  // its own key and every earlier one
+        const std::int64_t vec = hd / 8 * 8;
+        std::int64_t j = 0;
+        for (; j + 4 <= visible; j += 4) {  // four keys at a time, as rowDots
+            const float* k0 = k.data + j * k.ld;
+            const float *k1 = k0 + k.ld, *k2 = k1 + k.ld, *k3 = k2 + k.ld;
+            Float8 a0 = {}, a1 = {}, a2 = {}, a3 = {};
+            for (std::int64_t c = 0; c < vec; c += 8) {
+                const Float8 qc = MODSCOPE_LOAD8(qi + c);
+                a0 += MODSCOPE_LOAD8(k0 + c) * qc;
+                a1 += MODSCOPE_LOAD8(k1 + c) * qc;
+                a2 += MODSCOPE_LOAD8(k2 + c) * qc;
+                a3 += MODSCOPE_LOAD8(k3 + c) * qc;
+            }
+            float s0 = MODSCOPE_SUM8(a0), s1 = MODSCOPE_SUM8(a1), s2 = MODSCOPE_SUM8(a2), s3 = MODSCOPE_SUM8(a3);
+            for (std::int64_t c = vec; c < hd; ++c) {
+                s0 += qi[c] * k0[c];
+                s1 += qi[c] * k1[c];
+                s2 += qi[c] * k2[c];
+                s3 += qi[c] * k3[c];
+            }
+            scores[j] = s0;
+            scores[j + 1] = s1;
+            scores[j + 2] = s2;
+            scores[j + 3] = s3;
+        }
+        for (; j < visible; ++j) {
+            const float* kj = k.data + j * k.ld;
+            Float8 a = {};
+            for (std::int64_t c = 0; c < vec; c += 8) a += MODSCOPE_LOAD8(kj + c) * MODSCOPE_LOAD8(qi + c);
+            float dot = MODSCOPE_SUM8(a);
+            for (std::int64_t c = vec; c < hd; ++c) dot += qi[c] * kj[c];
+            scores[j] = dot;
+        }
+        float max = scores[0];
+        for (std::int64_t j = 1; j < visible; ++j) max = scores[j] > max ? scores[j] : max;
+        expRow(scores, 1.0f, max, scores, (visible + 7) / 8 * 8);
+        float sum = 0.0f;
+        for (std::int64_t j = 0; j < visible; ++j) sum += scores[j];
+        const float inv = 1.0f / sum;
+        float* o = out.data + i * out.ld;
+        // The weighted sum of values 64 columns at a time in eight vector registers: summed in memory instead,
+        // each key's add waits for the previous key's store (most of this function's time, perf).
+        std::int64_t c0 = 0;
+        for (; c0 + 64 <= hd; c0 += 64) {
+            Float8 acc[8] = {};
+            for (j = 0; j < visible; ++j) {
+                const float* vj = v.data + j * v.ld + c0;
+                const float p = scores[j] * inv;
+                for (int u = 0; u < 8; ++u) acc[u] += p * MODSCOPE_LOAD8(vj + 8 * u);
+            }
+            for (int u = 0; u < 8; ++u) std::memcpy(o + c0 + 8 * u, &acc[u], sizeof(Float8));
+        }
+        for (std::int64_t c = c0; c < hd; ++c) o[c] = 0.0f;
+        for (j = 0; j < visible && c0 < hd; ++j) {
+            const float* vj = v.data + j * v.ld;
+            const float p = scores[j] * inv;
+            for (std::int64_t c = c0; c < hd; ++c) o[c] += p * vj[c];
+        }
+    }
+}
+
+#undef MODSCOPE_LOAD8
+#undef MODSCOPE_SUM8
+
+// y = silu(g) * u = g / (1 + exp(-g)) * u over n.
+__attribute__((target_clones("avx2", "default")))
+void siluTimes(const float* g, const float* u, float* y, std::int64_t n) {
+    expRow(g, -1.0f, 0.0f, y, n);
+    for (std::int64_t i = 0; i < n; ++i) y[i] = g[i] / (1.0f + y[i]) * u[i];
+}
+
 }  // namespace
 
 bool appliesTo(const torch::Tensor& t) { return applies(t) && t.dim() > 0 && (t.stride(-1) == 1 || t.size(-1) == 1); }
 
-torch::Tensor rmsNorm(const torch::Tensor& x_in, const torch::Tensor& weight, double eps) {
+torch::Tensor rmsNorm(const torch::Tensor& x_in, const torch::Tensor& weight, double eps, const torch::Tensor& plus) {
     TORCH_CHECK(appliesTo(x_in) && appliesTo(weight) && weight.dim() == 1 && weight.size(0) == x_in.size(-1),
                 "cpu::rmsNorm: float32 CPU x [..., d] and weight [d] expected");
+    TORCH_CHECK(!plus.defined() || (appliesTo(plus) && plus.sizes() == x_in.sizes()),
+                "cpu::rmsNorm: the added rows must be float32 CPU and shaped as x");
     const auto d = x_in.size(-1);
     const auto x = x_in.reshape({-1, d});  // a view whenever the rows allow one, whatever their spacing
+    const auto a = plus.defined() ? plus.reshape({-1, d}) : plus;
     const auto w = weight.contiguous();
     auto y = torch::empty(x_in.sizes(), x_in.options());
     const auto rows = x.size(0), ldx = rows > 1 ? x.stride(0) : d;
+    const auto lda = a.defined() && rows > 1 ? a.stride(0) : d;
     const float* xp = x.data_ptr<float>();
+    const float* ap = a.defined() ? a.data_ptr<float>() : nullptr;
     const float* wp = w.data_ptr<float>();
     float* yp = y.data_ptr<float>();
     forRowShares(rows, [&](std::int64_t r0, std::int64_t r1) {
-        rmsNormRows(xp + r0 * ldx, ldx, wp, yp + r0 * d, r1 - r0, d, static_cast<float>(eps));
+        rmsNormRows(xp + r0 * ldx, ldx, ap != nullptr ? ap + r0 * lda : nullptr, lda, wp, yp + r0 * d, r1 - r0,
+                    d, static_cast<float>(eps));
     });
     return y;
 }
@@ -284,6 +412,42 @@ torch::Tensor predictorLogits(const torch::Tensor& x, const torch::Tensor& fc1_t
     float* o = out.data_ptr<float>();
     for (std::int64_t i = 0; i < n; ++i) o[i] += bias;
     return out;
+}
+
+torch::Tensor swiGlu(const torch::Tensor& gate_up) {
+    TORCH_CHECK(appliesTo(gate_up) && gate_up.size(-1) % 2 == 0, "cpu::swiGlu: float32 CPU [..., 2 f] expected");
+    const auto f = gate_up.size(-1) / 2;
+    const auto gu = gate_up.reshape({-1, 2 * f});
+    auto sizes = gate_up.sizes().vec();
+    sizes.back() = f;
+    auto out = torch::empty(sizes, gate_up.options());
+    const auto rows = gu.size(0), ld = rows > 1 ? gu.stride(0) : 2 * f;
+    const float* src = gu.data_ptr<float>();
+    float* dst = out.data_ptr<float>();
+    forRowShares(rows, [&](std::int64_t r0, std::int64_t r1) {
+        for (auto r = r0; r < r1; ++r) siluTimes(src + r * ld, src + r * ld + f, dst + r * f, f);
+    });
+    return out;
+}
+
+void smallCausalAttention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                          std::int64_t prior, torch::Tensor& out) {
+    TORCH_CHECK(appliesTo(q) && appliesTo(k) && appliesTo(v) && appliesTo(out) && q.dim() == 3 && k.dim() == 3 &&
+                    v.dim() == 3 && out.dim() == 3,
+                "cpu::smallCausalAttention: float32 CPU [N, rows, hd] tensors expected");
+    const auto N = q.size(0), S = q.size(1), hd = q.size(2), keys = k.size(1);
+    TORCH_CHECK(k.size(0) == N && v.size(0) == N && out.size(0) == N && k.size(2) == hd && v.size(2) == hd &&
+                    out.size(2) == hd && v.size(1) == keys && out.size(1) == S && prior >= 0 && keys == prior + S,
+                "cpu::smallCausalAttention: q [N, S, hd], k and v [N, prior + S, hd], out [N, S, hd] expected");
+    // Rounded up to whole vectors: expRow then takes no scalar tail; scores past the last visible key are
+    // never read.
+    auto scores = torch::empty({(keys + 7) / 8 * 8}, q.options());
+    for (std::int64_t h = 0; h < N; ++h)
+        attendHead({q.data_ptr<float>() + h * q.stride(0), q.stride(1)},
+                   {k.data_ptr<float>() + h * k.stride(0), k.stride(1)},
+                   {v.data_ptr<float>() + h * v.stride(0), v.stride(1)},
+                   {out.data_ptr<float>() + h * out.stride(0), out.stride(1)}, S, prior, hd,
+                   scores.data_ptr<float>());
 }
 
 }  // namespace modscope::cpu

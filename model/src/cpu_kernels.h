@@ -13,8 +13,10 @@ namespace modscope::cpu {
 // A float32 CPU tensor whose last dimension is contiguous.
 bool appliesTo(const torch::Tensor& t);
 
-// x [..., d] -> x * rsqrt(mean(x^2 over d) + eps) * weight [d]; a new contiguous tensor.
-torch::Tensor rmsNorm(const torch::Tensor& x, const torch::Tensor& weight, double eps);
+// x [..., d] -> x * rsqrt(mean(x^2 over d) + eps) * weight [d]; a new contiguous tensor. With `plus` (shaped
+// as x), the norm of x + plus, a sum that is never stored.
+torch::Tensor rmsNorm(const torch::Tensor& x, const torch::Tensor& weight, double eps,
+                      const torch::Tensor& plus = {});
 
 // qk [B, S, 2, H, hd] (q then k; strides free but the last) rotated by positions pos [B, S] (int64) with the
 // factors rope [L, 2 (cos, sin), 2 (q, k), 1, hd] (PositionTables::rope): out = qk * cos + swap_halves(qk) * sin.
@@ -44,5 +46,16 @@ void maskLaterKeys(torch::Tensor& scores, std::int64_t first);
 // and the last layer is a dot per row: four operators fewer than the module's own forward.
 torch::Tensor predictorLogits(const torch::Tensor& x, const torch::Tensor& fc1_t, const torch::Tensor& b1,
                               const torch::Tensor& w2, const torch::Tensor& b2);
+
+// SwiGLU's activation for gate_up [..., 2 f] (gate, then up): silu(gate) * up -> a new contiguous [..., f],
+// in one pass where the operators made three (silu, a strided multiply and their temporaries).
+torch::Tensor swiGlu(const torch::Tensor& gate_up);
+
+// Causal attention for a few queries, written into out: q [N, S, hd] (scaled), k and v [N, prior + S, hd],
+// out [N, S, hd]; query i sees keys 0 .. prior + i. Any row and batch strides, the last dimension
+// contiguous. One thread, a row of scores at a time: for the few rows a routed layer or a generation step
+// attends with, the batched products' six sgemm calls per layer cost more than the arithmetic.
+void smallCausalAttention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                          std::int64_t prior, torch::Tensor& out);
 
 }  // namespace modscope::cpu

@@ -108,6 +108,11 @@ torch::Tensor causalAttention(const torch::Tensor& q, const torch::Tensor& k, co
     // upper triangle of the score matrix is never computed, and each block's scores stay cache-sized.
     // The mask is an additive bias, 0 or -inf, that the score product starts from (beta = 1); every query
     // sees its own key, so no row is all -inf (no NaN).
+    if (write_into && S <= kSmallAttentionQueries) {
+        auto target = into;
+        cpu::smallCausalAttention(q, k, v, prior, target);
+        return into;
+    }
     constexpr std::int64_t kBlock = kAttentionQueryBlock;
     std::vector<torch::Tensor> blocks;
     for (std::int64_t s = 0; s < S; s += kBlock) {
@@ -195,7 +200,10 @@ SwiGluImpl::SwiGluImpl(std::int64_t d_model, std::int64_t d_ff) {
 }
 
 torch::Tensor SwiGluImpl::forward(const torch::Tensor& x) {
-    const auto gu = linear(x, gate_up->weight, {}, gate_up_t).chunk(2, -1);
+    const auto gate_up_out = linear(x, gate_up->weight, {}, gate_up_t);
+    if (!needsGrad(x, gate_up->weight) && cpu::appliesTo(gate_up_out))
+        return linear(cpu::swiGlu(gate_up_out), down->weight, {}, down_t);
+    const auto gu = gate_up_out.chunk(2, -1);
     return linear(F::silu(gu[0]) * gu[1], down->weight, {}, down_t);
 }
 
@@ -236,6 +244,11 @@ torch::Tensor BlockImpl::routerLogits(const torch::Tensor& x) {
 
 torch::Tensor BlockImpl::delta(const torch::Tensor& x, const torch::Tensor& pos, const PositionTables& positions, LayerKV* kv) {
     const auto a = attn(attn_norm(x), pos, positions, kv);
+    if (!needsGrad(x, mlp_norm->weight) && !a.requires_grad() && cpu::appliesTo(x) && cpu::appliesTo(a)) {
+        // The norm reads x + a without storing it, and the MLP's fresh output takes a in place.
+        auto m = mlp(cpu::rmsNorm(x, mlp_norm->weight, mlp_norm->eps, a));
+        return m.add_(a);
+    }
     const auto m = mlp(mlp_norm(x + a));
     return a + m;
 }
@@ -573,13 +586,18 @@ torch::Tensor ModTransformerImpl::hidden(const torch::Tensor& ids, const Forward
 
     auto x = tok_emb(ids);  // [B, T, d]
     if (options.residuals != nullptr) options.residuals->assign(1, x);
+    // Nothing but this loop holds x unless residuals are kept, so inference updates it in place.
+    const bool in_place = !torch::GradMode::is_enabled() && options.residuals == nullptr && x.is_contiguous();
     for (std::size_t li = 0; li < blocks.size(); ++li) {
         checkCancel(options.cancel);
         if (options.residuals != nullptr && li > 0) options.residuals->push_back(x);
         auto& block = *blocks[li];
         LayerKV* kv = options.kv != nullptr ? &(*options.kv)[li] : nullptr;
         if (!block.routed) {
-            x = x + block.delta(x, pos, positions, kv);
+            if (in_place)
+                x.add_(block.delta(x, pos, positions, kv));
+            else
+                x = x + block.delta(x, pos, positions, kv);
             if (routing != nullptr && options.collect) {
                 auto& r = (*routing)[li];
                 r.k = T;
@@ -604,8 +622,6 @@ torch::Tensor ModTransformerImpl::hidden(const torch::Tensor& ids, const Forward
         }
 
         torch::Tensor selected_mask;
-        // Nothing but this loop holds x unless residuals are kept, so inference updates it in place.
-        const bool in_place = !torch::GradMode::is_enabled() && options.residuals == nullptr && x.is_contiguous();
         if (options.mode == RoutingMode::TopK) {
             x = processSelected(block, x, router_logits, topk_idx, positions, kv, in_place);
         } else {
