@@ -335,7 +335,9 @@ private Q_SLOTS:
                 auto merged = torch::empty({S, H, hd});
                 auto out = merged.transpose(0, 1);  // heads side by side in each row, as the projection reads them
                 cpu::smallCausalAttention(q, k, v, prior, out);
-                QVERIFY2(close(out, want, 1e-5), qPrintable(QString("hd %1, %2 queries after %3").arg(hd).arg(S).arg(prior)));
+                // Scores reach tens here: a float dot product's rounding, about 1e-7 of it, moves the weights by
+                // some 1e-5. Letting one later key in moves some outputs by whole units.
+                QVERIFY2(close(out, want, 5e-5), qPrintable(QString("hd %1, %2 queries after %3: %4").arg(hd).arg(S).arg(prior).arg((out - want).abs().max().item<float>())));
             }
         }
         const auto q = torch::randn({2, 4, 16});
