@@ -144,9 +144,9 @@ void addScaledRow(float* y, const float* x, float scale, std::int64_t d) {
 float sigmoid(float v) { return 1.0f / (1.0f + std::exp(-v)); }
 
 // y[i] = exp(scale * x[i] - shift), eight at a time: Cephes' expf (x = n ln 2 + r, a degree-5 polynomial for
-// e^r, 2^n built from exponent bits in two halves so that denormal results and 2^128 are reachable). Within 2
-// ulp of std::exp where the result is normal; inf above 88.72, at most float's smallest denormal below -103;
-// NaN stays NaN. x and y may be the same row.
+// e^r, 2^n built from exponent bits in two halves so that denormal results and 2^128 are reachable). SiLU
+// built on it stays within 1.5e-7 relative of double precision across [-87, 88] (engine_cpu_paths_test);
+// inf above 88.72, at most float's smallest denormal below -103; NaN stays NaN. x and y may be the same row.
 __attribute__((target_clones("arch=x86-64-v3", "default")))
 void expRow(const float* x, float scale, float shift, float* y, std::int64_t n) {
     typedef int Int8 __attribute__((vector_size(32)));

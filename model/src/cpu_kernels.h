@@ -54,7 +54,7 @@ torch::Tensor swiGlu(const torch::Tensor& gate_up);
 // Causal attention for a few queries, written into out: q [N, S, hd] (scaled), k and v [N, prior + S, hd],
 // out [N, S, hd]; query i sees keys 0 .. prior + i. Any row and batch strides, the last dimension
 // contiguous. One thread, a row of scores at a time: for the few rows a routed layer or a generation step
-// attends with, the batched products' six sgemm calls per layer cost more than the arithmetic.
+// attends with, the batched path's two sgemm calls per head cost more than the arithmetic.
 void smallCausalAttention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
                           std::int64_t prior, torch::Tensor& out);
 
