@@ -169,15 +169,15 @@ private Q_SLOTS:
             torch::NoGradGuard no_grad;  // the module takes the fused loop only without autograd
             QVERIFY(close(norm(x), want.detach(), 1e-5));
         }
-        // The norm of a sum, read from both inputs without storing it (as the block's second norm takes x + a).
+        // The norm of a sum, read from both inputs without storing it (the block's second norm takes x + a).
         for (const auto& x : {wide.narrow(2, 0, 37), many.narrow(2, 0, 37)}) {
             const auto plus = torch::randn(x.sizes()) * 2;
             const auto sum = x + plus;
             const auto want = sum * torch::rsqrt(sum.pow(2).mean(-1, true) + 1e-5) * norm->weight;
             QVERIFY(close(cpu::rmsNorm(x, norm->weight.detach(), 1e-5, plus), want.detach(), 1e-5));
         }
-        QVERIFY_THROWS_EXCEPTION(c10::Error,
-                                 cpu::rmsNorm(wide.narrow(2, 0, 37), norm->weight.detach(), 1e-5, torch::randn({3, 10, 37})));
+        QVERIFY_THROWS_EXCEPTION(c10::Error, cpu::rmsNorm(wide.narrow(2, 0, 37), norm->weight.detach(), 1e-5,
+                                                          torch::randn({3, 10, 37})));
         // With autograd the module stays on operators, so the weight gets its gradient.
         norm(wide.narrow(2, 0, 37)).sum().backward();
         QVERIFY(norm->weight.grad().defined());
@@ -274,25 +274,26 @@ private Q_SLOTS:
         QVERIFY(close(predictor(x), want, 1e-5));
     }
 
-    // SwiGLU's fused activation against silu(gate) * up: strided rows, a width with a tail after the blocks of
-    // eight, 300 rows on two threads, and the ends of exp's range (where it is clamped), zero and NaN.
+    // SwiGLU's fused activation against silu(gate) * up: strided rows, a width with a tail after the blocks
+    // of eight, 300 rows on two threads, and the ends of exp's range (where it is clamped), zero and NaN.
     void swiGluMatchesTheOperators() {
         torch::manual_seed(13);
         const auto wide = torch::randn({3, 7, 90}) * 4;
         const auto many = torch::randn({300, 74}) * 4;
-        auto edges = torch::tensor({0.0f, -0.0f, 30.0f, -30.0f, 87.5f, -87.5f, 89.0f, -89.0f, 100.0f, -100.0f, 1e-20f,
-                                    -3e38f, 3e38f, 1.0f, 2.0f, -1.0f});
+        auto edges = torch::tensor({0.0f, -0.0f, 30.0f, -30.0f, 87.5f, -87.5f, 89.0f, -89.0f, 100.0f, -100.0f,
+                                    1e-20f, -3e38f, 3e38f, 1.0f, 2.0f, -1.0f});
         edges = torch::cat({edges, torch::full({16}, 1.5f)});  // gate | up, 16 each
         const TwoThreads two;
-        for (const auto& gu : {wide.narrow(2, 3, 74), many, wide.narrow(2, 0, 74).select(1, 2), edges.view({1, 32})}) {
+        for (const auto& gu :
+             {wide.narrow(2, 3, 74), many, wide.narrow(2, 0, 74).select(1, 2), edges.view({1, 32})}) {
             const auto halves = gu.chunk(2, -1);
             const auto want = torch::silu(halves[0]) * halves[1];
             const auto got = cpu::swiGlu(gu);
             QVERIFY(got.is_contiguous());
             QCOMPARE(got.sizes().vec(), want.sizes().vec());
             // Within a few float ulps where the result is normal, and both zero (or tiny) where it is not.
-            QVERIFY2(torch::allclose(got, want, 1e-6, 1e-30), qPrintable(QString::number(
-                                                                  (got - want).abs().max().item<float>())));
+            QVERIFY2(torch::allclose(got, want, 1e-6, 1e-30),
+                     qPrintable(QString::number((got - want).abs().max().item<float>())));
         }
         // Across exp's normal range, against double precision: within 3e-7 relative (2.5 float ulp; the
         // polynomial's coefficients matter at 1e-6).
@@ -301,7 +302,8 @@ private Q_SLOTS:
             const auto got = cpu::swiGlu(torch::cat({gate, torch::ones_like(gate)}, 1));
             const auto exact = gate.to(torch::kFloat64);
             const auto want = exact / (1 + torch::exp(-exact));
-            const double worst = ((got.to(torch::kFloat64) - want).abs() / want.abs().clamp_min(1e-30)).max().item<double>();
+            const double worst =
+                ((got.to(torch::kFloat64) - want).abs() / want.abs().clamp_min(1e-30)).max().item<double>();
             QVERIFY2(worst < 3e-7, qPrintable(QString::number(worst)));
         }
         auto nan_gate = torch::zeros({1, 16});
@@ -323,26 +325,40 @@ private Q_SLOTS:
     void smallAttentionMatchesTheOperators() {
         torch::manual_seed(14);
         for (const auto hd : {64, 72, 36}) {
-            for (const auto& [S, prior] : {std::pair<int, int>{1, 0}, {1, 40}, {9, 0}, {16, 0}, {32, 0}, {5, 23}}) {
+            for (const auto& [S, prior] :
+                 {std::pair<int, int>{1, 0}, {1, 40}, {9, 0}, {16, 0}, {32, 0}, {5, 23}}) {
                 const int H = 3;
                 const auto qkv = torch::randn({1, S, 3, H, hd}) * 2;
                 const auto q = qkv.select(2, 0).transpose(1, 2).reshape({H, S, hd});
-                const auto k = torch::cat({torch::randn({H, prior, hd}) * 2, qkv.select(2, 1).transpose(1, 2).reshape({H, S, hd})}, 1);
-                const auto v = torch::cat({torch::randn({H, prior, hd}), qkv.select(2, 2).transpose(1, 2).reshape({H, S, hd})}, 1);
-                const auto later = torch::arange(prior + S).unsqueeze(0) > (torch::arange(S) + prior).unsqueeze(1);
-                const auto scores = torch::bmm(q.to(torch::kFloat64), k.transpose(1, 2).to(torch::kFloat64)).masked_fill(later, -INFINITY);
-                const auto want = torch::bmm(torch::softmax(scores, -1), v.to(torch::kFloat64)).to(torch::kFloat32);
+                const auto k = torch::cat(
+                    {torch::randn({H, prior, hd}) * 2, qkv.select(2, 1).transpose(1, 2).reshape({H, S, hd})},
+                    1);
+                const auto v = torch::cat(
+                    {torch::randn({H, prior, hd}), qkv.select(2, 2).transpose(1, 2).reshape({H, S, hd})}, 1);
+                const auto later =
+                    torch::arange(prior + S).unsqueeze(0) > (torch::arange(S) + prior).unsqueeze(1);
+                const auto scores = torch::bmm(q.to(torch::kFloat64), k.transpose(1, 2).to(torch::kFloat64))
+                                        .masked_fill(later, -INFINITY);
+                const auto want =
+                    torch::bmm(torch::softmax(scores, -1), v.to(torch::kFloat64)).to(torch::kFloat32);
                 auto merged = torch::empty({S, H, hd});
-                auto out = merged.transpose(0, 1);  // heads side by side in each row, as the projection reads them
+                auto out =
+                    merged.transpose(0, 1);  // heads side by side in each row, as the projection reads them
                 cpu::smallCausalAttention(q, k, v, prior, out);
-                // Scores reach tens here: a float dot product's rounding, about 1e-7 of it, moves the weights by
-                // some 1e-5. Letting one later key in moves some outputs by whole units.
-                QVERIFY2(close(out, want, 5e-5), qPrintable(QString("hd %1, %2 queries after %3: %4").arg(hd).arg(S).arg(prior).arg((out - want).abs().max().item<float>())));
+                // Scores reach tens here: a float dot product's rounding, about 1e-7 of it, moves the weights
+                // by some 1e-5. Letting one later key in moves some outputs by whole units.
+                QVERIFY2(close(out, want, 5e-5),
+                         qPrintable(QString("hd %1, %2 queries after %3: %4")
+                                        .arg(hd)
+                                        .arg(S)
+                                        .arg(prior)
+                                        .arg((out - want).abs().max().item<float>())));
             }
         }
         const auto q = torch::randn({2, 4, 16});
         auto out = torch::empty({2, 4, 16});
-        QVERIFY_THROWS_EXCEPTION(c10::Error, cpu::smallCausalAttention(q, torch::randn({2, 5, 16}), torch::randn({2, 5, 16}), 0, out));
+        QVERIFY_THROWS_EXCEPTION(c10::Error, cpu::smallCausalAttention(q, torch::randn({2, 5, 16}),
+                                                                       torch::randn({2, 5, 16}), 0, out));
     }
 
     // The CPU top-k against torch::topk: the same set for distinct values; ties go to the earlier position and

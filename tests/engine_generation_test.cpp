@@ -133,7 +133,8 @@ private Q_SLOTS:
         std::int64_t processed_tokens = 0;
         RunOptions opt;
         opt.mode = RoutingMode::Causal;
-        for (const auto& layer : model->run(result.prompt_ids, opt).layers) processed_tokens += layer.processed;
+        for (const auto& layer : model->run(result.prompt_ids, opt).layers)
+            processed_tokens += layer.processed;
         for (const auto& step : result.steps)
             processed_tokens += std::count(step.processed.begin(), step.processed.end(), 1);
         std::vector<int> seq = result.prompt_ids;

@@ -1,8 +1,8 @@
-// Fused CPU loops (cpu_kernels.h). Each is built for AVX2 (x86-64-v3, with FMA, where exp is evaluated: SwiGLU's
-// activation at 16 x 512 took 3.9 us against 6.4 without) and for the baseline; the loader picks one per CPU.
-// From 256 rows the row loops split their rows over LibTorch's threads (OpenMP, this file only): the router's
-// logits at 512 x 192 took 6.8 us on one thread and 4.3 on two, reading x produced by a two-thread add as in
-// the forward; the reference forward at T = 128 (no loop that long) did not change.
+// Fused CPU loops (cpu_kernels.h). Each is built for AVX2 (x86-64-v3, with FMA, where exp is evaluated:
+// SwiGLU's activation at 16 x 512 took 3.9 us against 6.4 without) and for the baseline; the loader picks one
+// per CPU. From 256 rows the row loops split their rows over LibTorch's threads (OpenMP, this file only): the
+// router's logits at 512 x 192 took 6.8 us on one thread and 4.3 on two, reading x produced by a two-thread
+// add as in the forward; the reference forward at T = 128 (no loop that long) did not change.
 #include "cpu_kernels.h"
 
 #include <ATen/Parallel.h>
@@ -204,7 +204,8 @@ void attendHead(Rows<const float> q, Rows<const float> k, Rows<const float> v, R
                 a2 += MODSCOPE_LOAD8(k2 + c) * qc;
                 a3 += MODSCOPE_LOAD8(k3 + c) * qc;
             }
-            float s0 = MODSCOPE_SUM8(a0), s1 = MODSCOPE_SUM8(a1), s2 = MODSCOPE_SUM8(a2), s3 = MODSCOPE_SUM8(a3);
+            float s0 = MODSCOPE_SUM8(a0), s1 = MODSCOPE_SUM8(a1), s2 = MODSCOPE_SUM8(a2),
+                  s3 = MODSCOPE_SUM8(a3);
             for (std::int64_t c = vec; c < hd; ++c) {
                 s0 += qi[c] * k0[c];
                 s1 += qi[c] * k1[c];
@@ -231,8 +232,8 @@ void attendHead(Rows<const float> q, Rows<const float> k, Rows<const float> v, R
         for (std::int64_t j = 0; j < visible; ++j) sum += scores[j];
         const float inv = 1.0f / sum;
         float* o = out.data + i * out.ld;
-        // The weighted sum of values 64 columns at a time in eight vector registers: summed in memory instead,
-        // each key's add waits for the previous key's store (most of this function's time, perf).
+        // The weighted sum of values 64 columns at a time in eight vector registers: summed in memory
+        // instead, each key's add waits for the previous key's store (most of this function's time, perf).
         std::int64_t c0 = 0;
         for (; c0 + 64 <= hd; c0 += 64) {
             Float8 acc[8] = {};
@@ -277,7 +278,8 @@ void siluTimes(const float* g, const float* u, float* y, std::int64_t n) {
 
 bool appliesTo(const torch::Tensor& t) { return applies(t) && t.dim() > 0 && (t.stride(-1) == 1 || t.size(-1) == 1); }
 
-torch::Tensor rmsNorm(const torch::Tensor& x_in, const torch::Tensor& weight, double eps, const torch::Tensor& plus) {
+torch::Tensor rmsNorm(const torch::Tensor& x_in, const torch::Tensor& weight, double eps,
+                      const torch::Tensor& plus) {
     TORCH_CHECK(appliesTo(x_in) && appliesTo(weight) && weight.dim() == 1 && weight.size(0) == x_in.size(-1),
                 "cpu::rmsNorm: float32 CPU x [..., d] and weight [d] expected");
     TORCH_CHECK(!plus.defined() || (appliesTo(plus) && plus.sizes() == x_in.sizes()),
@@ -294,8 +296,8 @@ torch::Tensor rmsNorm(const torch::Tensor& x_in, const torch::Tensor& weight, do
     const float* wp = w.data_ptr<float>();
     float* yp = y.data_ptr<float>();
     forRowShares(rows, [&](std::int64_t r0, std::int64_t r1) {
-        rmsNormRows(xp + r0 * ldx, ldx, ap != nullptr ? ap + r0 * lda : nullptr, lda, wp, yp + r0 * d, r1 - r0,
-                    d, static_cast<float>(eps));
+        rmsNormRows(xp + r0 * ldx, ldx, ap != nullptr ? ap + r0 * lda : nullptr, lda, wp, yp + r0 * d,
+                    r1 - r0, d, static_cast<float>(eps));
     });
     return y;
 }
@@ -422,7 +424,8 @@ torch::Tensor predictorLogits(const torch::Tensor& x, const torch::Tensor& fc1_t
     float* hp = hidden.data_ptr<float>();
     for (std::int64_t i = 0; i < n; ++i) std::memcpy(hp + i * h, b1.data_ptr<float>(), sizeof(float) * h);
     gemmInto(x, fc1_t, hidden, 1.f);
-    siluInPlace(hp, n * h);  // the bundled model on its 50 candidates at T = 512: 11.1 us, 14.0 with at::silu_
+    // The bundled model's 50 candidates at T = 512 went through the predictor in 11.1 us, 14.0 with at::silu_.
+    siluInPlace(hp, n * h);
     rowDots(hp, h, n, w2.data_ptr<float>(), h, out.data_ptr<float>());
     const float bias = *b2.data_ptr<float>();
     float* o = out.data_ptr<float>();
@@ -431,7 +434,8 @@ torch::Tensor predictorLogits(const torch::Tensor& x, const torch::Tensor& fc1_t
 }
 
 torch::Tensor swiGlu(const torch::Tensor& gate_up) {
-    TORCH_CHECK(appliesTo(gate_up) && gate_up.size(-1) % 2 == 0, "cpu::swiGlu: float32 CPU [..., 2 f] expected");
+    TORCH_CHECK(appliesTo(gate_up) && gate_up.size(-1) % 2 == 0,
+                "cpu::swiGlu: float32 CPU [..., 2 f] expected");
     const auto f = gate_up.size(-1) / 2;
     const auto gu = gate_up.reshape({-1, 2 * f});
     auto sizes = gate_up.sizes().vec();
@@ -441,7 +445,8 @@ torch::Tensor swiGlu(const torch::Tensor& gate_up) {
     const float* src = gu.data_ptr<float>();
     float* dst = out.data_ptr<float>();
     forRowShares(
-        rows, [&](std::int64_t r0, std::int64_t r1) {
+        rows,
+        [&](std::int64_t r0, std::int64_t r1) {
             for (auto r = r0; r < r1; ++r) siluTimes(src + r * ld, src + r * ld + f, dst + r * f, f);
         },
         std::max<std::int64_t>(2, kParallelSwiGluValues / std::max<std::int64_t>(f, 1)));
@@ -450,13 +455,14 @@ torch::Tensor swiGlu(const torch::Tensor& gate_up) {
 
 void smallCausalAttention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
                           std::int64_t prior, torch::Tensor& out) {
-    TORCH_CHECK(appliesTo(q) && appliesTo(k) && appliesTo(v) && appliesTo(out) && q.dim() == 3 && k.dim() == 3 &&
-                    v.dim() == 3 && out.dim() == 3,
+    TORCH_CHECK(appliesTo(q) && appliesTo(k) && appliesTo(v) && appliesTo(out) && q.dim() == 3 &&
+                    k.dim() == 3 && v.dim() == 3 && out.dim() == 3,
                 "cpu::smallCausalAttention: float32 CPU [N, rows, hd] tensors expected");
     const auto N = q.size(0), S = q.size(1), hd = q.size(2), keys = k.size(1);
-    TORCH_CHECK(k.size(0) == N && v.size(0) == N && out.size(0) == N && k.size(2) == hd && v.size(2) == hd &&
-                    out.size(2) == hd && v.size(1) == keys && out.size(1) == S && prior >= 0 && keys == prior + S,
-                "cpu::smallCausalAttention: q [N, S, hd], k and v [N, prior + S, hd], out [N, S, hd] expected");
+    TORCH_CHECK(
+        k.size(0) == N && v.size(0) == N && out.size(0) == N && k.size(2) == hd && v.size(2) == hd &&
+            out.size(2) == hd && v.size(1) == keys && out.size(1) == S && prior >= 0 && keys == prior + S,
+        "cpu::smallCausalAttention: q [N, S, hd], k and v [N, prior + S, hd], out [N, S, hd] expected");
     // Rounded up to whole vectors: expRow then takes no scalar tail; scores past the last visible key are
     // never read.
     auto scores = torch::empty({(keys + 7) / 8 * 8}, q.options());
