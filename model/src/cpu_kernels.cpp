@@ -183,48 +183,16 @@ struct Rows {
 };
 
 // One head's causal attention for S queries after `prior` keys: query i (scaled) against keys 0 .. prior + i,
-// softmax, the weighted sum of their values. scores: room for the keys rounded up to 8. The loops stay inside
-// this one function: called per key, the dot and the weighted add cost more than their arithmetic.
+// softmax, the weighted sum of their values. scores: room for the keys rounded up to 8. The scores are one
+// rowDots call per query; the weighted sum stays in this function: called per key, a weighted add cost more
+// than its arithmetic.
 __attribute__((target_clones("arch=x86-64-v3", "default")))
 void attendHead(Rows<const float> q, Rows<const float> k, Rows<const float> v, Rows<float> out, std::int64_t S,
                 std::int64_t prior, std::int64_t hd, float* scores) {
     for (std::int64_t i = 0; i < S; ++i) {
         const float* qi = q.data + i * q.ld;
         const auto visible = prior + i + 1;  // its own key and every earlier one
-        const std::int64_t vec = hd / 8 * 8;
-        std::int64_t j = 0;
-        for (; j + 4 <= visible; j += 4) {  // four keys at a time, as rowDots
-            const float* k0 = k.data + j * k.ld;
-            const float *k1 = k0 + k.ld, *k2 = k1 + k.ld, *k3 = k2 + k.ld;
-            Float8 a0 = {}, a1 = {}, a2 = {}, a3 = {};
-            for (std::int64_t c = 0; c < vec; c += 8) {
-                const Float8 qc = MODSCOPE_LOAD8(qi + c);
-                a0 += MODSCOPE_LOAD8(k0 + c) * qc;
-                a1 += MODSCOPE_LOAD8(k1 + c) * qc;
-                a2 += MODSCOPE_LOAD8(k2 + c) * qc;
-                a3 += MODSCOPE_LOAD8(k3 + c) * qc;
-            }
-            float s0 = MODSCOPE_SUM8(a0), s1 = MODSCOPE_SUM8(a1), s2 = MODSCOPE_SUM8(a2),
-                  s3 = MODSCOPE_SUM8(a3);
-            for (std::int64_t c = vec; c < hd; ++c) {
-                s0 += qi[c] * k0[c];
-                s1 += qi[c] * k1[c];
-                s2 += qi[c] * k2[c];
-                s3 += qi[c] * k3[c];
-            }
-            scores[j] = s0;
-            scores[j + 1] = s1;
-            scores[j + 2] = s2;
-            scores[j + 3] = s3;
-        }
-        for (; j < visible; ++j) {
-            const float* kj = k.data + j * k.ld;
-            Float8 a = {};
-            for (std::int64_t c = 0; c < vec; c += 8) a += MODSCOPE_LOAD8(kj + c) * MODSCOPE_LOAD8(qi + c);
-            float dot = MODSCOPE_SUM8(a);
-            for (std::int64_t c = vec; c < hd; ++c) dot += qi[c] * kj[c];
-            scores[j] = dot;
-        }
+        rowDots(k.data, k.ld, visible, qi, hd, scores);
         float max = scores[0];
         for (std::int64_t j = 1; j < visible; ++j) max = scores[j] > max ? scores[j] : max;
         expRow(scores, 1.0f, max, scores, (visible + 7) / 8 * 8);
@@ -237,7 +205,7 @@ void attendHead(Rows<const float> q, Rows<const float> k, Rows<const float> v, R
         std::int64_t c0 = 0;
         for (; c0 + 64 <= hd; c0 += 64) {
             Float8 acc[8] = {};
-            for (j = 0; j < visible; ++j) {
+            for (std::int64_t j = 0; j < visible; ++j) {
                 const float* vj = v.data + j * v.ld + c0;
                 const float p = scores[j] * inv;
                 for (int u = 0; u < 8; ++u) acc[u] += p * MODSCOPE_LOAD8(vj + 8 * u);
@@ -245,7 +213,7 @@ void attendHead(Rows<const float> q, Rows<const float> k, Rows<const float> v, R
             for (int u = 0; u < 8; ++u) std::memcpy(o + c0 + 8 * u, &acc[u], sizeof(Float8));
         }
         for (std::int64_t c = c0; c < hd; ++c) o[c] = 0.0f;
-        for (j = 0; j < visible && c0 < hd; ++j) {
+        for (std::int64_t j = 0; j < visible && c0 < hd; ++j) {
             const float* vj = v.data + j * v.ld;
             const float p = scores[j] * inv;
             for (std::int64_t c = c0; c < hd; ++c) o[c] += p * vj[c];
