@@ -220,6 +220,13 @@ private Q_SLOTS:
         const auto rows = torch::tensor({39, 0, 7, 8, 21}, torch::kLong);
         QVERIFY(torch::equal(cpu::gatherRows(x, rows), x.index_select(0, rows)));
         QVERIFY_THROWS_EXCEPTION(c10::Error, cpu::gatherRows(x, torch::tensor({40}, torch::kLong)));
+        {
+            // 600 rows of an embedding-sized table: split over two threads, each fetching ahead in its share.
+            const TwoThreads two;
+            const auto table = torch::randn({2048, 192});
+            const auto ids = torch::randint(2048, {600}, torch::kLong);
+            QVERIFY(torch::equal(cpu::gatherRows(table, ids), table.index_select(0, ids)));
+        }
 
         // The gated update added in place: the selected rows get sigmoid(logit) * delta, no other row
         // changes. d 37: the vector loop's tail.

@@ -227,6 +227,8 @@ struct ModTransformerImpl : torch::nn::Module {
     // ids [B, T] int64 -> final hidden states [B, T, d] after norm_f
     torch::Tensor hidden(const torch::Tensor& ids, const ForwardOptions& options,
                          std::vector<LayerRouting>* routing = nullptr);
+    // ids [B, T] int64 -> token embeddings [B, T, d]
+    torch::Tensor embed(const torch::Tensor& ids);
     // hidden [.., d] -> logits [.., V] through the tied embedding
     torch::Tensor logits(const torch::Tensor& hidden);
     // The same for hidden [N, d] on the CPU without autograd, written into out, a row-major float32 [N, V]
