@@ -281,6 +281,37 @@ private Q_SLOTS:
         QVERIFY(close(predictor(x), want, 1e-5));
     }
 
+    // Causal mode reads the predictor for the prefix top-k's candidates only, where a trace reads it for every
+    // token: a row's logit must be the same bits either way, whichever rows share its pass or its thread.
+    // Widths 64 (the bundled model's) and 77 (blocks of 32, then 8, then a scalar tail), against double
+    // precision, for rows picked out of a strided x.
+    void predictorLogitsAtRowsAreTheRowsOwn() {
+        torch::manual_seed(13);
+        const TwoThreads two;
+        for (const std::int64_t h : {64, 77}) {
+            const std::int64_t d = 192, N = 300;
+            const auto x = torch::randn({N, d + 8}).narrow(1, 4, d);  // rows d + 8 apart
+            const auto w1_t = torch::randn({d, h}) * 0.1, b1 = torch::randn({h}), w2 = torch::randn({h});
+            const auto b2 = torch::full({1}, 0.3);
+            const auto xd = x.to(torch::kDouble);
+            const auto want = torch::silu(xd.matmul(w1_t.to(torch::kDouble)) + b1.to(torch::kDouble))
+                                  .matmul(w2.to(torch::kDouble)) + b2.to(torch::kDouble);
+            const auto all = cpu::predictorLogits(x, w1_t, b1, w2, b2);
+            QVERIFY(close(all.to(torch::kDouble), want, 1e-4));
+            const auto picked = torch::tensor({299, 3, 4, 150, 151, 0, 17}, torch::kLong);
+            QVERIFY(torch::equal(cpu::predictorLogits(x, w1_t, b1, w2, b2, picked), all.index_select(0, picked)));
+            for (const std::int64_t i : {0, 1, 150, 299})
+                QVERIFY(torch::equal(cpu::predictorLogits(x, w1_t, b1, w2, b2, torch::tensor({i}, torch::kLong)),
+                                     all.narrow(0, i, 1)));
+            const auto evens = torch::arange(0, N, 2, torch::kLong);  // 150 rows, split over both threads
+            QVERIFY(torch::equal(cpu::predictorLogits(x, w1_t, b1, w2, b2, evens), all.index_select(0, evens)));
+        }
+        const auto x = torch::randn({5, 8});
+        QVERIFY_THROWS_EXCEPTION(c10::Error, cpu::predictorLogits(x, torch::randn({8, 4}), torch::randn({4}),
+                                                                  torch::randn({4}), torch::randn({1}),
+                                                                  torch::tensor({5}, torch::kLong)));
+    }
+
     // SwiGLU's fused activation against silu(gate) * up: strided rows, a width with a tail after the blocks
     // of eight, 300 rows on two threads, and the ends of exp's range (where it is clamped), zero and NaN.
     void swiGluMatchesTheOperators() {

@@ -41,11 +41,12 @@ void addGatedRows(torch::Tensor& x2d, const torch::Tensor& rows, const torch::Te
 // the masked entries, the triangle after the diagonal, where adding a 0 / -inf bias copied every score.
 void maskLaterKeys(torch::Tensor& scores, std::int64_t first);
 
-// The causal predictor's logits for rows x [n, d]: silu(x fc1_t + b1) . w2 + b2 with fc1_t [d, h] (the
-// transposed weight), b1 [h], w2 [h], b2 [1] -> [n]. The bias rides on the product (its output starts as b1)
-// and the last layer is a dot per row: four operators fewer than the module's own forward.
+// The causal predictor's logits for rows x [N, d] (rows any distance apart), or for the rows `rows` of x
+// (int64 [n], each in [0, N)) when given: silu(x fc1_t + b1) . w2 + b2 with fc1_t [d, h] (the transposed
+// weight), b1 [h], w2 [h], b2 [1] -> [n]. One pass per row, which reads its row of x where it lies (no
+// gathered copy), and a row's logit does not depend on which other rows are computed with it.
 torch::Tensor predictorLogits(const torch::Tensor& x, const torch::Tensor& fc1_t, const torch::Tensor& b1,
-                              const torch::Tensor& w2, const torch::Tensor& b2);
+                              const torch::Tensor& w2, const torch::Tensor& b2, const torch::Tensor& rows = {});
 
 // SwiGLU's activation for gate_up [..., 2 f] (gate, then up): silu(gate) * up -> a new contiguous [..., f],
 // in one pass where the operators made three (silu, a strided multiply and their temporaries).

@@ -225,6 +225,13 @@ torch::Tensor PredictorImpl::forward(const torch::Tensor& x) {
     return torch::matmul(F::silu(linear(x, fc1->weight, fc1->bias, fc1_t)), fc2->weight.view(-1)) + fc2->bias;
 }
 
+torch::Tensor PredictorImpl::atRows(const torch::Tensor& x2d, const torch::Tensor& rows) {
+    if (!needsGrad(x2d, fc1->weight) && cpu::appliesTo(x2d) && rows.device().is_cpu())
+        return cpu::predictorLogits(x2d, fc1_t.of(fc1->weight), fc1->bias, fc2->weight, fc2->bias,
+                                    rows.contiguous());
+    return forward(x2d.index_select(0, rows.to(x2d.device())));
+}
+
 // ---------------------------------------------------------------------------------------------- Block
 BlockImpl::BlockImpl(const ModelConfig& config, int index_) : index(index_), routed(config.isRouted(index_)) {
     attn_norm = register_module("attn_norm", RmsNorm(config.d_model, config.norm_eps));
@@ -512,10 +519,9 @@ torch::Tensor causalRouting(BlockImpl& block, const torch::Tensor& x, const torc
     if (predictor_rows != nullptr) *predictor_rows = static_cast<std::int64_t>(rows.size());
     torch::Tensor logits;  // [rows], in the candidates' order
     if (!rows.empty()) {
-        // A view of rows, read before it goes out of scope (a copy on another device).
-        const auto idx = torch::from_blob(rows.data(), {static_cast<std::int64_t>(rows.size())}, torch::kLong)
-                             .to(x.device());
-        logits = cpuFloat(block.predictor(selectRows(x.detach().reshape({B * T, d}), idx)));
+        // A view of rows, read before it goes out of scope.
+        const auto idx = torch::from_blob(rows.data(), {static_cast<std::int64_t>(rows.size())}, torch::kLong);
+        logits = cpuFloat(block.predictor->atRows(x.detach().reshape({B * T, d}), idx));
     }
     auto out = torch::empty({B, T}, torch::TensorOptions().dtype(torch::kBool));
     const float* logit = logits.defined() ? logits.data_ptr<float>() : nullptr;

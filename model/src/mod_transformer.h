@@ -118,6 +118,9 @@ TORCH_MODULE(SwiGlu);
 struct PredictorImpl : torch::nn::Module {
     PredictorImpl(std::int64_t d_model, std::int64_t hidden);
     torch::Tensor forward(const torch::Tensor& x);  // [B, S, d] -> [B, S] logits
+    // The logits of rows `rows` (int64 [n]) of x2d [N, d] -> [n]: forward on those rows, without copying
+    // them out on the CPU when autograd need not see it.
+    torch::Tensor atRows(const torch::Tensor& x2d, const torch::Tensor& rows);
 
     torch::nn::Linear fc1{nullptr};  // weight [h, d], bias [h]
     torch::nn::Linear fc2{nullptr};  // weight [1, h], bias [1]
