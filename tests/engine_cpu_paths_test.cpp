@@ -281,10 +281,10 @@ private Q_SLOTS:
         QVERIFY(close(predictor(x), want, 1e-5));
     }
 
-    // Causal mode reads the predictor for the prefix top-k's candidates only, where a trace reads it for every
-    // token: a row's logit must be the same bits either way, whichever rows share its pass or its thread.
-    // Widths 64 (the bundled model's) and 77 (blocks of 32, then 8, then a scalar tail), against double
-    // precision, for rows picked out of a strided x.
+    // Causal mode reads the predictor for the prefix top-k's candidates only, where a trace reads it for
+    // every token: a row's logit must be the same bits either way, whichever rows share its pass or its
+    // thread. Widths 64 (the bundled model's) and 77 (blocks of 32, then 8, then a scalar tail), against
+    // double precision, for rows picked out of a strided x.
     void predictorLogitsAtRowsAreTheRowsOwn() {
         torch::manual_seed(13);
         const TwoThreads two;
@@ -295,21 +295,25 @@ private Q_SLOTS:
             const auto b2 = torch::full({1}, 0.3);
             const auto xd = x.to(torch::kDouble);
             const auto want = torch::silu(xd.matmul(w1_t.to(torch::kDouble)) + b1.to(torch::kDouble))
-                                  .matmul(w2.to(torch::kDouble)) + b2.to(torch::kDouble);
+                                  .matmul(w2.to(torch::kDouble)) +
+                              b2.to(torch::kDouble);
             const auto all = cpu::predictorLogits(x, w1_t, b1, w2, b2);
             QVERIFY(close(all.to(torch::kDouble), want, 1e-4));
             const auto picked = torch::tensor({299, 3, 4, 150, 151, 0, 17}, torch::kLong);
-            QVERIFY(torch::equal(cpu::predictorLogits(x, w1_t, b1, w2, b2, picked), all.index_select(0, picked)));
+            QVERIFY(
+                torch::equal(cpu::predictorLogits(x, w1_t, b1, w2, b2, picked), all.index_select(0, picked)));
             for (const std::int64_t i : {0, 1, 150, 299})
-                QVERIFY(torch::equal(cpu::predictorLogits(x, w1_t, b1, w2, b2, torch::tensor({i}, torch::kLong)),
-                                     all.narrow(0, i, 1)));
+                QVERIFY(
+                    torch::equal(cpu::predictorLogits(x, w1_t, b1, w2, b2, torch::tensor({i}, torch::kLong)),
+                                 all.narrow(0, i, 1)));
             const auto evens = torch::arange(0, N, 2, torch::kLong);  // 150 rows, split over both threads
-            QVERIFY(torch::equal(cpu::predictorLogits(x, w1_t, b1, w2, b2, evens), all.index_select(0, evens)));
+            QVERIFY(
+                torch::equal(cpu::predictorLogits(x, w1_t, b1, w2, b2, evens), all.index_select(0, evens)));
         }
         const auto x = torch::randn({5, 8});
-        QVERIFY_THROWS_EXCEPTION(c10::Error, cpu::predictorLogits(x, torch::randn({8, 4}), torch::randn({4}),
-                                                                  torch::randn({4}), torch::randn({1}),
-                                                                  torch::tensor({5}, torch::kLong)));
+        QVERIFY_THROWS_EXCEPTION(
+            c10::Error, cpu::predictorLogits(x, torch::randn({8, 4}), torch::randn({4}), torch::randn({4}),
+                                             torch::randn({1}), torch::tensor({5}, torch::kLong)));
     }
 
     // SwiGLU's fused activation against silu(gate) * up: strided rows, a width with a tail after the blocks

@@ -46,7 +46,8 @@ void maskLaterKeys(torch::Tensor& scores, std::int64_t first);
 // weight), b1 [h], w2 [h], b2 [1] -> [n]. One pass per row, which reads its row of x where it lies (no
 // gathered copy), and a row's logit does not depend on which other rows are computed with it.
 torch::Tensor predictorLogits(const torch::Tensor& x, const torch::Tensor& fc1_t, const torch::Tensor& b1,
-                              const torch::Tensor& w2, const torch::Tensor& b2, const torch::Tensor& rows = {});
+                              const torch::Tensor& w2, const torch::Tensor& b2,
+                              const torch::Tensor& rows = {});
 
 // SwiGLU's activation for gate_up [..., 2 f] (gate, then up): silu(gate) * up -> a new contiguous [..., f],
 // in one pass where the operators made three (silu, a strided multiply and their temporaries).

@@ -520,7 +520,8 @@ torch::Tensor causalRouting(BlockImpl& block, const torch::Tensor& x, const torc
     torch::Tensor logits;  // [rows], in the candidates' order
     if (!rows.empty()) {
         // A view of rows, read before it goes out of scope.
-        const auto idx = torch::from_blob(rows.data(), {static_cast<std::int64_t>(rows.size())}, torch::kLong);
+        const auto idx =
+            torch::from_blob(rows.data(), {static_cast<std::int64_t>(rows.size())}, torch::kLong);
         logits = cpuFloat(block.predictor->atRows(x.detach().reshape({B * T, d}), idx));
     }
     auto out = torch::empty({B, T}, torch::TensorOptions().dtype(torch::kBool));
@@ -664,7 +665,8 @@ torch::Tensor ModTransformerImpl::embed(const torch::Tensor& ids) {
     // Without autograd, a copy per token's row (cpu::gatherRows checks the ids as the module does): the
     // module's index_select took 30-45 us of a 128-token forward where its rows alone take 4 us from cache.
     if (!needsGrad(w, w) && cpu::appliesTo(w) && ids.device().is_cpu() && ids.dim() == 2)
-        return cpu::gatherRows(w, ids.to(torch::kLong).contiguous().view({-1})).view({ids.size(0), ids.size(1), w.size(1)});
+        return cpu::gatherRows(w, ids.to(torch::kLong).contiguous().view({-1}))
+            .view({ids.size(0), ids.size(1), w.size(1)});
     return tok_emb(ids);
 }
 
