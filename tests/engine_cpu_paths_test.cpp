@@ -352,12 +352,44 @@ private Q_SLOTS:
         nan_gate[0][2] = NAN;
         QVERIFY(std::isnan(cpu::swiGlu(nan_gate)[0][2].item<float>()));
         QVERIFY_THROWS_EXCEPTION(c10::Error, cpu::swiGlu(torch::randn({2, 7})));
-        // The module takes it without autograd, and its operators with.
+        // The module takes it without autograd too, and its own gradient with.
         nn::SwiGlu mlp(24, 40);
         const auto x = torch::randn({2, 5, 24});
         const auto grad_path = mlp(x);
         torch::InferenceMode guard;
         QVERIFY(close(mlp(x), grad_path.detach(), 1e-5));
+    }
+
+    // Training's SwiGLU gradient (cpu::swiGluBackward, behind an autograd function) against autograd through
+    // silu and the product in double precision: strided rows, a width with a tail after the blocks of eight,
+    // 300 rows on two threads; and the module's parameter and input gradients against the operators'.
+    void swiGluGradientMatchesAutograd() {
+        torch::manual_seed(14);
+        const TwoThreads two;
+        const auto wide = torch::randn({3, 7, 90}) * 4;
+        for (const auto& gu : {wide.narrow(2, 3, 74), torch::randn({300, 74}) * 4}) {
+            const auto dy = torch::randn(gu.sizes().vec()).narrow(-1, 0, 37);
+            const auto exact = gu.to(torch::kFloat64).detach().requires_grad_();
+            const auto halves = exact.chunk(2, -1);
+            (torch::silu(halves[0]) * halves[1]).backward(dy.to(torch::kFloat64));
+            const auto got = cpu::swiGluBackward(gu, dy);
+            QVERIFY(got.is_contiguous());
+            QCOMPARE(got.sizes().vec(), gu.sizes().vec());
+            const double worst = (got.to(torch::kFloat64) - exact.grad()).abs().max().item<double>();
+            const double scale = exact.grad().abs().max().item<double>();
+            QVERIFY2(worst < 1e-6 * scale, qPrintable(QString::number(worst / scale)));
+        }
+        nn::SwiGlu mlp(24, 40);
+        const auto x = torch::randn({2, 5, 24}).requires_grad_();
+        const auto dy = torch::randn({2, 5, 24});
+        mlp(x).backward(dy);
+        const auto fused_x = x.grad().clone(), fused_w = mlp->gate_up->weight.grad().clone();
+        x.mutable_grad().reset();
+        mlp->gate_up->weight.mutable_grad().reset();
+        const auto gu = torch::nn::functional::linear(x, mlp->gate_up->weight).chunk(2, -1);
+        torch::nn::functional::linear(torch::silu(gu[0]) * gu[1], mlp->down->weight).backward(dy);
+        QVERIFY(close(fused_x, x.grad(), 1e-5));
+        QVERIFY(close(fused_w, mlp->gate_up->weight.grad(), 1e-5));
     }
 
     // Attention row by row against softmax(q k^T + causal mask) v: heads read through strided views as the

@@ -243,6 +243,19 @@ void siluTimes(const float* g, const float* u, float* y, std::int64_t n) {
     for (std::int64_t i = 0; i < n; ++i) y[i] = g[i] / (1.0f + y[i]) * u[i];
 }
 
+// The gradient of y = silu(g) * u over n: dg = dy u s (1 + g (1 - s)) and du = dy g s, s = sigmoid(g), as
+// autograd's silu_backward and mul's backward give them, in one pass. e: room for n floats.
+__attribute__((target_clones("arch=x86-64-v3", "default")))
+void siluTimesBackward(const float* g, const float* u, const float* dy, float* dg, float* du, float* e,
+                       std::int64_t n) {
+    expRow(g, -1.0f, 0.0f, e, n);
+    for (std::int64_t i = 0; i < n; ++i) {
+        const float s = 1.0f / (1.0f + e[i]);
+        du[i] = dy[i] * (g[i] * s);
+        dg[i] = dy[i] * u[i] * (s * (1.0f + g[i] * (1.0f - s)));
+    }
+}
+
 // The causal predictor's first layer for three rows at once (repeat a row for fewer): hidden units [j0, j1)
 // of x w1 + b1 for w1 [d, h] row-major, into y0, y1 and y2. Each unit is one FMA chain over x in order,
 // whichever rows share the pass, so a row's value has the same bits in a trace's every-token run and in
@@ -528,6 +541,30 @@ torch::Tensor swiGlu(const torch::Tensor& gate_up) {
         rows,
         [&](std::int64_t r0, std::int64_t r1) {
             for (auto r = r0; r < r1; ++r) siluTimes(src + r * ld, src + r * ld + f, dst + r * f, f);
+        },
+        std::max<std::int64_t>(2, kParallelSwiGluValues / std::max<std::int64_t>(f, 1)));
+    return out;
+}
+
+torch::Tensor swiGluBackward(const torch::Tensor& gate_up, const torch::Tensor& grad_in) {
+    TORCH_CHECK(appliesTo(gate_up) && gate_up.size(-1) % 2 == 0,
+                "cpu::swiGluBackward: float32 CPU [..., 2 f] expected");
+    const auto f = gate_up.size(-1) / 2;
+    const auto gu = gate_up.reshape({-1, 2 * f});
+    const auto rows = gu.size(0), ld = rows > 1 ? gu.stride(0) : 2 * f;
+    const auto grad = grad_in.contiguous();
+    TORCH_CHECK(applies(grad) && grad.numel() == rows * f, "cpu::swiGluBackward: the gradient must be [..., f]");
+    auto out = torch::empty(gate_up.sizes(), gate_up.options());
+    const float* src = gu.data_ptr<float>();
+    const float* dy = grad.data_ptr<float>();
+    float* dst = out.data_ptr<float>();
+    forRowShares(
+        rows,
+        [&](std::int64_t r0, std::int64_t r1) {
+            std::vector<float> e(static_cast<std::size_t>(f));
+            for (auto r = r0; r < r1; ++r)
+                siluTimesBackward(src + r * ld, src + r * ld + f, dy + r * f, dst + r * 2 * f, dst + r * 2 * f + f,
+                                  e.data(), f);
         },
         std::max<std::int64_t>(2, kParallelSwiGluValues / std::max<std::int64_t>(f, 1)));
     return out;

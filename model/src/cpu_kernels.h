@@ -52,6 +52,9 @@ torch::Tensor predictorLogits(const torch::Tensor& x, const torch::Tensor& fc1_t
 // SwiGLU's activation for gate_up [..., 2 f] (gate, then up): silu(gate) * up -> a new contiguous [..., f],
 // in one pass where the operators made three (silu, a strided multiply and their temporaries).
 torch::Tensor swiGlu(const torch::Tensor& gate_up);
+// Its gradient: d gate_up [..., 2 f] (a new contiguous tensor) from gate_up and the gradient of the output
+// [..., f], one pass over each row where autograd runs silu's and the product's backward operators.
+torch::Tensor swiGluBackward(const torch::Tensor& gate_up, const torch::Tensor& grad);
 
 // Causal attention for a few queries, written into out: q [N, S, hd] (scaled), k and v [N, prior + S, hd],
 // out [N, S, hd]; query i sees keys 0 .. prior + i. Any row and batch strides, the last dimension

@@ -5,6 +5,7 @@
 #include "cpu_kernels.h"
 #include "cpu_matmul.h"
 
+#include <torch/autograd.h>
 #include <torch/nn/functional/activation.h>
 #include <torch/nn/init.h>
 
@@ -199,12 +200,32 @@ SwiGluImpl::SwiGluImpl(std::int64_t d_model, std::int64_t d_ff) {
     down = register_module("down", torch::nn::Linear(torch::nn::LinearOptions(d_ff, d_model).bias(false)));
 }
 
+namespace {
+
+// silu(gate) * up with its gradient as one kernel each way (cpu::swiGlu, cpu::swiGluBackward), for training on
+// the CPU. Not twice differentiable.
+struct SwiGluActivation : torch::autograd::Function<SwiGluActivation> {
+    static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& gate_up) {
+        ctx->save_for_backward({gate_up});
+        return cpu::swiGlu(gate_up);
+    }
+    static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                   torch::autograd::variable_list grads) {
+        return {cpu::swiGluBackward(ctx->get_saved_variables()[0], grads[0])};
+    }
+};
+
+}  // namespace
+
 torch::Tensor SwiGluImpl::forward(const torch::Tensor& x) {
     const auto gate_up_out = linear(x, gate_up->weight, {}, gate_up_t);
-    if (!needsGrad(x, gate_up->weight) && cpu::appliesTo(gate_up_out))
+    if (!cpu::appliesTo(gate_up_out)) {
+        const auto gu = gate_up_out.chunk(2, -1);
+        return linear(F::silu(gu[0]) * gu[1], down->weight, {}, down_t);
+    }
+    if (!needsGrad(x, gate_up->weight))
         return linear(cpu::swiGlu(gate_up_out), down->weight, {}, down_t);
-    const auto gu = gate_up_out.chunk(2, -1);
-    return linear(F::silu(gu[0]) * gu[1], down->weight, {}, down_t);
+    return linear(SwiGluActivation::apply(gate_up_out), down->weight, {}, down_t);
 }
 
 // ---------------------------------------------------------------------------------------------- Predictor
