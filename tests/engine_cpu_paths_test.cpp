@@ -178,9 +178,41 @@ private Q_SLOTS:
         }
         QVERIFY_THROWS_EXCEPTION(c10::Error, cpu::rmsNorm(wide.narrow(2, 0, 37), norm->weight.detach(), 1e-5,
                                                           torch::randn({3, 10, 37})));
-        // With autograd the module stays on operators, so the weight gets its gradient.
+        // With autograd the module's own backward gives the weight its gradient.
         norm(wide.narrow(2, 0, 37)).sum().backward();
         QVERIFY(norm->weight.grad().defined());
+    }
+
+    // Training's RMSNorm gradient (cpu::rmsNormBackward, behind an autograd function) against autograd through
+    // the operators in double precision: d 37 (a tail after the blocks of eight), strided rows, one row, and
+    // 300 rows on two threads (dw summed per thread, then in order); and through the module.
+    void rmsNormGradientMatchesAutograd() {
+        torch::manual_seed(5);
+        const TwoThreads two;
+        const auto w = torch::rand({37}) + 0.5;
+        const auto wide = torch::randn({3, 11, 50}) * 3;
+        const auto many = torch::randn({2, 150, 50}) * 3;
+        for (const auto& x : {wide.narrow(2, 0, 37), wide.narrow(2, 0, 37).select(1, 4), many.narrow(2, 0, 37)}) {
+            const auto dy = torch::randn(x.sizes().vec());
+            const auto xd = x.to(torch::kFloat64).detach().requires_grad_();
+            const auto wd = w.to(torch::kFloat64).detach().requires_grad_();
+            (xd * torch::rsqrt(xd.pow(2).mean(-1, true) + 1e-5) * wd).backward(dy.to(torch::kFloat64));
+            const auto [dx, dw] = cpu::rmsNormBackward(x, w, 1e-5, dy);
+            QCOMPARE(dx.sizes().vec(), x.sizes().vec());
+            QVERIFY(close(dx.to(torch::kFloat64), xd.grad(), 1e-5));
+            QVERIFY(close(dw.to(torch::kFloat64), wd.grad(), 1e-4 * wd.grad().abs().max().item<double>()));
+        }
+        nn::RmsNorm norm(37, 1e-5);
+        norm->weight.data().uniform_(0.5, 1.5);
+        const auto x = many.narrow(2, 0, 37).detach().requires_grad_();
+        const auto dy = torch::randn(x.sizes().vec());
+        norm(x).backward(dy);
+        const auto fused_x = x.grad().clone(), fused_w = norm->weight.grad().clone();
+        x.mutable_grad().reset();
+        norm->weight.mutable_grad().reset();
+        (x * torch::rsqrt(x.pow(2).mean(-1, true) + 1e-5) * norm->weight).backward(dy);
+        QVERIFY(close(fused_x, x.grad(), 1e-5));
+        QVERIFY(close(fused_w, norm->weight.grad(), 1e-3));
     }
 
     void rotaryLoopMatchesTheOperators() {

@@ -50,6 +50,15 @@ std::pair<std::int64_t, std::int64_t> myShare(std::int64_t rows, std::int64_t al
     return {std::min(rows, i * per), std::min(rows, (i + 1) * per)};
 }
 
+// This thread's number in its parallel region (0 outside one).
+int myThread() {
+#ifdef _OPENMP
+    return omp_get_thread_num();
+#else
+    return 0;
+#endif
+}
+
 // fn(r0, r1) over [0, rows): one share per thread of LibTorch's team from `split_from` rows, all of them on
 // the calling thread below.
 template <typename Fn>
@@ -82,6 +91,37 @@ void rmsNormRows(const float* x, std::int64_t ldx, const float* a, std::int64_t 
         for (; i < d; ++i) ss += in[i] * in[i];
         const float s = 1.0f / std::sqrt(ss / static_cast<float>(d) + eps);
         for (std::int64_t k = 0; k < d; ++k) yr[k] = in[k] * s * w[k];
+    }
+}
+
+// The gradient of y = x r w, r = 1 / sqrt(mean(x^2) + eps), for rows x and their output gradients dy:
+// dx = r w dy - x r^3 (x . (w dy)) / d into dx (rows d apart), and dw += r x dy into dw.
+__attribute__((target_clones("arch=x86-64-v3", "default")))
+void rmsNormBackwardRows(const float* x, std::int64_t ldx, const float* dy, const float* w, float* dx, float* dw,
+                         std::int64_t rows, std::int64_t d, float eps) {
+    for (std::int64_t r = 0; r < rows; ++r) {
+        const float* xr = x + r * ldx;
+        const float* gr = dy + r * d;
+        float* o = dx + r * d;
+        float sq[8] = {0, 0, 0, 0, 0, 0, 0, 0}, dot[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+        std::int64_t i = 0;
+        for (; i + 8 <= d; i += 8)
+            for (int j = 0; j < 8; ++j) {
+                sq[j] += xr[i + j] * xr[i + j];
+                dot[j] += xr[i + j] * w[i + j] * gr[i + j];
+            }
+        float ss = ((sq[0] + sq[1]) + (sq[2] + sq[3])) + ((sq[4] + sq[5]) + (sq[6] + sq[7]));
+        float c = ((dot[0] + dot[1]) + (dot[2] + dot[3])) + ((dot[4] + dot[5]) + (dot[6] + dot[7]));
+        for (; i < d; ++i) {
+            ss += xr[i] * xr[i];
+            c += xr[i] * w[i] * gr[i];
+        }
+        const float rs = 1.0f / std::sqrt(ss / static_cast<float>(d) + eps);
+        const float k = rs * rs * rs * c / static_cast<float>(d);
+        for (std::int64_t j = 0; j < d; ++j) {
+            o[j] = rs * w[j] * gr[j] - xr[j] * k;
+            dw[j] += rs * xr[j] * gr[j];
+        }
     }
 }
 
@@ -360,6 +400,35 @@ torch::Tensor rmsNorm(const torch::Tensor& x_in, const torch::Tensor& weight, do
                     r1 - r0, d, static_cast<float>(eps));
     });
     return y;
+}
+
+std::pair<torch::Tensor, torch::Tensor> rmsNormBackward(const torch::Tensor& x_in, const torch::Tensor& weight,
+                                                        double eps, const torch::Tensor& grad) {
+    TORCH_CHECK(appliesTo(x_in) && appliesTo(weight) && weight.dim() == 1 && weight.size(0) == x_in.size(-1),
+                "cpu::rmsNormBackward: float32 CPU x [..., d] and weight [d] expected");
+    TORCH_CHECK(applies(grad) && grad.sizes() == x_in.sizes(), "cpu::rmsNormBackward: the gradient must be shaped as x");
+    const auto d = x_in.size(-1);
+    const auto x = x_in.reshape({-1, d});
+    const auto dy = grad.contiguous();
+    const auto w = weight.contiguous();
+    auto dx = torch::empty(x_in.sizes(), x_in.options());
+    const auto rows = x.size(0), ldx = rows > 1 ? x.stride(0) : d;
+    const float *xp = x.data_ptr<float>(), *gp = dy.data_ptr<float>(), *wp = w.data_ptr<float>();
+    float* op = dx.data_ptr<float>();
+    // Each share sums its rows' dw apart; the shares are added in order after.
+    const int team = rows >= kParallelRows ? at::get_num_threads() : 1;
+    std::vector<float> partial(static_cast<std::size_t>(team * d), 0.0f);
+    MODSCOPE_TEAM_REGION(team)
+    {
+        const auto [r0, r1] = myShare(rows, 4);
+        rmsNormBackwardRows(xp + r0 * ldx, ldx, gp + r0 * d, wp, op + r0 * d, partial.data() + myThread() * d,
+                            r1 - r0, d, static_cast<float>(eps));
+    }
+    auto dw = torch::zeros({d}, weight.options());
+    float* dwp = dw.data_ptr<float>();
+    for (int t = 0; t < team; ++t)
+        for (std::int64_t j = 0; j < d; ++j) dwp[j] += partial[static_cast<std::size_t>(t * d + j)];
+    return {dx, dw};
 }
 
 torch::Tensor rotateQK(const torch::Tensor& qk, const torch::Tensor& pos_in, const torch::Tensor& rope_in) {

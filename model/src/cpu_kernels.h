@@ -17,6 +17,10 @@ bool appliesTo(const torch::Tensor& t);
 // as x), the norm of x + plus, a sum that is never stored.
 torch::Tensor rmsNorm(const torch::Tensor& x, const torch::Tensor& weight, double eps,
                       const torch::Tensor& plus = {});
+// Its gradient for training, without `plus`: {dx shaped as x, dw [d]} from x, the weight and the output's
+// gradient, one pass over each row where autograd runs the norm's pow, mean, rsqrt and products backwards.
+std::pair<torch::Tensor, torch::Tensor> rmsNormBackward(const torch::Tensor& x, const torch::Tensor& weight,
+                                                        double eps, const torch::Tensor& grad);
 
 // qk [B, S, 2, H, hd] (q then k; strides free but the last) rotated by positions pos [B, S] (int64) with the
 // factors rope [L, 2 (cos, sin), 2 (q, k), 1, hd] (PositionTables::rope): out = qk * cos + swap_halves(qk) * sin.

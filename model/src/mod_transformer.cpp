@@ -24,8 +24,30 @@ RmsNormImpl::RmsNormImpl(std::int64_t dim, double eps_) : eps(eps_) {
     weight = register_parameter("weight", torch::ones({dim}));
 }
 
+namespace {
+
+// RMSNorm with its gradient as one kernel each way (cpu::rmsNorm, cpu::rmsNormBackward), for training on the
+// CPU. Not twice differentiable.
+struct RmsNormFunction : torch::autograd::Function<RmsNormFunction> {
+    static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& x,
+                                 const torch::Tensor& weight, double eps) {
+        ctx->save_for_backward({x, weight});
+        ctx->saved_data["eps"] = eps;
+        return cpu::rmsNorm(x, weight, eps);
+    }
+    static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                   torch::autograd::variable_list grads) {
+        const auto saved = ctx->get_saved_variables();
+        auto [dx, dw] = cpu::rmsNormBackward(saved[0], saved[1], ctx->saved_data["eps"].toDouble(), grads[0]);
+        return {dx, dw, torch::Tensor()};
+    }
+};
+
+}  // namespace
+
 torch::Tensor RmsNormImpl::forward(const torch::Tensor& x) {
-    if (!needsGrad(x, weight) && cpu::appliesTo(x)) return cpu::rmsNorm(x, weight, eps);
+    if (cpu::appliesTo(x) && cpu::appliesTo(weight))
+        return needsGrad(x, weight) ? RmsNormFunction::apply(x, weight, eps) : cpu::rmsNorm(x, weight, eps);
     return x * torch::rsqrt(x.pow(2).mean(-1, /*keepdim=*/true) + eps) * weight;
 }
 
