@@ -202,6 +202,17 @@ private Q_SLOTS:
             QVERIFY(close(dx.to(torch::kFloat64), xd.grad(), 1e-5));
             QVERIFY(close(dw.to(torch::kFloat64), wd.grad(), 1e-4 * wd.grad().abs().max().item<double>()));
         }
+        {
+            // dw has the same bits on one thread as on two.
+            const auto x = many.narrow(2, 0, 37);
+            const auto dy = torch::randn(x.sizes().vec());
+            const auto two_threads = cpu::rmsNormBackward(x, w, 1e-5, dy);
+            at::set_num_threads(1);
+            const auto one_thread = cpu::rmsNormBackward(x, w, 1e-5, dy);
+            at::set_num_threads(2);
+            QVERIFY(torch::equal(one_thread.second, two_threads.second));
+            QVERIFY(torch::equal(one_thread.first, two_threads.first));
+        }
         nn::RmsNorm norm(37, 1e-5);
         norm->weight.data().uniform_(0.5, 1.5);
         const auto x = many.narrow(2, 0, 37).detach().requires_grad_();

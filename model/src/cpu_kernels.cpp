@@ -50,15 +50,6 @@ std::pair<std::int64_t, std::int64_t> myShare(std::int64_t rows, std::int64_t al
     return {std::min(rows, i * per), std::min(rows, (i + 1) * per)};
 }
 
-// This thread's number in its parallel region (0 outside one).
-int myThread() {
-#ifdef _OPENMP
-    return omp_get_thread_num();
-#else
-    return 0;
-#endif
-}
-
 // fn(r0, r1) over [0, rows): one share per thread of LibTorch's team from `split_from` rows, all of them on
 // the calling thread below.
 template <typename Fn>
@@ -415,19 +406,25 @@ std::pair<torch::Tensor, torch::Tensor> rmsNormBackward(const torch::Tensor& x_i
     const auto rows = x.size(0), ldx = rows > 1 ? x.stride(0) : d;
     const float *xp = x.data_ptr<float>(), *gp = dy.data_ptr<float>(), *wp = w.data_ptr<float>();
     float* op = dx.data_ptr<float>();
-    // Each share sums its rows' dw apart; the shares are added in order after.
-    const int team = rows >= kParallelRows ? at::get_num_threads() : 1;
-    std::vector<float> partial(static_cast<std::size_t>(team * d), 0.0f);
-    MODSCOPE_TEAM_REGION(team)
-    {
-        const auto [r0, r1] = myShare(rows, 4);
-        rmsNormBackwardRows(xp + r0 * ldx, ldx, gp + r0 * d, wp, op + r0 * d, partial.data() + myThread() * d,
-                            r1 - r0, d, static_cast<float>(eps));
-    }
+    // dw summed over fixed blocks of rows, then block after block: the same bits on any number of threads
+    // (training resumed from a checkpoint repeats the uninterrupted run's losses; trainer_test).
+    constexpr std::int64_t kBlock = 64;
+    const auto blocks = (rows + kBlock - 1) / kBlock;
+    std::vector<float> partial(static_cast<std::size_t>(blocks * d), 0.0f);
+    forRowShares(
+        blocks,
+        [&](std::int64_t b0, std::int64_t b1) {
+            for (auto b = b0; b < b1; ++b) {
+                const auto r0 = b * kBlock, n = std::min(kBlock, rows - r0);
+                rmsNormBackwardRows(xp + r0 * ldx, ldx, gp + r0 * d, wp, op + r0 * d, partial.data() + b * d, n,
+                                    d, static_cast<float>(eps));
+            }
+        },
+        kParallelRows / kBlock);
     auto dw = torch::zeros({d}, weight.options());
     float* dwp = dw.data_ptr<float>();
-    for (int t = 0; t < team; ++t)
-        for (std::int64_t j = 0; j < d; ++j) dwp[j] += partial[static_cast<std::size_t>(t * d + j)];
+    for (std::int64_t b = 0; b < blocks; ++b)
+        for (std::int64_t j = 0; j < d; ++j) dwp[j] += partial[static_cast<std::size_t>(b * d + j)];
     return {dx, dw};
 }
 
