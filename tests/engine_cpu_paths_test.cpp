@@ -183,16 +183,17 @@ private Q_SLOTS:
         QVERIFY(norm->weight.grad().defined());
     }
 
-    // Training's RMSNorm gradient (cpu::rmsNormBackward, behind an autograd function) against autograd through
-    // the operators in double precision: d 37 (a tail after the blocks of eight), strided rows, one row, and
-    // 300 rows on two threads (dw summed per thread, then in order); and through the module.
+    // Training's RMSNorm gradient (cpu::rmsNormBackward, behind an autograd function) against autograd
+    // through the operators in double precision: d 37 (a tail after the blocks of eight), strided rows, one
+    // row, and 300 rows on two threads (dw summed in fixed blocks of rows); and through the module.
     void rmsNormGradientMatchesAutograd() {
         torch::manual_seed(5);
         const TwoThreads two;
         const auto w = torch::rand({37}) + 0.5;
         const auto wide = torch::randn({3, 11, 50}) * 3;
         const auto many = torch::randn({2, 150, 50}) * 3;
-        for (const auto& x : {wide.narrow(2, 0, 37), wide.narrow(2, 0, 37).select(1, 4), many.narrow(2, 0, 37)}) {
+        for (const auto& x :
+             {wide.narrow(2, 0, 37), wide.narrow(2, 0, 37).select(1, 4), many.narrow(2, 0, 37)}) {
             const auto dy = torch::randn(x.sizes().vec());
             const auto xd = x.to(torch::kFloat64).detach().requires_grad_();
             const auto wd = w.to(torch::kFloat64).detach().requires_grad_();

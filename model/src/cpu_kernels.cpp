@@ -393,11 +393,13 @@ torch::Tensor rmsNorm(const torch::Tensor& x_in, const torch::Tensor& weight, do
     return y;
 }
 
-std::pair<torch::Tensor, torch::Tensor> rmsNormBackward(const torch::Tensor& x_in, const torch::Tensor& weight,
-                                                        double eps, const torch::Tensor& grad) {
+std::pair<torch::Tensor, torch::Tensor> rmsNormBackward(const torch::Tensor& x_in,
+                                                        const torch::Tensor& weight, double eps,
+                                                        const torch::Tensor& grad) {
     TORCH_CHECK(appliesTo(x_in) && appliesTo(weight) && weight.dim() == 1 && weight.size(0) == x_in.size(-1),
                 "cpu::rmsNormBackward: float32 CPU x [..., d] and weight [d] expected");
-    TORCH_CHECK(applies(grad) && grad.sizes() == x_in.sizes(), "cpu::rmsNormBackward: the gradient must be shaped as x");
+    TORCH_CHECK(applies(grad) && grad.sizes() == x_in.sizes(),
+                "cpu::rmsNormBackward: the gradient must be shaped as x");
     const auto d = x_in.size(-1);
     const auto x = x_in.reshape({-1, d});
     const auto dy = grad.contiguous();
@@ -416,8 +418,8 @@ std::pair<torch::Tensor, torch::Tensor> rmsNormBackward(const torch::Tensor& x_i
         [&](std::int64_t b0, std::int64_t b1) {
             for (auto b = b0; b < b1; ++b) {
                 const auto r0 = b * kBlock, n = std::min(kBlock, rows - r0);
-                rmsNormBackwardRows(xp + r0 * ldx, ldx, gp + r0 * d, wp, op + r0 * d, partial.data() + b * d, n,
-                                    d, static_cast<float>(eps));
+                rmsNormBackwardRows(xp + r0 * ldx, ldx, gp + r0 * d, wp, op + r0 * d, partial.data() + b * d,
+                                    n, d, static_cast<float>(eps));
             }
         },
         kParallelRows / kBlock);
@@ -619,7 +621,8 @@ torch::Tensor swiGluBackward(const torch::Tensor& gate_up, const torch::Tensor& 
     const auto gu = gate_up.reshape({-1, 2 * f});
     const auto rows = gu.size(0), ld = rows > 1 ? gu.stride(0) : 2 * f;
     const auto grad = grad_in.contiguous();
-    TORCH_CHECK(applies(grad) && grad.numel() == rows * f, "cpu::swiGluBackward: the gradient must be [..., f]");
+    TORCH_CHECK(applies(grad) && grad.numel() == rows * f,
+                "cpu::swiGluBackward: the gradient must be [..., f]");
     auto out = torch::empty(gate_up.sizes(), gate_up.options());
     const float* src = gu.data_ptr<float>();
     const float* dy = grad.data_ptr<float>();
@@ -629,8 +632,8 @@ torch::Tensor swiGluBackward(const torch::Tensor& gate_up, const torch::Tensor& 
         [&](std::int64_t r0, std::int64_t r1) {
             std::vector<float> e(static_cast<std::size_t>(f));
             for (auto r = r0; r < r1; ++r)
-                siluTimesBackward(src + r * ld, src + r * ld + f, dy + r * f, dst + r * 2 * f, dst + r * 2 * f + f,
-                                  e.data(), f);
+                siluTimesBackward(src + r * ld, src + r * ld + f, dy + r * f, dst + r * 2 * f,
+                                  dst + r * 2 * f + f, e.data(), f);
         },
         std::max<std::int64_t>(2, kParallelSwiGluValues / std::max<std::int64_t>(f, 1)));
     return out;

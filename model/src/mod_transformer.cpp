@@ -1,16 +1,16 @@
 // Mixture-of-Depths transformer: forward passes for training, tracing and generation (docs/MODEL.md).
 #include "mod_transformer.h"
 
-#include "attention_blocks.h"
-#include "cpu_kernels.h"
-#include "cpu_matmul.h"
-
 #include <torch/autograd.h>
 #include <torch/nn/functional/activation.h>
 #include <torch/nn/init.h>
 
 #include <algorithm>
 #include <cmath>
+
+#include "attention_blocks.h"
+#include "cpu_kernels.h"
+#include "cpu_matmul.h"
 
 namespace modscope::nn {
 
@@ -224,8 +224,8 @@ SwiGluImpl::SwiGluImpl(std::int64_t d_model, std::int64_t d_ff) {
 
 namespace {
 
-// silu(gate) * up with its gradient as one kernel each way (cpu::swiGlu, cpu::swiGluBackward), for training on
-// the CPU. Not twice differentiable.
+// silu(gate) * up with its gradient as one kernel each way (cpu::swiGlu, cpu::swiGluBackward), for training
+// on the CPU. Not twice differentiable.
 struct SwiGluActivation : torch::autograd::Function<SwiGluActivation> {
     static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& gate_up) {
         ctx->save_for_backward({gate_up});
@@ -245,8 +245,7 @@ torch::Tensor SwiGluImpl::forward(const torch::Tensor& x) {
         const auto gu = gate_up_out.chunk(2, -1);
         return linear(F::silu(gu[0]) * gu[1], down->weight, {}, down_t);
     }
-    if (!needsGrad(x, gate_up->weight))
-        return linear(cpu::swiGlu(gate_up_out), down->weight, {}, down_t);
+    if (!needsGrad(x, gate_up->weight)) return linear(cpu::swiGlu(gate_up_out), down->weight, {}, down_t);
     return linear(SwiGluActivation::apply(gate_up_out), down->weight, {}, down_t);
 }
 
