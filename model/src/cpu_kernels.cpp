@@ -33,6 +33,10 @@ constexpr std::int64_t kParallelRows = 256;
 // Values from which SwiGLU's activation is split: an exp each makes its rows dearer. 16 x 512 took 3.9-4.5 us
 // split against 5.9 on one thread, 128 x 512 22-27 against 39.
 constexpr std::int64_t kParallelSwiGluValues = 4096;
+// The rows from which SwiGLU's loops (forward and backward) split, for f gate values per row.
+std::int64_t swiGluSplitRows(std::int64_t f) {
+    return std::max<std::int64_t>(2, kParallelSwiGluValues / std::max<std::int64_t>(f, 1));
+}
 // The predictor splits its rows over the team from this many (16 rows: 6.2 us on one thread, 5.1 on two).
 constexpr std::int64_t kParallelPredictorRows = 16;
 // Hidden units per block of the predictor's first weight: 32 x d 192 floats, 24 KB, stay in a 32 KB L1.
@@ -349,16 +353,12 @@ void predictorHiddenRows(const float* const* x, std::int64_t d, const float* w1,
     }
 }
 
-// The predictor's output from a row's pre-activations: silu(hidden) . w2 + b2, SiLU in place, the dot one
-// fixed reduction.
-__attribute__((target_clones("arch=x86-64-v3", "default")))
+// The predictor's output from a row's pre-activations: silu(hidden) . w2 + b2, SiLU in place, the dot
+// rowDots' one-row reduction.
 float predictorOutput(float* hidden, std::int64_t h, const float* w2, float b2) {
     siluInPlace(hidden, h);
-    Float8 s = {};
-    std::int64_t i = 0;
-    for (; i + 8 <= h; i += 8) s += MODSCOPE_LOAD8(hidden + i) * MODSCOPE_LOAD8(w2 + i);
-    float t = MODSCOPE_SUM8(s);
-    for (; i < h; ++i) t += hidden[i] * w2[i];
+    float t = 0.0f;
+    rowDots(hidden, h, 1, w2, h, &t);
     return t + b2;
 }
 
@@ -610,7 +610,7 @@ torch::Tensor swiGlu(const torch::Tensor& gate_up) {
         [&](std::int64_t r0, std::int64_t r1) {
             for (auto r = r0; r < r1; ++r) siluTimes(src + r * ld, src + r * ld + f, dst + r * f, f);
         },
-        std::max<std::int64_t>(2, kParallelSwiGluValues / std::max<std::int64_t>(f, 1)));
+        swiGluSplitRows(f));
     return out;
 }
 
@@ -635,7 +635,7 @@ torch::Tensor swiGluBackward(const torch::Tensor& gate_up, const torch::Tensor& 
                 siluTimesBackward(src + r * ld, src + r * ld + f, dy + r * f, dst + r * 2 * f,
                                   dst + r * 2 * f + f, e.data(), f);
         },
-        std::max<std::int64_t>(2, kParallelSwiGluValues / std::max<std::int64_t>(f, 1)));
+        swiGluSplitRows(f));
     return out;
 }
 
