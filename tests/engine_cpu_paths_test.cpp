@@ -39,6 +39,12 @@ struct TwoThreads {
     ~TwoThreads() { at::set_num_threads(before); }
 };
 
+// The kernels' AVX2 builds only, for this object's lifetime.
+struct Avx2Only {
+    bool before = cpu::allowAvx512(false);
+    ~Avx2Only() { cpu::allowAvx512(before); }
+};
+
 bool close(const torch::Tensor& got, const torch::Tensor& want, double tol = 1e-4) {
     if (got.sizes() != want.sizes()) return false;
     return torch::allclose(got, want, tol, tol);
@@ -353,6 +359,17 @@ private Q_SLOTS:
             const auto evens = torch::arange(0, N, 2, torch::kLong);  // 150 rows, split over both threads
             QVERIFY(
                 torch::equal(cpu::predictorLogits(x, w1_t, b1, w2, b2, evens), all.index_select(0, evens)));
+            // The AVX-512 build (where the CPU has it) and the AVX2 build give the same bits.
+            if (!cpu::avx512Enabled()) qInfo("this CPU has no AVX-512: its AVX2 build compared with itself");
+            torch::Tensor narrow, narrow_picked;
+            {
+                const Avx2Only avx2;
+                QVERIFY(!cpu::avx512Enabled());
+                narrow = cpu::predictorLogits(x, w1_t, b1, w2, b2);
+                narrow_picked = cpu::predictorLogits(x, w1_t, b1, w2, b2, picked);
+            }
+            QVERIFY(torch::equal(narrow, all));
+            QVERIFY(torch::equal(narrow_picked, all.index_select(0, picked)));
         }
         const auto x = torch::randn({5, 8});
         QVERIFY_THROWS_EXCEPTION(

@@ -13,6 +13,11 @@ namespace modscope::cpu {
 // A float32 CPU tensor whose last dimension is contiguous.
 bool appliesTo(const torch::Tensor& t);
 
+// Whether the loops that have an AVX-512 build (the predictor's) run it: on a CPU with AVX-512, unless
+// allowAvx512(false) turned it off, as tests do to compare it with the AVX2 build. Returns the setting before.
+bool avx512Enabled();
+bool allowAvx512(bool allow);
+
 // x [..., d] -> x * rsqrt(mean(x^2 over d) + eps) * weight [d]; a new contiguous tensor. With `plus` (shaped
 // as x), the norm of x + plus, a sum that is never stored.
 torch::Tensor rmsNorm(const torch::Tensor& x, const torch::Tensor& weight, double eps,
