@@ -486,7 +486,16 @@ std::vector<std::int64_t> prefixTopkCandidates(const float* logits, std::int64_t
 
 namespace {
 
-torch::Tensor cpuFloat(const torch::Tensor& t) { return t.detach().to(torch::kCPU, torch::kFloat32).contiguous(); }
+torch::Tensor cpuFloat(const torch::Tensor& t) {
+    if (t.device().is_cpu() && t.scalar_type() == torch::kFloat32 && t.is_contiguous() && !t.requires_grad())
+        return t;  // already what the loops below read: three dispatches saved per routed layer
+    return t.detach().to(torch::kCPU, torch::kFloat32).contiguous();
+}
+
+// t on device, where it was made on the CPU.
+torch::Tensor onDevice(const torch::Tensor& t, const torch::Device& device) {
+    return device.is_cpu() ? t : t.to(device);
+}
 
 // The rule along one row of T tokens, in order: each decision depends on the ones before it, the same
 // arithmetic as a generation step's. candidates: the prefix top-k's, ascending (unused without it);
@@ -513,11 +522,14 @@ void selectedRows(const torch::Tensor& mask, const torch::Device& device, std::v
     const auto B = mask.size(0), T = mask.size(1);
     out->clear();
     const bool* m = mask.data_ptr<bool>();
+    std::vector<std::int64_t> rows;
     for (std::int64_t b = 0; b < B; ++b) {
-        std::vector<std::int64_t> rows;
+        rows.clear();
         for (std::int64_t t = 0; t < T; ++t)
             if (m[b * T + t]) rows.push_back(t);
-        out->push_back(torch::tensor(rows, torch::kLong).view({1, -1}).to(device));
+        auto row = torch::empty({1, static_cast<std::int64_t>(rows.size())}, torch::kLong);
+        std::copy(rows.begin(), rows.end(), row.data_ptr<std::int64_t>());
+        out->push_back(onDevice(row, device));
     }
 }
 
@@ -538,7 +550,7 @@ torch::Tensor causalSelection(const torch::Tensor& predictor_logits, const torch
         decideRow(rule, T, candidates, logit, out.data_ptr<bool>() + b * T);
     }
     selectedRows(out, predictor_logits.device(), selected);
-    return out.to(predictor_logits.device());
+    return onDevice(out, predictor_logits.device());
 }
 
 torch::Tensor causalRouting(BlockImpl& block, const torch::Tensor& x, const torch::Tensor& router_logits,
@@ -564,7 +576,7 @@ torch::Tensor causalRouting(BlockImpl& block, const torch::Tensor& x, const torc
         // A view of rows, read before it goes out of scope.
         const auto idx =
             torch::from_blob(rows.data(), {static_cast<std::int64_t>(rows.size())}, torch::kLong);
-        logits = cpuFloat(block.predictor->atRows(x.detach().reshape({B * T, d}), idx));
+        logits = cpuFloat(block.predictor->atRows((x.requires_grad() ? x.detach() : x).reshape({B * T, d}), idx));
     }
     auto out = torch::empty({B, T}, torch::TensorOptions().dtype(torch::kBool));
     const float* logit = logits.defined() ? logits.data_ptr<float>() : nullptr;
@@ -572,7 +584,7 @@ torch::Tensor causalRouting(BlockImpl& block, const torch::Tensor& x, const torc
     for (std::int64_t b = 0; b < B; ++b)
         decideRow(rule, T, candidates[b], next_logit, out.data_ptr<bool>() + b * T);
     selectedRows(out, router_logits.device(), selected);
-    return out.to(router_logits.device());
+    return onDevice(out, router_logits.device());
 }
 
 namespace {
