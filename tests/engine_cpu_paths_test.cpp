@@ -10,10 +10,12 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <array>
 #include <atomic>
 #include <chrono>
 #include <mutex>
+#include <numeric>
 #include <set>
 #include <thread>
 
@@ -509,6 +511,31 @@ private Q_SLOTS:
         }
         const auto ties = torch::tensor({1.f, 3.f, 2.f, 3.f, 3.f, NAN, 0.f}).unsqueeze(0);
         QVERIFY(torch::equal(nn::topkIndices(ties, 3), torch::tensor({1, 3, 5}, torch::kLong).unsqueeze(0)));
+        // -0 and 0 are equal (the earlier first); NaNs, infinities and runs of equal values against a stable
+        // sort by value, NaN highest.
+        const auto zeros = torch::tensor({-1.f, 0.f, -0.f, 0.f}).unsqueeze(0);
+        QVERIFY(torch::equal(nn::topkIndices(zeros, 2), torch::tensor({1, 2}, torch::kLong).unsqueeze(0)));
+        auto coarse = torch::randint(0, 4, {2, 512}).to(torch::kFloat32);
+        coarse.index_put_({0, 7}, NAN);
+        coarse.index_put_({0, 400}, NAN);
+        coarse.index_put_({1, 9}, INFINITY);
+        coarse.index_put_({1, 10}, -INFINITY);
+        for (const int k : {1, 2, 3, 64, 300, 511}) {
+            const auto got = nn::topkIndices(coarse, k);
+            for (std::int64_t b = 0; b < 2; ++b) {
+                std::vector<std::int64_t> order(512);
+                std::iota(order.begin(), order.end(), 0);
+                const float* v = coarse[b].data_ptr<float>();
+                const auto rank = [](float x) { return std::isnan(x) ? INFINITY : x; };
+                std::stable_sort(order.begin(), order.end(), [&](std::int64_t i, std::int64_t j) {
+                    return (std::isnan(v[i]) && !std::isnan(v[j])) || rank(v[i]) > rank(v[j]);
+                });
+                std::vector<std::int64_t> want(order.begin(), order.begin() + k);
+                std::sort(want.begin(), want.end());
+                QVERIFY2(torch::equal(got[b], torch::tensor(want, torch::kLong)),
+                         qPrintable(QString("coarse row %1 k %2").arg(b).arg(k)));
+            }
+        }
     }
 
     // The choice from two readings: other processes' share of the machine is its busy time minus ours.

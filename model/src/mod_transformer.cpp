@@ -7,6 +7,9 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
+#include <functional>
+#include <limits>
 
 #include "attention_blocks.h"
 #include "cpu_kernels.h"
@@ -303,31 +306,46 @@ torch::Tensor BlockImpl::delta(const torch::Tensor& x, const torch::Tensor& pos,
 }
 
 // ---------------------------------------------------------------------------------------------- routing
+namespace {
+
+// A float's rank as an unsigned key, for topkIndices: larger floats give larger keys, -0 and 0 the same one,
+// and every NaN the largest.
+std::uint32_t rankBits(float v) {
+    if (std::isnan(v)) return std::numeric_limits<std::uint32_t>::max();
+    if (v == 0.0f) v = 0.0f;
+    std::uint32_t u;
+    std::memcpy(&u, &v, sizeof u);
+    return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+}  // namespace
+
 torch::Tensor topkIndices(const torch::Tensor& router_logits, std::int64_t k) {
     if (!router_logits.device().is_cpu() || router_logits.scalar_type() != torch::kFloat32 || router_logits.dim() != 2 ||
         k < 0 || k > router_logits.size(1)) {
         const auto idx = std::get<1>(router_logits.topk(k, /*dim=*/1, /*largest=*/true, /*sorted=*/false));
         return std::get<0>(idx.sort(1));
     }
-    // On the CPU a partial selection per row, one call: topk then sort took 8.4 us at T = 512 timed alone, this 6.2.
-    // Order as torch::topk's: NaN above everything; equal values by position, the earlier first.
+    // On the CPU a partial selection per row: the k-th largest of 32-bit keys, then one pass in position order
+    // (already ascending). At T = 512 timed alone (Zen 5): 1.4 us, where a selection over (value, position)
+    // pairs took 2.2 and topk then sort 8.4 (an older machine); inside the forward 3.9-4.8 against 5.3-6.6.
+    // Order as torch::topk's: NaN above everything; equal values (-0 and 0 among them) by position, the
+    // earlier first.
     const auto logits = router_logits.detach().contiguous();
     const auto B = logits.size(0), T = logits.size(1);
     auto out = torch::empty({B, k}, torch::TensorOptions().dtype(torch::kLong));
-    std::vector<std::pair<float, std::int64_t>> row(T);
-    const auto before = [](const std::pair<float, std::int64_t>& a, const std::pair<float, std::int64_t>& b) {
-        const bool an = std::isnan(a.first), bn = std::isnan(b.first);
-        if (an != bn) return an;
-        if (!an && a.first != b.first) return a.first > b.first;
-        return a.second < b.second;
-    };
+    if (k == 0) return out;
+    std::vector<std::uint32_t> keys(T), kth(T);
     for (std::int64_t b = 0; b < B; ++b) {
         const float* r = logits.data_ptr<float>() + b * T;
-        for (std::int64_t t = 0; t < T; ++t) row[t] = {r[t], t};
-        std::nth_element(row.begin(), row.begin() + k, row.end(), before);
+        for (std::int64_t t = 0; t < T; ++t) keys[t] = rankBits(r[t]);
+        std::copy(keys.begin(), keys.end(), kth.begin());
+        std::nth_element(kth.begin(), kth.begin() + (k - 1), kth.end(), std::greater<std::uint32_t>());
+        const std::uint32_t last = kth[k - 1];  // the k-th largest key: all above it are taken
+        auto ties = k - std::count_if(keys.begin(), keys.end(), [last](std::uint32_t v) { return v > last; });
         std::int64_t* o = out.data_ptr<std::int64_t>() + b * k;
-        for (std::int64_t i = 0; i < k; ++i) o[i] = row[i].second;
-        std::sort(o, o + k);
+        for (std::int64_t t = 0; t < T; ++t)
+            if (keys[t] > last || (keys[t] == last && ties-- > 0)) *o++ = t;
     }
     return out;
 }
