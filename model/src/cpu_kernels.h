@@ -45,10 +45,11 @@ torch::Tensor rowDot(const torch::Tensor& x, const torch::Tensor& w);
 void addGatedRows(torch::Tensor& x2d, const torch::Tensor& rows, const torch::Tensor& logits,
                   const torch::Tensor& delta);
 
-// Causal masking of scores [P, n, keys] (rows contiguous, any row and batch strides) in place: query row i,
-// whose own key is first + i, may see keys 0 .. first + i; every later key's score becomes -inf. Writes only
-// the masked entries, the triangle after the diagonal, where adding a 0 / -inf bias copied every score.
-void maskLaterKeys(torch::Tensor& scores, std::int64_t first);
+// Causal attention's probabilities from scores [P, n, keys] (rows contiguous, any row and batch strides) in
+// place: query row i, whose own key is first + i, sees keys 0 .. first + i; their scores become their softmax
+// and every later key's a 0. One pass per row, where masking the later keys with -inf and LibTorch's softmax
+// took 10.2 us at 3 x 64 x 64 and 36.9 at 3 x 128 x 128 (Zen 5).
+void causalSoftmax(torch::Tensor& scores, std::int64_t first);
 
 // The causal predictor's logits for rows x [N, d] (rows any distance apart), or for the rows `rows` of x
 // (int64 [n], each in [0, N)) when given: silu(x fc1_t + b1) . w2 + b2 with fc1_t [d, h] (the transposed

@@ -146,11 +146,10 @@ torch::Tensor causalAttention(const torch::Tensor& q, const torch::Tensor& k, co
         const auto kt = k.narrow(1, 0, visible).transpose(1, 2);
         const auto vs = v.narrow(1, 0, visible);
         if (write_into) {
-            // One new query sees every key: no mask. Otherwise the keys after each query's own become -inf in
-            // place (the bias the operator path adds costs a copy of every score).
+            // Each query's probabilities over its own key and the earlier ones, zeros after, in place (the
+            // bias the operator path adds costs a copy of every score). One query (S = 1) sees every key.
             auto scores = cpu::bmm(S == 1 ? q : q.narrow(1, s, n), kt);
-            if (S > 1) cpu::maskLaterKeys(scores, prior + s);
-            at::_softmax_out(scores, scores, -1, false);  // in place: each row reads its max and sum first
+            cpu::causalSoftmax(scores, prior + s);
             auto target = into.narrow(1, s, n);
             cpu::bmmInto(scores, vs, target);
             continue;
