@@ -455,24 +455,32 @@ private Q_SLOTS:
         QVERIFY(close(fused_w, mlp->gate_up->weight.grad(), 1e-5));
     }
 
-    // Causal softmax in place against the masked operators: rows in a strided batch, a block after cached keys
-    // (first > 0), rows shorter than a vector and with tails, a score that overflows exp unless the row's max
-    // is taken from the tail too, and 3 x 128 rows on two threads.
+    // Causal softmax in place against the masked operators: rows in a strided batch, a block after cached
+    // keys (first > 0), rows shorter than a vector and with tails, a score that overflows exp unless the
+    // row's max is taken from the tail too, and 3 x 128 rows on two threads.
     void causalSoftmaxMatchesTheOperators() {
         torch::manual_seed(21);
         const TwoThreads two;
-        for (auto [n, keys, first] : std::vector<std::array<int, 3>>{{5, 5, 0}, {13, 30, 17}, {128, 128, 0}, {64, 300, 236}, {1, 9, 8}}) {
+        // Queries, keys, the first query's own key.
+        const std::vector<std::array<int, 3>> shapes{
+            {5, 5, 0}, {13, 30, 17}, {128, 128, 0}, {64, 300, 236}, {1, 9, 8}};
+        for (const auto& [n, keys, first] : shapes) {
             const auto wide = torch::randn({3, n, keys + 6}) * 8;
-            wide[0][n - 1][2 + std::min(keys, first + n) - 1] = 500.f;  // a last visible key far above the rest
+            // The last query's last visible key, far above the rest.
+            wide[0][n - 1][2 + std::min(keys, first + n) - 1] = 500.f;
             auto scores = wide.narrow(2, 2, keys);  // rows keys + 6 apart
-            const auto before = scores.clone(), pads = torch::cat({wide.narrow(2, 0, 2), wide.narrow(2, keys + 2, 4)}, 2);
+            const auto before = scores.clone();
+            const auto pads = torch::cat({wide.narrow(2, 0, 2), wide.narrow(2, keys + 2, 4)}, 2);
             const auto key = torch::arange(keys).view({1, 1, keys});
             const auto query = (torch::arange(n) + first).view({1, n, 1});
-            const auto want = torch::softmax(
-                torch::where(key <= query, before, torch::full({}, -std::numeric_limits<float>::infinity())), -1);
+            const auto ninf = torch::full({}, -std::numeric_limits<float>::infinity());
+            const auto want = torch::softmax(torch::where(key <= query, before, ninf), -1);
             cpu::causalSoftmax(scores, first);
             QVERIFY2(torch::allclose(scores, want, 1e-6, 1e-6),
-                     qPrintable(QString("n %1 keys %2 first %3: %4").arg(n).arg(keys).arg(first)
+                     qPrintable(QString("n %1 keys %2 first %3: %4")
+                                    .arg(n)
+                                    .arg(keys)
+                                    .arg(first)
                                     .arg((scores - want).abs().max().item<float>())));
             const auto later = (key > query).expand({3, n, keys});
             QVERIFY(scores.masked_select(later).eq(0).all().item<bool>());  // exactly 0, not tiny

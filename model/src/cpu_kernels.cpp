@@ -455,9 +455,13 @@ void predictorHiddenRowsWide(const float* const* x, std::int64_t d, const float*
 
 }  // namespace
 
-bool avx512Enabled() { return cpuHasAvx512() && avx512_allowed.load(std::memory_order_relaxed); }
+bool avx512Enabled() {
+    return cpuHasAvx512() && avx512_allowed.load(std::memory_order_relaxed);
+}
 
-bool allowAvx512(bool allow) { return avx512_allowed.exchange(allow); }
+bool allowAvx512(bool allow) {
+    return avx512_allowed.exchange(allow);
+}
 
 bool appliesTo(const torch::Tensor& t) { return applies(t) && t.dim() > 0 && (t.stride(-1) == 1 || t.size(-1) == 1); }
 
@@ -682,8 +686,10 @@ torch::Tensor predictorLogits(const torch::Tensor& x, const torch::Tensor& fc1_t
                         xs[p] = row(ip);
                         ys[p] = hidden.data() + (ip - i0) * h;
                     }
-                    if (wide) predictorHiddenRowsWide(xs, d, w1, h, b1p, j0, j1, ys);
-                    else predictorHiddenRows(xs, d, w1, h, b1p, j0, j1, ys);
+                    if (wide)
+                        predictorHiddenRowsWide(xs, d, w1, h, b1p, j0, j1, ys);
+                    else
+                        predictorHiddenRows(xs, d, w1, h, b1p, j0, j1, ys);
                 }
             }
             for (auto i = i0; i < i1; ++i) o[i] = predictorOutput(hidden.data() + (i - i0) * h, h, w2p, bias);

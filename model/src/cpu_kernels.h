@@ -14,7 +14,8 @@ namespace modscope::cpu {
 bool appliesTo(const torch::Tensor& t);
 
 // Whether the loops that have an AVX-512 build (the predictor's) run it: on a CPU with AVX-512, unless
-// allowAvx512(false) turned it off, as tests do to compare it with the AVX2 build. Returns the setting before.
+// allowAvx512(false) turned it off, as tests do to compare it with the AVX2 build. Returns the setting
+// before.
 bool avx512Enabled();
 bool allowAvx512(bool allow);
 

@@ -325,11 +325,11 @@ torch::Tensor topkIndices(const torch::Tensor& router_logits, std::int64_t k) {
         const auto idx = std::get<1>(router_logits.topk(k, /*dim=*/1, /*largest=*/true, /*sorted=*/false));
         return std::get<0>(idx.sort(1));
     }
-    // On the CPU a partial selection per row: the k-th largest of 32-bit keys, then one pass in position order
-    // (already ascending). At T = 512 timed alone (Zen 5): 1.4 us, where a selection over (value, position)
-    // pairs took 2.2 and topk then sort 8.4 (an older machine); inside the forward 3.9-4.8 against 5.3-6.6.
-    // Order as torch::topk's: NaN above everything; equal values (-0 and 0 among them) by position, the
-    // earlier first.
+    // On the CPU a partial selection per row: the k-th largest of 32-bit keys, then one pass in position
+    // order (already ascending). At T = 512 timed alone (Zen 5): 1.4 us, where a selection over (value,
+    // position) pairs took 2.2 and topk then sort 8.4 (an older machine); inside the forward 3.9-4.8
+    // against 5.3-6.6. Order as torch::topk's: NaN above everything; equal values (-0 and 0 among them) by
+    // position, the earlier first.
     const auto logits = router_logits.detach().contiguous();
     const auto B = logits.size(0), T = logits.size(1);
     auto out = torch::empty({B, k}, torch::TensorOptions().dtype(torch::kLong));
@@ -593,7 +593,8 @@ torch::Tensor causalRouting(BlockImpl& block, const torch::Tensor& x, const torc
         // A view of rows, read before it goes out of scope.
         const auto idx =
             torch::from_blob(rows.data(), {static_cast<std::int64_t>(rows.size())}, torch::kLong);
-        logits = cpuFloat(block.predictor->atRows((x.requires_grad() ? x.detach() : x).reshape({B * T, d}), idx));
+        const auto x2d = (x.requires_grad() ? x.detach() : x).reshape({B * T, d});
+        logits = cpuFloat(block.predictor->atRows(x2d, idx));
     }
     auto out = torch::empty({B, T}, torch::TensorOptions().dtype(torch::kBool));
     const float* logit = logits.defined() ? logits.data_ptr<float>() : nullptr;
