@@ -335,12 +335,13 @@ private Q_SLOTS:
 
     // Causal mode reads the predictor for the prefix top-k's candidates only, where a trace reads it for
     // every token: a row's logit must be the same bits either way, whichever rows share its pass or its
-    // thread. Widths 64 (the bundled model's) and 77 (blocks of 32, then 8, then a scalar tail), against
-    // double precision, for rows picked out of a strided x.
+    // thread, and in the AVX2 and AVX-512 builds. Widths 64 (the bundled model's), 77 (blocks of 32, then 8,
+    // then a scalar tail; 64 then a scalar tail wide) and 93 (a block of 16 wide), against double precision,
+    // for rows picked out of a strided x.
     void predictorLogitsAtRowsAreTheRowsOwn() {
         torch::manual_seed(13);
         const TwoThreads two;
-        for (const std::int64_t h : {64, 77}) {
+        for (const std::int64_t h : {64, 77, 93}) {
             const std::int64_t d = 192, N = 300;
             const auto x = torch::randn({N, d + 8}).narrow(1, 4, d);  // rows d + 8 apart
             const auto w1_t = torch::randn({d, h}) * 0.1, b1 = torch::randn({h}), w2 = torch::randn({h});

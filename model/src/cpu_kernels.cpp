@@ -6,6 +6,7 @@
 #include "cpu_kernels.h"
 
 #include <ATen/Parallel.h>
+#include <immintrin.h>
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -48,6 +49,11 @@ constexpr std::int64_t kPredictorUnitBlock = 32, kPredictorRowsPerPass = 3;
 constexpr std::int64_t kPredictorUnitBlockWide = 64, kPredictorRowsPerPassWide = 4;
 
 std::atomic<bool> avx512_allowed{true};
+
+bool cpuHasFma() {
+    static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    return has;
+}
 
 bool cpuHasAvx512() {
     // x86-64-v4's AVX-512 subsets: what the compiler may use in a function built for it.
@@ -334,54 +340,48 @@ void siluTimesBackward(const float* g, const float* u, const float* dy, float* d
 }
 
 // The causal predictor's first layer for three rows at once (repeat a row for fewer): hidden units [j0, j1)
-// of x w1 + b1 for w1 [d, h] row-major, into y0, y1 and y2. Each unit is one FMA chain over x in order,
-// whichever rows share the pass, so a row's value has the same bits in a trace's every-token run and in
-// causal mode's candidates. 32 units at a time: the rows share each load of w1 (twelve chains in flight),
-// and the caller keeps a 32-unit block of w1 in L1 (24 KB at d 192) across all its rows.
-__attribute__((target_clones("arch=x86-64-v3", "default")))
-void predictorHiddenRows(const float* const* x, std::int64_t d, const float* w1, std::int64_t h, const float* b1,
-                         std::int64_t j0, std::int64_t j1, float* const* y) {
+// of x w1 + b1 for w1 [d, h] row-major, into y0, y1 and y2. Each unit is one chain of fused multiply-adds over
+// x in order, whichever rows share the pass, so a row's value has the same bits in a trace's every-token run
+// and in causal mode's candidates, and in this build and the AVX-512 one. The fusing is written out: left to
+// the compiler, the products were fused at -O3 but not in the Debug build, nor in a tail loop GCC vectorised.
+// 32 units at a time: the rows share each load of w1 (twelve chains in flight), and the caller keeps a
+// 32-unit block of w1 in L1 (24 KB at d 192) across all its rows.
+__attribute__((target("arch=x86-64-v3")))
+void predictorHiddenRowsFma(const float* const* x, std::int64_t d, const float* w1, std::int64_t h,
+                            const float* b1, std::int64_t j0, std::int64_t j1, float* const* y) {
     const float *x0 = x[0], *x1 = x[1], *x2 = x[2];
     std::int64_t j = j0;
     for (; j + 32 <= j1; j += 32) {
-        Float8 a0[4], a1[4], a2[4];
-        for (int u = 0; u < 4; ++u) {
-            std::memcpy(&a0[u], b1 + j + 8 * u, sizeof(Float8));
-            a1[u] = a0[u];
-            a2[u] = a0[u];
-        }
+        __m256 a0[4], a1[4], a2[4];
+        for (int u = 0; u < 4; ++u) a0[u] = a1[u] = a2[u] = _mm256_loadu_ps(b1 + j + 8 * u);
         for (std::int64_t k = 0; k < d; ++k) {
             const float* w = w1 + k * h + j;
-            const float s0 = x0[k], s1 = x1[k], s2 = x2[k];
+            const __m256 s0 = _mm256_set1_ps(x0[k]), s1 = _mm256_set1_ps(x1[k]), s2 = _mm256_set1_ps(x2[k]);
             for (int u = 0; u < 4; ++u) {
-                const Float8 wu = MODSCOPE_LOAD8(w + 8 * u);
-                a0[u] += s0 * wu;
-                a1[u] += s1 * wu;
-                a2[u] += s2 * wu;
+                const __m256 wu = _mm256_loadu_ps(w + 8 * u);
+                a0[u] = _mm256_fmadd_ps(s0, wu, a0[u]);
+                a1[u] = _mm256_fmadd_ps(s1, wu, a1[u]);
+                a2[u] = _mm256_fmadd_ps(s2, wu, a2[u]);
             }
         }
         for (int u = 0; u < 4; ++u) {
-            std::memcpy(y[0] + j + 8 * u, &a0[u], sizeof(Float8));
-            std::memcpy(y[1] + j + 8 * u, &a1[u], sizeof(Float8));
-            std::memcpy(y[2] + j + 8 * u, &a2[u], sizeof(Float8));
+            _mm256_storeu_ps(y[0] + j + 8 * u, a0[u]);
+            _mm256_storeu_ps(y[1] + j + 8 * u, a1[u]);
+            _mm256_storeu_ps(y[2] + j + 8 * u, a2[u]);
         }
     }
     for (; j + 8 <= j1; j += 8) {
-        Float8 a0, a1, a2;
-        std::memcpy(&a0, b1 + j, sizeof a0);
-        a1 = a0;
-        a2 = a0;
+        __m256 a0 = _mm256_loadu_ps(b1 + j), a1 = a0, a2 = a0;
         for (std::int64_t k = 0; k < d; ++k) {
-            const Float8 w = MODSCOPE_LOAD8(w1 + k * h + j);
-            a0 += x0[k] * w;
-            a1 += x1[k] * w;
-            a2 += x2[k] * w;
+            const __m256 w = _mm256_loadu_ps(w1 + k * h + j);
+            a0 = _mm256_fmadd_ps(_mm256_set1_ps(x0[k]), w, a0);
+            a1 = _mm256_fmadd_ps(_mm256_set1_ps(x1[k]), w, a1);
+            a2 = _mm256_fmadd_ps(_mm256_set1_ps(x2[k]), w, a2);
         }
-        std::memcpy(y[0] + j, &a0, sizeof a0);
-        std::memcpy(y[1] + j, &a1, sizeof a1);
-        std::memcpy(y[2] + j, &a2, sizeof a2);
+        _mm256_storeu_ps(y[0] + j, a0);
+        _mm256_storeu_ps(y[1] + j, a1);
+        _mm256_storeu_ps(y[2] + j, a2);
     }
-    // fmaf, not a * b + c: GCC vectorises the products of this loop and adds them unfused.
     for (; j < j1; ++j) {
         float a0 = b1[j], a1 = b1[j], a2 = b1[j];
         for (std::int64_t k = 0; k < d; ++k) {
@@ -389,6 +389,23 @@ void predictorHiddenRows(const float* const* x, std::int64_t d, const float* w1,
             a0 = __builtin_fmaf(x0[k], w, a0);
             a1 = __builtin_fmaf(x1[k], w, a1);
             a2 = __builtin_fmaf(x2[k], w, a2);
+        }
+        y[0][j] = a0;
+        y[1][j] = a1;
+        y[2][j] = a2;
+    }
+}
+
+// predictorHiddenRowsFma for CPUs without FMA: the same passes with the products rounded before each add.
+void predictorHiddenRowsBaseline(const float* const* x, std::int64_t d, const float* w1, std::int64_t h,
+                                 const float* b1, std::int64_t j0, std::int64_t j1, float* const* y) {
+    for (std::int64_t j = j0; j < j1; ++j) {
+        float a0 = b1[j], a1 = b1[j], a2 = b1[j];
+        for (std::int64_t k = 0; k < d; ++k) {
+            const float w = w1[k * h + j];
+            a0 += x[0][k] * w;
+            a1 += x[1][k] * w;
+            a2 += x[2][k] * w;
         }
         y[0][j] = a0;
         y[1][j] = a1;
@@ -405,42 +422,41 @@ float predictorOutput(float* hidden, std::int64_t h, const float* w2, float b2) 
     return t + b2;
 }
 
-// predictorHiddenRows for four rows in the AVX-512 build: the same chains (one FMA per unit and element of
-// x, in order, from b1), 64 units at a time, so its values have the bits of the AVX2 build's.
-typedef float Float16 __attribute__((vector_size(64), aligned(4)));
+// predictorHiddenRowsFma for four rows in the AVX-512 build: the same chains (one fused multiply-add per
+// unit and element of x, in order, from b1), 64 units at a time, so its values have the bits of the AVX2
+// build's.
 __attribute__((target("arch=x86-64-v4")))
 void predictorHiddenRowsWide(const float* const* x, std::int64_t d, const float* w1, std::int64_t h,
                              const float* b1, std::int64_t j0, std::int64_t j1, float* const* y) {
     constexpr int kRows = kPredictorRowsPerPassWide;
     std::int64_t j = j0;
     for (; j + 64 <= j1; j += 64) {
-        Float16 a[kRows][4];
+        __m512 a[kRows][4];
         for (int u = 0; u < 4; ++u) {
-            std::memcpy(&a[0][u], b1 + j + 16 * u, sizeof(Float16));
+            a[0][u] = _mm512_loadu_ps(b1 + j + 16 * u);
             for (int r = 1; r < kRows; ++r) a[r][u] = a[0][u];
         }
         for (std::int64_t k = 0; k < d; ++k) {
             const float* w = w1 + k * h + j;
-            Float16 wu[4];
-            for (int u = 0; u < 4; ++u) std::memcpy(&wu[u], w + 16 * u, sizeof(Float16));
+            __m512 wu[4];
+            for (int u = 0; u < 4; ++u) wu[u] = _mm512_loadu_ps(w + 16 * u);
             for (int r = 0; r < kRows; ++r) {
-                const float s = x[r][k];
-                for (int u = 0; u < 4; ++u) a[r][u] += s * wu[u];
+                const __m512 s = _mm512_set1_ps(x[r][k]);
+                for (int u = 0; u < 4; ++u) a[r][u] = _mm512_fmadd_ps(s, wu[u], a[r][u]);
             }
         }
         for (int r = 0; r < kRows; ++r)
-            for (int u = 0; u < 4; ++u) std::memcpy(y[r] + j + 16 * u, &a[r][u], sizeof(Float16));
+            for (int u = 0; u < 4; ++u) _mm512_storeu_ps(y[r] + j + 16 * u, a[r][u]);
     }
     for (; j + 16 <= j1; j += 16) {
-        Float16 a[kRows];
-        std::memcpy(&a[0], b1 + j, sizeof(Float16));
+        __m512 a[kRows];
+        a[0] = _mm512_loadu_ps(b1 + j);
         for (int r = 1; r < kRows; ++r) a[r] = a[0];
         for (std::int64_t k = 0; k < d; ++k) {
-            Float16 w;
-            std::memcpy(&w, w1 + k * h + j, sizeof w);
-            for (int r = 0; r < kRows; ++r) a[r] += x[r][k] * w;
+            const __m512 w = _mm512_loadu_ps(w1 + k * h + j);
+            for (int r = 0; r < kRows; ++r) a[r] = _mm512_fmadd_ps(_mm512_set1_ps(x[r][k]), w, a[r]);
         }
-        for (int r = 0; r < kRows; ++r) std::memcpy(y[r] + j, &a[r], sizeof(Float16));
+        for (int r = 0; r < kRows; ++r) _mm512_storeu_ps(y[r] + j, a[r]);
     }
     for (; j < j1; ++j)
         for (int r = 0; r < kRows; ++r) {
@@ -667,7 +683,7 @@ torch::Tensor predictorLogits(const torch::Tensor& x, const torch::Tensor& fc1_t
     const float bias = *b2.data_ptr<float>();
     float* o = out.data_ptr<float>();
     const auto row = [&](std::int64_t i) { return xp + (r != nullptr ? r[i] : i) * ld; };
-    const bool wide = avx512Enabled();
+    const bool wide = avx512Enabled(), fma = cpuHasFma();
     const auto unit_block = wide ? kPredictorUnitBlockWide : kPredictorUnitBlock;
     const auto rows_per_pass = wide ? kPredictorRowsPerPassWide : kPredictorRowsPerPass;
     forRowShares(
@@ -688,8 +704,10 @@ torch::Tensor predictorLogits(const torch::Tensor& x, const torch::Tensor& fc1_t
                     }
                     if (wide)
                         predictorHiddenRowsWide(xs, d, w1, h, b1p, j0, j1, ys);
+                    else if (fma)
+                        predictorHiddenRowsFma(xs, d, w1, h, b1p, j0, j1, ys);
                     else
-                        predictorHiddenRows(xs, d, w1, h, b1p, j0, j1, ys);
+                        predictorHiddenRowsBaseline(xs, d, w1, h, b1p, j0, j1, ys);
                 }
             }
             for (auto i = i0; i < i1; ++i) o[i] = predictorOutput(hidden.data() + (i - i0) * h, h, w2p, bias);
