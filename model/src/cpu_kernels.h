@@ -48,8 +48,9 @@ void addGatedRows(torch::Tensor& x2d, const torch::Tensor& rows, const torch::Te
 
 // Causal attention's probabilities from scores [P, n, keys] (rows contiguous, any row and batch strides) in
 // place: query row i, whose own key is first + i, sees keys 0 .. first + i; their scores become their softmax
-// and every later key's a 0. One pass per row, where masking the later keys with -inf and LibTorch's softmax
-// took 10.2 us at 3 x 64 x 64 and 36.9 at 3 x 128 x 128 (Zen 5).
+// and every later key's a 0. One pass per row: in one process on Zen 5, 10.7-11.6 us at 3 x 64 x 64 and
+// 29.7-31.1 at 3 x 128 x 128, where masking the later keys with -inf then LibTorch's softmax took 18.7-19.3
+// and 65.2-67.5.
 void causalSoftmax(torch::Tensor& scores, std::int64_t first);
 
 // The causal predictor's logits for rows x [N, d] (rows any distance apart), or for the rows `rows` of x
