@@ -16,6 +16,7 @@
 #include <chrono>
 #include <mutex>
 #include <numeric>
+#include <optional>
 #include <set>
 #include <thread>
 
@@ -489,43 +490,85 @@ private Q_SLOTS:
         }
     }
 
-    // Attention row by row against softmax(q k^T + causal mask) v: heads read through strided views as the
-    // forward passes them, keys cached before the queries, a head size with no tail (64: the register path),
-    // one past it (72) and one with a tail in the dot products (36), and scores large enough that the softmax
-    // needs its max subtracted.
+    // Small attention against softmax(q k^T + causal mask) v, in both builds on two threads: row by row (the
+    // AVX2 build, and heads whose size is not a multiple of 16) and four rows at a time in AVX-512 (up to 64
+    // keys in all). Heads read through strided views as the forward passes them, keys cached before the
+    // queries, head sizes with no tail (64: the register path of the row loop), one past it (72), one with a
+    // tail in the dot products (36), 48 and 128 (three and eight value vectors a row), partial groups of four
+    // rows and partial blocks of 16 keys, and scores large enough that the softmax needs its max subtracted.
     void smallAttentionMatchesTheOperators() {
-        torch::manual_seed(14);
-        for (const auto hd : {64, 72, 36}) {
-            for (const auto& [S, prior] :
-                 {std::pair<int, int>{1, 0}, {1, 40}, {9, 0}, {16, 0}, {32, 0}, {5, 23}}) {
-                const int H = 3;
-                const auto qkv = torch::randn({1, S, 3, H, hd}) * 2;
-                const auto q = qkv.select(2, 0).transpose(1, 2).reshape({H, S, hd});
-                const auto k = torch::cat(
-                    {torch::randn({H, prior, hd}) * 2, qkv.select(2, 1).transpose(1, 2).reshape({H, S, hd})},
-                    1);
-                const auto v = torch::cat(
-                    {torch::randn({H, prior, hd}), qkv.select(2, 2).transpose(1, 2).reshape({H, S, hd})}, 1);
-                const auto later =
-                    torch::arange(prior + S).unsqueeze(0) > (torch::arange(S) + prior).unsqueeze(1);
-                const auto scores = torch::bmm(q.to(torch::kFloat64), k.transpose(1, 2).to(torch::kFloat64))
-                                        .masked_fill(later, -INFINITY);
-                const auto want =
-                    torch::bmm(torch::softmax(scores, -1), v.to(torch::kFloat64)).to(torch::kFloat32);
-                auto merged = torch::empty({S, H, hd});
-                auto out =
-                    merged.transpose(0, 1);  // heads side by side in each row, as the projection reads them
+        TwoThreads two;
+        const auto cases = [](bool wide) {
+            torch::manual_seed(14);
+            for (const auto hd : {64, 72, 36, 48, 128}) {
+                for (const auto& [S, prior] : {std::pair<int, int>{1, 0}, {1, 40}, {9, 0}, {16, 0}, {32, 0}, {5, 23},
+                                               {17, 0}, {33, 0}, {61, 0}, {64, 0}, {30, 34}, {2, 62}}) {
+                    QCOMPARE(cpu::wideAttentionFits(S, prior, hd),
+                             wide && cpu::avx512Enabled() && S > 1 && prior + S <= 64 && hd % 16 == 0);
+                    const int H = 3;
+                    // Scores of the same size at 128 as at 72: their rounding grows with them.
+                    const double scale = 2.0 * std::min(1.0, std::sqrt(72.0 / hd));
+                    const auto qkv = torch::randn({1, S, 3, H, hd}) * scale;
+                    const auto q = qkv.select(2, 0).transpose(1, 2).reshape({H, S, hd});
+                    const auto k = torch::cat(
+                        {torch::randn({H, prior, hd}) * scale, qkv.select(2, 1).transpose(1, 2).reshape({H, S, hd})},
+                        1);
+                    const auto v = torch::cat(
+                        {torch::randn({H, prior, hd}), qkv.select(2, 2).transpose(1, 2).reshape({H, S, hd})}, 1);
+                    const auto later =
+                        torch::arange(prior + S).unsqueeze(0) > (torch::arange(S) + prior).unsqueeze(1);
+                    const auto scores = torch::bmm(q.to(torch::kFloat64), k.transpose(1, 2).to(torch::kFloat64))
+                                            .masked_fill(later, -INFINITY);
+                    const auto want =
+                        torch::bmm(torch::softmax(scores, -1), v.to(torch::kFloat64)).to(torch::kFloat32);
+                    auto merged = torch::empty({S, H, hd});
+                    auto out =
+                        merged.transpose(0, 1);  // heads side by side in each row, as the projection reads them
+                    cpu::smallCausalAttention(q, k, v, prior, out);
+                    // Scores reach tens here: a float dot product's rounding, about 1e-7 of it, moves the weights
+                    // by some 1e-5. Letting one later key in moves some outputs by whole units.
+                    QVERIFY2(close(out, want, 5e-5),
+                             qPrintable(QString("%1: hd %2, %3 queries after %4: %5")
+                                            .arg(wide ? "AVX-512" : "AVX2")
+                                            .arg(hd)
+                                            .arg(S)
+                                            .arg(prior)
+                                            .arg((out - want).abs().max().item<float>())));
+                }
+            }
+        };
+        for (const bool wide : {true, false}) {
+            std::optional<Avx2Only> avx2;
+            if (!wide) avx2.emplace();
+            cases(wide);
+        }
+        // The probabilities themselves, to float rounding: with quarter-integer q and k every score is exact,
+        // and with the values an identity each output row is its query's probabilities.
+        for (const bool wide : {true, false}) {
+            std::optional<Avx2Only> avx2;
+            if (!wide) avx2.emplace();
+            for (const auto& [S, prior] : {std::pair<int, int>{16, 0}, {64, 0}, {7, 50}}) {
+                const int H = 2, keys = prior + S, hd = 64;
+                const auto q = torch::randint(-4, 5, {H, S, hd}) * 0.25;
+                const auto k = torch::randint(-4, 5, {H, keys, hd}) * 0.25;
+                const auto v = torch::eye(keys, hd).expand({H, keys, hd}).contiguous();
+                auto out = torch::empty({H, S, hd});
                 cpu::smallCausalAttention(q, k, v, prior, out);
-                // Scores reach tens here: a float dot product's rounding, about 1e-7 of it, moves the weights
-                // by some 1e-5. Letting one later key in moves some outputs by whole units.
-                QVERIFY2(close(out, want, 5e-5),
-                         qPrintable(QString("hd %1, %2 queries after %3: %4")
-                                        .arg(hd)
+                const auto later =
+                    torch::arange(keys).unsqueeze(0) > (torch::arange(S) + prior).unsqueeze(1);
+                const auto want = torch::softmax(
+                    torch::bmm(q.to(torch::kFloat64), k.transpose(1, 2).to(torch::kFloat64)).masked_fill(later, -INFINITY),
+                    -1);
+                const auto got = out.narrow(2, 0, keys).to(torch::kFloat64);
+                QVERIFY2(torch::allclose(got, want, 1e-6, 1e-12),
+                         qPrintable(QString("%1: %2 queries after %3: relative error %4")
+                                        .arg(wide ? "AVX-512" : "AVX2")
                                         .arg(S)
                                         .arg(prior)
-                                        .arg((out - want).abs().max().item<float>())));
+                                        .arg(((got - want).abs() / want.clamp_min(1e-30)).max().item<double>())));
             }
         }
+
         const auto q = torch::randn({2, 4, 16});
         auto out = torch::empty({2, 4, 16});
         QVERIFY_THROWS_EXCEPTION(c10::Error, cpu::smallCausalAttention(q, torch::randn({2, 5, 16}),

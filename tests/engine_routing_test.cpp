@@ -412,9 +412,10 @@ private Q_SLOTS:
         const int T = 64;
         const auto trace = model->run(test::randomIds(T, 300, 1), opt);
         const double d = cfg.d_model, ff = cfg.d_ff, h = cfg.predictor_hidden, V = cfg.vocab_size;
-        // Scores: the causal triangle for at most 32 queries (attended row by row), the square block above.
+        // Scores: the causal triangle up to 64 keys in all (attended row by row, or four rows at a time in
+        // registers), the square block above.
         auto block = [&](double n) {
-            const double pairs = n <= 32 ? n * (n + 1) / 2 : n * n;
+            const double pairs = n <= 64 ? n * (n + 1) / 2 : n * n;
             return 8 * n * d * d + 4 * pairs * d + 6 * n * d * ff;
         };
         const double k = capacityToK(0.25, T);

@@ -47,8 +47,13 @@ void balancePredictors(Model& model, const std::vector<int>& ids) {
         fo.mode = RoutingMode::Causal;
         fo.collect = true;
         net.hidden(idsTensor(ids), fo, &routing);
-        const auto median = routing[block->index].predictor_logits.median();
-        block->predictor->fc2->bias.sub_(median);
+        // The threshold midway between the two middle logits, not on the median itself: a token whose logit
+        // sat exactly on it would be decided by rounding, which differs between a full pass and generation
+        // steps (kernels for different shapes).
+        const auto sorted = std::get<0>(routing[block->index].predictor_logits.flatten().sort());
+        const auto n = sorted.size(0);
+        const auto center = n < 2 ? sorted[0] : (sorted[n / 2 - 1] + sorted[n / 2]) / 2;
+        block->predictor->fc2->bias.sub_(center);
     }
 }
 

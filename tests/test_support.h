@@ -19,7 +19,7 @@ std::vector<int> randomIds(int count, int vocab, std::uint64_t seed);
 
 // Shifts each routed layer's predictor bias so that, in causal mode on ids, about half the tokens are
 // processed: an untrained predictor tends to decide the same way for every token, which would leave the
-// skip path of causal mode untested.
+// skip path of causal mode untested. The threshold falls midway between two of the logits on ids, never on one.
 void balancePredictors(Model& model, const std::vector<int>& ids);
 
 // ids as a [1, T] int64 tensor on the CPU.

@@ -68,10 +68,16 @@ torch::Tensor swiGlu(const torch::Tensor& gate_up);
 // [..., f], one pass over each row where autograd runs silu's and the product's backward operators.
 torch::Tensor swiGluBackward(const torch::Tensor& gate_up, const torch::Tensor& grad);
 
+// Whether smallCausalAttention takes S queries after `prior` keys at head size hd in AVX-512, four query
+// rows at a time with their scores in registers (kWideAttentionKeys, attention_blocks.h): on this CPU, unless
+// allowAvx512(false), for 2 to 64 keys in all and hd a multiple of 16 up to 128.
+bool wideAttentionFits(std::int64_t S, std::int64_t prior, std::int64_t hd);
+
 // Causal attention for a few queries, written into out: q [N, S, hd] (scaled), k and v [N, prior + S, hd],
 // out [N, S, hd]; query i sees keys 0 .. prior + i. Any row and batch strides, the last dimension
-// contiguous. One thread, a row of scores at a time: for the few rows a routed layer or a generation step
-// attends with, the batched path's two sgemm calls per head cost more than the arithmetic.
+// contiguous. A row of scores at a time on one thread, or (wideAttentionFits) four rows at a time on the team:
+// for the few rows a routed layer or a generation step attends with, the batched path's two sgemm calls per
+// head and its softmax pass cost more than the arithmetic.
 void smallCausalAttention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
                           std::int64_t prior, torch::Tensor& out);
 

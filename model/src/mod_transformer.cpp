@@ -134,7 +134,7 @@ torch::Tensor causalAttention(const torch::Tensor& q, const torch::Tensor& k, co
     // upper triangle of the score matrix is never computed, and each block's scores stay cache-sized.
     // The mask is an additive bias, 0 or -inf, that the score product starts from (beta = 1); every query
     // sees its own key, so no row is all -inf (no NaN).
-    if (write_into && S <= kSmallAttentionQueries) {
+    if (write_into && (S <= kSmallAttentionQueries || cpu::wideAttentionFits(S, prior, q.size(2)))) {
         auto target = into;
         cpu::smallCausalAttention(q, k, v, prior, target);
         return into;
