@@ -96,6 +96,17 @@ private Q_SLOTS:
             QVERIFY(std::abs(r[QStringLiteral("speedup")].toDouble() - dense_ms / mod_ms) <
                     1e-9 * dense_ms / mod_ms);
             QCOMPARE(r[QStringLiteral("mod_spread_ms")].toArray().size(), 2);
+            // Each forward timed twice a repetition: right after the other one ran, and again.
+            const auto median = [&](const char* key) {
+                return r[QLatin1String(key)].toObject()[QStringLiteral("median")].toDouble();
+            };
+            QCOMPARE(median("mod"), mod_ms);
+            QCOMPARE(r[QStringLiteral("mod")].toObject()[QStringLiteral("n")].toInt(),
+                     r[QStringLiteral("mod_after_switch")].toObject()[QStringLiteral("n")].toInt());
+            QVERIFY(median("dense_after_switch") > 0 && median("mod_after_switch") > 0);
+            QVERIFY(std::abs(r[QStringLiteral("speedup_after_switch")].toDouble() -
+                             median("dense_after_switch") / median("mod_after_switch")) <
+                    1e-9 * median("dense_after_switch") / median("mod_after_switch"));
             // The ideal is the engine's FLOP ratio for this capacity: routed layers process k tokens, and a
             // forward without the per-token trace in top-k mode computes no predictor logit.
             std::vector<int> processed, predictor_rows;

@@ -45,18 +45,20 @@ Summary timeRepeated(int warmup, int reps, const std::function<void()>& fn) {
     return Summary::of(std::move(ms));
 }
 
-std::vector<Summary> timeInterleaved(int warmup, int reps, const std::vector<std::function<void()>>& fns) {
+std::vector<TurnSummary> timeInTurns(int warmup, int reps, const std::vector<std::function<void()>>& fns) {
     for (int i = 0; i < warmup; ++i)
         for (const auto& fn : fns) fn();
-    std::vector<std::vector<double>> ms(fns.size());
+    std::vector<std::vector<double>> first(fns.size()), steady(fns.size());
     for (int i = 0; i < reps; ++i)
-        for (std::size_t f = 0; f < fns.size(); ++f) {
-            const auto t0 = std::chrono::steady_clock::now();
-            fns[f]();
-            ms[f].push_back(msSince(t0));
-        }
-    std::vector<Summary> out;
-    for (auto& m : ms) out.push_back(Summary::of(std::move(m)));
+        for (std::size_t f = 0; f < fns.size(); ++f)
+            for (auto* samples : {&first[f], &steady[f]}) {
+                const auto t0 = std::chrono::steady_clock::now();
+                fns[f]();
+                samples->push_back(msSince(t0));
+            }
+    std::vector<TurnSummary> out;
+    for (std::size_t f = 0; f < fns.size(); ++f)
+        out.push_back({Summary::of(std::move(first[f])), Summary::of(std::move(steady[f]))});
     return out;
 }
 

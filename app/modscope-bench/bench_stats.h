@@ -25,8 +25,13 @@ inline double msSince(std::chrono::steady_clock::time_point t0) {
 // times timed, one sample per call.
 Summary timeRepeated(int warmup, int reps, const std::function<void()>& fn);
 
-// The same for several measurements taken in turn: each repetition calls every fn once, so load from
-// other processes on a shared machine falls on all of them alike. One Summary per fn.
-std::vector<Summary> timeInterleaved(int warmup, int reps, const std::vector<std::function<void()>>& fns);
+// The same for several measurements taken in turn, such as two models compared: each repetition calls every
+// fn twice in a row, so load from other processes on a shared machine falls on all of them alike, and each is
+// timed both right after another fn ran (`first`: its weights may have left the caches meanwhile) and run
+// after run as an app re-runs its one model (`steady`).
+struct TurnSummary {
+    Summary first, steady;
+};
+std::vector<TurnSummary> timeInTurns(int warmup, int reps, const std::vector<std::function<void()>>& fns);
 
 }  // namespace modscope::bench
