@@ -773,6 +773,38 @@ private Q_SLOTS:
         QVERIFY(torch::allclose(full, want, 1e-4, 1e-4));
         QVERIFY(!torch::allclose(ours, want, 1e-4, 1e-4));  // capacity 0.25 routes: a different forward
     }
+
+    // A block on a routed layer's few tokens (cpu::smallBlockDelta, one reused buffer) gives the bits of the
+    // operator-level path it replaces: attention, the norm of x + a, the MLP, each a tensor. At the default
+    // shape (d 192, 3 heads of 64), tokens at scattered positions as a routed layer gathers them, in both
+    // builds: without AVX-512 only up to 32 tokens take it.
+    void smallBlockEqualsTheOperatorPath() {
+        ModelConfig config;
+        config.max_seq_len = 512;
+        auto model = Model::create(config, 17, "cpu");
+        auto& net = *model->impl().net;
+        auto& block = *net.blocks[1];
+        torch::InferenceMode guard;
+        torch::manual_seed(18);
+        for (const bool wide : {true, false}) {
+            std::optional<Avx2Only> avx2;
+            if (!wide) avx2.emplace();
+            for (const int S : {1, 5, 16, 32, 33, 64}) {
+                const bool fits = cpu::smallBlockFits(S, block.attn->head_dim);
+                QCOMPARE(fits, S <= 32 || (wide && cpu::avx512Enabled()));
+                if (!fits) continue;
+                const auto x = torch::randn({1, S, config.d_model});
+                const auto pos = std::get<0>(torch::randperm(512, torch::kLong).narrow(0, 0, S).sort()).unsqueeze(0);
+                const auto got = block.delta(x, pos, net.positions);
+                const auto a = block.attn(block.attn_norm(x), pos, net.positions);
+                const auto want = block.mlp(cpu::rmsNorm(x, block.mlp_norm->weight, block.mlp_norm->eps, a)).add_(a);
+                QVERIFY2(torch::equal(got, want), qPrintable(QString("%1 tokens%2: max difference %3")
+                                                                 .arg(S)
+                                                                 .arg(wide ? "" : " (AVX2)")
+                                                                 .arg((got - want).abs().max().item<float>())));
+            }
+        }
+    }
 };
 
 QTEST_GUILESS_MAIN(EngineCpuPathsTest)

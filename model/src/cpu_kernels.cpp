@@ -21,6 +21,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <vector>
 
 #include "attention_blocks.h"
 #include "cpu_matmul.h"
@@ -680,6 +681,65 @@ std::pair<torch::Tensor, torch::Tensor> rmsNormBackward(const torch::Tensor& x_i
     return {dx, dw};
 }
 
+namespace {
+
+// Token t's q and k rotated: head h of q (which 0) or k (which 1) read at src + which * sw + h * sh, written
+// to dst as [2, H, hd]; f: the position's factors in PositionTables::rope ([cos, sin] x [q, k], hd each).
+void rotateToken(const float* src, std::int64_t sw, std::int64_t sh, const float* f, std::int64_t H,
+                 std::int64_t hd, float* dst) {
+    for (std::int64_t which = 0; which < 2; ++which) {
+        const float* c = f + which * hd;
+        const float* sn = f + (2 + which) * hd;
+        for (std::int64_t h = 0; h < H; ++h) rotateHead(src + which * sw + h * sh, c, sn, dst + (which * H + h) * hd, hd);
+    }
+}
+
+// silu(gate) * up for rows of [gate, up] (2 f, rows ld apart) into rows of f.
+void swiGluRows(const float* src, std::int64_t ld, float* dst, std::int64_t rows, std::int64_t f) {
+    forRowShares(
+        rows,
+        [&](std::int64_t r0, std::int64_t r1) {
+            for (auto r = r0; r < r1; ++r) siluTimes(src + r * ld, src + r * ld + f, dst + r * f, f);
+        },
+        swiGluSplitRows(f));
+}
+
+// Heads of rows: head h's row i at data + h * hs + i * ld.
+template <typename T>
+struct HeadRows {
+    T* data;
+    std::int64_t hs, ld;
+    Rows<T> head(std::int64_t h) const { return {data + h * hs, ld}; }
+};
+
+// smallCausalAttention on raw heads: N heads, S queries after `prior` keys.
+void attendHeads(HeadRows<const float> q, HeadRows<const float> k, HeadRows<const float> v, HeadRows<float> out,
+                 std::int64_t N, std::int64_t S, std::int64_t prior, std::int64_t hd) {
+    if (wideAttentionFits(S, prior, hd)) {
+        // Threads take alternate groups of four rows of every head, from kParallelWideAttentionRows rows.
+        const int team = S >= kParallelWideAttentionRows ? at::get_num_threads() : 1;
+        MODSCOPE_TEAM_REGION(team)
+        {
+#ifdef _OPENMP
+            const std::int64_t first = omp_get_thread_num(), stride = omp_get_num_threads();
+#else
+            const std::int64_t first = 0, stride = 1;
+#endif
+            alignas(64) float kt[kWideAttentionHeadDim * kWideAttentionKeys];
+            alignas(64) float p[4 * kWideAttentionKeys];
+            for (std::int64_t h = 0; h < N; ++h)
+                attendHeadWide(q.head(h), k.head(h), v.head(h), out.head(h), S, prior, hd, first, stride, kt, p);
+        }
+        return;
+    }
+    // Rounded up to whole vectors: expRow then takes no scalar tail; scores past the last visible key are
+    // never read.
+    std::vector<float> scores(static_cast<std::size_t>((prior + S + 7) / 8 * 8));
+    for (std::int64_t h = 0; h < N; ++h) attendHead(q.head(h), k.head(h), v.head(h), out.head(h), S, prior, hd, scores.data());
+}
+
+}  // namespace
+
 torch::Tensor rotateQK(const torch::Tensor& qk, const torch::Tensor& pos_in, const torch::Tensor& rope_in) {
     TORCH_CHECK(appliesTo(qk) && qk.dim() == 5 && qk.size(2) == 2 && qk.size(-1) % 2 == 0,
                 "cpu::rotateQK: float32 CPU qk [B, S, 2, H, hd] expected");
@@ -698,16 +758,8 @@ torch::Tensor rotateQK(const torch::Tensor& qk, const torch::Tensor& pos_in, con
     float* op = out.data_ptr<float>();
     const auto sb = qk.stride(0), ss = qk.stride(1), sw = qk.stride(2), sh = qk.stride(3);
     forRowShares(B * S, [&](std::int64_t t0, std::int64_t t1) {
-        for (auto t = t0; t < t1; ++t) {
-            const auto b = t / S, s = t % S;
-            const float* f = rp + pp[t] * 4 * hd;  // [cos, sin] x [q, k], hd each
-            for (std::int64_t which = 0; which < 2; ++which) {
-                const float* c = f + which * hd;
-                const float* sn = f + (2 + which) * hd;
-                for (std::int64_t h = 0; h < H; ++h)
-                    rotateHead(xp + b * sb + s * ss + which * sw + h * sh, c, sn, op + ((t * 2 + which) * H + h) * hd, hd);
-            }
-        }
+        for (auto t = t0; t < t1; ++t)
+            rotateToken(xp + (t / S) * sb + (t % S) * ss, sw, sh, rp + pp[t] * 4 * hd, H, hd, op + t * 2 * H * hd);
     });
     return out;
 }
@@ -863,14 +915,7 @@ torch::Tensor swiGlu(const torch::Tensor& gate_up) {
     sizes.back() = f;
     auto out = torch::empty(sizes, gate_up.options());
     const auto rows = gu.size(0), ld = rows > 1 ? gu.stride(0) : 2 * f;
-    const float* src = gu.data_ptr<float>();
-    float* dst = out.data_ptr<float>();
-    forRowShares(
-        rows,
-        [&](std::int64_t r0, std::int64_t r1) {
-            for (auto r = r0; r < r1; ++r) siluTimes(src + r * ld, src + r * ld + f, dst + r * f, f);
-        },
-        swiGluSplitRows(f));
+    swiGluRows(gu.data_ptr<float>(), ld, out.data_ptr<float>(), rows, f);
     return out;
 }
 
@@ -909,36 +954,64 @@ void smallCausalAttention(const torch::Tensor& q, const torch::Tensor& k, const 
         k.size(0) == N && v.size(0) == N && out.size(0) == N && k.size(2) == hd && v.size(2) == hd &&
             out.size(2) == hd && v.size(1) == keys && out.size(1) == S && prior >= 0 && keys == prior + S,
         "cpu::smallCausalAttention: q [N, S, hd], k and v [N, prior + S, hd], out [N, S, hd] expected");
-    if (wideAttentionFits(S, prior, hd)) {
-        // Threads take alternate groups of four rows of every head, from kParallelWideAttentionRows rows.
-        const int team = S >= kParallelWideAttentionRows ? at::get_num_threads() : 1;
-        MODSCOPE_TEAM_REGION(team)
-        {
-#ifdef _OPENMP
-            const std::int64_t first = omp_get_thread_num(), stride = omp_get_num_threads();
-#else
-            const std::int64_t first = 0, stride = 1;
-#endif
-            alignas(64) float kt[kWideAttentionHeadDim * kWideAttentionKeys];
-            alignas(64) float p[4 * kWideAttentionKeys];
-            for (std::int64_t h = 0; h < N; ++h)
-                attendHeadWide({q.data_ptr<float>() + h * q.stride(0), q.stride(1)},
-                               {k.data_ptr<float>() + h * k.stride(0), k.stride(1)},
-                               {v.data_ptr<float>() + h * v.stride(0), v.stride(1)},
-                               {out.data_ptr<float>() + h * out.stride(0), out.stride(1)}, S, prior, hd, first,
-                               stride, kt, p);
-        }
-        return;
-    }
-    // Rounded up to whole vectors: expRow then takes no scalar tail; scores past the last visible key are
-    // never read.
-    auto scores = torch::empty({(keys + 7) / 8 * 8}, q.options());
-    for (std::int64_t h = 0; h < N; ++h)
-        attendHead({q.data_ptr<float>() + h * q.stride(0), q.stride(1)},
-                   {k.data_ptr<float>() + h * k.stride(0), k.stride(1)},
-                   {v.data_ptr<float>() + h * v.stride(0), v.stride(1)},
-                   {out.data_ptr<float>() + h * out.stride(0), out.stride(1)}, S, prior, hd,
-                   scores.data_ptr<float>());
+    attendHeads({q.data_ptr<float>(), q.stride(0), q.stride(1)}, {k.data_ptr<float>(), k.stride(0), k.stride(1)},
+                {v.data_ptr<float>(), v.stride(0), v.stride(1)}, {out.data_ptr<float>(), out.stride(0), out.stride(1)},
+                N, S, prior, hd);
+}
+
+bool smallBlockFits(std::int64_t S, std::int64_t hd) {
+    return S >= 1 && (S <= kSmallAttentionQueries || wideAttentionFits(S, 0, hd));
+}
+
+torch::Tensor smallBlockDelta(const torch::Tensor& x, const torch::Tensor& pos_in, const torch::Tensor& rope_in,
+                              const BlockWeights& w) {
+    const auto d = w.d, H = w.heads, hd = w.head_dim, ff = w.ff;
+    TORCH_CHECK(appliesTo(x) && x.dim() == 2 && x.size(1) == d && x.is_contiguous() && H * hd == d,
+                "cpu::smallBlockDelta: contiguous float32 CPU x [S, d] expected");
+    const auto S = x.size(0);
+    TORCH_CHECK(smallBlockFits(S, hd), "cpu::smallBlockDelta: ", S, " tokens is beyond the small attention");
+    const auto pos = pos_in.to(torch::kCPU, torch::kLong).contiguous().view({-1});
+    const auto rope = rope_in.contiguous();
+    TORCH_CHECK(pos.numel() == S && rope.dim() == 5 && rope.size(4) == hd && rope.size(1) == 2 && rope.size(2) == 2,
+                "cpu::smallBlockDelta: pos [S] and rope [L, 2, 2, 1, hd] expected");
+    const std::int64_t* pp = pos.data_ptr<std::int64_t>();
+    for (std::int64_t t = 0; t < S; ++t)
+        TORCH_CHECK(pp[t] >= 0 && pp[t] < rope.size(0), "cpu::smallBlockDelta: position out of range");
+
+    // Rows of each stage, one after another in the buffer: h [S, d], qkv [S, 3d], qk [S, 2, H, hd], heads
+    // merged [S, d], a [S, d], the norm of x + a [S, d], gate_up [S, 2ff], silu(gate) * up [S, ff].
+    thread_local std::vector<float> buffer;
+    buffer.resize(static_cast<std::size_t>(S * (9 * d + 3 * ff)));
+    float* h = buffer.data();
+    float* qkv = h + S * d;
+    float* qk = qkv + S * 3 * d;
+    float* merged = qk + S * 2 * d;
+    float* a = merged + S * d;
+    float* n2 = a + S * d;
+    float* gu = n2 + S * d;
+    float* act = gu + S * 2 * ff;
+    const float* xp = x.data_ptr<float>();
+    const auto norm = [&](const float* plus, const float* weight, float eps, float* y) {
+        forRowShares(S, [&](std::int64_t r0, std::int64_t r1) {
+            rmsNormRows(xp + r0 * d, d, plus != nullptr ? plus + r0 * d : nullptr, d, weight, y + r0 * d, r1 - r0, d, eps);
+        });
+    };
+    norm(nullptr, w.attn_norm, w.attn_eps, h);
+    gemmRows(h, d, w.qkv_t, 3 * d, qkv, 3 * d, S, 3 * d, d, 0.f);
+    const float* rp = rope.data_ptr<float>();
+    forRowShares(S, [&](std::int64_t t0, std::int64_t t1) {
+        for (auto t = t0; t < t1; ++t) rotateToken(qkv + t * 3 * d, d, hd, rp + pp[t] * 4 * hd, H, hd, qk + t * 2 * d);
+    });
+    attendHeads({qk, hd, 2 * d}, {qk + d, hd, 2 * d}, {qkv + 2 * d, hd, 3 * d}, {merged, hd, d}, H, S, 0, hd);
+    gemmRows(merged, d, w.proj_t, d, a, d, S, d, d, 0.f);
+    norm(a, w.mlp_norm, w.mlp_eps, n2);
+    gemmRows(n2, d, w.gate_up_t, 2 * ff, gu, 2 * ff, S, 2 * ff, d, 0.f);
+    swiGluRows(gu, 2 * ff, act, S, ff);
+    auto out = torch::empty({S, d}, x.options());
+    float* m = out.data_ptr<float>();
+    gemmRows(act, ff, w.down_t, d, m, d, S, d, ff, 0.f);
+    for (std::int64_t i = 0; i < S * d; ++i) m[i] += a[i];
+    return out;
 }
 
 }  // namespace modscope::cpu

@@ -81,4 +81,23 @@ bool wideAttentionFits(std::int64_t S, std::int64_t prior, std::int64_t hd);
 void smallCausalAttention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
                           std::int64_t prior, torch::Tensor& out);
 
+// One transformer block's weights as smallBlockDelta reads them: the norms' [d] and the projections'
+// transposed copies, row-major [in, out] (TransposedWeight).
+struct BlockWeights {
+    const float *attn_norm, *qkv_t, *proj_t, *mlp_norm, *gate_up_t, *down_t;
+    float attn_eps, mlp_eps;
+    std::int64_t d, heads, head_dim, ff;
+};
+
+// Whether smallBlockDelta takes S tokens with heads of hd: where the block's attention is smallCausalAttention's.
+bool smallBlockFits(std::int64_t S, std::int64_t hd);
+
+// A block's update f(x) = a + m, a = attn(norm(x)), m = mlp(norm(x + a)) (BlockImpl::delta) for the S rows x
+// [S, d] (contiguous) at positions pos [S] (int64, each in rope's range; rope: PositionTables::rope), without
+// autograd: the operator-level path's kernels and products in its order, so the same bits, with its
+// intermediate rows in one buffer per thread that every call reuses instead of a dozen tensors. Returns a new
+// [S, d].
+torch::Tensor smallBlockDelta(const torch::Tensor& x, const torch::Tensor& pos, const torch::Tensor& rope,
+                              const BlockWeights& w);
+
 }  // namespace modscope::cpu

@@ -184,6 +184,11 @@ void gemmInto(const torch::Tensor& a, const torch::Tensor& b, torch::Tensor& c, 
                c.size(0) == 1 ? std::max<std::int64_t>(c.size(1), 1) : c.stride(0), beta));
 }
 
+void gemmRows(const float* a, std::int64_t lda, const float* b, std::int64_t ldb, float* c, std::int64_t ldc,
+              std::int64_t M, std::int64_t N, std::int64_t K, float beta) {
+    check(gemm({a, M, K, lda, 1}, {b, K, N, ldb, 1}, c, ldc, beta));
+}
+
 // Looked up at run time: libblas.so.3 is whichever BLAS Debian's alternatives select.
 int openBlasThreads() {
     auto* get = reinterpret_cast<int (*)()>(dlsym(RTLD_DEFAULT, "openblas_get_num_threads"));

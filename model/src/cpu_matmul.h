@@ -33,6 +33,11 @@ void bmmInto(const torch::Tensor& a, const torch::Tensor& b, torch::Tensor& c);
 // Raw product into a caller's row-major output: c = a @ b + beta c. No autograd.
 void gemmInto(const torch::Tensor& a, const torch::Tensor& b, torch::Tensor& c, float beta);
 
+// The same on raw row-major pointers: c [M, N] (rows ldc apart) = a [M, K] (rows lda apart) @ b [K, N] (rows
+// ldb apart) + beta c, the call gemmInto makes for such tensors (the same bits). No autograd.
+void gemmRows(const float* a, std::int64_t lda, const float* b, std::int64_t ldb, float* c, std::int64_t ldc,
+              std::int64_t M, std::int64_t N, std::int64_t K, float beta);
+
 // OpenBLAS's thread count now, 0 when the BLAS LibTorch loaded is not OpenBLAS; and its setter (a no-op then).
 int openBlasThreads();
 void setOpenBlasThreads(int threads);
