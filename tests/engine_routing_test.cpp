@@ -219,6 +219,41 @@ private Q_SLOTS:
         QCOMPARE(decided(nn::causalSelection(eager, router, {0.5, 0.25, 0.0, false})), std::vector<int>(8, 1));
     }
 
+    // Along a row the rule compares v = logit + gain * shortfall with log(t / (1 - t)) instead of taking
+    // sigmoid(v): it must decide as passes() does token by token (a generation step's test), on random logits,
+    // logits placed exactly at and a hair around that point, NaN and infinities, at thresholds inside (0, 1)
+    // and at its ends.
+    void rowDecisionsAreTheStepRule() {
+        torch::manual_seed(31);
+        for (const double threshold : {0.5, 0.3, 0.9, 0.999, 0.0, 1.0}) {
+            for (const double gain : {0.0, 1.5}) {
+                const nn::CausalRule rule{threshold, 0.25, gain};
+                const int T = 400;
+                auto logits = torch::randn({1, T}) * 3;
+                const double point = std::log(threshold / (1.0 - threshold));
+                float* l = logits.data_ptr<float>();
+                for (int t = 0; t < T; t += 7) {
+                    const float at = static_cast<float>(point);
+                    const float around[] = {at, std::nextafter(at, 1e30f), std::nextafter(at, -1e30f),
+                                            at + 1e-7f, at - 1e-7f, NAN, INFINITY, -INFINITY};
+                    l[t] = around[(t / 7) % 8];
+                }
+                const auto got = nn::causalSelection(logits, torch::zeros({1, T}), rule);
+                std::int64_t n = 0;
+                for (int t = 0; t < T; ++t) {
+                    const bool want = rule.passes(l[t], t, n);
+                    QVERIFY2(got[0][t].item<bool>() == want,
+                             qPrintable(QString("threshold %1, gain %2, token %3, logit %4")
+                                            .arg(threshold)
+                                            .arg(gain)
+                                            .arg(t)
+                                            .arg(double(l[t]), 0, 'g', 17)));
+                    n += want ? 1 : 0;
+                }
+            }
+        }
+    }
+
     // A predictor that wants every token: without feedback a routed layer processes all of them; with it, the
     // count stays near capacity × T, and the run is still causal (a later edit changes no earlier decision).
     void budgetFeedbackHoldsTheCountNearCapacity() {

@@ -539,6 +539,12 @@ torch::Tensor onDevice(const torch::Tensor& t, const torch::Device& device) {
 template <typename Logit>
 void decideRow(const CausalRule& rule, std::int64_t T, const std::vector<std::int64_t>& candidates,
                Logit&& logit, bool* sel) {
+    // sigmoid(v) > threshold is v > log(threshold / (1 - threshold)): one comparison per token where passes()
+    // takes an exp. Within 1e-6 of that point passes() itself decides, so the decisions stay a generation
+    // step's, whose rule.decide() calls it.
+    const bool inside = rule.threshold > 0.0 && rule.threshold < 1.0;
+    const double point = inside ? std::log(rule.threshold / (1.0 - rule.threshold)) : 0.0;
+    const double near = 1e-6 * (1.0 + std::abs(point));
     std::int64_t n = 0;
     std::size_t next = 0;
     for (std::int64_t t = 0; t < T; ++t) {
@@ -547,7 +553,13 @@ void decideRow(const CausalRule& rule, std::int64_t T, const std::vector<std::in
             open = next < candidates.size() && candidates[next] == t;
             next += open ? 1 : 0;
         }
-        sel[t] = open && rule.passes(logit(t), t, n);
+        if (open) {
+            const double l = logit(t);
+            const double v = l + rule.budget_gain * (rule.capacity * double(t + 1) - double(n));
+            sel[t] = inside && std::abs(v - point) > near ? v > point : rule.passes(l, t, n);
+        } else {
+            sel[t] = false;
+        }
         n += sel[t] ? 1 : 0;
     }
 }
