@@ -562,9 +562,8 @@ void attendFourRowsWide(const float* const* q, const float* kt, Rows<const float
     }
 }
 
-// One head's causal attention for query rows [i0, i1) (of S, after `prior` keys, prior + S at most
-// kWideAttentionKeys; hd a multiple of 16) in AVX-512, four rows at a time, every `stride`-th group of four
-// from group `first` (threads take alternate groups: later rows see more keys). kt: room for hd x
+// One head's causal attention for S query rows after `prior` keys (prior + S at most kWideAttentionKeys; hd
+// a multiple of 16) in AVX-512, four rows at a time, every `stride`-th group of four from group `first` (threads take alternate groups: later rows see more keys). kt: room for hd x
 // kWideAttentionKeys floats, p for 4 x kWideAttentionKeys.
 __attribute__((target("arch=x86-64-v4")))
 void attendHeadWide(Rows<const float> q, Rows<const float> k, Rows<const float> v, Rows<float> out,
@@ -694,6 +693,26 @@ void rotateToken(const float* src, std::int64_t sw, std::int64_t sh, const float
     }
 }
 
+// n tokens' q and k rotated into dst [n, 2, H, hd]: token t's heads read at src(t) as rotateToken reads them
+// (sw, sh), by the factors (PositionTables::rope [L, 2, 2, 1, hd]) of its position pos[t] (pos: n integers,
+// each checked to be in [0, L)). `caller` names the entry point in the messages.
+template <typename Source>
+void rotateTokens(Source&& src, std::int64_t n, std::int64_t sw, std::int64_t sh, const torch::Tensor& pos_in,
+                  const torch::Tensor& rope_in, std::int64_t H, std::int64_t hd, float* dst, const char* caller) {
+    const auto pos = pos_in.to(torch::kCPU, torch::kLong).contiguous().view({-1});
+    TORCH_CHECK(pos.numel() == n, caller, ": one position per token expected");
+    const auto rope = rope_in.contiguous();
+    TORCH_CHECK(rope.dim() == 5 && rope.size(1) == 2 && rope.size(2) == 2 && rope.size(4) == hd, caller,
+                ": rope must be [L, 2, 2, 1, hd]");
+    const auto L = rope.size(0);
+    const std::int64_t* pp = pos.data_ptr<std::int64_t>();
+    for (std::int64_t t = 0; t < n; ++t) TORCH_CHECK(pp[t] >= 0 && pp[t] < L, caller, ": position out of range");
+    const float* rp = rope.data_ptr<float>();
+    forRowShares(n, [&](std::int64_t t0, std::int64_t t1) {
+        for (auto t = t0; t < t1; ++t) rotateToken(src(t), sw, sh, rp + pp[t] * 4 * hd, H, hd, dst + t * 2 * H * hd);
+    });
+}
+
 // silu(gate) * up for rows of [gate, up] (2 f, rows ld apart) into rows of f.
 void swiGluRows(const float* src, std::int64_t ld, float* dst, std::int64_t rows, std::int64_t f) {
     forRowShares(
@@ -744,23 +763,11 @@ torch::Tensor rotateQK(const torch::Tensor& qk, const torch::Tensor& pos_in, con
     TORCH_CHECK(appliesTo(qk) && qk.dim() == 5 && qk.size(2) == 2 && qk.size(-1) % 2 == 0,
                 "cpu::rotateQK: float32 CPU qk [B, S, 2, H, hd] expected");
     const auto B = qk.size(0), S = qk.size(1), H = qk.size(3), hd = qk.size(4);
-    const auto pos = pos_in.to(torch::kCPU, torch::kLong).contiguous().view({-1});
-    TORCH_CHECK(pos.numel() == B * S, "cpu::rotateQK: pos must be [B, S]");
-    const auto rope = rope_in.contiguous();
-    TORCH_CHECK(rope.dim() == 5 && rope.size(1) == 2 && rope.size(2) == 2 && rope.size(4) == hd,
-                "cpu::rotateQK: rope must be [L, 2, 2, 1, hd]");
-    const auto L = rope.size(0);
-    const std::int64_t* pp = pos.data_ptr<std::int64_t>();
-    for (std::int64_t i = 0; i < B * S; ++i) TORCH_CHECK(pp[i] >= 0 && pp[i] < L, "cpu::rotateQK: position out of range");
     auto out = torch::empty({B, S, 2, H, hd}, qk.options());
     const float* xp = qk.data_ptr<float>();
-    const float* rp = rope.data_ptr<float>();
-    float* op = out.data_ptr<float>();
-    const auto sb = qk.stride(0), ss = qk.stride(1), sw = qk.stride(2), sh = qk.stride(3);
-    forRowShares(B * S, [&](std::int64_t t0, std::int64_t t1) {
-        for (auto t = t0; t < t1; ++t)
-            rotateToken(xp + (t / S) * sb + (t % S) * ss, sw, sh, rp + pp[t] * 4 * hd, H, hd, op + t * 2 * H * hd);
-    });
+    const auto sb = qk.stride(0), ss = qk.stride(1);
+    rotateTokens([&](std::int64_t t) { return xp + (t / S) * sb + (t % S) * ss; }, B * S, qk.stride(2),
+                 qk.stride(3), pos_in, rope_in, H, hd, out.data_ptr<float>(), "cpu::rotateQK");
     return out;
 }
 
@@ -970,13 +977,6 @@ torch::Tensor smallBlockDelta(const torch::Tensor& x, const torch::Tensor& pos_i
                 "cpu::smallBlockDelta: contiguous float32 CPU x [S, d] expected");
     const auto S = x.size(0);
     TORCH_CHECK(smallBlockFits(S, hd), "cpu::smallBlockDelta: ", S, " tokens is beyond the small attention");
-    const auto pos = pos_in.to(torch::kCPU, torch::kLong).contiguous().view({-1});
-    const auto rope = rope_in.contiguous();
-    TORCH_CHECK(pos.numel() == S && rope.dim() == 5 && rope.size(4) == hd && rope.size(1) == 2 && rope.size(2) == 2,
-                "cpu::smallBlockDelta: pos [S] and rope [L, 2, 2, 1, hd] expected");
-    const std::int64_t* pp = pos.data_ptr<std::int64_t>();
-    for (std::int64_t t = 0; t < S; ++t)
-        TORCH_CHECK(pp[t] >= 0 && pp[t] < rope.size(0), "cpu::smallBlockDelta: position out of range");
 
     // Rows of each stage, one after another in the buffer: h [S, d], qkv [S, 3d], qk [S, 2, H, hd], heads
     // merged [S, d], a [S, d], the norm of x + a [S, d], gate_up [S, 2ff], silu(gate) * up [S, ff].
@@ -998,10 +998,8 @@ torch::Tensor smallBlockDelta(const torch::Tensor& x, const torch::Tensor& pos_i
     };
     norm(nullptr, w.attn_norm, w.attn_eps, h);
     gemmRows(h, d, w.qkv_t, 3 * d, qkv, 3 * d, S, 3 * d, d, 0.f);
-    const float* rp = rope.data_ptr<float>();
-    forRowShares(S, [&](std::int64_t t0, std::int64_t t1) {
-        for (auto t = t0; t < t1; ++t) rotateToken(qkv + t * 3 * d, d, hd, rp + pp[t] * 4 * hd, H, hd, qk + t * 2 * d);
-    });
+    rotateTokens([&](std::int64_t t) { return qkv + t * 3 * d; }, S, d, hd, pos_in, rope_in, H, hd, qk,
+                 "cpu::smallBlockDelta");
     attendHeads({qk, hd, 2 * d}, {qk + d, hd, 2 * d}, {qkv + 2 * d, hd, 3 * d}, {merged, hd, d}, H, S, 0, hd);
     gemmRows(merged, d, w.proj_t, d, a, d, S, d, d, 0.f);
     norm(a, w.mlp_norm, w.mlp_eps, n2);
