@@ -381,6 +381,77 @@ private Q_SLOTS:
                                              torch::randn({1}), torch::tensor({5}, torch::kLong)));
     }
 
+    // Causal mode runs the predictor on each candidate as the router's walk finds it, on the team's other
+    // thread, and on both once the walk is done (cpu::predictorLogitsFed). Every row's logit must be
+    // predictorLogits' bits whatever the pace of the producer: rows pushed one by one with a pause between
+    // them (so the other thread waits for a full pass and takes it), all at once, and a number of rows that
+    // leaves a partial pass; with a feed too small to split, in the AVX2 build, with none, and when the
+    // producer throws part-way (the rows it pushed are done, then its exception comes out).
+    void predictorLogitsFedAreTheRowsOwn() {
+        torch::manual_seed(14);
+        const TwoThreads two;
+        const std::int64_t d = 192, h = 64, N = 700;
+        const auto x = torch::randn({N, d});
+        const auto w1_t = torch::randn({d, h}) * 0.1, b1 = torch::randn({h}), w2 = torch::randn({h});
+        const auto b2 = torch::full({1}, -0.2);
+        const cpu::PredictorParams params{w1_t.data_ptr<float>(), b1.data_ptr<float>(), w2.data_ptr<float>(),
+                                          -0.2f, d, h};
+        const auto pause = [](int us) {
+            const auto until = std::chrono::steady_clock::now() + std::chrono::microseconds(us);
+            while (std::chrono::steady_clock::now() < until) {
+            }
+        };
+        // rows pushed in the order given, with `gap_us` between them, into a feed with room for `room`.
+        const auto fed = [&](const std::vector<std::int64_t>& rows, std::int64_t room, int gap_us) {
+            cpu::RowFeed feed(room);
+            std::vector<float> logits(static_cast<std::size_t>(room), std::nanf(""));
+            cpu::predictorLogitsFed(params, x.data_ptr<float>(), d, feed,
+                                    [&] {
+                                        for (const auto r : rows) {
+                                            feed.push(r);
+                                            if (gap_us > 0) pause(gap_us);
+                                        }
+                                    },
+                                    logits.data());
+            if (feed.size() != static_cast<std::int64_t>(rows.size())) return false;
+            if (!std::equal(rows.begin(), rows.end(), feed.rows())) return false;
+            const auto idx = torch::tensor(rows, torch::kLong);
+            const auto want = cpu::predictorLogits(x, w1_t, b1, w2, b2, idx);
+            const auto got = torch::from_blob(logits.data(), {static_cast<std::int64_t>(rows.size())});
+            return bool(torch::equal(got, want));
+        };
+        std::vector<std::int64_t> scattered;  // 87 rows (21 passes of four and one row), not in order
+        for (std::int64_t i = 0; i < 87; ++i) scattered.push_back((i * 263) % N);
+        QVERIFY(fed(scattered, 512, 2));
+        QVERIFY(fed(scattered, 512, 0));
+        QVERIFY(fed(scattered, 87, 1));  // too small a feed to split: one thread
+        QVERIFY(fed({5}, 512, 0));
+        QVERIFY(fed({}, 512, 0));
+        {
+            const Avx2Only avx2;
+            QVERIFY(fed(scattered, 512, 1));
+        }
+        // More rows than the room made for them: the push refuses, and the error comes out.
+        QVERIFY_THROWS_EXCEPTION(c10::Error, fed({1, 2, 3}, 2, 0));
+        cpu::RowFeed feed(512);
+        std::vector<float> logits(512, std::nanf(""));
+        bool thrown = false;
+        try {
+            cpu::predictorLogitsFed(params, x.data_ptr<float>(), d, feed,
+                                    [&] {
+                                        for (std::int64_t r = 0; r < 10; ++r) feed.push(3 * r);
+                                        throw std::runtime_error("walk failed");
+                                    },
+                                    logits.data());
+        } catch (const std::runtime_error& e) {
+            thrown = std::string(e.what()) == "walk failed";
+        }
+        QVERIFY(thrown);
+        QCOMPARE(feed.size(), std::int64_t(10));
+        const auto want = cpu::predictorLogits(x, w1_t, b1, w2, b2, torch::arange(0, 30, 3, torch::kLong));
+        QVERIFY(torch::equal(torch::from_blob(logits.data(), {10}), want));
+    }
+
     // SwiGLU's fused activation against silu(gate) * up: strided rows, a width with a tail after the blocks
     // of eight, 300 rows on two threads, and the ends of exp's range (where it is clamped), zero and NaN.
     void swiGluMatchesTheOperators() {

@@ -1,5 +1,8 @@
 // Routing behaviour of the MoD engine: k per layer, untouched skipped tokens, causality, dense equivalence.
 #include <QTest>
+#include <QScopeGuard>
+
+#include <ATen/Parallel.h>
 
 #include "test_support.h"
 
@@ -406,15 +409,19 @@ private Q_SLOTS:
     }
 
     // Causal mode's forward reads the predictor only for the prefix top-k's candidates; the decisions must be
-    // the rule's on every token's predictor logit, with and without budget feedback, for batches of rows.
+    // the rule's on every token's predictor logit, with and without budget feedback, for batches of rows. From
+    // 256 tokens, on two threads, the predictor reads the candidates while the walk finds them.
     void causalRoutingDecidesAsTheRuleOnEveryToken() {
         auto model = Model::create(test::tinyConfig(), 7, "cpu");
         auto& net = *model->impl().net;
         torch::InferenceMode guard;
         torch::manual_seed(10);
+        const int threads_before = at::get_num_threads();
+        at::set_num_threads(2);
+        const auto restore = qScopeGuard([&] { at::set_num_threads(threads_before); });
         for (auto& block : net.blocks) {
             if (!block->routed) continue;
-            for (int T : {1, 9, 130}) {
+            for (int T : {1, 9, 130, 300, 600}) {
                 const auto x = torch::randn({2, T, net.config.d_model});
                 const auto router = block->router(x).squeeze(-1);
                 const auto every = block->predictor(x);

@@ -8,6 +8,10 @@
 
 #include <torch/types.h>
 
+#include <atomic>
+#include <functional>
+#include <vector>
+
 namespace modscope::cpu {
 
 // A float32 CPU tensor whose last dimension is contiguous.
@@ -60,6 +64,48 @@ void causalSoftmax(torch::Tensor& scores, std::int64_t first);
 torch::Tensor predictorLogits(const torch::Tensor& x, const torch::Tensor& fc1_t, const torch::Tensor& b1,
                               const torch::Tensor& w2, const torch::Tensor& b2,
                               const torch::Tensor& rows = {});
+
+// The causal predictor's parameters read in place: fc1_t [d, h] (fc1's weight transposed, contiguous),
+// b1 [h], w2 [h] and b2.
+struct PredictorParams {
+    const float* fc1_t = nullptr;
+    const float* b1 = nullptr;
+    const float* w2 = nullptr;
+    float b2 = 0.0f;
+    std::int64_t d = 0, h = 0;
+};
+
+// Rows handed over by one producing thread while others take them: the producer pushes rows, then closes the
+// feed; takers claim the rows pushed so far a few at a time. The room for every row is made up front, so
+// takers read rows the producer will not move.
+class RowFeed {
+public:
+    explicit RowFeed(std::int64_t capacity);
+    void push(std::int64_t row);  // the producer's, at most `capacity` rows in all
+    void close();                 // the producer's: no more rows
+    std::int64_t capacity() const { return static_cast<std::int64_t>(rows_.size()); }
+    const std::int64_t* rows() const { return rows_.data(); }
+    std::int64_t size() const { return published_.load(std::memory_order_acquire); }
+    // The next up to `most` rows not yet claimed, as indices [i0, i1) into rows(): waits while the feed is
+    // open and fewer than `most` are waiting; false once it is closed and every row is claimed.
+    bool claim(std::int64_t most, std::int64_t& i0, std::int64_t& i1);
+
+private:
+    std::vector<std::int64_t> rows_;
+    std::int64_t pushed_ = 0;  // the producer's own count
+    alignas(64) std::atomic<std::int64_t> published_{0};
+    std::atomic<bool> closed_{false};
+    alignas(64) std::atomic<std::int64_t> claimed_{0};
+};
+
+// The predictor's logits (predictorLogits' arithmetic and bits) of the rows of x (row i at x + i * ld) that
+// produce() pushes into feed, while produce runs on the calling thread: from `split_from` rows of room in
+// the feed, the team's other threads take the rows as they come, one pass of rows at a time, and the calling
+// thread joins them once produce returns; below, it runs produce and then every row itself. The feed is
+// closed here; logits[i] is the logit of feed.rows()[i]. If produce throws, its exception is rethrown here
+// after the rows it pushed are done.
+void predictorLogitsFed(const PredictorParams& params, const float* x, std::int64_t ld, RowFeed& feed,
+                        const std::function<void()>& produce, float* logits);
 
 // SwiGLU's activation for gate_up [..., 2 f] (gate, then up): silu(gate) * up -> a new contiguous [..., f],
 // in one pass where the operators made three (silu, a strided multiply and their temporaries).

@@ -14,6 +14,10 @@
 
 #include "modscope/engine.h"
 
+namespace modscope::cpu {
+struct PredictorParams;  // cpu_kernels.h
+}
+
 namespace modscope::nn {
 
 struct RmsNormImpl : torch::nn::Module {
@@ -121,6 +125,9 @@ struct PredictorImpl : torch::nn::Module {
     // The logits of rows `rows` (int64 [n]) of x2d [N, d] -> [n]: forward on those rows, without copying
     // them out on the CPU when autograd need not see it.
     torch::Tensor atRows(const torch::Tensor& x2d, const torch::Tensor& rows);
+    // Whether the predictor can read x's rows in place on the CPU, as atRows does without autograd; if so,
+    // params is set to its parameters (the transposed fc1 is the cache's, valid until the weight changes).
+    bool readsInPlace(const torch::Tensor& x, cpu::PredictorParams& params);
 
     torch::nn::Linear fc1{nullptr};  // weight [h, d], bias [h]
     torch::nn::Linear fc2{nullptr};  // weight [1, h], bias [1]
