@@ -519,7 +519,6 @@ inline __m512 expNonPositive16(__m512 v) {
     return _mm512_mul_ps(_mm512_mul_ps(p, a), b);
 }
 
-
 // Four query rows of one head against Blocks x 16 keys (AVX-512): scores from the transposed keys kt
 // ([hd][kWideAttentionKeys], a key's column), each row's softmax over its own visible keys, then the weighted
 // sum of values. All four rows' scores stay in registers; a row past the last (rows < 4) repeats it.

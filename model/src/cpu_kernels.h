@@ -99,9 +99,9 @@ private:
 };
 
 // The predictor's logits (predictorLogits' arithmetic and bits) of the rows of x (row i at x + i * ld) that
-// produce() pushes into feed, while produce runs on the calling thread: from `split_from` rows of room in
-// the feed, the team's other threads take the rows as they come, one pass of rows at a time, and the calling
-// thread joins them once produce returns; below, it runs produce and then every row itself. The feed is
+// produce() pushes into feed, while produce runs on the calling thread: from 64 rows of room in the feed
+// (kParallelFedRows), the team's other threads take the rows as they come, one pass of rows at a time, and
+// the calling thread joins them once produce returns; below, it runs produce and then every row itself. The feed is
 // closed here; logits[i] is the logit of feed.rows()[i]. If produce throws, its exception is rethrown here
 // after the rows it pushed are done.
 void predictorLogitsFed(const PredictorParams& params, const float* x, std::int64_t ld, RowFeed& feed,
