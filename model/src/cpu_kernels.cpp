@@ -47,7 +47,7 @@ std::int64_t swiGluSplitRows(std::int64_t f) {
 constexpr std::int64_t kParallelPredictorRows = 16;
 // The feed's room (a row's tokens, any of which may be a router candidate) from which predictorLogitsFed
 // takes the team. Causal selection on the bundled model, in alternating processes, split from 64 against never:
-// 2.6 us against 3.1 at 64 tokens, 3.4 against 4.0 at 128, 7.1 against 10.5 at 512.
+// 2.7 us against 3.2-3.3 at 64 tokens, 3.5 against 4.2-4.4 at 128, 7.5-7.6 against 11.5 at 512.
 constexpr std::int64_t kParallelFedRows = 64;
 // Hidden units per block of the predictor's first weight, and rows per pass over a block: 32 x d 192 floats
 // (24 KB) stay in a 32 KB L1 for the AVX2 build's three rows; the AVX-512 build holds four rows x 64 units
@@ -788,6 +788,29 @@ torch::Tensor rotateQK(const torch::Tensor& qk, const torch::Tensor& pos_in, con
 
 namespace {
 
+// Rows [i0, i1) of x through units [j0, j1) of the predictor's first layer, in the build chosen: one pass, so at
+// most its rows (fewer: the last one again, into its own place). row(i): row i's x; out(i): where its
+// pre-activations go.
+template <typename Row, typename Out>
+void predictorHiddenPass(bool wide, bool fma, std::int64_t i0, std::int64_t i1, Row&& row, Out&& out,
+                         std::int64_t d, const float* w1, std::int64_t h, const float* b1, std::int64_t j0,
+                         std::int64_t j1) {
+    const auto rows_per_pass = wide ? kPredictorRowsPerPassWide : kPredictorRowsPerPass;
+    const float* xs[kPredictorRowsPerPassWide];
+    float* ys[kPredictorRowsPerPassWide];
+    for (std::int64_t p = 0; p < rows_per_pass; ++p) {
+        const auto ip = std::min(i0 + p, i1 - 1);
+        xs[p] = row(ip);
+        ys[p] = out(ip);
+    }
+    if (wide)
+        predictorHiddenRowsWide(xs, d, w1, h, b1, j0, j1, ys);
+    else if (fma)
+        predictorHiddenRowsFma(xs, d, w1, h, b1, j0, j1, ys);
+    else
+        predictorHiddenRowsBaseline(xs, d, w1, h, b1, j0, j1, ys);
+}
+
 const std::int64_t* checkedRows(const torch::Tensor& rows, std::int64_t n) {
     TORCH_CHECK(rows.device().is_cpu() && rows.scalar_type() == torch::kLong && rows.dim() == 1 && rows.is_contiguous(),
                 "cpu row copy: rows must be a contiguous CPU int64 vector");
@@ -902,27 +925,15 @@ torch::Tensor predictorLogits(const torch::Tensor& x, const torch::Tensor& fc1_t
         n,
         [&](std::int64_t i0, std::int64_t i1) {
             std::vector<float> hidden(static_cast<std::size_t>((i1 - i0) * h));
+            const auto out = [&](std::int64_t i) { return hidden.data() + (i - i0) * h; };
             // Block by block of w1, every row of the share through each block while it sits in L1.
             for (std::int64_t j0 = 0; j0 < h; j0 += unit_block) {
                 const auto j1 = std::min(h, j0 + unit_block);
-                for (auto i = i0; i < i1; i += rows_per_pass) {
-                    // Fewer rows left than a pass takes: the last one again, into its own place.
-                    const float* xs[kPredictorRowsPerPassWide];
-                    float* ys[kPredictorRowsPerPassWide];
-                    for (std::int64_t p = 0; p < rows_per_pass; ++p) {
-                        const auto ip = std::min(i + p, i1 - 1);
-                        xs[p] = row(ip);
-                        ys[p] = hidden.data() + (ip - i0) * h;
-                    }
-                    if (wide)
-                        predictorHiddenRowsWide(xs, d, w1, h, b1p, j0, j1, ys);
-                    else if (fma)
-                        predictorHiddenRowsFma(xs, d, w1, h, b1p, j0, j1, ys);
-                    else
-                        predictorHiddenRowsBaseline(xs, d, w1, h, b1p, j0, j1, ys);
-                }
+                for (auto i = i0; i < i1; i += rows_per_pass)
+                    predictorHiddenPass(wide, fma, i, std::min(i1, i + rows_per_pass), row, out, d, w1, h, b1p,
+                                        j0, j1);
             }
-            for (auto i = i0; i < i1; ++i) o[i] = predictorOutput(hidden.data() + (i - i0) * h, h, w2p, bias);
+            for (auto i = i0; i < i1; ++i) o[i] = predictorOutput(out(i), h, w2p, bias);
         },
         kParallelPredictorRows);
     return out;
@@ -973,25 +984,14 @@ void predictorLogitsFed(const PredictorParams& params, const float* x, std::int6
     const auto take = [&] {
         std::vector<float> hidden(static_cast<std::size_t>(pass * h));
         std::int64_t i0 = 0, i1 = 0;
+        const auto row = [&](std::int64_t i) { return x + feed.rows()[i] * ld; };
         while (feed.claim(pass, i0, i1)) {
-            const float* xs[kPredictorRowsPerPassWide];
-            float* ys[kPredictorRowsPerPassWide];
-            for (std::int64_t p = 0; p < pass; ++p) {  // fewer rows than a pass: the last one again
-                const auto ip = std::min(i0 + p, i1 - 1);
-                xs[p] = x + feed.rows()[ip] * ld;
-                ys[p] = hidden.data() + (ip - i0) * h;
-            }
-            for (std::int64_t j0 = 0; j0 < h; j0 += unit_block) {
-                const auto j1 = std::min(h, j0 + unit_block);
-                if (wide)
-                    predictorHiddenRowsWide(xs, d, params.fc1_t, h, params.b1, j0, j1, ys);
-                else if (fma)
-                    predictorHiddenRowsFma(xs, d, params.fc1_t, h, params.b1, j0, j1, ys);
-                else
-                    predictorHiddenRowsBaseline(xs, d, params.fc1_t, h, params.b1, j0, j1, ys);
-            }
+            const auto out = [&](std::int64_t i) { return hidden.data() + (i - i0) * h; };
+            for (std::int64_t j0 = 0; j0 < h; j0 += unit_block)
+                predictorHiddenPass(wide, fma, i0, i1, row, out, d, params.fc1_t, h, params.b1, j0,
+                                    std::min(h, j0 + unit_block));
             for (auto i = i0; i < i1; ++i)
-                logits[i] = predictorOutput(hidden.data() + (i - i0) * h, h, params.w2, params.b2);
+                logits[i] = predictorOutput(out(i), h, params.w2, params.b2);
         }
     };
     std::exception_ptr error;
