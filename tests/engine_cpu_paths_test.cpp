@@ -296,6 +296,30 @@ private Q_SLOTS:
         QVERIFY_THROWS_EXCEPTION(c10::Error, cpu::addGatedRows(target, torch::tensor({-1}, torch::kLong),
                                                                logits, delta.narrow(0, 0, 1)));
         QVERIFY_THROWS_EXCEPTION(c10::Error, cpu::addGatedRows(target, rows, logits, delta.narrow(0, 0, 4)));
+
+        // Batched, as a routed layer calls them: x [B, T, d] with each batch row's own positions [B, k], which
+        // index into T (a position past T throws even where B * T rows would hold it).
+        const auto batch = torch::randn({2, 20, 30}).narrow(2, 2, 24);  // rows 30 apart, batches 600
+        const auto idx = torch::tensor({{0, 3, 19}, {2, 3, 11}}, torch::kLong);
+        const auto gathered = cpu::gatherRows(batch, idx);
+        QCOMPARE(gathered.sizes().vec(), (std::vector<std::int64_t>{2, 3, 24}));
+        for (std::int64_t b = 0; b < 2; ++b)
+            QVERIFY(torch::equal(gathered[b], batch[b].index_select(0, idx[b])));
+        QVERIFY_THROWS_EXCEPTION(c10::Error, cpu::gatherRows(batch, torch::tensor({{0}, {20}}, torch::kLong)));
+        QVERIFY_THROWS_EXCEPTION(c10::Error, cpu::gatherRows(batch, idx[0]));  // [k] against [B, T, d]
+
+        auto stream = torch::randn({2, 20, 37});
+        const auto stream_before = stream.clone();
+        const auto stream_logits = torch::randn({2, 20}) * 3;
+        const auto updates = torch::randn({2, 3, 37});
+        cpu::addGatedRows(stream, idx, stream_logits, updates);
+        for (std::int64_t b = 0; b < 2; ++b) {
+            const auto gate = torch::sigmoid(stream_logits[b].index_select(0, idx[b])).unsqueeze(1);
+            QVERIFY(close(stream[b], stream_before[b].index_add(0, idx[b], gate * updates[b]), 1e-6));
+        }
+        QVERIFY_THROWS_EXCEPTION(c10::Error, cpu::addGatedRows(stream, torch::tensor({{0}, {20}}, torch::kLong),
+                                                               stream_logits, updates.narrow(1, 0, 1)));
+        QVERIFY_THROWS_EXCEPTION(c10::Error, cpu::addGatedRows(stream, idx, stream_logits[0], updates));
     }
 
     // The router's dot per row against the operator, for strided rows and a length with a tail.
@@ -307,12 +331,16 @@ private Q_SLOTS:
         const auto many = torch::randn({300, 50});
         const TwoThreads two;
         for (const auto& x : {wide.narrow(2, 0, 37), wide.narrow(2, 5, 37).contiguous(),
-                              wide.narrow(2, 1, 37).select(1, 3), many.narrow(1, 2, 37)}) {
+                              wide.narrow(2, 1, 37).select(1, 3), many.narrow(1, 2, 37),
+                              many.narrow(1, 2, 37).contiguous()}) {
             const auto got = cpu::rowDot(x, w);
             QCOMPARE(got.sizes().vec(), x.sizes().slice(0, x.dim() - 1).vec());
             QVERIFY(close(got, torch::matmul(x, w), 1e-5));
+            // The router's weight as the module holds it, [1, d].
+            QVERIFY(torch::equal(cpu::rowDot(x, w.view({1, 37})), got));
         }
         QVERIFY_THROWS_EXCEPTION(c10::Error, cpu::rowDot(wide, w));
+        QVERIFY_THROWS_EXCEPTION(c10::Error, cpu::rowDot(many.narrow(1, 2, 37), torch::randn({74}).slice(0, 0, 74, 2)));
     }
 
     // The predictor's fused forward against the module's operators, for a batch of rows and for none; the

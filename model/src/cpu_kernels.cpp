@@ -811,76 +811,103 @@ void predictorHiddenPass(bool wide, bool fma, std::int64_t i0, std::int64_t i1, 
         predictorHiddenRowsBaseline(xs, d, w1, h, b1, j0, j1, ys);
 }
 
-const std::int64_t* checkedRows(const torch::Tensor& rows, std::int64_t n) {
-    TORCH_CHECK(rows.device().is_cpu() && rows.scalar_type() == torch::kLong && rows.dim() == 1 && rows.is_contiguous(),
-                "cpu row copy: rows must be a contiguous CPU int64 vector");
-    const std::int64_t* r = rows.data_ptr<std::int64_t>();
-    for (std::int64_t i = 0; i < rows.numel(); ++i) TORCH_CHECK(r[i] >= 0 && r[i] < n, "cpu row copy: row ", r[i], " out of range");
-    return r;
+// The rows of a row copy: x [N, d] with rows [k], or x [B, T, d] with rows [B, k] (each batch row's own
+// positions), read off sizes and strides without a tensor op: at a routed layer's 64 rows the views and
+// reshapes of the flattened form cost as much as the copy (below).
+struct RowSet {
+    std::int64_t batches = 1, T = 0, k = 0, d = 0;
+    std::int64_t batch_stride = 0, row_stride = 0;  // of x, in floats
+    const std::int64_t* rows = nullptr;             // [batches * k]
+    // Where row i of the set (batch i / k) lies, counted from x's first float.
+    std::int64_t offset(std::int64_t i) const { return (i / k) * batch_stride + rows[i] * row_stride; }
+};
+
+RowSet rowSet(const torch::Tensor& x, const torch::Tensor& rows, const char* what) {
+    TORCH_CHECK(appliesTo(x) && ((x.dim() == 2 && rows.dim() == 1) ||
+                                 (x.dim() == 3 && rows.dim() == 2 && rows.size(0) == x.size(0))),
+                what, ": float32 CPU x [N, d] with rows [k], or x [B, T, d] with rows [B, k], expected");
+    TORCH_CHECK(rows.device().is_cpu() && rows.scalar_type() == torch::kLong && rows.is_contiguous(),
+                what, ": rows must be contiguous CPU int64");
+    RowSet set;
+    set.batches = x.dim() == 3 ? x.size(0) : 1;
+    set.T = x.size(-2);
+    set.d = x.size(-1);
+    set.k = rows.size(-1);
+    set.batch_stride = x.dim() == 3 ? x.stride(0) : 0;
+    set.row_stride = x.stride(-2);
+    set.rows = rows.data_ptr<std::int64_t>();
+    for (std::int64_t i = 0; i < set.batches * set.k; ++i)
+        TORCH_CHECK(set.rows[i] >= 0 && set.rows[i] < set.T, what, ": row ", set.rows[i], " out of range");
+    return set;
 }
 
 }  // namespace
 
-torch::Tensor gatherRows(const torch::Tensor& x2d, const torch::Tensor& rows) {
-    TORCH_CHECK(appliesTo(x2d) && x2d.dim() == 2, "cpu::gatherRows: float32 CPU [N, d] expected");
-    const auto d = x2d.size(1), k = rows.numel(), ld = x2d.stride(0);
-    const std::int64_t* r = checkedRows(rows, x2d.size(0));
-    auto out = torch::empty({k, d}, x2d.options());
-    const float* src = x2d.data_ptr<float>();
+torch::Tensor gatherRows(const torch::Tensor& x, const torch::Tensor& rows) {
+    const auto set = rowSet(x, rows, "cpu::gatherRows");
+    const auto n = set.batches * set.k, d = set.d;
+    auto out = x.dim() == 3 ? torch::empty({set.batches, set.k, d}, x.options()) : torch::empty({n, d}, x.options());
+    const float* src = x.data_ptr<float>();
     float* dst = out.data_ptr<float>();
     // The rows a few copies ahead are requested before they are needed: the embedding table's rows come from
     // memory, and a copy that waits for each row's first line in turn took 24.5 us for 128 of them with the
     // table out of cache, 20.3 this way.
     const auto fetch = [&](std::int64_t i) {
-        const char* row = reinterpret_cast<const char*>(src + r[i] * ld);
+        const char* row = reinterpret_cast<const char*>(src + set.offset(i));
         for (std::int64_t b = 0; b < d * std::int64_t(sizeof(float)); b += 64)
             __builtin_prefetch(row + b, 0, 3);
     };
     constexpr std::int64_t kAhead = 8;
-    forRowShares(k, [&](std::int64_t i0, std::int64_t i1) {
+    forRowShares(n, [&](std::int64_t i0, std::int64_t i1) {
         for (std::int64_t i = i0; i < std::min(i0 + kAhead, i1); ++i) fetch(i);
         for (std::int64_t i = i0; i < i1; ++i) {
             if (i + kAhead < i1) fetch(i + kAhead);
-            std::memcpy(dst + i * d, src + r[i] * ld, sizeof(float) * d);
+            std::memcpy(dst + i * d, src + set.offset(i), sizeof(float) * d);
         }
     });
     return out;
 }
 
-torch::Tensor rowDot(const torch::Tensor& x_in, const torch::Tensor& w_in) {
-    TORCH_CHECK(appliesTo(x_in) && applies(w_in) && w_in.dim() == 1 && w_in.size(0) == x_in.size(-1),
-                "cpu::rowDot: float32 CPU x [..., d] and w [d] expected");
-    const auto d = x_in.size(-1);
-    const auto x = x_in.reshape({-1, d});
-    const auto w = w_in.contiguous();
-    auto sizes = x_in.sizes().vec();
-    sizes.pop_back();
-    auto out = torch::empty(sizes, x_in.options());
-    const auto rows = x.size(0), ldx = rows > 1 ? x.stride(0) : d;
+torch::Tensor rowDot(const torch::Tensor& x, const torch::Tensor& w) {
+    TORCH_CHECK(appliesTo(x) && applies(w) && w.is_contiguous() && w.numel() == x.size(-1),
+                "cpu::rowDot: float32 CPU x [..., d] and a contiguous w of d floats expected");
+    const auto d = x.size(-1);
+    auto out = torch::empty(x.sizes().slice(0, x.dim() - 1), x.options());
     const float* xp = x.data_ptr<float>();
     const float* wp = w.data_ptr<float>();
     float* op = out.data_ptr<float>();
+    if (x.is_contiguous()) {
+        // No reshape: rows follow each other every d floats.
+        forRowShares(out.numel(), [&](std::int64_t r0, std::int64_t r1) {
+            rowDots(xp + r0 * d, d, r1 - r0, wp, d, op + r0);
+        });
+        return out;
+    }
+    const auto x2d = x.reshape({-1, d});
+    const auto rows = x2d.size(0), ldx = rows > 1 ? x2d.stride(0) : d;
+    const float* x2p = x2d.data_ptr<float>();
     forRowShares(rows, [&](std::int64_t r0, std::int64_t r1) {
-        rowDots(xp + r0 * ldx, ldx, r1 - r0, wp, d, op + r0);
+        rowDots(x2p + r0 * ldx, ldx, r1 - r0, wp, d, op + r0);
     });
     return out;
 }
 
-void addGatedRows(torch::Tensor& x2d, const torch::Tensor& rows, const torch::Tensor& logits_in,
-                  const torch::Tensor& delta_in) {
-    TORCH_CHECK(appliesTo(x2d) && x2d.dim() == 2 && x2d.is_contiguous(),
-                "cpu::addGatedRows: contiguous float32 CPU [N, d] expected");
-    const auto N = x2d.size(0), d = x2d.size(1), k = rows.numel();
-    const auto delta = delta_in.contiguous();
-    const auto logits = logits_in.contiguous();
-    TORCH_CHECK(delta.scalar_type() == torch::kFloat32 && delta.numel() == k * d,
-                "cpu::addGatedRows: delta must be [k, d]");
-    TORCH_CHECK(applies(logits) && logits.numel() == N, "cpu::addGatedRows: logits must be [N]");
-    const std::int64_t* r = checkedRows(rows, N);
+void addGatedRows(torch::Tensor& x, const torch::Tensor& rows, const torch::Tensor& logits,
+                  const torch::Tensor& delta) {
+    const auto set = rowSet(x, rows, "cpu::addGatedRows");
+    TORCH_CHECK(x.is_contiguous(), "cpu::addGatedRows: x must be contiguous");
+    const auto n = set.batches * set.k, d = set.d;
+    TORCH_CHECK(applies(delta) && delta.is_contiguous() && delta.numel() == n * d,
+                "cpu::addGatedRows: delta must be a contiguous float32 [k, d] or [B, k, d]");
+    TORCH_CHECK(applies(logits) && logits.is_contiguous() && logits.numel() == set.batches * set.T,
+                "cpu::addGatedRows: logits must be a contiguous float32 [N] or [B, T]");
     const float* l = logits.data_ptr<float>();
     const float* from = delta.data_ptr<float>();
-    float* to = x2d.data_ptr<float>();
-    for (std::int64_t i = 0; i < k; ++i) addScaledRow(to + r[i] * d, from + i * d, sigmoid(l[r[i]]), d);
+    float* to = x.data_ptr<float>();
+    for (std::int64_t i = 0; i < n; ++i) {
+        const auto at = set.offset(i);  // x is contiguous: the row's logit is at the same position / d
+        addScaledRow(to + at, from + i * d, sigmoid(l[at / d]), d);
+    }
 }
 
 void causalSoftmax(torch::Tensor& scores, std::int64_t first) {
@@ -908,7 +935,7 @@ torch::Tensor predictorLogits(const torch::Tensor& x, const torch::Tensor& fc1_t
     TORCH_CHECK(
         applies(b1) && b1.numel() == h && applies(w2) && w2.numel() == h && applies(b2) && b2.numel() == 1,
         "cpu::predictorLogits: b1 [h], w2 [h] and b2 [1] expected");
-    const std::int64_t* r = rows.defined() ? checkedRows(rows, x.size(0)) : nullptr;
+    const std::int64_t* r = rows.defined() ? rowSet(x, rows, "cpu::predictorLogits").rows : nullptr;
     const auto n = rows.defined() ? rows.numel() : x.size(0);
     auto out = torch::empty({n}, x.options());
     if (n == 0) return out;

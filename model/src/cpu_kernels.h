@@ -37,17 +37,20 @@ std::pair<torch::Tensor, torch::Tensor> rmsNormBackward(const torch::Tensor& x, 
 // Returns a new contiguous [B, S, 2, H, hd].
 torch::Tensor rotateQK(const torch::Tensor& qk, const torch::Tensor& pos, const torch::Tensor& rope);
 
-// Rows of x2d [N, d] (rows any distance apart) at rows [k] (int64, each in [0, N)) -> a new contiguous [k, d].
-torch::Tensor gatherRows(const torch::Tensor& x2d, const torch::Tensor& rows);
+// Rows of x [N, d] at rows [k] (int64, each in [0, N)) -> a new contiguous [k, d]; or, batched, rows [B, k] of
+// x [B, T, d] (each in [0, T)) -> [B, k, d]. Rows may lie any distance apart.
+torch::Tensor gatherRows(const torch::Tensor& x, const torch::Tensor& rows);
 
-// x [..., d] . w [d] -> [...]: one dot product per row (a router's logits). At 512 x 192, timed alone,
-// LibTorch's matrix-vector product took 7.1 us, this loop 5.6 on one thread and 4.3 on two.
+// x [..., d] . w -> [...]: one dot product per row (a router's logits), w any contiguous shape of d floats
+// (the router's [1, d] weight as it is). At 512 x 192, timed alone, LibTorch's matrix-vector product took
+// 7.1 us, this loop 5.6 on one thread and 4.3 on two.
 torch::Tensor rowDot(const torch::Tensor& x, const torch::Tensor& w);
 
-// x2d[rows[i]] += sigmoid(logits[rows[i]]) * delta[i] for delta [k, d] and logits [N]: a routed block's gated
-// update written straight into the residual stream, where the operators gathered x's rows, updated the copy
-// and copied it back. x2d must be contiguous; rows must not repeat.
-void addGatedRows(torch::Tensor& x2d, const torch::Tensor& rows, const torch::Tensor& logits,
+// x[rows[i]] += sigmoid(logits[rows[i]]) * delta[i] for x [N, d], rows [k], logits [N] and delta [k, d], or
+// batched (x [B, T, d], rows [B, k], logits [B, T], delta [B, k, d]) for each batch row: a routed block's
+// gated update written straight into the residual stream, where the operators gathered x's rows, updated the
+// copy and copied it back. x, logits and delta must be contiguous; rows must not repeat within a batch row.
+void addGatedRows(torch::Tensor& x, const torch::Tensor& rows, const torch::Tensor& logits,
                   const torch::Tensor& delta);
 
 // Causal attention's probabilities from scores [P, n, keys] (rows contiguous, any row and batch strides) in
