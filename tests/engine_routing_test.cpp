@@ -401,6 +401,16 @@ private Q_SLOTS:
                 QCOMPARE(nn::prefixTopkCandidates(rising.data_ptr<float>(), T, capacity).size(),
                          std::size_t(T));
             }
+        // Many short rows: the last tokens of a row compare with the k(T)-th largest earlier logit, the smallest
+        // of those the walk keeps, which longer rows rarely reach.
+        for (int i = 0; i < 300; ++i) {
+            const int T = 2 + i % 40;
+            const auto row = torch::randn({T}).contiguous();
+            for (double capacity : {0.125, 0.25, 0.5}) {
+                const auto* r = row.data_ptr<float>();
+                QCOMPARE(nn::prefixTopkCandidates(r, T, capacity), byHand(r, T, capacity));
+            }
+        }
         // A NaN logit ranks lowest: every finite earlier logit counts as higher than it, and it counts for none.
         const float nan = std::numeric_limits<float>::quiet_NaN();
         const std::vector<float> odd{1.0f, nan, 2.0f, nan, 0.5f, nan, 3.0f, 0.1f};
