@@ -35,7 +35,7 @@ torch::Tensor exact(const torch::Tensor& a, const torch::Tensor& b) {
     return torch::matmul(a.to(torch::kFloat64), b.to(torch::kFloat64)).to(torch::kFloat32);
 }
 
-// LibTorch's pool at two threads for a scope, whatever the machine has: the row loops split from 256 rows.
+// LibTorch's pool at two threads for a scope, whatever the machine has: the row loops split from 128 rows.
 struct TwoThreads {
     int before = at::get_num_threads();
     TwoThreads() { at::set_num_threads(2); }

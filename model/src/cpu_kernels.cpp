@@ -32,9 +32,11 @@ namespace modscope::cpu {
 
 namespace {
 
-// Rows from which a row loop is split over LibTorch's threads: 128 measured no better, and below, a region's
-// start-up is a good part of the loop.
-constexpr std::int64_t kParallelRows = 256;
+// Rows from which a row loop is split over LibTorch's threads; below, a region's start-up is a good part of the
+// loop. 128 rather than 256: on a Zen 4 EPYC the reference forward at T = 128 took 3.15-3.17 ms against
+// 3.22-3.23 (in one process, alternating, 400 runs each; 32 and 64 the same, T = 32 and 512 unchanged), where
+// on the Zen 5 machine before, 128 had measured no better.
+constexpr std::int64_t kParallelRows = 128;
 
 // Values from which SwiGLU's activation is split: an exp each makes its rows dearer. 16 x 512 took 3.9-4.5 us
 // split against 5.9 on one thread, 128 x 512 22-27 against 39.
