@@ -464,10 +464,10 @@ private Q_SLOTS:
         const int T = 64;
         const auto trace = model->run(test::randomIds(T, 300, 1), opt);
         const double d = cfg.d_model, ff = cfg.d_ff, h = cfg.predictor_hidden, V = cfg.vocab_size;
-        // Scores: the causal triangle up to 64 keys in all (attended row by row, or four rows at a time in
+        // Scores: the causal triangle up to 128 keys in all (attended row by row, or a few rows at a time in
         // registers), the square block above.
         auto block = [&](double n) {
-            const double pairs = n <= 64 ? n * (n + 1) / 2 : n * n;
+            const double pairs = n <= 128 ? n * (n + 1) / 2 : n * n;
             return 8 * n * d * d + 4 * pairs * d + 6 * n * d * ff;
         };
         const double k = capacityToK(0.25, T);
@@ -475,6 +475,9 @@ private Q_SLOTS:
         const double expected = 2 * T * d * V + 2 * block(T) + 2 * (block(k) + routing);
         QCOMPARE(trace.flops, expected);
         QCOMPARE(trace.dense_flops, 2 * T * d * V + 4 * block(T));
+        // 100 tokens: still the triangle.
+        const auto hundred = model->run(test::randomIds(100, 300, 3), opt);
+        QCOMPARE(hundred.dense_flops, 2 * 100.0 * d * V + 4 * block(100));
 
         // Beyond one query block of 128, attention scores only the blocks on and below the diagonal:
         // at 160 tokens, 128 queries see 128 keys and the last 32 see all 160.

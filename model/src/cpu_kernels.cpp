@@ -60,8 +60,13 @@ constexpr std::int64_t kPredictorUnitBlockWide = 64, kPredictorRowsPerPassWide =
 
 // The AVX-512 attention (attendHeadWide) holds a head's keys as columns on the stack: heads up to this size.
 constexpr std::int64_t kWideAttentionHeadDim = 128;
-// Query rows from which it splits over the team (alternate groups of four rows): in alternating processes,
+// Query rows from which it splits over the team (alternate groups of rows): in alternating processes,
 // 64 rows x 3 heads took 10.9-16.2 us on two threads against 15.9-17.1 on one, 32 rows 4.9-6.3 against 6.1-7.0.
+// smallBlockDelta takes a block on up to this many tokens. Beyond, the wide attention still serves the
+// operator-level block: at 128 tokens the one-buffer block (single-threaded norms, rotary and update) gave back
+// what the attention saved, and the operator-level block with it took the reference forward at T = 128 from
+// 4.03-4.13 to 3.84-3.94 ms (in one process, alternating, 400 runs each, a slow spell).
+constexpr std::int64_t kSmallBlockTokens = 64;
 constexpr std::int64_t kParallelWideAttentionRows = 32;
 
 std::atomic<bool> avx512_allowed{true};
@@ -521,27 +526,28 @@ inline __m512 expNonPositive16(__m512 v) {
     return _mm512_mul_ps(_mm512_mul_ps(p, a), b);
 }
 
-// Four query rows of one head against Blocks x 16 keys (AVX-512): scores from the transposed keys kt
+// R query rows of one head against Blocks x 16 keys (AVX-512): scores from the transposed keys kt
 // ([hd][kWideAttentionKeys], a key's column), each row's softmax over its own visible keys, then the weighted
-// sum of values. All four rows' scores stay in registers; a row past the last (rows < 4) repeats it.
-template <int Blocks>
+// sum of values. All R rows' scores stay in registers (R x Blocks of them, 16 at most); a row past the last
+// (fewer rows left than R) repeats it.
+template <int R, int Blocks>
 __attribute__((target("arch=x86-64-v4")))
-void attendFourRowsWide(const float* const* q, const float* kt, Rows<const float> v, float* const* out,
-                        const std::int64_t* visible, std::int64_t hd, float* p) {
-    __m512 s[4][Blocks];
-    for (int r = 0; r < 4; ++r)
+void attendRowsWide(const float* const* q, const float* kt, Rows<const float> v, float* const* out,
+                    const std::int64_t* visible, std::int64_t hd, float* p) {
+    __m512 s[R][Blocks];
+    for (int r = 0; r < R; ++r)
         for (int b = 0; b < Blocks; ++b) s[r][b] = _mm512_setzero_ps();
     for (std::int64_t c = 0; c < hd; ++c) {
         __m512 kc[Blocks];
         for (int b = 0; b < Blocks; ++b) kc[b] = _mm512_loadu_ps(kt + c * kWideAttentionKeys + 16 * b);
-        for (int r = 0; r < 4; ++r) {
+        for (int r = 0; r < R; ++r) {
             const __m512 qc = _mm512_set1_ps(q[r][c]);
             for (int b = 0; b < Blocks; ++b) s[r][b] = _mm512_fmadd_ps(qc, kc[b], s[r][b]);
         }
     }
     const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
     const std::int64_t width = 16 * Blocks;
-    for (int r = 0; r < 4; ++r) {
+    for (int r = 0; r < R; ++r) {
         __mmask16 seen[Blocks];
         __m512 m = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
         for (int b = 0; b < Blocks; ++b) {
@@ -559,57 +565,104 @@ void attendFourRowsWide(const float* const* q, const float* kt, Rows<const float
         for (int b = 0; b < Blocks; ++b) _mm512_storeu_ps(p + r * width + 16 * b, _mm512_mul_ps(s[r][b], inv));
     }
     // Keys past a row's own weigh 0 in it, so the four rows share one pass over the last row's keys.
-    const std::int64_t keys = visible[3];
+    const std::int64_t keys = visible[R - 1];
     for (std::int64_t c0 = 0; c0 < hd; c0 += 64) {
         const int units = static_cast<int>(std::min<std::int64_t>(64, hd - c0) / 16);
-        __m512 o[4][4];
-        for (int r = 0; r < 4; ++r)
+        __m512 o[R][4];
+        for (int r = 0; r < R; ++r)
             for (int u = 0; u < 4; ++u) o[r][u] = _mm512_setzero_ps();
         for (std::int64_t j = 0; j < keys; ++j) {
             const float* vj = v.data + j * v.ld + c0;
             __m512 vu[4];
             for (int u = 0; u < 4; ++u) vu[u] = u < units ? _mm512_loadu_ps(vj + 16 * u) : _mm512_setzero_ps();
-            for (int r = 0; r < 4; ++r) {
+            for (int r = 0; r < R; ++r) {
                 const __m512 pj = _mm512_set1_ps(p[r * width + j]);
                 for (int u = 0; u < 4; ++u) o[r][u] = _mm512_fmadd_ps(pj, vu[u], o[r][u]);
             }
         }
-        for (int r = 0; r < 4; ++r)
+        for (int r = 0; r < R; ++r)
             for (int u = 0; u < units; ++u) _mm512_storeu_ps(out[r] + c0 + 16 * u, o[r][u]);
     }
 }
 
+// dst[c][j] = src[j][c] for a 16 x 16 tile: `rows` rows of 16 floats at src, ld apart (zeros for the rest),
+// written as 16 rows of 16 at dst, ldd apart. Moves bits only.
+__attribute__((target("arch=x86-64-v4")))
+void transposeTile16(const float* src, std::int64_t ld, std::int64_t rows, float* dst, std::int64_t ldd) {
+    __m512 r[16], t[16];
+    for (int j = 0; j < 16; ++j) r[j] = j < rows ? _mm512_loadu_ps(src + j * ld) : _mm512_setzero_ps();
+    for (int i = 0; i < 8; ++i) {
+        t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+    }
+    // Within each 128-bit lane L: r[4i + k] holds column 4L + k of rows 4i .. 4i + 3.
+    for (int i = 0; i < 4; ++i) {
+        r[4 * i] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+        r[4 * i + 1] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+        r[4 * i + 2] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+        r[4 * i + 3] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+    }
+    // Column 4L + k gathers lane L of r[k], r[4 + k], r[8 + k] and r[12 + k].
+    for (int k = 0; k < 4; ++k) {
+        const __m512 lo01 = _mm512_shuffle_f32x4(r[k], r[4 + k], _MM_SHUFFLE(1, 0, 1, 0));
+        const __m512 hi01 = _mm512_shuffle_f32x4(r[8 + k], r[12 + k], _MM_SHUFFLE(1, 0, 1, 0));
+        const __m512 lo23 = _mm512_shuffle_f32x4(r[k], r[4 + k], _MM_SHUFFLE(3, 2, 3, 2));
+        const __m512 hi23 = _mm512_shuffle_f32x4(r[8 + k], r[12 + k], _MM_SHUFFLE(3, 2, 3, 2));
+        _mm512_storeu_ps(dst + k * ldd, _mm512_shuffle_f32x4(lo01, hi01, _MM_SHUFFLE(2, 0, 2, 0)));
+        _mm512_storeu_ps(dst + (4 + k) * ldd, _mm512_shuffle_f32x4(lo01, hi01, _MM_SHUFFLE(3, 1, 3, 1)));
+        _mm512_storeu_ps(dst + (8 + k) * ldd, _mm512_shuffle_f32x4(lo23, hi23, _MM_SHUFFLE(2, 0, 2, 0)));
+        _mm512_storeu_ps(dst + (12 + k) * ldd, _mm512_shuffle_f32x4(lo23, hi23, _MM_SHUFFLE(3, 1, 3, 1)));
+    }
+}
+
 // One head's causal attention for S query rows after `prior` keys (prior + S at most kWideAttentionKeys; hd
-// a multiple of 16) in AVX-512, four rows at a time, every `stride`-th group of four from group `first` (threads take alternate groups: later rows see more keys). kt: room for hd x
-// kWideAttentionKeys floats, p for 4 x kWideAttentionKeys.
+// a multiple of 16) in AVX-512, a group of rows at a time (four up to 64 keys, two beyond), every `stride`-th
+// group from group `first` (threads take alternate groups: later rows see more keys). kt: room for hd x
+// kWideAttentionKeys floats, p for 2 x kWideAttentionKeys (four rows of 64 keys, or two of 128).
 __attribute__((target("arch=x86-64-v4")))
 void attendHeadWide(Rows<const float> q, Rows<const float> k, Rows<const float> v, Rows<float> out,
                     std::int64_t S, std::int64_t prior, std::int64_t hd, std::int64_t first, std::int64_t stride,
                     float* kt, float* p) {
     // The keys as columns, zero past the last: a row of 16 scores is then sixteen multiply-adds per element
-    // of q, where key-by-key dot products each end in a horizontal sum.
-    const std::int64_t keys = prior + S, padded = (keys + 15) / 16 * 16;
-    for (std::int64_t j = 0; j < keys; ++j) {
-        const float* kj = k.data + j * k.ld;
-        for (std::int64_t c = 0; c < hd; ++c) kt[c * kWideAttentionKeys + j] = kj[c];
-    }
-    for (std::int64_t c = 0; c < hd; ++c)
-        for (std::int64_t j = keys; j < padded; ++j) kt[c * kWideAttentionKeys + j] = 0.0f;
-    for (std::int64_t g = first; 4 * g < S; g += stride) {
+    // of q, where key-by-key dot products each end in a horizontal sum. Transposed in 16 x 16 tiles in
+    // registers: element by element, the transposition took about a fifth of a 128-key head.
+    const std::int64_t keys = prior + S;
+    for (std::int64_t j0 = 0; j0 < keys; j0 += 16)
+        for (std::int64_t c0 = 0; c0 < hd; c0 += 16)
+            transposeTile16(k.data + j0 * k.ld + c0, k.ld, std::min<std::int64_t>(16, keys - j0),
+                            kt + c0 * kWideAttentionKeys + j0, kWideAttentionKeys);
+    // Four rows a group up to 64 keys, two beyond: a group's scores, rows x keys / 16, fill 16 registers at
+    // most, beside the 8 of a row of keys.
+    const int R = keys <= 64 ? 4 : 2;
+    for (std::int64_t g = first; R * g < S; g += stride) {
         const float* qs[4];
         float* os[4];
         std::int64_t visible[4];
-        for (int r = 0; r < 4; ++r) {
-            const auto i = std::min(4 * g + r, S - 1);
+        for (int r = 0; r < R; ++r) {
+            const auto i = std::min(R * g + r, S - 1);
             qs[r] = q.data + i * q.ld;
             os[r] = out.data + i * out.ld;
             visible[r] = prior + i + 1;
         }
-        switch ((visible[3] + 15) / 16) {
-        case 1: attendFourRowsWide<1>(qs, kt, v, os, visible, hd, p); break;
-        case 2: attendFourRowsWide<2>(qs, kt, v, os, visible, hd, p); break;
-        case 3: attendFourRowsWide<3>(qs, kt, v, os, visible, hd, p); break;
-        default: attendFourRowsWide<4>(qs, kt, v, os, visible, hd, p); break;
+        const auto blocks = (visible[R - 1] + 15) / 16;
+        if (R == 4) {
+            switch (blocks) {
+            case 1: attendRowsWide<4, 1>(qs, kt, v, os, visible, hd, p); break;
+            case 2: attendRowsWide<4, 2>(qs, kt, v, os, visible, hd, p); break;
+            case 3: attendRowsWide<4, 3>(qs, kt, v, os, visible, hd, p); break;
+            default: attendRowsWide<4, 4>(qs, kt, v, os, visible, hd, p); break;
+            }
+        } else {
+            switch (blocks) {
+            case 1: attendRowsWide<2, 1>(qs, kt, v, os, visible, hd, p); break;
+            case 2: attendRowsWide<2, 2>(qs, kt, v, os, visible, hd, p); break;
+            case 3: attendRowsWide<2, 3>(qs, kt, v, os, visible, hd, p); break;
+            case 4: attendRowsWide<2, 4>(qs, kt, v, os, visible, hd, p); break;
+            case 5: attendRowsWide<2, 5>(qs, kt, v, os, visible, hd, p); break;
+            case 6: attendRowsWide<2, 6>(qs, kt, v, os, visible, hd, p); break;
+            case 7: attendRowsWide<2, 7>(qs, kt, v, os, visible, hd, p); break;
+            default: attendRowsWide<2, 8>(qs, kt, v, os, visible, hd, p); break;
+            }
         }
     }
 }
@@ -752,7 +805,7 @@ struct HeadRows {
 void attendHeads(HeadRows<const float> q, HeadRows<const float> k, HeadRows<const float> v, HeadRows<float> out,
                  std::int64_t N, std::int64_t S, std::int64_t prior, std::int64_t hd) {
     if (wideAttentionFits(S, prior, hd)) {
-        // Threads take alternate groups of four rows of every head, from kParallelWideAttentionRows rows.
+        // Threads take alternate groups of rows of every head, from kParallelWideAttentionRows rows.
         const int team = S >= kParallelWideAttentionRows ? at::get_num_threads() : 1;
         MODSCOPE_TEAM_REGION(team)
         {
@@ -762,7 +815,7 @@ void attendHeads(HeadRows<const float> q, HeadRows<const float> k, HeadRows<cons
             const std::int64_t first = 0, stride = 1;
 #endif
             alignas(64) float kt[kWideAttentionHeadDim * kWideAttentionKeys];
-            alignas(64) float p[4 * kWideAttentionKeys];
+            alignas(64) float p[2 * kWideAttentionKeys];  // four rows of 64 keys, or two of 128
             for (std::int64_t h = 0; h < N; ++h)
                 attendHeadWide(q.head(h), k.head(h), v.head(h), out.head(h), S, prior, hd, first, stride, kt, p);
         }
@@ -1094,7 +1147,7 @@ void smallCausalAttention(const torch::Tensor& q, const torch::Tensor& k, const 
 }
 
 bool smallBlockFits(std::int64_t S, std::int64_t hd) {
-    return S >= 1 && (S <= kSmallAttentionQueries || wideAttentionFits(S, 0, hd));
+    return S >= 1 && (S <= kSmallAttentionQueries || (S <= kSmallBlockTokens && wideAttentionFits(S, 0, hd)));
 }
 
 torch::Tensor smallBlockDelta(const torch::Tensor& x, const torch::Tensor& pos_in, const torch::Tensor& rope_in,

@@ -118,13 +118,13 @@ torch::Tensor swiGlu(const torch::Tensor& gate_up);
 torch::Tensor swiGluBackward(const torch::Tensor& gate_up, const torch::Tensor& grad);
 
 // Whether smallCausalAttention takes S queries after `prior` keys at head size hd in AVX-512, four query
-// rows at a time with their scores in registers (kWideAttentionKeys, attention_blocks.h): on this CPU, unless
-// allowAvx512(false), for 2 to 64 keys in all and hd a multiple of 16 up to 128.
+// rows at a time (two beyond 64 keys) with their scores in registers (kWideAttentionKeys, attention_blocks.h):
+// on this CPU, unless allowAvx512(false), for 2 to 128 keys in all and hd a multiple of 16 up to 128.
 bool wideAttentionFits(std::int64_t S, std::int64_t prior, std::int64_t hd);
 
 // Causal attention for a few queries, written into out: q [N, S, hd] (scaled), k and v [N, prior + S, hd],
 // out [N, S, hd]; query i sees keys 0 .. prior + i. Any row and batch strides, the last dimension
-// contiguous. A row of scores at a time on one thread, or (wideAttentionFits) four rows at a time on the team:
+// contiguous. A row of scores at a time on one thread, or (wideAttentionFits) a few rows at a time on the team:
 // for the few rows a routed layer or a generation step attends with, the batched path's two sgemm calls per
 // head and its softmax pass cost more than the arithmetic.
 void smallCausalAttention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
@@ -138,7 +138,8 @@ struct BlockWeights {
     std::int64_t d, heads, head_dim, ff;
 };
 
-// Whether smallBlockDelta takes S tokens with heads of hd: where the block's attention is smallCausalAttention's.
+// Whether smallBlockDelta takes S tokens with heads of hd: up to 32 tokens, or up to 64 where the wide attention
+// takes them (a routed layer's few tokens; beyond, the operator-level block is faster).
 bool smallBlockFits(std::int64_t S, std::int64_t hd);
 
 // A block's update f(x) = a + m, a = attn(norm(x)), m = mlp(norm(x + a)) (BlockImpl::delta) for the S rows x
