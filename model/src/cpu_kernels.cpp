@@ -62,12 +62,12 @@ constexpr std::int64_t kPredictorUnitBlockWide = 64, kPredictorRowsPerPassWide =
 constexpr std::int64_t kWideAttentionHeadDim = 128;
 // Query rows from which it splits over the team (alternate groups of rows): in alternating processes,
 // 64 rows x 3 heads took 10.9-16.2 us on two threads against 15.9-17.1 on one, 32 rows 4.9-6.3 against 6.1-7.0.
+constexpr std::int64_t kParallelWideAttentionRows = 32;
 // smallBlockDelta takes a block on up to this many tokens. Beyond, the wide attention still serves the
 // operator-level block: at 128 tokens the one-buffer block (single-threaded norms, rotary and update) gave back
 // what the attention saved, and the operator-level block with it took the reference forward at T = 128 from
 // 4.03-4.13 to 3.84-3.94 ms (in one process, alternating, 400 runs each, a slow spell).
 constexpr std::int64_t kSmallBlockTokens = 64;
-constexpr std::int64_t kParallelWideAttentionRows = 32;
 
 std::atomic<bool> avx512_allowed{true};
 
@@ -564,7 +564,7 @@ void attendRowsWide(const float* const* q, const float* kt, Rows<const float> v,
         const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(sum));
         for (int b = 0; b < Blocks; ++b) _mm512_storeu_ps(p + r * width + 16 * b, _mm512_mul_ps(s[r][b], inv));
     }
-    // Keys past a row's own weigh 0 in it, so the four rows share one pass over the last row's keys.
+    // Keys past a row's own weigh 0 in it, so the group's rows share one pass over the last row's keys.
     const std::int64_t keys = visible[R - 1];
     for (std::int64_t c0 = 0; c0 < hd; c0 += 64) {
         const int units = static_cast<int>(std::min<std::int64_t>(64, hd - c0) / 16);
