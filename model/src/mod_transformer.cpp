@@ -572,6 +572,28 @@ torch::Tensor onDevice(const torch::Tensor& t, const torch::Device& device) {
     return device.is_cpu() ? t : t.to(device);
 }
 
+// rule.passes() for a token that the prefix top-k lets through. sigmoid(v) > threshold is
+// v > log(threshold / (1 - threshold)): one comparison per token where passes() takes an exp. Within 1e-6 of
+// that point passes() itself decides, so the decisions stay a generation step's, whose rule.decide() calls it.
+class RulePasses {
+public:
+    explicit RulePasses(const CausalRule& rule)
+        : rule_(rule),
+          inside_(rule.threshold > 0.0 && rule.threshold < 1.0),
+          point_(inside_ ? std::log(rule.threshold / (1.0 - rule.threshold)) : 0.0),
+          near_(1e-6 * (1.0 + std::abs(point_))) {}
+    // Token t with predictor logit l after n processed tokens.
+    bool operator()(double l, std::int64_t t, std::int64_t n) const {
+        const double v = l + rule_.budget_gain * (rule_.capacity * double(t + 1) - double(n));
+        return inside_ && std::abs(v - point_) > near_ ? v > point_ : rule_.passes(l, t, n);
+    }
+
+private:
+    const CausalRule& rule_;
+    bool inside_;
+    double point_, near_;
+};
+
 // The rule along one row of T tokens, in order: each decision depends on the ones before it, the same
 // arithmetic as a generation step's. candidates[0, n_candidates): the prefix top-k's, ascending (unused
 // without it); logit(): the predictor logit of the next token that can be processed, asked once per such
@@ -579,12 +601,7 @@ torch::Tensor onDevice(const torch::Tensor& t, const torch::Device& device) {
 template <typename Logit>
 void decideRow(const CausalRule& rule, std::int64_t T, const std::int64_t* candidates, std::size_t n_candidates,
                Logit&& logit, bool* sel) {
-    // sigmoid(v) > threshold is v > log(threshold / (1 - threshold)): one comparison per token where passes()
-    // takes an exp. Within 1e-6 of that point passes() itself decides, so the decisions stay a generation
-    // step's, whose rule.decide() calls it.
-    const bool inside = rule.threshold > 0.0 && rule.threshold < 1.0;
-    const double point = inside ? std::log(rule.threshold / (1.0 - rule.threshold)) : 0.0;
-    const double near = 1e-6 * (1.0 + std::abs(point));
+    const RulePasses passes(rule);
     std::int64_t n = 0;
     std::size_t next = 0;
     for (std::int64_t t = 0; t < T; ++t) {
@@ -593,13 +610,7 @@ void decideRow(const CausalRule& rule, std::int64_t T, const std::int64_t* candi
             open = next < n_candidates && candidates[next] == t;
             next += open ? 1 : 0;
         }
-        if (open) {
-            const double l = logit(t);
-            const double v = l + rule.budget_gain * (rule.capacity * double(t + 1) - double(n));
-            sel[t] = inside && std::abs(v - point) > near ? v > point : rule.passes(l, t, n);
-        } else {
-            sel[t] = false;
-        }
+        sel[t] = open && passes(logit(t), t, n);
         n += sel[t] ? 1 : 0;
     }
 }
@@ -610,19 +621,22 @@ void decideRow(const CausalRule& rule, std::int64_t T, const std::int64_t* candi
 template <typename Logit>
 std::int64_t decideCandidates(const CausalRule& rule, std::int64_t T, const std::int64_t* candidates,
                               std::size_t n_candidates, Logit&& logit, bool* sel, std::int64_t* chosen) {
-    const bool inside = rule.threshold > 0.0 && rule.threshold < 1.0;
-    const double point = inside ? std::log(rule.threshold / (1.0 - rule.threshold)) : 0.0;
-    const double near = 1e-6 * (1.0 + std::abs(point));
+    const RulePasses passes(rule);
     std::fill(sel, sel + T, false);
     std::int64_t n = 0;
     for (std::size_t i = 0; i < n_candidates; ++i) {
         const auto t = candidates[i];
-        const double l = logit(t);
-        const double v = l + rule.budget_gain * (rule.capacity * double(t + 1) - double(n));
-        sel[t] = inside && std::abs(v - point) > near ? v > point : rule.passes(l, t, n);
+        sel[t] = passes(logit(t), t, n);
         if (sel[t]) chosen[n++] = t;
     }
     return n;
+}
+
+// Positions [n] as a [1, n] int64 row on device: a row's selection as the forward takes it.
+torch::Tensor positionsRow(const std::int64_t* positions, std::int64_t n, const torch::Device& device) {
+    auto row = torch::empty({1, n}, torch::kLong);
+    std::copy(positions, positions + n, row.data_ptr<std::int64_t>());
+    return onDevice(row, device);
 }
 
 // Each row's selected positions (ascending) as [1, n_b] int64 on device.
@@ -636,9 +650,7 @@ void selectedRows(const torch::Tensor& mask, const torch::Device& device, std::v
         rows.clear();
         for (std::int64_t t = 0; t < T; ++t)
             if (m[b * T + t]) rows.push_back(t);
-        auto row = torch::empty({1, static_cast<std::int64_t>(rows.size())}, torch::kLong);
-        std::copy(rows.begin(), rows.end(), row.data_ptr<std::int64_t>());
-        out->push_back(onDevice(row, device));
+        out->push_back(positionsRow(rows.data(), static_cast<std::int64_t>(rows.size()), device));
     }
 }
 
@@ -700,11 +712,7 @@ torch::Tensor causalRouting(BlockImpl& block, const torch::Tensor& x, const torc
             const auto n = decideCandidates(rule, T, feed.rows(), static_cast<std::size_t>(feed.size()),
                                             next_logit, out.data_ptr<bool>() + b * T, chosen.data());
             read += feed.size();
-            if (selected != nullptr) {
-                auto row = torch::empty({1, n}, torch::kLong);
-                std::copy(chosen.data(), chosen.data() + n, row.data_ptr<std::int64_t>());
-                selected->push_back(onDevice(row, router_logits.device()));
-            }
+            if (selected != nullptr) selected->push_back(positionsRow(chosen.data(), n, router_logits.device()));
         }
         if (predictor_rows != nullptr) *predictor_rows = read;
         return onDevice(out, router_logits.device());
