@@ -928,21 +928,14 @@ torch::Tensor rowDot(const torch::Tensor& x, const torch::Tensor& w) {
                 "cpu::rowDot: float32 CPU x [..., d] and a contiguous w of d floats expected");
     const auto d = x.size(-1);
     auto out = torch::empty(x.sizes().slice(0, x.dim() - 1), x.options());
-    const float* xp = x.data_ptr<float>();
+    // A contiguous x needs no reshape: its rows follow each other every d floats.
+    const auto x2d = x.is_contiguous() ? x : x.reshape({-1, d});
+    const auto ldx = x.is_contiguous() || x2d.size(0) <= 1 ? d : x2d.stride(0);
+    const float* xp = x2d.data_ptr<float>();
     const float* wp = w.data_ptr<float>();
     float* op = out.data_ptr<float>();
-    if (x.is_contiguous()) {
-        // No reshape: rows follow each other every d floats.
-        forRowShares(out.numel(), [&](std::int64_t r0, std::int64_t r1) {
-            rowDots(xp + r0 * d, d, r1 - r0, wp, d, op + r0);
-        });
-        return out;
-    }
-    const auto x2d = x.reshape({-1, d});
-    const auto rows = x2d.size(0), ldx = rows > 1 ? x2d.stride(0) : d;
-    const float* x2p = x2d.data_ptr<float>();
-    forRowShares(rows, [&](std::int64_t r0, std::int64_t r1) {
-        rowDots(x2p + r0 * ldx, ldx, r1 - r0, wp, d, op + r0);
+    forRowShares(out.numel(), [&](std::int64_t r0, std::int64_t r1) {
+        rowDots(xp + r0 * ldx, ldx, r1 - r0, wp, d, op + r0);
     });
     return out;
 }
