@@ -5,16 +5,7 @@
 // add as in the forward; the reference forward at T = 128 (no loop that long) did not change.
 #include "cpu_kernels.h"
 
-#include <ATen/Parallel.h>
 #include <immintrin.h>
-
-#ifdef _OPENMP
-#include <omp.h>
-// A parallel region over `team` threads, when the file is built with OpenMP (the fuzz build's copy is not).
-#define MODSCOPE_TEAM_REGION(team) _Pragma("omp parallel num_threads(team) if (team > 1)")
-#else
-#define MODSCOPE_TEAM_REGION(team)
-#endif
 
 #include <algorithm>
 #include <atomic>
@@ -26,17 +17,12 @@
 #include <vector>
 
 #include "attention_blocks.h"
+#include "cpu_loops.h"
 #include "cpu_matmul.h"
 
 namespace modscope::cpu {
 
 namespace {
-
-// Rows from which a row loop is split over LibTorch's threads; below, a region's start-up is a good part of the
-// loop. 128 rather than 256: on a Zen 4 EPYC the reference forward at T = 128 took 3.15-3.17 ms against
-// 3.22-3.23 (in one process, alternating, 400 runs each; 32 and 64 the same, T = 32 and 512 unchanged), where
-// on the Zen 5 machine before, 128 had measured no better.
-constexpr std::int64_t kParallelRows = 128;
 
 // Values from which SwiGLU's activation is split: an exp each makes its rows dearer. 16 x 512 took 3.9-4.5 us
 // split against 5.9 on one thread, 128 x 512 22-27 against 39.
@@ -69,6 +55,15 @@ constexpr std::int64_t kParallelWideAttentionRows = 32;
 // 4.03-4.13 to 3.84-3.94 ms (in one process, alternating, 400 runs each, a slow spell).
 constexpr std::int64_t kSmallBlockTokens = 64;
 
+// This thread's number in its parallel region (0 outside one, and in builds without OpenMP).
+int myThread() {
+#ifdef _OPENMP
+    return omp_get_thread_num();
+#else
+    return 0;
+#endif
+}
+
 std::atomic<bool> avx512_allowed{true};
 
 bool cpuHasFma() {
@@ -82,39 +77,6 @@ bool cpuHasAvx512() {
                             __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") &&
                             __builtin_cpu_supports("avx512cd");
     return has;
-}
-
-// This thread's contiguous share of rows, in multiples of `align`, inside a parallel region (all of them
-// outside one, and in builds without OpenMP).
-std::pair<std::int64_t, std::int64_t> myShare(std::int64_t rows, std::int64_t align) {
-#ifdef _OPENMP
-    const std::int64_t n = omp_get_num_threads(), i = omp_get_thread_num();
-#else
-    const std::int64_t n = 1, i = 0;
-#endif
-    const auto per = (rows + n * align - 1) / (n * align) * align;
-    return {std::min(rows, i * per), std::min(rows, (i + 1) * per)};
-}
-
-// This thread's number in its parallel region (0 outside one, and in builds without OpenMP).
-int myThread() {
-#ifdef _OPENMP
-    return omp_get_thread_num();
-#else
-    return 0;
-#endif
-}
-
-// fn(r0, r1) over [0, rows): one share per thread of LibTorch's team from `split_from` rows, all of them on
-// the calling thread below.
-template <typename Fn>
-void forRowShares(std::int64_t rows, Fn&& fn, std::int64_t split_from = kParallelRows) {
-    const int team = rows >= split_from ? at::get_num_threads() : 1;
-    MODSCOPE_TEAM_REGION(team)
-    {
-        const auto [r0, r1] = myShare(rows, 4);
-        fn(r0, r1);
-    }
 }
 
 // RMSNorm of rows x (plus rows a, when a is not null: the norm of a sum that is never stored).
@@ -171,6 +133,9 @@ void rmsNormBackwardRows(const float* x, std::int64_t ldx, const float* dy, cons
     }
 }
 
+}  // namespace
+
+// (cpu_loops.h)
 __attribute__((target_clones("avx2", "default")))
 void rotateHead(const float* x, const float* c, const float* s, float* y, std::int64_t hd) {
     const std::int64_t half = hd / 2;
@@ -178,13 +143,7 @@ void rotateHead(const float* x, const float* c, const float* s, float* y, std::i
     for (std::int64_t i = half; i < hd; ++i) y[i] = x[i] * c[i] + x[i - half] * s[i];
 }
 
-// GCC's vector type: AVX registers in the AVX2 build, pairs of SSE registers in the baseline one. Unaligned
-// (aligned(4)): rows start wherever a view puts them.
-typedef float Float8 __attribute__((vector_size(32), aligned(4)));
-
-// No helpers taking or returning Float8: outside the AVX2 build their ABI would differ (-Wpsabi).
-#define MODSCOPE_LOAD8(p) (*reinterpret_cast<const Float8*>(p))
-#define MODSCOPE_SUM8(a) (((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7])))
+namespace {
 
 // Four rows at a time: four independent accumulators where one row's would be a serial chain of additions,
 // and each load of w serves four rows (1.3x faster than one row with two accumulators at 512 x 192).
@@ -233,10 +192,13 @@ void addScaledRow(float* y, const float* x, float scale, std::int64_t d) {
 
 float sigmoid(float v) { return 1.0f / (1.0f + std::exp(-v)); }
 
-// y[i] = exp(scale * x[i] - shift), eight at a time: Cephes' expf (x = n ln 2 + r, a degree-5 polynomial for
-// e^r, 2^n built from exponent bits in two halves so that denormal results and 2^128 are reachable). SiLU
-// built on it stays within 1.5e-7 relative of double precision across [-87, 88] (engine_cpu_paths_test);
-// inf above 88.72, at most float's smallest denormal below -103; NaN stays NaN. x and y may be the same row.
+}  // namespace
+
+// (cpu_loops.h) y[i] = exp(scale * x[i] - shift), eight at a time: Cephes' expf (x = n ln 2 + r, a degree-5
+// polynomial for e^r, 2^n built from exponent bits in two halves so that denormal results and 2^128 are
+// reachable). SiLU built on it stays within 1.5e-7 relative of double precision across [-87, 88]
+// (engine_cpu_paths_test); inf above 88.72, at most float's smallest denormal below -103; NaN stays NaN. x and
+// y may be the same row.
 __attribute__((target_clones("arch=x86-64-v3", "default")))
 void expRow(const float* x, float scale, float shift, float* y, std::int64_t n) {
     typedef int Int8 __attribute__((vector_size(32)));
@@ -264,6 +226,8 @@ void expRow(const float* x, float scale, float shift, float* y, std::int64_t n) 
     }
     for (; i < n; ++i) y[i] = std::exp(scale * x[i] - shift);
 }
+
+namespace {
 
 // The numerators of a softmax over row[0, visible) in place: row[j] = exp(row[j] - max of them), written for
 // j < exp_len (>= visible: a caller whose row has room rounds it up to whole vectors, so expRow takes no scalar

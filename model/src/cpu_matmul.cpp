@@ -121,8 +121,13 @@ struct MmFunction : torch::autograd::Function<MmFunction> {
                                                    torch::autograd::variable_list grads) {
         const auto saved = ctx->get_saved_variables();
         const auto& g = grads[0];
-        return {ctx->needs_input_grad(0) ? rawMm(g, saved[1].t()) : torch::Tensor(),
-                ctx->needs_input_grad(1) ? rawMm(saved[0].t(), g) : torch::Tensor()};
+        if (!ctx->needs_input_grad(1)) return {ctx->needs_input_grad(0) ? rawMm(g, saved[1].t()) : torch::Tensor(), {}};
+        // A linear layer's b is its weight's transposed view: dB in that layout, (dC^T A)^T, reaches the weight
+        // as a contiguous tensor that AccumulateGrad takes as it is, where a contiguous dB would be copied.
+        const auto& b = saved[1];
+        const bool b_transposed = b.stride(0) == 1 && b.stride(1) != 1;
+        return {ctx->needs_input_grad(0) ? rawMm(g, b.t()) : torch::Tensor(),
+                b_transposed ? rawMm(g.t(), saved[0]).t() : rawMm(saved[0].t(), g)};
     }
 };
 
@@ -166,13 +171,13 @@ torch::Tensor bmm(const torch::Tensor& a, const torch::Tensor& b, const torch::T
     return needsGrad(a, b) ? BmmFunction::apply(a, b, &constant) : rawBmm(a, b, constant);
 }
 
-void bmmInto(const torch::Tensor& a, const torch::Tensor& b, torch::Tensor& c) {
+void bmmInto(const torch::Tensor& a, const torch::Tensor& b, torch::Tensor& c, float beta) {
     checkOperands(a, b, 3);
     const auto P = a.size(0), M = a.size(1), N = b.size(2);
     TORCH_CHECK(applies(c) && c.dim() == 3 && c.size(0) == P && c.size(1) == M && c.size(2) == N &&
                     (c.stride(2) == 1 || N == 1) && (M == 1 || c.stride(1) >= N),
                 "cpu::bmmInto: the output must be a float32 [", P, ", ", M, ", ", N, "] view with contiguous rows");
-    bmmRaw(a, b, c.data_ptr<float>(), M == 1 ? std::max<std::int64_t>(N, 1) : c.stride(1), c.stride(0), 0.f);
+    bmmRaw(a, b, c.data_ptr<float>(), M == 1 ? std::max<std::int64_t>(N, 1) : c.stride(1), c.stride(0), beta);
 }
 
 void gemmInto(const torch::Tensor& a, const torch::Tensor& b, torch::Tensor& c, float beta) {

@@ -26,9 +26,9 @@ torch::Tensor mm(const torch::Tensor& a, const torch::Tensor& b);
 // [P, M, N], contiguous. Operands as for mm, per batch entry. Differentiable in a and b as mm is.
 torch::Tensor bmm(const torch::Tensor& a, const torch::Tensor& b, const torch::Tensor& add = {});
 
-// a [P, M, K] @ b [P, K, N] written into c, a [P, M, N] view whose rows are contiguous (any row and batch
-// strides: a slice of a wider tensor). No autograd.
-void bmmInto(const torch::Tensor& a, const torch::Tensor& b, torch::Tensor& c);
+// a [P, M, K] @ b [P, K, N] (+ beta c) written into c, a [P, M, N] view whose rows are contiguous (any row and
+// batch strides: a slice of a wider tensor). No autograd.
+void bmmInto(const torch::Tensor& a, const torch::Tensor& b, torch::Tensor& c, float beta = 0.f);
 
 // Raw product into a caller's row-major output: c = a @ b + beta c. No autograd.
 void gemmInto(const torch::Tensor& a, const torch::Tensor& b, torch::Tensor& c, float beta);

@@ -14,6 +14,7 @@
 #include "attention_blocks.h"
 #include "cpu_kernels.h"
 #include "cpu_matmul.h"
+#include "cpu_training.h"
 
 namespace modscope::nn {
 
@@ -173,6 +174,10 @@ torch::Tensor AttentionImpl::forward(const torch::Tensor& x, const torch::Tensor
     const auto B = x.size(0), S = x.size(1), d = x.size(2);
     const auto H = n_heads, hd = head_dim;
     const auto qkv_out = linear(x, qkv->weight, {}, qkv_t).view({B, S, 3, H, hd});
+    // Training on the CPU: the fused function (cpu_training.h), where the operators below cost a dozen
+    // dispatches and zero-filled gradients of the whole qkv output each way.
+    if (kv == nullptr && needsGrad(x, qkv->weight) && cpu::appliesTo(qkv_out) && cpu::appliesTo(positions.rope))
+        return linear(causalSelfAttention(qkv_out, pos, positions.rope), proj->weight, {}, proj_t);
     const auto qk = positions.rotateQK(qkv_out.narrow(2, 0, 2), pos);  // [B, S, 2, H, hd], q scaled
     // Head-major views [B, H, S, hd]; with B = 1 the reshapes below stay views (bmm takes row strides).
     const auto q = qk.select(2, 0).transpose(1, 2);

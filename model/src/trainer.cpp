@@ -20,6 +20,7 @@
 #include <sstream>
 
 #include "cpu_threads.h"
+#include "cpu_training.h"
 #include "file_io.h"
 #include "modscope/trace_io.h"
 #include "model_impl.h"
@@ -156,7 +157,7 @@ EvalResult evaluate(const Model& model, const std::vector<int>& ids, int seq_len
         std::vector<nn::LayerRouting> routing;
         const auto h = impl.net->hidden(w.narrow(1, 0, seq_len), fo, &routing);
         const auto logits = impl.net->logits(h);
-        loss_sum += F::cross_entropy(logits.reshape({-1, logits.size(-1)}), w.narrow(1, 1, seq_len).reshape(-1))
+        loss_sum += nn::crossEntropyLoss(logits.reshape({-1, logits.size(-1)}), w.narrow(1, 1, seq_len).reshape(-1))
                         .item<double>();
         ++batches;
         for (int li = 0; li < impl.config.n_layers; ++li) {
@@ -462,7 +463,7 @@ TrainProgress Trainer::run(const std::function<void(const TrainProgress&)>& on_p
         fo.collect = true;
         std::vector<nn::LayerRouting> routing;
         const auto logits = net.logits(net.hidden(inputs, fo, &routing));
-        const auto lm_loss = F::cross_entropy(logits.reshape({-1, logits.size(-1)}), targets.reshape(-1));
+        const auto lm_loss = nn::crossEntropyLoss(logits.reshape({-1, logits.size(-1)}), targets.reshape(-1));
         auto loss = lm_loss;
         torch::Tensor pred_loss = torch::zeros({}, logits.options());
         int routed = 0;

@@ -1,0 +1,338 @@
+// The training step's fused operations (cpu_training.h). Built with OpenMP, as cpu_kernels.cpp: the row loops
+// split over LibTorch's threads from kParallelRows rows. Every row's arithmetic is the same on one thread as
+// on two (no sums across rows, but the loss's, which is summed in row order), so a resumed run repeats its
+// losses whichever thread count cpu::adaptThreads picked.
+#include "cpu_training.h"
+
+#include <torch/autograd.h>
+#include <torch/nn/functional/loss.h>
+
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#include "attention_blocks.h"
+#include "cpu_kernels.h"
+#include "cpu_loops.h"
+#include "cpu_matmul.h"
+
+namespace modscope::cpu {
+
+namespace {
+
+// The transpose of rotateHead, for its gradient: rotateHead reads x[i + half] into y[i] with s[i] and x[i]
+// into y[i + half] with s[i + half], so dx[i] takes dy[i + half] with s[i + half] and dx[i + half] takes
+// dy[i] with s[i].
+__attribute__((target_clones("avx2", "default"))) void rotateHeadBack(const float* dy, const float* c,
+                                                                      const float* s, float* dx,
+                                                                      std::int64_t hd) {
+    const std::int64_t half = hd / 2;
+    for (std::int64_t i = 0; i < half; ++i) dx[i] = dy[i] * c[i] + dy[i + half] * s[i + half];
+    for (std::int64_t i = half; i < hd; ++i) dx[i] = dy[i] * c[i] + dy[i - half] * s[i - half];
+}
+
+// Positions (one per token, checked against the table) and the rotary table, kept alive for raw reads.
+struct Rotary {
+    torch::Tensor pos, rope;
+    const std::int64_t* p = nullptr;
+    const float* f = nullptr;
+    // Token t's factors for q (which 0) or k (which 1): cos at cos(t, which), sin at sin(t, which).
+    const float* cos(std::int64_t t, std::int64_t which, std::int64_t hd) const {
+        return f + p[t] * 4 * hd + which * hd;
+    }
+    const float* sin(std::int64_t t, std::int64_t which, std::int64_t hd) const {
+        return f + p[t] * 4 * hd + (2 + which) * hd;
+    }
+};
+
+Rotary rotary(const torch::Tensor& pos_in, const torch::Tensor& rope_in, std::int64_t tokens, std::int64_t hd,
+              const char* caller) {
+    Rotary r;
+    r.pos = pos_in.to(torch::kCPU, torch::kLong).contiguous().view({-1});
+    TORCH_CHECK(r.pos.numel() == tokens, caller, ": one position per token expected");
+    r.rope = rope_in.contiguous();
+    TORCH_CHECK(applies(r.rope) && r.rope.dim() == 5 && r.rope.size(1) == 2 && r.rope.size(2) == 2 &&
+                    r.rope.size(3) == 1 && r.rope.size(4) == hd,
+                caller, ": rope must be float32 [L, 2, 2, 1, hd]");
+    r.p = r.pos.data_ptr<std::int64_t>();
+    for (std::int64_t t = 0; t < tokens; ++t)
+        TORCH_CHECK(r.p[t] >= 0 && r.p[t] < r.rope.size(0), caller, ": position ", r.p[t], " out of range");
+    r.f = r.rope.data_ptr<float>();
+    return r;
+}
+
+// The gradient of a softmax row over its first `visible` entries, in place in g; entries after them 0.
+__attribute__((target_clones("arch=x86-64-v3", "default"))) void softmaxGradRow(const float* p, float* g,
+                                                                                std::int64_t visible,
+                                                                                std::int64_t n) {
+    Float8 acc = {};
+    std::int64_t j = 0;
+    for (; j + 8 <= visible; j += 8) acc += MODSCOPE_LOAD8(p + j) * MODSCOPE_LOAD8(g + j);
+    float dot = MODSCOPE_SUM8(acc);
+    for (; j < visible; ++j) dot += p[j] * g[j];
+    for (j = 0; j < visible; ++j) g[j] = p[j] * (g[j] - dot);
+    std::fill(g + visible, g + n, 0.0f);
+}
+
+// log(sum(exp(row))) over n floats, with e as room for n floats.
+__attribute__((target_clones("arch=x86-64-v3", "default"))) float logSumExp(const float* row, float* e,
+                                                                            std::int64_t n) {
+    float max = row[0];
+    std::int64_t j = 0;
+    if (n >= 8) {
+        Float8 m = MODSCOPE_LOAD8(row);
+        for (j = 8; j + 8 <= n; j += 8) {
+            const Float8 v = MODSCOPE_LOAD8(row + j);
+            m = v > m ? v : m;
+        }
+        for (int u = 0; u < 8; ++u) max = m[u] > max ? m[u] : max;
+    }
+    for (; j < n; ++j) max = row[j] > max ? row[j] : max;
+    expRow(row, 1.0f, max, e, n);
+    Float8 acc = {};
+    for (j = 0; j + 8 <= n; j += 8) acc += MODSCOPE_LOAD8(e + j);
+    float sum = MODSCOPE_SUM8(acc);
+    for (; j < n; ++j) sum += e[j];
+    return max + std::log(sum);
+}
+
+// The rows of logits [N, V] (rows contiguous) with their targets, checked.
+struct LossRows {
+    torch::Tensor targets;
+    const float* x = nullptr;
+    const std::int64_t* t = nullptr;
+    std::int64_t N = 0, V = 0, ld = 0;
+};
+
+LossRows lossRows(const torch::Tensor& logits, const torch::Tensor& targets_in, const char* caller) {
+    TORCH_CHECK(appliesTo(logits) && logits.dim() == 2 && logits.size(1) > 0, caller,
+                ": float32 CPU logits [N, V] expected");
+    LossRows r;
+    r.N = logits.size(0);
+    r.V = logits.size(1);
+    r.ld = r.N > 1 ? logits.stride(0) : r.V;
+    r.targets = targets_in.to(torch::kCPU, torch::kLong).contiguous().view({-1});
+    TORCH_CHECK(r.targets.numel() == r.N, caller, ": one target per row expected");
+    r.t = r.targets.data_ptr<std::int64_t>();
+    for (std::int64_t i = 0; i < r.N; ++i)
+        TORCH_CHECK(r.t[i] >= 0 && r.t[i] < r.V, caller, ": target ", r.t[i], " out of range");
+    r.x = logits.data_ptr<float>();
+    return r;
+}
+
+}  // namespace
+
+torch::Tensor splitHeads(const torch::Tensor& qkv, const torch::Tensor& pos, const torch::Tensor& rope) {
+    TORCH_CHECK(appliesTo(qkv) && qkv.dim() == 5 && qkv.size(2) == 3 && qkv.size(4) % 2 == 0,
+                "cpu::splitHeads: float32 CPU qkv [B, S, 3, H, hd] expected");
+    const auto B = qkv.size(0), S = qkv.size(1), H = qkv.size(3), hd = qkv.size(4), N = B * H;
+    const auto r = rotary(pos, rope, B * S, hd, "cpu::splitHeads");
+    auto out = torch::empty({3, N, S, hd}, qkv.options());
+    const float* x = qkv.data_ptr<float>();
+    const auto sb = qkv.stride(0), ss = qkv.stride(1), sw = qkv.stride(2), sh = qkv.stride(3);
+    float* o = out.data_ptr<float>();
+    // Head-major: head n's row s of part `which` at ((which * N + n) * S + s) * hd.
+    const auto at = [&](std::int64_t which, std::int64_t b, std::int64_t h, std::int64_t s) {
+        return o + ((which * N + b * H + h) * S + s) * hd;
+    };
+    forRowShares(B * S, [&](std::int64_t t0, std::int64_t t1) {
+        for (auto t = t0; t < t1; ++t) {
+            const auto b = t / S, s = t % S;
+            const float* src = x + b * sb + s * ss;
+            for (std::int64_t which = 0; which < 2; ++which)
+                for (std::int64_t h = 0; h < H; ++h)
+                    rotateHead(src + which * sw + h * sh, r.cos(t, which, hd), r.sin(t, which, hd),
+                               at(which, b, h, s), hd);
+            for (std::int64_t h = 0; h < H; ++h)
+                std::memcpy(at(2, b, h, s), src + 2 * sw + h * sh, sizeof(float) * hd);
+        }
+    });
+    return out;
+}
+
+torch::Tensor splitHeadsBackward(const torch::Tensor& grad_in, const torch::Tensor& pos,
+                                 const torch::Tensor& rope, std::int64_t batch) {
+    TORCH_CHECK(applies(grad_in) && grad_in.dim() == 4 && grad_in.size(0) == 3 && batch > 0 &&
+                    grad_in.size(1) % batch == 0 && grad_in.size(3) % 2 == 0,
+                "cpu::splitHeadsBackward: float32 CPU [3, B * H, S, hd] expected");
+    const auto grad = grad_in.contiguous();
+    const auto N = grad.size(1), S = grad.size(2), hd = grad.size(3), B = batch, H = N / B;
+    const auto r = rotary(pos, rope, B * S, hd, "cpu::splitHeadsBackward");
+    auto out = torch::empty({B, S, 3, H, hd}, grad.options());
+    const float* g = grad.data_ptr<float>();
+    float* o = out.data_ptr<float>();
+    const auto at = [&](std::int64_t which, std::int64_t b, std::int64_t h, std::int64_t s) {
+        return g + ((which * N + b * H + h) * S + s) * hd;
+    };
+    forRowShares(B * S, [&](std::int64_t t0, std::int64_t t1) {
+        for (auto t = t0; t < t1; ++t) {
+            const auto b = t / S, s = t % S;
+            float* dst = o + t * 3 * H * hd;
+            for (std::int64_t which = 0; which < 2; ++which)
+                for (std::int64_t h = 0; h < H; ++h)
+                    rotateHeadBack(at(which, b, h, s), r.cos(t, which, hd), r.sin(t, which, hd),
+                                   dst + (which * H + h) * hd, hd);
+            for (std::int64_t h = 0; h < H; ++h)
+                std::memcpy(dst + (2 * H + h) * hd, at(2, b, h, s), sizeof(float) * hd);
+        }
+    });
+    return out;
+}
+
+void causalSoftmaxBackward(const torch::Tensor& probs, torch::Tensor& grad, std::int64_t first) {
+    TORCH_CHECK(appliesTo(probs) && appliesTo(grad) && probs.dim() == 3 && grad.sizes() == probs.sizes() &&
+                    first >= 0,
+                "cpu::causalSoftmaxBackward: float32 CPU probs and grad [P, n, keys] of one shape expected");
+    const auto P = probs.size(0), n = probs.size(1), keys = probs.size(2);
+    const float* p = probs.data_ptr<float>();
+    float* g = grad.data_ptr<float>();
+    const auto pp = probs.stride(0), pr = probs.stride(1), gp = grad.stride(0), gr = grad.stride(1);
+    forRowShares(P * n, [&](std::int64_t r0, std::int64_t r1) {
+        for (auto r = r0; r < r1; ++r) {
+            const auto b = r / n, i = r % n;
+            softmaxGradRow(p + b * pp + i * pr, g + b * gp + i * gr, std::min(keys, first + i + 1), keys);
+        }
+    });
+}
+
+CrossEntropyRows crossEntropy(const torch::Tensor& logits, const torch::Tensor& targets) {
+    const auto rows = lossRows(logits, targets, "cpu::crossEntropy");
+    CrossEntropyRows out;
+    out.lse = torch::empty({rows.N}, logits.options());
+    float* lse = out.lse.data_ptr<float>();
+    std::vector<float> loss(static_cast<std::size_t>(rows.N));
+    forRowShares(rows.N, [&](std::int64_t r0, std::int64_t r1) {
+        std::vector<float> e(static_cast<std::size_t>(rows.V));
+        for (auto r = r0; r < r1; ++r) {
+            const float* row = rows.x + r * rows.ld;
+            lse[r] = logSumExp(row, e.data(), rows.V);
+            loss[r] = lse[r] - row[rows.t[r]];
+        }
+    });
+    double sum = 0.0;
+    for (const float l : loss) sum += l;
+    out.loss = rows.N > 0 ? sum / static_cast<double>(rows.N) : std::nan("");
+    return out;
+}
+
+torch::Tensor crossEntropyBackward(const torch::Tensor& logits, const torch::Tensor& targets,
+                                   const torch::Tensor& lse_in, float scale) {
+    const auto rows = lossRows(logits, targets, "cpu::crossEntropyBackward");
+    const auto lse = lse_in.contiguous();
+    TORCH_CHECK(applies(lse) && lse.numel() == rows.N, "cpu::crossEntropyBackward: lse [N] expected");
+    auto out = torch::empty({rows.N, rows.V}, logits.options());
+    const float* l = lse.data_ptr<float>();
+    float* o = out.data_ptr<float>();
+    forRowShares(rows.N, [&](std::int64_t r0, std::int64_t r1) {
+        for (auto r = r0; r < r1; ++r) {
+            float* dst = o + r * rows.V;
+            expRow(rows.x + r * rows.ld, 1.0f, l[r], dst, rows.V);
+            for (std::int64_t j = 0; j < rows.V; ++j) dst[j] *= scale;
+            dst[rows.t[r]] -= scale;
+        }
+    });
+    return out;
+}
+
+}  // namespace modscope::cpu
+
+namespace modscope::nn {
+
+namespace {
+
+struct CausalSelfAttentionFunction : torch::autograd::Function<CausalSelfAttentionFunction> {
+    // pos and rope by pointer: constants, not inputs of the graph.
+    static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& qkv,
+                                 const torch::Tensor* pos, const torch::Tensor* rope) {
+        const auto B = qkv.size(0), S = qkv.size(1), H = qkv.size(3), hd = qkv.size(4);
+        const auto heads = cpu::splitHeads(qkv, *pos, *rope);  // [3, B * H, S, hd]
+        const auto q = heads[0], k = heads[1], v = heads[2];
+        auto out = torch::empty({B * H, S, hd}, qkv.options());
+        torch::autograd::variable_list saved{heads};
+        for (std::int64_t s = 0; s < S; s += kAttentionQueryBlock) {
+            const auto n = std::min(kAttentionQueryBlock, S - s), visible = s + n;
+            auto probs =
+                cpu::bmm(q.narrow(1, s, n), k.narrow(1, 0, visible).transpose(1, 2));  // [B H, n, visible]
+            cpu::causalSoftmax(probs, s);
+            auto target = out.narrow(1, s, n);
+            cpu::bmmInto(probs, v.narrow(1, 0, visible), target);
+            saved.push_back(probs);
+        }
+        ctx->save_for_backward(saved);
+        ctx->saved_data["pos"] = *pos;
+        ctx->saved_data["rope"] = *rope;
+        ctx->saved_data["batch"] = B;
+        return out.view({B, H, S, hd}).transpose(1, 2).reshape({B, S, H * hd});
+    }
+
+    static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                   torch::autograd::variable_list grads) {
+        const auto saved = ctx->get_saved_variables();
+        const auto& heads = saved[0];
+        const auto B = ctx->saved_data["batch"].toInt();
+        const auto N = heads.size(1), S = heads.size(2), hd = heads.size(3), H = N / B;
+        const auto q = heads[0], k = heads[1], v = heads[2];
+        const auto d_out =
+            grads[0].reshape({B, S, H, hd}).permute({0, 2, 1, 3}).contiguous().view({N, S, hd});
+        auto d_heads = torch::empty_like(heads);
+        auto dq = d_heads[0], dk = d_heads[1], dv = d_heads[2];
+        // The last block sees every key: it writes all of dk and dv, and the earlier blocks add to their
+        // prefix.
+        const auto blocks = static_cast<std::int64_t>(saved.size()) - 1;
+        for (auto i = blocks - 1; i >= 0; --i) {
+            const auto s = i * kAttentionQueryBlock, n = std::min(kAttentionQueryBlock, S - s),
+                       visible = s + n;
+            const float beta = i == blocks - 1 ? 0.0f : 1.0f;
+            const auto& probs = saved[1 + i];
+            const auto d_out_block = d_out.narrow(1, s, n);
+            auto dv_seen = dv.narrow(1, 0, visible), dk_seen = dk.narrow(1, 0, visible),
+                 dq_block = dq.narrow(1, s, n);
+            cpu::bmmInto(probs.transpose(1, 2), d_out_block, dv_seen, beta);
+            auto d_scores = cpu::bmm(d_out_block, v.narrow(1, 0, visible).transpose(1, 2));
+            cpu::causalSoftmaxBackward(probs, d_scores, s);
+            cpu::bmmInto(d_scores, k.narrow(1, 0, visible), dq_block);
+            cpu::bmmInto(d_scores.transpose(1, 2), q.narrow(1, s, n), dk_seen, beta);
+        }
+        return {cpu::splitHeadsBackward(d_heads, ctx->saved_data["pos"].toTensor(),
+                                        ctx->saved_data["rope"].toTensor(), B),
+                torch::Tensor(), torch::Tensor()};
+    }
+};
+
+struct CrossEntropyFunction : torch::autograd::Function<CrossEntropyFunction> {
+    static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& logits,
+                                 const torch::Tensor* targets) {
+        auto rows = cpu::crossEntropy(logits, *targets);
+        ctx->save_for_backward({logits, rows.lse});
+        ctx->saved_data["targets"] = *targets;
+        return torch::scalar_tensor(rows.loss, logits.options());
+    }
+
+    static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                   torch::autograd::variable_list grads) {
+        const auto saved = ctx->get_saved_variables();
+        const auto N = saved[0].size(0);
+        const float scale = grads[0].item<float>() / static_cast<float>(N);
+        return {cpu::crossEntropyBackward(saved[0], ctx->saved_data["targets"].toTensor(), saved[1], scale),
+                torch::Tensor()};
+    }
+};
+
+}  // namespace
+
+torch::Tensor causalSelfAttention(const torch::Tensor& qkv, const torch::Tensor& pos,
+                                  const torch::Tensor& rope) {
+    TORCH_CHECK(cpu::appliesTo(qkv) && qkv.dim() == 5 && qkv.size(2) == 3,
+                "causalSelfAttention: float32 CPU qkv [B, S, 3, H, hd] expected");
+    return CausalSelfAttentionFunction::apply(qkv, &pos, &rope);
+}
+
+torch::Tensor crossEntropyLoss(const torch::Tensor& logits, const torch::Tensor& targets) {
+    if (!cpu::appliesTo(logits) || logits.dim() != 2 || logits.size(0) == 0)
+        return torch::nn::functional::cross_entropy(logits, targets);
+    if (torch::GradMode::is_enabled() && logits.requires_grad())
+        return CrossEntropyFunction::apply(logits, &targets);
+    return torch::scalar_tensor(cpu::crossEntropy(logits, targets).loss, logits.options());
+}
+
+}  // namespace modscope::nn
