@@ -44,8 +44,8 @@ namespace modscope::nn {
 // Causal self-attention from the qkv projection's output qkv [B, S, 3, H, hd] (float32 CPU, the last
 // dimension contiguous) at positions pos (B * S int64) with rotary factors rope (PositionTables::rope): the
 // heads' outputs side by side, [B, S, H * hd], for the output projection. Differentiable in qkv (splitHeads,
-// the score and value products on query blocks of kAttentionQueryBlock that never compute scores above the
-// diagonal, causalSoftmax), with a backward of the same products and causalSoftmaxBackward. Not twice
+// the score and value products on query blocks of kAttentionQueryBlock that never score the keys after their
+// block, causalSoftmax), with a backward of the same products and causalSoftmaxBackward. Not twice
 // differentiable.
 torch::Tensor causalSelfAttention(const torch::Tensor& qkv, const torch::Tensor& pos,
                                   const torch::Tensor& rope);
