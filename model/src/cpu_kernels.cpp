@@ -229,11 +229,15 @@ void expRow(const float* x, float scale, float shift, float* y, std::int64_t n) 
 
 namespace {
 
-// The numerators of a softmax over row[0, visible) in place: row[j] = exp(row[j] - max of them), written for
-// j < exp_len (>= visible: a caller whose row has room rounds it up to whole vectors, so expRow takes no scalar
-// tail); returns their sum. Max and sum in eight lanes: a serial sum of a 512-key row waited on each add.
+}  // namespace
+
+// (cpu_loops.h) out[j] = exp(row[j] - the max of row[0, visible)), written for j < exp_len (>= visible: a
+// caller whose row has room rounds it up to whole vectors, so expRow takes no scalar tail); returns their sum
+// over [0, visible), and the max through max_out when given. row and out may be the same. Max and sum in eight
+// lanes: a serial sum of a 512-key row waited on each add.
 __attribute__((target_clones("arch=x86-64-v3", "default")))
-float softmaxNumerators(float* row, std::int64_t visible, std::int64_t exp_len) {
+float softmaxNumerators(const float* row, float* out, std::int64_t visible, std::int64_t exp_len,
+                        float* max_out) {
     std::int64_t j = 0;
     float max = row[0];
     if (visible >= 8) {
@@ -247,19 +251,22 @@ float softmaxNumerators(float* row, std::int64_t visible, std::int64_t exp_len) 
         for (int u = 0; u < 8; ++u) max = m[u] > max ? m[u] : max;
     }
     for (; j < visible; ++j) max = row[j] > max ? row[j] : max;
-    expRow(row, 1.0f, max, row, exp_len);
+    expRow(row, 1.0f, max, out, exp_len);
     Float8 acc = {};
-    for (j = 0; j + 8 <= visible; j += 8) acc += MODSCOPE_LOAD8(row + j);
+    for (j = 0; j + 8 <= visible; j += 8) acc += MODSCOPE_LOAD8(out + j);
     float sum = MODSCOPE_SUM8(acc);
-    for (; j < visible; ++j) sum += row[j];
+    for (; j < visible; ++j) sum += out[j];
+    if (max_out != nullptr) *max_out = max;
     return sum;
 }
+
+namespace {
 
 // row[0, visible) = softmax of itself, row[visible, n) = 0: one row of causal attention's probabilities in
 // place.
 __attribute__((target_clones("arch=x86-64-v3", "default")))
 void causalSoftmaxRow(float* row, std::int64_t visible, std::int64_t n) {
-    const float inv = 1.0f / softmaxNumerators(row, visible, visible);
+    const float inv = 1.0f / softmaxNumerators(row, row, visible, visible);
     for (std::int64_t j = 0; j < visible; ++j) row[j] *= inv;
     std::fill(row + visible, row + n, 0.0f);
 }
@@ -282,7 +289,7 @@ void attendHead(Rows<const float> q, Rows<const float> k, Rows<const float> v, R
         const float* qi = q.data + i * q.ld;
         const auto visible = prior + i + 1;  // its own key and every earlier one
         rowDots(k.data, k.ld, visible, qi, hd, scores);
-        const float inv = 1.0f / softmaxNumerators(scores, visible, (visible + 7) / 8 * 8);
+        const float inv = 1.0f / softmaxNumerators(scores, scores, visible, (visible + 7) / 8 * 8);
         float* o = out.data + i * out.ld;
         // The weighted sum of values 64 columns at a time in eight vector registers: summed in memory
         // instead, each key's add waits for the previous key's store (most of this function's time, perf).

@@ -21,6 +21,10 @@ namespace modscope::cpu {
 
 // y[i] = exp(scale * x[i] - shift) for n floats (cpu_kernels.cpp); x and y may be the same row.
 void expRow(const float* x, float scale, float shift, float* y, std::int64_t n);
+// The numerators of a softmax over row[0, visible), exp(row[j] - max), into out[0, exp_len) (exp_len >= visible;
+// row and out may be the same); returns their sum, and the max through max_out when given (cpu_kernels.cpp).
+float softmaxNumerators(const float* row, float* out, std::int64_t visible, std::int64_t exp_len,
+                        float* max_out = nullptr);
 // One head of hd (even) floats rotated by a position's factors: y = x * c + swap_halves(x) * s
 // (cpu_kernels.cpp).
 void rotateHead(const float* x, const float* c, const float* s, float* y, std::int64_t hd);

@@ -9,6 +9,7 @@
 
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "attention_blocks.h"
@@ -61,6 +62,43 @@ Rotary rotary(const torch::Tensor& pos_in, const torch::Tensor& rope_in, std::in
     return r;
 }
 
+// Strides of a token-major [B, S, 3, H, hd] layout (the last dimension contiguous): batch, token, part, head.
+struct TokenStrides {
+    std::int64_t b, s, part, head;
+};
+
+// The head split's two layouts, moved one way. Token-major: part `which` (q, k, v) of head h of token (b, s)
+// at tokens + b * st.b + s * st.s + which * st.part + h * st.head. Head-major [3, B * H, S, hd], contiguous.
+// Forward (kBack false) reads tokens into heads, rotating q and k; backward reads heads into tokens through
+// the rotation's transpose. v moves as it is.
+template <bool kBack>
+void moveHeads(std::conditional_t<kBack, float*, const float*> tokens, TokenStrides st,
+               std::conditional_t<kBack, const float*, float*> heads, std::int64_t B, std::int64_t S,
+               std::int64_t H, std::int64_t hd, const Rotary& r) {
+    const auto N = B * H;
+    forRowShares(B * S, [&](std::int64_t t0, std::int64_t t1) {
+        for (auto t = t0; t < t1; ++t) {
+            const auto b = t / S, s = t % S;
+            for (std::int64_t which = 0; which < 3; ++which)
+                for (std::int64_t h = 0; h < H; ++h) {
+                    const auto tok = tokens + b * st.b + s * st.s + which * st.part + h * st.head;
+                    const auto head = heads + ((which * N + b * H + h) * S + s) * hd;
+                    if constexpr (kBack) {
+                        if (which == 2)
+                            std::memcpy(tok, head, sizeof(float) * hd);
+                        else
+                            rotateHeadBack(head, r.cos(t, which, hd), r.sin(t, which, hd), tok, hd);
+                    } else {
+                        if (which == 2)
+                            std::memcpy(head, tok, sizeof(float) * hd);
+                        else
+                            rotateHead(tok, r.cos(t, which, hd), r.sin(t, which, hd), head, hd);
+                    }
+                }
+        }
+    });
+}
+
 // The gradient of a softmax row over its first `visible` entries, in place in g; entries after them 0.
 __attribute__((target_clones("arch=x86-64-v3", "default"))) void softmaxGradRow(const float* p, float* g,
                                                                                 std::int64_t visible,
@@ -75,24 +113,9 @@ __attribute__((target_clones("arch=x86-64-v3", "default"))) void softmaxGradRow(
 }
 
 // log(sum(exp(row))) over n floats, with e as room for n floats.
-__attribute__((target_clones("arch=x86-64-v3", "default"))) float logSumExp(const float* row, float* e,
-                                                                            std::int64_t n) {
-    float max = row[0];
-    std::int64_t j = 0;
-    if (n >= 8) {
-        Float8 m = MODSCOPE_LOAD8(row);
-        for (j = 8; j + 8 <= n; j += 8) {
-            const Float8 v = MODSCOPE_LOAD8(row + j);
-            m = v > m ? v : m;
-        }
-        for (int u = 0; u < 8; ++u) max = m[u] > max ? m[u] : max;
-    }
-    for (; j < n; ++j) max = row[j] > max ? row[j] : max;
-    expRow(row, 1.0f, max, e, n);
-    Float8 acc = {};
-    for (j = 0; j + 8 <= n; j += 8) acc += MODSCOPE_LOAD8(e + j);
-    float sum = MODSCOPE_SUM8(acc);
-    for (; j < n; ++j) sum += e[j];
+float logSumExp(const float* row, float* e, std::int64_t n) {
+    float max = 0.0f;
+    const float sum = softmaxNumerators(row, e, n, n, &max);
     return max + std::log(sum);
 }
 
@@ -125,28 +148,11 @@ LossRows lossRows(const torch::Tensor& logits, const torch::Tensor& targets_in, 
 torch::Tensor splitHeads(const torch::Tensor& qkv, const torch::Tensor& pos, const torch::Tensor& rope) {
     TORCH_CHECK(appliesTo(qkv) && qkv.dim() == 5 && qkv.size(2) == 3 && qkv.size(4) % 2 == 0,
                 "cpu::splitHeads: float32 CPU qkv [B, S, 3, H, hd] expected");
-    const auto B = qkv.size(0), S = qkv.size(1), H = qkv.size(3), hd = qkv.size(4), N = B * H;
+    const auto B = qkv.size(0), S = qkv.size(1), H = qkv.size(3), hd = qkv.size(4);
     const auto r = rotary(pos, rope, B * S, hd, "cpu::splitHeads");
-    auto out = torch::empty({3, N, S, hd}, qkv.options());
-    const float* x = qkv.data_ptr<float>();
-    const auto sb = qkv.stride(0), ss = qkv.stride(1), sw = qkv.stride(2), sh = qkv.stride(3);
-    float* o = out.data_ptr<float>();
-    // Head-major: head n's row s of part `which` at ((which * N + n) * S + s) * hd.
-    const auto at = [&](std::int64_t which, std::int64_t b, std::int64_t h, std::int64_t s) {
-        return o + ((which * N + b * H + h) * S + s) * hd;
-    };
-    forRowShares(B * S, [&](std::int64_t t0, std::int64_t t1) {
-        for (auto t = t0; t < t1; ++t) {
-            const auto b = t / S, s = t % S;
-            const float* src = x + b * sb + s * ss;
-            for (std::int64_t which = 0; which < 2; ++which)
-                for (std::int64_t h = 0; h < H; ++h)
-                    rotateHead(src + which * sw + h * sh, r.cos(t, which, hd), r.sin(t, which, hd),
-                               at(which, b, h, s), hd);
-            for (std::int64_t h = 0; h < H; ++h)
-                std::memcpy(at(2, b, h, s), src + 2 * sw + h * sh, sizeof(float) * hd);
-        }
-    });
+    auto out = torch::empty({3, B * H, S, hd}, qkv.options());
+    moveHeads<false>(qkv.data_ptr<float>(), {qkv.stride(0), qkv.stride(1), qkv.stride(2), qkv.stride(3)},
+                     out.data_ptr<float>(), B, S, H, hd, r);
     return out;
 }
 
@@ -156,26 +162,11 @@ torch::Tensor splitHeadsBackward(const torch::Tensor& grad_in, const torch::Tens
                     grad_in.size(1) % batch == 0 && grad_in.size(3) % 2 == 0,
                 "cpu::splitHeadsBackward: float32 CPU [3, B * H, S, hd] expected");
     const auto grad = grad_in.contiguous();
-    const auto N = grad.size(1), S = grad.size(2), hd = grad.size(3), B = batch, H = N / B;
+    const auto S = grad.size(2), hd = grad.size(3), B = batch, H = grad.size(1) / B;
     const auto r = rotary(pos, rope, B * S, hd, "cpu::splitHeadsBackward");
     auto out = torch::empty({B, S, 3, H, hd}, grad.options());
-    const float* g = grad.data_ptr<float>();
-    float* o = out.data_ptr<float>();
-    const auto at = [&](std::int64_t which, std::int64_t b, std::int64_t h, std::int64_t s) {
-        return g + ((which * N + b * H + h) * S + s) * hd;
-    };
-    forRowShares(B * S, [&](std::int64_t t0, std::int64_t t1) {
-        for (auto t = t0; t < t1; ++t) {
-            const auto b = t / S, s = t % S;
-            float* dst = o + t * 3 * H * hd;
-            for (std::int64_t which = 0; which < 2; ++which)
-                for (std::int64_t h = 0; h < H; ++h)
-                    rotateHeadBack(at(which, b, h, s), r.cos(t, which, hd), r.sin(t, which, hd),
-                                   dst + (which * H + h) * hd, hd);
-            for (std::int64_t h = 0; h < H; ++h)
-                std::memcpy(dst + (2 * H + h) * hd, at(2, b, h, s), sizeof(float) * hd);
-        }
-    });
+    moveHeads<true>(out.data_ptr<float>(), {out.stride(0), out.stride(1), out.stride(2), out.stride(3)},
+                    grad.data_ptr<float>(), B, S, H, hd, r);
     return out;
 }
 
