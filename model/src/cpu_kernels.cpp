@@ -736,21 +736,13 @@ void rotateToken(const float* src, std::int64_t sw, std::int64_t sh, const float
 
 // n tokens' q and k rotated into dst [n, 2, H, hd]: token t's heads read at src(t) as rotateToken reads them
 // (sw, sh), by the factors (PositionTables::rope [L, 2, 2, 1, hd]) of its position pos[t] (pos: n integers,
-// each checked to be in [0, L)). `caller` names the entry point in the messages.
+// each checked to be in [0, L) by rotary()). `caller` names the entry point in the messages.
 template <typename Source>
 void rotateTokens(Source&& src, std::int64_t n, std::int64_t sw, std::int64_t sh, const torch::Tensor& pos_in,
                   const torch::Tensor& rope_in, std::int64_t H, std::int64_t hd, float* dst, const char* caller) {
-    const auto pos = pos_in.to(torch::kCPU, torch::kLong).contiguous().view({-1});
-    TORCH_CHECK(pos.numel() == n, caller, ": one position per token expected");
-    const auto rope = rope_in.contiguous();
-    TORCH_CHECK(rope.dim() == 5 && rope.size(1) == 2 && rope.size(2) == 2 && rope.size(4) == hd, caller,
-                ": rope must be [L, 2, 2, 1, hd]");
-    const auto L = rope.size(0);
-    const std::int64_t* pp = pos.data_ptr<std::int64_t>();
-    for (std::int64_t t = 0; t < n; ++t) TORCH_CHECK(pp[t] >= 0 && pp[t] < L, caller, ": position out of range");
-    const float* rp = rope.data_ptr<float>();
+    const auto r = rotary(pos_in, rope_in, n, hd, caller);
     forRowShares(n, [&](std::int64_t t0, std::int64_t t1) {
-        for (auto t = t0; t < t1; ++t) rotateToken(src(t), sw, sh, rp + pp[t] * 4 * hd, H, hd, dst + t * 2 * H * hd);
+        for (auto t = t0; t < t1; ++t) rotateToken(src(t), sw, sh, r.factors(t, hd), H, hd, dst + t * 2 * H * hd);
     });
 }
 

@@ -1,13 +1,17 @@
 // Helpers shared by the CPU kernel files (cpu_kernels.cpp, cpu_training.cpp): team regions on LibTorch's
-// OpenMP threads, row shares, GCC's 8-float vector and the vector exp. Internal linkage (an anonymous
-// namespace): a file built without OpenMP (the fuzz build's) gets its own single-threaded copies.
+// OpenMP threads, row shares, GCC's 8-float vector, the vector exp and the rotary positions' checked tables.
+// Internal linkage (an anonymous namespace): a file built without OpenMP (the fuzz build's) gets its own
+// single-threaded copies.
 #pragma once
 
 #include <ATen/Parallel.h>
+#include <torch/types.h>
 
 #include <algorithm>
 #include <cstdint>
 #include <utility>
+
+#include "cpu_matmul.h"
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -21,8 +25,9 @@ namespace modscope::cpu {
 
 // y[i] = exp(scale * x[i] - shift) for n floats (cpu_kernels.cpp); x and y may be the same row.
 void expRow(const float* x, float scale, float shift, float* y, std::int64_t n);
-// The numerators of a softmax over row[0, visible), exp(row[j] - max), into out[0, exp_len) (exp_len >= visible;
-// row and out may be the same); returns their sum, and the max through max_out when given (cpu_kernels.cpp).
+// The numerators of a softmax over row[0, visible), exp(row[j] - max), into out[0, exp_len) (exp_len >=
+// visible; row and out may be the same); returns their sum, and the max through max_out when given
+// (cpu_kernels.cpp).
 float softmaxNumerators(const float* row, float* out, std::int64_t visible, std::int64_t exp_len,
                         float* max_out = nullptr);
 // One head of hd (even) floats rotated by a position's factors: y = x * c + swap_halves(x) * s
@@ -67,6 +72,38 @@ typedef float Float8 __attribute__((vector_size(32), aligned(4)));
 // No helpers taking or returning Float8: outside the AVX2 build their ABI would differ (-Wpsabi).
 #define MODSCOPE_LOAD8(p) (*reinterpret_cast<const Float8*>(p))
 #define MODSCOPE_SUM8(a) (((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7])))
+
+// Positions (one per token, checked against the table) and the rotary table (PositionTables::rope [L, 2, 2,
+// 1, hd]), kept alive for raw reads. `caller` names the entry point in the messages.
+struct Rotary {
+    torch::Tensor pos, rope;
+    const std::int64_t* p = nullptr;
+    const float* f = nullptr;
+    // Token t's factors [2 (cos, sin), 2 (q, k), hd]; for q (which 0) or k (which 1), its cos and its sin.
+    const float* factors(std::int64_t t, std::int64_t hd) const { return f + p[t] * 4 * hd; }
+    const float* cos(std::int64_t t, std::int64_t which, std::int64_t hd) const {
+        return factors(t, hd) + which * hd;
+    }
+    const float* sin(std::int64_t t, std::int64_t which, std::int64_t hd) const {
+        return factors(t, hd) + (2 + which) * hd;
+    }
+};
+
+Rotary rotary(const torch::Tensor& pos_in, const torch::Tensor& rope_in, std::int64_t tokens, std::int64_t hd,
+              const char* caller) {
+    Rotary r;
+    r.pos = pos_in.to(torch::kCPU, torch::kLong).contiguous().view({-1});
+    TORCH_CHECK(r.pos.numel() == tokens, caller, ": one position per token expected");
+    r.rope = rope_in.contiguous();
+    TORCH_CHECK(applies(r.rope) && r.rope.dim() == 5 && r.rope.size(1) == 2 && r.rope.size(2) == 2 &&
+                    r.rope.size(3) == 1 && r.rope.size(4) == hd,
+                caller, ": rope must be float32 [L, 2, 2, 1, hd]");
+    r.p = r.pos.data_ptr<std::int64_t>();
+    for (std::int64_t t = 0; t < tokens; ++t)
+        TORCH_CHECK(r.p[t] >= 0 && r.p[t] < r.rope.size(0), caller, ": position ", r.p[t], " out of range");
+    r.f = r.rope.data_ptr<float>();
+    return r;
+}
 
 }  // namespace
 

@@ -32,36 +32,6 @@ __attribute__((target_clones("avx2", "default"))) void rotateHeadBack(const floa
     for (std::int64_t i = half; i < hd; ++i) dx[i] = dy[i] * c[i] + dy[i - half] * s[i - half];
 }
 
-// Positions (one per token, checked against the table) and the rotary table, kept alive for raw reads.
-struct Rotary {
-    torch::Tensor pos, rope;
-    const std::int64_t* p = nullptr;
-    const float* f = nullptr;
-    // Token t's factors for q (which 0) or k (which 1): cos at cos(t, which), sin at sin(t, which).
-    const float* cos(std::int64_t t, std::int64_t which, std::int64_t hd) const {
-        return f + p[t] * 4 * hd + which * hd;
-    }
-    const float* sin(std::int64_t t, std::int64_t which, std::int64_t hd) const {
-        return f + p[t] * 4 * hd + (2 + which) * hd;
-    }
-};
-
-Rotary rotary(const torch::Tensor& pos_in, const torch::Tensor& rope_in, std::int64_t tokens, std::int64_t hd,
-              const char* caller) {
-    Rotary r;
-    r.pos = pos_in.to(torch::kCPU, torch::kLong).contiguous().view({-1});
-    TORCH_CHECK(r.pos.numel() == tokens, caller, ": one position per token expected");
-    r.rope = rope_in.contiguous();
-    TORCH_CHECK(applies(r.rope) && r.rope.dim() == 5 && r.rope.size(1) == 2 && r.rope.size(2) == 2 &&
-                    r.rope.size(3) == 1 && r.rope.size(4) == hd,
-                caller, ": rope must be float32 [L, 2, 2, 1, hd]");
-    r.p = r.pos.data_ptr<std::int64_t>();
-    for (std::int64_t t = 0; t < tokens; ++t)
-        TORCH_CHECK(r.p[t] >= 0 && r.p[t] < r.rope.size(0), caller, ": position ", r.p[t], " out of range");
-    r.f = r.rope.data_ptr<float>();
-    return r;
-}
-
 // Strides of a token-major [B, S, 3, H, hd] layout (the last dimension contiguous): batch, token, part, head.
 struct TokenStrides {
     std::int64_t b, s, part, head;
