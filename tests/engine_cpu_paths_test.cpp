@@ -908,6 +908,50 @@ private Q_SLOTS:
             }
         }
     }
+
+    // A full layer in one parallel region (cpu::addBlockInPlace, each thread on its own rows) gives the bits
+    // of x + delta(x) through the path it replaces (smallBlockDelta up to 64 tokens, the operator-level block
+    // beyond), on two threads and on one, at the sequence's own positions and at scattered ones.
+    void teamBlockEqualsTheOperatorPath() {
+        ModelConfig config;
+        config.max_seq_len = 512;
+        auto model = Model::create(config, 19, "cpu");
+        auto& net = *model->impl().net;
+        auto& block = *net.blocks[0];
+        const auto hd = block.attn->head_dim;
+        torch::InferenceMode guard;
+        torch::manual_seed(20);
+        for (const int S : {1, 4, 7, 8, 12, 33, 64, 65, 100, 128, 129}) {
+            const bool fits = cpu::teamBlockFits(S, hd);
+            QCOMPARE(fits, S >= 8 && S <= 128 && cpu::avx512Enabled());
+            if (!fits) continue;
+            const auto x = torch::randn({1, S, config.d_model});
+            const auto own = torch::arange(S, torch::kLong).unsqueeze(0);
+            const auto scattered =
+                std::get<0>(torch::randperm(512, torch::kLong).narrow(0, 0, S).sort()).unsqueeze(0);
+            for (const auto& pos : {own, scattered}) {
+                const auto a = block.attn(block.attn_norm(x), pos, net.positions);
+                const auto m =
+                    block.mlp(cpu::rmsNorm(x, block.mlp_norm->weight, block.mlp_norm->eps, a)).add_(a);
+                const auto want = x + m;
+                QVERIFY(torch::equal(want, x + block.delta(x, pos, net.positions)));
+                for (const int threads : {2, 1}) {
+                    const int before = at::get_num_threads();
+                    at::set_num_threads(threads);
+                    auto got = x.clone();
+                    block.addDeltaInPlace(got, pos, net.positions);
+                    at::set_num_threads(before);
+                    QVERIFY2(torch::equal(got, want),
+                             qPrintable(QString("%1 tokens, %2 thread(s): max difference %3")
+                                            .arg(S)
+                                            .arg(threads)
+                                            .arg((got - want).abs().max().item<float>())));
+                }
+            }
+        }
+        if (!cpu::avx512Enabled())
+            QSKIP("no AVX-512 here: the team block never applies, the operator path runs");
+    }
 };
 
 QTEST_GUILESS_MAIN(EngineCpuPathsTest)

@@ -19,6 +19,7 @@
 #include "attention_blocks.h"
 #include "cpu_loops.h"
 #include "cpu_matmul.h"
+#include "cpu_signals.h"
 
 namespace modscope::cpu {
 
@@ -764,6 +765,21 @@ struct HeadRows {
     Rows<T> head(std::int64_t h) const { return {data + h * hs, ld}; }
 };
 
+// attendHeadWide for N heads, this thread's alternate groups of rows (all of them outside a parallel region).
+void attendHeadsWideShare(HeadRows<const float> q, HeadRows<const float> k, HeadRows<const float> v,
+                          HeadRows<float> out, std::int64_t N, std::int64_t S, std::int64_t prior,
+                          std::int64_t hd) {
+#ifdef _OPENMP
+    const std::int64_t first = omp_get_thread_num(), stride = omp_get_num_threads();
+#else
+    const std::int64_t first = 0, stride = 1;
+#endif
+    alignas(64) float kt[kWideAttentionHeadDim * kWideAttentionKeys];
+    alignas(64) float p[2 * kWideAttentionKeys];  // four rows of 64 keys, or two of 128
+    for (std::int64_t h = 0; h < N; ++h)
+        attendHeadWide(q.head(h), k.head(h), v.head(h), out.head(h), S, prior, hd, first, stride, kt, p);
+}
+
 // smallCausalAttention on raw heads: N heads, S queries after `prior` keys.
 void attendHeads(HeadRows<const float> q, HeadRows<const float> k, HeadRows<const float> v, HeadRows<float> out,
                  std::int64_t N, std::int64_t S, std::int64_t prior, std::int64_t hd) {
@@ -771,17 +787,7 @@ void attendHeads(HeadRows<const float> q, HeadRows<const float> k, HeadRows<cons
         // Threads take alternate groups of rows of every head, from kParallelWideAttentionRows rows.
         const int team = S >= kParallelWideAttentionRows ? at::get_num_threads() : 1;
         MODSCOPE_TEAM_REGION(team)
-        {
-#ifdef _OPENMP
-            const std::int64_t first = omp_get_thread_num(), stride = omp_get_num_threads();
-#else
-            const std::int64_t first = 0, stride = 1;
-#endif
-            alignas(64) float kt[kWideAttentionHeadDim * kWideAttentionKeys];
-            alignas(64) float p[2 * kWideAttentionKeys];  // four rows of 64 keys, or two of 128
-            for (std::int64_t h = 0; h < N; ++h)
-                attendHeadWide(q.head(h), k.head(h), v.head(h), out.head(h), S, prior, hd, first, stride, kt, p);
-        }
+        attendHeadsWideShare(q, k, v, out, N, S, prior, hd);
         return;
     }
     // Rounded up to whole vectors: expRow then takes no scalar tail; scores past the last visible key are
@@ -1146,6 +1152,77 @@ torch::Tensor smallBlockDelta(const torch::Tensor& x, const torch::Tensor& pos_i
     gemmRows(act, ff, w.down_t, d, m, d, S, d, ff, 0.f);
     for (std::int64_t i = 0; i < S * d; ++i) m[i] += a[i];
     return out;
+}
+
+bool teamBlockFits(std::int64_t S, std::int64_t hd) {
+    return S >= kTeamBlockRows && wideAttentionFits(S, 0, hd);
+}
+
+void addBlockInPlace(torch::Tensor& x, const torch::Tensor& pos, const torch::Tensor& rope,
+                     const BlockWeights& w) {
+    const auto d = w.d, H = w.heads, hd = w.head_dim, ff = w.ff;
+    TORCH_CHECK(appliesTo(x) && x.dim() == 2 && x.size(1) == d && x.is_contiguous() && H * hd == d,
+                "cpu::addBlockInPlace: contiguous float32 CPU x [S, d] expected");
+    const auto S = x.size(0);
+    TORCH_CHECK(teamBlockFits(S, hd), "cpu::addBlockInPlace: ", S, " tokens do not fit the team block");
+    const auto r = rotary(pos, rope, S, hd, "cpu::addBlockInPlace");
+
+    // smallBlockDelta's stages, and m [S, d] after them; every thread's rows in the one buffer.
+    thread_local std::vector<float> buffer;
+    buffer.resize(static_cast<std::size_t>(S * (10 * d + 3 * ff)));
+    float* h = buffer.data();
+    float* qkv = h + S * d;
+    float* qk = qkv + S * 3 * d;
+    float* merged = qk + S * 2 * d;
+    float* a = merged + S * d;
+    float* n2 = a + S * d;
+    float* gu = n2 + S * d;
+    float* act = gu + S * 2 * ff;
+    float* m = act + S * ff;
+    float* xp = x.data_ptr<float>();
+
+    // A failing stage (an sgemm status) is kept and rethrown after the region; the barriers are still met.
+    std::atomic<bool> failed{false};
+    std::exception_ptr error;
+    const auto guarded = [&](auto&& stage) {
+        if (failed.load(std::memory_order_relaxed)) return;
+        try {
+            stage();
+        } catch (...) {
+            if (!failed.exchange(true)) error = std::current_exception();
+        }
+    };
+    keepSignalsOffThisThread();  // the team's threads, before the products run inside the region
+    const int team = at::get_num_threads();
+    MODSCOPE_TEAM_REGION(team) {
+        const auto [r0, r1] = myShare(S, 4);
+        const auto n = r1 - r0;
+        guarded([&] {
+            if (n == 0) return;
+            rmsNormRows(xp + r0 * d, d, nullptr, 0, w.attn_norm, h + r0 * d, n, d, w.attn_eps);
+            gemmRows(h + r0 * d, d, w.qkv_t, 3 * d, qkv + r0 * 3 * d, 3 * d, n, 3 * d, d, 0.f);
+            for (auto t = r0; t < r1; ++t)
+                rotateToken(qkv + t * 3 * d, d, hd, r.factors(t, hd), H, hd, qk + t * 2 * d);
+        });
+        MODSCOPE_TEAM_BARRIER
+        // Every row's keys and values are in; the threads attend alternate groups of rows.
+        guarded([&] {
+            attendHeadsWideShare({qk, hd, 2 * d}, {qk + d, hd, 2 * d}, {qkv + 2 * d, hd, 3 * d},
+                                 {merged, hd, d}, H, S, 0, hd);
+        });
+        MODSCOPE_TEAM_BARRIER
+        guarded([&] {
+            if (n == 0) return;
+            gemmRows(merged + r0 * d, d, w.proj_t, d, a + r0 * d, d, n, d, d, 0.f);
+            rmsNormRows(xp + r0 * d, d, a + r0 * d, d, w.mlp_norm, n2 + r0 * d, n, d, w.mlp_eps);
+            gemmRows(n2 + r0 * d, d, w.gate_up_t, 2 * ff, gu + r0 * 2 * ff, 2 * ff, n, 2 * ff, d, 0.f);
+            for (auto t = r0; t < r1; ++t) siluTimes(gu + t * 2 * ff, gu + t * 2 * ff + ff, act + t * ff, ff);
+            gemmRows(act + r0 * ff, ff, w.down_t, d, m + r0 * d, d, n, d, ff, 0.f);
+            // x + (m + a): the operator path's m.add_(a), then x.add_(m).
+            for (auto i = r0 * d; i < r1 * d; ++i) xp[i] += m[i] + a[i];
+        });
+    }
+    if (error) std::rethrow_exception(error);
 }
 
 }  // namespace modscope::cpu

@@ -150,4 +150,24 @@ bool smallBlockFits(std::int64_t S, std::int64_t hd);
 torch::Tensor smallBlockDelta(const torch::Tensor& x, const torch::Tensor& pos, const torch::Tensor& rope,
                               const BlockWeights& w);
 
+// Rows from which addBlockInPlace takes a layer: on fewer, a thread would have no rows of its own, and one
+// thread doing a block alone reads all of its weights, where the operator path's products split them (4
+// tokens took the reference forward from 0.27 to 0.32 ms; 8 from 0.38 to 0.33).
+constexpr std::int64_t kTeamBlockRows = 8;
+
+// Whether addBlockInPlace takes S tokens with heads of hd: from kTeamBlockRows, where the wide attention
+// takes them (wideAttentionFits, no cached keys).
+bool teamBlockFits(std::int64_t S, std::int64_t hd);
+
+// x [S, d] += f(x), a full layer's update in an inference forward (x contiguous; pos and rope as for
+// smallBlockDelta), with the operator path's kernels and products in its order, so its bits, in one parallel
+// region: each thread keeps its own rows from the first norm to the update, and the team meets twice, once
+// every row's keys and values are in and once every row is attended. The operator path hands rows between
+// threads at every stage (a product's rows come back to a single-threaded add, say): when this VM's two vCPUs
+// sit on different core complexes, each hand-over crosses the package (docs/PERFORMANCE.md, session 15).
+// Not for a routed layer's few rows: there each thread would read all of the layer's weights, cold from L3,
+// and the forward at T = 128 took 3.12 ms against 2.99 with smallBlockDelta.
+void addBlockInPlace(torch::Tensor& x, const torch::Tensor& pos, const torch::Tensor& rope,
+                     const BlockWeights& w);
+
 }  // namespace modscope::cpu

@@ -17,8 +17,10 @@
 #include <omp.h>
 // A parallel region over `team` threads, when the file is built with OpenMP (the fuzz build's copy is not).
 #define MODSCOPE_TEAM_REGION(team) _Pragma("omp parallel num_threads(team) if (team > 1)")
+#define MODSCOPE_TEAM_BARRIER _Pragma("omp barrier")
 #else
 #define MODSCOPE_TEAM_REGION(team)
+#define MODSCOPE_TEAM_BARRIER
 #endif
 
 namespace modscope::cpu {

@@ -45,8 +45,8 @@ void startSignalThread() {
 }
 
 void keepSignalsOffThisThread() {
-    // No product of the engine's runs inside a parallel region of its own; were one to, its master would call
-    // this before the region, and a region must not be started from inside one.
+    // Products inside a parallel region (cpu::addBlockInPlace's) find their team shielded: the region's
+    // master calls this before opening it, and a region must not be started from inside one.
     if (at::in_parallel_region()) return;
     const int team = at::get_num_threads();
     if (t_shielded_team >= team) return;

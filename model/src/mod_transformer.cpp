@@ -315,25 +315,45 @@ torch::Tensor BlockImpl::routerLogits(const torch::Tensor& x) {
     return torch::matmul(x, router->weight.view(-1));  // a matrix-vector product, as in PredictorImpl::forward
 }
 
+namespace {
+
+// The block's weights as the fused CPU blocks read them; the transposed copies are made (and cached) here.
+cpu::BlockWeights cpuWeights(BlockImpl& b) {
+    return {b.attn_norm->weight.data_ptr<float>(),
+            b.attn->qkv_t.of(b.attn->qkv->weight).data_ptr<float>(),
+            b.attn->proj_t.of(b.attn->proj->weight).data_ptr<float>(),
+            b.mlp_norm->weight.data_ptr<float>(),
+            b.mlp->gate_up_t.of(b.mlp->gate_up->weight).data_ptr<float>(),
+            b.mlp->down_t.of(b.mlp->down->weight).data_ptr<float>(),
+            static_cast<float>(b.attn_norm->eps),
+            static_cast<float>(b.mlp_norm->eps),
+            b.attn_norm->weight.size(0),
+            b.attn->n_heads,
+            b.attn->head_dim,
+            b.mlp->down->weight.size(1)};
+}
+
+}  // namespace
+
+void BlockImpl::addDeltaInPlace(torch::Tensor& x, const torch::Tensor& pos, const PositionTables& positions,
+                                LayerKV* kv) {
+    if (kv == nullptr && x.dim() == 3 && x.size(0) == 1 && !torch::GradMode::is_enabled() &&
+        cpu::appliesTo(x) && x.is_contiguous() && cpu::appliesTo(positions.rope) &&
+        cpu::teamBlockFits(x.size(1), attn->head_dim)) {
+        auto rows = x[0];
+        cpu::addBlockInPlace(rows, pos, positions.rope, cpuWeights(*this));
+        return;
+    }
+    x.add_(delta(x, pos, positions, kv));
+}
+
 torch::Tensor BlockImpl::delta(const torch::Tensor& x, const torch::Tensor& pos, const PositionTables& positions, LayerKV* kv) {
     if (kv == nullptr && x.dim() == 3 && x.size(0) == 1 && !torch::GradMode::is_enabled() && cpu::appliesTo(x) &&
         x.is_contiguous() && cpu::appliesTo(positions.rope) && cpu::smallBlockFits(x.size(1), attn->head_dim)) {
         // A routed layer's few tokens: the same kernels without a tensor per stage (cpu::smallBlockDelta). In one
         // process, alternating with the path below (d 192): 48.8-49.9 us against 60.4-61.7 at 16 tokens,
         // 159.8-161.1 against 171.5-172.4 at 64; the MoD forward at T = 128 took 1370-1394 us against 1411-1431.
-        const cpu::BlockWeights w{attn_norm->weight.data_ptr<float>(),
-                                  attn->qkv_t.of(attn->qkv->weight).data_ptr<float>(),
-                                  attn->proj_t.of(attn->proj->weight).data_ptr<float>(),
-                                  mlp_norm->weight.data_ptr<float>(),
-                                  mlp->gate_up_t.of(mlp->gate_up->weight).data_ptr<float>(),
-                                  mlp->down_t.of(mlp->down->weight).data_ptr<float>(),
-                                  static_cast<float>(attn_norm->eps),
-                                  static_cast<float>(mlp_norm->eps),
-                                  x.size(2),
-                                  attn->n_heads,
-                                  attn->head_dim,
-                                  mlp->down->weight.size(1)};
-        return cpu::smallBlockDelta(x[0], pos, positions.rope, w).unsqueeze(0);
+        return cpu::smallBlockDelta(x[0], pos, positions.rope, cpuWeights(*this)).unsqueeze(0);
     }
     const auto a = attn(attn_norm(x), pos, positions, kv);
     if (!needsGrad(x, mlp_norm->weight) && !a.requires_grad() && cpu::appliesTo(x) && cpu::appliesTo(a)) {
@@ -815,7 +835,7 @@ torch::Tensor ModTransformerImpl::hidden(const torch::Tensor& ids, const Forward
         LayerKV* kv = options.kv != nullptr ? &(*options.kv)[li] : nullptr;
         if (!block.routed) {
             if (in_place)
-                x.add_(block.delta(x, pos, positions, kv));
+                block.addDeltaInPlace(x, pos, positions, kv);
             else
                 x = x + block.delta(x, pos, positions, kv);
             if (routing != nullptr && options.collect) {

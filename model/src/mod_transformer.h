@@ -140,6 +140,10 @@ struct BlockImpl : torch::nn::Module {
     // f(x) = a + m with a = attn(attn_norm(x)), m = mlp(mlp_norm(x + a)): the block's residual update.
     torch::Tensor delta(const torch::Tensor& x, const torch::Tensor& pos, const PositionTables& positions,
                         LayerKV* kv = nullptr);
+    // x += delta(x) for an inference forward's x [1, S, d] (contiguous), the same bits; in one parallel
+    // region (cpu::addBlockInPlace) where it applies, through delta() otherwise.
+    void addDeltaInPlace(torch::Tensor& x, const torch::Tensor& pos, const PositionTables& positions,
+                         LayerKV* kv = nullptr);
 
     // Routed only: r = w.x for x [B, S, d] -> [B, S].
     torch::Tensor routerLogits(const torch::Tensor& x);
