@@ -13,6 +13,7 @@
 
 #include "bench_corpus.h"
 #include "bench_stats.h"
+#include "core_probe.h"
 #include "modscope/profiling.h"
 #include "modscope/trainer.h"
 
@@ -500,7 +501,7 @@ void benchReference(BenchContext& ctx) {
         "Reference shape (6 × d192, 3 heads, SwiGLU 512, V 2048, capacity 0.125 on layers 1/3/5, random "
         "weights, batch 1, logits for all positions)",
         {"T", "MoD ms", "p10–p90", "target", "met", "dense ms", "speed-up", "ideal", "MoD ms after a switch",
-         "speed-up after a switch"});
+         "speed-up after a switch", "cores before / after"});
     json fwd = json::object(), rows = json::array();
     for (const auto& [T, target] : targets) {
         ctx.progress("reference T=" + std::to_string(T));
@@ -509,16 +510,19 @@ void benchReference(BenchContext& ctx) {
         ro.logits = RunOptions::Logits::All;
         ro.per_token_routing = false;
         RunTrace mod_trace, dense_trace;
+        const auto before = probeCores();
         // MoD and dense in turn, every repetition, each twice in a row (timeInTurns).
         const auto ms = timeInTurns(
             warmupFor(ctx, T), repsFor(ctx, T),
             {[&] { mod_trace = mod->run(ids, ro); }, [&] { dense_trace = dense->run(ids, ro); }});
+        const auto after = probeCores();
         const Summary &m = ms[0].steady, &d = ms[1].steady;
         const double speedup = d.median / m.median, ideal = mod_trace.dense_flops / mod_trace.flops;
         const double switched = ms[1].first.median / ms[0].first.median;
         table.addRow({std::to_string(T), fixed(m.median, 2), spreadCell(m, 2), "≤ " + fixed(target, 0),
                       m.median <= target ? "yes" : "no", fixed(d.median, 2), fixed(speedup, 2) + "×",
-                      fixed(ideal, 2) + "×", fixed(ms[0].first.median, 2), fixed(switched, 2) + "×"});
+                      fixed(ideal, 2) + "×", fixed(ms[0].first.median, 2), fixed(switched, 2) + "×",
+                      before.verdict() + " / " + after.verdict()});
         fwd[std::to_string(T)] = m.median;
         rows.push_back({{"seq_len", T},
                         {"mod_ms", m.median},
@@ -533,13 +537,19 @@ void benchReference(BenchContext& ctx) {
                         {"dense_after_switch", ms[1].first.toJson()},
                         {"speedup_after_switch", switched},
                         {"flops", mod_trace.flops},
-                        {"dense_flops", mod_trace.dense_flops}});
+                        {"dense_flops", mod_trace.dense_flops},
+                        {"cores_before", before.toJson()},
+                        {"cores_after", after.toJson()}});
     }
     table.addNote(
         "Model::run in top-k mode with RunOptions::Logits::All and per_token_routing off: the forward alone, "
         "as the PyTorch figures in issue 6 time it (bench/pytorch_reference_forward.py times one now). Dense: "
         "the same config with routed_layers cleared. MoD and dense in turn, each twice in a row: the times are "
-        "the second runs; \"after a switch\", the first, right after the other model ran.");
+        "the second runs; \"after a switch\", the first, right after the other model ran. Cores, probed "
+        "before and after each length (a VM's vCPUs move): near = two cores sharing a cache; far = two cores "
+        "whose threads hand over in more than 150 ns (different core complexes: every hand-over between "
+        "threads crosses the package); shared = two threads get under 70% of one thread's multiply-adds each "
+        "(one physical core: half the machine).");
     ctx.report().json["reference_forward_ms"] = fwd;
     ctx.report().json["reference"] = rows;
     ctx.report().add(table);
