@@ -93,6 +93,13 @@ nlohmann::json CoreProbe::toJson() const {
             {"verdict", verdict()}};
 }
 
+std::string coreVerdictsNote() {
+    return "Cores, probed before and after each length (a VM's vCPUs move): near = two cores sharing a "
+           "cache; far = two cores whose threads hand over in more than 150 ns (different core complexes: "
+           "every hand-over between threads crosses the package); shared = two threads get under 70% of one "
+           "thread's multiply-adds each (one physical core: half the machine).";
+}
+
 CoreProbe probeCores() {
     constexpr long kIterations = 400000;  // 64 MFLOP: about 0.6 ms at a Zen 4 core's rate
     // The engine's OpenMP threads spin for a while after their last region, on the CPUs probed here.

@@ -26,4 +26,7 @@ struct CoreProbe {
 // at once, then a ping-pong between two threads pinned to the first two CPUs this process may use.
 CoreProbe probeCores();
 
+// What the verdicts in a table's "cores before / after" column mean, for its note.
+std::string coreVerdictsNote();
+
 }  // namespace modscope::bench

@@ -102,7 +102,7 @@ void benchModVsDense(BenchContext& ctx) {
     const auto& cfg = model.config();
     Table table("MoD against dense of the same shape (" + cfg.name + ", next-token logits)",
                 {"T", "capacity", "dense ms", "MoD ms", "MoD p10–p90", "speed-up", "ideal (FLOPs)", "÷ ideal",
-                 "of saving", "after a switch"});
+                 "of saving", "after a switch", "cores before / after"});
     json rows = json::array();
     const auto lengths = ctx.quick() ? std::vector<int>{128, 512} : std::vector<int>{128, 512, 2048};
     for (int T : fitting(lengths, cfg.max_seq_len)) {
@@ -122,7 +122,9 @@ void benchModVsDense(BenchContext& ctx) {
                 o.capacity = capacities[c];
                 traces[1 + c] = model.run(ids, o);
             });
+        const auto before = probeCores();
         const auto ms = timeInTurns(warmupFor(ctx, T), repsFor(ctx, T), fns);
+        const auto after = probeCores();
         const Summary& d = ms[0].steady;
         for (std::size_t c = 0; c < capacities.size(); ++c) {
             const double capacity = capacities[c];
@@ -135,7 +137,8 @@ void benchModVsDense(BenchContext& ctx) {
                           spreadCell(m, 2), fixed(speedup, 2) + "×", fixed(ideal, 2) + "×",
                           percent(speedup / ideal, 0),
                           ideal > 1.01 ? percent((speedup - 1.0) / (ideal - 1.0), 0) : "n/a",
-                          fixed(switched, 2) + "× (" + percent(switched / ideal, 0) + ")"});
+                          fixed(switched, 2) + "× (" + percent(switched / ideal, 0) + ")",
+                          before.verdict() + " / " + after.verdict()});
             rows.push_back({{"seq_len", T},
                             {"capacity", capacity},
                             {"dense_ms", d.median},
@@ -150,7 +153,9 @@ void benchModVsDense(BenchContext& ctx) {
                             {"mod_after_switch", ms[1 + c].first.toJson()},
                             {"speedup_after_switch", switched},
                             {"flops", trace.flops},
-                            {"dense_flops", trace.dense_flops}});
+                            {"dense_flops", trace.dense_flops},
+                            {"cores_before", before.toJson()},
+                            {"cores_after", after.toJson()}});
         }
     }
     table.addNote(
@@ -162,7 +167,8 @@ void benchModVsDense(BenchContext& ctx) {
         "caches (the speed-up, and in brackets its share of the ideal). Ideal = RunTrace.dense_flops / "
         "RunTrace.flops (docs/MODEL.md, FLOPs). \"÷ ideal\" = speed-up / ideal, the issue's measure; \"of "
         "saving\" = (speed-up − 1) / (ideal − 1): the share of the possible saving realised (n/a at capacity "
-        "1: nothing to save).");
+        "1: nothing to save). " +
+        coreVerdictsNote());
     if (ctx.quick()) table.addNote("--quick: T = 2048 skipped.");
     ctx.report().json["mod_vs_dense"] = rows;
     ctx.report().add(table);
@@ -543,13 +549,12 @@ void benchReference(BenchContext& ctx) {
     }
     table.addNote(
         "Model::run in top-k mode with RunOptions::Logits::All and per_token_routing off: the forward alone, "
-        "as the PyTorch figures in issue 6 time it (bench/pytorch_reference_forward.py times one now). Dense: "
-        "the same config with routed_layers cleared. MoD and dense in turn, each twice in a row: the times are "
-        "the second runs; \"after a switch\", the first, right after the other model ran. Cores, probed "
-        "before and after each length (a VM's vCPUs move): near = two cores sharing a cache; far = two cores "
-        "whose threads hand over in more than 150 ns (different core complexes: every hand-over between "
-        "threads crosses the package); shared = two threads get under 70% of one thread's multiply-adds each "
-        "(one physical core: half the machine).");
+        "as the PyTorch figures in issue 6 time it (bench/pytorch_reference_forward.py times one now). "
+        "Dense: "
+        "the same config with routed_layers cleared. MoD and dense in turn, each twice in a row: the times "
+        "are "
+        "the second runs; \"after a switch\", the first, right after the other model ran. " +
+        coreVerdictsNote());
     ctx.report().json["reference_forward_ms"] = fwd;
     ctx.report().json["reference"] = rows;
     ctx.report().add(table);
