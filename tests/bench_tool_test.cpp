@@ -8,6 +8,7 @@
 #include <QProcess>
 #include <QTemporaryDir>
 #include <QTest>
+#include <QThread>
 #include <cmath>
 
 #include "app_fixture.h"
@@ -130,6 +131,31 @@ private Q_SLOTS:
 
         const QJsonObject ref = j[QStringLiteral("reference_forward_ms")].toObject();
         for (const char* T : {"128", "512", "2048"}) QVERIFY2(ref[QLatin1String(T)].toDouble() > 0, T);
+
+        // Each length's cores probe: its figures, and the verdict they give (no particular state: the VM's
+        // vCPUs move, and tests run beside this one).
+        const bool two_cpus = QThread::idealThreadCount() >= 2;
+        const auto checkCores = [&](const QJsonObject& row) {
+            for (const char* key : {"cores_before", "cores_after"}) {
+                const QJsonObject c = row[QLatin1String(key)].toObject();
+                const double one = c[QStringLiteral("fma_gflops_one_thread")].toDouble();
+                const double each = c[QStringLiteral("fma_gflops_each_of_two")].toDouble();
+                const double handover = c[QStringLiteral("handover_ns")].toDouble();
+                const QString verdict = c[QStringLiteral("verdict")].toString();
+                QVERIFY2(one > 0, key);
+                if (!two_cpus) {
+                    QCOMPARE(verdict, QStringLiteral("single"));
+                    continue;
+                }
+                QVERIFY2(each > 0 && handover > 0, key);
+                const QString want = each < 0.7 * one ? "shared" : handover > 150 ? "far" : "near";
+                QCOMPARE(verdict, want);
+            }
+        };
+        for (const auto& v : mod) checkCores(v.toObject());
+        const QJsonArray reference = j[QStringLiteral("reference")].toArray();
+        QCOMPARE(reference.size(), 3);
+        for (const auto& v : reference) checkCores(v.toObject());
 
         const QJsonArray routing = j[QStringLiteral("routing_cost")].toArray();
         QVERIFY(!routing.isEmpty());
