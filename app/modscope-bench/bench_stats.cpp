@@ -58,8 +58,15 @@ std::vector<TurnSummary> timeInTurns(int warmup, int reps, const std::vector<std
             }
     std::vector<TurnSummary> out;
     for (std::size_t f = 0; f < fns.size(); ++f)
-        out.push_back({Summary::of(std::move(first[f])), Summary::of(std::move(steady[f]))});
+        out.push_back({Summary::of(first[f]), Summary::of(steady[f]), first[f], steady[f]});
     return out;
+}
+
+Summary pairedRatios(const std::vector<double>& num, const std::vector<double>& den) {
+    std::vector<double> ratios;
+    for (std::size_t i = 0; i < std::min(num.size(), den.size()); ++i)
+        if (den[i] > 0) ratios.push_back(num[i] / den[i]);
+    return Summary::of(std::move(ratios));
 }
 
 }  // namespace modscope::bench

@@ -31,7 +31,13 @@ Summary timeRepeated(int warmup, int reps, const std::function<void()>& fn);
 // after run as an app re-runs its one model (`steady`).
 struct TurnSummary {
     Summary first, steady;
+    std::vector<double> first_ms, steady_ms;  // the samples, one per repetition, in order
 };
 std::vector<TurnSummary> timeInTurns(int warmup, int reps, const std::vector<std::function<void()>>& fns);
+
+// The ratios num[i] / den[i] of two measurements' samples taken in the same repetition (timeInTurns): their
+// median is a speed-up that a change of the machine's speed between repetitions leaves alone, where the
+// ratio of the two medians mixes repetitions from before and after it (docs/PERFORMANCE.md, session 15).
+Summary pairedRatios(const std::vector<double>& num, const std::vector<double>& den);
 
 }  // namespace modscope::bench

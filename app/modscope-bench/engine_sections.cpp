@@ -96,6 +96,15 @@ void benchForward(BenchContext& ctx) {
 }
 
 // ---------------------------------------------------------------------------------------------- mod
+namespace {
+
+std::string pairedNote() {
+    return "Paired so that a change of the machine's speed between repetitions (a VM's vCPUs moving) falls "
+           "on both sides of each ratio; the ratio of the two medians is in the JSON as speedup_of_medians.";
+}
+
+}  // namespace
+
 void benchModVsDense(BenchContext& ctx) {
     const Model& model = ctx.model();
     const Model& dense = ctx.denseTwin();
@@ -130,8 +139,9 @@ void benchModVsDense(BenchContext& ctx) {
             const double capacity = capacities[c];
             const Summary& m = ms[1 + c].steady;
             const RunTrace& trace = traces[1 + c];
-            const double speedup = d.median / m.median;
-            const double switched = ms[0].first.median / ms[1 + c].first.median;
+            const auto paired = pairedRatios(ms[0].steady_ms, ms[1 + c].steady_ms);
+            const double speedup = paired.median;
+            const double switched = pairedRatios(ms[0].first_ms, ms[1 + c].first_ms).median;
             const double ideal = trace.dense_flops / trace.flops;
             table.addRow({std::to_string(T), fixed(capacity, 3), summaryCell(d, 2), summaryCell(m, 2),
                           spreadCell(m, 2), fixed(speedup, 2) + "×", fixed(ideal, 2) + "×",
@@ -148,6 +158,8 @@ void benchModVsDense(BenchContext& ctx) {
                             {"dense", d.toJson()},
                             {"mod", m.toJson()},
                             {"speedup", speedup},
+                            {"speedup_paired", paired.toJson()},
+                            {"speedup_of_medians", d.median / m.median},
                             {"ideal_speedup", ideal},
                             {"dense_after_switch", ms[0].first.toJson()},
                             {"mod_after_switch", ms[1 + c].first.toJson()},
@@ -165,10 +177,11 @@ void benchModVsDense(BenchContext& ctx) {
         "second runs, a model run after run as the app re-runs it; \"after a switch\" compares the first "
         "runs, each right after the other model (or capacity) ran, when some of its weights have left the "
         "caches (the speed-up, and in brackets its share of the ideal). Ideal = RunTrace.dense_flops / "
-        "RunTrace.flops (docs/MODEL.md, FLOPs). \"÷ ideal\" = speed-up / ideal, the issue's measure; \"of "
-        "saving\" = (speed-up − 1) / (ideal − 1): the share of the possible saving realised (n/a at capacity "
-        "1: nothing to save). " +
-        coreVerdictsNote());
+        "RunTrace.flops (docs/MODEL.md, FLOPs). Speed-ups are the median of each repetition's dense / MoD "
+        "ratio, the two timed within a second or so of each other. \"÷ ideal\" = speed-up / ideal, the "
+        "issue's measure; \"of saving\" = (speed-up − 1) / (ideal − 1): the share of the possible saving "
+        "realised (n/a at capacity 1: nothing to save). " +
+        pairedNote() + " " + coreVerdictsNote());
     if (ctx.quick()) table.addNote("--quick: T = 2048 skipped.");
     ctx.report().json["mod_vs_dense"] = rows;
     ctx.report().add(table);
@@ -523,8 +536,9 @@ void benchReference(BenchContext& ctx) {
             {[&] { mod_trace = mod->run(ids, ro); }, [&] { dense_trace = dense->run(ids, ro); }});
         const auto after = probeCores();
         const Summary &m = ms[0].steady, &d = ms[1].steady;
-        const double speedup = d.median / m.median, ideal = mod_trace.dense_flops / mod_trace.flops;
-        const double switched = ms[1].first.median / ms[0].first.median;
+        const auto paired = pairedRatios(ms[1].steady_ms, ms[0].steady_ms);
+        const double speedup = paired.median, ideal = mod_trace.dense_flops / mod_trace.flops;
+        const double switched = pairedRatios(ms[1].first_ms, ms[0].first_ms).median;
         table.addRow({std::to_string(T), fixed(m.median, 2), spreadCell(m, 2), "≤ " + fixed(target, 0),
                       m.median <= target ? "yes" : "no", fixed(d.median, 2), fixed(speedup, 2) + "×",
                       fixed(ideal, 2) + "×", fixed(ms[0].first.median, 2), fixed(switched, 2) + "×",
@@ -538,6 +552,8 @@ void benchReference(BenchContext& ctx) {
                         {"target_ms", target},
                         {"meets_target", m.median <= target},
                         {"speedup", speedup},
+                        {"speedup_paired", paired.toJson()},
+                        {"speedup_of_medians", d.median / m.median},
                         {"ideal_speedup", ideal},
                         {"mod_after_switch", ms[0].first.toJson()},
                         {"dense_after_switch", ms[1].first.toJson()},
@@ -550,11 +566,10 @@ void benchReference(BenchContext& ctx) {
     table.addNote(
         "Model::run in top-k mode with RunOptions::Logits::All and per_token_routing off: the forward alone, "
         "as the PyTorch figures in issue 6 time it (bench/pytorch_reference_forward.py times one now). "
-        "Dense: "
-        "the same config with routed_layers cleared. MoD and dense in turn, each twice in a row: the times "
-        "are "
-        "the second runs; \"after a switch\", the first, right after the other model ran. " +
-        coreVerdictsNote());
+        "Dense: the same config with routed_layers cleared. MoD and dense in turn, each twice in a row: the "
+        "times are the second runs; \"after a switch\", the first, right after the other model ran. "
+        "Speed-ups are the median of each repetition's dense / MoD ratio. " +
+        pairedNote() + " " + coreVerdictsNote());
     ctx.report().json["reference_forward_ms"] = fwd;
     ctx.report().json["reference"] = rows;
     ctx.report().add(table);
