@@ -1195,8 +1195,9 @@ void addBlockInPlace(torch::Tensor& x, const torch::Tensor& pos, const torch::Te
     keepSignalsOffThisThread();  // the team's threads, before the products run inside the region
     const int team = at::get_num_threads();
     MODSCOPE_TEAM_REGION(team) {
-        const auto [r0, r1] = myShare(S, 4);
-        const auto n = r1 - r0;
+        // Not a structured binding: the stages' lambdas capture these (C++17 clang, the fuzz build, refuses).
+        const auto share = myShare(S, 4);
+        const auto r0 = share.first, r1 = share.second, n = r1 - r0;
         guarded([&] {
             if (n == 0) return;
             rmsNormRows(xp + r0 * d, d, nullptr, 0, w.attn_norm, h + r0 * d, n, d, w.attn_eps);
