@@ -1108,6 +1108,42 @@ void smallCausalAttention(const torch::Tensor& q, const torch::Tensor& k, const 
                 N, S, prior, hd);
 }
 
+namespace {
+
+// x [S, d] as the fused blocks read it (contiguous float32, d = heads * head_dim): returns S.
+std::int64_t blockRowsChecked(const torch::Tensor& x, const BlockWeights& w, const char* caller) {
+    TORCH_CHECK(
+        appliesTo(x) && x.dim() == 2 && x.size(1) == w.d && x.is_contiguous() && w.heads * w.head_dim == w.d,
+        caller, ": contiguous float32 CPU x [S, d] expected");
+    return x.size(0);
+}
+
+// A fused block's rows of each stage, one after another in this thread's buffer (reused by every call; the
+// blocks never nest): h [S, d], qkv [S, 3d], qk [S, 2, H, hd], heads merged [S, d], a [S, d], the norm of
+// x + a [S, d], gate_up [S, 2ff], silu(gate) * up [S, ff], the MLP's output m [S, d].
+struct BlockStages {
+    float *h, *qkv, *qk, *merged, *a, *n2, *gu, *act, *m;
+
+    static BlockStages of(std::int64_t S, const BlockWeights& w) {
+        const auto d = w.d, ff = w.ff;
+        thread_local std::vector<float> buffer;
+        buffer.resize(static_cast<std::size_t>(S * (10 * d + 3 * ff)));
+        BlockStages st{};
+        st.h = buffer.data();
+        st.qkv = st.h + S * d;
+        st.qk = st.qkv + S * 3 * d;
+        st.merged = st.qk + S * 2 * d;
+        st.a = st.merged + S * d;
+        st.n2 = st.a + S * d;
+        st.gu = st.n2 + S * d;
+        st.act = st.gu + S * 2 * ff;
+        st.m = st.act + S * ff;
+        return st;
+    }
+};
+
+}  // namespace
+
 bool smallBlockFits(std::int64_t S, std::int64_t hd) {
     return S >= 1 && (S <= kSmallAttentionQueries || (S <= kSmallBlockTokens && wideAttentionFits(S, 0, hd)));
 }
@@ -1115,23 +1151,11 @@ bool smallBlockFits(std::int64_t S, std::int64_t hd) {
 torch::Tensor smallBlockDelta(const torch::Tensor& x, const torch::Tensor& pos_in, const torch::Tensor& rope_in,
                               const BlockWeights& w) {
     const auto d = w.d, H = w.heads, hd = w.head_dim, ff = w.ff;
-    TORCH_CHECK(appliesTo(x) && x.dim() == 2 && x.size(1) == d && x.is_contiguous() && H * hd == d,
-                "cpu::smallBlockDelta: contiguous float32 CPU x [S, d] expected");
-    const auto S = x.size(0);
+    const auto S = blockRowsChecked(x, w, "cpu::smallBlockDelta");
     TORCH_CHECK(smallBlockFits(S, hd), "cpu::smallBlockDelta: ", S, " tokens is beyond the small attention");
-
-    // Rows of each stage, one after another in the buffer: h [S, d], qkv [S, 3d], qk [S, 2, H, hd], heads
-    // merged [S, d], a [S, d], the norm of x + a [S, d], gate_up [S, 2ff], silu(gate) * up [S, ff].
-    thread_local std::vector<float> buffer;
-    buffer.resize(static_cast<std::size_t>(S * (9 * d + 3 * ff)));
-    float* h = buffer.data();
-    float* qkv = h + S * d;
-    float* qk = qkv + S * 3 * d;
-    float* merged = qk + S * 2 * d;
-    float* a = merged + S * d;
-    float* n2 = a + S * d;
-    float* gu = n2 + S * d;
-    float* act = gu + S * 2 * ff;
+    const auto st = BlockStages::of(S, w);  // m unused: the MLP's output goes into the returned tensor
+    float *h = st.h, *qkv = st.qkv, *qk = st.qk, *merged = st.merged, *a = st.a, *n2 = st.n2, *gu = st.gu,
+          *act = st.act;
     const float* xp = x.data_ptr<float>();
     const auto norm = [&](const float* plus, const float* weight, float eps, float* y) {
         forRowShares(S, [&](std::int64_t r0, std::int64_t r1) {
@@ -1161,24 +1185,13 @@ bool teamBlockFits(std::int64_t S, std::int64_t hd) {
 void addBlockInPlace(torch::Tensor& x, const torch::Tensor& pos, const torch::Tensor& rope,
                      const BlockWeights& w) {
     const auto d = w.d, H = w.heads, hd = w.head_dim, ff = w.ff;
-    TORCH_CHECK(appliesTo(x) && x.dim() == 2 && x.size(1) == d && x.is_contiguous() && H * hd == d,
-                "cpu::addBlockInPlace: contiguous float32 CPU x [S, d] expected");
-    const auto S = x.size(0);
+    const auto S = blockRowsChecked(x, w, "cpu::addBlockInPlace");
     TORCH_CHECK(teamBlockFits(S, hd), "cpu::addBlockInPlace: ", S, " tokens do not fit the team block");
     const auto r = rotary(pos, rope, S, hd, "cpu::addBlockInPlace");
-
-    // smallBlockDelta's stages, and m [S, d] after them; every thread's rows in the one buffer.
-    thread_local std::vector<float> buffer;
-    buffer.resize(static_cast<std::size_t>(S * (10 * d + 3 * ff)));
-    float* h = buffer.data();
-    float* qkv = h + S * d;
-    float* qk = qkv + S * 3 * d;
-    float* merged = qk + S * 2 * d;
-    float* a = merged + S * d;
-    float* n2 = a + S * d;
-    float* gu = n2 + S * d;
-    float* act = gu + S * 2 * ff;
-    float* m = act + S * ff;
+    // Every thread's rows in the one buffer.
+    const auto st = BlockStages::of(S, w);
+    float *h = st.h, *qkv = st.qkv, *qk = st.qk, *merged = st.merged, *a = st.a, *n2 = st.n2, *gu = st.gu,
+          *act = st.act, *m = st.m;
     float* xp = x.data_ptr<float>();
 
     // A failing stage (an sgemm status) is kept and rethrown after the region; the barriers are still met.
