@@ -58,11 +58,11 @@ private Q_SLOTS:
         const QString json_path = tmp_.filePath(QStringLiteral("bench.json"));
         const QString md_path = tmp_.filePath(QStringLiteral("bench.md"));
         QByteArray err;
-        const int code =
-            runBench({QStringLiteral("--model"), model_dir_, QStringLiteral("--quick"),
-                      QStringLiteral("--sections"), QStringLiteral("forward,mod,peak,routing,reference"),
-                      QStringLiteral("--json"), json_path, QStringLiteral("--markdown"), md_path},
-                     &err);
+        const int code = runBench(
+            {QStringLiteral("--model"), model_dir_, QStringLiteral("--quick"), QStringLiteral("--sections"),
+             QStringLiteral("forward,mod,layers,peak,routing,reference"), QStringLiteral("--json"), json_path,
+             QStringLiteral("--markdown"), md_path},
+            &err);
         QVERIFY2(code == 0, err.constData());
 
         QFile f(json_path);
@@ -168,6 +168,28 @@ private Q_SLOTS:
         const QJsonArray reference = j[QStringLiteral("reference")].toArray();
         QCOMPARE(reference.size(), 3);
         for (const auto& v : reference) checkCores(v.toObject());
+
+        // Each layer of both models at T = 128: the tokens each layer's block took, and a time for each.
+        const QJsonArray layers = j[QStringLiteral("layers")].toArray();
+        QCOMPARE(layers.size(), 1);
+        for (const auto& v : layers) {
+            const QJsonObject r = v.toObject();
+            const int T = r[QStringLiteral("seq_len")].toInt();
+            QCOMPARE(T, 128);
+            const QJsonArray tokens = r[QStringLiteral("tokens")].toArray();
+            const QJsonArray mod_ms = r[QStringLiteral("mod_layer_ms")].toArray();
+            const QJsonArray dense_ms = r[QStringLiteral("dense_layer_ms")].toArray();
+            QCOMPARE(tokens.size(), config_.n_layers);
+            QCOMPARE(mod_ms.size(), config_.n_layers);
+            QCOMPARE(dense_ms.size(), config_.n_layers);
+            for (int l = 0; l < config_.n_layers; ++l) {
+                QCOMPARE(tokens[l].toInt(), config_.isRouted(l) ? capacityToK(config_.capacity, T) : T);
+                QVERIFY(mod_ms[l].toDouble() > 0 && dense_ms[l].toDouble() > 0);
+            }
+            QVERIFY(r[QStringLiteral("mod_forward_ms")].toDouble() > 0 &&
+                    r[QStringLiteral("dense_forward_ms")].toDouble() > 0);
+            checkCores(r);
+        }
 
         const QJsonArray routing = j[QStringLiteral("routing_cost")].toArray();
         QVERIFY(!routing.isEmpty());

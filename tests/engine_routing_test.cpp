@@ -1,9 +1,12 @@
 // Routing behaviour of the MoD engine: k per layer, untouched skipped tokens, causality, dense equivalence.
-#include <QTest>
-#include <QScopeGuard>
-
 #include <ATen/Parallel.h>
 
+#include <QScopeGuard>
+#include <QTest>
+#include <algorithm>
+#include <chrono>
+
+#include "modscope/profiling.h"
 #include "test_support.h"
 
 using namespace modscope;
@@ -321,6 +324,62 @@ private Q_SLOTS:
                 QVERIFY(b.layers[li].selected.empty() && b.layers[li].router_logits.empty());
             }
         }
+    }
+
+    // ForwardOptions::layer_ms (what modscope-bench's layers section reads, through profileLayers): one time
+    // per layer, within the call, on the layer that spent it, and the forward unchanged.
+    void layerClockTimesEachLayer() {
+        auto config = test::tinyConfig();
+        config.d_model = 128;
+        config.d_ff = 256;
+        config.max_seq_len = 512;
+        config.capacity = 1.0 / 64;  // the routed layers' blocks take 8 of 512 tokens
+        auto model = Model::create(config, 21, "cpu");
+        auto& net = *model->impl().net;
+        torch::InferenceMode guard;
+        const auto ids = torch::randint(config.vocab_size, {1, 512}, torch::kLong);
+        nn::ForwardOptions plain;
+        plain.capacity = config.capacity;
+        const auto want = net.hidden(ids, plain);
+        auto timed = plain;
+        std::vector<double> ms;
+        timed.layer_ms = &ms;
+        std::vector<std::vector<double>> per_layer(4);
+        for (int i = 0; i < 7; ++i) {
+            const auto t0 = std::chrono::steady_clock::now();
+            const auto got = net.hidden(ids, timed);
+            const double wall =
+                std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+            QVERIFY(torch::equal(got, want));
+            QCOMPARE(ms.size(), std::size_t(4));
+            double sum = 0;
+            for (std::size_t l = 0; l < ms.size(); ++l) {
+                QVERIFY(ms[l] > 0);
+                sum += ms[l];
+                per_layer[l].push_back(ms[l]);
+            }
+            QVERIFY2(sum <= wall,
+                     qPrintable(QStringLiteral("layers %1 ms in a call of %2").arg(sum).arg(wall)));
+        }
+        const auto median = [](std::vector<double> v) {
+            std::sort(v.begin(), v.end());
+            return v[v.size() / 2];
+        };
+        // A full layer's block runs 512 tokens, a routed one's 8 (about 30 times fewer FLOPs).
+        for (int routed : {1, 3})
+            QVERIFY2(median(per_layer[routed]) < median(per_layer[routed - 1]) / 4,
+                     qPrintable(QStringLiteral("layer %1: %2 ms, layer %3: %4 ms")
+                                    .arg(routed)
+                                    .arg(median(per_layer[routed]))
+                                    .arg(routed - 1)
+                                    .arg(median(per_layer[routed - 1]))));
+
+        const auto p = profileLayers(*model, 512, 3);
+        QCOMPARE(p.tokens, (std::vector<int>{512, 8, 512, 8}));
+        QCOMPARE(p.layer_ms.size(), std::size_t(4));
+        for (double v : p.layer_ms) QVERIFY(v > 0);
+        QVERIFY(p.forward_ms > 0 && p.reps == 3 && p.seq_len == 512);
+        QVERIFY_THROWS_EXCEPTION(Error, profileLayers(*model, 513, 1));
     }
 
     // Inference multiplies by transposed copies of the weights (nn::linear); a weight written in place, as an

@@ -32,7 +32,7 @@ const char* kUsage =
     "  --markdown FILE  write the tables as Markdown (for docs/PERFORMANCE.md)\n"
     "  --quick          fewer repetitions, no T = 2048 where slow, fewer training steps (under a minute)\n"
     "  --sections LIST  comma-separated, in any order; default all:\n"
-    "                   forward,mod,generation,peak,routing,app,training,reference\n";
+    "                   forward,mod,layers,generation,peak,routing,app,training,reference\n";
 
 using modscope::bench::BenchOptions;
 
@@ -148,6 +148,7 @@ int main(int argc, char** argv) {
         };
         section("forward", benchForward);
         section("mod", benchModVsDense);
+        section("layers", benchLayers);
         section("generation", benchGeneration);
         section("peak", benchPeak);
         section("routing", benchRouting);

@@ -6,6 +6,7 @@
 #include <torch/nn/init.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstring>
 #include <functional>
@@ -828,7 +829,19 @@ torch::Tensor ModTransformerImpl::hidden(const torch::Tensor& ids, const Forward
     if (options.residuals != nullptr) options.residuals->assign(1, x);
     // Nothing but this loop holds x unless residuals are kept, so inference updates it in place.
     const bool in_place = !torch::GradMode::is_enabled() && options.residuals == nullptr && x.is_contiguous();
+    using Clock = std::chrono::steady_clock;
+    Clock::time_point layer_start;
+    const auto layerDone = [&] {  // the layer before: from its start (or the previous layer's end) to now
+        const auto now = Clock::now();
+        options.layer_ms->push_back(std::chrono::duration<double, std::milli>(now - layer_start).count());
+        layer_start = now;
+    };
+    if (options.layer_ms != nullptr) {
+        options.layer_ms->clear();
+        layer_start = Clock::now();
+    }
     for (std::size_t li = 0; li < blocks.size(); ++li) {
+        if (options.layer_ms != nullptr && li > 0) layerDone();
         checkCancel(options.cancel);
         if (options.residuals != nullptr && li > 0) options.residuals->push_back(x);
         auto& block = *blocks[li];
@@ -890,6 +903,7 @@ torch::Tensor ModTransformerImpl::hidden(const torch::Tensor& ids, const Forward
             r.selected_mask = options.mode == RoutingMode::TopK ? r.topk_mask : selected_mask;
         }
     }
+    if (options.layer_ms != nullptr && !blocks.empty()) layerDone();
     if (options.residuals != nullptr) options.residuals->push_back(x);
     return norm_f(x);
 }

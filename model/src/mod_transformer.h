@@ -222,6 +222,9 @@ struct ForwardOptions {
     bool collect = false;                       // fill LayerRouting for every layer
     std::vector<LayerKV>* kv = nullptr;         // when set: filled with each layer's K/V (B must be 1)
     std::vector<torch::Tensor>* residuals = nullptr;  // when set: [0] embeddings, [i+1] after layer i
+    // When set: each layer's wall-clock ms, in order, a clock read between layers (profiling.h); the
+    // embedding and the final norm are not in them. On the CPU only: a device's work is asynchronous.
+    std::vector<double>* layer_ms = nullptr;
     const std::atomic<bool>* cancel = nullptr;
 
     CausalRule causalRule() const {

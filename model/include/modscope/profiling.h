@@ -7,6 +7,7 @@
 
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "modscope/engine.h"
 
@@ -61,6 +62,22 @@ struct RoutedLayerProfile {
 // has no routed layer, the layer is not routed, or seq_len is outside 1 … max_seq_len.
 RoutedLayerProfile profileRoutedLayer(const Model& model, int seq_len, int reps, double capacity = -1.0,
                                       int layer = -1, std::uint64_t seed = 1);
+
+// Each layer's time inside the forward: ModTransformerImpl::hidden, in top-k mode without a trace
+// (Model::run's forward alone), reads a clock between its layers; medians over reps of one call each, after
+// one warm-up call. A layer's time runs from the end of the one before: for a routed layer it holds the
+// router, top-k, gather, block and gated scatter. Throws Error as profileRoutedLayer does, and for a model
+// not on the CPU (a device runs asynchronously: its layers would time their launches).
+struct LayerProfile {
+    int seq_len = 0;
+    int reps = 0;
+    double capacity = 0;
+    std::vector<int> tokens;       // [n_layers] the tokens each layer's block processed: T, or k where routed
+    std::vector<double> layer_ms;  // [n_layers] medians
+    double forward_ms = 0;         // median of the whole call: the embedding, the layers and the final norm
+};
+LayerProfile profileLayers(const Model& model, int seq_len, int reps, double capacity = -1.0,
+                           std::uint64_t seed = 1);
 
 // A large float32 matmul (n x n by n x n on the CPU), as the machine's practical peak, by the library the
 // engine multiplies with (oneDNN's sgemm, on LibTorch's threads) or by OpenBLAS, given every core for the
