@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <cmath>
 #include <thread>
 #include <vector>
 
@@ -86,6 +87,10 @@ std::string CoreProbe::verdict() const {
     return handover_ns > 150 ? "far" : "near";
 }
 
+std::string CoreProbe::cell() const {
+    return verdict() + " " + std::to_string(static_cast<int>(std::lround(fma_one)));
+}
+
 nlohmann::json CoreProbe::toJson() const {
     return {{"fma_gflops_one_thread", fma_one},
             {"fma_gflops_each_of_two", fma_each_of_two},
@@ -97,7 +102,10 @@ std::string coreVerdictsNote() {
     return "Cores, probed before and after each length (a VM's vCPUs move): near = two cores sharing a "
            "cache; far = two cores whose threads hand over in more than 150 ns (different core complexes: "
            "every hand-over between threads crosses the package); shared = two threads get under 70% of one "
-           "thread's multiply-adds each (one physical core: half the machine).";
+           "thread's multiply-adds each (one physical core: half the machine). The number after each verdict "
+           "is "
+           "one thread's multiply-adds alone, in GFLOP/s: it drops when the host runs another VM on the same "
+           "physical core.";
 }
 
 CoreProbe probeCores() {

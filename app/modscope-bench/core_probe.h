@@ -19,6 +19,8 @@ struct CoreProbe {
     // "near" (two cores sharing a cache), "far" (two cores, hand-overs over 150 ns), "shared" (two threads
     // get under 70% of one's arithmetic each: one physical core) or "single" (one CPU).
     std::string verdict() const;
+    // The verdict and fma_one rounded, as a table's cell: "near 116".
+    std::string cell() const;
     nlohmann::json toJson() const;
 };
 

@@ -148,7 +148,7 @@ void benchModVsDense(BenchContext& ctx) {
                           percent(speedup / ideal, 0),
                           ideal > 1.01 ? percent((speedup - 1.0) / (ideal - 1.0), 0) : "n/a",
                           fixed(switched, 2) + "× (" + percent(switched / ideal, 0) + ")",
-                          before.verdict() + " / " + after.verdict()});
+                          before.cell() + " / " + after.cell()});
             rows.push_back({{"seq_len", T},
                             {"capacity", capacity},
                             {"dense_ms", d.median},
@@ -201,11 +201,34 @@ void benchLayers(BenchContext& ctx) {
     for (int T : fitting(lengths, cfg.max_seq_len)) {
         ctx.progress("layers T=" + std::to_string(T));
         const int reps = ctx.quick() ? (T >= 512 ? 8 : 20) : (T >= 2048 ? 8 : (T >= 512 ? 30 : 100));
+        // In turns, a share of the forwards each, so that a change of the cores' state falls on both.
+        const int turns = std::min(reps, 4);
         const auto before = probeCores();
-        const auto m = profileLayers(model, T, reps);
-        const auto d = profileLayers(dense, T, reps);
+        LayerProfile m, d;
+        for (int turn = 0; turn < turns; ++turn) {
+            const int n = reps / turns + (turn < reps % turns ? 1 : 0);
+            for (auto [model_of_turn, into] : {std::pair{&model, &m}, std::pair{&dense, &d}}) {
+                const auto p = profileLayers(*model_of_turn, T, n);
+                if (turn == 0) {
+                    *into = p;
+                    continue;
+                }
+                into->reps += p.reps;
+                for (std::size_t l = 0; l < p.layer_samples_ms.size(); ++l)
+                    into->layer_samples_ms[l].insert(into->layer_samples_ms[l].end(),
+                                                     p.layer_samples_ms[l].begin(),
+                                                     p.layer_samples_ms[l].end());
+                into->forward_samples_ms.insert(into->forward_samples_ms.end(), p.forward_samples_ms.begin(),
+                                                p.forward_samples_ms.end());
+            }
+        }
+        for (LayerProfile* p : {&m, &d}) {
+            for (std::size_t l = 0; l < p->layer_ms.size(); ++l)
+                p->layer_ms[l] = Summary::of(p->layer_samples_ms[l]).median;
+            p->forward_ms = Summary::of(p->forward_samples_ms).median;
+        }
         const auto after = probeCores();
-        const auto cores = before.verdict() + " / " + after.verdict();
+        const auto cores = before.cell() + " / " + after.cell();
         double mod_layers = 0, dense_layers = 0;
         for (int i = 0; i < cfg.n_layers; ++i) {
             const auto l = static_cast<std::size_t>(i);
@@ -236,8 +259,9 @@ void benchLayers(BenchContext& ctx) {
         "ModTransformerImpl::hidden reads a clock between its layers (profiling.h, profileLayers): top-k "
         "mode "
         "without a trace, the final hidden states only (no logits). Medians over 100 forwards at T = 128, 30 "
-        "at 512, 8 at 2048 (20 and 8 with --quick) after one warm-up, the MoD model's and then the dense "
-        "twin's. A routed layer's time holds its router, top-k, gather, block and gated scatter; \"µs per "
+        "at 512, 8 at 2048 (20 and 8 with --quick), taken in four turns of MoD then dense, each turn after "
+        "one warm-up forward. A routed layer's time holds its router, top-k, gather, block and gated "
+        "scatter; \"µs per "
         "token\" divides a layer's time by the tokens its block processed. A layer that takes longer than "
         "its twin's same layer where both process every token shows what the layers before it left behind "
         "(caches, memory, threads). " +
@@ -601,7 +625,7 @@ void benchReference(BenchContext& ctx) {
         table.addRow({std::to_string(T), fixed(m.median, 2), spreadCell(m, 2), "≤ " + fixed(target, 0),
                       m.median <= target ? "yes" : "no", fixed(d.median, 2), fixed(speedup, 2) + "×",
                       fixed(ideal, 2) + "×", fixed(ms[0].first.median, 2), fixed(switched, 2) + "×",
-                      before.verdict() + " / " + after.verdict()});
+                      before.cell() + " / " + after.cell()});
         fwd[std::to_string(T)] = m.median;
         rows.push_back({{"seq_len", T},
                         {"mod_ms", m.median},

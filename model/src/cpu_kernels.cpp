@@ -1119,10 +1119,10 @@ std::int64_t blockRowsChecked(const torch::Tensor& x, const BlockWeights& w, con
     return x.size(0);
 }
 
-// Floats that only grow, left uninitialised. A vector that shrank for a routed layer's 16 rows zero-filled
-// 1.5 MB when the next full layer grew it back, on the calling thread: the other thread then fetched its half
-// from that core, and the full layer after each routed one took 950-980 us against 735 (T = 128, cores far
-// apart; 650 against 630 near).
+// Floats that only grow, left uninitialised. One vector that both fused blocks resized zero-filled 1.5 MB on
+// the calling thread whenever a full layer followed a routed layer's 16 rows, and the other thread then
+// fetched its half from that core: the full layers after routed ones took 930-980 us against 735-760 for the
+// first (T = 128, cores far apart; about 650 against 630 near).
 class StageBuffer {
 public:
     float* atLeast(std::size_t n) {
@@ -1172,10 +1172,9 @@ torch::Tensor smallBlockDelta(const torch::Tensor& x, const torch::Tensor& pos_i
     const auto S = blockRowsChecked(x, w, "cpu::smallBlockDelta");
     TORCH_CHECK(smallBlockFits(S, hd), "cpu::smallBlockDelta: ", S, " tokens is beyond the small attention");
     // This thread's own buffer, apart from the full layers': their rows stay in the cache of the thread that
-    // owns them.
+    // owns them. m is unused: the MLP's output goes into the returned tensor.
     thread_local StageBuffer buffer;
-    const auto st =
-        BlockStages::of(S, w, buffer);  // m unused: the MLP's output goes into the returned tensor
+    const auto st = BlockStages::of(S, w, buffer);
     float *h = st.h, *qkv = st.qkv, *qk = st.qk, *merged = st.merged, *a = st.a, *n2 = st.n2, *gu = st.gu,
           *act = st.act;
     const float* xp = x.data_ptr<float>();

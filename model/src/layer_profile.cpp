@@ -44,8 +44,9 @@ LayerProfile profileLayers(const Model& model, int seq_len, int reps, double cap
     p.capacity = cap;
     for (int i = 0; i < cfg.n_layers; ++i)
         p.tokens.push_back(cfg.isRouted(i) ? static_cast<int>(capacityToK(cap, seq_len)) : seq_len);
-    std::vector<std::vector<double>> per_layer(static_cast<std::size_t>(cfg.n_layers));
-    std::vector<double> whole;
+    auto& per_layer = p.layer_samples_ms;
+    per_layer.assign(static_cast<std::size_t>(cfg.n_layers), {});
+    auto& whole = p.forward_samples_ms;
     using Clock = std::chrono::steady_clock;
     for (int i = -1; i < reps; ++i) {  // i = -1: warm-up
         const auto t0 = Clock::now();

@@ -75,6 +75,9 @@ struct LayerProfile {
     std::vector<int> tokens;       // [n_layers] the tokens each layer's block processed: T, or k where routed
     std::vector<double> layer_ms;  // [n_layers] medians
     double forward_ms = 0;         // median of the whole call: the embedding, the layers and the final norm
+    // Every timed call's figures, for merging the profiles of several calls: [n_layers][reps] and [reps].
+    std::vector<std::vector<double>> layer_samples_ms;
+    std::vector<double> forward_samples_ms;
 };
 LayerProfile profileLayers(const Model& model, int seq_len, int reps, double capacity = -1.0,
                            std::uint64_t seed = 1);
