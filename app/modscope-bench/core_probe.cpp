@@ -102,10 +102,9 @@ std::string coreVerdictsNote() {
     return "Cores, probed before and after each length (a VM's vCPUs move): near = two cores sharing a "
            "cache; far = two cores whose threads hand over in more than 150 ns (different core complexes: "
            "every hand-over between threads crosses the package); shared = two threads get under 70% of one "
-           "thread's multiply-adds each (one physical core: half the machine). The number after each verdict "
-           "is "
-           "one thread's multiply-adds alone, in GFLOP/s: it drops when the host runs another VM on the same "
-           "physical core.";
+           "thread's multiply-adds each (one physical core: half the machine). The number after each "
+           "verdict is one thread's multiply-adds alone, in GFLOP/s: it drops when the host runs another VM "
+           "on the same physical core.";
 }
 
 CoreProbe probeCores() {

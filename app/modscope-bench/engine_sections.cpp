@@ -257,14 +257,12 @@ void benchLayers(BenchContext& ctx) {
     }
     table.addNote(
         "ModTransformerImpl::hidden reads a clock between its layers (profiling.h, profileLayers): top-k "
-        "mode "
-        "without a trace, the final hidden states only (no logits). Medians over 100 forwards at T = 128, 30 "
-        "at 512, 8 at 2048 (20 and 8 with --quick), taken in four turns of MoD then dense, each turn after "
-        "one warm-up forward. A routed layer's time holds its router, top-k, gather, block and gated "
-        "scatter; \"µs per "
-        "token\" divides a layer's time by the tokens its block processed. A layer that takes longer than "
-        "its twin's same layer where both process every token shows what the layers before it left behind "
-        "(caches, memory, threads). " +
+        "mode without a trace, the final hidden states only (no logits). Medians over 100 forwards at T = "
+        "128, 30 at 512, 8 at 2048 (20 and 8 with --quick), taken in four turns of MoD then dense, each turn "
+        "after one warm-up forward. A routed layer's time holds its router, top-k, gather, block and gated "
+        "scatter; \"µs per token\" divides a layer's time by the tokens its block processed. A layer that "
+        "takes longer than its twin's same layer where both process every token shows what the layers before "
+        "it left behind (caches, memory, threads). " +
         coreVerdictsNote());
     ctx.report().json["layers"] = rows;
     ctx.report().add(table);
