@@ -1,24 +1,27 @@
-// Stage-by-stage timing of one routed layer, the matmul peak and the build information (profiling.h).
+// The engine's measurements for modscope-bench (profiling.h): each layer's time inside the forward, the
+// stage-by-stage timing of one routed layer, the matmul peak and the build information.
 //
-// The stages are the steps of a routed layer (ModTransformerImpl::hidden, mod_transformer.cpp) called one
-// after another on the model's own modules, with a clock read between them. They are timed here rather than
-// instrumented there so the forward pass carries no timing code.
+// A routed layer's stages are the steps of ModTransformerImpl::hidden (mod_transformer.cpp) called one after
+// another on the model's own modules, with a clock read between them: timed here rather than instrumented
+// there. The layers' times are hidden()'s own, a clock read between layers when ForwardOptions::layer_ms
+// asks.
+#include "modscope/profiling.h"
+
 #include <ATen/Parallel.h>
 #include <ATen/Version.h>
+#include <dnnl.h>
 #include <torch/version.h>
 
 #include <algorithm>
 #include <chrono>
 #include <cstdlib>
 #include <regex>
+#include <string>
 #include <vector>
-
-#include <dnnl.h>
 
 #include "cpu_matmul.h"
 #include "cpu_threads.h"
 #include "model_impl.h"
-#include "modscope/profiling.h"
 
 namespace modscope {
 
@@ -55,7 +58,53 @@ std::vector<double> timeCalls(int reps, Fn&& fn) {
     return ms;
 }
 
+void checkSeqLen(const ModelConfig& cfg, int seq_len) {
+    if (seq_len < 1 || seq_len > cfg.max_seq_len)
+        throw Error("sequence length " + std::to_string(seq_len) + " outside 1.." +
+                    std::to_string(cfg.max_seq_len));
+}
+
 }  // namespace
+
+LayerProfile profileLayers(const Model& model, int seq_len, int reps, double capacity, std::uint64_t seed) {
+    auto& impl = model.impl();
+    const auto& cfg = impl.config;
+    if (!impl.device.is_cpu()) throw Error("profileLayers times CPU models only, not " + model.device());
+    checkSeqLen(cfg, seq_len);
+    reps = std::max(reps, 1);
+    const double cap = capacity < 0 ? cfg.capacity : std::min(capacity, 1.0);
+
+    torch::InferenceMode guard;
+    torch::manual_seed(seed);
+    const auto ids = torch::randint(cfg.vocab_size, {1, seq_len}, torch::TensorOptions().dtype(torch::kLong));
+    nn::ForwardOptions options;  // top-k, nothing collected: Model::run's forward without a trace
+    options.capacity = cap;
+    std::vector<double> layer_ms;
+    options.layer_ms = &layer_ms;
+
+    LayerProfile p;
+    p.seq_len = seq_len;
+    p.reps = reps;
+    p.capacity = cap;
+    for (int i = 0; i < cfg.n_layers; ++i)
+        p.tokens.push_back(cfg.isRouted(i) ? static_cast<int>(capacityToK(cap, seq_len)) : seq_len);
+    auto& per_layer = p.layer_samples_ms;
+    per_layer.assign(static_cast<std::size_t>(cfg.n_layers), {});
+    auto& whole = p.forward_samples_ms;
+    using Clock = std::chrono::steady_clock;
+    for (int i = -1; i < reps; ++i) {  // i = -1: warm-up
+        const auto t0 = Clock::now();
+        (void)impl.net->hidden(ids, options);
+        const auto t1 = Clock::now();
+        if (i < 0) continue;
+        whole.push_back(std::chrono::duration<double, std::milli>(t1 - t0).count());
+        for (std::size_t l = 0; l < per_layer.size() && l < layer_ms.size(); ++l)
+            per_layer[l].push_back(layer_ms[l]);
+    }
+    for (const auto& v : per_layer) p.layer_ms.push_back(median(v));
+    p.forward_ms = median(whole);
+    return p;
+}
 
 RoutedLayerProfile profileRoutedLayer(const Model& model, int seq_len, int reps, double capacity, int layer,
                                       std::uint64_t seed) {
@@ -67,9 +116,7 @@ RoutedLayerProfile profileRoutedLayer(const Model& model, int seq_len, int reps,
     }
     if (layer >= cfg.n_layers || !cfg.isRouted(layer))
         throw Error("layer " + std::to_string(layer) + " is not routed");
-    if (seq_len < 1 || seq_len > cfg.max_seq_len)
-        throw Error("sequence length " + std::to_string(seq_len) + " outside 1.." +
-                    std::to_string(cfg.max_seq_len));
+    checkSeqLen(cfg, seq_len);
     reps = std::max(reps, 1);
 
     torch::InferenceMode guard;
@@ -207,7 +254,8 @@ EngineBuildInfo engineBuildInfo() {
     info.torch_threads = at::get_num_threads();
     info.openblas_threads_now = cpu::openBlasThreads();
     info.matmul_library = "oneDNN " + std::to_string(dnnl_version()->major) + "." +
-                          std::to_string(dnnl_version()->minor) + "." + std::to_string(dnnl_version()->patch) + " sgemm";
+                          std::to_string(dnnl_version()->minor) + "." +
+                          std::to_string(dnnl_version()->patch) + " sgemm";
     if (const char* env = std::getenv("OPENBLAS_NUM_THREADS")) info.openblas_threads = env;
     return info;
 }
