@@ -9,6 +9,7 @@
 #include <QTemporaryDir>
 #include <QTest>
 #include <QThread>
+#include <algorithm>
 #include <cmath>
 
 #include "app_fixture.h"
@@ -60,8 +61,8 @@ private Q_SLOTS:
         QByteArray err;
         const int code = runBench(
             {QStringLiteral("--model"), model_dir_, QStringLiteral("--quick"), QStringLiteral("--sections"),
-             QStringLiteral("forward,mod,layers,peak,routing,reference"), QStringLiteral("--json"), json_path,
-             QStringLiteral("--markdown"), md_path},
+             QStringLiteral("forward,mod,layers,generation,peak,routing,reference"), QStringLiteral("--json"),
+             json_path, QStringLiteral("--markdown"), md_path},
             &err);
         QVERIFY2(code == 0, err.constData());
 
@@ -190,6 +191,32 @@ private Q_SLOTS:
                     r[QStringLiteral("dense_forward_ms")].toDouble() > 0);
             checkCores(r);
         }
+
+        // Generation: both models generate every token asked for; the speed-up is the median of the
+        // repetitions' own MoD / dense ratios, and MoD's routed layers keep a smaller KV cache.
+        const QJsonObject gen = j[QStringLiteral("generation")].toObject();
+        const int new_tokens = gen[QStringLiteral("new_tokens")].toInt();
+        QCOMPARE(new_tokens,
+                 std::min(32, config_.max_seq_len - gen[QStringLiteral("prompt_tokens")].toInt()));
+        const QJsonObject gmod = gen[QStringLiteral("mod")].toObject();
+        const QJsonObject gdense = gen[QStringLiteral("dense")].toObject();
+        for (const QJsonObject& g : {gmod, gdense}) {
+            QCOMPARE(g[QStringLiteral("generated")].toInt(), new_tokens);
+            QVERIFY(g[QStringLiteral("tokens_per_second")].toDouble() > 0);
+        }
+        QCOMPARE(gdense[QStringLiteral("kv_cache_share")].toDouble(), 1.0);
+        QVERIFY(gmod[QStringLiteral("kv_cache_share")].toDouble() < 1.0);
+        const QJsonObject gpaired = gen[QStringLiteral("speedup_paired")].toObject();
+        const double gspeedup = gen[QStringLiteral("speedup")].toDouble();
+        QCOMPARE(gspeedup, gpaired[QStringLiteral("median")].toDouble());
+        QCOMPARE(gpaired[QStringLiteral("n")].toInt(),
+                 gmod[QStringLiteral("tokens_per_second_summary")].toObject()[QStringLiteral("n")].toInt());
+        QVERIFY(gpaired[QStringLiteral("n")].toInt() >= 5);
+        QVERIFY(gpaired[QStringLiteral("min")].toDouble() <= gspeedup &&
+                gspeedup <= gpaired[QStringLiteral("max")].toDouble());
+        QVERIFY(std::abs(gen[QStringLiteral("speedup_of_medians")].toDouble() -
+                         gmod[QStringLiteral("tokens_per_second")].toDouble() /
+                             gdense[QStringLiteral("tokens_per_second")].toDouble()) < 1e-9);
 
         const QJsonArray routing = j[QStringLiteral("routing_cost")].toArray();
         QVERIFY(!routing.isEmpty());
