@@ -345,9 +345,8 @@ void benchGeneration(BenchContext& ctx) {
         " after one short warm-up; ms/token = median GenerationStep.step_ms. "
         "MoD/dense tokens/s: " +
         fixed(paired.median, 2) +
-        "×, the median of each repetition's ratio (MoD and dense run in turn); the ratio of the medians is "
-        "in the "
-        "JSON as speedup_of_medians.");
+        "×, the median of each repetition's ratio (MoD and dense run in turn); "
+        "the ratio of the medians is in the JSON as speedup_of_medians.");
     ctx.report().json["generation"] = out;
     ctx.report().add(table);
 }
