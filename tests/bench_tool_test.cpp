@@ -189,6 +189,14 @@ private Q_SLOTS:
             }
             QVERIFY(r[QStringLiteral("mod_forward_ms")].toDouble() > 0 &&
                     r[QStringLiteral("dense_forward_ms")].toDouble() > 0);
+            // The embedding and final norm, each forward less its own layers: inside the call, never below 0.
+            for (const char* model : {"mod", "dense"}) {
+                const double outside =
+                    r[QLatin1String(model) + QStringLiteral("_outside_layers_ms")].toDouble();
+                QVERIFY2(outside > 0 &&
+                             outside < r[QLatin1String(model) + QStringLiteral("_forward_ms")].toDouble(),
+                         model);
+            }
             checkCores(r);
         }
 
