@@ -5,7 +5,7 @@
 #include <cstdlib>
 #include <string>
 
-#include "checkpoint.h"
+#include "checkpoint/checkpoint.h"
 #include "fuzz_checkpoint_config.h"
 
 extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {

@@ -2,9 +2,13 @@
 // small, written in seconds. Uses only modscope/engine.h: app tests build without LibTorch headers.
 #pragma once
 
+#include <QApplication>
+#include <QTest>
 #include <cstdint>
 #include <string>
 #include <vector>
+
+#include "modscope/engine.h"
 
 namespace modscope::apptest {
 
@@ -30,3 +34,15 @@ void writeFixtureModel(const std::string& dir, const FixtureOptions& options = {
 std::string fixtureCorpus(std::size_t bytes, std::uint64_t seed);
 
 }  // namespace modscope::apptest
+
+// main() of an app test: the runtime set up as the app sets it (modscope/engine.h, RuntimeOptions::forTools),
+// so that the window's runs take the backend the app and the tools take; then Qt Test with a QApplication.
+#define MODSCOPE_APP_TEST_MAIN(TestClass)                                  \
+    int main(int argc, char** argv) {                                      \
+        modscope::configureRuntime(modscope::RuntimeOptions::forTools());  \
+        QApplication app(argc, argv);                                      \
+        app.setAttribute(Qt::AA_Use96Dpi, true);                           \
+        TestClass test;                                                    \
+        QTEST_SET_MAIN_SOURCE_PATH                                         \
+        return QTest::qExec(&test, argc, argv);                            \
+    }

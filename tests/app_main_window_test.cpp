@@ -701,5 +701,5 @@ private Q_SLOTS:
     }
 };
 
-QTEST_MAIN(AppMainWindowTest)
+MODSCOPE_APP_TEST_MAIN(AppMainWindowTest)
 #include "app_main_window_test.moc"

@@ -178,5 +178,5 @@ private Q_SLOTS:
     }
 };
 
-QTEST_MAIN(AppPromptStressTest)
+MODSCOPE_APP_TEST_MAIN(AppPromptStressTest)
 #include "app_prompt_stress_test.moc"

@@ -339,5 +339,5 @@ private Q_SLOTS:
     }
 };
 
-QTEST_MAIN(AppTraceReplayTest)
+MODSCOPE_APP_TEST_MAIN(AppTraceReplayTest)
 #include "app_trace_replay_test.moc"

@@ -9,7 +9,7 @@
 #include <nlohmann/json.hpp>
 
 #include "bad_files.h"
-#include "checkpoint.h"
+#include "checkpoint/checkpoint.h"
 #include "file_size_limit.h"
 #include "../fuzz/fuzz_checkpoint_config.h"
 #include "process_memory.h"
@@ -56,8 +56,8 @@ private Q_SLOTS:
         auto saved = test::makeCheckpoint(dir.path().toStdString());
         auto loaded = Model::open(dir.path().toStdString(), "cpu");
         QCOMPARE(loaded->config().toJson(), saved->config().toJson());
-        auto a = saved->impl().net->named_parameters();
-        auto b = loaded->impl().net->named_parameters();
+        auto a = internals(*saved).net->named_parameters();
+        auto b = internals(*loaded).net->named_parameters();
         QCOMPARE(a.size(), b.size());
         for (const auto& p : a) QVERIFY2(torch::equal(p.value(), b[p.key()]), p.key().c_str());
         const auto ids = test::randomIds(40, saved->config().vocab_size, 2);
@@ -78,7 +78,7 @@ private Q_SLOTS:
             "for k in sorted(d): print(k, tuple(d[k].shape), str(d[k].dtype), repr(float(d[k].double().sum())))\n",
             {dir.path()});
         const auto lines = out.trimmed().split('\n');
-        auto params = model->impl().net->named_parameters();
+        auto params = internals(*model).net->named_parameters();
         QCOMPARE(lines.size(), qsizetype(params.size()));
         for (const auto& line : lines) {
             const auto name = line.section(' ', 0, 0).toStdString();
@@ -97,8 +97,8 @@ private Q_SLOTS:
         // torch.save writes the zip format by default: that must load too, with the values Python wrote.
         editWeightsInPython(dir.path().toStdString(), "d['layers.1.router.weight'] = torch.full((1, 32), 0.25)");
         auto loaded = Model::open(dir.path().toStdString(), "cpu");
-        QVERIFY(torch::equal(loaded->impl().net->blocks[1]->router->weight, torch::full({1, 32}, 0.25f)));
-        QVERIFY(torch::equal(loaded->impl().net->tok_emb->weight, model->impl().net->tok_emb->weight));
+        QVERIFY(torch::equal(internals(*loaded).net->blocks[1]->router->weight, torch::full({1, 32}, 0.25f)));
+        QVERIFY(torch::equal(internals(*loaded).net->tok_emb->weight, internals(*model).net->tok_emb->weight));
     }
 
     void refusesMissingTensor() {
@@ -284,7 +284,7 @@ private Q_SLOTS:
                                 good.size() * 3 / 4, std::size_t(30), std::size_t(4)}) {
             const auto msg = [&]() -> std::string {
                 try {
-                    loadWeights(*model->impl().net, good.substr(0, cut), "weights.pt");
+                    loadWeights(*internals(*model).net, good.substr(0, cut), "weights.pt");
                 } catch (const Error& e) {
                     return e.what();
                 }
@@ -298,7 +298,7 @@ private Q_SLOTS:
         const QString corpus = QStringLiteral(MODSCOPE_SOURCE_DIR "/fuzz/corpus/checkpoint/");
         const auto load = [&](const char* name) -> std::string {
             try {
-                loadWeights(*fuzz_model->impl().net, badfiles::readFile((corpus + name).toStdString()), name);
+                loadWeights(*internals(*fuzz_model).net, badfiles::readFile((corpus + name).toStdString()), name);
             } catch (const Error& e) {
                 return e.what();
             }
@@ -311,7 +311,7 @@ private Q_SLOTS:
         // could claim gigabytes) is refused there too.
         const auto regression = [&](const char* name) -> std::string {
             try {
-                loadWeights(*fuzz_model->impl().net,
+                loadWeights(*internals(*fuzz_model).net,
                             badfiles::readFile(std::string(MODSCOPE_TEST_DATA_DIR "/fuzz_regressions/") + name), name);
             } catch (const Error& e) {
                 return e.what();
@@ -373,5 +373,5 @@ private Q_SLOTS:
     }
 };
 
-QTEST_GUILESS_MAIN(CheckpointTest)
+MODSCOPE_ENGINE_TEST_MAIN(CheckpointTest)
 #include "checkpoint_test.moc"

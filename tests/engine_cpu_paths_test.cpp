@@ -20,10 +20,10 @@
 #include <set>
 #include <thread>
 
-#include "cpu_kernels.h"
-#include "cpu_matmul.h"
-#include "cpu_signals.h"
-#include "cpu_threads.h"
+#include "cpu/cpu_kernels.h"
+#include "cpu/cpu_matmul.h"
+#include "cpu/cpu_signals.h"
+#include "adaptive_threads.h"
 #include "test_support.h"
 
 using namespace modscope;
@@ -70,7 +70,7 @@ class EngineCpuPathsTest : public QObject {
     Q_OBJECT
 
 private Q_SLOTS:
-    void initTestCase() { configureRuntime(); }
+    void initTestCase() { QVERIFY2(backend::cpuKernelsUsable() != nullptr, "the kernel backend is off: these tests need it"); }
 
     void productsMatchForEveryLayout() {
         torch::manual_seed(1);
@@ -244,11 +244,11 @@ private Q_SLOTS:
         const auto pos = torch::tensor({3, 4, 5, 9, 10, 11, 40, 41, 63, 0, 1, 2, 3, 4, 5, 6, 7, 8}, torch::kLong).view({2, 9});
         const auto fused = cpu::rotateQK(qk, pos, tables.rope);
         auto grad_in = qk.clone().requires_grad_();
-        const auto ops = tables.rotateQK(grad_in, pos);  // autograd: the operator path
+        const auto ops = backend::ops().rotateQK(grad_in, pos, tables.rope);  // the operator backend
         QVERIFY(close(fused, ops.detach(), 1e-6));
         {
             torch::NoGradGuard no_grad;
-            QVERIFY(close(tables.rotateQK(qk, pos), ops.detach(), 1e-6));
+            QVERIFY(close(backend::cpuKernels()->rotateQK(qk, pos, tables.rope), ops.detach(), 1e-6));
         }
         // Rotation keeps each pair's length (q's scaled by 1/sqrt(hd)), and position 0 does not rotate.
         QVERIFY(close(fused.select(2, 1).norm(2, -1), qk.select(2, 1).norm(2, -1), 1e-5));
@@ -263,7 +263,7 @@ private Q_SLOTS:
         const auto where = torch::randint(512, {2, 150}, torch::kLong);
         const auto split = cpu::rotateQK(many, where, longer.rope);
         auto many_grad = many.clone().requires_grad_();
-        QVERIFY(close(split, longer.rotateQK(many_grad, where).detach(), 1e-6));
+        QVERIFY(close(split, backend::ops().rotateQK(many_grad, where, longer.rope).detach(), 1e-6));
     }
 
     void rowCopiesMatchIndexOperators() {
@@ -844,7 +844,7 @@ private Q_SLOTS:
     // The model's forward, which now runs on these products, still matches a forward through torch's own.
     void modelForwardMatchesTorchProducts() {
         auto model = Model::create(test::tinyConfig(), 5, "cpu");
-        auto& net = *model->impl().net;
+        auto& net = *internals(*model).net;
         const auto ids = test::idsTensor(test::randomIds(150, 300, 9));
         torch::NoGradGuard no_grad;
         nn::ForwardOptions opt;
@@ -859,7 +859,7 @@ private Q_SLOTS:
         for (auto& block : net.blocks) {
             const auto h = block->attn_norm(x);
             const auto qkv = torch::nn::functional::linear(h, block->attn->qkv->weight).view({1, 150, 3, 2, 16});
-            const auto qk = net.positions.rotateQK(qkv.narrow(2, 0, 2), pos);
+            const auto qk = backend::ops().rotateQK(qkv.narrow(2, 0, 2), pos, net.positions.rope);
             const auto q = qk.select(2, 0).transpose(1, 2).reshape({2, 150, 16});
             const auto k = qk.select(2, 1).transpose(1, 2).reshape({2, 150, 16});
             const auto v = qkv.select(2, 2).transpose(1, 2).reshape({2, 150, 16});
@@ -884,7 +884,7 @@ private Q_SLOTS:
         ModelConfig config;
         config.max_seq_len = 512;
         auto model = Model::create(config, 17, "cpu");
-        auto& net = *model->impl().net;
+        auto& net = *internals(*model).net;
         auto& block = *net.blocks[1];
         torch::InferenceMode guard;
         torch::manual_seed(18);
@@ -916,7 +916,7 @@ private Q_SLOTS:
         ModelConfig config;
         config.max_seq_len = 512;
         auto model = Model::create(config, 19, "cpu");
-        auto& net = *model->impl().net;
+        auto& net = *internals(*model).net;
         auto& block = *net.blocks[0];
         const auto hd = block.attn->head_dim;
         torch::InferenceMode guard;
@@ -954,5 +954,5 @@ private Q_SLOTS:
     }
 };
 
-QTEST_GUILESS_MAIN(EngineCpuPathsTest)
+MODSCOPE_ENGINE_TEST_MAIN(EngineCpuPathsTest)
 #include "engine_cpu_paths_test.moc"

@@ -31,7 +31,7 @@ private Q_SLOTS:
         config.predictor_budget_gain = budget_gain;
         config.predictor_prefix_topk = prefix_topk;
         auto model = Model::create(config, 11, "cpu");
-        auto& net = *model->impl().net;
+        auto& net = *internals(*model).net;
         const auto prompt = test::randomIds(12, 300, 4);
         test::balancePredictors(*model, prompt);
         torch::InferenceMode guard;
@@ -164,7 +164,7 @@ private Q_SLOTS:
     // language-model loss leaves it alone.
     void gradientsReachTheRouter() {
         auto model = Model::create(test::tinyConfig(), 13, "cpu");
-        auto& net = *model->impl().net;
+        auto& net = *internals(*model).net;
         const auto ids = torch::randint(0, 300, {4, 33}, torch::kLong);
         nn::ForwardOptions fo;
         fo.capacity = 0.25;
@@ -188,7 +188,7 @@ private Q_SLOTS:
         auto cfg = test::tinyConfig();
         cfg.capacity = 0.25;
         auto model = Model::create(cfg, 14, "cpu");
-        auto& net = *model->impl().net;
+        auto& net = *internals(*model).net;
         const auto ids = torch::randint(0, 300, {8, 64}, torch::kLong);
         auto& predictor = net.blocks[1]->predictor;
         torch::optim::Adam opt(predictor->parameters(), torch::optim::AdamOptions(1e-2));
@@ -217,5 +217,5 @@ private Q_SLOTS:
     }
 };
 
-QTEST_GUILESS_MAIN(EngineGenerationTest)
+MODSCOPE_ENGINE_TEST_MAIN(EngineGenerationTest)
 #include "engine_generation_test.moc"

@@ -89,7 +89,7 @@ private Q_SLOTS:
     void skippedTokensLeaveTheBlockUnchanged() {
         auto model = Model::create(test::tinyConfig(), 2, "cpu");
         test::balancePredictors(*model, test::randomIds(64, 300, 5));
-        auto& net = *model->impl().net;
+        auto& net = *internals(*model).net;
         torch::NoGradGuard guard;
         for (auto mode : {RoutingMode::TopK, RoutingMode::Causal}) {
             const auto ids = test::idsTensor(test::randomIds(64, 300, 5));
@@ -123,7 +123,7 @@ private Q_SLOTS:
 
     void capacityOneEqualsDenseComputation() {
         auto model = Model::create(test::tinyConfig(), 3, "cpu");
-        auto& net = *model->impl().net;
+        auto& net = *internals(*model).net;
         torch::NoGradGuard guard;
         const auto idsVec = test::randomIds(50, 300, 9);
         const auto ids = test::idsTensor(idsVec);
@@ -267,7 +267,7 @@ private Q_SLOTS:
         auto model = Model::create(config, 6, "cpu");
         {
             torch::NoGradGuard guard;
-            for (auto& block : model->impl().net->blocks)
+            for (auto& block : internals(*model).net->blocks)
                 if (block->routed) block->predictor->fc2->bias.add_(8.0);
         }
         const auto a = test::randomIds(120, 300, 8);
@@ -281,7 +281,7 @@ private Q_SLOTS:
         auto budgeted = Model::create(config, 6, "cpu");
         {
             torch::NoGradGuard guard;
-            for (auto& block : budgeted->impl().net->blocks)
+            for (auto& block : internals(*budgeted).net->blocks)
                 if (block->routed) block->predictor->fc2->bias.add_(8.0);
         }
         auto b = a;
@@ -335,7 +335,7 @@ private Q_SLOTS:
         config.max_seq_len = 512;
         config.capacity = 1.0 / 64;  // the routed layers' blocks take 8 of 512 tokens
         auto model = Model::create(config, 21, "cpu");
-        auto& net = *model->impl().net;
+        auto& net = *internals(*model).net;
         torch::InferenceMode guard;
         const auto ids = torch::randint(config.vocab_size, {1, 512}, torch::kLong);
         nn::ForwardOptions plain;
@@ -387,7 +387,7 @@ private Q_SLOTS:
     // autograd path's F::linear.
     void inferenceWeightCopiesFollowInPlaceUpdates() {
         auto model = Model::create(test::tinyConfig(), 13, "cpu");
-        auto& net = *model->impl().net;
+        auto& net = *internals(*model).net;
         const auto ids = test::idsTensor(test::randomIds(40, 300, 14));
         nn::ForwardOptions fo;
         const auto inference = [&] {
@@ -415,7 +415,7 @@ private Q_SLOTS:
     // alone, and the same as the copying path autograd takes.
     void causalBatchEqualsEachRowAlone() {
         const auto model = tinyModelWithCausalRule(15);
-        auto& net = *model->impl().net;
+        auto& net = *internals(*model).net;
         const auto ids = torch::cat({test::idsTensor(test::randomIds(50, 300, 16)),
                                      test::idsTensor(test::randomIds(50, 300, 17))}, 0);  // [2, 50]
         nn::ForwardOptions fo;
@@ -482,7 +482,7 @@ private Q_SLOTS:
     // 256 tokens, on two threads, the predictor reads the candidates while the walk finds them.
     void causalRoutingDecidesAsTheRuleOnEveryToken() {
         auto model = Model::create(test::tinyConfig(), 7, "cpu");
-        auto& net = *model->impl().net;
+        auto& net = *internals(*model).net;
         torch::InferenceMode guard;
         torch::manual_seed(10);
         const int threads_before = at::get_num_threads();
@@ -559,18 +559,11 @@ private Q_SLOTS:
             const auto scores = torch::where(key <= query, torch::bmm(q, k.transpose(1, 2)),
                                              torch::full({}, -std::numeric_limits<float>::infinity()));
             const auto expected = torch::bmm(torch::softmax(scores, -1), v);
-            const auto got = nn::causalAttention(q, k, v, prior, tables);
+            const auto got = backend::current().causalAttention(q, k, v, prior, tables);
             QCOMPARE(got.sizes().vec(), expected.sizes().vec());
             QVERIFY2(torch::allclose(got, expected, 1e-5, 1e-5),
                      qPrintable(QString("S %1 prior %2: max difference %3").arg(S).arg(prior)
                                     .arg((got - expected).abs().max().item<float>())));
-            // Written into a strided view (heads side by side in wider rows), as a batch-of-one forward does.
-            torch::NoGradGuard no_grad;
-            auto rows = torch::full({S, N, hd + 3}, 7.f);
-            const auto into = rows.narrow(2, 0, hd).transpose(0, 1);  // [N, S, hd], rows N * (hd + 3) apart
-            QCOMPARE(nn::causalAttention(q, k, v, prior, tables, into).data_ptr(), into.data_ptr());
-            QVERIFY(torch::allclose(into, expected, 1e-5, 1e-5));
-            QVERIFY(torch::equal(rows.narrow(2, hd, 3), torch::full({S, N, 3}, 7.f)));  // nothing else written
         }
     }
 
@@ -583,7 +576,7 @@ private Q_SLOTS:
         const nn::PositionTables tables(64, hd, theta);
         const auto qkv = torch::randn({B, S, 3, H, hd});
         const auto pos = torch::randint(0, 64, {B, S}, torch::kLong);
-        const auto got = tables.rotateQK(qkv.narrow(2, 0, 2), pos);  // [B, S, 2, H, hd]
+        const auto got = backend::current().rotateQK(qkv.narrow(2, 0, 2), pos, tables.rope);  // [B, S, 2, H, hd]
         QVERIFY(got.is_contiguous());
         const auto acc = qkv.accessor<float, 5>();
         const auto out = got.accessor<float, 5>();
@@ -678,5 +671,5 @@ private Q_SLOTS:
     }
 };
 
-QTEST_GUILESS_MAIN(EngineRoutingTest)
+MODSCOPE_ENGINE_TEST_MAIN(EngineRoutingTest)
 #include "engine_routing_test.moc"

@@ -7,9 +7,9 @@
 
 #include <QTest>
 
-#include "attention_blocks.h"
-#include "cpu_training.h"
-#include "mod_transformer.h"
+#include "nn/attention_blocks.h"
+#include "cpu/cpu_training.h"
+#include "nn/transformer.h"
 #include "test_support.h"
 
 using namespace modscope;
@@ -221,5 +221,5 @@ private Q_SLOTS:
     }
 };
 
-QTEST_GUILESS_MAIN(EngineTrainingOpsTest)
+MODSCOPE_ENGINE_TEST_MAIN(EngineTrainingOpsTest)
 #include "engine_training_ops_test.moc"

@@ -119,7 +119,7 @@ private Q_SLOTS:
         auto model = test::makeCheckpoint(dir.path().toStdString(), 22);
         {
             torch::NoGradGuard guard;
-            model->impl().net->blocks[2]->mlp->down->weight.add_(1e-3);
+            internals(*model).net->blocks[2]->mlp->down->weight.add_(1e-3);
         }
         const auto ids = test::randomIds(30, model->config().vocab_size, 5);
         QJsonArray cases{expectedCase(*model, ids, 0.5, RoutingMode::TopK)};
@@ -138,5 +138,5 @@ private Q_SLOTS:
     }
 };
 
-QTEST_GUILESS_MAIN(ReferenceTest)
+MODSCOPE_ENGINE_TEST_MAIN(ReferenceTest)
 #include "reference_test.moc"

@@ -4,11 +4,17 @@
 #include <QProcess>
 #include <QTemporaryDir>
 #include <QTest>
+#include <cstdlib>
 #include <fstream>
 #include <mutex>
 #include <random>
 
 namespace modscope::test {
+
+std::string device() {
+    const char* env = std::getenv("MODSCOPE_TEST_DEVICE");
+    return env != nullptr && *env != '\0' ? env : "cpu";
+}
 
 ModelConfig tinyConfig(int vocab_size) {
     ModelConfig c;
@@ -38,7 +44,7 @@ torch::Tensor idsTensor(const std::vector<int>& ids) {
 }
 
 void balancePredictors(Model& model, const std::vector<int>& ids) {
-    auto& net = *model.impl().net;
+    auto& net = *internals(model).net;
     torch::NoGradGuard guard;
     for (auto& block : net.blocks) {
         if (!block->routed) continue;

@@ -1,7 +1,9 @@
 // Shared fixtures for engine tests: small configs, seeded models, a tiny trained tokenizer.
 #pragma once
 
+#include <QCoreApplication>
 #include <QString>
+#include <QTest>
 #include <memory>
 #include <string>
 #include <vector>
@@ -10,6 +12,10 @@
 #include "modscope/engine.h"
 
 namespace modscope::test {
+
+// The device the device-parametrised engine tests run on: $MODSCOPE_TEST_DEVICE (scripts/gpu_check.sh sets
+// "cuda"), else "cpu".
+std::string device();
 
 // 4 layers, d 32, 2 heads, routed layers 1 and 3: small enough for exhaustive checks in milliseconds.
 ModelConfig tinyConfig(int vocab_size = 300);
@@ -37,3 +43,15 @@ std::unique_ptr<Model> makeCheckpoint(const std::string& dir, std::uint64_t seed
 QString runPython(const QString& script, const QStringList& args = {});
 
 }  // namespace modscope::test
+
+// main() of an engine test: the runtime set up as the tools set it (RuntimeOptions::forTools: the kernel backend
+// enabled, so that MODSCOPE_CPU_KERNELS=0 in the environment, which CTest's *_ops variants set, runs the test on
+// the ops backend), before anything starts a thread; then Qt Test.
+#define MODSCOPE_ENGINE_TEST_MAIN(TestClass)                                            \
+    int main(int argc, char** argv) {                                                   \
+        modscope::configureRuntime(modscope::RuntimeOptions::forTools());               \
+        QCoreApplication app(argc, argv);                                               \
+        TestClass test;                                                                 \
+        QTEST_SET_MAIN_SOURCE_PATH                                                      \
+        return QTest::qExec(&test, argc, argv);                                         \
+    }

@@ -940,5 +940,5 @@ private Q_SLOTS:
     }
 };
 
-QTEST_GUILESS_MAIN(TraceIoTest)
+MODSCOPE_ENGINE_TEST_MAIN(TraceIoTest)
 #include "trace_io_test.moc"

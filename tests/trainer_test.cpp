@@ -160,7 +160,7 @@ private Q_SLOTS:
         auto model = Model::open(trained, "cpu");
         {
             torch::NoGradGuard guard;
-            for (auto& block : model->impl().net->blocks)
+            for (auto& block : internals(*model).net->blocks)
                 if (block->routed) block->predictor->fc2->bias.fill_(20.0f);
         }
         const auto out = QDir(dir_.path()).filePath("calibrate").toStdString();
@@ -206,7 +206,7 @@ private Q_SLOTS:
         }
         {
             torch::NoGradGuard guard;
-            for (auto& block : model->impl().net->blocks)
+            for (auto& block : internals(*model).net->blocks)
                 if (block->routed) block->predictor->fc2->bias.fill_(100.0f);
         }
         const auto all = evaluate(*model, ids, 32, 16);
@@ -303,5 +303,5 @@ private Q_SLOTS:
     }
 };
 
-QTEST_GUILESS_MAIN(TrainerTest)
+MODSCOPE_ENGINE_TEST_MAIN(TrainerTest)
 #include "trainer_test.moc"

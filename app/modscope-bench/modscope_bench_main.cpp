@@ -95,7 +95,8 @@ void onItsOwnThread(Fn&& fn) {
 }  // namespace
 
 int main(int argc, char** argv) {
-    modscope::startSignalThread();
+    // First, before any other thread starts: the engine changes process-wide state only when asked (modscope/engine.h).
+    modscope::configureRuntime(modscope::RuntimeOptions::forTools());
     using namespace modscope;
     using namespace modscope::bench;
     BenchOptions options;
@@ -109,7 +110,6 @@ int main(int argc, char** argv) {
         return 0;
     }
     const auto t_start = std::chrono::steady_clock::now();
-    configureRuntime();  // as the app and every tool run (before the machine's thread count is read)
     BenchReport report;
     BenchContext ctx(options, report);
     try {

@@ -320,8 +320,8 @@ void printSummary(const std::vector<modscope::TraceDocument>& docs, const modsco
                 model.directory().empty() ? "(not saved)" : model.directory().c_str());
     if (!model.weightsSha256().empty()) std::printf("  sha256 %.12s", model.weightsSha256().c_str());
     std::printf("\n");
-    std::printf("run       %s, capacity %g, device %s, ", modscope::toString(first.run.mode),
-                first.run.capacity, first.run.device.c_str());
+    std::printf("run       %s, capacity %g, device %s, backend %s, ", modscope::toString(first.run.mode),
+                first.run.capacity, first.run.device.c_str(), first.run.backend.c_str());
     if (batch)
         std::printf("%zu prompts, %d tokens\n", docs.size(), total.tokens);
     else
@@ -451,7 +451,8 @@ int run(const Options& o) {
 }  // namespace
 
 int main(int argc, char** argv) {
-    modscope::startSignalThread();
+    // First, before any other thread starts: the engine changes process-wide state only when asked (modscope/engine.h).
+    modscope::configureRuntime(modscope::RuntimeOptions::forTools());
     Options options;
     try {
         options = parseArgs(argc, argv);

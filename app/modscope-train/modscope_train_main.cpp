@@ -176,7 +176,8 @@ int calibrateCausalCommand(const std::string& dir, const std::vector<std::string
 }  // namespace
 
 int main(int argc, char** argv) {
-    modscope::startSignalThread();
+    // First, before any other thread starts: the engine changes process-wide state only when asked (modscope/engine.h).
+    modscope::configureRuntime(modscope::RuntimeOptions::forTools());
     using modscope::Error;
     modscope::TrainOptions opt;
     opt.config.name = "modscope";

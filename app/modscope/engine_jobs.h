@@ -28,6 +28,7 @@ struct ModelInfo {
     std::string directory;
     std::string name;
     std::string device;
+    std::string backend;  // "cpu-kernels" or "ops"
     std::int64_t parameters = 0;
     ModelConfig config;
     std::string weights_sha256;

@@ -15,6 +15,7 @@ ModelInfo infoOf(const Model& model) {
     info.directory = model.directory();
     info.name = model.config().name;
     info.device = model.device();
+    info.backend = model.backend();
     info.parameters = model.parameterCount();
     info.config = model.config();
     info.weights_sha256 = model.weightsSha256();

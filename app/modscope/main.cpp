@@ -12,7 +12,8 @@
 #include "screenshot_taker.h"
 
 int main(int argc, char** argv) {
-    modscope::startSignalThread();
+    // First, before any other thread starts: the engine changes process-wide state only when asked (modscope/engine.h).
+    modscope::configureRuntime(modscope::RuntimeOptions::forTools());
     QApplication app(argc, argv);
     QApplication::setOrganizationName(QStringLiteral("ModScope"));
     QApplication::setApplicationName(QStringLiteral("modscope"));

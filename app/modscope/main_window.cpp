@@ -1182,7 +1182,13 @@ void MainWindow::updateWindowTitle() {
 }
 
 void MainWindow::updateStatus() {
-    status_device_->setText(model_ ? tr("device %1").arg(QString::fromStdString(model_->device)) : tr("no device"));
+    status_device_->setText(model_ ? tr("device %1 · %2")
+                                         .arg(QString::fromStdString(model_->device), QString::fromStdString(model_->backend))
+                                   : tr("no device"));
+    status_device_->setToolTip(model_ ? tr("The backend that runs the model: cpu-kernels (fused x86-64 float32 kernels) "
+                                           "or ops (LibTorch's operators, as on a GPU); MODSCOPE_CPU_KERNELS=0 "
+                                           "chooses ops")
+                                      : QString());
     status_model_->setText(model_ ? tr("%1 · %2 parameters")
                                         .arg(QString::fromStdString(model_->name), formatParameters(model_->parameters))
                                   : tr("no model"));

@@ -1,5 +1,5 @@
 // FLOP accounting of a forward pass, the formula of docs/MODEL.md "FLOPs".
-#include "attention_blocks.h"
+#include "nn/attention_blocks.h"
 #include "modscope/engine.h"
 
 namespace modscope {

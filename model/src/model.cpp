@@ -1,4 +1,5 @@
 // Model: opening, saving, traced forward passes and cached generation.
+#include <c10/core/ScalarType.h>
 #include <torch/serialize.h>
 
 #include <algorithm>
@@ -7,12 +8,11 @@
 #include <filesystem>
 #include <random>
 
-#include "checkpoint.h"
-#include "cpu_matmul.h"
-#include "cpu_threads.h"
-#include "file_io.h"
+#include "checkpoint/checkpoint.h"
+#include "formats/file_io.h"
+#include "formats/sha256.h"
 #include "model_impl.h"
-#include "sha256.h"
+#include "runtime_state.h"
 
 namespace modscope {
 
@@ -29,7 +29,7 @@ double msSince(std::chrono::steady_clock::time_point t0) {
 
 template <typename T>
 std::vector<T> toVector(const torch::Tensor& t) {
-    const auto c = t.to(torch::kCPU).contiguous();
+    const torch::Tensor c = t.to(torch::kCPU, c10::CppTypeToScalarType<T>::value).contiguous();
     return std::vector<T>(c.data_ptr<T>(), c.data_ptr<T>() + c.numel());
 }
 
@@ -75,20 +75,21 @@ torch::Tensor Model::Impl::idsTensor(const std::vector<int>& ids) const {
 Model::Model() : impl_(std::make_unique<Impl>()) {}
 Model::~Model() = default;
 
-std::unique_ptr<Model> Model::create(const ModelConfig& config, std::uint64_t seed, const std::string& device) {
-    configureRuntime();
+std::unique_ptr<Model> Model::create(const ModelConfig& config, std::uint64_t seed, const std::string& device,
+                                     const std::string& backend_name) {
     config.validate();
     std::unique_ptr<Model> m(new Model());
     m->impl_->config = config;
     m->impl_->device = torch::Device(resolveDevice(device));
+    m->impl_->backend = &backend::resolve(backend_name, m->impl_->device, torch::kFloat32);
     m->impl_->net = nn::ModTransformer(config);
     m->impl_->net->initWeights(seed);
     m->impl_->net->to(m->impl_->device);
     return m;
 }
 
-std::unique_ptr<Model> Model::open(const std::string& dir, const std::string& device) {
-    configureRuntime();
+std::unique_ptr<Model> Model::open(const std::string& dir, const std::string& device,
+                                   const std::string& backend_name) {
     const fs::path root(dir);
     if (!fs::is_directory(root)) throw Error(dir + ": not a model directory");
     const auto config_path = (root / "config.json").string();
@@ -119,6 +120,7 @@ std::unique_ptr<Model> Model::open(const std::string& dir, const std::string& de
     auto& impl = *m->impl_;
     impl.config = config;
     impl.device = torch::Device(resolveDevice(device));
+    impl.backend = &backend::resolve(backend_name, impl.device, torch::kFloat32);
     impl.net = nn::ModTransformer(config);
     loadWeights(*impl.net, bytes, weights_path);
     impl.net->to(impl.device);
@@ -146,6 +148,7 @@ void Model::save(const std::string& dir) const {
 
 const ModelConfig& Model::config() const { return impl_->config; }
 std::string Model::device() const { return impl_->device.str(); }
+std::string Model::backend() const { return impl_->backend->name(); }
 std::string Model::directory() const { return impl_->directory; }
 std::string Model::weightsSha256() const { return impl_->weights_sha256; }
 std::int64_t Model::parameterCount() const { return impl_->config.parameterCount(); }
@@ -160,9 +163,10 @@ void Model::attachTokenizer(std::unique_ptr<Tokenizer> tokenizer) {
 
 RunTrace Model::run(const std::vector<int>& ids, const RunOptions& options) const {
     const auto t0 = std::chrono::steady_clock::now();
-    cpu::adaptThreads();
+    runtime::beforeCpuWork();
     torch::InferenceMode guard;
     auto& impl = *impl_;
+    backend::Use use(*impl.backend);
     const auto input = impl.idsTensor(ids);
     const int T = static_cast<int>(ids.size());
 
@@ -179,10 +183,11 @@ RunTrace Model::run(const std::vector<int>& ids, const RunOptions& options) cons
     trace.mode = options.mode;
     trace.capacity = fo.capacity;
     trace.device = impl.device.str();
+    trace.backend = impl.backend->name();
     trace.token_ids = ids;
     int head_positions = 0;
     if (options.logits == RunOptions::Logits::All) {
-        if (cpu::applies(h)) {
+        if (h.device().is_cpu() && h.scalar_type() == torch::kFloat32) {
             // The head writes into the trace's own vector: [T, V] logits are not copied a second time.
             trace.logits.resize(static_cast<std::size_t>(T) * impl.config.vocab_size);
             auto out = torch::from_blob(trace.logits.data(), {T, impl.config.vocab_size}, torch::kFloat32);
@@ -250,9 +255,10 @@ RunTrace Model::run(const std::vector<int>& ids, const RunOptions& options) cons
 
 GenerationResult Model::generate(const std::vector<int>& prompt_ids, const GenerationOptions& options,
                                  const std::function<bool(const GenerationStep&)>& on_step) const {
-    cpu::adaptThreads();
+    runtime::beforeCpuWork();
     torch::InferenceMode guard;
     auto& impl = *impl_;
+    backend::Use use(*impl.backend);
     const auto& cfg = impl.config;
     GenerationResult result;
     result.prompt_ids = prompt_ids;
@@ -285,7 +291,7 @@ GenerationResult Model::generate(const std::vector<int>& prompt_ids, const Gener
             result.cancelled = true;
             break;
         }
-        cpu::adaptThreads();  // reads the load at most every 0.25 s
+        runtime::beforeCpuWork();  // reads the load at most every 0.25 s, where asked to
         const auto ts = std::chrono::steady_clock::now();
         GenerationStep step;
         step.index = i;

@@ -1,7 +1,7 @@
 // The engine's measurements for modscope-bench (profiling.h): each layer's time inside the forward, the
 // stage-by-stage timing of one routed layer, the matmul peak and the build information.
 //
-// A routed layer's stages are the steps of ModTransformerImpl::hidden (mod_transformer.cpp) called one after
+// A routed layer's stages are the steps of ModTransformerImpl::hidden (nn/transformer.cpp) called one after
 // another on the model's own modules, with a clock read between them: timed here rather than instrumented
 // there. The layers' times are hidden()'s own, a clock read between layers when ForwardOptions::layer_ms
 // asks.
@@ -9,8 +9,12 @@
 
 #include <ATen/Parallel.h>
 #include <ATen/Version.h>
-#include <dnnl.h>
 #include <torch/version.h>
+#ifdef MODSCOPE_CPU_KERNELS
+#include <dnnl.h>
+
+#include "cpu/cpu_matmul.h"
+#endif
 
 #include <algorithm>
 #include <chrono>
@@ -19,8 +23,7 @@
 #include <string>
 #include <vector>
 
-#include "cpu_matmul.h"
-#include "cpu_threads.h"
+#include "adaptive_threads.h"
 #include "model_impl.h"
 
 namespace modscope {
@@ -67,7 +70,8 @@ void checkSeqLen(const ModelConfig& cfg, int seq_len) {
 }  // namespace
 
 LayerProfile profileLayers(const Model& model, int seq_len, int reps, double capacity, std::uint64_t seed) {
-    auto& impl = model.impl();
+    auto& impl = internals(model);
+    backend::Use use(*impl.backend);
     const auto& cfg = impl.config;
     if (!impl.device.is_cpu()) throw Error("profileLayers times CPU models only, not " + model.device());
     checkSeqLen(cfg, seq_len);
@@ -108,7 +112,8 @@ LayerProfile profileLayers(const Model& model, int seq_len, int reps, double cap
 
 RoutedLayerProfile profileRoutedLayer(const Model& model, int seq_len, int reps, double capacity, int layer,
                                       std::uint64_t seed) {
-    auto& impl = model.impl();
+    auto& impl = internals(model);
+    backend::Use use(*impl.backend);
     const auto& cfg = impl.config;
     if (layer < 0) {
         if (cfg.routed_layers.empty()) throw Error("the model has no routed layer to profile");
@@ -215,8 +220,12 @@ MatmulPeak measureMatmulPeak(int n, int reps, MatmulLibrary library) {
     // Into a preallocated output: no allocation in the timed loop, only the product.
     std::vector<double> ms;
     if (library == MatmulLibrary::Engine) {
+#ifdef MODSCOPE_CPU_KERNELS
         m.threads = at::get_num_threads();
         ms = timeCalls(std::max(reps, 1), [&] { cpu::gemmInto(a, b, c, 0.f); });
+#else
+        throw Error("this build has no kernel backend (MODSCOPE_CPU_KERNELS=OFF), so no oneDNN sgemm to time");
+#endif
     } else {
         using cpu::openBlasThreads, cpu::setOpenBlasThreads;
         const int before = openBlasThreads();
@@ -253,9 +262,13 @@ EngineBuildInfo engineBuildInfo() {
         info.blas = "unknown";
     info.torch_threads = at::get_num_threads();
     info.openblas_threads_now = cpu::openBlasThreads();
+#ifdef MODSCOPE_CPU_KERNELS
     info.matmul_library = "oneDNN " + std::to_string(dnnl_version()->major) + "." +
                           std::to_string(dnnl_version()->minor) + "." +
                           std::to_string(dnnl_version()->patch) + " sgemm";
+#else
+    info.matmul_library = "LibTorch";
+#endif
     if (const char* env = std::getenv("OPENBLAS_NUM_THREADS")) info.openblas_threads = env;
     return info;
 }

@@ -109,6 +109,7 @@ struct RunTrace {
     RoutingMode mode = RoutingMode::TopK;
     double capacity = 0.0;
     std::string device;
+    std::string backend;       // which backend ran it: "cpu-kernels" or "ops" (Model::backend())
     std::vector<int> token_ids;
     std::vector<LayerTrace> layers;
     double flops = 0.0;        // matmul FLOPs this forward executed (docs/MODEL.md, "FLOPs")
@@ -207,6 +208,48 @@ std::string resolveDevice(const std::string& requested);
 bool cudaAvailable();
 bool cudaCompiledIn();
 
+// Backends: the same model on two implementations of its operations (DEVELOPERS.md, "Backends").
+//   "ops"          plain LibTorch operators: any device and dtype; what CUDA runs
+//   "cpu-kernels"  fused x86-64 float32 kernels and oneDNN's sgemm, for float32 models on the CPU; only in builds
+//                  with the CMake option MODSCOPE_CPU_KERNELS, only once configureRuntime enabled it
+//                  (RuntimeOptions::cpu_kernels), and never while MODSCOPE_CPU_KERNELS=0 is in the environment
+// "auto" takes cpu-kernels where it can run, else ops.
+bool cpuKernelsCompiledIn();
+bool cpuKernelsEnabled();  // compiled in, enabled by configureRuntime and not turned off by the environment
+
+// What a process sets up for the engine: one explicit call (configureRuntime), made by each of ModScope's
+// executables for itself. The engine changes no process-wide state on its own: linking it or opening a model
+// leaves signal masks, the allocator and thread pools as they were. The defaults change nothing.
+struct RuntimeOptions {
+    // LibTorch's intra-op threads (which also thread the kernel backend's products and loops); 0 leaves them.
+    int threads = 0;
+    // Before each run, generation step and training step, at most every 0.25 s: read the machine's load from
+    // /proc/stat and give other processes the cores they are using (LibTorch's threads, at least one). A
+    // parallel region waits for its slowest thread, so one preempted thread stalls every region: a 114-token run
+    // took 706 ms instead of 10 ms with two busy processes beside it. Ignored while MODSCOPE_TORCH_THREADS is set.
+    bool adapt_threads = false;
+    // OpenBLAS at one thread, so that no second pool of threads spins beside LibTorch's for the same cores.
+    bool single_thread_blas = false;
+    // Keep freed heap blocks for reuse (mallopt) instead of returning them to the kernel: a forward allocates and
+    // frees tensors of 0.1-50 MB by the dozen, which glibc would otherwise map and unmap at every run.
+    bool keep_freed_memory = false;
+    // Enables the cpu-kernels backend. Its products call oneDNN 2.6's sgemm, which corrupts the heap when a
+    // signal handler runs on a thread mid-product (model/src/cpu/cpu_signals.h), so this also starts a thread
+    // that runs the process's handlers of asynchronous signals (SIGINT, SIGTERM, SIGCHLD, ...), and each thread
+    // that runs the kernels' products blocks those signals for good before its first one. Call it first in
+    // main(), before other threads start. A process that ran the kernels passes its blocked mask on to the
+    // programs it starts. No effect in a build without the kernels.
+    bool cpu_kernels = false;
+
+    // What ModScope's executables use: every core (MODSCOPE_TORCH_THREADS=N fixes N), adaptive threads,
+    // single-threaded OpenBLAS, freed memory kept, and the kernel backend.
+    static RuntimeOptions forTools();
+};
+// Applies options once per process; later calls change nothing and return false.
+bool configureRuntime(const RuntimeOptions& options);
+// The options in force (the defaults until configureRuntime was called).
+RuntimeOptions runtimeOptions();
+
 class Model {
 public:
     ~Model();
@@ -214,17 +257,20 @@ public:
     Model& operator=(const Model&) = delete;
 
     // Opens a checkpoint directory: config.json, weights.pt, tokenizer.model (docs/MODEL.md).
-    // Every tensor is checked against the config; Error names what is wrong.
-    static std::unique_ptr<Model> open(const std::string& dir, const std::string& device = "auto");
+    // Every tensor is checked against the config; Error names what is wrong. backend: "auto", "ops" or
+    // "cpu-kernels" (see cpuKernelsCompiledIn); Error where the one asked for cannot run here.
+    static std::unique_ptr<Model> open(const std::string& dir, const std::string& device = "auto",
+                                       const std::string& backend = "auto");
     // A model with freshly initialised weights (seeded); it has no tokenizer until one is attached.
     static std::unique_ptr<Model> create(const ModelConfig& config, std::uint64_t seed,
-                                         const std::string& device = "auto");
+                                         const std::string& device = "auto", const std::string& backend = "auto");
     // Writes config.json and weights.pt atomically into dir (created if needed), and copies the
     // tokenizer model when one is attached.
     void save(const std::string& dir) const;
 
     const ModelConfig& config() const;
     std::string device() const;         // "cpu" or "cuda:0"
+    std::string backend() const;        // "cpu-kernels" or "ops"
     std::string directory() const;      // empty for a created model
     std::string weightsSha256() const;  // of weights.pt as loaded or last saved; empty otherwise
     std::int64_t parameterCount() const;
@@ -239,11 +285,10 @@ public:
     GenerationResult generate(const std::vector<int>& prompt_ids, const GenerationOptions& options,
                               const std::function<bool(const GenerationStep&)>& on_step = {}) const;
 
-    // Internal access for the trainer and tests inside model/ (opaque to everyone else).
-    struct Impl;
-    Impl& impl() const { return *impl_; }
+    struct Impl;  // opaque: model/src/model_impl.h
 
 private:
+    friend struct ModelInternals;  // model/src/model_impl.h: the trainer and the engine tests reach Impl there
     Model();
     std::unique_ptr<Impl> impl_;
 };
@@ -258,20 +303,5 @@ void writeFileAtomic(const std::string& path, const std::string& data);
 double forwardFlops(const ModelConfig& config, int seq_len, const std::vector<int>& processed,
                     int head_positions = -1, const std::vector<int>& predictor_rows = {});
 double denseForwardFlops(const ModelConfig& config, int seq_len, int head_positions = -1);
-
-// Process-wide settings the engine measured best (DEVELOPERS.md, docs/PERFORMANCE.md): LibTorch's intra-op
-// pool on every core (MODSCOPE_TORCH_THREADS overrides; while other processes keep cores busy, runs and training
-// steps give those back), which also threads the engine's oneDNN matmuls;
-// OpenBLAS at one thread, so that no second pool spins beside it; and a heap that keeps freed blocks instead
-// of returning them to the kernel. Called once by Model::open/create; idempotent.
-void configureRuntime();
-
-// Starts the thread that runs the process's handlers of asynchronous signals (SIGINT, SIGTERM, SIGCHLD, ...).
-// The engine blocks those signals, for good, on every thread that runs its matrix products, and on the OpenMP
-// threads working for it: oneDNN 2.6's sgemm corrupts the heap when a handler runs on a thread mid-product
-// (model/src/cpu_signals.h). It starts this thread at its first product; call this first in main() so that the
-// process answers signals from the start even when its parent left them blocked (a process that ran the engine
-// passes its blocked mask on to the programs it starts).
-void startSignalThread();
 
 }  // namespace modscope

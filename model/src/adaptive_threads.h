@@ -1,5 +1,5 @@
-// How many threads the engine's CPU work gets, chosen from what the rest of the machine is doing
-// (internal to model/).
+// How many threads the engine's CPU work gets, chosen from what the rest of the machine is doing, where
+// RuntimeOptions::adapt_threads asks for it; and OpenBLAS's thread count (internal to model/).
 //
 // Why: the matmuls and loops run on LibTorch's OpenMP pool, and a parallel region ends at a barrier that waits
 // for every thread of the team. With other processes keeping the cores busy, the kernel preempts one of our
@@ -30,5 +30,9 @@ int threadsFromLoad(const CpuTimes& before, const CpuTimes& after, int cores);
 // thread count (this thread's OpenMP pool, which also threads oneDNN) to the choice. A no-op when
 // MODSCOPE_TORCH_THREADS fixes the count. Returns the threads in force.
 int adaptThreads();
+
+// OpenBLAS's thread count now, 0 when the BLAS LibTorch loaded is not OpenBLAS; and its setter (a no-op then).
+int openBlasThreads();
+void setOpenBlasThreads(int threads);
 
 }  // namespace modscope::cpu

@@ -3,7 +3,7 @@
 
 #include <string>
 
-#include "mod_transformer.h"
+#include "nn/transformer.h"
 
 namespace modscope {
 

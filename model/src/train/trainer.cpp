@@ -19,11 +19,11 @@
 #include <random>
 #include <sstream>
 
-#include "cpu_threads.h"
-#include "cpu_training.h"
-#include "file_io.h"
+#include "backend/backend.h"
+#include "formats/file_io.h"
 #include "modscope/trace_io.h"
 #include "model_impl.h"
+#include "runtime_state.h"
 
 namespace modscope {
 
@@ -138,7 +138,8 @@ double trainStepFlops(const ModelConfig& config, int seq_len, int batch_tokens) 
 // ------------------------------------------------------------------------------------------------ evaluate
 EvalResult evaluate(const Model& model, const std::vector<int>& ids, int seq_len, int windows, std::uint64_t seed) {
     torch::InferenceMode guard;
-    auto& impl = model.impl();
+    auto& impl = internals(model);
+    backend::Use use(*impl.backend);
     std::mt19937_64 rng(seed);
     EvalResult result;
     result.seq_len = seq_len;
@@ -157,7 +158,7 @@ EvalResult evaluate(const Model& model, const std::vector<int>& ids, int seq_len
         std::vector<nn::LayerRouting> routing;
         const auto h = impl.net->hidden(w.narrow(1, 0, seq_len), fo, &routing);
         const auto logits = impl.net->logits(h);
-        loss_sum += nn::crossEntropyLoss(logits.reshape({-1, logits.size(-1)}), w.narrow(1, 1, seq_len).reshape(-1))
+        loss_sum += backend::current().crossEntropy(logits.reshape({-1, logits.size(-1)}), w.narrow(1, 1, seq_len).reshape(-1))
                         .item<double>();
         ++batches;
         for (int li = 0; li < impl.config.n_layers; ++li) {
@@ -196,7 +197,7 @@ CausalRuleCalibration calibrateCausalRule(const std::string& dir, const std::vec
         if (!(g >= 0.0 && g <= 100.0)) throw Error("budget gain " + std::to_string(g) + " is outside 0..100");
     auto model = Model::open(dir, device);
     if (!model->tokenizer()) throw Error(dir + ": no tokenizer.model");
-    auto& impl = model->impl();
+    auto& impl = internals(*model);
     auto config = impl.config;
     if (config.routed_layers.empty()) throw Error(dir + ": a dense model has no causal decisions to tune");
     const auto corpus = Corpus::fromFiles(corpus_files, val_fraction);
@@ -265,7 +266,7 @@ struct Trainer::Impl {
 
     void buildOptimizer() {
         std::vector<torch::Tensor> decay, no_decay;
-        for (const auto& p : model->impl().net->named_parameters()) {
+        for (const auto& p : internals(*model).net->named_parameters()) {
             // Matrices decay; gains and biases do not (they set scales, not features).
             (p.value().dim() >= 2 ? decay : no_decay).push_back(p.value());
         }
@@ -280,7 +281,7 @@ struct Trainer::Impl {
         model->save(opt.out_dir);
         torch::serialize::OutputArchive archive;
         optimizer->save(archive);
-        for (const auto& p : model->impl().net->named_parameters())
+        for (const auto& p : internals(*model).net->named_parameters())
             archive.write("param/" + p.key(), p.value().detach().to(torch::kCPU));
         archive.write("step", torch::tensor(step, torch::kLong));
         archive.write("total_steps", torch::tensor(total_steps, torch::kLong));
@@ -295,9 +296,9 @@ struct Trainer::Impl {
         if (!fs::exists(path)) throw Error(path + ": nothing to resume from");
         torch::serialize::InputArchive archive;
         try {
-            archive.load_from(path, model->impl().device);
+            archive.load_from(path, internals(*model).device);
             torch::NoGradGuard guard;
-            for (auto& p : model->impl().net->named_parameters()) {
+            for (auto& p : internals(*model).net->named_parameters()) {
                 torch::Tensor t;
                 archive.read("param/" + p.key(), t);
                 p.value().copy_(t);
@@ -323,8 +324,9 @@ struct Trainer::Impl {
     // the BCE-trained probability is biased towards 'skip' (7 of 8 tokens are negatives), and a threshold
     // matched to the capacity recovers recall at little cost in accuracy.
     void calibratePredictors(std::vector<std::string>& notes) {
-        auto& net = *model->impl().net;
-        const auto& cfg = model->impl().config;
+        auto& net = *internals(*model).net;
+        const auto& cfg = internals(*model).config;
+        backend::Use use(*internals(*model).backend);
         const double thr_logit = std::log(cfg.predictor_threshold / (1.0 - cfg.predictor_threshold));
         for (auto& block : net.blocks) {
             if (!block->routed) continue;
@@ -332,7 +334,7 @@ struct Trainer::Impl {
             std::mt19937_64 rng(opt.seed + 17);
             for (int T : opt.seq_lens) {
                 torch::InferenceMode guard;
-                const auto w = sampleWindows(val_ids, T, std::max(1, 8192 / T), rng).to(model->impl().device);
+                const auto w = sampleWindows(val_ids, T, std::max(1, 8192 / T), rng).to(internals(*model).device);
                 nn::ForwardOptions fo;
                 fo.capacity = cfg.capacity;
                 fo.collect = true;
@@ -431,7 +433,8 @@ TrainProgress Trainer::run(const std::function<void(const TrainProgress&)>& on_p
         std::ofstream(fs::path(opt.out_dir) / kLogFile, std::ios::trunc);
     }
 
-    auto& impl = s.model->impl();
+    auto& impl = internals(*s.model);
+    backend::Use use(*impl.backend);
     auto& net = *impl.net;
     net.train();
     TrainProgress progress;
@@ -449,7 +452,7 @@ TrainProgress Trainer::run(const std::function<void(const TrainProgress&)>& on_p
 
     while (s.step < s.total_steps) {
         if (stop && stop->load()) break;
-        cpu::adaptThreads();
+        runtime::beforeCpuWork();
         const auto t0 = std::chrono::steady_clock::now();
         // Every step's batch follows from (seed, step) alone, so a resumed run sees the same data.
         std::mt19937_64 rng(opt.seed * 0x9E3779B97F4A7C15ull + static_cast<std::uint64_t>(s.step));
@@ -463,7 +466,7 @@ TrainProgress Trainer::run(const std::function<void(const TrainProgress&)>& on_p
         fo.collect = true;
         std::vector<nn::LayerRouting> routing;
         const auto logits = net.logits(net.hidden(inputs, fo, &routing));
-        const auto lm_loss = nn::crossEntropyLoss(logits.reshape({-1, logits.size(-1)}), targets.reshape(-1));
+        const auto lm_loss = backend::current().crossEntropy(logits.reshape({-1, logits.size(-1)}), targets.reshape(-1));
         auto loss = lm_loss;
         torch::Tensor pred_loss = torch::zeros({}, logits.options());
         int routed = 0;

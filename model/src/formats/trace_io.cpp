@@ -20,7 +20,7 @@
 #include <nlohmann/json.hpp>
 #include <string_view>
 
-#include "file_io.h"
+#include "formats/file_io.h"
 
 namespace modscope {
 
@@ -320,6 +320,7 @@ std::string writeDocument(const TraceDocument& doc, bool pretty) {
     w.key("mode"), w.string(toString(run.mode), "mode");
     w.key("capacity"), w.number(run.capacity, "capacity");
     w.key("device"), w.string(run.device, "device");
+    w.key("backend"), w.string(run.backend, "backend");
     if (doc.prompt_index >= 0) {
         w.key("prompt_index"), w.integer(doc.prompt_index);
         w.key("prompt_id"), w.string(doc.prompt_id, "prompt_id");
@@ -1016,6 +1017,7 @@ TraceDocument readDocument(std::string_view text) {
     member(top, "", "capacity", true,
            [&](Reader& r, const std::string& w) { run.capacity = readDouble(r, w, 0.0, 1.0); });
     member(top, "", "device", false, [&](Reader& r, const std::string& w) { run.device = readString(r, w); });
+    member(top, "", "backend", false, [&](Reader& r, const std::string& w) { run.backend = readString(r, w); });
     member(top, "", "prompt", true, [&](Reader& r, const std::string& w) { doc.prompt = readString(r, w); });
     if (!isNull(top, "prompt_index"))
         member(top, "", "prompt_index", false, [&](Reader& r, const std::string& w) {

@@ -1,7 +1,7 @@
 // weights.pt reading and writing with full validation: the file is untrusted input.
-#include "checkpoint.h"
+#include "checkpoint/checkpoint.h"
 
-#include "weights_container.h"
+#include "checkpoint/weights_container.h"
 
 #include <caffe2/serialize/inline_container.h>
 #include <caffe2/serialize/read_adapter_interface.h>

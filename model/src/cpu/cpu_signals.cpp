@@ -1,4 +1,4 @@
-#include "cpu_signals.h"
+#include "cpu/cpu_signals.h"
 
 #include <ATen/Parallel.h>
 #include <pthread.h>

@@ -19,8 +19,8 @@ constexpr std::int64_t kSmallAttentionQueries = 32;
 
 // Up to this many keys, cached and new, a CPU with AVX-512 attends a few query rows at a time with their
 // scores in registers (cpu::smallCausalAttention: four rows up to 64 keys, two beyond), the triangle as well.
-// The count below takes the triangle up to here; a CPU without AVX-512 computes the square block for 33 to 128
-// queries, at most 5.2% more of such a layer's FLOPs (d 192, SwiGLU 512, 128 queries; 2.7% at 64).
+// The count below takes the triangle up to here; a CPU without AVX-512 computes the square block for 33 to
+// 128 queries, at most 5.2% more of such a layer's FLOPs (d 192, SwiGLU 512, 128 queries; 2.7% at 64).
 constexpr std::int64_t kWideAttentionKeys = 128;
 
 // Query-key pairs whose scores a causal forward of n new tokens after `prior` cached ones computes.

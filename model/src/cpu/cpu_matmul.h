@@ -3,8 +3,8 @@
 // Why not torch::mm: Debian's LibTorch sends float matmuls to OpenBLAS, which on this 2-core machine reaches
 // 100-150 GFLOP/s on the engine's shapes (16-4,096 rows by d 192) while oneDNN's JIT sgemm, already a
 // dependency of that LibTorch, reaches 200-225 GFLOP/s on the same shapes with LibTorch's own OpenMP threads
-// (docs/PERFORMANCE.md). configureRuntime() gives LibTorch every core and OpenBLAS one thread, so that the
-// two thread pools never fight for the cores.
+// (docs/PERFORMANCE.md). RuntimeOptions::forTools() gives LibTorch every core and OpenBLAS one thread, so that
+// the two thread pools never fight for the cores.
 #pragma once
 
 #include <torch/types.h>
@@ -37,9 +37,5 @@ void gemmInto(const torch::Tensor& a, const torch::Tensor& b, torch::Tensor& c, 
 // ldb apart) + beta c, the call gemmInto makes for such tensors (the same bits). No autograd.
 void gemmRows(const float* a, std::int64_t lda, const float* b, std::int64_t ldb, float* c, std::int64_t ldc,
               std::int64_t M, std::int64_t N, std::int64_t K, float beta);
-
-// OpenBLAS's thread count now, 0 when the BLAS LibTorch loaded is not OpenBLAS; and its setter (a no-op then).
-int openBlasThreads();
-void setOpenBlasThreads(int threads);
 
 }  // namespace modscope::cpu

@@ -1,7 +1,8 @@
-// Thread count from the machine's load (cpu_threads.h).
-#include "cpu_threads.h"
+// Thread count from the machine's load (adaptive_threads.h).
+#include "adaptive_threads.h"
 
 #include <ATen/Parallel.h>
+#include <dlfcn.h>
 
 #include <unistd.h>
 
@@ -87,6 +88,16 @@ int adaptThreads() {
     }
     if (at::get_num_threads() != threads) at::set_num_threads(threads);
     return threads;
+}
+
+// Looked up at run time: libblas.so.3 is whichever BLAS Debian's alternatives select.
+int openBlasThreads() {
+    auto* get = reinterpret_cast<int (*)()>(dlsym(RTLD_DEFAULT, "openblas_get_num_threads"));
+    return get != nullptr ? get() : 0;
+}
+
+void setOpenBlasThreads(int threads) {
+    if (auto* set = reinterpret_cast<void (*)(int)>(dlsym(RTLD_DEFAULT, "openblas_set_num_threads"))) set(threads);
 }
 
 }  // namespace modscope::cpu

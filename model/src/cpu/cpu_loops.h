@@ -11,7 +11,7 @@
 #include <cstdint>
 #include <utility>
 
-#include "cpu_matmul.h"
+#include "cpu/cpu_matmul.h"
 
 #ifdef _OPENMP
 #include <omp.h>

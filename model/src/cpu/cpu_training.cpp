@@ -2,7 +2,7 @@
 // split over LibTorch's threads from kParallelRows rows. Every row's arithmetic is the same on one thread as
 // on two (no sums across rows, but the loss's, which is summed in row order), so a resumed run repeats its
 // losses whichever thread count cpu::adaptThreads picked.
-#include "cpu_training.h"
+#include "cpu/cpu_training.h"
 
 #include <torch/autograd.h>
 #include <torch/nn/functional/loss.h>
@@ -12,10 +12,10 @@
 #include <type_traits>
 #include <vector>
 
-#include "attention_blocks.h"
-#include "cpu_kernels.h"
-#include "cpu_loops.h"
-#include "cpu_matmul.h"
+#include "nn/attention_blocks.h"
+#include "cpu/cpu_kernels.h"
+#include "cpu/cpu_loops.h"
+#include "cpu/cpu_matmul.h"
 
 namespace modscope::cpu {
 

@@ -1,5 +1,5 @@
 // Bounded reads and atomic writes (write to a temporary in the same folder, fsync, rename).
-#include "file_io.h"
+#include "formats/file_io.h"
 
 #include <fcntl.h>
 #include <sys/stat.h>

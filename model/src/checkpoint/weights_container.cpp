@@ -1,6 +1,6 @@
 // A bounded reading of the zip format (PKWARE APPNOTE 6.3): the end of central directory record (and its
 // zip64 form, which LibTorch always writes), the central directory, and each record's local header.
-#include "weights_container.h"
+#include "checkpoint/weights_container.h"
 
 #include <caffe2/serialize/versions.h>
 

@@ -1,6 +1,6 @@
 // oneDNN sgemm behind torch tensors (cpu_matmul.h).
-#include "cpu_matmul.h"
-#include "cpu_signals.h"
+#include "cpu/cpu_matmul.h"
+#include "cpu/cpu_signals.h"
 
 #include <torch/autograd.h>
 
@@ -192,16 +192,6 @@ void gemmInto(const torch::Tensor& a, const torch::Tensor& b, torch::Tensor& c, 
 void gemmRows(const float* a, std::int64_t lda, const float* b, std::int64_t ldb, float* c, std::int64_t ldc,
               std::int64_t M, std::int64_t N, std::int64_t K, float beta) {
     check(gemm({a, M, K, lda, 1}, {b, K, N, ldb, 1}, c, ldc, beta));
-}
-
-// Looked up at run time: libblas.so.3 is whichever BLAS Debian's alternatives select.
-int openBlasThreads() {
-    auto* get = reinterpret_cast<int (*)()>(dlsym(RTLD_DEFAULT, "openblas_get_num_threads"));
-    return get != nullptr ? get() : 0;
-}
-
-void setOpenBlasThreads(int threads) {
-    if (auto* set = reinterpret_cast<void (*)(int)>(dlsym(RTLD_DEFAULT, "openblas_set_num_threads"))) set(threads);
 }
 
 }  // namespace modscope::cpu

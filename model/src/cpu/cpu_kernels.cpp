@@ -3,7 +3,7 @@
 // per CPU. From 256 rows the row loops split their rows over LibTorch's threads (OpenMP, this file only): the
 // router's logits at 512 x 192 took 6.8 us on one thread and 4.3 on two, reading x produced by a two-thread
 // add as in the forward; the reference forward at T = 128 (no loop that long) did not change.
-#include "cpu_kernels.h"
+#include "cpu/cpu_kernels.h"
 
 #include <immintrin.h>
 
@@ -17,10 +17,10 @@
 #include <thread>
 #include <vector>
 
-#include "attention_blocks.h"
-#include "cpu_loops.h"
-#include "cpu_matmul.h"
-#include "cpu_signals.h"
+#include "nn/attention_blocks.h"
+#include "cpu/cpu_loops.h"
+#include "cpu/cpu_matmul.h"
+#include "cpu/cpu_signals.h"
 
 namespace modscope::cpu {
 

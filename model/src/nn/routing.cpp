@@ -1,0 +1,231 @@
+// Routing (routing.h): top-k and causal selection, and a routed block run on its selected tokens.
+#include "nn/routing.h"
+
+#include <algorithm>
+#include <cmath>
+#include <functional>
+#include <limits>
+
+namespace modscope::nn {
+
+torch::Tensor topkIndices(const torch::Tensor& router_logits, std::int64_t k) {
+    return backend::current().topkIndices(router_logits, k);
+}
+
+torch::Tensor gatherRows(const torch::Tensor& x, const torch::Tensor& idx) {
+    return backend::current().gatherRows(x, idx);
+}
+
+torch::Tensor scatterRows(const torch::Tensor& x, const torch::Tensor& idx, const torch::Tensor& rows) {
+    const auto B = x.size(0), T = x.size(1), d = x.size(2);
+    const auto flat = idx.size(0) == 1 ? idx.reshape(-1)
+                                       : (idx + torch::arange(B, idx.options()).unsqueeze(1) * T).reshape(-1);
+    return x.reshape({B * T, d}).index_copy(0, flat, rows.reshape({-1, d})).view({B, T, d});
+}
+
+void addGatedRows(torch::Tensor& x, const torch::Tensor& idx, const torch::Tensor& router_logits,
+                  const torch::Tensor& delta) {
+    backend::current().addGatedRows(x, idx, router_logits, delta);
+}
+
+torch::Tensor processSelected(BlockImpl& block, const torch::Tensor& x, const torch::Tensor& router_logits,
+                              const torch::Tensor& idx, const PositionTables& positions, LayerKV* kv,
+                              bool in_place) {
+    if (idx.size(1) == 0) {
+        if (kv != nullptr) {
+            const auto B = x.size(0);
+            const auto H = block.attn->n_heads, hd = block.attn->head_dim;
+            kv->k = torch::zeros({B, H, 0, hd}, x.options());
+            kv->v = torch::zeros({B, H, 0, hd}, x.options());
+        }
+        return x;
+    }
+    const auto xs = gatherRows(x, idx);  // [B, k, d]
+    // A token keeps its own position: the selected positions are the indices themselves.
+    const auto delta = block.delta(xs, idx, positions, kv);
+    if (in_place) {
+        auto target = x;  // a handle to x's storage, which addGatedRows writes (it checks the conditions)
+        addGatedRows(target, idx, router_logits, delta);
+        return x;
+    }
+    const auto gate = torch::sigmoid(router_logits.gather(1, idx)).unsqueeze(-1);  // [B, k, 1]
+    // Without autograd xs is this call's own copy and nothing reads it after delta(): update it in place.
+    const auto updated = torch::GradMode::is_enabled() ? xs + gate * delta : xs.addcmul_(gate, delta);
+    return scatterRows(x, idx, updated);
+}
+
+bool CausalRule::decide(double predictor_logit, std::int64_t position, std::int64_t processed_before,
+                        std::int64_t higher_before) const {
+    if (prefix_topk && !inPrefixTopk(capacity, position, higher_before)) return false;
+    return passes(predictor_logit, position, processed_before);
+}
+
+bool CausalRule::passes(double predictor_logit, std::int64_t position, std::int64_t processed_before) const {
+    const double shortfall = capacity * double(position + 1) - double(processed_before);
+    return 1.0 / (1.0 + std::exp(-(predictor_logit + budget_gain * shortfall))) > threshold;
+}
+
+std::int64_t countAbove(const std::vector<float>& history, float value) {
+    // NaN counts as -inf, as in prefixTopkCandidates, so a generation step ranks a token as the full forward
+    // does.
+    const float at = rankKey(value);
+    return std::count_if(history.begin(), history.end(), [&](float h) { return rankKey(h) > at; });
+}
+
+std::vector<std::int64_t> prefixTopkCandidates(const float* logits, std::int64_t T, double capacity) {
+    std::vector<std::int64_t> out;
+    out.reserve(static_cast<std::size_t>(T));
+    walkPrefixTopk(logits, T, capacity, [&out](std::int64_t t) { out.push_back(t); });
+    return out;
+}
+
+namespace {
+
+torch::Tensor cpuFloat(const torch::Tensor& t) {
+    if (t.device().is_cpu() && t.scalar_type() == torch::kFloat32 && t.is_contiguous() && !t.requires_grad())
+        return t;  // already what the loops below read: three dispatches saved per routed layer
+    return t.detach().to(torch::kCPU, torch::kFloat32).contiguous();
+}
+
+// t on device, where it was made on the CPU.
+torch::Tensor onDevice(const torch::Tensor& t, const torch::Device& device) {
+    return device.is_cpu() ? t : t.to(device);
+}
+
+// rule.passes() for a token that the prefix top-k lets through. sigmoid(v) > threshold is
+// v > log(threshold / (1 - threshold)): one comparison per token where passes() takes an exp. Within 1e-6 of
+// that point passes() itself decides, so the decisions stay a generation step's, whose rule.decide() calls
+// it.
+class RulePasses {
+public:
+    explicit RulePasses(const CausalRule& rule)
+        : rule_(rule),
+          inside_(rule.threshold > 0.0 && rule.threshold < 1.0),
+          point_(inside_ ? std::log(rule.threshold / (1.0 - rule.threshold)) : 0.0),
+          near_(1e-6 * (1.0 + std::abs(point_))) {}
+    // Token t with predictor logit l after n processed tokens.
+    bool operator()(double l, std::int64_t t, std::int64_t n) const {
+        const double v = l + rule_.budget_gain * (rule_.capacity * double(t + 1) - double(n));
+        return inside_ && std::abs(v - point_) > near_ ? v > point_ : rule_.passes(l, t, n);
+    }
+
+private:
+    const CausalRule& rule_;
+    bool inside_;
+    double point_, near_;
+};
+
+// The rule along one row of T tokens, in order: each decision depends on the ones before it, the same
+// arithmetic as a generation step's. candidates[0, n_candidates): the prefix top-k's, ascending (unused
+// without it); logit(): the predictor logit of the next token that can be processed, asked once per such
+// token, in order.
+template <typename Logit>
+void decideRow(const CausalRule& rule, std::int64_t T, const std::int64_t* candidates,
+               std::size_t n_candidates, Logit&& logit, bool* sel) {
+    const RulePasses passes(rule);
+    std::int64_t n = 0;
+    std::size_t next = 0;
+    for (std::int64_t t = 0; t < T; ++t) {
+        bool open = true;
+        if (rule.prefix_topk) {
+            open = next < n_candidates && candidates[next] == t;
+            next += open ? 1 : 0;
+        }
+        sel[t] = open && passes(logit(t), t, n);
+        n += sel[t] ? 1 : 0;
+    }
+}
+
+// decideRow with the prefix top-k, visiting its candidates only: every other token is skipped and leaves the
+// count of processed tokens as it is, so each candidate's decision is decideRow's. sel [T] is written whole;
+// the processed positions go to chosen (room for n_candidates), ascending; returns how many.
+template <typename Logit>
+std::int64_t decideCandidates(const CausalRule& rule, std::int64_t T, const std::int64_t* candidates,
+                              std::size_t n_candidates, Logit&& logit, bool* sel, std::int64_t* chosen) {
+    const RulePasses passes(rule);
+    std::fill(sel, sel + T, false);
+    std::int64_t n = 0;
+    for (std::size_t i = 0; i < n_candidates; ++i) {
+        const auto t = candidates[i];
+        sel[t] = passes(logit(t), t, n);
+        if (sel[t]) chosen[n++] = t;
+    }
+    return n;
+}
+
+// Positions [n] as a [1, n] int64 row on device: a row's selection as the forward takes it.
+torch::Tensor positionsRow(const std::int64_t* positions, std::int64_t n, const torch::Device& device) {
+    auto row = torch::empty({1, n}, torch::kLong);
+    std::copy(positions, positions + n, row.data_ptr<std::int64_t>());
+    return onDevice(row, device);
+}
+
+// Each row's selected positions (ascending) as [1, n_b] int64 on device.
+void selectedRows(const torch::Tensor& mask, const torch::Device& device, std::vector<torch::Tensor>* out) {
+    if (out == nullptr) return;
+    const auto B = mask.size(0), T = mask.size(1);
+    out->clear();
+    const bool* m = mask.data_ptr<bool>();
+    std::vector<std::int64_t> rows;
+    for (std::int64_t b = 0; b < B; ++b) {
+        rows.clear();
+        for (std::int64_t t = 0; t < T; ++t)
+            if (m[b * T + t]) rows.push_back(t);
+        out->push_back(positionsRow(rows.data(), static_cast<std::int64_t>(rows.size()), device));
+    }
+}
+
+}  // namespace
+
+torch::Tensor causalSelection(const torch::Tensor& predictor_logits, const torch::Tensor& router_logits,
+                              const CausalRule& rule, std::vector<torch::Tensor>* selected) {
+    const auto logits = cpuFloat(predictor_logits);
+    const auto router = cpuFloat(router_logits);
+    const auto B = logits.size(0), T = logits.size(1);
+    auto out = torch::empty({B, T}, torch::TensorOptions().dtype(torch::kBool));
+    std::vector<std::int64_t> candidates;
+    for (std::int64_t b = 0; b < B; ++b) {
+        if (rule.prefix_topk)
+            candidates = prefixTopkCandidates(router.data_ptr<float>() + b * T, T, rule.capacity);
+        const float* row = logits.data_ptr<float>() + b * T;
+        const auto logit = [row](std::int64_t t) { return double(row[t]); };
+        decideRow(rule, T, candidates.data(), candidates.size(), logit, out.data_ptr<bool>() + b * T);
+    }
+    selectedRows(out, predictor_logits.device(), selected);
+    return onDevice(out, predictor_logits.device());
+}
+
+torch::Tensor causalRouting(BlockImpl& block, const torch::Tensor& x, const torch::Tensor& router_logits,
+                            const CausalRule& rule, std::int64_t* predictor_rows,
+                            std::vector<torch::Tensor>* selected) {
+    if (!rule.prefix_topk) {
+        if (predictor_rows != nullptr) *predictor_rows = x.size(0) * x.size(1);
+        return causalSelection(block.predictor(x.detach()), router_logits, rule, selected);
+    }
+    // A token outside the router's top k of the tokens so far is skipped whatever the predictor says, so the
+    // predictor reads only the others: about capacity x T rows instead of T.
+    const auto router = cpuFloat(router_logits);
+    const auto B = router.size(0), T = router.size(1);
+    const auto& be = backend::current();
+    const auto input = x.requires_grad() ? x.detach() : x;
+    auto out = torch::empty({B, T}, torch::TensorOptions().dtype(torch::kBool));
+    thread_local std::vector<std::int64_t> candidates, chosen;
+    thread_local std::vector<float> logits;
+    chosen.resize(static_cast<std::size_t>(T));
+    if (selected != nullptr) selected->clear();
+    std::int64_t read = 0;
+    for (std::int64_t b = 0; b < B; ++b) {
+        be.prefixCandidateLogits(block.predictor->weights(), input, b, router.data_ptr<float>() + b * T,
+                                 rule.capacity, candidates, logits);
+        const float* logit = logits.data();
+        const auto next_logit = [&logit](std::int64_t) { return double(*logit++); };
+        const auto n = decideCandidates(rule, T, candidates.data(), candidates.size(), next_logit,
+                                        out.data_ptr<bool>() + b * T, chosen.data());
+        read += static_cast<std::int64_t>(candidates.size());
+        if (selected != nullptr) selected->push_back(positionsRow(chosen.data(), n, router_logits.device()));
+    }
+    if (predictor_rows != nullptr) *predictor_rows = read;
+    return onDevice(out, router_logits.device());
+}
+
+}  // namespace modscope::nn
