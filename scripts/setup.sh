@@ -1,15 +1,18 @@
 #!/usr/bin/env bash
 # One-command set-up for a fresh Debian 12 machine, as root (README.md):
 #   bash scripts/setup.sh run    install, build, and open the app on the bundled default model
-#   bash scripts/setup.sh test   install, build, and run every test through CTest; then the whole suite again
-#                                under AddressSanitizer + UBSan (the dev-asan preset), then each libFuzzer
-#                                target on a fixed number of inputs from a fixed seed (the fuzz preset). Any
-#                                failure or finding fails it.
+#   bash scripts/setup.sh test   install, build, and run every test through CTest; then the engine and tool
+#                                tests again in a build without the CPU kernels (the ops-only preset: the ops
+#                                backend alone, as on a GPU or a non-x86 machine); then the whole suite under
+#                                AddressSanitizer + UBSan (the dev-asan preset), then each libFuzzer target on
+#                                a fixed number of inputs from a fixed seed (the fuzz preset). Any failure or
+#                                finding fails it.
 #   bash scripts/setup.sh fuzz   build the fuzz preset and fuzz each target for FUZZ_SECONDS (600) from a
 #                                random seed, to look for new defects rather than gate on old ones.
 # Options through the environment: BUILD_DIR (default build), BUILD_TYPE (Release), JOBS (all cores),
 # MODSCOPE_PRESET=dev-asan to build and test with AddressSanitizer + UBSan only, FUZZ=0 to skip the fuzz
-# stage of `test`, FUZZ_SEED (1) for its seed, SANITIZERS=0 to skip the sanitizer and fuzz stages of `test`.
+# stage of `test`, FUZZ_SEED (1) for its seed, SANITIZERS=0 to skip the sanitizer and fuzz stages of `test`,
+# OPS_ONLY=0 to skip its ops-only stage.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -84,6 +87,17 @@ sanitizer_stage() {
     echo "setup: sanitizer stage: build $((t1 - t0)) s, tests $((SECONDS - t1)) s"
 }
 
+# The build without the CPU kernels (CMakePresets.json's ops-only: no oneDNN, no intrinsics, no app), with
+# the tests it has: what a GPU or a machine other than x86-64 builds.
+ops_only_stage() {
+    local t0=$SECONDS
+    cmake --preset ops-only
+    cmake --build --preset ops-only -j "${JOBS:-$(nproc)}"
+    local t1=$SECONDS
+    ctest --preset ops-only --timeout 1200 -j "${JOBS:-2}"
+    echo "setup: ops-only stage: build $((t1 - t0)) s, tests $((SECONDS - t1)) s"
+}
+
 # Each libFuzzer target from its seed corpus (fuzz/corpus/<target>, plus the inputs of past findings in
 # tests/data/fuzz_regressions) into a scratch folder; a crash, a leak, a timeout or an out-of-memory stops it
 # with its input in build-fuzz/findings. `test` runs a fixed number of inputs from a fixed seed, so that a red
@@ -135,6 +149,9 @@ test)
     t0=$SECONDS
     (cd "$dir" && ctest --output-on-failure --timeout 1200 -j "${JOBS:-2}")
     echo "setup: tests $((SECONDS - t0)) s"
+    if [ "${OPS_ONLY:-1}" != 0 ] && [ -z "${MODSCOPE_PRESET:-}" ]; then
+        ops_only_stage
+    fi
     if [ "${SANITIZERS:-1}" != 0 ] && [ -z "${MODSCOPE_PRESET:-}" ]; then
         sanitizer_stage
         [ "${FUZZ:-1}" = 0 ] || fuzz_stage gate

@@ -906,6 +906,25 @@ private Q_SLOTS:
         QCOMPARE(QDir(out.path()).entryList(QDir::Files | QDir::Hidden).size(), qsizetype(3));
     }
 
+    // Every trace names the backend that ran it; a trace written before the field existed still reads.
+    void tracesNameTheirBackend() {
+        const auto md = readAll(MODSCOPE_SOURCE_DIR "/docs/TRACE_FORMAT.md");
+        const auto start = md.find("```json\n", md.find("### Example")) + 8;
+        const auto json = md.substr(start, md.find("```\n", start) - start);
+        QCOMPARE(QString::fromStdString(traceFromJson(json).run.backend), QString("cpu-kernels"));
+        auto older = json;
+        const auto field = older.find("  \"backend\": \"cpu-kernels\",\n");
+        QVERIFY(field != std::string::npos);
+        older.erase(field, std::string("  \"backend\": \"cpu-kernels\",\n").size());
+        QVERIFY(traceFromJson(older).run.backend.empty());
+        for (const char* backend : {"ops", "cpu-kernels"}) {
+            if (std::string(backend) == "cpu-kernels" && !cpuKernelsEnabled()) continue;
+            auto model = Model::open(ckpt_.toStdString(), "cpu", backend);
+            const auto doc = traceFromJson(traceToJson(traceModel(*model, "a prompt", {})));
+            QCOMPARE(QString::fromStdString(doc.run.backend), QString(backend));
+        }
+    }
+
     // docs/TRACE_FORMAT.md's example is exactly what the writer produces, in JSON and in CSV.
     void documentedExampleIsExact() {
         const auto md = readAll(MODSCOPE_SOURCE_DIR "/docs/TRACE_FORMAT.md");

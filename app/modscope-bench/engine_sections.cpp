@@ -393,7 +393,7 @@ void benchPeak(BenchContext& ctx) {
         }
     }
     mm.addNote("Peak = the best of all runs of either library (one warm-up call each). 2·n³ FLOPs per product. "
-               "OpenBLAS gets every core for its rows only; the engine leaves it one thread (DEVELOPERS.md).");
+               "OpenBLAS gets every core for its rows only; the tools leave it one thread (docs/CPU_BACKEND.md).");
     ctx.report().json["matmul"] = mms;
     ctx.report().json["matmul_peak_gflops"] = peak;
     ctx.report().add(mm);

@@ -123,7 +123,8 @@ int main(int argc, char** argv) {
                       {"name", model.config().name},
                       {"config", nlohmann::json::parse(model.config().toJson())},
                       {"parameters", model.parameterCount()},
-                      {"device", model.device()}};
+                      {"device", model.device()},
+                      {"backend", model.backend()}};
         const auto& m = j["machine"];
         std::cout << "modscope-bench" << (options.quick ? " --quick" : "") << ": "
                   << m["cpu"].get<std::string>() << ", " << m["cores"].get<int>() << " cores, LibTorch "
@@ -131,7 +132,8 @@ int main(int argc, char** argv) {
                   << ": " << m["blas_library"].get<std::string>() << " on " << m["openblas_threads_now"].get<int>()
                   << " thread(s)), matmuls on " << m["matmul_library"].get<std::string>() << ", "
                   << m["torch_threads"].get<int>() << " torch thread(s), load average " << loadAverage()
-                  << "\nmodel: " << ctx.modelDirectory() << "\n\n";
+                  << "\nmodel: " << ctx.modelDirectory() << " on " << model.device() << ", backend "
+                  << model.backend() << "\n\n";
 
         nlohmann::json ran = nlohmann::json::array();
         const auto section = [&](const char* name, void (*fn)(BenchContext&)) {

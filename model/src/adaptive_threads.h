@@ -5,7 +5,7 @@
 // for every thread of the team. With other processes keeping the cores busy, the kernel preempts one of our
 // threads for a whole time slice while the other waits at the barrier, at every region: a 114-token run in the
 // app took 706 ms instead of 10 ms with two busy processes beside it, and 14 ms on one thread
-// (DEVELOPERS.md, Threads and matmuls). So the engine leaves other processes the cores they are using and
+// (docs/CPU_BACKEND.md, Threads and matmuls). So the engine leaves other processes the cores they are using and
 // takes the rest: on two cores, one thread while others use more than half a core, both otherwise.
 #pragma once
 

@@ -262,12 +262,13 @@ EngineBuildInfo engineBuildInfo() {
         info.blas = "unknown";
     info.torch_threads = at::get_num_threads();
     info.openblas_threads_now = cpu::openBlasThreads();
+    // The kernel backend's products are oneDNN's sgemm; the ops backend's, LibTorch's own (OpenBLAS here).
+    info.matmul_library = "LibTorch (at::mm)";
 #ifdef MODSCOPE_CPU_KERNELS
-    info.matmul_library = "oneDNN " + std::to_string(dnnl_version()->major) + "." +
-                          std::to_string(dnnl_version()->minor) + "." +
-                          std::to_string(dnnl_version()->patch) + " sgemm";
-#else
-    info.matmul_library = "LibTorch";
+    if (cpuKernelsEnabled())
+        info.matmul_library = "oneDNN " + std::to_string(dnnl_version()->major) + "." +
+                              std::to_string(dnnl_version()->minor) + "." +
+                              std::to_string(dnnl_version()->patch) + " sgemm";
 #endif
     if (const char* env = std::getenv("OPENBLAS_NUM_THREADS")) info.openblas_threads = env;
     return info;

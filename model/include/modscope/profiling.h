@@ -84,7 +84,7 @@ LayerProfile profileLayers(const Model& model, int seq_len, int reps, double cap
 
 // A large float32 matmul (n x n by n x n on the CPU), as the machine's practical peak, by the library the
 // engine multiplies with (oneDNN's sgemm, on LibTorch's threads) or by OpenBLAS, given every core for the
-// measurement (the engine leaves it one thread otherwise: DEVELOPERS.md, Threads).
+// measurement (the engine leaves it one thread otherwise: docs/CPU_BACKEND.md, Threads and matmuls).
 enum class MatmulLibrary { Engine, OpenBlas };
 struct MatmulPeak {
     int n = 0;
@@ -100,9 +100,9 @@ MatmulPeak measureMatmulPeak(int n, int reps, MatmulLibrary library = MatmulLibr
 struct EngineBuildInfo {
     std::string torch_version;     // e.g. "1.13.1"
     std::string blas;              // LibTorch's BLAS_INFO; Debian's says "generic" (the selected libblas.so.3)
-    int torch_threads = 0;         // LibTorch's intra-op threads now (configureRuntime())
+    int torch_threads = 0;         // LibTorch's intra-op threads now (RuntimeOptions::forTools() sets every core)
     std::string openblas_threads;  // $OPENBLAS_NUM_THREADS when set, else empty
-    int openblas_threads_now = 0;  // OpenBLAS's thread count now (configureRuntime() sets 1); 0: not OpenBLAS
+    int openblas_threads_now = 0;  // OpenBLAS's thread count now (RuntimeOptions::single_thread_blas sets 1); 0: not OpenBLAS
     std::string matmul_library;    // what the engine's CPU matmuls run on, e.g. "oneDNN 2.6.3 sgemm"
 };
 EngineBuildInfo engineBuildInfo();

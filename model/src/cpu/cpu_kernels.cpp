@@ -1230,7 +1230,7 @@ void addBlockInPlace(torch::Tensor& x, const torch::Tensor& pos, const torch::Te
     keepSignalsOffThisThread();  // the team's threads, before the products run inside the region
     const int team = at::get_num_threads();
     MODSCOPE_TEAM_REGION(team) {
-        // Not a structured binding: the stages' lambdas capture these (C++17 clang, the fuzz build, refuses).
+        // Not a structured binding: the stages' lambdas capture these (clang refuses in C++17).
         const auto share = myShare(S, 4);
         const auto r0 = share.first, r1 = share.second, n = r1 - r0;
         guarded([&] {

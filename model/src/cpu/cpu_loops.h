@@ -1,6 +1,6 @@
 // Helpers shared by the CPU kernel files (cpu_kernels.cpp, cpu_training.cpp): team regions on LibTorch's
 // OpenMP threads, row shares, GCC's 8-float vector, the vector exp and the rotary positions' checked tables.
-// Internal linkage (an anonymous namespace): a file built without OpenMP (the fuzz build's) gets its own
+// Internal linkage (an anonymous namespace): a file built without OpenMP gets its own
 // single-threaded copies.
 #pragma once
 
@@ -15,7 +15,7 @@
 
 #ifdef _OPENMP
 #include <omp.h>
-// A parallel region over `team` threads, when the file is built with OpenMP (the fuzz build's copy is not).
+// A parallel region over `team` threads, when the file is built with OpenMP.
 #define MODSCOPE_TEAM_REGION(team) _Pragma("omp parallel num_threads(team) if (team > 1)")
 #define MODSCOPE_TEAM_BARRIER _Pragma("omp barrier")
 #else

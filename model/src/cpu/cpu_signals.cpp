@@ -55,7 +55,7 @@ void keepSignalsOffThisThread() {
     // OpenMP threads this thread started before it blocked the signals did not inherit the block: a region
     // over the whole team blocks them. It is written with OpenMP itself (this file is built with -fopenmp)
     // because at::parallel_for runs serially in a file built without, as most of the engine's files are. The
-    // fuzz build's copy, compiled by clang without OpenMP, blocks the calling thread only.
+    // build without OpenMP (clang without libomp) blocks the calling thread only.
 #ifdef _OPENMP
     if (team > 1) {
 #pragma omp parallel num_threads(team)

@@ -1,5 +1,5 @@
-// How causal attention is tiled into query blocks: shared by the forward (mod_transformer.cpp) and the
-// FLOP count (flops.cpp), which reports the score products as computed.
+// How causal attention is tiled into query blocks: shared by the backends (backend/ops_backend.cpp,
+// cpu/cpu_kernels_backend.cpp) and the FLOP count (flops.cpp), which reports the score products as computed.
 #pragma once
 
 #include <algorithm>
