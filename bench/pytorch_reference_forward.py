@@ -1,10 +1,10 @@
 #!/usr/bin/python3
 """Forward time of a PyTorch implementation of modscope-bench's reference shape, on this machine, now.
 
-Issue 6 states its forward targets against a PyTorch implementation of the reference shape (6 layers, d 192,
-3 heads, SwiGLU 512, vocabulary 2048, capacity 0.125 on layers 1/3/5, batch 1, random weights) timed at some
-earlier time on this virtual machine, whose speed drifts (docs/PERFORMANCE.md). This script times such an
-implementation in the same minutes as modscope-bench's reference section, so the two can be compared now.
+The reference forward's targets (docs/PERFORMANCE.md) are set against a PyTorch implementation of the
+reference shape (6 layers, d 192, 3 heads, SwiGLU 512, vocabulary 2048, capacity 0.125 on layers 1/3/5,
+batch 1, random weights). A virtual machine's speed drifts, so this script times such an implementation in
+the same minutes as modscope-bench's reference section, and the two can be compared.
 The blocks are bench/pytorch_prototype_training.py's (docs/MODEL.md, no code shared with the engine); the
 forward is top-k routing under torch.inference_mode(), logits for every position, as modscope-bench's.
 

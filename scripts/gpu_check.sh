@@ -72,11 +72,15 @@ if [ "$device" = cuda ]; then
         fail "modscope-trace cannot run on CUDA: was the engine built with CUDA? (cmake's 'CUDA build:' line above)"
 fi
 
-# 4. The engine tests. engine_backends_test runs the bundled model on MODSCOPE_TEST_DEVICE against the CPU
-# (routing in both modes at 16-1,024 tokens, generation); the others run their models on the CPU with this build.
-say "engine tests, test device $device"
-(cd "$dir" && MODSCOPE_TEST_DEVICE=$device QT_QPA_PLATFORM=offscreen \
+# 4. The engine tests, first on the CPU with this build; then the device-parametrised ones with their models on
+# the device: engine_backends_test (the bundled model on the device against the CPU: routing in both modes at
+# 16-1,024 tokens, generation), engine_routing_test and engine_generation_test (float32, then float64).
+say "engine tests on the CPU"
+(cd "$dir" && QT_QPA_PLATFORM=offscreen \
     ctest --output-on-failure --timeout 1200 -R '^(engine_|checkpoint_test|reference_test|trainer_test)')
+say "engine tests with their models on $device"
+(cd "$dir" && MODSCOPE_TEST_DEVICE=$device QT_QPA_PLATFORM=offscreen \
+    ctest --output-on-failure --timeout 1200 -R '^engine_(backends|routing|generation)_test')
 
 # 5. The bundled model's traces on the device against the CPU's: the same decisions, router logits within
 # 2e-3 (float32 summed in another order), in both modes and in a greedy generation.

@@ -1,4 +1,5 @@
 #include "app_fixture.h"
+#include "synthetic_corpus.h"
 
 #include <cstdio>
 #include <cstdlib>
@@ -13,30 +14,7 @@
 namespace modscope::apptest {
 namespace fs = std::filesystem;
 
-std::string fixtureCorpus(std::size_t bytes, std::uint64_t seed) {
-    static const char* words[] = {"the", "routing", "token", "layer", "model", "depth", "capacity", "residual",
-                                  "stream", "attention", "of", "and", "a", "to", "in", "is", "that", "mixture",
-                                  "expert", "choice", "compute", "said", "every", "them", "fortune", "cookie",
-                                  "light", "dark", "water", "fire", "time", "tree", "house", "river", "quick",
-                                  "brown", "fox", "jumps", "over", "lazy", "dog", "which", "tokens", "skip"};
-    static const char* punct[] = {",", ".", ";", "!", "?", ":"};
-    std::mt19937_64 rng(seed);
-    std::string text;
-    int in_line = 0;
-    while (text.size() < bytes) {
-        const auto r = rng() % 100;
-        if (r < 5) text += std::to_string(rng() % 2000);
-        else text += words[rng() % (sizeof(words) / sizeof(*words))];
-        if (rng() % 7 == 0) text += punct[rng() % 6];
-        if (++in_line > 8 + static_cast<int>(rng() % 8)) {
-            text += "\n";
-            in_line = 0;
-        } else {
-            text += " ";
-        }
-    }
-    return text;
-}
+std::string fixtureCorpus(std::size_t bytes, std::uint64_t seed) { return testdata::syntheticCorpus(bytes, seed, testdata::kAppWords); }
 
 namespace {
 

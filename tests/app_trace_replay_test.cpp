@@ -175,7 +175,7 @@ private Q_SLOTS:
         QVERIFY(controlsLocked(*w));
     }
 
-    // Issue 7's bad traces (tests/bad_files.cpp): each refused with the reader's reason in the banner,
+    // The bad traces of tests/bad_files.cpp: each refused with the reader's reason in the banner,
     // and the live view and its controls untouched.
     void eachBadTraceIsRefusedAndChangesNothing() {
         auto w = makeWindow(QString::fromLatin1(kLongPrompt));
@@ -187,10 +187,7 @@ private Q_SLOTS:
         QVERIFY(bad.size() >= 10);
         const SnapshotPtr before = w->snapshot();
         for (const auto& b : bad) {
-            QElapsedTimer clock;
-            clock.start();
             QVERIFY2(!w->openTrace(QString::fromStdString(b.path)), b.name.c_str());
-            QVERIFY(clock.elapsed() < 5000);
             QCOMPARE(w->banner()->kind(), MessageBanner::Kind::Error);
             const QString text = w->banner()->text();
             QVERIFY2(text.contains(QString::fromStdString(b.expected)) &&

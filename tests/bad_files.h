@@ -1,5 +1,5 @@
-// Untrusted files, made broken on purpose: one checkpoint directory per defect that issue 7 ("Reliability
-// and safety") lists, and one trace file per defect, each with the words its refusal must contain. The
+// Untrusted files, made broken on purpose: one checkpoint directory per kind of defect a file from someone
+// else may have, and one trace file per defect, each with the words its refusal must contain. The
 // engine tests, the command-line tests and the app tests all refuse the same set. No LibTorch here (the app
 // tests use it): tensor edits go through Debian's Python with torch.
 #pragma once

@@ -764,8 +764,9 @@ private Q_SLOTS:
     // where oneDNN's sgemm would have the handler's frame written into the heap (cpu_signals.h). The computing
     // thread starts as an app's worker does, signals unblocked, and runs a parallel region of its own (starting
     // its OpenMP threads) before its first product. Then it multiplies while another thread sends SIGUSR1 every
-    // 0.2 ms to the process and to each computing thread by id (as a profiler's timer does). Once with a team
-    // of two threads and once alone.
+    // 0.2 ms to the process and to each computing thread by id (as a profiler's timer does), until 200 signals
+    // were handled and 100 products ran after the first signal: counts, not a time window, so a slow or busy
+    // machine only takes longer. Once with a team of two threads and once alone.
     void signalHandlersStayOffComputeThreads() {
         static std::atomic<int> handled{0};
         static std::array<std::atomic<pid_t>, 1 << 15> ran_on{};
@@ -782,13 +783,15 @@ private Q_SLOTS:
         const auto a = torch::randn({128, 192}), b = torch::randn({192, 512});
         const auto pa = torch::randn({8, 64, 32}), pb = torch::randn({8, 32, 64});
         const auto want = exact(a, b), pwant = exact(pa, pb);
+        constexpr int kHandled = 200, kProductsUnderSignals = 100;
 
         for (const int team : {2, 1}) {
             handled = 0;
             std::mutex mutex;
             std::set<pid_t> compute;
-            std::atomic<bool> multiplying{false}, stop{false};
-            int wrong = 0, products = 0;
+            std::atomic<bool> multiplying{false}, enough{false};
+            std::atomic<int> products{0}, products_at_first_signal{-1};
+            int wrong = 0;
             std::thread worker([&] {
                 sigset_t none;
                 sigemptyset(&none);
@@ -802,8 +805,7 @@ private Q_SLOTS:
                     }
                 };
                 noteThreads();
-                const auto t0 = std::chrono::steady_clock::now();
-                while (std::chrono::steady_clock::now() - t0 < std::chrono::milliseconds(800)) {
+                while (!enough) {
                     wrong += !close(cpu::mm(a, b), want) + !close(cpu::bmm(pa, pb), pwant);
                     products += 2;
                     multiplying = true;
@@ -817,22 +819,22 @@ private Q_SLOTS:
                     std::lock_guard<std::mutex> lock(mutex);
                     targets.assign(compute.begin(), compute.end());
                 }
-                while (!stop) {
+                products_at_first_signal = products.load();
+                while (handled < kHandled || products - products_at_first_signal < kProductsUnderSignals) {
                     kill(getpid(), SIGUSR1);
                     for (const pid_t tid : targets) tgkill(getpid(), tid, SIGUSR1);
                     std::this_thread::sleep_for(std::chrono::microseconds(200));
                 }
+                enough = true;
             });
             worker.join();
-            stop = true;
             sender.join();
-            std::this_thread::sleep_for(std::chrono::milliseconds(50));  // the last ones handled
 
             QCOMPARE(wrong, 0);
-            QVERIFY2(products > 50, qPrintable(QString::number(products)));
+            QVERIFY(products - products_at_first_signal >= kProductsUnderSignals);
             QCOMPARE(int(compute.size()), team);
             const int n = std::min<int>(handled, int(ran_on.size()));
-            QVERIFY2(n > 200, qPrintable(QString::number(n)));
+            QVERIFY(n >= kHandled);
             int on_compute = 0;
             for (int i = 0; i < n; ++i) on_compute += compute.count(ran_on[i]) > 0;
             QVERIFY2(on_compute == 0, qPrintable(QString("team of %1: %2 of %3 signals handled on a computing thread")

@@ -30,7 +30,7 @@ private Q_SLOTS:
         auto config = test::tinyConfig();
         config.predictor_budget_gain = budget_gain;
         config.predictor_prefix_topk = prefix_topk;
-        auto model = Model::create(config, 11, "cpu");
+        auto model = test::createModel(config, 11);
         auto& net = *internals(*model).net;
         const auto prompt = test::randomIds(12, 300, 4);
         test::balancePredictors(*model, prompt);
@@ -113,7 +113,7 @@ private Q_SLOTS:
     }
 
     void generationReportsCacheAgainstDense() {
-        auto model = Model::create(test::tinyConfig(), 12, "cpu");
+        auto model = test::createModel(test::tinyConfig(), 12);
         test::balancePredictors(*model, test::randomIds(10, 300, 8));
         GenerationOptions g;
         g.max_new_tokens = 30;
@@ -139,8 +139,9 @@ private Q_SLOTS:
             processed_tokens += std::count(step.processed.begin(), step.processed.end(), 1);
         std::vector<int> seq = result.prompt_ids;
         seq.insert(seq.end(), result.generated_ids.begin(), result.generated_ids.end());
-        QCOMPARE(result.kv_cache_bytes, processed_tokens * 2 * cfg.d_model * 4);
-        QCOMPARE(result.dense_kv_cache_bytes, std::int64_t(seq.size()) * cfg.n_layers * 2 * cfg.d_model * 4);
+        const std::int64_t bytes = test::float64() ? 8 : 4;  // per value
+        QCOMPARE(result.kv_cache_bytes, processed_tokens * 2 * cfg.d_model * bytes);
+        QCOMPARE(result.dense_kv_cache_bytes, std::int64_t(seq.size()) * cfg.n_layers * 2 * cfg.d_model * bytes);
         QVERIFY(result.kv_cache_bytes < result.dense_kv_cache_bytes);
 
         // Same seed, same tokens; another seed, other tokens.
@@ -150,7 +151,7 @@ private Q_SLOTS:
     }
 
     void generationStopsOnRequest() {
-        auto model = Model::create(test::tinyConfig(), 12, "cpu");
+        auto model = test::createModel(test::tinyConfig(), 12);
         GenerationOptions g;
         g.max_new_tokens = 50;
         const auto result = model->generate({1, 2, 3}, g, [](const GenerationStep& s) { return s.index < 4; });
@@ -163,7 +164,7 @@ private Q_SLOTS:
     // The router is on the gradient path through the gate; the predictor reads a detached input, so the
     // language-model loss leaves it alone.
     void gradientsReachTheRouter() {
-        auto model = Model::create(test::tinyConfig(), 13, "cpu");
+        auto model = test::createModel(test::tinyConfig(), 13);
         auto& net = *internals(*model).net;
         const auto ids = torch::randint(0, 300, {4, 33}, torch::kLong);
         nn::ForwardOptions fo;
@@ -187,7 +188,7 @@ private Q_SLOTS:
     void predictorLossFalls() {
         auto cfg = test::tinyConfig();
         cfg.capacity = 0.25;
-        auto model = Model::create(cfg, 14, "cpu");
+        auto model = test::createModel(cfg, 14);
         auto& net = *internals(*model).net;
         const auto ids = torch::randint(0, 300, {8, 64}, torch::kLong);
         auto& predictor = net.blocks[1]->predictor;

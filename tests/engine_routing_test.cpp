@@ -33,7 +33,7 @@ std::unique_ptr<Model> tinyModelWithCausalRule(std::uint64_t seed) {
     auto config = test::tinyConfig();
     config.predictor_budget_gain = 1.5;
     config.predictor_prefix_topk = true;
-    auto model = Model::create(config, seed, "cpu");
+    auto model = test::createModel(config, seed);
     test::balancePredictors(*model, test::randomIds(64, 300, 3));
     return model;
 }
@@ -56,7 +56,7 @@ private Q_SLOTS:
     }
 
     void processesExactlyKTokens() {
-        auto model = Model::create(test::tinyConfig(), 1, "cpu");
+        auto model = test::createModel(test::tinyConfig(), 1);
         for (int T : {1, 2, 7, 16, 33, 100, 160}) {
             for (double capacity : {0.0, 0.125, 0.25, 0.5, 0.9, 1.0}) {
                 RunOptions opt;
@@ -87,7 +87,7 @@ private Q_SLOTS:
     }
 
     void skippedTokensLeaveTheBlockUnchanged() {
-        auto model = Model::create(test::tinyConfig(), 2, "cpu");
+        auto model = test::createModel(test::tinyConfig(), 2);
         test::balancePredictors(*model, test::randomIds(64, 300, 5));
         auto& net = *internals(*model).net;
         torch::NoGradGuard guard;
@@ -122,7 +122,7 @@ private Q_SLOTS:
     }
 
     void capacityOneEqualsDenseComputation() {
-        auto model = Model::create(test::tinyConfig(), 3, "cpu");
+        auto model = test::createModel(test::tinyConfig(), 3);
         auto& net = *internals(*model).net;
         torch::NoGradGuard guard;
         const auto idsVec = test::randomIds(50, 300, 9);
@@ -141,13 +141,13 @@ private Q_SLOTS:
         // The dense baseline (no routed layers) has the same block layout and runs every token.
         auto dense_cfg = test::tinyConfig();
         dense_cfg.routed_layers.clear();
-        auto baseline = Model::create(dense_cfg, 3, "cpu");
+        auto baseline = test::createModel(dense_cfg, 3);
         for (const auto& layer : baseline->run(idsVec).layers) QCOMPARE(layer.processed, 50);
         QVERIFY(baseline->parameterCount() < model->parameterCount());
     }
 
     void causalModeIsCausal() {
-        auto model = Model::create(test::tinyConfig(), 4, "cpu");
+        auto model = test::createModel(test::tinyConfig(), 4);
         const auto a = test::randomIds(80, 300, 21);
         test::balancePredictors(*model, a);
         auto b = a;
@@ -182,7 +182,7 @@ private Q_SLOTS:
     }
 
     void causalModeProcessesWhatThePredictorChose() {
-        auto model = Model::create(test::tinyConfig(), 5, "cpu");
+        auto model = test::createModel(test::tinyConfig(), 5);
         test::balancePredictors(*model, test::randomIds(64, 300, 3));
         RunOptions opt;
         opt.mode = RoutingMode::Causal;
@@ -264,7 +264,7 @@ private Q_SLOTS:
     // count stays near capacity × T, and the run is still causal (a later edit changes no earlier decision).
     void budgetFeedbackHoldsTheCountNearCapacity() {
         auto config = test::tinyConfig();
-        auto model = Model::create(config, 6, "cpu");
+        auto model = test::createModel(config, 6);
         {
             torch::NoGradGuard guard;
             for (auto& block : internals(*model).net->blocks)
@@ -278,7 +278,7 @@ private Q_SLOTS:
             if (layer.routed) QVERIFY2(layer.processed > 110, qPrintable(QString::number(layer.processed)));
 
         config.predictor_budget_gain = 4.0;
-        auto budgeted = Model::create(config, 6, "cpu");
+        auto budgeted = test::createModel(config, 6);
         {
             torch::NoGradGuard guard;
             for (auto& block : internals(*budgeted).net->blocks)
@@ -334,7 +334,7 @@ private Q_SLOTS:
         config.d_ff = 256;
         config.max_seq_len = 512;
         config.capacity = 1.0 / 64;  // the routed layers' blocks take 8 of 512 tokens
-        auto model = Model::create(config, 21, "cpu");
+        auto model = test::createModel(config, 21);
         auto& net = *internals(*model).net;
         torch::InferenceMode guard;
         const auto ids = torch::randint(config.vocab_size, {1, 512}, torch::kLong);
@@ -344,7 +344,6 @@ private Q_SLOTS:
         auto timed = plain;
         std::vector<double> ms;
         timed.layer_ms = &ms;
-        std::vector<std::vector<double>> per_layer(4);
         for (int i = 0; i < 7; ++i) {
             const auto t0 = std::chrono::steady_clock::now();
             const auto got = net.hidden(ids, timed);
@@ -356,23 +355,11 @@ private Q_SLOTS:
             for (std::size_t l = 0; l < ms.size(); ++l) {
                 QVERIFY(ms[l] > 0);
                 sum += ms[l];
-                per_layer[l].push_back(ms[l]);
             }
             QVERIFY2(sum <= wall,
                      qPrintable(QStringLiteral("layers %1 ms in a call of %2").arg(sum).arg(wall)));
         }
-        const auto median = [](std::vector<double> v) {
-            std::sort(v.begin(), v.end());
-            return v[v.size() / 2];
-        };
-        // A full layer's block runs 512 tokens, a routed one's 8 (about 30 times fewer FLOPs).
-        for (int routed : {1, 3})
-            QVERIFY2(median(per_layer[routed]) < median(per_layer[routed - 1]) / 4,
-                     qPrintable(QStringLiteral("layer %1: %2 ms, layer %3: %4 ms")
-                                    .arg(routed)
-                                    .arg(median(per_layer[routed]))
-                                    .arg(routed - 1)
-                                    .arg(median(per_layer[routed - 1]))));
+        // How long each layer takes against the others is modscope-bench's layers section, not a test's.
 
         const auto p = profileLayers(*model, 512, 3);
         QCOMPARE(p.tokens, (std::vector<int>{512, 8, 512, 8}));
@@ -386,7 +373,7 @@ private Q_SLOTS:
     // optimizer step or a checkpoint load does, must be seen by the next forward, which must match the
     // autograd path's F::linear.
     void inferenceWeightCopiesFollowInPlaceUpdates() {
-        auto model = Model::create(test::tinyConfig(), 13, "cpu");
+        auto model = test::createModel(test::tinyConfig(), 13);
         auto& net = *internals(*model).net;
         const auto ids = test::idsTensor(test::randomIds(40, 300, 14));
         nn::ForwardOptions fo;
@@ -481,7 +468,7 @@ private Q_SLOTS:
     // the rule's on every token's predictor logit, with and without budget feedback, for batches of rows. From
     // 256 tokens, on two threads, the predictor reads the candidates while the walk finds them.
     void causalRoutingDecidesAsTheRuleOnEveryToken() {
-        auto model = Model::create(test::tinyConfig(), 7, "cpu");
+        auto model = test::createModel(test::tinyConfig(), 7);
         auto& net = *internals(*model).net;
         torch::InferenceMode guard;
         torch::manual_seed(10);
@@ -491,7 +478,7 @@ private Q_SLOTS:
         for (auto& block : net.blocks) {
             if (!block->routed) continue;
             for (int T : {1, 9, 130, 300, 600}) {
-                const auto x = torch::randn({2, T, net.config.d_model});
+                const auto x = torch::randn({2, T, net.config.d_model}, net.tok_emb->weight.options());
                 const auto router = block->router(x).squeeze(-1);
                 const auto every = block->predictor(x);
                 for (const nn::CausalRule rule : {nn::CausalRule{0.5, 0.25, 0.0, true}, nn::CausalRule{0.5, 0.25, 1.5, true},
@@ -516,7 +503,7 @@ private Q_SLOTS:
 
     void flopsFollowTheFormula() {
         auto cfg = test::tinyConfig();
-        auto model = Model::create(cfg, 6, "cpu");
+        auto model = test::createModel(cfg, 6);
         RunOptions opt;
         opt.capacity = 0.25;
         opt.logits = RunOptions::Logits::All;
@@ -606,7 +593,7 @@ private Q_SLOTS:
             config.n_layers = 1;
             config.routed_layers = routed;
             config.max_seq_len = 8;
-            auto model = Model::create(config, 3, "cpu");
+            auto model = test::createModel(config, 3);
             for (const auto mode : {RoutingMode::TopK, RoutingMode::Causal}) {
                 for (double capacity : {0.0, 1.0}) {
                     for (int T : {1, 8}) {
@@ -644,7 +631,7 @@ private Q_SLOTS:
     }
 
     void rejectsBadInput() {
-        auto model = Model::create(test::tinyConfig(), 1, "cpu");
+        auto model = test::createModel(test::tinyConfig(), 1);
         QVERIFY_THROWS_EXCEPTION(Error, model->run({}));
         QVERIFY_THROWS_EXCEPTION(Error, model->run({1, 2, 300}));
         QVERIFY_THROWS_EXCEPTION(Error, model->run({-1}));

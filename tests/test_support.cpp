@@ -1,4 +1,5 @@
 #include "test_support.h"
+#include "synthetic_corpus.h"
 
 #include <QDir>
 #include <QProcess>
@@ -14,6 +15,18 @@ namespace modscope::test {
 std::string device() {
     const char* env = std::getenv("MODSCOPE_TEST_DEVICE");
     return env != nullptr && *env != '\0' ? env : "cpu";
+}
+
+bool float64() {
+    const char* env = std::getenv("MODSCOPE_TEST_DTYPE");
+    return env != nullptr && std::string(env) == "float64";
+}
+
+std::unique_ptr<Model> createModel(const ModelConfig& config, std::uint64_t seed) {
+    if (!float64()) return Model::create(config, seed, device());
+    auto model = Model::create(config, seed, device(), "ops");
+    internals(*model).net->to(torch::kFloat64);
+    return model;
 }
 
 ModelConfig tinyConfig(int vocab_size) {
@@ -40,7 +53,7 @@ std::vector<int> randomIds(int count, int vocab, std::uint64_t seed) {
 }
 
 torch::Tensor idsTensor(const std::vector<int>& ids) {
-    return torch::tensor(std::vector<std::int64_t>(ids.begin(), ids.end()), torch::kLong).view({1, -1});
+    return torch::tensor(std::vector<std::int64_t>(ids.begin(), ids.end()), torch::kLong).view({1, -1}).to(device());
 }
 
 void balancePredictors(Model& model, const std::vector<int>& ids) {
@@ -63,29 +76,7 @@ void balancePredictors(Model& model, const std::vector<int>& ids) {
     }
 }
 
-std::string syntheticCorpus(std::size_t bytes, std::uint64_t seed) {
-    static const char* words[] = {"the", "routing", "token", "layer", "model", "depth", "capacity", "residual",
-                                  "stream", "attention", "of", "and", "a", "to", "in", "is", "that", "mixture",
-                                  "expert", "choice", "king", "said", "unto", "them", "fortune", "cookie",
-                                  "light", "dark", "water", "fire", "time", "tree", "house", "river"};
-    static const char* punct[] = {",", ".", ";", "!", "?", ":"};
-    std::mt19937_64 rng(seed);
-    std::string text;
-    int in_line = 0;
-    while (text.size() < bytes) {
-        const auto r = rng() % 100;
-        if (r < 5) text += std::to_string(rng() % 2000);
-        else text += words[rng() % (sizeof(words) / sizeof(*words))];
-        if (rng() % 7 == 0) text += punct[rng() % 6];
-        if (++in_line > 8 + static_cast<int>(rng() % 8)) {
-            text += "\n";
-            in_line = 0;
-        } else {
-            text += " ";
-        }
-    }
-    return text;
-}
+std::string syntheticCorpus(std::size_t bytes, std::uint64_t seed) { return testdata::syntheticCorpus(bytes, seed, testdata::kEngineWords); }
 
 std::string tinyTokenizerPath() {
     static std::once_flag once;

@@ -17,6 +17,14 @@ namespace modscope::test {
 // "cuda"), else "cpu".
 std::string device();
 
+// Whether the dtype-parametrised engine tests run their models in float64: $MODSCOPE_TEST_DTYPE is "float64"
+// (CTest's *_float64 variants set it).
+bool float64();
+
+// A seeded model for the device- and dtype-parametrised engine tests: on device(), in float64 where float64()
+// says (on the ops backend, the one that runs float64), else as Model::create makes it.
+std::unique_ptr<Model> createModel(const ModelConfig& config, std::uint64_t seed);
+
 // 4 layers, d 32, 2 heads, routed layers 1 and 3: small enough for exhaustive checks in milliseconds.
 ModelConfig tinyConfig(int vocab_size = 300);
 
@@ -28,7 +36,7 @@ std::vector<int> randomIds(int count, int vocab, std::uint64_t seed);
 // skip path of causal mode untested. The threshold falls midway between two of the logits on ids, never on one.
 void balancePredictors(Model& model, const std::vector<int>& ids);
 
-// ids as a [1, T] int64 tensor on the CPU.
+// ids as a [1, T] int64 tensor on device().
 torch::Tensor idsTensor(const std::vector<int>& ids);
 
 // A SentencePiece model trained once per process on a generated English-like corpus (vocab 300).

@@ -236,8 +236,8 @@ private Q_SLOTS:
 
     // The command line: SIGINT mid-run saves a checkpoint and exits 130; --resume finishes the run with the
     // losses of a run never stopped.
-    // `modscope-train --evaluate` on each of issue 7's bad checkpoints: exit 1 and one line on stderr that
-    // names the problem.
+    // `modscope-train --evaluate` on each bad checkpoint of tests/bad_files.cpp: exit 1 and one line on
+    // stderr that names the problem.
     void cliEvaluateRefusesBadCheckpoints() {
         const auto good = QDir(dir_.path()).filePath("eval-good").toStdString();
         test::makeCheckpoint(good);

@@ -37,7 +37,8 @@ std::vector<TurnSummary> timeInTurns(int warmup, int reps, const std::vector<std
 
 // The ratios num[i] / den[i] of two measurements' samples taken in the same repetition (timeInTurns): their
 // median is a speed-up that a change of the machine's speed between repetitions leaves alone, where the
-// ratio of the two medians mixes repetitions from before and after it (docs/PERFORMANCE.md, session 15).
+// ratio of the two medians mixes repetitions from before and after it (docs/PERFORMANCE.md, "How it
+// measures").
 Summary pairedRatios(const std::vector<double>& num, const std::vector<double>& den);
 
 }  // namespace modscope::bench

@@ -1,8 +1,8 @@
 // How the cores a run gets behave at the moment: on a VM, the hypervisor may place the two vCPUs on one
 // physical core (SMT siblings: each gets half its arithmetic) or on different core complexes (every hand-over
-// between threads crosses the package), and moves them within minutes. The reference section probes before
-// and after each length, so that a slow figure can be told from a slow machine (docs/PERFORMANCE.md,
-// session 15).
+// between threads crosses the package), and moves them within minutes. The mod, layers and reference
+// sections probe before and after each length, so that a slow figure can be told from a slow machine
+// (docs/PERFORMANCE.md, "How it measures").
 #pragma once
 
 #include <string>

@@ -179,8 +179,8 @@ void benchModVsDense(BenchContext& ctx) {
         "caches (the speed-up, and in brackets its share of the ideal). Ideal = RunTrace.dense_flops / "
         "RunTrace.flops (docs/MODEL.md, FLOPs). Speed-ups are the median of each repetition's dense / MoD "
         "ratio, the two timed within a second or so of each other. \"÷ ideal\" = speed-up / ideal, the "
-        "issue's measure; \"of saving\" = (speed-up − 1) / (ideal − 1): the share of the possible saving "
-        "realised (n/a at capacity 1: nothing to save). " +
+        "measure the targets use; \"of saving\" = (speed-up − 1) / (ideal − 1): the share of the "
+        "possible saving realised (n/a at capacity 1: nothing to save). " +
         pairedNote() + " " + coreVerdictsNote());
     if (ctx.quick()) table.addNote("--quick: T = 2048 skipped.");
     ctx.report().json["mod_vs_dense"] = rows;
@@ -665,7 +665,7 @@ void benchReference(BenchContext& ctx) {
     }
     table.addNote(
         "Model::run in top-k mode with RunOptions::Logits::All and per_token_routing off: the forward alone, "
-        "as the PyTorch figures in issue 6 time it (bench/pytorch_reference_forward.py times one now). "
+        "as a PyTorch forward is timed (bench/pytorch_reference_forward.py times one of the same shape). "
         "Dense: the same config with routed_layers cleared. MoD and dense in turn, each twice in a row: the "
         "times are the second runs; \"after a switch\", the first, right after the other model ran. "
         "Speed-ups are the median of each repetition's dense / MoD ratio. " +

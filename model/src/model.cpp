@@ -283,7 +283,8 @@ GenerationResult Model::generate(const std::vector<int>& prompt_ids, const Gener
     }
 
     std::mt19937_64 rng(options.seed);
-    const std::int64_t kv_per_token_layer = 2LL * cfg.d_model * static_cast<std::int64_t>(sizeof(float));
+    // What a dense model of the same dtype would store per token and layer.
+    const std::int64_t kv_per_token_layer = 2LL * cfg.d_model * impl.net->tok_emb->weight.element_size();
     int position = static_cast<int>(prompt_ids.size());
     const auto gen_start = std::chrono::steady_clock::now();
     for (int i = 0; i < budget; ++i) {

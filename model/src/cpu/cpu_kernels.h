@@ -163,10 +163,11 @@ bool teamBlockFits(std::int64_t S, std::int64_t hd);
 // smallBlockDelta), with the operator path's kernels and products in its order, so its bits, in one parallel
 // region: each thread keeps its own rows from the first norm to the update, and the team meets twice, once
 // every row's keys and values are in and once every row is attended. The operator path hands rows between
-// threads at every stage (a product's rows come back to a single-threaded add, say): when this VM's two vCPUs
-// sit on different core complexes, each hand-over crosses the package (docs/PERFORMANCE.md, session 15).
+// threads at every stage (a product's rows come back to a single-threaded add, say): when a VM's two vCPUs
+// sit on different core complexes, each hand-over crosses the package (docs/PERFORMANCE.md, the cores probe).
 // Not for a routed layer's few rows: there each thread would read all of the layer's weights, cold from L3,
-// and the forward at T = 128 took 3.12 ms against 2.99 with smallBlockDelta.
+// and the reference forward at T = 128 took 3.12 ms against 2.99 with smallBlockDelta (modscope-bench's
+// reference section).
 void addBlockInPlace(torch::Tensor& x, const torch::Tensor& pos, const torch::Tensor& rope,
                      const BlockWeights& w);
 

@@ -3,8 +3,8 @@
 // Why not torch::mm: Debian's LibTorch sends float matmuls to OpenBLAS, which on this 2-core machine reaches
 // 100-150 GFLOP/s on the engine's shapes (16-4,096 rows by d 192) while oneDNN's JIT sgemm, already a
 // dependency of that LibTorch, reaches 200-225 GFLOP/s on the same shapes with LibTorch's own OpenMP threads
-// (docs/PERFORMANCE.md). RuntimeOptions::forTools() gives LibTorch every core and OpenBLAS one thread, so that
-// the two thread pools never fight for the cores.
+// (docs/PERFORMANCE.md; modscope-bench's peak section times both). RuntimeOptions::forTools() gives LibTorch
+// every core and OpenBLAS one thread, so that the two thread pools never fight for the cores.
 #pragma once
 
 #include <torch/types.h>

@@ -1,4 +1,4 @@
-// Bounded reads and atomic writes (write to a temporary in the same folder, fsync, rename).
+// Bounded reads and atomic writes (write to a temporary in the same folder, fsync, rename, fsync the folder).
 #include "formats/file_io.h"
 
 #include <fcntl.h>
@@ -62,6 +62,15 @@ void writeFileAtomic(const std::string& path, const std::string& data) {
         ::unlink(tmpl.c_str());
         throw Error(path + ": rename failed (" + reason + "); any earlier file is left as it was");
     }
+    // The rename lives in the folder's own data: until the folder is synced, a power cut can bring back the
+    // old name (or none) even though the new file's contents are on disk.
+    const int dir_fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (dir_fd < 0) throw Error(path + ": written, but its folder cannot be opened to sync it (" + std::strerror(errno) + ")");
+    const int sync_errno = ::fsync(dir_fd) == 0 ? 0 : errno;
+    ::close(dir_fd);
+    // Some file systems cannot sync a folder (EINVAL): the rename stands as they order it.
+    if (sync_errno != 0 && sync_errno != EINVAL)
+        throw Error(path + ": written, but syncing its folder failed (" + std::strerror(sync_errno) + ")");
 }
 
 }  // namespace modscope
