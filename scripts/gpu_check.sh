@@ -75,26 +75,34 @@ fi
 # 4. The engine tests, first on the CPU with this build; then the device-parametrised ones with their models on
 # the device: engine_backends_test (the bundled model on the device against the CPU: routing in both modes at
 # 16-1,024 tokens, generation), engine_routing_test and engine_generation_test (float32, then float64).
+# checkpoint_test, reference_test and trainer_test also run /usr/bin/python3 with torch (the Python reference,
+# the broken checkpoints): they join where it is there.
+tests='^engine_'
+[ -x /usr/bin/python3 ] && /usr/bin/python3 -c 'import torch' 2>/dev/null && tests='^(engine_|trainer_test|checkpoint_test|reference_test)'
 say "engine tests on the CPU"
-(cd "$dir" && QT_QPA_PLATFORM=offscreen \
-    ctest --output-on-failure --timeout 1200 -R '^(engine_|checkpoint_test|reference_test|trainer_test)')
+(cd "$dir" && QT_QPA_PLATFORM=offscreen ctest --output-on-failure --timeout 1200 -R "$tests")
 say "engine tests with their models on $device"
 (cd "$dir" && MODSCOPE_TEST_DEVICE=$device QT_QPA_PLATFORM=offscreen \
     ctest --output-on-failure --timeout 1200 -R '^engine_(backends|routing|generation)_test')
 
 # 5. The bundled model's traces on the device against the CPU's: the same decisions, router logits within
-# 2e-3 (float32 summed in another order), in both modes and in a greedy generation.
+# 2e-3 (float32 summed in another order), in both modes over the whole context (2,048 tokens of README.md), and
+# in a greedy generation of 48 tokens after a short prompt.
 prompt=$dir/gpu_check_prompt.txt
 cat README.md DEVELOPERS.md > "$prompt"
 status=0
 for mode in topk causal; do
     for d in cpu "$device"; do
-        "$bin/modscope-trace" --device "$d" --input "$prompt" --mode "$mode" --generate 48 --temperature 0 \
-            --out "$dir/gpu_check_${mode}_$d.json" --quiet 2>/dev/null
+        "$bin/modscope-trace" --device "$d" --input "$prompt" --mode "$mode" \
+            --out "$dir/gpu_check_${mode}_$d.json" --quiet || fail "modscope-trace on $d ($mode)"
+        "$bin/modscope-trace" --device "$d" --prompt "And God said unto Moses, I AM THAT I AM" --mode "$mode" \
+            --generate 48 --temperature 0 --out "$dir/gpu_check_${mode}_gen_$d.json" --quiet ||
+            fail "modscope-trace --generate on $d ($mode)"
     done
-    "$py" - "$dir/gpu_check_${mode}_cpu.json" "$dir/gpu_check_${mode}_$device.json" <<'EOF' || status=1
+    "$py" - "$dir/gpu_check_${mode}_cpu.json" "$dir/gpu_check_${mode}_$device.json" \
+        "$dir/gpu_check_${mode}_gen_cpu.json" "$dir/gpu_check_${mode}_gen_$device.json" <<'EOF' || status=1
 import json, sys
-a, b = (json.load(open(p)) for p in sys.argv[1:3])
+a, b, ga, gb = (json.load(open(p)) for p in sys.argv[1:5])
 cells = diff = 0
 worst = 0.0
 for la, lb in zip(a["layers"], b["layers"]):
@@ -102,7 +110,8 @@ for la, lb in zip(a["layers"], b["layers"]):
     diff += sum(x != y for x, y in zip(la["selected"], lb["selected"]))
     if la["router_logits"] is not None:
         worst = max([worst] + [abs(x - y) for x, y in zip(la["router_logits"], lb["router_logits"])])
-ga, gb = a["generation"], b["generation"]
+ga, gb = ga["generation"], gb["generation"]
+assert len(ga["steps"]) == 48 and len(gb["steps"]) == 48, "the generation made fewer than 48 steps"
 same_tokens = [s["token_id"] for s in ga["steps"]] == [s["token_id"] for s in gb["steps"]]
 same_steps = [s["processed"] for s in ga["steps"]] == [s["processed"] for s in gb["steps"]]
 print(f"gpu_check: {a['mode']:6} {len(a['tokens'])} tokens, backends {a.get('backend')} on {a['device']} / "

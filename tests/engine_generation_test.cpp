@@ -68,7 +68,7 @@ private Q_SLOTS:
         for (std::size_t i = 0; i < step_logits.size(); ++i) {
             const int pos = static_cast<int>(prompt.size() + i) - 1;
             const auto ref = torch::from_blob(const_cast<float*>(full.logits.data()) + pos * V, {V}, torch::kFloat32);
-            worst = std::max(worst, (step_logits[i] - ref).abs().max().item<double>());
+            worst = std::max(worst, (step_logits[i].to(torch::kCPU, torch::kFloat32) - ref).abs().max().item<double>());
         }
         QVERIFY2(worst < 1e-4, qPrintable(QString("max |cached - recomputed| = %1").arg(worst)));
 
@@ -166,7 +166,7 @@ private Q_SLOTS:
     void gradientsReachTheRouter() {
         auto model = test::createModel(test::tinyConfig(), 13);
         auto& net = *internals(*model).net;
-        const auto ids = torch::randint(0, 300, {4, 33}, torch::kLong);
+        const auto ids = torch::randint(0, 300, {4, 33}, torch::kLong).to(test::device());
         nn::ForwardOptions fo;
         fo.capacity = 0.25;
         const auto logits = net.logits(net.hidden(ids.narrow(1, 0, 32), fo));
@@ -190,7 +190,7 @@ private Q_SLOTS:
         cfg.capacity = 0.25;
         auto model = test::createModel(cfg, 14);
         auto& net = *internals(*model).net;
-        const auto ids = torch::randint(0, 300, {8, 64}, torch::kLong);
+        const auto ids = torch::randint(0, 300, {8, 64}, torch::kLong).to(test::device());
         auto& predictor = net.blocks[1]->predictor;
         torch::optim::Adam opt(predictor->parameters(), torch::optim::AdamOptions(1e-2));
         double first = 0.0, last = 0.0;

@@ -221,6 +221,8 @@ MatmulPeak measureMatmulPeak(int n, int reps, MatmulLibrary library) {
     std::vector<double> ms;
     if (library == MatmulLibrary::Engine) {
 #ifdef MODSCOPE_CPU_KERNELS
+        // oneDNN's sgemm is only safe where configureRuntime enabled the kernels (their signal shield).
+        if (!cpuKernelsEnabled()) throw Error("the kernel backend is off here, so there is no oneDNN sgemm to time");
         m.threads = at::get_num_threads();
         ms = timeCalls(std::max(reps, 1), [&] { cpu::gemmInto(a, b, c, 0.f); });
 #else

@@ -69,7 +69,8 @@ RuntimeOptions RuntimeOptions::forTools() {
     const int fixed = cpu::fixedThreads();
     o.threads = fixed > 0 ? fixed : cpu::allCores();
     o.adapt_threads = fixed <= 0;
-    o.single_thread_blas = true;
+    // OpenBLAS runs the ops backend's products: one thread only where the kernel backend will run them.
+    o.single_thread_blas = backend::cpuKernelsBuilt() && !backend::cpuKernelsTurnedOff();
     o.keep_freed_memory = true;
     o.cpu_kernels = true;
     return o;

@@ -133,11 +133,14 @@ public:
     virtual torch::Tensor predictorLogits(const PredictorWeights& p, const torch::Tensor& x,
                                           const torch::Tensor& rows = {}) const;
     // Top-k: the k largest of each row of router_logits [B, T] -> their positions [B, k] (int64, ascending).
-    // NaN ranks above everything; of equal logits the earlier position goes first.
+    // NaN ranks above everything; of equal logits the earlier position goes first on the CPU (LibTorch's topk
+    // there, and the kernel backend's selection); CUDA's topk may take another of equal logits.
     virtual torch::Tensor topkIndices(const torch::Tensor& router_logits, std::int64_t k) const;
     // Causal mode's prefix top-k on row b of x [B, T, d]: the positions t whose router logit (router_row, T
     // floats on the host) has fewer than capacityToK(capacity, t + 1) larger ones before it, ascending, into
-    // positions; the predictor's logit of each into logits.
+    // positions; the predictor's logit of each into logits, with the bits predictorLogits gives that row among
+    // all T (the ops backend computes every row and keeps the candidates'; the kernel backend's rows are
+    // independent of each other, so it reads the candidates only).
     virtual void prefixCandidateLogits(const PredictorWeights& p, const torch::Tensor& x, std::int64_t b,
                                        const float* router_row, double capacity,
                                        std::vector<std::int64_t>& positions,
@@ -176,6 +179,8 @@ const OpsBackend& ops();
 const OpsBackend* cpuKernels();
 // Whether this build has the kernel backend.
 bool cpuKernelsBuilt();
+// Whether MODSCOPE_CPU_KERNELS=0 (or off, no, false) in the environment turns it off.
+bool cpuKernelsTurnedOff();
 // The kernel backend when it is built, enabled (configureRuntime's RuntimeOptions::cpu_kernels) and not
 // turned off by the environment (MODSCOPE_CPU_KERNELS=0); else nullptr.
 const OpsBackend* cpuKernelsUsable();

@@ -159,16 +159,15 @@ void OpsBackend::prefixCandidateLogits(const PredictorWeights& p, const torch::T
                                        const float* router_row, double capacity,
                                        std::vector<std::int64_t>& positions,
                                        std::vector<float>& logits) const {
+    // Every row's logit, the candidates' kept: a product's rounding may depend on its row count (cuBLAS picks its
+    // algorithm by shape), and a traced run computes every row, so this way both decide alike on any device.
     const auto T = x.size(1);
     positions = nn::prefixTopkCandidates(router_row, T, capacity);
     logits.clear();
     if (positions.empty()) return;
-    const auto rows =
-        torch::from_blob(positions.data(), {static_cast<std::int64_t>(positions.size())}, torch::kLong)
-            .to(x.device());
-    const auto l =
-        predictorLogits(p, x.select(0, b).detach(), rows).to(torch::kCPU, torch::kFloat32).contiguous();
-    logits.assign(l.data_ptr<float>(), l.data_ptr<float>() + l.numel());
+    const auto all = predictorLogits(p, x.select(0, b).detach()).to(torch::kCPU, torch::kFloat32).contiguous();
+    const float* l = all.data_ptr<float>();
+    for (const auto t : positions) logits.push_back(l[t]);
 }
 
 torch::Tensor OpsBackend::crossEntropy(const torch::Tensor& logits, const torch::Tensor& targets) const {

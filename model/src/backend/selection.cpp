@@ -16,16 +16,18 @@ namespace {
 
 thread_local const OpsBackend* t_current = nullptr;
 
-// MODSCOPE_CPU_KERNELS=0 (or "off", "no", "false") in the environment.
-bool turnedOffByEnvironment() {
-    const char* env = std::getenv("MODSCOPE_CPU_KERNELS");
-    if (env == nullptr) return false;
-    for (const char* off : {"0", "off", "OFF", "no", "false"})
-        if (std::strcmp(env, off) == 0) return true;
-    return false;
-}
-
 }  // namespace
+
+bool cpuKernelsTurnedOff() {
+    static const bool off = [] {
+        const char* env = std::getenv("MODSCOPE_CPU_KERNELS");
+        if (env == nullptr) return false;
+        for (const char* word : {"0", "off", "OFF", "no", "false"})
+            if (std::strcmp(env, word) == 0) return true;
+        return false;
+    }();
+    return off;
+}
 
 const OpsBackend& ops() {
     static const OpsBackend backend;
@@ -45,8 +47,7 @@ bool cpuKernelsBuilt() {
 }
 
 const OpsBackend* cpuKernelsUsable() {
-    static const bool off = turnedOffByEnvironment();
-    if (off || !runtime::state().cpu_kernels) return nullptr;
+    if (cpuKernelsTurnedOff() || !runtime::state().cpu_kernels) return nullptr;
     return cpuKernels();
 }
 
@@ -60,7 +61,7 @@ const OpsBackend& resolve(const std::string& requested, const torch::Device& dev
         if (!cpuKernelsBuilt())
             throw Error(
                 "backend 'cpu-kernels' requested, but this ModScope was built with MODSCOPE_CPU_KERNELS=OFF");
-        if (turnedOffByEnvironment())
+        if (cpuKernelsTurnedOff())
             throw Error(
                 "backend 'cpu-kernels' requested, but MODSCOPE_CPU_KERNELS in the environment turns it off");
         if (!runtime::state().cpu_kernels)

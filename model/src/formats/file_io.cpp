@@ -30,7 +30,7 @@ std::string readFileBounded(const std::string& path, std::uint64_t max_bytes) {
 
 void writeFileAtomic(const std::string& path, const std::string& data) {
     const auto slash = path.find_last_of('/');
-    const std::string dir = slash == std::string::npos ? "." : path.substr(0, slash);
+    const std::string dir = slash == std::string::npos ? "." : slash == 0 ? "/" : path.substr(0, slash);
     const std::string base = slash == std::string::npos ? path : path.substr(slash + 1);
     std::string tmpl = dir + "/." + base + ".tmp-XXXXXX";
     const int fd = ::mkstemp(tmpl.data());
@@ -64,8 +64,9 @@ void writeFileAtomic(const std::string& path, const std::string& data) {
     }
     // The rename lives in the folder's own data: until the folder is synced, a power cut can bring back the
     // old name (or none) even though the new file's contents are on disk.
+    // A folder this process may write but not read cannot be opened to sync: the rename then stands unsynced.
     const int dir_fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-    if (dir_fd < 0) throw Error(path + ": written, but its folder cannot be opened to sync it (" + std::strerror(errno) + ")");
+    if (dir_fd < 0) return;
     const int sync_errno = ::fsync(dir_fd) == 0 ? 0 : errno;
     ::close(dir_fd);
     // Some file systems cannot sync a folder (EINVAL): the rename stands as they order it.

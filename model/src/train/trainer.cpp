@@ -198,6 +198,7 @@ CausalRuleCalibration calibrateCausalRule(const std::string& dir, const std::vec
     auto model = Model::open(dir, device);
     if (!model->tokenizer()) throw Error(dir + ": no tokenizer.model");
     auto& impl = internals(*model);
+    backend::Use use(*impl.backend);
     auto config = impl.config;
     if (config.routed_layers.empty()) throw Error(dir + ": a dense model has no causal decisions to tune");
     const auto corpus = Corpus::fromFiles(corpus_files, val_fraction);
