@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One-command set-up for a fresh Debian 12 machine, as root (README.md):
 #   bash scripts/setup.sh run    install, build, and open the app on the bundled default model
-#   bash scripts/setup.sh test   install, build, and run every test through CTest; then the engine and tool
-#                                tests again in a build without the CPU kernels (the ops-only preset: the ops
+#   bash scripts/setup.sh test   install, build, and run every test through CTest; then the engine tests
+#                                again in a build without the CPU kernels (the ops-only preset: the ops
 #                                backend alone, as on a GPU or a non-x86 machine); then the whole suite under
 #                                AddressSanitizer + UBSan (the dev-asan preset), then each libFuzzer target on
 #                                a fixed number of inputs from a fixed seed (the fuzz preset). Any failure or
@@ -77,7 +77,8 @@ if [ "$mode" != fuzz ]; then
 fi
 
 # The whole suite under AddressSanitizer + UBSan (CMakePresets.json's dev-asan: the test preset sets
-# ASAN_OPTIONS). The tokenizer module stays uninstrumented (DEVELOPERS.md).
+# ASAN_OPTIONS, and leaves out the float64 variants and the ops variants of the checkpoint, trainer and
+# reference tests, whose code the routing and generation tests' ops variants already run under it). The tokenizer module stays uninstrumented (DEVELOPERS.md).
 sanitizer_stage() {
     local t0=$SECONDS
     cmake --preset dev-asan
@@ -87,8 +88,8 @@ sanitizer_stage() {
     echo "setup: sanitizer stage: build $((t1 - t0)) s, tests $((SECONDS - t1)) s"
 }
 
-# The build without the CPU kernels (CMakePresets.json's ops-only: no oneDNN, no intrinsics, no app), with
-# the tests it has: what a GPU or a machine other than x86-64 builds.
+# The build without the CPU kernels (CMakePresets.json's ops-only: no oneDNN, no intrinsics, no app), its
+# engine tests only (the preset's targets and filter): what a GPU or a machine other than x86-64 builds.
 ops_only_stage() {
     local t0=$SECONDS
     cmake --preset ops-only
