@@ -209,6 +209,10 @@ private:
     const OpsBackend* previous_;
 };
 
+// Positions idx [B, k] into rows of T -> row numbers [B * k] into [B * T, d]: the operator versions of the row
+// gather, the gated scatter and nn::scatterRows index x viewed that way.
+torch::Tensor flatRows(const torch::Tensor& idx, std::int64_t T);
+
 // Whether autograd must see an operation on a and b: grad mode is on and either requires grad.
 bool needsGrad(const torch::Tensor& a, const torch::Tensor& b);
 

@@ -19,6 +19,11 @@ bool needsGrad(const torch::Tensor& a, const torch::Tensor& b) {
     return torch::GradMode::is_enabled() && (a.requires_grad() || b.requires_grad());
 }
 
+torch::Tensor flatRows(const torch::Tensor& idx, std::int64_t T) {
+    if (idx.size(0) == 1) return idx.reshape(-1);
+    return (idx + torch::arange(idx.size(0), idx.options()).unsqueeze(1) * T).reshape(-1);
+}
+
 torch::Tensor TransposedWeight::of(const torch::Tensor& weight) {
     std::lock_guard<std::mutex> lock(mutex_);
     const std::int64_t version = weight.is_inference() ? 0 : weight._version();
@@ -120,8 +125,7 @@ torch::Tensor OpsBackend::embed(const torch::Tensor& table, const torch::Tensor&
 torch::Tensor OpsBackend::gatherRows(const torch::Tensor& x, const torch::Tensor& idx) const {
     // Whole rows copied as rows: a gather with the index expanded over d looks up every element.
     const auto B = x.size(0), T = x.size(1), d = x.size(2);
-    const auto flat = idx.size(0) == 1 ? idx.reshape(-1)
-                                       : (idx + torch::arange(B, idx.options()).unsqueeze(1) * T).reshape(-1);
+    const auto flat = flatRows(idx, T);
     return x.reshape({B * T, d}).index_select(0, flat).view({B, idx.size(1), d});
 }
 
@@ -130,8 +134,7 @@ void OpsBackend::addGatedRows(torch::Tensor& x, const torch::Tensor& idx, const 
     TORCH_CHECK(x.is_contiguous() && !torch::GradMode::is_enabled(),
                 "addGatedRows: in place, inference only");
     const auto B = x.size(0), T = x.size(1), d = x.size(2);
-    const auto flat = idx.size(0) == 1 ? idx.reshape(-1)
-                                       : (idx + torch::arange(B, idx.options()).unsqueeze(1) * T).reshape(-1);
+    const auto flat = flatRows(idx, T);
     auto flat_x = x.view({B * T, d});
     const auto gate = torch::sigmoid(router_logits.reshape(-1).index_select(0, flat)).unsqueeze(-1);
     flat_x.index_add_(0, flat, gate * delta.reshape({-1, d}));

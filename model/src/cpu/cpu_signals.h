@@ -1,7 +1,7 @@
 // Keeps asynchronous signal handlers off the threads that run oneDNN's sgemm (internal to model/).
 //
 // Why: oneDNN's JIT f32 GEMM kernels for AVX2 and AVX-512 point the stack pointer at a heap workspace while
-// they run (oneDNN issue 4845, fixed in 3.11; Debian 12 ships 2.6.3). A signal handler that runs on such a
+// they run (a defect of oneDNN before 3.11; Debian 12 ships 2.6.3). A signal handler that runs on such a
 // thread has its frame written into that heap block, over the allocator's bookkeeping. modscope-train, stopped
 // with SIGINT, aborted with "malloc(): smallbin double linked list corrupted" in about one run in 30 while
 // other processes loaded the machine; a loop of sgemm calls sent SIGUSR1 every 0.5 ms aborted within 150

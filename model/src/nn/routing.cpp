@@ -18,8 +18,7 @@ torch::Tensor gatherRows(const torch::Tensor& x, const torch::Tensor& idx) {
 
 torch::Tensor scatterRows(const torch::Tensor& x, const torch::Tensor& idx, const torch::Tensor& rows) {
     const auto B = x.size(0), T = x.size(1), d = x.size(2);
-    const auto flat = idx.size(0) == 1 ? idx.reshape(-1)
-                                       : (idx + torch::arange(B, idx.options()).unsqueeze(1) * T).reshape(-1);
+    const auto flat = backend::flatRows(idx, T);
     return x.reshape({B * T, d}).index_copy(0, flat, rows.reshape({-1, d})).view({B, T, d});
 }
 
