@@ -13,7 +13,7 @@
 # The build has no Qt app and no CPU kernels (MODSCOPE_BUILD_APP=OFF, MODSCOPE_CPU_KERNELS=OFF): the wheel
 # ships no oneDNN headers, and the ops backend is what CUDA runs. It needs CMake, Ninja, a C++17 compiler, the
 # CUDA toolkit that matches the wheel, and Qt 6 Core/Test, SentencePiece and nlohmann-json (Debian:
-# qt6-base-dev libsentencepiece-dev nlohmann-json3-dev), which it installs with apt-get where it can.
+# qt6-base-dev libsentencepiece-dev nlohmann-json3-dev libcli11-dev), which it installs with apt-get where it can.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -49,7 +49,7 @@ fi
 
 # 2. The packages the engine and its tests build with.
 need=()
-for p in cmake ninja-build g++ pkg-config qt6-base-dev libsentencepiece-dev nlohmann-json3-dev; do
+for p in cmake ninja-build g++ pkg-config qt6-base-dev libsentencepiece-dev nlohmann-json3-dev libcli11-dev; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || need+=("$p")
 done
 if [ ${#need[@]} -gt 0 ]; then

@@ -24,7 +24,7 @@ packages=(
     build-essential cmake ninja-build pkg-config git
     clang libclang-rt-14-dev
     qt6-base-dev qt6-svg-dev qt6-qpa-plugins libgl-dev libqcustomplot-dev
-    libsentencepiece-dev libtorch-dev libdnnl-dev libopenblas0-pthread nlohmann-json3-dev
+    libsentencepiece-dev libtorch-dev libdnnl-dev libopenblas0-pthread nlohmann-json3-dev libcli11-dev
     python3-torch
     xvfb xauth fonts-dejavu-core
     fortunes bible-kjv
@@ -78,7 +78,9 @@ fi
 
 # The whole suite under AddressSanitizer + UBSan (CMakePresets.json's dev-asan: the test preset sets
 # ASAN_OPTIONS, and leaves out the float64 variants and the ops variants of the checkpoint, trainer and
-# reference tests, whose code the routing and generation tests' ops variants already run under it). The tokenizer module stays uninstrumented (DEVELOPERS.md).
+# reference tests, whose code the routing and generation tests' ops variants already run under it, and
+# tool_command_line_test, which starts each tool some forty times to parse a command line). The tokenizer
+# module stays uninstrumented (DEVELOPERS.md).
 sanitizer_stage() {
     local t0=$SECONDS
     cmake --preset dev-asan

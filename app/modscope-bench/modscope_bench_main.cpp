@@ -1,7 +1,5 @@
 // modscope-bench: how fast the engine and the app are on this machine, in one run (docs/PERFORMANCE.md).
 //
-// modscope-bench [--model DIR] [--json FILE] [--markdown FILE] [--quick] [--sections LIST]
-//
 // Tables go to stdout, progress to stderr. Every figure is measured in this run; nothing fails on time
 // (exit 0 unless something could not be measured at all: 1, or a bad command line: 2).
 #include <algorithm>
@@ -17,6 +15,7 @@
 #include "engine_sections.h"
 #include "machine_info.h"
 #include "modscope/engine.h"
+#include "tool_command_line.h"
 
 #ifdef MODSCOPE_BENCH_HAVE_APP
 #include "app_section.h"
@@ -24,53 +23,31 @@
 
 namespace {
 
-const char* kUsage =
-    "usage: modscope-bench [--model DIR] [--json FILE] [--markdown FILE] [--quick] [--sections LIST]\n"
-    "\n"
-    "  --model DIR      model to measure (default: the bundled default model)\n"
-    "  --json FILE      write every figure as JSON (atomically)\n"
-    "  --markdown FILE  write the tables as Markdown (for docs/PERFORMANCE.md)\n"
-    "  --quick          fewer repetitions, no T = 2048 where slow, fewer training steps (under a minute)\n"
-    "  --sections LIST  comma-separated, in any order; default all:\n"
-    "                   forward,mod,layers,generation,peak,routing,app,training,reference\n";
+const char* kAbout = R"(Measures how fast the engine and the app are on this machine, in one run (docs/PERFORMANCE.md).
+
+usage: modscope-bench [--model DIR] [--json FILE] [--markdown FILE] [--quick] [--sections LIST]
+)";
+
+const char* kNotes = R"(
+Tables go to stdout, progress to stderr. Every figure is measured in this run; nothing fails on time.
+Exit status: 0 done, 1 something could not be measured at all, 2 bad arguments.
+)";
 
 using modscope::bench::BenchOptions;
 
-// Returns an error message, or empty when the command line is good.
-std::string parse(int argc, char** argv, BenchOptions& o, bool& help) {
-    for (int i = 1; i < argc; ++i) {
-        const std::string a = argv[i];
-        const auto value = [&](std::string& into) -> bool {
-            if (i + 1 >= argc) return false;
-            into = argv[++i];
-            return true;
-        };
-        if (a == "-h" || a == "--help")
-            help = true;
-        else if (a == "--quick")
-            o.quick = true;
-        else if (a == "--model") {
-            if (!value(o.model_dir)) return a + " needs a directory";
-        } else if (a == "--json") {
-            if (!value(o.json_path)) return a + " needs a file";
-        } else if (a == "--markdown") {
-            if (!value(o.markdown_path)) return a + " needs a file";
-        } else if (a == "--sections") {
-            std::string list;
-            if (!value(list)) return a + " needs a list";
-            std::stringstream ss(list);
-            std::string s;
-            while (std::getline(ss, s, ',')) {
-                if (s.empty()) continue;
-                const auto& all = BenchOptions::allSections();
-                if (std::find(all.begin(), all.end(), s) == all.end()) return "unknown section '" + s + "'";
-                o.sections.insert(s);
-            }
-            if (o.sections.empty()) return a + " needs at least one section";
-        } else
-            return "unknown option '" + a + "'";
+// The comma-separated --sections list, each name checked.
+void applySections(const std::string& list, BenchOptions& o) {
+    const auto& all = BenchOptions::allSections();
+    std::stringstream in(list);
+    std::string name;
+    o.sections.clear();
+    while (std::getline(in, name, ',')) {
+        if (name.empty()) continue;
+        if (std::find(all.begin(), all.end(), name) == all.end())
+            throw modscope::cli::UsageError("--sections: unknown section '" + name + "'");
+        o.sections.insert(name);
     }
-    return {};
+    if (o.sections.empty()) throw modscope::cli::UsageError("--sections: '" + list + "' names no section");
 }
 
 // Runs fn on a thread of its own that ends before this returns, and rethrows what fn threw. libgomp keeps a
@@ -100,15 +77,17 @@ int main(int argc, char** argv) {
     using namespace modscope;
     using namespace modscope::bench;
     BenchOptions options;
-    bool help = false;
-    if (const auto error = parse(argc, argv, options, help); !error.empty()) {
-        std::cerr << "modscope-bench: " << error << "\n\n" << kUsage;
-        return 2;
-    }
-    if (help) {
-        std::cout << kUsage;
-        return 0;
-    }
+    std::string all_sections;
+    for (const auto& name : BenchOptions::allSections()) all_sections += (all_sections.empty() ? "" : ",") + name;
+    modscope::cli::ToolCommandLine cli("modscope-bench", kAbout, kNotes);
+    cli.text("--model", options.model_dir, "DIR", "model to measure (default: the bundled default model)");
+    cli.text("--json", options.json_path, "FILE", "write every figure as JSON (atomically)");
+    cli.text("--markdown", options.markdown_path, "FILE", "write the tables as Markdown (for docs/PERFORMANCE.md)");
+    cli.flag("--quick", options.quick,
+             "fewer repetitions, no T = 2048 where slow, fewer training steps (under a minute)");
+    cli.withValue("--sections", "LIST", "comma-separated, in any order; default all: " + all_sections,
+                  [&options](const std::string& list) { applySections(list, options); });
+    if (const auto status = cli.parse(argc, argv)) return *status;
     const auto t_start = std::chrono::steady_clock::now();
     BenchReport report;
     BenchContext ctx(options, report);
@@ -183,8 +162,7 @@ int main(int argc, char** argv) {
             writeFileAtomic(options.markdown_path, md.str());
         }
     } catch (const std::exception& e) {
-        std::cerr << "modscope-bench: " << e.what() << "\n";
-        return 1;
+        return cli.fail(e.what());
     }
     return 0;
 }

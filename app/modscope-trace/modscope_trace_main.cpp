@@ -21,6 +21,7 @@
 #include "modscope/engine.h"
 #include "modscope/paths.h"
 #include "modscope/trace_io.h"
+#include "tool_command_line.h"
 
 namespace {
 
@@ -28,48 +29,28 @@ using modscope::Error;
 
 constexpr std::uint64_t kMaxInputBytes = 64ull << 20;  // --input and --batch files
 
-const char* kUsage = R"(usage:
+const char* kAbout = R"(Runs a Mixture-of-Depths model over a prompt and writes its routing trace.
+
+usage:
   modscope-trace [--model DIR] (--prompt TEXT | --input FILE | --batch FILE.jsonl) --out FILE [options]
   modscope-trace --check FILE
 
-Runs a Mixture-of-Depths model over a prompt and writes its routing trace. The extension of --out picks
-the format: .json (one trace document; with --batch a JSON array of them), .jsonl (one document per
-line) or .csv (long form, one row per layer and token; with --batch a leading prompt_index column).
-docs/TRACE_FORMAT.md describes the formats. A per-layer summary goes to stdout.
+The extension of --out picks the format: .json (one trace document; with --batch a JSON array of them),
+.jsonl (one document per line) or .csv (long form, one row per layer and token; with --batch a leading
+prompt_index column). docs/TRACE_FORMAT.md describes the formats. A per-layer summary goes to stdout.
+)";
 
-  --model DIR           checkpoint directory (default: $MODSCOPE_MODEL, else the bundled default model)
-  --prompt TEXT         the prompt
-  --input FILE          read the prompt from FILE, UTF-8 ('-' reads standard input)
-  --batch FILE.jsonl    one prompt per line: {"prompt": "..."} or {"id": ..., "prompt": "..."}
-  --capacity F          fraction of tokens a routed layer processes, 0 to 1 (default: the model's)
-  --mode topk|causal    routing rule of the traced forward pass (default topk)
-  --generate N          then generate N tokens (always causal) and record each step's routing
-  --temperature F       sampling temperature for --generate, 0 = greedy (default 0.8)
-  --top-p F             nucleus sampling threshold for --generate (default 0.95)
-  --seed N              sampling seed for --generate (default 0)
-  --device D            auto, cpu or cuda (default auto)
-  --out FILE            the trace file to write (.json, .jsonl or .csv)
-  --quiet               no summary on stdout
-  --check FILE          read a trace file (.json, .jsonl or .csv) as ModScope reads a trace it is sent,
-                        and say what it holds, or exit 1 with what is wrong with it
-  -h, --help            this text
-  --version             the version
-
+const char* kNotes = R"(
 A prompt longer than the model's context is cut after its first max_seq_len tokens (a note says so on
 stderr, and the trace records the original length). Exit status: 0 done, 1 failed, 2 bad arguments.
 )";
 
-// A usage problem: reported with a pointer to --help, exit status 2.
-class UsageError : public Error {
-public:
-    using Error::Error;
-};
+using modscope::cli::UsageError;
 
 struct Options {
-    std::string model, prompt, input, batch, out, check, device = "auto";
-    bool have_prompt = false, quiet = false;
+    std::string model, prompt, input, batch, out, check, device = "auto", mode = "topk";
+    bool quiet = false;
     double capacity = -1.0;
-    modscope::RoutingMode mode = modscope::RoutingMode::TopK;
     int generate = 0;
     float temperature = 0.8f, top_p = 0.95f;
     std::uint64_t seed = 0;
@@ -80,111 +61,12 @@ struct Prompt {
     std::string id;  // batch only
 };
 
-std::string oneLine(std::string s) {
-    for (auto& c : s)
-        if (c == '\n' || c == '\r') c = ' ';
-    return s;
-}
-
-double parseNumber(const std::string& flag, const std::string& text, double lo, double hi) {
-    const char* begin = text.c_str();
-    char* end = nullptr;
-    const double v = std::strtod(begin, &end);
-    if (text.empty() || end != begin + text.size() || !std::isfinite(v) || v < lo || v > hi) {
-        std::ostringstream msg;
-        msg << flag << ": '" << text << "' is not a number from " << lo << " to " << hi;
-        throw UsageError(msg.str());
-    }
-    return v;
-}
-
-std::uint64_t parseCount(const std::string& flag, const std::string& text, std::uint64_t hi) {
-    std::uint64_t v = 0;
-    bool ok = !text.empty() && text.size() <= 20;
-    for (const char c : text) {
-        if (c < '0' || c > '9') {
-            ok = false;
-            break;
-        }
-        const std::uint64_t digit = static_cast<std::uint64_t>(c - '0');
-        if (v > (UINT64_MAX - digit) / 10) {
-            ok = false;
-            break;
-        }
-        v = v * 10 + digit;
-    }
-    if (!ok || v > hi)
-        throw UsageError(flag + ": '" + text + "' is not a whole number from 0 to " + std::to_string(hi));
-    return v;
-}
-
-Options parseArgs(int argc, char** argv) {
-    Options o;
-    const std::vector<std::string> args(argv + 1, argv + argc);
-    for (std::size_t i = 0; i < args.size(); ++i) {
-        std::string flag = args[i], value;
-        bool inline_value = false;
-        if (flag.rfind("--", 0) == 0) {
-            const auto eq = flag.find('=');
-            if (eq != std::string::npos) {
-                value = flag.substr(eq + 1);
-                flag = flag.substr(0, eq);
-                inline_value = true;
-            }
-        }
-        if (flag == "-h" || flag == "--help") {
-            std::cout << kUsage;
-            std::exit(0);
-        }
-        if (flag == "--version") {
-            std::cout << "modscope-trace 0.1.0 (writes " << modscope::kTraceSchema << ")\n";
-            std::exit(0);
-        }
-        if (flag == "--quiet") {
-            o.quiet = true;
-            continue;
-        }
-        const auto next = [&]() -> std::string {
-            if (inline_value) return value;
-            if (i + 1 >= args.size()) throw UsageError(flag + " needs a value");
-            return args[++i];
-        };
-        if (flag == "--model")
-            o.model = next();
-        else if (flag == "--prompt")
-            o.prompt = next(), o.have_prompt = true;
-        else if (flag == "--input")
-            o.input = next();
-        else if (flag == "--batch")
-            o.batch = next();
-        else if (flag == "--out")
-            o.out = next();
-        else if (flag == "--check")
-            o.check = next();
-        else if (flag == "--device")
-            o.device = next();
-        else if (flag == "--capacity")
-            o.capacity = parseNumber(flag, next(), 0.0, 1.0);
-        else if (flag == "--mode") {
-            const auto m = next();
-            if (m != "topk" && m != "causal") throw UsageError("--mode: '" + m + "' is not topk or causal");
-            o.mode = modscope::routingModeFromString(m);
-        } else if (flag == "--generate") {
-            o.generate = static_cast<int>(parseCount(flag, next(), modscope::kMaxTraceTokens));
-        } else if (flag == "--temperature") {
-            o.temperature = static_cast<float>(parseNumber(flag, next(), 0.0, 100.0));
-        } else if (flag == "--top-p") {
-            o.top_p = static_cast<float>(parseNumber(flag, next(), 0.0, 1.0));
-        } else if (flag == "--seed") {
-            o.seed = parseCount(flag, next(), UINT64_MAX);
-        } else {
-            throw UsageError("unknown argument '" + args[i] + "'");
-        }
-    }
-    const int sources = int(o.have_prompt) + int(!o.input.empty()) + int(!o.batch.empty());
+// Usage problems the parser cannot see: which options go together.
+void checkCombination(const Options& o, bool have_prompt) {
+    const int sources = int(have_prompt) + int(!o.input.empty()) + int(!o.batch.empty());
     if (!o.check.empty()) {
         if (sources != 0 || !o.out.empty()) throw UsageError("--check takes a trace file and nothing to run");
-        return o;
+        return;
     }
     if (sources != 1) throw UsageError("give exactly one of --prompt, --input or --batch");
     if (o.out.empty()) throw UsageError("--out FILE is required (.json, .jsonl or .csv)");
@@ -193,7 +75,6 @@ Options parseArgs(int argc, char** argv) {
     if (ext != ".json" && ext != ".jsonl" && ext != ".csv")
         throw UsageError("--out " + o.out + ": unknown format '" + (ext.empty() ? "(no extension)" : ext) +
                          "' (use .json, .jsonl or .csv)");
-    return o;
 }
 
 std::string readInput(const std::string& path, const char* flag, std::uint64_t max_bytes = kMaxInputBytes) {
@@ -380,10 +261,10 @@ int checkTrace(const std::string& path) {
     return 0;
 }
 
-int run(const Options& o) {
+int run(const Options& o, bool have_prompt) {
     if (!o.check.empty()) return checkTrace(o.check);
     std::vector<Prompt> prompts;
-    if (o.have_prompt) {
+    if (have_prompt) {
         requireUtf8(o.prompt, "--prompt");
         prompts.push_back({o.prompt, {}});
     } else if (!o.input.empty()) {
@@ -399,7 +280,7 @@ int run(const Options& o) {
     const auto model = modscope::Model::open(dir, o.device);
 
     modscope::TraceRequest request;
-    request.mode = o.mode;
+    request.mode = modscope::routingModeFromString(o.mode);
     request.capacity = o.capacity;
     request.generate_tokens = o.generate;
     request.generation.temperature = o.temperature;
@@ -453,21 +334,38 @@ int run(const Options& o) {
 int main(int argc, char** argv) {
     // First, before any other thread starts: the engine changes process-wide state only when asked (modscope/engine.h).
     modscope::configureRuntime(modscope::RuntimeOptions::forTools());
-    Options options;
+    Options o;
+    modscope::cli::ToolCommandLine cli("modscope-trace", kAbout, kNotes,
+                                       std::string("writes ") + modscope::kTraceSchema);
+    cli.group("What to run");
+    cli.text("--model", o.model, "DIR", "checkpoint directory (default: $MODSCOPE_MODEL, else the bundled model)");
+    auto* prompt = cli.text("--prompt", o.prompt, "TEXT", "the prompt");
+    cli.text("--input", o.input, "FILE", "read the prompt from FILE, UTF-8 ('-' reads standard input)");
+    cli.text("--batch", o.batch, "FILE.jsonl",
+             "one prompt per line: {\"prompt\": \"...\"} or {\"id\": ..., \"prompt\": \"...\"}");
+    cli.number("--capacity", o.capacity, 0.0, 1.0,
+               "fraction of tokens a routed layer processes (default: the model's)");
+    cli.choice("--mode", o.mode, {"topk", "causal"}, "routing rule of the traced forward pass (default topk)");
+    cli.text("--device", o.device, "D", "auto, cpu or cuda (default auto)");
+    cli.group("Generation");
+    cli.integer("--generate", o.generate, 0, modscope::kMaxTraceTokens,
+                "then generate N tokens (always causal) and record each step's routing");
+    cli.number("--temperature", o.temperature, 0.0, 100.0, "sampling temperature, 0 = greedy (default 0.8)");
+    cli.number("--top-p", o.top_p, 0.0, 1.0, "nucleus sampling threshold (default 0.95)");
+    cli.unsignedInteger("--seed", o.seed, "sampling seed (default 0)");
+    cli.group("Output");
+    cli.text("--out", o.out, "FILE", "the trace file to write (.json, .jsonl or .csv)");
+    cli.flag("--quiet", o.quiet, "no summary on stdout");
+    cli.text("--check", o.check, "FILE",
+             "read a trace file (.json, .jsonl or .csv) as ModScope reads a trace it is sent, and say what it "
+             "holds, or exit 1 with what is wrong with it");
+    if (const auto status = cli.parse(argc, argv)) return *status;
     try {
-        options = parseArgs(argc, argv);
-    } catch (const std::exception& e) {
-        std::fprintf(stderr, "modscope-trace: error: %s (see modscope-trace --help)\n",
-                     oneLine(e.what()).c_str());
-        return 2;
-    }
-    try {
-        return run(options);
+        checkCombination(o, prompt->count() > 0);
+        return run(o, prompt->count() > 0);
     } catch (const UsageError& e) {
-        std::fprintf(stderr, "modscope-trace: error: %s (see modscope-trace --help)\n", oneLine(e.what()).c_str());
-        return 2;
+        return cli.usageError(e.what());
     } catch (const std::exception& e) {
-        std::fprintf(stderr, "modscope-trace: error: %s\n", oneLine(e.what()).c_str());
-        return 1;
+        return cli.fail(e.what());
     }
 }

@@ -6,10 +6,12 @@
 #include <cstdio>
 #include <cstdlib>
 #include <iostream>
+#include <limits>
 #include <sstream>
 
 #include "modscope/engine.h"
 #include "modscope/trainer.h"
+#include "tool_command_line.h"
 
 namespace {
 
@@ -21,92 +23,22 @@ void onSigint(int) {
     (void)!write(STDERR_FILENO, msg, sizeof(msg) - 1);
 }
 
-const char* kUsage = R"(usage:
+const char* kAbout = R"(Trains a Mixture-of-Depths model, evaluates one, or tunes its causal mode.
+
+usage:
   modscope-train --out DIR --corpus FILE [--corpus FILE ...] [options]
   modscope-train --evaluate DIR --corpus FILE [...] [--lengths 16,32,64,128,256] [--windows N]
   modscope-train --calibrate-causal DIR --corpus FILE [...] [--gains G1,G2,...] [--lengths ...] [--windows N]
 
-Trains a Mixture-of-Depths model (or with --dense the dense baseline of the same shape) into DIR:
-config.json, weights.pt, tokenizer.model, train_log.jsonl and train_state.pt (for --resume).
-The last --val-fraction of every corpus file is held out for validation and never trained on.
-Interrupt with Ctrl-C: the current step finishes, a checkpoint is written, and --resume continues it.
-
-training:
-  --tokenizer FILE        use this SentencePiece model (default: train one on the training split)
-  --dense                 no routed layers, capacity 1 (the dense baseline)
-  --steps N               optimiser steps (default 2000)
-  --flops-budget F        train for this many FLOPs instead of --steps (3x forward FLOPs per step)
-  --seq-lens L1,L2,...    window lengths, one drawn per step (default 256)
-  --batch-tokens N        tokens per step (default 4096; batch = N / length)
-  --lr F --warmup N --min-lr-ratio F --weight-decay F --grad-clip F
-  --predictor-weight F    weight of the predictor's BCE loss (default 1)
-  --router-aux-weight F   weight of a BCE loss on the router logits themselves (default 0)
-  --no-calibrate          keep the predictor's raw 0.5 threshold instead of matching the capacity
-  --seed N --val-fraction F --eval-every N --eval-windows N --checkpoint-every N
-  --resume                continue the run in DIR from train_state.pt
-  --device auto|cpu|cuda
-evaluation and tuning of a trained model in DIR:
-  --evaluate DIR          held-out loss and causal-vs-top-k agreement by window length
-  --calibrate-causal DIR  choose causal mode's rule (docs/MODEL.md: budget gain, prefix top-k) on
-                          training-split windows: the one with the best worst-case agreement over routed
-                          layers and --lengths is written into DIR/config.json (--gains: the budget gains
-                          to try, each with and without the prefix top-k; default 0,0.25,0.5,0.75,1,1.25,
-                          1.5,2,3)
-model shape (defaults: the bundled model's):
-  --vocab N --d-model N --layers N --heads N --d-ff N --max-seq-len N
-  --capacity F --routed L1,L2,... (default every other layer) --predictor-hidden N
+Training writes DIR: config.json, weights.pt, tokenizer.model, train_log.jsonl and train_state.pt (for
+--resume); with --dense it trains the dense baseline of the same shape. The last --val-fraction of every
+corpus file is held out for validation and never trained on. Interrupt with Ctrl-C: the current step
+finishes, a checkpoint is written, and --resume continues it.
 )";
 
-// A comma-separated list, empty parts skipped; every part must convert whole, else Error("not <what>: ...").
-template <typename T, typename Convert>
-std::vector<T> parseList(const std::string& text, const char* what, Convert convert) {
-    std::vector<T> out;
-    std::stringstream in(text);
-    std::string part;
-    while (std::getline(in, part, ',')) {
-        if (part.empty()) continue;
-        std::size_t used = 0;
-        T v{};
-        try {
-            v = convert(part, &used);
-        } catch (const std::exception&) {
-            used = 0;
-        }
-        if (used == 0 || used != part.size()) throw modscope::Error(std::string("not ") + what + ": '" + text + "'");
-        out.push_back(v);
-    }
-    return out;
-}
-
-std::vector<double> parseDoubles(const std::string& text) {
-    return parseList<double>(text, "a list of numbers",
-                             [](const std::string& s, std::size_t* used) { return std::stod(s, used); });
-}
-
-std::vector<int> parseInts(const std::string& text) {
-    return parseList<int>(text, "an integer list",
-                          [](const std::string& s, std::size_t* used) { return std::stoi(s, used); });
-}
-
-double parseDouble(const std::string& flag, const std::string& text) {
-    try {
-        std::size_t used = 0;
-        const double v = std::stod(text, &used);
-        if (used == text.size()) return v;
-    } catch (const std::exception&) {
-    }
-    throw modscope::Error(flag + ": not a number: '" + text + "'");
-}
-
-long long parseInt(const std::string& flag, const std::string& text) {
-    try {
-        std::size_t used = 0;
-        const long long v = std::stoll(text, &used);
-        if (used == text.size()) return v;
-    } catch (const std::exception&) {
-    }
-    throw modscope::Error(flag + ": not an integer: '" + text + "'");
-}
+const char* kNotes = R"(
+Exit status: 0 done, 1 failed, 2 bad arguments, 130 interrupted (a checkpoint was saved).
+)";
 
 std::string clock(double seconds) {
     if (!(seconds >= 0) || seconds > 1e7) return "--:--";
@@ -185,66 +117,78 @@ int main(int argc, char** argv) {
     std::vector<double> gains{0, 0.25, 0.5, 0.75, 1, 1.25, 1.5, 2, 3};
     std::vector<int> lengths{16, 32, 64, 128, 256};
     int windows = 64;
-    bool routed_given = false;
+    modscope::cli::ToolCommandLine cli("modscope-train", kAbout, kNotes);
+    constexpr std::int64_t kMany = std::numeric_limits<int>::max();
+    constexpr int kMaxLength = 1 << 16;  // the longest context a config.json may give (ModelConfig's bound)
+    cli.group("Training");
+    cli.text("--out", opt.out_dir, "DIR", "the model directory to write");
+    cli.texts("--corpus", opt.corpus_files, "FILE", "UTF-8 training text; repeat for several files");
+    cli.text("--tokenizer", opt.tokenizer_model, "FILE",
+             "use this SentencePiece model (default: train one on the training split)");
+    cli.flag("--dense", opt.dense, "no routed layers, capacity 1 (the dense baseline)");
+    cli.integer("--steps", opt.steps, 1, std::int64_t(1) << 40, "optimiser steps (default 2000)");
+    cli.number("--flops-budget", opt.flops_budget, 0.0, 1e30,
+               "train for this many FLOPs instead of --steps (3x forward FLOPs per step)");
+    cli.integerList("--seq-lens", opt.seq_lens, 1, kMaxLength, "L1,L2,...",
+                    "window lengths, one drawn per step (default 256)");
+    cli.integer("--batch-tokens", opt.batch_tokens, 1, kMany, "tokens per step (default 4096; batch = N / length)");
+    cli.number("--lr", opt.lr, 0.0, 10.0, "peak learning rate (default 0.003)");
+    cli.integer("--warmup", opt.warmup_steps, 0, std::int64_t(1) << 40, "warm-up steps (default 100)");
+    cli.number("--min-lr-ratio", opt.min_lr_ratio, 0.0, 1.0, "the cosine decays to lr times this (default 0.1)");
+    cli.number("--weight-decay", opt.weight_decay, 0.0, 10.0, "AdamW weight decay (default 0.1)");
+    cli.number("--grad-clip", opt.grad_clip, 0.0, 1e9, "gradient norm clip, 0 = none (default 1)");
+    cli.number("--predictor-weight", opt.predictor_loss_weight, 0.0, 1e6,
+               "weight of the predictor's BCE loss (default 1)");
+    cli.number("--router-aux-weight", opt.router_aux_loss_weight, 0.0, 1e6,
+               "weight of a BCE loss on the router logits themselves (default 0)");
+    bool no_calibrate = false;
+    cli.flag("--no-calibrate", no_calibrate,
+             "keep the predictor's raw 0.5 threshold instead of matching the capacity");
+    cli.unsignedInteger("--seed", opt.seed, "seed of the initialisation and the windows (default 1234)");
+    cli.number("--val-fraction", opt.val_fraction, 0.0, 0.5, "held-out share of every corpus file (default 0.02)");
+    cli.integer("--eval-every", opt.eval_every, 0, kMany, "validate every N steps, 0 = never (default 250)");
+    cli.integer("--eval-windows", opt.eval_windows, 1, kMany, "windows per validation (default 48)");
+    cli.integer("--checkpoint-every", opt.checkpoint_every, 0, kMany,
+                "write a resumable checkpoint every N steps, 0 = at the end only (default 250)");
+    cli.flag("--resume", opt.resume, "continue the run in DIR from train_state.pt");
+    cli.text("--device", opt.device, "D", "auto, cpu or cuda (default auto)");
+    cli.group("Evaluation and tuning of a trained model");
+    cli.text("--evaluate", evaluate_dir, "DIR", "held-out loss and causal-vs-top-k agreement by window length");
+    cli.text("--calibrate-causal", calibrate_dir, "DIR",
+             "choose causal mode's rule (docs/MODEL.md: budget gain, prefix top-k) on training-split windows: "
+             "the one with the best worst-case agreement over routed layers and --lengths is written into "
+             "DIR/config.json");
+    cli.numberList("--gains", gains, 0.0, 100.0, "G1,G2,...",
+                   "budget gains to try, each with and without the prefix top-k (default "
+                   "0,0.25,0.5,0.75,1,1.25,1.5,2,3)");
+    cli.integerList("--lengths", lengths, 1, kMaxLength, "L1,L2,...",
+                    "window lengths (default 16,32,64,128,256)");
+    cli.integer("--windows", windows, 1, kMany, "windows per length (default 64)");
+    cli.group("Model shape (defaults: the bundled model's)");
+    cli.text("--name", opt.config.name, "NAME", "the model's name in config.json (default modscope)");
+    cli.integer("--vocab", opt.config.vocab_size, 2, 1 << 20, "vocabulary size of a tokenizer trained here");
+    cli.integer("--d-model", opt.config.d_model, 1, 16384, "width of the residual stream");
+    cli.integer("--layers", opt.config.n_layers, 1, 512, "layers");
+    cli.integer("--heads", opt.config.n_heads, 1, 256, "attention heads");
+    cli.integer("--d-ff", opt.config.d_ff, 1, 1 << 17, "hidden width of the SwiGLU MLP");
+    cli.integer("--max-seq-len", opt.config.max_seq_len, 1, kMaxLength, "context length");
+    cli.number("--capacity", opt.config.capacity, 0.0, 1.0, "fraction of tokens a routed layer processes");
+    auto* routed = cli.integerList("--routed", opt.config.routed_layers, 0, 511, "L1,L2,...",
+                                   "the routed layers (default every other layer)");
+    cli.integer("--predictor-hidden", opt.config.predictor_hidden, 1, 1 << 14, "hidden width of the causal predictor");
+    if (const auto status = cli.parse(argc, argv)) return *status;
+    opt.calibrate_threshold = !no_calibrate;
+    const bool routed_given = routed->count() > 0;
     try {
-        std::vector<std::string> args(argv + 1, argv + argc);
-        for (std::size_t i = 0; i < args.size(); ++i) {
-            const std::string& a = args[i];
-            const auto value = [&]() -> std::string {
-                if (i + 1 >= args.size()) throw Error(a + " needs a value");
-                return args[++i];
-            };
-            if (a == "-h" || a == "--help") {
-                std::fputs(kUsage, stdout);
-                return 0;
-            } else if (a == "--out") opt.out_dir = value();
-            else if (a == "--corpus") opt.corpus_files.push_back(value());
-            else if (a == "--tokenizer") opt.tokenizer_model = value();
-            else if (a == "--dense") opt.dense = true;
-            else if (a == "--steps") opt.steps = parseInt(a, value());
-            else if (a == "--flops-budget") opt.flops_budget = parseDouble(a, value());
-            else if (a == "--seq-lens") opt.seq_lens = parseInts(value());
-            else if (a == "--batch-tokens") opt.batch_tokens = static_cast<int>(parseInt(a, value()));
-            else if (a == "--lr") opt.lr = parseDouble(a, value());
-            else if (a == "--warmup") opt.warmup_steps = parseInt(a, value());
-            else if (a == "--min-lr-ratio") opt.min_lr_ratio = parseDouble(a, value());
-            else if (a == "--weight-decay") opt.weight_decay = parseDouble(a, value());
-            else if (a == "--grad-clip") opt.grad_clip = parseDouble(a, value());
-            else if (a == "--predictor-weight") opt.predictor_loss_weight = parseDouble(a, value());
-            else if (a == "--router-aux-weight") opt.router_aux_loss_weight = parseDouble(a, value());
-            else if (a == "--no-calibrate") opt.calibrate_threshold = false;
-            else if (a == "--seed") opt.seed = static_cast<std::uint64_t>(parseInt(a, value()));
-            else if (a == "--val-fraction") opt.val_fraction = parseDouble(a, value());
-            else if (a == "--eval-every") opt.eval_every = static_cast<int>(parseInt(a, value()));
-            else if (a == "--eval-windows") opt.eval_windows = static_cast<int>(parseInt(a, value()));
-            else if (a == "--checkpoint-every") opt.checkpoint_every = static_cast<int>(parseInt(a, value()));
-            else if (a == "--resume") opt.resume = true;
-            else if (a == "--device") opt.device = value();
-            else if (a == "--name") opt.config.name = value();
-            else if (a == "--vocab") opt.config.vocab_size = static_cast<int>(parseInt(a, value()));
-            else if (a == "--d-model") opt.config.d_model = static_cast<int>(parseInt(a, value()));
-            else if (a == "--layers") opt.config.n_layers = static_cast<int>(parseInt(a, value()));
-            else if (a == "--heads") opt.config.n_heads = static_cast<int>(parseInt(a, value()));
-            else if (a == "--d-ff") opt.config.d_ff = static_cast<int>(parseInt(a, value()));
-            else if (a == "--max-seq-len") opt.config.max_seq_len = static_cast<int>(parseInt(a, value()));
-            else if (a == "--capacity") opt.config.capacity = parseDouble(a, value());
-            else if (a == "--routed") opt.config.routed_layers = parseInts(value()), routed_given = true;
-            else if (a == "--predictor-hidden") opt.config.predictor_hidden = static_cast<int>(parseInt(a, value()));
-            else if (a == "--evaluate") evaluate_dir = value();
-            else if (a == "--calibrate-causal") calibrate_dir = value();
-            else if (a == "--gains") gains = parseDoubles(value());
-            else if (a == "--lengths") lengths = parseInts(value());
-            else if (a == "--windows") windows = static_cast<int>(parseInt(a, value()));
-            else throw Error("unknown option '" + a + "' (see --help)");
-        }
         if (!routed_given) opt.config.routed_layers = modscope::ModelConfig::everyOtherLayer(opt.config.n_layers);
-        if (opt.corpus_files.empty()) throw Error("no --corpus given (scripts/make_default_corpus.sh makes one)");
+        if (opt.corpus_files.empty())
+            return cli.usageError("no --corpus given (scripts/make_default_corpus.sh makes one)");
         if (!evaluate_dir.empty())
             return evaluateCommand(evaluate_dir, opt.corpus_files, lengths, windows, opt.val_fraction, opt.device);
         if (!calibrate_dir.empty())
             return calibrateCausalCommand(calibrate_dir, opt.corpus_files, lengths, gains, windows,
                                           opt.val_fraction, opt.device);
-        if (opt.out_dir.empty()) throw Error("no --out directory given");
+        if (opt.out_dir.empty()) return cli.usageError("no --out directory given");
 
         std::signal(SIGINT, onSigint);
         std::signal(SIGTERM, onSigint);
@@ -290,11 +234,6 @@ int main(int argc, char** argv) {
                      final_progress.train_flops);
         return g_stop ? 130 : 0;
     } catch (const std::exception& e) {
-        // One line, whatever the message holds (a reader's or LibTorch's text may span lines).
-        std::string message = e.what();
-        for (auto& c : message)
-            if (c == '\n' || c == '\r') c = ' ';
-        std::fprintf(stderr, "modscope-train: %s\n", message.c_str());
-        return 1;
+        return cli.fail(e.what());
     }
 }
