@@ -108,7 +108,7 @@ ops_only_stage() {
 # `fuzz` explores: FUZZ_SECONDS a target (default 600) from a random seed.
 fuzz_runs() {
     case "$1" in  # about 20 s each on the 2-core CI machine
-    config) echo 400000 ;; trace_json) echo 120000 ;; trace_jsonl) echo 200000 ;; trace_csv) echo 400000 ;;
+    config) echo 400000 ;; trace_json) echo 120000 ;; trace_jsonl) echo 120000 ;; trace_csv) echo 400000 ;;
     checkpoint) echo 100000 ;;
     esac
 }

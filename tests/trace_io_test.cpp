@@ -479,6 +479,63 @@ private Q_SLOTS:
         QVERIFY2(phase.find("CSV row 2, phase") != std::string::npos, phase.c_str());
     }
 
+    // JSON objects are unordered: a trace whose members come in another order (Python's json.dump with
+    // sort_keys puts "layers" before "model" and "tokens", whose sizes bound it) reads to the same document,
+    // and its arrays are still held to those sizes.
+    void membersMayComeInAnyOrder() {
+        TraceRequest req;
+        req.generate_tokens = 3;
+        req.generation.temperature = 0.0f;
+        const auto doc = traceModel(*model_, kPrompt, req);
+        QVERIFY(doc.generation && !doc.generation->result.steps.empty());
+        const auto text = traceToJson(doc);
+        using Ordered = nlohmann::ordered_json;
+        std::function<Ordered(const Ordered&)> reversed = [&](const Ordered& j) {
+            if (j.is_object()) {
+                Ordered out = Ordered::object();
+                std::vector<std::pair<std::string, Ordered>> members;
+                for (const auto& item : j.items()) members.emplace_back(item.key(), item.value());
+                for (auto it = members.rbegin(); it != members.rend(); ++it) out[it->first] = reversed(it->second);
+                return out;
+            }
+            if (j.is_array()) {
+                Ordered out = Ordered::array();
+                for (const auto& e : j) out.push_back(reversed(e));
+                return out;
+            }
+            return j;
+        };
+        const std::string sorted = nlohmann::json::parse(text).dump();
+        const std::string backwards = reversed(Ordered::parse(text)).dump();
+        QVERIFY(sorted.find("\"layers\"") < sorted.find("\"tokens\""));
+        QVERIFY(backwards.find("\"timing\"") < backwards.find("\"schema\""));
+        for (const auto& t : {sorted, backwards}) {
+            const auto msg = errorOf([&] { QCOMPARE(traceToJson(traceFromJson(t)), text); });
+            QVERIFY2(msg.empty(), msg.c_str());
+        }
+        const auto batch = tracesFromJson("[" + sorted + "," + backwards + "]");
+        QCOMPARE(batch.size(), std::size_t(2));
+        QCOMPARE(traceToJson(batch[1]), text);
+
+        // Bounds hold though the sizes come later in the text.
+        auto longer = nlohmann::json::parse(text);
+        longer["layers"][1]["router_logits"].push_back(0.5);
+        longer["generation"]["steps"][0]["processed"].push_back(true);
+        auto msg = errorOf([&] { traceFromJson(longer.dump()); });
+        QVERIFY2(msg.find("has more than") != std::string::npos, msg.c_str());
+        auto wrong_k = nlohmann::json::parse(text);
+        wrong_k["layers"][1]["k"] = wrong_k["layers"][1]["k"].get<int>() + 1;
+        msg = errorOf([&] { traceFromJson(wrong_k.dump()); });
+        QVERIFY2(msg.find("layers[1].k: ") != std::string::npos && msg.find(" tokens gives ") != std::string::npos,
+                 msg.c_str());
+        auto outside = nlohmann::json::parse(text);
+        outside["tokens"][0]["byte_end"] = doc.prompt.size() + 1;
+        msg = errorOf([&] { traceFromJson(outside.dump()); });
+        QVERIFY2(msg.find("tokens[0].byte_end: " + std::to_string(doc.prompt.size() + 1) + " is out of range") !=
+                     std::string::npos,
+                 msg.c_str());
+    }
+
     void unknownSchemaIsRefused() {
         auto text = traceToJson(craftDocument({"a", "b"}));
         const std::string v1 = "\"modscope.trace/1\"";

@@ -1,5 +1,5 @@
 // Building trace documents from a model: tokenizing a prompt, running it, adding a generation. The only
-// part of the trace code that runs the model; trace_io.cpp (writing and reading files) needs no LibTorch,
+// part of the trace code that runs the model; formats/ (writing and reading files) needs no LibTorch,
 // so the fuzz targets for the readers build without it.
 #include <chrono>
 

@@ -1,0 +1,275 @@
+// Routing traces as long-form CSV (docs/TRACE_FORMAT.md): one row per layer and token, written for
+// analysis (pandas, R, spreadsheets) and read back by strict RFC 4180 rules.
+#include <charconv>
+#include <cmath>
+#include <iterator>
+#include <limits>
+#include <string>
+
+#include "formats/trace_text.h"
+#include "formats/utf8.h"
+#include "modscope/trace_io.h"
+
+namespace modscope {
+
+namespace {
+
+bool needsQuotes(const std::string& s) {
+    if (s.empty()) return true;
+    if (s.front() == ' ' || s.front() == '\t' || s.back() == ' ' || s.back() == '\t') return true;
+    return s.find_first_of(",\"\r\n") != std::string::npos;
+}
+
+void csvField(std::string& out, const std::string& s) {
+    if (!needsQuotes(s)) {
+        out += s;
+        return;
+    }
+    out += '"';
+    for (const char c : s) {
+        if (c == '"') out += '"';
+        out += c;
+    }
+    out += '"';
+}
+
+void appendCsvRows(std::string& out, const TraceDocument& doc, int prompt_index) {
+    const auto& run = doc.run;
+    const std::size_t T = doc.tokens.size();
+    const std::string prefix = prompt_index >= 0 ? std::to_string(prompt_index) + "," : std::string();
+    for (std::size_t li = 0; li < run.layers.size(); ++li) {
+        const auto& l = run.layers[li];
+        const std::string layer = std::to_string(l.index) + ",";
+        for (std::size_t t = 0; t < T; ++t) {
+            out += prefix;
+            out += layer;
+            out += std::to_string(t) + "," + std::to_string(doc.tokens[t].id) + ",";
+            if (!isValidUtf8(doc.tokens[t].piece))
+                throw Error("cannot write the trace: tokens[" + std::to_string(t) +
+                            "].piece is not valid UTF-8");
+            csvField(out, doc.tokens[t].piece);
+            out += l.routed ? ",1," : ",0,";
+            if (l.routed) {
+                if (!std::isfinite(l.router_logits.at(t)) || !std::isfinite(l.predictor_prob.at(t)))
+                    throw Error("cannot write the trace: layer " + std::to_string(li) + " token " +
+                                std::to_string(t) + " has a non-finite value");
+                out += formatFloat(l.router_logits[t]) + "," + std::to_string(l.rank.at(t)) + ",";
+                out += l.selected.at(t) ? "1," : "0,";
+                out += formatFloat(l.predictor_prob[t]) + ",";
+                out += l.predictor_selected.at(t) ? "1," : "0,";
+                out += l.topk_selected.at(t) ? "1," : "0,";
+            } else {
+                out += ",,";
+                out += l.selected.at(t) ? "1," : "0,";
+                out += ",,";
+                out += l.selected.at(t) ? "1," : "0,";
+            }
+            out += "prompt\r\n";
+        }
+        if (!doc.generation) continue;
+        const auto& g = *doc.generation;
+        for (std::size_t i = 0; i < g.result.steps.size(); ++i) {
+            const auto& s = g.result.steps[i];
+            out += prefix;
+            out += layer;
+            out += std::to_string(s.position) + "," + std::to_string(s.token_id) + ",";
+            csvField(out, g.pieces.at(i));
+            out += l.routed ? ",1,,," : ",0,,,";
+            out += s.processed.at(li) ? "1," : "0,";
+            if (l.routed) {
+                const float p = s.predictor_prob.at(li);
+                if (!std::isfinite(p))
+                    throw Error("cannot write the trace: generation step " + std::to_string(i) + " layer " +
+                                std::to_string(li) + " has a non-finite predictor probability");
+                out += formatFloat(p) + ",";
+                // A generation step runs in causal mode: what the rule decided is what the layer processed.
+                out += s.processed.at(li) ? "1," : "0,";
+            } else {
+                out += ",,";
+            }
+            out += ",generate\r\n";
+        }
+    }
+}
+
+std::string csvHeader(bool with_index) {
+    std::string h = with_index ? "prompt_index," : "";
+    bool first = true;
+    for (const char* c : kTraceCsvColumns) {
+        if (!first) h += ',';
+        h += c;
+        first = false;
+    }
+    return h + "\r\n";
+}
+
+template <typename T>
+T csvInt(const std::string& s, std::size_t line, const char* column, T lo, T hi) {
+    T v{};
+    const auto r = std::from_chars(s.data(), s.data() + s.size(), v);
+    if (r.ec != std::errc() || r.ptr != s.data() + s.size() || v < lo || v > hi)
+        throw Error("CSV row " + std::to_string(line) + ", " + column + ": \"" + printable(s) +
+                    "\" is not an integer from " + std::to_string(lo) + " to " + std::to_string(hi));
+    return v;
+}
+
+bool csvBool(const std::string& s, std::size_t line, const char* column) {
+    if (s == "1") return true;
+    if (s == "0") return false;
+    throw Error("CSV row " + std::to_string(line) + ", " + column + ": \"" + printable(s) +
+                "\" is not 0 or 1");
+}
+
+float csvFloat(const std::string& s, std::size_t line, const char* column) {
+    try {
+        return parseFloat32(s, std::string(column));
+    } catch (const Error& e) {
+        throw Error("CSV row " + std::to_string(line) + ", " + e.what());
+    }
+}
+
+}  // namespace
+
+std::string traceToCsv(const TraceDocument& doc) {
+    std::string out = csvHeader(false);
+    appendCsvRows(out, doc, -1);
+    return out;
+}
+
+std::string tracesToCsv(const std::vector<TraceDocument>& docs) {
+    std::string out = csvHeader(true);
+    for (std::size_t i = 0; i < docs.size(); ++i)
+        appendCsvRows(out, docs[i], docs[i].prompt_index >= 0 ? docs[i].prompt_index : static_cast<int>(i));
+    return out;
+}
+
+namespace {
+
+// Calls record(fields, record_number) for each record of strict RFC 4180 text (the header is record 1),
+// one record in memory at a time.
+template <typename F>
+void forEachCsvRecord(const std::string& text, F&& record) {
+    if (text.size() > kMaxTraceFileBytes)
+        throw Error("CSV: " + std::to_string(text.size()) + " bytes, more than the " +
+                    std::to_string(kMaxTraceFileBytes) + " a trace may have");
+    std::size_t bad_at = 0;
+    if (!isValidUtf8(text, &bad_at)) throw Error("CSV: not UTF-8 text (byte " + std::to_string(bad_at) + ")");
+    std::size_t width = 0, count = 0;
+    std::vector<std::string> fields;
+    std::size_t i = text.rfind("\xEF\xBB\xBF", 0) == 0 ? 3 : 0;
+    std::size_t line = 1;
+    const std::size_t n = text.size();
+    while (i < n) {
+        const std::size_t record_line = line;
+        fields.clear();
+        for (;;) {  // one field per iteration
+            std::string field;
+            if (i < n && text[i] == '"') {
+                ++i;
+                for (;;) {
+                    if (i >= n)
+                        throw Error("CSV line " + std::to_string(record_line) +
+                                    ": a quoted field is not closed");
+                    const char c = text[i++];
+                    if (c == '"') {
+                        if (i < n && text[i] == '"') {
+                            field += '"';
+                            ++i;
+                            continue;
+                        }
+                        break;
+                    }
+                    if (c == '\n') ++line;
+                    field += c;
+                }
+                if (i < n && text[i] != ',' && text[i] != '\n' &&
+                    !(text[i] == '\r' && i + 1 < n && text[i + 1] == '\n'))
+                    throw Error("CSV line " + std::to_string(line) + ": text after a closing quote");
+            } else {
+                while (i < n && text[i] != ',' && text[i] != '\n' && text[i] != '\r') {
+                    if (text[i] == '"')
+                        throw Error("CSV line " + std::to_string(line) +
+                                    ": a quote inside an unquoted field");
+                    field += text[i++];
+                }
+                if (i < n && text[i] == '\r' && !(i + 1 < n && text[i + 1] == '\n'))
+                    throw Error("CSV line " + std::to_string(line) + ": a carriage return outside quotes");
+            }
+            fields.push_back(std::move(field));
+            if (i < n && text[i] == ',') {
+                ++i;
+                continue;
+            }
+            break;
+        }
+        // End of record: CRLF, LF or end of text.
+        if (i < n && text[i] == '\r') ++i;
+        if (i < n && text[i] == '\n') {
+            ++i;
+            ++line;
+        }
+        if (count == 0) width = fields.size();
+        if (fields.size() != width)
+            throw Error("CSV line " + std::to_string(record_line) + ": " + std::to_string(fields.size()) +
+                        " fields, the header has " + std::to_string(width));
+        record(fields, ++count);
+    }
+}
+
+}  // namespace
+
+std::vector<std::vector<std::string>> parseCsv(const std::string& text) {
+    std::vector<std::vector<std::string>> rows;
+    forEachCsvRecord(text, [&](std::vector<std::string>& fields, std::size_t) { rows.push_back(fields); });
+    return rows;
+}
+
+std::vector<TraceCsvRow> traceRowsFromCsv(const std::string& text) {
+    std::vector<TraceCsvRow> out;
+    bool with_index = false, header_seen = false;
+    // Messages count records (the header is row 1): a quoted newline makes records span lines.
+    forEachCsvRecord(text, [&](const std::vector<std::string>& f, std::size_t line) {
+        if (line == 1) {
+            header_seen = true;
+            std::vector<std::string> expected(std::begin(kTraceCsvColumns), std::end(kTraceCsvColumns));
+            with_index = !f.empty() && f[0] == "prompt_index";
+            if (with_index) expected.insert(expected.begin(), "prompt_index");
+            if (f != expected) {
+                std::string want;
+                for (const auto& c : expected) want += (want.empty() ? "" : ",") + c;
+                throw Error("CSV: not a trace CSV: the header should be " + want);
+            }
+            return;
+        }
+        std::size_t c = 0;
+        TraceCsvRow row;
+        if (with_index)
+            row.prompt_index = csvInt<int>(f[c++], line, "prompt_index", 0, kMaxTraceDocuments - 1);
+        row.layer = csvInt<int>(f[c++], line, "layer", 0, kMaxTraceLayers - 1);
+        row.position = csvInt<int>(f[c++], line, "position", 0, 2 * kMaxTraceTokens);
+        row.token_id = csvInt<int>(f[c++], line, "token_id", 0, std::numeric_limits<int>::max());
+        row.piece = f[c++];
+        row.routed = csvBool(f[c++], line, "routed");
+        if (!f[c].empty()) row.router_logit = csvFloat(f[c], line, "router_logit");
+        ++c;
+        if (!f[c].empty()) row.rank = csvInt<int>(f[c], line, "rank", 0, 2 * kMaxTraceTokens);
+        ++c;
+        row.selected = csvBool(f[c++], line, "selected");
+        if (!f[c].empty()) row.predictor_prob = csvFloat(f[c], line, "predictor_prob");
+        ++c;
+        if (!f[c].empty()) row.predictor_selected = csvBool(f[c], line, "predictor_selected");
+        ++c;
+        if (!f[c].empty()) row.topk_selected = csvBool(f[c], line, "topk_selected");
+        ++c;
+        row.phase = f[c++];
+        if (row.phase != "prompt" && row.phase != "generate")
+            throw Error("CSV row " + std::to_string(line) + ", phase: \"" + printable(row.phase) +
+                        "\" is not prompt or generate");
+        out.push_back(std::move(row));
+    });
+    if (!header_seen) throw Error("CSV: empty (no header)");
+    return out;
+}
+
+
+}  // namespace modscope
