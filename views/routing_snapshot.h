@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "modscope/engine.h"
@@ -50,6 +51,9 @@ struct RoutingSnapshot {
     // False while a long prompt's tokens beyond the context are still being counted (original_tokens is a
     // lower bound then); a second snapshot of the same run follows with the count.
     bool original_tokens_exact = true;
+    // The thread that tokenized the prompt: the engine's worker, so that even a long paste never keeps the
+    // GUI thread waiting on the tokenizer. No thread for a snapshot made from a trace file.
+    std::thread::id tokenized_on;
 
     // Per token (same length as trace.token_ids).
     std::vector<std::string> pieces;  // the tokenizer's piece, as the token axis shows it

@@ -106,6 +106,7 @@ void EngineWorker::run(const RunRequest& request) {
             auto counted = std::make_shared<RoutingSnapshot>(*snapshot);
             counted->original_tokens = prompt.original_tokens;
             counted->original_tokens_exact = true;
+            counted->tokenized_on = prompt.tokenized_on;
             Q_EMIT runFinished(counted);
         }
     } catch (const Cancelled&) {

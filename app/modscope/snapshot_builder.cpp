@@ -80,6 +80,7 @@ std::size_t encodeInChunks(const Tokenizer& tokenizer, const std::string& text, 
 PreparedPrompt preparePrompt(const Tokenizer& tokenizer, const std::string& raw, int max_tokens, bool stop_early,
                              const std::atomic<bool>* cancel) {
     PreparedPrompt p;
+    p.tokenized_on = std::this_thread::get_id();
     std::string prompt = sanitizeText(raw);
     p.original_bytes = prompt.size();
     const std::size_t max = std::size_t(std::max(0, max_tokens));
@@ -109,6 +110,7 @@ PreparedPrompt preparePrompt(const Tokenizer& tokenizer, const std::string& raw,
 
 void countRemainingTokens(const Tokenizer& tokenizer, PreparedPrompt& p, const std::atomic<bool>* cancel) {
     if (p.counted) return;
+    p.tokenized_on = std::this_thread::get_id();
     std::size_t more = 0;
     encodeInChunks(tokenizer, p.source, p.scanned_bytes, cancel, [&](std::vector<Token>&& tokens) {
         more += tokens.size();
@@ -187,6 +189,7 @@ std::shared_ptr<RoutingSnapshot> emptySnapshot(const Model& model, const Prepare
     s->prompt_bytes = prompt.original_bytes;
     s->original_tokens = prompt.original_tokens;
     s->original_tokens_exact = prompt.counted;
+    s->tokenized_on = prompt.tokenized_on;
     return s;
 }
 

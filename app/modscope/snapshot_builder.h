@@ -7,6 +7,7 @@
 #include <functional>
 #include <memory>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "modscope/engine.h"
@@ -27,6 +28,7 @@ struct PreparedPrompt {
     bool counted = true;
     std::string source;            // the whole (sanitized) prompt while !counted
     std::size_t scanned_bytes = 0;  // how far source was tokenized
+    std::thread::id tokenized_on;   // the thread that last ran the tokenizer on it
     bool truncated() const { return !counted || tokens.size() != original_tokens; }
     std::vector<int> ids() const;
 };
