@@ -1,6 +1,7 @@
 // The engine's CPU fast paths against LibTorch's operators: the matrix products (oneDNN sgemm, cpu_matmul.h),
 // values and gradients, for every operand layout the engine hands them, and the thread settings they depend
-// on; the fused loops of forwards without autograd (cpu_kernels.h).
+// on; the fused loops of forwards without autograd (cpu_kernels.h), at each instruction-set level this CPU has
+// (isa_levels.h).
 #include <QTest>
 
 #include <ATen/Parallel.h>
@@ -24,6 +25,7 @@
 #include "cpu/cpu_matmul.h"
 #include "cpu/cpu_signals.h"
 #include "adaptive_threads.h"
+#include "isa_levels.h"
 #include "test_support.h"
 
 using namespace modscope;
@@ -40,12 +42,6 @@ struct TwoThreads {
     int before = at::get_num_threads();
     TwoThreads() { at::set_num_threads(2); }
     ~TwoThreads() { at::set_num_threads(before); }
-};
-
-// The kernels' AVX2 builds only, for this object's lifetime.
-struct Avx2Only {
-    bool before = cpu::allowAvx512(false);
-    ~Avx2Only() { cpu::allowAvx512(before); }
 };
 
 bool close(const torch::Tensor& got, const torch::Tensor& want, double tol = 1e-4) {
@@ -72,6 +68,63 @@ class EngineCpuPathsTest : public QObject {
 private Q_SLOTS:
     void initTestCase() {
         if (backend::cpuKernelsUsable() == nullptr) QSKIP("the kernel backend is off (MODSCOPE_CPU_KERNELS=0)");
+        // Ignored by the kernels: every row would run at the CPU's own level.
+        if (!cpu::environmentIsaError().empty()) QFAIL(cpu::environmentIsaError().c_str());
+    }
+
+    // isaLevel() is the lowest of the CPU's level, MODSCOPE_CPU_ISA's and the cap setIsaCap set; setIsaCap
+    // returns the cap before, ScopedIsaCap puts it back, and the names read back.
+    void isaCapSetsTheLevel() {
+        using cpu::Isa;
+        const auto name = [](Isa isa) { return QString(cpu::isaName(isa)); };
+        const Isa top = std::min(cpu::cpuIsa(), cpu::environmentIsaCap());
+        QCOMPARE(name(cpu::isaLevel()), name(top));
+        QCOMPARE(name(cpu::setIsaCap(Isa::Baseline)), name(Isa::Avx512));  // uncapped until now
+        QCOMPARE(name(cpu::isaLevel()), name(Isa::Baseline));
+        {
+            const cpu::ScopedIsaCap avx2(Isa::Avx2);
+            QCOMPARE(name(cpu::isaLevel()), name(std::min(top, Isa::Avx2)));
+            QCOMPARE(name(cpu::setIsaCap(Isa::Avx512)), name(Isa::Avx2));
+            QCOMPARE(name(cpu::isaLevel()), name(top));  // never above what the CPU and the environment allow
+        }
+        QCOMPARE(name(cpu::isaLevel()), name(Isa::Baseline));
+        QCOMPARE(name(cpu::setIsaCap(Isa::Avx512)), name(Isa::Baseline));
+        QCOMPARE(name(cpu::isaLevel()), name(top));
+        for (const Isa isa : {Isa::Baseline, Isa::Avx2, Isa::Avx512}) {
+            QVERIFY(cpu::isaFromName(cpu::isaName(isa)) == isa);
+            QVERIFY(cpu::isaFromName(name(isa).toUpper().toStdString()) == isa);
+        }
+        QVERIFY(!cpu::isaFromName("x86-64-v3").has_value());
+        QVERIFY(!cpu::isaFromName("").has_value());
+        QVERIFY(!cpu::isaFromName("avx2 ").has_value());
+    }
+
+    // A capped call runs the build of its level: the baseline build's predictor rounds each product before its
+    // add, where the AVX2 build fuses them, and GCC contracts SwiGLU's exp polynomial into FMAs in the AVX2 build
+    // only; so the baseline bits differ from the AVX2 ones, and repeat themselves.
+    void isaCapPicksTheBuild() {
+        using cpu::Isa;
+        if (const QString unavailable = test::isaUnavailable(Isa::Avx2); !unavailable.isEmpty())
+            QSKIP(qPrintable(unavailable + ": no build to tell the baseline one from"));
+        torch::manual_seed(31);
+        const std::int64_t d = 192, h = 64;
+        const auto x = torch::randn({64, d});
+        const auto w1_t = torch::randn({d, h}) * 0.1, b1 = torch::randn({h}), w2 = torch::randn({h});
+        const auto b2 = torch::full({1}, 0.3);
+        const auto gate = torch::linspace(-80.0, 80.0, 64 * 512).view({64, 512});
+        const auto gu = torch::cat({gate, torch::randn({64, 512})}, 1);
+        const auto run = [&](Isa isa) {
+            const cpu::ScopedIsaCap cap(isa);
+            return std::make_pair(cpu::predictorLogits(x, w1_t, b1, w2, b2), cpu::swiGlu(gu));
+        };
+        const auto avx2 = run(Isa::Avx2), baseline = run(Isa::Baseline), again = run(Isa::Baseline);
+        QVERIFY(torch::equal(baseline.first, again.first) && torch::equal(baseline.second, again.second));
+        QVERIFY2(!torch::equal(baseline.first, avx2.first), "the predictor's logits: the AVX2 build ran capped");
+        QVERIFY(close(baseline.first, avx2.first, 1e-5));
+        QVERIFY(close(baseline.second, avx2.second, 1e-5));
+#ifdef __OPTIMIZE__  // at -O0 (the dev-asan build) GCC fuses nothing
+        QVERIFY2(!torch::equal(baseline.second, avx2.second), "SwiGLU: the AVX2 build ran capped");
+#endif
     }
 
     void productsMatchForEveryLayout() {
@@ -163,7 +216,9 @@ private Q_SLOTS:
         QCOMPARE(get(), 1);
     }
 
+    void rmsNormMatchesTheOperators_data() { test::isaRows(); }
     void rmsNormMatchesTheOperators() {
+        MODSCOPE_CASE_AT_ISA_ROW();
         torch::manual_seed(4);
         nn::RmsNorm norm(37, 1e-5);
         norm->weight.data().uniform_(0.5, 1.5);
@@ -197,7 +252,9 @@ private Q_SLOTS:
     // Training's RMSNorm gradient (cpu::rmsNormBackward, behind an autograd function) against autograd
     // through the operators in double precision: d 37 (a tail after the blocks of eight), strided rows, one
     // row, and 300 rows on two threads (dw summed in fixed blocks of rows); and through the module.
+    void rmsNormGradientMatchesAutograd_data() { test::isaRows(); }
     void rmsNormGradientMatchesAutograd() {
+        MODSCOPE_CASE_AT_ISA_ROW();
         torch::manual_seed(5);
         const TwoThreads two;
         const auto w = torch::rand({37}) + 0.5;
@@ -238,7 +295,9 @@ private Q_SLOTS:
         QVERIFY(close(fused_w, norm->weight.grad(), 1e-3));
     }
 
+    void rotaryLoopMatchesTheOperators_data() { test::isaRows(); }
     void rotaryLoopMatchesTheOperators() {
+        MODSCOPE_CASE_AT_ISA_ROW();
         torch::manual_seed(5);
         const nn::PositionTables tables(64, 16, 10000.0);
         const auto qkv = torch::randn({2, 9, 3, 2, 16});
@@ -268,7 +327,9 @@ private Q_SLOTS:
         QVERIFY(close(split, backend::ops().rotateQK(many_grad, where, longer.rope).detach(), 1e-6));
     }
 
+    void rowCopiesMatchIndexOperators_data() { test::isaRows(); }
     void rowCopiesMatchIndexOperators() {
+        MODSCOPE_CASE_AT_ISA_ROW();
         torch::manual_seed(6);
         const auto wide = torch::randn({40, 30});
         const auto x = wide.narrow(1, 3, 24);  // rows 30 apart
@@ -325,7 +386,9 @@ private Q_SLOTS:
     }
 
     // The router's dot per row against the operator, for strided rows and a length with a tail.
+    void rowDotMatchesTheOperator_data() { test::isaRows(); }
     void rowDotMatchesTheOperator() {
+        MODSCOPE_CASE_AT_ISA_ROW();
         torch::manual_seed(11);
         const auto w = torch::randn({37});
         const auto wide = torch::randn({2, 9, 50});
@@ -347,7 +410,9 @@ private Q_SLOTS:
 
     // The predictor's fused forward against the module's operators, for a batch of rows and for none; the
     // module takes it without autograd.
+    void predictorLogitsMatchTheOperators_data() { test::isaRows(); }
     void predictorLogitsMatchTheOperators() {
+        MODSCOPE_CASE_AT_ISA_ROW();
         torch::manual_seed(12);
         nn::Predictor predictor(40, 24);
         predictor->fc1->bias.data().uniform_(-1, 1);
@@ -366,10 +431,12 @@ private Q_SLOTS:
 
     // Causal mode reads the predictor for the prefix top-k's candidates only, where a trace reads it for
     // every token: a row's logit must be the same bits either way, whichever rows share its pass or its
-    // thread, and in the AVX2 and AVX-512 builds. Widths 64 (the bundled model's), 77 (blocks of 32, then 8,
-    // then a scalar tail; 64 then a scalar tail wide) and 93 (a block of 16 wide), against double precision,
-    // for rows picked out of a strided x.
+    // thread, and in the AVX2 and AVX-512 builds (the baseline build's, without FMA, are its own). Widths 64
+    // (the bundled model's), 77 (blocks of 32, then 8, then a scalar tail; 64 then a scalar tail wide) and 93
+    // (a block of 16 wide), against double precision, for rows picked out of a strided x.
+    void predictorLogitsAtRowsAreTheRowsOwn_data() { test::isaRows(); }
     void predictorLogitsAtRowsAreTheRowsOwn() {
+        MODSCOPE_CASE_AT_ISA_ROW();
         torch::manual_seed(13);
         const TwoThreads two;
         for (const std::int64_t h : {64, 77, 93}) {
@@ -393,16 +460,15 @@ private Q_SLOTS:
             const auto evens = torch::arange(0, N, 2, torch::kLong);  // 150 rows, split over both threads
             QVERIFY(
                 torch::equal(cpu::predictorLogits(x, w1_t, b1, w2, b2, evens), all.index_select(0, evens)));
-            // The AVX-512 build (where the CPU has it) and the AVX2 build give the same bits.
-            if (!cpu::avx512Enabled()) qInfo("this CPU has no AVX-512: its AVX2 build compared with itself");
+            if (isa != cpu::Isa::Avx512) continue;
             torch::Tensor narrow, narrow_picked;
             {
-                const Avx2Only avx2;
-                QVERIFY(!cpu::avx512Enabled());
+                const cpu::ScopedIsaCap avx2(cpu::Isa::Avx2);
+                QCOMPARE(QString(cpu::isaName(cpu::isaLevel())), QString("avx2"));
                 narrow = cpu::predictorLogits(x, w1_t, b1, w2, b2);
                 narrow_picked = cpu::predictorLogits(x, w1_t, b1, w2, b2, picked);
             }
-            QVERIFY(torch::equal(narrow, all));
+            QVERIFY2(torch::equal(narrow, all), qPrintable(QString("h %1: AVX2 and AVX-512 builds differ").arg(h)));
             QVERIFY(torch::equal(narrow_picked, all.index_select(0, picked)));
         }
         const auto x = torch::randn({5, 8});
@@ -415,9 +481,11 @@ private Q_SLOTS:
     // thread, and on both once the walk is done (cpu::predictorLogitsFed). Every row's logit must be
     // predictorLogits' bits whatever the pace of the producer: rows pushed one by one with a pause between
     // them (so the other thread waits for a full pass and takes it), all at once, and a number of rows that
-    // leaves a partial pass; with a feed too small to split, in the AVX2 build, with none, and when the
-    // producer throws part-way (the rows it pushed are done, then its exception comes out).
+    // leaves a partial pass; with a feed too small to split, with none, and when the producer throws part-way
+    // (the rows it pushed are done, then its exception comes out); in each build.
+    void predictorLogitsFedAreTheRowsOwn_data() { test::isaRows(); }
     void predictorLogitsFedAreTheRowsOwn() {
+        MODSCOPE_CASE_AT_ISA_ROW();
         torch::manual_seed(14);
         const TwoThreads two;
         const std::int64_t d = 192, h = 64, N = 700;
@@ -457,10 +525,6 @@ private Q_SLOTS:
         QVERIFY(fed(scattered, 87, 1));  // too small a feed to split: one thread
         QVERIFY(fed({5}, 512, 0));
         QVERIFY(fed({}, 512, 0));
-        {
-            const Avx2Only avx2;
-            QVERIFY(fed(scattered, 512, 1));
-        }
         // More rows than the room made for them: the push refuses, and the error comes out.
         QVERIFY_THROWS_EXCEPTION(c10::Error, fed({1, 2, 3}, 2, 0));
         cpu::RowFeed feed(512);
@@ -484,7 +548,9 @@ private Q_SLOTS:
 
     // SwiGLU's fused activation against silu(gate) * up: strided rows, a width with a tail after the blocks
     // of eight, 300 rows on two threads, and the ends of exp's range (where it is clamped), zero and NaN.
+    void swiGluMatchesTheOperators_data() { test::isaRows(); }
     void swiGluMatchesTheOperators() {
+        MODSCOPE_CASE_AT_ISA_ROW();
         torch::manual_seed(13);
         const auto wide = torch::randn({3, 7, 90}) * 4;
         const auto many = torch::randn({300, 74}) * 4;
@@ -529,7 +595,9 @@ private Q_SLOTS:
     // Training's SwiGLU gradient (cpu::swiGluBackward, behind an autograd function) against autograd through
     // silu and the product in double precision: strided rows, a width with a tail after the blocks of eight,
     // 300 rows on two threads; and the module's parameter and input gradients against the operators'.
+    void swiGluGradientMatchesAutograd_data() { test::isaRows(); }
     void swiGluGradientMatchesAutograd() {
+        MODSCOPE_CASE_AT_ISA_ROW();
         torch::manual_seed(14);
         const TwoThreads two;
         const auto wide = torch::randn({3, 7, 90}) * 4;
@@ -561,7 +629,9 @@ private Q_SLOTS:
     // Causal softmax in place against the masked operators: rows in a strided batch, a block after cached
     // keys (first > 0), rows shorter than a vector and with tails, a score that overflows exp unless the
     // row's max is taken from the tail too, and 3 x 128 rows on two threads.
+    void causalSoftmaxMatchesTheOperators_data() { test::isaRows(); }
     void causalSoftmaxMatchesTheOperators() {
+        MODSCOPE_CASE_AT_ISA_ROW();
         torch::manual_seed(21);
         const TwoThreads two;
         // Queries, keys, the first query's own key.
@@ -591,86 +661,73 @@ private Q_SLOTS:
         }
     }
 
-    // Small attention against softmax(q k^T + causal mask) v, in both builds on two threads: row by row (the
-    // AVX2 build, and heads whose size is not a multiple of 16) and a few rows at a time in AVX-512 (four up to
-    // 64 keys in all, two up to 128). Heads read through strided views as the forward passes them, keys cached
-    // before the queries, head sizes with no tail (64: the register path of the row loop), one past it (72),
-    // one with a tail in the dot products (36), 48 and 128 (three and eight value vectors a row), partial
-    // groups of rows and partial blocks of 16 keys, 65 to 128 keys (two rows a group, up to eight blocks),
-    // 129 (row by row again), and scores large enough that the softmax needs its max subtracted.
+    // Small attention against softmax(q k^T + causal mask) v, in each build on two threads: row by row (the AVX2
+    // and baseline builds, and heads whose size is not a multiple of 16) and a few rows at a time in AVX-512
+    // (four up to 64 keys in all, two up to 128). Heads read through strided views as the forward passes them,
+    // keys cached before the queries, head sizes with no tail (64: the register path of the row loop), one past
+    // it (72), one with a tail in the dot products (36), 48 and 128 (three and eight value vectors a row),
+    // partial groups of rows and partial blocks of 16 keys, 65 to 128 keys (two rows a group, up to eight
+    // blocks), 129 (row by row again), and scores large enough that the softmax needs its max subtracted.
+    void smallAttentionMatchesTheOperators_data() { test::isaRows(); }
     void smallAttentionMatchesTheOperators() {
+        MODSCOPE_CASE_AT_ISA_ROW();
         TwoThreads two;
-        const auto cases = [](bool wide) {
-            torch::manual_seed(14);
-            for (const auto hd : {64, 72, 36, 48, 128}) {
-                for (const auto& [S, prior] :
-                     {std::pair<int, int>{1, 0}, {1, 40}, {9, 0}, {16, 0}, {32, 0}, {5, 23}, {17, 0}, {33, 0},
-                      {61, 0}, {64, 0}, {30, 34}, {2, 62}, {65, 0}, {97, 0}, {128, 0}, {60, 68}, {3, 125},
-                      {129, 0}}) {
-                    QCOMPARE(cpu::wideAttentionFits(S, prior, hd),
-                             wide && cpu::avx512Enabled() && S > 1 && prior + S <= 128 && hd % 16 == 0);
-                    const int H = 3;
-                    // Scores of the same size at 128 as at 72: their rounding grows with them.
-                    const double scale = 2.0 * std::min(1.0, std::sqrt(72.0 / hd));
-                    const auto qkv = torch::randn({1, S, 3, H, hd}) * scale;
-                    const auto q = qkv.select(2, 0).transpose(1, 2).reshape({H, S, hd});
-                    const auto k = torch::cat(
-                        {torch::randn({H, prior, hd}) * scale, qkv.select(2, 1).transpose(1, 2).reshape({H, S, hd})},
-                        1);
-                    const auto v = torch::cat(
-                        {torch::randn({H, prior, hd}), qkv.select(2, 2).transpose(1, 2).reshape({H, S, hd})}, 1);
-                    const auto later =
-                        torch::arange(prior + S).unsqueeze(0) > (torch::arange(S) + prior).unsqueeze(1);
-                    const auto scores = torch::bmm(q.to(torch::kFloat64), k.transpose(1, 2).to(torch::kFloat64))
-                                            .masked_fill(later, -INFINITY);
-                    const auto want =
-                        torch::bmm(torch::softmax(scores, -1), v.to(torch::kFloat64)).to(torch::kFloat32);
-                    auto merged = torch::empty({S, H, hd});
-                    auto out =
-                        merged.transpose(0, 1);  // heads side by side in each row, as the projection reads them
-                    cpu::smallCausalAttention(q, k, v, prior, out);
-                    // Scores reach tens here: a float dot product's rounding, about 1e-7 of it, moves the weights
-                    // by some 1e-5. Letting one later key in moves some outputs by whole units.
-                    QVERIFY2(close(out, want, 5e-5),
-                             qPrintable(QString("%1: hd %2, %3 queries after %4: %5")
-                                            .arg(wide ? "AVX-512" : "AVX2")
-                                            .arg(hd)
-                                            .arg(S)
-                                            .arg(prior)
-                                            .arg((out - want).abs().max().item<float>())));
-                }
+        const bool wide = isa == cpu::Isa::Avx512;  // the AVX-512 attention takes the rows that fit it
+        torch::manual_seed(14);
+        for (const auto hd : {64, 72, 36, 48, 128}) {
+            for (const auto& [S, prior] :
+                 {std::pair<int, int>{1, 0}, {1, 40}, {9, 0}, {16, 0}, {32, 0}, {5, 23}, {17, 0}, {33, 0},
+                  {61, 0}, {64, 0}, {30, 34}, {2, 62}, {65, 0}, {97, 0}, {128, 0}, {60, 68}, {3, 125},
+                  {129, 0}}) {
+                QCOMPARE(cpu::wideAttentionFits(S, prior, hd), wide && S > 1 && prior + S <= 128 && hd % 16 == 0);
+                const int H = 3;
+                // Scores of the same size at 128 as at 72: their rounding grows with them.
+                const double scale = 2.0 * std::min(1.0, std::sqrt(72.0 / hd));
+                const auto qkv = torch::randn({1, S, 3, H, hd}) * scale;
+                const auto q = qkv.select(2, 0).transpose(1, 2).reshape({H, S, hd});
+                const auto k = torch::cat(
+                    {torch::randn({H, prior, hd}) * scale, qkv.select(2, 1).transpose(1, 2).reshape({H, S, hd})}, 1);
+                const auto v = torch::cat(
+                    {torch::randn({H, prior, hd}), qkv.select(2, 2).transpose(1, 2).reshape({H, S, hd})}, 1);
+                const auto later = torch::arange(prior + S).unsqueeze(0) > (torch::arange(S) + prior).unsqueeze(1);
+                const auto scores = torch::bmm(q.to(torch::kFloat64), k.transpose(1, 2).to(torch::kFloat64))
+                                        .masked_fill(later, -INFINITY);
+                const auto want =
+                    torch::bmm(torch::softmax(scores, -1), v.to(torch::kFloat64)).to(torch::kFloat32);
+                auto merged = torch::empty({S, H, hd});
+                auto out = merged.transpose(0, 1);  // heads side by side in each row, as the projection reads them
+                cpu::smallCausalAttention(q, k, v, prior, out);
+                // Scores reach tens here: a float dot product's rounding, about 1e-7 of it, moves the weights
+                // by some 1e-5. Letting one later key in moves some outputs by whole units.
+                QVERIFY2(close(out, want, 5e-5),
+                         qPrintable(QString("%1: hd %2, %3 queries after %4: %5")
+                                        .arg(cpu::isaName(isa))
+                                        .arg(hd)
+                                        .arg(S)
+                                        .arg(prior)
+                                        .arg((out - want).abs().max().item<float>())));
             }
-        };
-        for (const bool wide : {true, false}) {
-            std::optional<Avx2Only> avx2;
-            if (!wide) avx2.emplace();
-            cases(wide);
         }
         // The probabilities themselves, to float rounding: with quarter-integer q and k every score is exact,
         // and with the values an identity each output row is its query's probabilities.
-        for (const bool wide : {true, false}) {
-            std::optional<Avx2Only> avx2;
-            if (!wide) avx2.emplace();
-            for (const auto& [S, prior] : {std::pair<int, int>{16, 0}, {64, 0}, {7, 50}, {128, 0}, {9, 90}}) {
-                const int H = 2, keys = prior + S, hd = keys > 64 ? 128 : 64;  // each key a column of the identity
-                const auto q = torch::randint(-4, 5, {H, S, hd}) * 0.25;
-                const auto k = torch::randint(-4, 5, {H, keys, hd}) * 0.25;
-                const auto v = torch::eye(keys, hd).expand({H, keys, hd}).contiguous();
-                auto out = torch::empty({H, S, hd});
-                cpu::smallCausalAttention(q, k, v, prior, out);
-                const auto later =
-                    torch::arange(keys).unsqueeze(0) > (torch::arange(S) + prior).unsqueeze(1);
-                const auto want = torch::softmax(
-                    torch::bmm(q.to(torch::kFloat64), k.transpose(1, 2).to(torch::kFloat64)).masked_fill(later, -INFINITY),
-                    -1);
-                const auto got = out.narrow(2, 0, keys).to(torch::kFloat64);
-                QVERIFY2(torch::allclose(got, want, 1e-6, 1e-12),
-                         qPrintable(QString("%1: %2 queries after %3: relative error %4")
-                                        .arg(wide ? "AVX-512" : "AVX2")
-                                        .arg(S)
-                                        .arg(prior)
-                                        .arg(((got - want).abs() / want.clamp_min(1e-30)).max().item<double>())));
-            }
+        for (const auto& [S, prior] : {std::pair<int, int>{16, 0}, {64, 0}, {7, 50}, {128, 0}, {9, 90}}) {
+            const int H = 2, keys = prior + S, hd = keys > 64 ? 128 : 64;  // each key a column of the identity
+            const auto q = torch::randint(-4, 5, {H, S, hd}) * 0.25;
+            const auto k = torch::randint(-4, 5, {H, keys, hd}) * 0.25;
+            const auto v = torch::eye(keys, hd).expand({H, keys, hd}).contiguous();
+            auto out = torch::empty({H, S, hd});
+            cpu::smallCausalAttention(q, k, v, prior, out);
+            const auto later = torch::arange(keys).unsqueeze(0) > (torch::arange(S) + prior).unsqueeze(1);
+            const auto want = torch::softmax(
+                torch::bmm(q.to(torch::kFloat64), k.transpose(1, 2).to(torch::kFloat64)).masked_fill(later, -INFINITY),
+                -1);
+            const auto got = out.narrow(2, 0, keys).to(torch::kFloat64);
+            QVERIFY2(torch::allclose(got, want, 1e-6, 1e-12),
+                     qPrintable(QString("%1: %2 queries after %3: relative error %4")
+                                    .arg(cpu::isaName(isa))
+                                    .arg(S)
+                                    .arg(prior)
+                                    .arg(((got - want).abs() / want.clamp_min(1e-30)).max().item<double>())));
         }
 
         const auto q = torch::randn({2, 4, 16});
@@ -849,7 +906,9 @@ private Q_SLOTS:
     }
 
     // The model's forward, which now runs on these products, still matches a forward through torch's own.
+    void modelForwardMatchesTorchProducts_data() { test::isaRows(); }
     void modelForwardMatchesTorchProducts() {
+        MODSCOPE_CASE_AT_ISA_ROW();
         auto model = Model::create(test::tinyConfig(), 5, "cpu");
         auto& net = *internals(*model).net;
         const auto ids = test::idsTensor(test::randomIds(150, 300, 9));
@@ -885,9 +944,11 @@ private Q_SLOTS:
 
     // A block on a routed layer's few tokens (cpu::smallBlockDelta, one reused buffer) gives the bits of the
     // operator-level path it replaces: attention, the norm of x + a, the MLP, each a tensor. At the default
-    // shape (d 192, 3 heads of 64), tokens at scattered positions as a routed layer gathers them, in both
-    // builds: without AVX-512 only up to 32 tokens take it.
+    // shape (d 192, 3 heads of 64), tokens at scattered positions as a routed layer gathers them, in each
+    // build: below AVX-512 only up to 32 tokens take it.
+    void smallBlockEqualsTheOperatorPath_data() { test::isaRows(); }
     void smallBlockEqualsTheOperatorPath() {
+        MODSCOPE_CASE_AT_ISA_ROW();
         ModelConfig config;
         config.max_seq_len = 512;
         auto model = Model::create(config, 17, "cpu");
@@ -895,31 +956,29 @@ private Q_SLOTS:
         auto& block = *net.blocks[1];
         torch::InferenceMode guard;
         torch::manual_seed(18);
-        for (const bool wide : {true, false}) {
-            std::optional<Avx2Only> avx2;
-            if (!wide) avx2.emplace();
-            for (const int S : {1, 5, 16, 32, 33, 64, 65, 128}) {
-                // Beyond 64 tokens the operator-level block takes them, the wide attention inside it.
-                const bool fits = cpu::smallBlockFits(S, block.attn->head_dim);
-                QCOMPARE(fits, S <= 32 || (S <= 64 && wide && cpu::avx512Enabled()));
-                if (!fits) continue;
-                const auto x = torch::randn({1, S, config.d_model});
-                const auto pos = std::get<0>(torch::randperm(512, torch::kLong).narrow(0, 0, S).sort()).unsqueeze(0);
-                const auto got = block.delta(x, pos, net.positions);
-                const auto a = block.attn(block.attn_norm(x), pos, net.positions);
-                const auto want = block.mlp(cpu::rmsNorm(x, block.mlp_norm->weight, block.mlp_norm->eps, a)).add_(a);
-                QVERIFY2(torch::equal(got, want), qPrintable(QString("%1 tokens%2: max difference %3")
-                                                                 .arg(S)
-                                                                 .arg(wide ? "" : " (AVX2)")
-                                                                 .arg((got - want).abs().max().item<float>())));
-            }
+        for (const int S : {1, 5, 16, 32, 33, 64, 65, 128}) {
+            // Beyond 64 tokens the operator-level block takes them, the wide attention inside it.
+            const bool fits = cpu::smallBlockFits(S, block.attn->head_dim);
+            QCOMPARE(fits, S <= 32 || (S <= 64 && isa == cpu::Isa::Avx512));
+            if (!fits) continue;
+            const auto x = torch::randn({1, S, config.d_model});
+            const auto pos = std::get<0>(torch::randperm(512, torch::kLong).narrow(0, 0, S).sort()).unsqueeze(0);
+            const auto got = block.delta(x, pos, net.positions);
+            const auto a = block.attn(block.attn_norm(x), pos, net.positions);
+            const auto want = block.mlp(cpu::rmsNorm(x, block.mlp_norm->weight, block.mlp_norm->eps, a)).add_(a);
+            QVERIFY2(torch::equal(got, want), qPrintable(QString("%1 tokens: max difference %2")
+                                                             .arg(S)
+                                                             .arg((got - want).abs().max().item<float>())));
         }
     }
 
     // A full layer in one parallel region (cpu::addBlockInPlace, each thread on its own rows) gives the bits
     // of x + delta(x) through the path it replaces (smallBlockDelta up to 64 tokens, the operator-level block
-    // beyond), on two threads and on one, at the sequence's own positions and at scattered ones.
+    // beyond), on two threads and on one, at the sequence's own positions and at scattered ones. It takes a
+    // layer only at AVX-512 (its attention's); below, the rows check that it never does.
+    void teamBlockEqualsTheOperatorPath_data() { test::isaRows(); }
     void teamBlockEqualsTheOperatorPath() {
+        MODSCOPE_CASE_AT_ISA_ROW();
         ModelConfig config;
         config.max_seq_len = 512;
         auto model = Model::create(config, 19, "cpu");
@@ -930,7 +989,7 @@ private Q_SLOTS:
         torch::manual_seed(20);
         for (const int S : {1, 4, 7, 8, 12, 33, 64, 65, 100, 128, 129}) {
             const bool fits = cpu::teamBlockFits(S, hd);
-            QCOMPARE(fits, S >= 8 && S <= 128 && cpu::avx512Enabled());
+            QCOMPARE(fits, S >= 8 && S <= 128 && isa == cpu::Isa::Avx512);
             if (!fits) continue;
             const auto x = torch::randn({1, S, config.d_model});
             const auto own = torch::arange(S, torch::kLong).unsqueeze(0);
@@ -956,8 +1015,6 @@ private Q_SLOTS:
                 }
             }
         }
-        if (!cpu::avx512Enabled())
-            QSKIP("no AVX-512 here: the team block never applies, the operator path runs");
     }
 };
 

@@ -1,7 +1,8 @@
 // Training's fused operations (cpu_training.h) against LibTorch's operators in double precision: causal
 // self-attention with rotary positions, values and gradients, across query blocks and on one thread or two;
 // the head split as the adjoint of its backward; the causal softmax's gradient; the cross-entropy loss; and
-// the attention module and the trainer's loss taking them.
+// the attention module and the trainer's loss taking them. Each at every instruction-set level this CPU has
+// (isa_levels.h).
 #include <ATen/Parallel.h>
 #include <torch/nn/functional/loss.h>
 
@@ -10,6 +11,7 @@
 #include "nn/attention_blocks.h"
 #include "cpu/cpu_training.h"
 #include "nn/transformer.h"
+#include "isa_levels.h"
 #include "test_support.h"
 
 using namespace modscope;
@@ -58,10 +60,17 @@ class EngineTrainingOpsTest : public QObject {
     Q_OBJECT
 
 private Q_SLOTS:
+    void initTestCase() {
+        // Ignored by the kernels: every row would run at the CPU's own level.
+        if (!cpu::environmentIsaError().empty()) QFAIL(cpu::environmentIsaError().c_str());
+    }
+
     // Values and gradients against the operators in double precision, from one query to three blocks of
     // kAttentionQueryBlock, with the sequence's own positions and with scattered ones (a routed layer's
     // tokens keep theirs), on one thread and on two with the same bits.
+    void attentionMatchesTheOperators_data() { test::isaRows(); }
     void attentionMatchesTheOperators() {
+        MODSCOPE_CASE_AT_ISA_ROW();
         torch::manual_seed(3);
         const Threads two(2);  // whatever the machine has, so that the one-thread run below differs
         const std::int64_t H = 3, hd = 32, L = 1024;
@@ -105,7 +114,9 @@ private Q_SLOTS:
 
     // splitHeadsBackward is splitHeads' adjoint: <splitHeads(x), g> = <x, splitHeadsBackward(g)> for any x
     // and g, which holds only if it undoes the head layout and takes the rotation's transpose.
+    void headSplitBackwardIsTheAdjoint_data() { test::isaRows(); }
     void headSplitBackwardIsTheAdjoint() {
+        MODSCOPE_CASE_AT_ISA_ROW();
         torch::manual_seed(8);
         const std::int64_t B = 3, S = 40, H = 2, hd = 16;
         const nn::PositionTables tables(64, hd, 10000.0);
@@ -129,7 +140,9 @@ private Q_SLOTS:
 
     // The scores' gradient from the probabilities' against autograd through the masked softmax, in strided
     // blocks after earlier keys (first > 0), rows shorter than a vector and with tails.
+    void causalSoftmaxGradientMatchesAutograd_data() { test::isaRows(); }
     void causalSoftmaxGradientMatchesAutograd() {
+        MODSCOPE_CASE_AT_ISA_ROW();
         torch::manual_seed(11);
         for (const auto& [n, keys, first] : {std::tuple<int, int, int>{5, 5, 0}, {19, 45, 26}, {3, 11, 2}}) {
             const auto scores = torch::randn({4, n, keys + 3}, torch::kFloat64).narrow(2, 0, keys) * 3;
@@ -151,7 +164,9 @@ private Q_SLOTS:
     // The loss and its gradient against F::cross_entropy in double precision: a vocabulary with a tail after
     // the vectors, strided rows, 300 rows split over two threads (the same bits on one), an upstream gradient
     // other than 1; a target out of range throws.
+    void crossEntropyMatchesTheOperators_data() { test::isaRows(); }
     void crossEntropyMatchesTheOperators() {
+        MODSCOPE_CASE_AT_ISA_ROW();
         torch::manual_seed(21);
         const Threads two(2);
         for (const auto& [N, V] : {std::pair<int, int>{1, 5}, {9, 37}, {300, 2048}}) {
@@ -190,7 +205,9 @@ private Q_SLOTS:
 
     // The attention module takes the fused function when it trains: its output and the gradients of its
     // input and weights match the operators' (the module's own path without autograd gives the value).
+    void attentionModuleTrainsThroughIt_data() { test::isaRows(); }
     void attentionModuleTrainsThroughIt() {
+        MODSCOPE_CASE_AT_ISA_ROW();
         torch::manual_seed(4);
         ModelConfig config;
         config.d_model = 48;

@@ -187,7 +187,8 @@ const OpsBackend* cpuKernelsUsable();
 
 // "auto", "ops" or "cpu-kernels" for a model on device with parameters of dtype: auto takes the kernel
 // backend where it is usable and the model is float32 on the CPU, ops otherwise. Throws modscope::Error where
-// the requested backend cannot run there, with the reason.
+// the requested backend cannot run there, with the reason, and where the kernel backend would run while
+// MODSCOPE_CPU_ISA names no instruction-set level (cpu::environmentIsaError).
 const OpsBackend& resolve(const std::string& requested, const torch::Device& device, torch::ScalarType dtype);
 
 // Every backend a test can run on this build and process: ops, and cpu-kernels where usable.

@@ -5,6 +5,9 @@
 #include "backend/backend.h"
 #include "modscope/engine.h"
 #include "runtime_state.h"
+#ifdef MODSCOPE_CPU_KERNELS
+#include "cpu/cpu_kernels.h"
+#endif
 
 namespace modscope::backend {
 
@@ -15,6 +18,15 @@ const OpsBackend& cpuKernelsBackend();  // cpu/cpu_kernels_backend.cpp
 namespace {
 
 thread_local const OpsBackend* t_current = nullptr;
+
+// The kernel backend, refused while MODSCOPE_CPU_ISA holds a word that is no level: the kernels ignore it, and a
+// run meant to test one level would pass at the CPU's own.
+const OpsBackend& kernelsWithValidIsa() {
+#ifdef MODSCOPE_CPU_KERNELS
+    if (const auto error = cpu::environmentIsaError(); !error.empty()) throw Error(error);
+#endif
+    return *cpuKernels();
+}
 
 }  // namespace
 
@@ -56,7 +68,7 @@ const OpsBackend& resolve(const std::string& requested, const torch::Device& dev
     if (requested == "ops") return ops();
     const bool fits = device.is_cpu() && dtype == torch::kFloat32;
     if (requested == "auto" || requested.empty())
-        return fits && cpuKernelsUsable() ? *cpuKernelsUsable() : ops();
+        return fits && cpuKernelsUsable() ? kernelsWithValidIsa() : ops();
     if (requested == "cpu-kernels") {
         if (!cpuKernelsBuilt())
             throw Error(
@@ -69,7 +81,7 @@ const OpsBackend& resolve(const std::string& requested, const torch::Device& dev
                 "backend 'cpu-kernels' requested, but the process did not enable it "
                 "(configureRuntime with RuntimeOptions::cpu_kernels)");
         if (!fits) throw Error("backend 'cpu-kernels' runs float32 models on the CPU only");
-        return *cpuKernels();
+        return kernelsWithValidIsa();
     }
     throw Error("unknown backend '" + requested + "' (expected auto, ops or cpu-kernels)");
 }

@@ -1,19 +1,24 @@
 // Fused CPU loops (cpu_kernels.h). Each is built for AVX2 (x86-64-v3, with FMA, where exp is evaluated:
-// SwiGLU's activation at 16 x 512 took 3.9 us against 6.4 without) and for the baseline; the loader picks one
-// per CPU. From 256 rows the row loops split their rows over LibTorch's threads (OpenMP, this file only): the
-// router's logits at 512 x 192 took 6.8 us on one thread and 4.3 on two, reading x produced by a two-thread
-// add as in the forward; the reference forward at T = 128 (no loop that long) did not change.
+// SwiGLU's activation at 16 x 512 took 3.9 us against 6.4 without) and for the baseline, and each call takes the
+// build of cpu::isaLevel() (MODSCOPE_ISA_BUILDS, cpu_loops.h), so that one host runs and tests both. From 256
+// rows the row loops split their rows over LibTorch's threads (OpenMP, this file only): the router's logits at
+// 512 x 192 took 6.8 us on one thread and 4.3 on two, reading x produced by a two-thread add as in the forward;
+// the reference forward at T = 128 (no loop that long) did not change.
 #include "cpu/cpu_kernels.h"
 
 #include <immintrin.h>
 
 #include <algorithm>
 #include <atomic>
+#include <cctype>
 #include <cmath>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <exception>
 #include <limits>
 #include <memory>
+#include <mutex>
 #include <thread>
 #include <vector>
 
@@ -66,25 +71,57 @@ int myThread() {
 #endif
 }
 
-std::atomic<bool> avx512_allowed{true};
-
-bool cpuHasFma() {
-    static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-    return has;
+// The levels are the features that the compiler may use in a function built for x86-64-v3 or x86-64-v4.
+Isa detectIsa() {
+    __builtin_cpu_init();  // the builtins' table, in case this runs before libgcc's constructor
+#ifdef __clang__
+    // Clang 14 knows no level names: AVX2, FMA and BMI2 stand for x86-64-v3 on the CPUs that exist.
+    const bool v3 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                    __builtin_cpu_supports("bmi") && __builtin_cpu_supports("bmi2");
+    const bool v4 = v3 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+                    __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") &&
+                    __builtin_cpu_supports("avx512cd");
+#else
+    const bool v3 = __builtin_cpu_supports("x86-64-v3");
+    const bool v4 = __builtin_cpu_supports("x86-64-v4");
+#endif
+    return v4 ? Isa::Avx512 : v3 ? Isa::Avx2 : Isa::Baseline;
 }
 
-bool cpuHasAvx512() {
-    // x86-64-v4's AVX-512 subsets: what the compiler may use in a function built for it.
-    static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
-                            __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") &&
-                            __builtin_cpu_supports("avx512cd");
-    return has;
+struct IsaEnvironment {
+    Isa cap = Isa::Avx512;
+    std::string error;
+};
+
+IsaEnvironment readIsaEnvironment() {
+    IsaEnvironment env;
+    const char* value = std::getenv("MODSCOPE_CPU_ISA");
+    if (value == nullptr || *value == '\0') return env;
+    if (const auto isa = isaFromName(value)) {
+        env.cap = *isa;
+    } else {
+        // No cap, since nothing here can throw to a caller; but not silently: a cap that did nothing would pass
+        // the tests of a level that never ran. backend::resolve refuses the kernel backend with the message.
+        env.error = std::string("MODSCOPE_CPU_ISA='") + value + "' in the environment is not baseline, avx2 or avx512";
+        std::fprintf(stderr, "modscope: %s: the kernel backend refuses models until it names a level\n",
+                     env.error.c_str());
+    }
+    return env;
 }
+
+const IsaEnvironment& isaEnvironment() {
+    static const IsaEnvironment env = readIsaEnvironment();
+    return env;
+}
+
+std::mutex g_isa_cap_mutex;
+Isa g_isa_cap = Isa::Avx512;  // setIsaCap's, under g_isa_cap_mutex
 
 // RMSNorm of rows x (plus rows a, when a is not null: the norm of a sum that is never stored).
-__attribute__((target_clones("avx2", "default")))
-void rmsNormRows(const float* x, std::int64_t ldx, const float* a, std::int64_t lda, const float* w, float* y,
-                 std::int64_t rows, std::int64_t d, float eps) {
+template <Isa kIsa>
+inline __attribute__((always_inline)) void rmsNormRowsBody(const float* x, std::int64_t ldx, const float* a,
+                                                           std::int64_t lda, const float* w, float* y,
+                                                           std::int64_t rows, std::int64_t d, float eps) {
     for (std::int64_t r = 0; r < rows; ++r) {
         const float* xr = x + r * ldx;
         const float* ar = a != nullptr ? a + r * lda : nullptr;
@@ -103,12 +140,18 @@ void rmsNormRows(const float* x, std::int64_t ldx, const float* a, std::int64_t 
         for (std::int64_t k = 0; k < d; ++k) yr[k] = in[k] * s * w[k];
     }
 }
+MODSCOPE_ISA_BUILDS(void, rmsNormRows, "avx2",
+                    (const float* x, std::int64_t ldx, const float* a, std::int64_t lda, const float* w, float* y,
+                     std::int64_t rows, std::int64_t d, float eps),
+                    (x, ldx, a, lda, w, y, rows, d, eps))
 
 // The gradient of y = x r w, r = 1 / sqrt(mean(x^2) + eps), for rows x and their output gradients dy:
 // dx = r w dy - x r^3 (x . (w dy)) / d into dx (rows d apart), and dw += r x dy into dw.
-__attribute__((target_clones("arch=x86-64-v3", "default")))
-void rmsNormBackwardRows(const float* x, std::int64_t ldx, const float* dy, const float* w, float* dx, float* dw,
-                         std::int64_t rows, std::int64_t d, float eps) {
+template <Isa kIsa>
+inline __attribute__((always_inline)) void rmsNormBackwardRowsBody(const float* x, std::int64_t ldx,
+                                                                   const float* dy, const float* w, float* dx,
+                                                                   float* dw, std::int64_t rows, std::int64_t d,
+                                                                   float eps) {
     for (std::int64_t r = 0; r < rows; ++r) {
         const float* xr = x + r * ldx;
         const float* gr = dy + r * d;
@@ -134,23 +177,32 @@ void rmsNormBackwardRows(const float* x, std::int64_t ldx, const float* dy, cons
         }
     }
 }
+MODSCOPE_ISA_BUILDS(void, rmsNormBackwardRows, "arch=x86-64-v3",
+                    (const float* x, std::int64_t ldx, const float* dy, const float* w, float* dx, float* dw,
+                     std::int64_t rows, std::int64_t d, float eps),
+                    (x, ldx, dy, w, dx, dw, rows, d, eps))
 
 }  // namespace
 
 // (cpu_loops.h)
-__attribute__((target_clones("avx2", "default")))
-void rotateHead(const float* x, const float* c, const float* s, float* y, std::int64_t hd) {
+template <Isa kIsa>
+inline __attribute__((always_inline)) void rotateHeadBody(const float* x, const float* c, const float* s, float* y,
+                                                          std::int64_t hd) {
     const std::int64_t half = hd / 2;
     for (std::int64_t i = 0; i < half; ++i) y[i] = x[i] * c[i] + x[i + half] * s[i];
     for (std::int64_t i = half; i < hd; ++i) y[i] = x[i] * c[i] + x[i - half] * s[i];
 }
+MODSCOPE_ISA_BUILDS(void, rotateHead, "avx2",
+                    (const float* x, const float* c, const float* s, float* y, std::int64_t hd),
+                    (x, c, s, y, hd))
 
 namespace {
 
 // Four rows at a time: four independent accumulators where one row's would be a serial chain of additions,
 // and each load of w serves four rows (1.3x faster than one row with two accumulators at 512 x 192).
-__attribute__((target_clones("avx2", "default")))
-void rowDots(const float* x, std::int64_t ldx, std::int64_t rows, const float* w, std::int64_t d, float* out) {
+template <Isa kIsa>
+inline __attribute__((always_inline)) void rowDotsBody(const float* x, std::int64_t ldx, std::int64_t rows,
+                                                       const float* w, std::int64_t d, float* out) {
     std::int64_t r = 0;
     for (; r + 4 <= rows; r += 4) {
         const float* x0 = x + r * ldx;
@@ -186,11 +238,19 @@ void rowDots(const float* x, std::int64_t ldx, std::int64_t rows, const float* w
         out[r] = s;
     }
 }
+MODSCOPE_ISA_BUILDS(void, rowDots, "avx2",
+                    (const float* x, std::int64_t ldx, std::int64_t rows, const float* w, std::int64_t d,
+                     float* out),
+                    (x, ldx, rows, w, d, out))
 
-__attribute__((target_clones("avx2", "default")))
-void addScaledRow(float* y, const float* x, float scale, std::int64_t d) {
+template <Isa kIsa>
+inline __attribute__((always_inline)) void addScaledRowBody(float* y, const float* x, float scale,
+                                                            std::int64_t d) {
     for (std::int64_t i = 0; i < d; ++i) y[i] += scale * x[i];
 }
+MODSCOPE_ISA_BUILDS(void, addScaledRow, "avx2",
+                    (float* y, const float* x, float scale, std::int64_t d),
+                    (y, x, scale, d))
 
 float sigmoid(float v) { return 1.0f / (1.0f + std::exp(-v)); }
 
@@ -201,8 +261,9 @@ float sigmoid(float v) { return 1.0f / (1.0f + std::exp(-v)); }
 // reachable). SiLU built on it stays within 1.5e-7 relative of double precision across [-87, 88]
 // (engine_cpu_paths_test); inf above 88.72, at most float's smallest denormal below -103; NaN stays NaN. x and
 // y may be the same row.
-__attribute__((target_clones("arch=x86-64-v3", "default")))
-void expRow(const float* x, float scale, float shift, float* y, std::int64_t n) {
+template <Isa kIsa>
+inline __attribute__((always_inline)) void expRowBody(const float* x, float scale, float shift, float* y,
+                                                      std::int64_t n) {
     typedef int Int8 __attribute__((vector_size(32)));
     std::int64_t i = 0;
     for (; i + 8 <= n; i += 8) {
@@ -228,6 +289,9 @@ void expRow(const float* x, float scale, float shift, float* y, std::int64_t n) 
     }
     for (; i < n; ++i) y[i] = std::exp(scale * x[i] - shift);
 }
+MODSCOPE_ISA_BUILDS(void, expRow, "arch=x86-64-v3",
+                    (const float* x, float scale, float shift, float* y, std::int64_t n),
+                    (x, scale, shift, y, n))
 
 namespace {
 
@@ -237,9 +301,10 @@ namespace {
 // caller whose row has room rounds it up to whole vectors, so expRow takes no scalar tail); returns their sum
 // over [0, visible), and the max through max_out when given. row and out may be the same. Max and sum in eight
 // lanes: a serial sum of a 512-key row waited on each add.
-__attribute__((target_clones("arch=x86-64-v3", "default")))
-float softmaxNumerators(const float* row, float* out, std::int64_t visible, std::int64_t exp_len,
-                        float* max_out) {
+template <Isa kIsa>
+inline __attribute__((always_inline)) float softmaxNumeratorsBody(const float* row, float* out,
+                                                                  std::int64_t visible, std::int64_t exp_len,
+                                                                  float* max_out) {
     std::int64_t j = 0;
     float max = row[0];
     if (visible >= 8) {
@@ -253,7 +318,7 @@ float softmaxNumerators(const float* row, float* out, std::int64_t visible, std:
         for (int u = 0; u < 8; ++u) max = m[u] > max ? m[u] : max;
     }
     for (; j < visible; ++j) max = row[j] > max ? row[j] : max;
-    expRow(row, 1.0f, max, out, exp_len);
+    expRowAt<kIsa>(row, 1.0f, max, out, exp_len);
     Float8 acc = {};
     for (j = 0; j + 8 <= visible; j += 8) acc += MODSCOPE_LOAD8(out + j);
     float sum = MODSCOPE_SUM8(acc);
@@ -261,17 +326,23 @@ float softmaxNumerators(const float* row, float* out, std::int64_t visible, std:
     if (max_out != nullptr) *max_out = max;
     return sum;
 }
+MODSCOPE_ISA_BUILDS(float, softmaxNumerators, "arch=x86-64-v3",
+                    (const float* row, float* out, std::int64_t visible, std::int64_t exp_len, float* max_out),
+                    (row, out, visible, exp_len, max_out))
 
 namespace {
 
 // row[0, visible) = softmax of itself, row[visible, n) = 0: one row of causal attention's probabilities in
 // place.
-__attribute__((target_clones("arch=x86-64-v3", "default")))
-void causalSoftmaxRow(float* row, std::int64_t visible, std::int64_t n) {
-    const float inv = 1.0f / softmaxNumerators(row, row, visible, visible);
+template <Isa kIsa>
+inline __attribute__((always_inline)) void causalSoftmaxRowBody(float* row, std::int64_t visible, std::int64_t n) {
+    const float inv = 1.0f / softmaxNumeratorsAt<kIsa>(row, row, visible, visible, nullptr);
     for (std::int64_t j = 0; j < visible; ++j) row[j] *= inv;
     std::fill(row + visible, row + n, 0.0f);
 }
+MODSCOPE_ISA_BUILDS(void, causalSoftmaxRow, "arch=x86-64-v3",
+                    (float* row, std::int64_t visible, std::int64_t n),
+                    (row, visible, n))
 
 // Rows of a matrix: row i at data + i * ld.
 template <typename T>
@@ -284,14 +355,15 @@ struct Rows {
 // softmax, the weighted sum of their values. scores: room for the keys rounded up to 8. The scores are one
 // rowDots call per query; the weighted sum stays in this function: called per key, a weighted add cost more
 // than its arithmetic.
-__attribute__((target_clones("arch=x86-64-v3", "default")))
-void attendHead(Rows<const float> q, Rows<const float> k, Rows<const float> v, Rows<float> out, std::int64_t S,
-                std::int64_t prior, std::int64_t hd, float* scores) {
+template <Isa kIsa>
+inline __attribute__((always_inline)) void attendHeadBody(Rows<const float> q, Rows<const float> k,
+                                                          Rows<const float> v, Rows<float> out, std::int64_t S,
+                                                          std::int64_t prior, std::int64_t hd, float* scores) {
     for (std::int64_t i = 0; i < S; ++i) {
         const float* qi = q.data + i * q.ld;
         const auto visible = prior + i + 1;  // its own key and every earlier one
-        rowDots(k.data, k.ld, visible, qi, hd, scores);
-        const float inv = 1.0f / softmaxNumerators(scores, scores, visible, (visible + 7) / 8 * 8);
+        rowDotsAt<kIsa>(k.data, k.ld, visible, qi, hd, scores);
+        const float inv = 1.0f / softmaxNumeratorsAt<kIsa>(scores, scores, visible, (visible + 7) / 8 * 8, nullptr);
         float* o = out.data + i * out.ld;
         // The weighted sum of values 64 columns at a time in eight vector registers: summed in memory
         // instead, each key's add waits for the previous key's store (most of this function's time, perf).
@@ -313,37 +385,50 @@ void attendHead(Rows<const float> q, Rows<const float> k, Rows<const float> v, R
         }
     }
 }
+MODSCOPE_ISA_BUILDS(void, attendHead, "arch=x86-64-v3",
+                    (Rows<const float> q, Rows<const float> k, Rows<const float> v, Rows<float> out,
+                     std::int64_t S, std::int64_t prior, std::int64_t hd, float* scores),
+                    (q, k, v, out, S, prior, hd, scores))
 
 // x = silu(x) = x / (1 + exp(-x)) over n, in place: exp of a chunk at a time into a buffer.
-__attribute__((target_clones("arch=x86-64-v3", "default")))
-void siluInPlace(float* x, std::int64_t n) {
+template <Isa kIsa>
+inline __attribute__((always_inline)) void siluInPlaceBody(float* x, std::int64_t n) {
     float e[64];
     for (std::int64_t i = 0; i < n; i += 64) {
         const auto m = std::min<std::int64_t>(64, n - i);
-        expRow(x + i, -1.0f, 0.0f, e, m);
+        expRowAt<kIsa>(x + i, -1.0f, 0.0f, e, m);
         for (std::int64_t j = 0; j < m; ++j) x[i + j] = x[i + j] / (1.0f + e[j]);
     }
 }
+MODSCOPE_ISA_BUILDS(void, siluInPlace, "arch=x86-64-v3", (float* x, std::int64_t n), (x, n))
 
 // y = silu(g) * u = g / (1 + exp(-g)) * u over n.
-__attribute__((target_clones("arch=x86-64-v3", "default")))
-void siluTimes(const float* g, const float* u, float* y, std::int64_t n) {
-    expRow(g, -1.0f, 0.0f, y, n);
+template <Isa kIsa>
+inline __attribute__((always_inline)) void siluTimesBody(const float* g, const float* u, float* y,
+                                                         std::int64_t n) {
+    expRowAt<kIsa>(g, -1.0f, 0.0f, y, n);
     for (std::int64_t i = 0; i < n; ++i) y[i] = g[i] / (1.0f + y[i]) * u[i];
 }
+MODSCOPE_ISA_BUILDS(void, siluTimes, "arch=x86-64-v3",
+                    (const float* g, const float* u, float* y, std::int64_t n),
+                    (g, u, y, n))
 
 // The gradient of y = silu(g) * u over n: dg = dy u s (1 + g (1 - s)) and du = dy g s, s = sigmoid(g), as
 // autograd's silu_backward and mul's backward give them, in one pass. e: room for n floats.
-__attribute__((target_clones("arch=x86-64-v3", "default")))
-void siluTimesBackward(const float* g, const float* u, const float* dy, float* dg, float* du, float* e,
-                       std::int64_t n) {
-    expRow(g, -1.0f, 0.0f, e, n);
+template <Isa kIsa>
+inline __attribute__((always_inline)) void siluTimesBackwardBody(const float* g, const float* u, const float* dy,
+                                                                 float* dg, float* du, float* e, std::int64_t n) {
+    expRowAt<kIsa>(g, -1.0f, 0.0f, e, n);
     for (std::int64_t i = 0; i < n; ++i) {
         const float s = 1.0f / (1.0f + e[i]);
         du[i] = dy[i] * (g[i] * s);
         dg[i] = dy[i] * u[i] * (s * (1.0f + g[i] * (1.0f - s)));
     }
 }
+MODSCOPE_ISA_BUILDS(void, siluTimesBackward, "arch=x86-64-v3",
+                    (const float* g, const float* u, const float* dy, float* dg, float* du, float* e,
+                     std::int64_t n),
+                    (g, u, dy, dg, du, e, n))
 
 // The causal predictor's first layer for three rows at once (repeat a row for fewer): hidden units [j0, j1)
 // of x w1 + b1 for w1 [d, h] row-major, into y0, y1 and y2. Each unit is one chain of fused multiply-adds over
@@ -647,17 +732,50 @@ void attendHeadWide(Rows<const float> q, Rows<const float> k, Rows<const float> 
 
 }  // namespace
 
-bool avx512Enabled() {
-    return cpuHasAvx512() && avx512_allowed.load(std::memory_order_relaxed);
+const char* isaName(Isa isa) {
+    switch (isa) {
+    case Isa::Baseline: return "baseline";
+    case Isa::Avx2: return "avx2";
+    case Isa::Avx512: return "avx512";
+    }
+    return "unknown";
 }
 
-bool allowAvx512(bool allow) {
-    return avx512_allowed.exchange(allow);
+std::optional<Isa> isaFromName(const std::string& name) {
+    std::string lower(name);
+    std::transform(lower.begin(), lower.end(), lower.begin(),
+                   [](unsigned char c) { return static_cast<char>(std::tolower(c)); });
+    for (const Isa isa : {Isa::Baseline, Isa::Avx2, Isa::Avx512})
+        if (lower == isaName(isa)) return isa;
+    return std::nullopt;
+}
+
+Isa cpuIsa() {
+    static const Isa isa = detectIsa();
+    return isa;
+}
+
+Isa environmentIsaCap() { return isaEnvironment().cap; }
+
+std::string environmentIsaError() { return isaEnvironment().error; }
+
+// Set at start-up, before main(): a kernel that some other file's static initialiser ran earlier would have
+// taken the baseline build, which runs on any CPU.
+std::atomic<Isa> g_isa_level{std::min(cpuIsa(), environmentIsaCap())};
+
+Isa isaLevel() { return isaNow(); }
+
+Isa setIsaCap(Isa cap) {
+    std::lock_guard<std::mutex> lock(g_isa_cap_mutex);
+    const Isa before = g_isa_cap;
+    g_isa_cap = cap;
+    g_isa_level.store(std::min({cpuIsa(), environmentIsaCap(), cap}), std::memory_order_relaxed);
+    return before;
 }
 
 bool wideAttentionFits(std::int64_t S, std::int64_t prior, std::int64_t hd) {
     return S > 1 && prior + S <= kWideAttentionKeys && hd % 16 == 0 && hd <= kWideAttentionHeadDim &&
-           avx512Enabled();
+           isaNow() >= Isa::Avx512;
 }
 
 bool appliesTo(const torch::Tensor& t) { return applies(t) && t.dim() > 0 && (t.stride(-1) == 1 || t.size(-1) == 1); }
@@ -963,7 +1081,8 @@ torch::Tensor predictorLogits(const torch::Tensor& x, const torch::Tensor& fc1_t
     const float bias = *b2.data_ptr<float>();
     float* o = out.data_ptr<float>();
     const auto row = [&](std::int64_t i) { return xp + (r != nullptr ? r[i] : i) * ld; };
-    const bool wide = avx512Enabled(), fma = cpuHasFma();
+    const Isa isa = isaNow();
+    const bool wide = isa >= Isa::Avx512, fma = isa >= Isa::Avx2;
     const auto unit_block = wide ? kPredictorUnitBlockWide : kPredictorUnitBlock;
     const auto rows_per_pass = wide ? kPredictorRowsPerPassWide : kPredictorRowsPerPass;
     forRowShares(
@@ -1022,7 +1141,8 @@ bool RowFeed::claim(std::int64_t most, std::int64_t& i0, std::int64_t& i1) {
 void predictorLogitsFed(const PredictorParams& params, const float* x, std::int64_t ld, RowFeed& feed,
                         const std::function<void()>& produce, float* logits) {
     const auto d = params.d, h = params.h;
-    const bool wide = avx512Enabled(), fma = cpuHasFma();
+    const Isa isa = isaNow();
+    const bool wide = isa >= Isa::Avx512, fma = isa >= Isa::Avx2;
     const auto unit_block = wide ? kPredictorUnitBlockWide : kPredictorUnitBlock;
     const auto pass = wide ? kPredictorRowsPerPassWide : kPredictorRowsPerPass;
     // Claims a pass of rows at a time: a pass costs the same whether it holds one row or all of them.

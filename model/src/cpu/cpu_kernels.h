@@ -10,6 +10,8 @@
 
 #include <atomic>
 #include <functional>
+#include <optional>
+#include <string>
 #include <vector>
 
 namespace modscope::cpu {
@@ -17,11 +19,44 @@ namespace modscope::cpu {
 // A float32 CPU tensor whose last dimension is contiguous.
 bool appliesTo(const torch::Tensor& t);
 
-// Whether the loops that have an AVX-512 build (the predictor's) run it: on a CPU with AVX-512, unless
-// allowAvx512(false) turned it off, as tests do to compare it with the AVX2 build. Returns the setting
-// before.
-bool avx512Enabled();
-bool allowAvx512(bool allow);
+// The instruction-set levels the kernels are compiled for, each a superset of the one before: Baseline
+// (x86-64), Avx2 (x86-64-v3: AVX2, FMA, BMI2, ...) and Avx512 (x86-64-v4: x86-64-v3 and AVX-512 F, VL, BW, DQ,
+// CD). Every loop has a Baseline and an Avx2 build; the predictor's first layer and the small attention also an
+// Avx512 one. Each call takes the build of isaLevel(), so that one host can run, and the tests compare, every
+// build its CPU has (docs/CPU_BACKEND.md, "Builds per CPU").
+enum class Isa { Baseline, Avx2, Avx512 };
+
+const char* isaName(Isa isa);  // "baseline", "avx2", "avx512"
+// isaName's inverse, in any letter case; nothing for another word.
+std::optional<Isa> isaFromName(const std::string& name);
+
+// The highest level this CPU runs.
+Isa cpuIsa();
+// The cap MODSCOPE_CPU_ISA (baseline, avx2 or avx512) puts on the whole process, read once: Avx512 where it is
+// unset, empty or not a level's name. For the last, environmentIsaError() is the message (empty otherwise):
+// the first read writes it to stderr, and backend::resolve refuses the kernel backend with it.
+Isa environmentIsaCap();
+std::string environmentIsaError();
+
+// The level the kernels run at: the lowest of cpuIsa(), environmentIsaCap() and the cap setIsaCap last set
+// (Avx512 until then). One relaxed load.
+Isa isaLevel();
+// Caps isaLevel() at `cap` (never above the CPU's or the environment's; Avx512 lifts this cap) and returns the
+// cap set before. For tests and benchmarks, between kernel calls: a call running meanwhile may take some of its
+// loops' builds at either level.
+Isa setIsaCap(Isa cap);
+
+// setIsaCap for the lifetime of this object, then the cap before.
+class ScopedIsaCap {
+public:
+    explicit ScopedIsaCap(Isa cap) : previous_(setIsaCap(cap)) {}
+    ~ScopedIsaCap() { setIsaCap(previous_); }
+    ScopedIsaCap(const ScopedIsaCap&) = delete;
+    ScopedIsaCap& operator=(const ScopedIsaCap&) = delete;
+
+private:
+    Isa previous_;
+};
 
 // x [..., d] -> x * rsqrt(mean(x^2 over d) + eps) * weight [d]; a new contiguous tensor. With `plus` (shaped
 // as x), the norm of x + plus, a sum that is never stored.
@@ -119,7 +154,7 @@ torch::Tensor swiGluBackward(const torch::Tensor& gate_up, const torch::Tensor& 
 
 // Whether smallCausalAttention takes S queries after `prior` keys at head size hd in AVX-512, four query
 // rows at a time (two beyond 64 keys) with their scores in registers (kWideAttentionKeys, attention_blocks.h):
-// on this CPU, unless allowAvx512(false), for 2 to 128 keys in all and hd a multiple of 16 up to 128.
+// at isaLevel() Avx512, for 2 to 128 keys in all and hd a multiple of 16 up to 128.
 bool wideAttentionFits(std::int64_t S, std::int64_t prior, std::int64_t hd);
 
 // Causal attention for a few queries, written into out: q [N, S, hd] (scaled), k and v [N, prior + S, hd],

@@ -1,16 +1,18 @@
-// Helpers shared by the CPU kernel files (cpu_kernels.cpp, cpu_training.cpp): team regions on LibTorch's
-// OpenMP threads, row shares, GCC's 8-float vector, the vector exp and the rotary positions' checked tables.
-// Internal linkage (an anonymous namespace): a file built without OpenMP gets its own
-// single-threaded copies.
+// Helpers shared by the CPU kernel files (cpu_kernels.cpp, cpu_training.cpp): the instruction-set level their
+// dispatchers read, team regions on LibTorch's OpenMP threads, row shares, GCC's 8-float vector, the vector exp
+// and the rotary positions' checked tables. Internal linkage (an anonymous namespace): a file built without
+// OpenMP gets its own single-threaded copies.
 #pragma once
 
 #include <ATen/Parallel.h>
 #include <torch/types.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <utility>
 
+#include "cpu/cpu_kernels.h"
 #include "cpu/cpu_matmul.h"
 
 #ifdef _OPENMP
@@ -24,6 +26,39 @@
 #endif
 
 namespace modscope::cpu {
+
+// isaLevel() (cpu_kernels.cpp), read inline by the loops' dispatchers: under -fPIC a call to isaLevel() is not
+// inlined, and the rotation dispatches once per head and token. Hidden: read without the GOT, and only the
+// kernel files, in one library, read it.
+extern std::atomic<Isa> g_isa_level __attribute__((visibility("hidden")));
+
+// isaLevel() inlined.
+inline Isa isaNow() { return g_isa_level.load(std::memory_order_relaxed); }
+
+// Whether a loop with a baseline and an AVX2 build takes the AVX2 one on this call: one relaxed load and a
+// predictable branch.
+inline bool avx2Build() { return isaNow() >= Isa::Avx2; }
+
+// A loop's two builds and its dispatcher, from its body `name##Body<kIsa>`, a template on the level that is
+// always_inline: GCC compiles an always_inline body for the target of the function it is inlined into, so
+// name##At<Isa::Avx2> (target TARGET: "arch=x86-64-v3", or "avx2" for a loop without products to fuse) is the
+// AVX2 loop and name##At<Isa::Baseline> the x86-64 one. A body calls another loop's build of its own level,
+// name##At<kIsa>, not its dispatcher. The builds are noinline: a loop calling another calls it, and neither is
+// compiled into the other (GCC would fuse a product of one with a sum of the other: other bits). `name` itself,
+// with the loop's signature, takes the build of isaLevel(); `params` and `args` are the parenthesised parameter
+// and argument lists.
+#define MODSCOPE_ISA_BUILDS(Ret, name, TARGET, params, args)                                                    \
+    template <Isa kIsa>                                                                                        \
+    Ret name##At params;                                                                                       \
+    template <>                                                                                                \
+    __attribute__((target(TARGET), noinline)) Ret name##At<Isa::Avx2> params {                                 \
+        return name##Body<Isa::Avx2> args;                                                                     \
+    }                                                                                                          \
+    template <>                                                                                                \
+    __attribute__((noinline)) Ret name##At<Isa::Baseline> params {                                             \
+        return name##Body<Isa::Baseline> args;                                                                 \
+    }                                                                                                          \
+    Ret name params { return avx2Build() ? name##At<Isa::Avx2> args : name##At<Isa::Baseline> args; }
 
 // y[i] = exp(scale * x[i] - shift) for n floats (cpu_kernels.cpp); x and y may be the same row.
 void expRow(const float* x, float scale, float shift, float* y, std::int64_t n);

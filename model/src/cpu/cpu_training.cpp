@@ -24,12 +24,16 @@ namespace {
 // The transpose of rotateHead, for its gradient: rotateHead reads x[i + half] into y[i] with s[i] and x[i]
 // into y[i + half] with s[i + half], so dx[i] takes dy[i + half] with s[i + half] and dx[i + half] takes
 // dy[i] with s[i].
-__attribute__((target_clones("avx2", "default")))
-void rotateHeadBack(const float* dy, const float* c, const float* s, float* dx, std::int64_t hd) {
+template <Isa kIsa>
+inline __attribute__((always_inline)) void rotateHeadBackBody(const float* dy, const float* c, const float* s,
+                                                              float* dx, std::int64_t hd) {
     const std::int64_t half = hd / 2;
     for (std::int64_t i = 0; i < half; ++i) dx[i] = dy[i] * c[i] + dy[i + half] * s[i + half];
     for (std::int64_t i = half; i < hd; ++i) dx[i] = dy[i] * c[i] + dy[i - half] * s[i - half];
 }
+MODSCOPE_ISA_BUILDS(void, rotateHeadBack, "avx2",
+                    (const float* dy, const float* c, const float* s, float* dx, std::int64_t hd),
+                    (dy, c, s, dx, hd))
 
 // Strides of a token-major [B, S, 3, H, hd] layout (the last dimension contiguous): batch, token, part, head.
 struct TokenStrides {
@@ -69,8 +73,9 @@ void moveHeads(std::conditional_t<kBack, float*, const float*> tokens, TokenStri
 }
 
 // The gradient of a softmax row over its first `visible` entries, in place in g; entries after them 0.
-__attribute__((target_clones("arch=x86-64-v3", "default")))
-void softmaxGradRow(const float* p, float* g, std::int64_t visible, std::int64_t n) {
+template <Isa kIsa>
+inline __attribute__((always_inline)) void softmaxGradRowBody(const float* p, float* g, std::int64_t visible,
+                                                              std::int64_t n) {
     Float8 acc = {};
     std::int64_t j = 0;
     for (; j + 8 <= visible; j += 8) acc += MODSCOPE_LOAD8(p + j) * MODSCOPE_LOAD8(g + j);
@@ -79,6 +84,9 @@ void softmaxGradRow(const float* p, float* g, std::int64_t visible, std::int64_t
     for (j = 0; j < visible; ++j) g[j] = p[j] * (g[j] - dot);
     std::fill(g + visible, g + n, 0.0f);
 }
+MODSCOPE_ISA_BUILDS(void, softmaxGradRow, "arch=x86-64-v3",
+                    (const float* p, float* g, std::int64_t visible, std::int64_t n),
+                    (p, g, visible, n))
 
 // log(sum(exp(row))) over n floats, with e as room for n floats.
 float logSumExp(const float* row, float* e, std::int64_t n) {
