@@ -28,6 +28,7 @@
 #include "capacity_chart.h"
 #include "cell_details_panel.h"
 #include "engine_session.h"
+#include "engine_worker.h"
 #include "generation_controls.h"
 #include "main_window.h"
 #include "message_banner.h"
@@ -73,6 +74,35 @@ private:
 
     // Until the views show the newest request's run.
     static bool waitForRun(MainWindow& w) { return apptest::waitForLiveRun(w, kTimeoutMs); }
+
+    // After a generation the view shows the routing each generated token was sampled under, and an export
+    // holds the generation, until something changes.
+    static void expectGenerationKept(MainWindow& w, const GenerationSummary& summary) {
+        const auto& gen = summary.document->generation->result;
+        QCOMPARE(int(gen.steps.size()), summary.generated);
+        const SnapshotPtr s = w.snapshot();
+        // (QVERIFY: QCOMPARE would print the mode through modscope::toString, whose static text QTest frees.)
+        QVERIFY(s->trace.mode == RoutingMode::Causal);
+        QCOMPARE(s->tokens(), int(gen.prompt_ids.size()) + summary.generated);
+        QCOMPARE(s->generated_from, int(gen.prompt_ids.size()));
+        QVERIFY(w.heatmap()->title().contains(QStringLiteral("Causal routing")));
+        for (const auto& step : gen.steps) {
+            QCOMPARE(s->trace.token_ids[step.position], step.token_id);
+            for (int l = 0; l < s->layers(); ++l)
+                QVERIFY2(bool(s->trace.layers[l].selected[step.position]) == bool(step.processed[l]),
+                         qPrintable(QString("layer %1, position %2").arg(l).arg(step.position)));
+        }
+        QTest::qWait(50);  // no run follows to replace it
+        QCOMPARE(w.snapshot(), s);
+        QTemporaryDir out;
+        QSignalSpy exported(&w, &MainWindow::exportFinished);
+        w.exportTrace(out.filePath(QStringLiteral("generated.json")));
+        QVERIFY(exported.wait(kTimeoutMs));
+        QCOMPARE(exported.first().at(1).toString(), QString());
+        const TraceDocument doc = loadTrace(out.filePath(QStringLiteral("generated.json")).toStdString());
+        QVERIFY(doc.generation);
+        QCOMPARE(int(doc.generation->result.steps.size()), summary.generated);
+    }
 
     std::size_t tokenCount(const QString& text) const { return tokenizer_->encode(text.toStdString()).size(); }
 
@@ -607,26 +637,78 @@ private Q_SLOTS:
         QVERIFY(!w->promptEditor()->editor()->isReadOnly());
         QVERIFY(summary.document && summary.document->generation);
         QCOMPARE(int(summary.document->generation->result.generated_ids.size()), summary.generated);
-        QVERIFY(waitForRun(*w));
-        QVERIFY(w->snapshot()->generated_from > 0);  // generated tokens stay marked
+        expectGenerationKept(*w, summary);
+        if (QTest::currentTestFailed()) return;
 
-        // Stop: a long generation ends early, cancelled, and the window carries on. The fixture's context is
-        // 256 tokens, which a fast machine can fill before the click lands: then it ends at the context, and
-        // generationDone was already emitted (QSignalSpy::wait would wait for a second one).
+        // Stop: a long generation ends early, cancelled, and keeps what it generated. The fixture's context
+        // is 256 tokens, which a fast machine can fill before the click lands: then it ends at the context,
+        // and generationDone was already emitted (QSignalSpy::wait would wait for a second one).
         g.max_new_tokens = 4096;
         g.temperature = 1.0;
         w->generationControls()->setSettings(g);
         done.clear();
         w->generationControls()->generateButton()->click();
-        QTRY_VERIFY_WITH_TIMEOUT(w->predictorPanel()->generationPoints() >= 1 || !done.isEmpty(), kTimeoutMs);
+        QTRY_VERIFY_WITH_TIMEOUT(w->predictorPanel()->generationPoints() >= 3 || !done.isEmpty(), kTimeoutMs);
         w->generationControls()->stopButton()->click();
         if (done.isEmpty()) QVERIFY(done.wait(kTimeoutMs));
         const auto stopped = done.first().first().value<GenerationSummary>();
         QVERIFY2(stopped.cancelled || stopped.hit_context, qPrintable(QString::number(stopped.generated)));
         QVERIFY(!w->generationControls()->isRunning());
+        QVERIFY2(stopped.generated >= 3, qPrintable(QString::number(stopped.generated)));
+        if (stopped.cancelled)
+            QVERIFY2(w->generationControls()->status().contains(tr("stopped after %1 tokens").arg(stopped.generated)),
+                     qPrintable(w->generationControls()->status()));
+        QCOMPARE(w->promptEditor()->text(), QString::fromStdString(stopped.text));
+        QCOMPARE(w->predictorPanel()->generationPoints(), stopped.generated);
+        expectGenerationKept(*w, stopped);
+        if (QTest::currentTestFailed()) return;
+
+        // Changing the mode runs the text again in that mode; the generation's curve and trace are gone.
+        w->setRoutingMode(RoutingMode::TopK);
         QVERIFY(waitForRun(*w));
+        QVERIFY(w->snapshot()->trace.mode == RoutingMode::TopK);
+        QCOMPARE(w->predictorPanel()->generationPoints(), 0);
         QTest::keyClicks(w->promptEditor()->editor(), QStringLiteral(" more"));
         QVERIFY(waitForRun(*w));
+    }
+
+
+    // Stop keeps every token generated so far, each with its routing, in the text and the trace. Driven on
+    // the worker itself, so that the Stop lands at a chosen step (the window's fixture model has a context of
+    // 64 tokens, which a generation can fill before a click lands).
+    void stopKeepsTheTokensGeneratedSoFar() {
+        EngineWorker worker;
+        QSignalSpy loaded(&worker, &EngineWorker::modelLoaded);
+        worker.loadModel(1, model_dir_, QStringLiteral("cpu"));
+        QCOMPARE(loaded.size(), 1);
+        GenerateRequest request;
+        request.job = 2;
+        request.prompt = "the river said";
+        request.settings.max_new_tokens = 40;
+        request.settings.temperature = 1.0;
+        request.capacity = 0.25;
+        request.cancel = makeCancelFlag();
+        int shown = 0;
+        connect(&worker, &EngineWorker::generationStep, this,
+                [&](quint64, const GenerationPoint& point, const SnapshotPtr& view) {
+                    if (point.index < 0) return;  // the prompt's own view
+                    ++shown;
+                    QCOMPARE(view->tokens(), view->generated_from + shown);
+                    if (shown == 3) request.cancel->store(true);  // Stop, pressed while token 3 shows
+                });
+        QSignalSpy finished(&worker, &EngineWorker::generationFinished);
+        worker.generate(request);
+        QCOMPARE(finished.size(), 1);
+        const auto summary = finished.first().first().value<GenerationSummary>();
+        QVERIFY(summary.cancelled);
+        QCOMPARE(summary.generated, 3);
+        QCOMPARE(shown, 3);
+        QVERIFY(summary.document && summary.document->generation);
+        const auto& result = summary.document->generation->result;
+        QCOMPARE(int(result.steps.size()), 3);
+        QCOMPARE(QString::fromStdString(summary.document->generation->text),
+                 QString::fromStdString(summary.text).mid(int(summary.prompt_bytes)));
+        QVERIFY(summary.text.rfind(request.prompt, 0) == 0 && summary.text.size() > request.prompt.size());
     }
 
     void closingDuringARunOrAGenerationShutsTheWorkerDown() {

@@ -86,4 +86,6 @@ void GenerationControls::setRunning(bool running) {
 
 void GenerationControls::setStatus(const QString& text) { status_->setText(text); }
 
+QString GenerationControls::status() const { return status_->text(); }
+
 }  // namespace modscope

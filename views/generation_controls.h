@@ -28,6 +28,7 @@ public:
     void setRunning(bool running);
     bool isRunning() const { return running_; }
     void setStatus(const QString& text);
+    QString status() const;
     QPushButton* generateButton() const { return generate_; }
     QPushButton* stopButton() const { return stop_; }
 

@@ -15,6 +15,7 @@ public:
     explicit HeatmapLegend(QCustomPlot* plot);
 
     void setTitle(const QString& title) { title_ = title; }
+    const QString& title() const { return title_; }
     void setTheme(const PlotTheme& theme) { theme_ = theme; }
     void setShowDisagreement(bool show) { show_disagreement_ = show; }
 

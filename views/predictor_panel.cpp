@@ -181,6 +181,13 @@ void PredictorPanel::startGeneration() {
     plot_->replot(QCustomPlot::rpQueuedReplot);
 }
 
+void PredictorPanel::clearGeneration() {
+    points_ = 0;
+    for (int i = 0; i < plot_->graphCount(); ++i) plot_->graph(i)->data()->clear();
+    plot_hint_->setVisible(true);
+    plot_->replot(QCustomPlot::rpQueuedReplot);
+}
+
 void PredictorPanel::ensureGraphs(const GenerationPoint& point) {
     const int wanted = int(point.routed_layers.size()) + 1;
     if (plot_->graphCount() == wanted && points_ > 0) return;

@@ -23,6 +23,8 @@ public:
     // Generation: clear the lines, then one point per generated token.
     void startGeneration();
     void addGenerationPoint(const GenerationPoint& point);
+    // The generation's curve no longer describes what is shown (the text, mode or capacity changed).
+    void clearGeneration();
     void setTheme(const PlotTheme& theme);
 
     QTableWidget* table() const { return table_; }

@@ -271,9 +271,12 @@ void RoutingHeatmap::updateTitle() {
                         .arg(s.tokens())
                         .arg(s.layers())
                         .arg(s.routedLayerCount());
+    if (s.generated_from >= 0) title += QStringLiteral(" · generated from token %1 on").arg(s.generated_from);
     if (s.truncated) title += QStringLiteral(" · prompt truncated");
     legend_->setTitle(title);
 }
+
+QString RoutingHeatmap::title() const { return legend_->title(); }
 
 int RoutingHeatmap::columnCount() const {
     if (!snapshot_ || snapshot_->empty()) return 0;

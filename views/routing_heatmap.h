@@ -45,6 +45,7 @@ public:
 
     // Cells of the colour map (columns = tokens, rows = layers); 0 x 0 for an empty run.
     int columnCount() const;
+    QString title() const;  // the title row: mode, capacity, size, what was generated
     int tokensPerColumn() const { return bin_; }  // > 1 when zoomed out past one pixel per token
     int rowCount() const;
     QCPColorMap* colorMap() const { return map_; }

@@ -1,6 +1,7 @@
 #include "engine_worker.h"
 
 #include <chrono>
+#include <optional>
 
 #include "modscope/trace_io.h"
 #include "snapshot_builder.h"
@@ -171,13 +172,12 @@ void EngineWorker::generate(const GenerateRequest& request) {
         std::string generated_text;
         std::size_t emitted = 0;
         const auto t0 = std::chrono::steady_clock::now();
-        auto on_step = [&](const GenerationStep& step) -> bool {
-            appendGenerated(tok, running, {step.token_id});
-            generated_ids.push_back(step.token_id);
-            generated_text = tok.decode(generated_ids);
-            // Each step re-runs the sequence in causal mode: the same decisions generation made (docs/MODEL.md),
-            // plus router logits and the top-k reference the predictor is scored against.
+        // Each step re-runs the sequence in causal mode: the same decisions generation made (docs/MODEL.md),
+        // plus router logits and the top-k reference the predictor is scored against. Throws Cancelled when
+        // `cancel` is set meanwhile.
+        const auto showStep = [&](const GenerationStep& step, const std::atomic<bool>* cancel) {
             RunOptions step_options = ro;
+            step_options.cancel = cancel;
             RunTrace trace = model.run(running.ids(), step_options);
             GenerationPoint point = agreementOnGenerated(trace, prompt_tokens);
             point.index = step.index;
@@ -191,6 +191,19 @@ void EngineWorker::generate(const GenerateRequest& request) {
             point.text = generated_text.substr(emitted, ready - emitted);
             emitted = ready;
             Q_EMIT generationStep(request.job, point, buildSnapshot(model, running, std::move(trace), request.job, prompt_tokens));
+        };
+        // A Stop that lands while a step's view is computed keeps the token: its view follows at the end.
+        std::optional<GenerationStep> unshown;
+        auto on_step = [&](const GenerationStep& step) -> bool {
+            appendGenerated(tok, running, {step.token_id});
+            generated_ids.push_back(step.token_id);
+            generated_text = tok.decode(generated_ids);
+            try {
+                showStep(step, request.cancel.get());
+            } catch (const Cancelled&) {
+                unshown = step;
+                return false;
+            }
             return !(request.cancel && request.cancel->load());
         };
         GenerationResult result;
@@ -203,6 +216,9 @@ void EngineWorker::generate(const GenerateRequest& request) {
         }
         const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
         if (request.cancel && request.cancel->load()) cancelled = true;
+        // Every generated token is shown and kept, the last one included (one causal run, not cancellable:
+        // the user asked to stop generating, not to lose what was generated).
+        if (unshown) showStep(*unshown, nullptr);
         addGeneration(*doc, model, g, result, ms);
 
         GenerationSummary summary;

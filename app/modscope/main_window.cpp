@@ -157,11 +157,11 @@ MainWindow::MainWindow(const Options& options, QWidget* parent)
 
     connect(prompt_, &PromptEditor::edited, this, &MainWindow::onPromptEdited);
     connect(routing_, &RoutingControls::capacityChanged, this, [this] {
-        generation_document_.reset();
+        endGenerationView();
         requestRun();
     });
     connect(routing_, &RoutingControls::modeChanged, this, [this](RoutingMode mode) {
-        generation_document_.reset();
+        endGenerationView();
         QSignalBlocker a(topk_action_), b(causal_action_);
         topk_action_->setChecked(mode == RoutingMode::TopK);
         causal_action_->setChecked(mode == RoutingMode::Causal);
@@ -346,9 +346,9 @@ void MainWindow::buildActions() {
     stop_action_->setEnabled(false);
     rerun_action_ = make(tr("Re-&run"), {QKeySequence(Qt::CTRL | Qt::Key_R)}, &MainWindow::runNow);
     topk_action_ = make(tr("&Top-k Routing"), {QKeySequence(Qt::CTRL | Qt::Key_1)},
-                        [this] { routing_->setMode(RoutingMode::TopK); });
+                        [this] { chooseMode(RoutingMode::TopK); });
     causal_action_ = make(tr("&Causal Routing"), {QKeySequence(Qt::CTRL | Qt::Key_2)},
-                          [this] { routing_->setMode(RoutingMode::Causal); });
+                          [this] { chooseMode(RoutingMode::Causal); });
     auto* mode_group = new QActionGroup(this);
     for (QAction* a : {topk_action_, causal_action_}) {
         a->setCheckable(true);
@@ -616,20 +616,40 @@ void MainWindow::setRoutingMode(RoutingMode mode) {
         requestRun();
         return;
     }
+    chooseMode(mode);
+}
+
+void MainWindow::chooseMode(RoutingMode mode) {
+    // After a generation the view shows causal routing whatever the chosen mode: choosing the mode that is
+    // already chosen shows that mode's routing again.
+    if (routing_->mode() == mode && generation_document_) {
+        endGenerationView();
+        requestRun();
+        return;
+    }
     routing_->setMode(mode);
+}
+
+void MainWindow::endGenerationView() {
+    if (!generation_document_) return;
+    generation_document_.reset();
+    predictor_->clearGeneration();
 }
 
 void MainWindow::onPromptEdited() {
     // A typed edit ends the generated text's marking and the generation's trace.
     generated_from_byte_ = std::string::npos;
-    generation_document_.reset();
+    endGenerationView();
     stale_ = true;
     prompt_->setStale(true);
     heatmap_->setStale(true);
     debounce_.start();
 }
 
-void MainWindow::runNow() { requestRun(); }
+void MainWindow::runNow() {
+    endGenerationView();  // a re-run shows the chosen mode's routing
+    requestRun();
+}
 
 void MainWindow::requestRun() {
     debounce_.stop();
@@ -817,11 +837,21 @@ void MainWindow::onGenerationFinished(const GenerationSummary& summary) {
     if (summary.tokens_per_second > 0) status += tr(" · %1 tokens/s").arg(summary.tokens_per_second, 0, 'f', 1);
     generation_->setStatus(status);
     if (summary.generated > 0) {
+        // The view keeps the decisions the tokens were generated under (causal, at this capacity) until the
+        // text, the mode or the capacity changes; an export meanwhile holds the generation step by step.
         generated_from_byte_ = summary.prompt_bytes;
         generation_document_ = summary.document;
+        prompt_->setOverflowFrom(-1);
+        prompt_->setNotice(tr("Showing the causal routing the %n generated token(s) were sampled under. Edit the "
+                              "text or change the mode or capacity to run it again.",
+                              nullptr, summary.generated));
+        stale_ = false;
+        prompt_->setStale(false);
+        heatmap_->setStale(false);
+        updateStatus();
+    } else if (!closing_) {
+        requestRun();  // nothing was generated: back to the chosen mode
     }
-    // The final view in the chosen mode, generated tokens still marked.
-    if (!closing_) requestRun();
     Q_EMIT generationDone(summary);
 }
 

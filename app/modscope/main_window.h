@@ -137,6 +137,10 @@ private:
     void updateWindowTitle();
 
     void onPromptEdited();
+    // The user changed what runs: the generation's view, trace and accuracy curve no longer apply.
+    void endGenerationView();
+    // The top-k or causal view, from the menu, its shortcuts or setRoutingMode.
+    void chooseMode(RoutingMode mode);
     void requestRun();
     void onModelLoaded(const ModelInfo& info);
     void onModelLoadFailed(const QString& message);
