@@ -637,6 +637,10 @@ private Q_SLOTS:
         QVERIFY(!w->promptEditor()->editor()->isReadOnly());
         QVERIFY(summary.document && summary.document->generation);
         QCOMPARE(int(summary.document->generation->result.generated_ids.size()), summary.generated);
+        // Generation's speed is per token; no run latency counts the generation's length.
+        QVERIFY2(w->statusText().contains(QStringLiteral("ms/token")) && !w->statusText().contains(QStringLiteral("latency")),
+                 qPrintable(w->statusText()));
+        QVERIFY(w->generationControls()->status().contains(QStringLiteral("tokens")));
         expectGenerationKept(*w, summary);
         if (QTest::currentTestFailed()) return;
 

@@ -9,6 +9,7 @@
 #include <random>
 
 #include "capacity_chart.h"
+#include "ratio_meter.h"
 #include "figure_export.h"
 #include "predictor_panel.h"
 #include "routing_heatmap.h"
@@ -202,6 +203,25 @@ private Q_SLOTS:
         QCOMPARE(heatmap.rowCount(), 1);
         heatmap.setSnapshot(nullptr);
         QCOMPARE(heatmap.columnCount(), 0);
+    }
+
+    // The compute panel's numbers say what they mean: a saving as "x less", a cost above dense as "% more",
+    // and why a routed layer takes a token at capacity 0.
+    void capacityChartSaysWhatItsNumbersMean() {
+        CapacityChart chart;
+        auto s = synthetic(16, 4, 0.125);  // 1 GFLOP of a dense 2
+        chart.setSnapshot(s);
+        QVERIFY2(chart.flopsMeter()->text().contains(QStringLiteral("2.00× less")), qPrintable(chart.flopsMeter()->text()));
+        QVERIFY(!chart.subtitle().contains(QStringLiteral("at least 1")));
+        auto full = std::make_shared<RoutingSnapshot>(*synthetic(16, 4, 1.0));
+        full->trace.flops = 2.028e9;
+        chart.setSnapshot(full);
+        QVERIFY2(chart.flopsMeter()->text().contains(QStringLiteral("1.4% more")) &&
+                     !chart.flopsMeter()->text().contains(QStringLiteral("less")),
+                 qPrintable(chart.flopsMeter()->text()));
+        chart.setSnapshot(synthetic(16, 4, 0.0));
+        QVERIFY2(chart.subtitle().contains(QStringLiteral("k is at least 1")), qPrintable(chart.subtitle()));
+        QCOMPARE(int(chart.processedBars()[1]), 1);
     }
 
     void depthViewAndChartsTakeLargeRuns() {

@@ -125,9 +125,12 @@ void CapacityChart::setSnapshot(SnapshotPtr snapshot) {
 
     if (snapshot_ && !snapshot_->empty() && snapshot_->trace.dense_flops > 0) {
         const auto& tr_ = snapshot_->trace;
-        flops_->setValue(tr_.flops / tr_.dense_flops,
-                         tr("%1 of %2 · %3× less").arg(flopsText(tr_.flops), flopsText(tr_.dense_flops))
-                             .arg(tr_.dense_flops / std::max(1.0, tr_.flops), 0, 'f', 2));
+        // At full capacity a MoD model does all a dense one does plus its routers and predictors: more, not
+        // "0.99x less".
+        const double ratio = tr_.flops / tr_.dense_flops;
+        const QString saving = ratio <= 1.0 ? tr("%1× less").arg(1.0 / std::max(ratio, 1e-9), 0, 'f', 2)
+                                            : tr("%1% more (routers and predictors)").arg((ratio - 1.0) * 100.0, 0, 'f', 1);
+        flops_->setValue(ratio, tr("%1 of %2 · %3").arg(flopsText(tr_.flops), flopsText(tr_.dense_flops), saving));
     } else {
         flops_->clear(tr("no run"));
     }
@@ -157,11 +160,20 @@ void CapacityChart::updateSubtitle() {
         return;
     }
     // The exported figure carries the meters' numbers too.
-    subtitle_->setText(tr("Tokens processed per layer, of %1\nFLOPs %2% of dense · KV cache %3% of dense")
-                           .arg(snapshot_->tokens())
-                           .arg(flops_->fraction() * 100.0, 0, 'f', 1)
-                           .arg(kv_->fraction() * 100.0, 0, 'f', 1));
+    QString text = tr("Tokens processed per layer, of %1\nFLOPs %2% of dense · KV cache %3% of dense")
+                       .arg(snapshot_->tokens())
+                       .arg(flops_->fraction() * 100.0, 0, 'f', 1)
+                       .arg(kv_->fraction() * 100.0, 0, 'f', 1);
+    // k = ceil(capacity x T) is at least 1 (capacityToK): below one token's worth a routed layer still takes
+    // one, which the bars would otherwise show without a reason.
+    if (snapshot_->routedLayerCount() > 0 && snapshot_->trace.capacity * snapshot_->tokens() < 1.0)
+        text += tr("\nk is at least 1: capacity %1% of %2 tokens rounds up to one token per routed layer")
+                    .arg(snapshot_->trace.capacity * 100.0, 0, 'g', 3)
+                    .arg(snapshot_->tokens());
+    subtitle_->setText(text);
 }
+
+QString CapacityChart::subtitle() const { return subtitle_->text(); }
 
 QVector<double> CapacityChart::processedBars() const {
     QVector<double> v;

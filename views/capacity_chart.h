@@ -31,6 +31,7 @@ public:
     RatioMeter* kvMeter() const { return kv_; }
     // Processed tokens per layer as the bars show them (for tests).
     QVector<double> processedBars() const;
+    QString subtitle() const;  // the chart's title lines, as its exported figure shows them
 
 protected:
     bool eventFilter(QObject* watched, QEvent* event) override;

@@ -710,7 +710,7 @@ void MainWindow::applySnapshot(const SnapshotPtr& snapshot) {
     snapshot_ = snapshot;
     if (!replaying_) live_snapshot_ = snapshot;
     // The heatmap first and painted at once: the run's latency ends when it shows.
-    measuring_paint_ = run_clock_.isValid();
+    measuring_paint_ = run_clock_.isValid() && !generating_;
     heatmap_->setSnapshot(snapshot, /*repaint_now=*/true);
     depth_->setSnapshot(snapshot);
     capacity_->setSnapshot(snapshot);
@@ -758,6 +758,8 @@ void MainWindow::startGeneration() {
     debounce_.stop();
     generating_ = true;
     generated_tokens_ = 0;
+    last_step_ms_ = -1.0;
+    run_clock_.invalidate();  // the last run's clock would count the whole generation as its latency
     generation_kv_bytes_ = generation_dense_kv_bytes_ = 0;
     const auto settings = generation_->settings();
     generation_target_ = settings.max_new_tokens;
@@ -801,7 +803,9 @@ void MainWindow::onGenerationStep(const GenerationPoint& point, const SnapshotPt
         generation_kv_bytes_ = point.kv_cache_bytes;
         generation_dense_kv_bytes_ = point.dense_kv_cache_bytes;
         capacity_->setGenerationKvCache(point.kv_cache_bytes, point.dense_kv_cache_bytes);
-        generation_->setStatus(tr("%1 / %2 tokens · %3 ms/token · predictor %4% right")
+        last_step_ms_ = point.step_ms;
+        // The accuracy over the generated tokens only; the predictor table counts the prompt's too.
+        generation_->setStatus(tr("%1 / %2 tokens · %3 ms/token · predictor %4% right on generated tokens")
                                    .arg(generated_tokens_)
                                    .arg(generation_target_)
                                    .arg(point.step_ms, 0, 'f', 1)
@@ -1226,7 +1230,11 @@ void MainWindow::updateStatus() {
     const int tokens = snapshot_ ? snapshot_->tokens() : 0;
     status_tokens_->setText((tokens == 1 ? tr("1 token") : tr("%1 tokens").arg(tokens)) +
                             (snapshot_ && snapshot_->truncated ? tr(" (truncated)") : QString()));
-    if (last_latency_ms_ >= 0)
+    if (generating_ || (generation_document_ && last_step_ms_ >= 0))
+        // A generation's views are not runs the user waits for: its speed is per token.
+        status_latency_->setText(last_step_ms_ >= 0 ? tr("generation %1 ms/token").arg(last_step_ms_, 0, 'f', 1)
+                                                    : tr("generation –"));
+    else if (last_latency_ms_ >= 0)
         status_latency_->setText(tr("latency %1 ms (model %2 ms)").arg(last_latency_ms_, 0, 'f', 1).arg(last_model_ms_, 0, 'f', 1));
     else
         status_latency_->setText(tr("latency –"));

@@ -189,6 +189,7 @@ private:
     QElapsedTimer run_clock_;
     bool measuring_paint_ = false;
     double last_latency_ms_ = -1.0;
+    double last_step_ms_ = -1.0;  // the newest generated token's step, while or after generating
     double last_model_ms_ = -1.0;
     ThemeChoice theme_ = ThemeChoice::System;
     QByteArray default_state_;
