@@ -259,6 +259,23 @@ private Q_SLOTS:
         }
         QVERIFY(QImage(out.filePath(QStringLiteral("window.png"))).size() == w->size());
 
+        // Figures show the data, not the cursor: with a cell locked, the heatmap and depth figures are the
+        // same images as without, and the screen still shows the lock.
+        const auto figure = [&](const QString& which, const QString& name) {
+            const QString path = out.filePath(name);
+            if (!w->exportFigure(which, path).isEmpty()) return QImage();
+            return QImage(path);
+        };
+        w->heatmap()->selectCell(-1, -1);
+        const QImage heat_free = figure(QStringLiteral("heatmap"), QStringLiteral("free.png"));
+        const QImage depth_free = figure(QStringLiteral("depth"), QStringLiteral("depth-free.png"));
+        w->selectCell(1, 2);
+        QCOMPARE(w->heatmap()->selectedToken(), 2);
+        QVERIFY(!heat_free.isNull() && !depth_free.isNull());
+        QVERIFY(figure(QStringLiteral("heatmap"), QStringLiteral("locked.png")) == heat_free);
+        QVERIFY(figure(QStringLiteral("depth"), QStringLiteral("depth-locked.png")) == depth_free);
+        QCOMPARE(w->heatmap()->selectedToken(), 2);  // the export left the lock on screen
+
         // A failed export: a clear message, nothing half-written, and the app goes on as before.
         const auto snapshot = w->snapshot();
         const QString bad = out.filePath(QStringLiteral("no/such/dir/trace.json"));

@@ -81,11 +81,11 @@ void HeatmapOverlay::draw(QCPPainter* painter) {
     }
 
     painter->setBrush(Qt::NoBrush);
-    if (hover_token_ >= 0 && hover_token_ < T && hover_layer_ >= 0 && hover_layer_ < L) {
+    if (cursor_shown_ && hover_token_ >= 0 && hover_token_ < T && hover_layer_ >= 0 && hover_layer_ < L) {
         painter->setPen(QPen(theme_.foreground, 1));
         painter->drawRect(cellRect(hover_token_, hover_layer_).adjusted(0, 0, -1, -1));
     }
-    if (sel_token_ >= 0 && sel_token_ < T) {
+    if (cursor_shown_ && sel_token_ >= 0 && sel_token_ < T) {
         // The whole column, then the cell: the details panel lists every layer of this token.
         const QRectF col = cellRect(sel_token_, 0).united(cellRect(sel_token_, L - 1));
         painter->setPen(QPen(theme_.accent, 1, Qt::DashLine));

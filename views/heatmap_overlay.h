@@ -25,6 +25,8 @@ public:
     void setStale(bool stale) { stale_ = stale; }
     void setPlaceholder(const QString& text) { placeholder_ = text; }
     void setShowDisagreement(bool show) { show_disagreement_ = show; }
+    // The hover and the locked cell: drawn on screen, left out of exported figures.
+    void setCursorShown(bool shown) { cursor_shown_ = shown; }
 
     // Below this cell width (pixels) per-cell marks are not drawn: they would be noise.
     static constexpr double kMinMarkCellWidth = 7.0;
@@ -44,6 +46,7 @@ private:
     int hover_layer_ = -1, hover_token_ = -1;
     bool stale_ = false;
     bool show_disagreement_ = true;
+    bool cursor_shown_ = true;
     QString placeholder_;
 };
 

@@ -7,6 +7,7 @@
 #include <limits>
 
 #include "color_maps.h"
+#include "figure_export.h"
 #include "heatmap_legend.h"
 #include "heatmap_overlay.h"
 #include "piece_text.h"
@@ -277,6 +278,13 @@ void RoutingHeatmap::updateTitle() {
 }
 
 QString RoutingHeatmap::title() const { return legend_->title(); }
+
+QString RoutingHeatmap::exportFigure(const QString& path) {
+    overlay_->setCursorShown(false);
+    const QString error = exportPlot(this, path);
+    overlay_->setCursorShown(true);
+    return error;
+}
 
 int RoutingHeatmap::columnCount() const {
     if (!snapshot_ || snapshot_->empty()) return 0;

@@ -42,6 +42,8 @@ public:
     int selectedToken() const { return sel_token_; }
     // Shows every token and layer.
     void resetView();
+    // The heatmap as a figure: the data without the hover and the locked cell (paints nothing itself).
+    QString exportFigure(const QString& path);
 
     // Cells of the colour map (columns = tokens, rows = layers); 0 x 0 for an empty run.
     int columnCount() const;

@@ -8,6 +8,7 @@
 #include <QToolTip>
 
 #include <algorithm>
+#include <utility>
 
 #include "color_maps.h"
 #include "piece_text.h"
@@ -135,7 +136,9 @@ void TokenDepthView::paintEvent(QPaintEvent*) {
 
 void TokenDepthView::renderContent(QPainter* painter, const QSize& size) {
     painter->fillRect(QRect(QPoint(0, 0), size), theme_.background);
+    const int selected = std::exchange(selected_, -1), hovered = std::exchange(hovered_, -1);
     paintContent(*painter, QRect(QPoint(0, 0), size), size.width());
+    selected_ = selected, hovered_ = hovered;
 }
 
 void TokenDepthView::paintContent(QPainter& p, const QRect& visible, int width) {

@@ -27,6 +27,7 @@ public:
     QRect chipRect(int token) const;
     int tokenAt(const QPoint& viewport_pos) const;
     // The whole content, as an exported figure shows it.
+    // The view as a figure: the chips without the hover and selection marks.
     void renderContent(QPainter* painter, const QSize& size);
     QSize contentSize() const { return QSize(viewport()->width(), content_height_); }
 

@@ -917,7 +917,7 @@ QString MainWindow::exportFigure(const QString& which, const QString& path) {
     if (figureFormatFor(path) == FigureFormat::Unknown) {
         error = tr("Cannot export %1: use a file name ending in .png, .svg or .pdf").arg(QFileInfo(path).fileName());
     } else if (which == QLatin1String("heatmap")) {
-        error = exportPlot(heatmap_, path);
+        error = heatmap_->exportFigure(path);
     } else if (which == QLatin1String("capacity")) {
         error = exportPlot(capacity_->plot(), path);
     } else if (which == QLatin1String("predictor")) {
