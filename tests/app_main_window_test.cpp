@@ -376,6 +376,44 @@ private Q_SLOTS:
         QVERIFY(w->banner()->text().isEmpty());
     }
 
+    // Started on a model that cannot be opened (modscope --model BADDIR): the reason shows, in the banner and
+    // where the heatmap would be, not a run failing for want of a model; while it opens, the heatmap says so.
+    void aStartOnABadModelSaysWhy() {
+        MainWindow::Options o;
+        o.device = QStringLiteral("cpu");
+        MainWindow w(o);
+        w.resize(1400, 900);
+        w.show();
+        w.setPrompt(QStringLiteral("the river said"));
+        QSignalSpy failed(&w, &MainWindow::modelLoadFailed);
+        const QString bad = dir_.filePath(QStringLiteral("no-model-here"));
+        w.openModel(bad);
+        QVERIFY(w.heatmap()->placeholder().contains(QStringLiteral("Opening the model")));
+        QVERIFY(failed.wait(kTimeoutMs));
+        QTest::qWait(100);  // a run queued behind the open would fail now
+        QVERIFY2(w.banner()->text().contains(QStringLiteral("Could not open the model")) &&
+                     !w.banner()->text().contains(QStringLiteral("No model is loaded")),
+                 qPrintable(w.banner()->text()));
+        QVERIFY2(w.heatmap()->placeholder().contains(QStringLiteral("No model loaded: ")) &&
+                     w.heatmap()->placeholder().contains(failed.first().first().toString()),
+                 qPrintable(w.heatmap()->placeholder()));
+        if (w.refusalDialog()) w.refusalDialog()->accept();
+    }
+
+    void pinningTogglesThePinActionsWording() {
+        auto w = makeWindow(QStringLiteral("the lazy dog"));
+        QVERIFY(w);
+        QAction* pin = nullptr;
+        for (QAction* a : w->findChildren<QAction*>())
+            if (a->shortcut() == QKeySequence(Qt::CTRL | Qt::Key_P)) pin = a;
+        QVERIFY(pin);
+        QCOMPARE(pin->text(), QStringLiteral("&Pin Run"));
+        w->pinRun();
+        QCOMPARE(pin->text(), QStringLiteral("Re&pin Run"));
+        w->unpin();
+        QCOMPARE(pin->text(), QStringLiteral("&Pin Run"));
+    }
+
     // The bad checkpoints of tests/bad_files.cpp: each refused with its reason in the banner, and the
     // model in use stays, usable.
     void eachBadModelIsRefusedAndTheModelInUseStays() {

@@ -192,8 +192,20 @@ private Q_SLOTS:
                                           [&](float v) { return v > layer.router_logits[7]; });
         QVERIFY2(rule_text.contains(QStringLiteral("%1 of 7 earlier tokens taken, 2.00 allowed").arg(taken)),
                  qPrintable(rule_text));
-        QVERIFY2(rule_text.contains(QStringLiteral("%1 earlier tokens rank higher, top 2 so far").arg(higher)),
+        QVERIFY2(rule_text.contains(QStringLiteral("%1 earlier %2 higher, top 2 so far")
+                                        .arg(higher)
+                                        .arg(higher == 1 ? QStringLiteral("token ranks") : QStringLiteral("tokens rank"))),
                  qPrintable(rule_text));
+        // The score the rule compares, from the predictor's probability and the budget's shift.
+        const double p7 = layer.predictor_prob[7];
+        const double combined =
+            1.0 / (1.0 + std::exp(-(std::log(p7 / (1.0 - p7)) + 1.5 * (0.25 * 8 - double(taken)))));
+        QVERIFY2(rule_text.contains(QStringLiteral("combined p&nbsp;&nbsp;</td><td>%1").arg(combined, 0, 'f', 3)),
+                 qPrintable(rule_text));
+        QVERIFY2(heatmap.cellSummary(1, 1).contains(QStringLiteral(" of 1 earlier token taken")),
+                 qPrintable(heatmap.cellSummary(1, 1)));
+        // A routed layer's k is the layer's, whatever this token's decision.
+        QVERIFY(rule_text.contains(QStringLiteral("routed layer</b>: takes k = 10 of the 40 tokens")));
         QVERIFY(rule_text.contains(layer.predictor_selected[7] ? QStringLiteral("causal rule&nbsp;&nbsp;</td><td>process")
                                                                : QStringLiteral("causal rule&nbsp;&nbsp;</td><td>skip")));
         QCOMPARE(heatmap.cellAt(QPoint(2, 2)), qMakePair(-1, -1));

@@ -24,6 +24,7 @@ public:
     void setHover(int layer, int token) { hover_layer_ = layer, hover_token_ = token; }
     void setStale(bool stale) { stale_ = stale; }
     void setPlaceholder(const QString& text) { placeholder_ = text; }
+    const QString& placeholder() const { return placeholder_; }
     void setShowDisagreement(bool show) { show_disagreement_ = show; }
     // The hover and the locked cell: drawn on screen, left out of exported figures.
     void setCursorShown(bool shown) { cursor_shown_ = shown; }

@@ -279,6 +279,8 @@ void RoutingHeatmap::updateTitle() {
 
 QString RoutingHeatmap::title() const { return legend_->title(); }
 
+QString RoutingHeatmap::placeholder() const { return overlay_->placeholder(); }
+
 QString RoutingHeatmap::exportFigure(const QString& path) {
     overlay_->setCursorShown(false);
     const QString error = exportPlot(this, path);
@@ -379,7 +381,7 @@ QString RoutingHeatmap::cellSummary(int l, int t) const {
     const bool processed = layer.selected[t];
     const bool in_topk = layer.topk_selected[t];
     const float prob = t < int(layer.predictor_prob.size()) ? layer.predictor_prob[t] : NAN;
-    html += QStringLiteral("Layer %1 · <b>routed</b> (k = %2 of %3)<br>").arg(l).arg(layer.k).arg(T);
+    html += QStringLiteral("Layer %1 · <b>routed layer</b>: takes k = %2 of the %3 tokens<br>").arg(l).arg(layer.k).arg(T);
     html += QStringLiteral("<table cellspacing=0 cellpadding=1>");
     auto row = [&](const QString& a, const QString& b) {
         html += QStringLiteral("<tr><td>%1&nbsp;&nbsp;</td><td>%2</td></tr>").arg(a, b);
@@ -404,19 +406,31 @@ QString RoutingHeatmap::cellSummary(int l, int t) const {
             const auto& decided = layer.predictor_selected;
             const long before = std::count(decided.begin(), decided.begin() + std::min<std::size_t>(t, decided.size()), 1);
             const double allowed = s.trace.capacity * (t + 1);
-            row(QStringLiteral("budget"), QStringLiteral("%1 of %2 earlier tokens taken, %3 allowed → logit %4%5")
+            const double shift = c.predictor_budget_gain * (allowed - before);
+            row(QStringLiteral("budget"), QStringLiteral("%1 of %2 earlier %3 taken, %4 allowed → logit %5%6")
                                               .arg(before)
                                               .arg(t)
+                                              .arg(t == 1 ? QStringLiteral("token") : QStringLiteral("tokens"))
                                               .arg(number(allowed, 2))
-                                              .arg(allowed >= before ? QStringLiteral("+") : QString())
-                                              .arg(number(c.predictor_budget_gain * (allowed - before), 2)));
+                                              .arg(shift >= 0 ? QStringLiteral("+") : QString())
+                                              .arg(number(shift, 2)));
+            // The score the rule compares: sigmoid(predictor logit + budget shift) against the threshold.
+            if (prob > 0.0f && prob < 1.0f) {
+                const double score = 1.0 / (1.0 + std::exp(-(std::log(double(prob) / (1.0 - double(prob))) + shift)));
+                row(QStringLiteral("combined p"), QStringLiteral("%1 %2 %3")
+                                                      .arg(number(score))
+                                                      .arg(score > s.predictor_threshold ? QStringLiteral("&gt;")
+                                                                                         : QStringLiteral("≤"))
+                                                      .arg(s.predictor_threshold, 0, 'g', 3));
+            }
         }
         if (prefix) {
             const auto& r = layer.router_logits;
             const long higher = std::count_if(r.begin(), r.begin() + t, [&](float v) { return v > r[t]; });
             const int kt = capacityToK(s.trace.capacity, t + 1);
-            row(QStringLiteral("prefix top-k"), QStringLiteral("%1 earlier tokens rank higher, top %2 so far → %3")
+            row(QStringLiteral("prefix top-k"), QStringLiteral("%1 earlier %2 higher, top %3 so far → %4")
                                                     .arg(higher)
+                                                    .arg(higher == 1 ? QStringLiteral("token ranks") : QStringLiteral("tokens rank"))
                                                     .arg(kt)
                                                     .arg(higher < kt ? QStringLiteral("may process") : QStringLiteral("skip")));
         }

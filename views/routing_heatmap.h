@@ -35,6 +35,7 @@ public:
     bool isStale() const { return stale_; }
     void setTheme(const PlotTheme& theme);
     void setPlaceholder(const QString& text);
+    QString placeholder() const;  // the text shown while there is no run
 
     // Locks a cell (layer, token); -1 clears.
     void selectCell(int layer, int token);

@@ -527,6 +527,7 @@ void MainWindow::openModel(const QString& directory) {
     if (generating_) stopGeneration();
     loading_dir_ = directory;
     statusBar()->showMessage(tr("Opening %1…").arg(QDir::toNativeSeparators(directory)));
+    if (!model_) heatmap_->setPlaceholder(tr("Opening the model in %1…").arg(QDir::toNativeSeparators(directory)));
     session_->loadModel(directory, device_box_->currentData().toString());
 }
 
@@ -577,6 +578,10 @@ void MainWindow::onModelLoadFailed(const QString& message) {
     statusBar()->clearMessage();
     QString text = tr("Could not open the model in %1:\n%2").arg(QDir::toNativeSeparators(dir), message);
     if (model_) text += tr("\nStill using %1.").arg(QString::fromStdString(model_->name));
+    else
+        heatmap_->setPlaceholder(tr("No model loaded: %1\nOpen one with File › Open Model (Ctrl+O), or drop its "
+                                    "folder on this window.")
+                                     .arg(message));
     refuseFile(tr("Model refused"), text);
     // The device box follows the model in use.
     if (model_) {
@@ -702,6 +707,8 @@ void MainWindow::onRunFailed(const QString& message) {
     stale_ = debounce_.isActive() || session_->isRunPending();
     prompt_->setStale(stale_);
     heatmap_->setStale(stale_);
+    // A run queued behind a model that failed to open: the failed open already said why, with its reason.
+    if (!model_ && !session_->isLoading()) return;
     showError(tr("The run failed: %1").arg(message));
 }
 
@@ -1074,6 +1081,8 @@ void MainWindow::pinRun() {
     const bool first = !pinned_;
     pinned_ = snapshot_;
     unpin_action_->setEnabled(true);
+    pin_action_->setText(tr("Re&pin Run"));
+    pin_action_->setToolTip(tr("Replace the pinned run with the run shown"));
     if (first) {
         compare_dock_->show();
         compare_dock_->raise();
@@ -1093,6 +1102,8 @@ void MainWindow::unpin() {
     if (!pinned_) return;
     pinned_.reset();
     unpin_action_->setEnabled(false);
+    pin_action_->setText(tr("&Pin Run"));
+    pin_action_->setToolTip(tr("Freeze the run shown and compare the view with it"));
     compare_dock_->hide();
     updateCompare();
 }
