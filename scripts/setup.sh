@@ -79,7 +79,8 @@ fi
 # The whole suite under AddressSanitizer + UBSan (CMakePresets.json's dev-asan: the test preset sets
 # ASAN_OPTIONS, and leaves out the float64 variants and the ops variants of the checkpoint, trainer and
 # reference tests, whose code the routing and generation tests' ops variants already run under it, and
-# tool_command_line_test, which starts each tool some forty times to parse a command line). The tokenizer
+# tool_command_line_test, which starts each tool some forty times to parse a command line; the kernel tests
+# run at the CPU's own instruction-set level only, MODSCOPE_TEST_ISA_ROWS=native). The tokenizer
 # module stays uninstrumented (DEVELOPERS.md).
 sanitizer_stage() {
     local t0=$SECONDS

@@ -13,11 +13,14 @@ Q_DECLARE_METATYPE(modscope::cpu::Isa)
 namespace modscope::test {
 
 // The rows "avx512", "avx2" and "baseline" of the column "isa"; a test with them starts with
-// MODSCOPE_CASE_AT_ISA_ROW().
+// MODSCOPE_CASE_AT_ISA_ROW(). With MODSCOPE_TEST_ISA_ROWS=native only the row of the level this process runs
+// at: the sanitizer suite, where each row costs several times as much, checks memory at that level and
+// leaves the comparison of the builds, whose loops are one source, to the normal suite.
 inline void isaRows() {
     QTest::addColumn<cpu::Isa>("isa");
+    const bool native_only = qEnvironmentVariable("MODSCOPE_TEST_ISA_ROWS") == QLatin1String("native");
     for (const auto isa : {cpu::Isa::Avx512, cpu::Isa::Avx2, cpu::Isa::Baseline})
-        QTest::newRow(cpu::isaName(isa)) << isa;
+        if (!native_only || isa == cpu::isaLevel()) QTest::newRow(cpu::isaName(isa)) << isa;
 }
 
 // Why this process cannot run the kernels at `isa`; empty where it can.
