@@ -813,6 +813,55 @@ private Q_SLOTS:
         }
     }
 
+    // The window fits a 1366x768 laptop screen less a panel, before and after a generation's status has
+    // been shown; made narrow and then wide again, the side column gets back the room its tables need.
+    void theWindowFitsALaptopScreenAndANarrowLayoutDoesNotStick() {
+        auto w = makeWindow(QStringLiteral("the river said unto them"));
+        QVERIFY(w);
+        const auto fits = [&] {
+            const QSize min = w->layout()->minimumSize();
+            return min.width() <= 1366 && min.height() <= 768 - 48;
+        };
+        QVERIFY2(fits(), qPrintable(QStringLiteral("minimum %1x%2").arg(w->layout()->minimumSize().width())
+                                        .arg(w->layout()->minimumSize().height())));
+        w->generationControls()->setStatus(
+            QStringLiteral("32 / 32 tokens · 18.4 ms/token · predictor 98% right on generated tokens, and more words"));
+        QVERIFY2(fits(), qPrintable(QStringLiteral("after a status: %1 wide").arg(w->layout()->minimumSize().width())));
+
+        auto* side = w->findChild<QDockWidget*>(QStringLiteral("capacity-dock"));
+        auto* predictor = w->findChild<QDockWidget*>(QStringLiteral("predictor-dock"));
+        QVERIFY(side && predictor);
+        w->resize(w->layout()->minimumSize().expandedTo(QSize(900, 640)));
+        QTest::qWait(50);
+        QVERIFY(!w->generationControls()->isOneLine() || w->generationControls()->width() >= 600);
+        w->resize(1600, 1000);
+        QTRY_VERIFY_WITH_TIMEOUT(side->width() >= predictor->sizeHint().width(), 2000);
+        QVERIFY(w->generationControls()->isOneLine());
+    }
+
+    // Pinning gives the compare dock room without taking the heatmap's rows; unpinning puts the window and
+    // the live view's zoom back as they were.
+    void unpinRestoresTheLayoutAndTheZoom() {
+        auto w = makeWindow(QStringLiteral("the river said unto them, fire and water, and the house of light"));
+        QVERIFY(w);
+        QTest::qWait(50);
+        const QRect heat_before = w->heatmap()->geometry();
+        w->heatmap()->xAxis->setRange(2.5, 9.5);
+        w->pinRun();
+        QTest::qWait(50);
+        auto* compare = w->findChild<QDockWidget*>(QStringLiteral("compare-dock"));
+        QVERIFY(compare && compare->isVisible());
+        QCOMPARE(w->size(), QSize(1400, 900));  // the room comes from inside the window
+        QCOMPARE(w->heatmap()->xAxis->range().lower, 2.5);  // pinning keeps the live view where it looks
+        QVERIFY2(w->heatmap()->height() >= 200, qPrintable(QString::number(w->heatmap()->height())));
+        w->unpin();
+        QTest::qWait(50);
+        QVERIFY(!compare->isVisible());
+        QCOMPARE(w->heatmap()->geometry(), heat_before);
+        QCOMPARE(w->heatmap()->xAxis->range().lower, 2.5);
+        QCOMPARE(w->heatmap()->xAxis->range().upper, 9.5);
+    }
+
     void layoutAndSettingsAreRestoredOnTheNextStart() {
         QTemporaryDir conf;
         QSettings settings(conf.filePath(QStringLiteral("modscope.ini")), QSettings::IniFormat);
@@ -828,11 +877,31 @@ private Q_SLOTS:
         }
         QVERIFY(settings.value(QStringLiteral("model/recent")).toStringList().contains(QFileInfo(model_dir_).absoluteFilePath()));
         QCOMPARE(settings.value(QStringLiteral("prompt/text")).toString(), QStringLiteral("remember me"));
-        auto w = makeWindow(QStringLiteral("again"), &settings);
-        QVERIFY(w);
-        QVERIFY(!w->findChild<QDockWidget*>(QStringLiteral("depth-dock"))->isVisible());
-        QCOMPARE(w->routingControls()->mode(), RoutingMode::Causal);
-        QCOMPARE(w->snapshot()->trace.mode, RoutingMode::Causal);
+        {
+            auto w = makeWindow(QStringLiteral("again"), &settings);
+            QVERIFY(w);
+            QVERIFY(!w->findChild<QDockWidget*>(QStringLiteral("depth-dock"))->isVisible());
+            QVERIFY(w->routingControls()->mode() == RoutingMode::Causal);
+            QVERIFY(w->snapshot()->trace.mode == RoutingMode::Causal);
+            // The capacity is kept for the model it was chosen on.
+            w->setCapacity(0.3);
+            QVERIFY(waitForRun(*w));
+            QVERIFY(w->close());
+        }
+        {
+            auto w = makeWindow(QStringLiteral("and again"), &settings);
+            QVERIFY(w);
+            QCOMPARE(w->routingControls()->capacity(), 0.3);
+            // Options from the command line hold for that start only; what the user changes is kept.
+            w->setTheme(ThemeChoice::Dark);
+            w->setCapacity(0.5);
+            w->keepOutOfSettings({QStringLiteral("view/theme"), QStringLiteral("routing/capacity")});
+            w->setRoutingMode(RoutingMode::TopK);
+            QVERIFY(w->close());
+        }
+        QCOMPARE(settings.value(QStringLiteral("view/theme")).toString(), QStringLiteral("system"));
+        QCOMPARE(settings.value(QStringLiteral("routing/capacity")).toDouble(), 0.3);
+        QCOMPARE(settings.value(QStringLiteral("routing/mode")).toString(), QStringLiteral("topk"));
     }
 };
 

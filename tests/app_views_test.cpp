@@ -10,6 +10,7 @@
 
 #include "capacity_chart.h"
 #include "ratio_meter.h"
+#include "routing_controls.h"
 #include "figure_export.h"
 #include "predictor_panel.h"
 #include "routing_heatmap.h"
@@ -156,6 +157,42 @@ private Q_SLOTS:
         }
         QCOMPARE(TokenAxisTicker::stepFor(2.0, 15.0), 10);
         QCOMPARE(TokenAxisTicker::stepFor(20.0, 15.0), 1);
+    }
+
+    // Squeezed so that only every other layer gets a label, the labels go to the routed layers.
+    void thinnedLayerLabelsNameTheRoutedLayers() {
+        RoutingHeatmap heatmap;
+        heatmap.resize(700, 190);
+        heatmap.show();
+        QVERIFY(QTest::qWaitForWindowExposed(&heatmap));
+        heatmap.setSnapshot(synthetic(40, 12, 0.25), true);  // layers 1, 3, ... routed
+        heatmap.replot(QCustomPlot::rpImmediateRefresh);
+        const auto* ticker = heatmap.layerTicker();
+        QVERIFY2(ticker->step() >= 2, qPrintable(QString::number(ticker->step())));
+        if (ticker->step() == 2) QCOMPARE(ticker->offset(), 1);
+        QVector<double> ticks;
+        for (double t : heatmap.yAxis->tickVector()) ticks.append(t);
+        QVERIFY(!ticks.isEmpty());
+        for (double t : ticks) QVERIFY2(int(t) % 2 == 1 || ticker->step() > 2, qPrintable(QString::number(t)));
+    }
+
+    // The capacity slider lands on the spin box's 0.5% steps, and a note says when the routing shown is
+    // outside what the router was trained at.
+    void routingControlsSnapAndSayWhenOffTraining() {
+        RoutingControls controls;
+        QVERIFY(!controls.offTrainingNoteShown());  // no model yet
+        controls.setTrainedCapacity(0.125);
+        controls.setCapacity(0.125);
+        QVERIFY(!controls.offTrainingNoteShown());
+        controls.slider()->setValue(373);
+        QCOMPARE(controls.slider()->value(), 375);
+        QCOMPARE(controls.spinBox()->value(), 37.5);
+        QVERIFY(controls.offTrainingNoteShown());
+        QVERIFY2(controls.offTrainingNote().contains(QStringLiteral("12.5%")), qPrintable(controls.offTrainingNote()));
+        controls.setCapacity(0.125);
+        QVERIFY(!controls.offTrainingNoteShown());
+        controls.setMode(RoutingMode::Causal);
+        QVERIFY(controls.offTrainingNoteShown());
     }
 
     void hoverTextNamesEverything() {

@@ -34,7 +34,7 @@ CapacityChart::CapacityChart(QWidget* parent) : QWidget(parent) {
     layout->addWidget(kv_);
 
     plot_ = new QCustomPlot(this);
-    plot_->setMinimumHeight(150);
+    plot_->setMinimumHeight(130);
     plot_->plotLayout()->insertRow(0);
     subtitle_ = new QCPTextElement(plot_, QString());
     plot_->plotLayout()->addElement(0, 0, subtitle_);

@@ -1,5 +1,6 @@
 #include "generation_controls.h"
 
+#include <QBoxLayout>
 #include <QDoubleSpinBox>
 #include <QHBoxLayout>
 #include <QLabel>
@@ -7,12 +8,28 @@
 #include <QSpinBox>
 #include <QStyle>
 
+#include <algorithm>
+
 namespace modscope {
 
 GenerationControls::GenerationControls(QWidget* parent) : QWidget(parent) {
-    auto* row = new QHBoxLayout(this);
-    row->setContentsMargins(6, 0, 6, 4);
+    // The settings and the buttons share a line where there is room and take two lines where there is not;
+    // minimumSizeHint is the two-line width, so the controls never hold the window wider than a laptop's
+    // screen (resizeEvent picks the arrangement).
+    outer_ = new QBoxLayout(QBoxLayout::LeftToRight, this);
+    outer_->setContentsMargins(6, 0, 6, 4);
+    outer_->setSpacing(6);
+    outer_->setSizeConstraint(QLayout::SetNoConstraint);
+    settings_box_ = new QWidget(this);
+    actions_box_ = new QWidget(this);
+    auto* row = new QHBoxLayout(settings_box_);
+    row->setContentsMargins(0, 0, 0, 0);
     row->setSpacing(6);
+    auto* actions = new QHBoxLayout(actions_box_);
+    actions->setContentsMargins(0, 0, 0, 0);
+    actions->setSpacing(6);
+    outer_->addWidget(settings_box_);
+    outer_->addWidget(actions_box_, 1);
     auto label = [&](const QString& text, QWidget* buddy) {
         auto* l = new QLabel(text, this);
         l->setBuddy(buddy);
@@ -50,10 +67,13 @@ GenerationControls::GenerationControls(QWidget* parent) : QWidget(parent) {
     stop_->setIcon(style()->standardIcon(QStyle::SP_MediaStop));
     stop_->setToolTip(tr("Stop generating (Esc)"));
     stop_->setEnabled(false);
-    row->addWidget(generate_);
-    row->addWidget(stop_);
+    actions->addWidget(generate_);
+    actions->addWidget(stop_);
     status_ = new QLabel(this);
-    row->addWidget(status_, 1);
+    // The status is clipped rather than widening the window (its whole text is the tooltip).
+    status_->setSizePolicy(QSizePolicy::Ignored, QSizePolicy::Preferred);
+    status_->setMinimumWidth(0);
+    actions->addWidget(status_, 1);
 
     connect(generate_, &QPushButton::clicked, this, [this] { Q_EMIT generateRequested(settings()); });
     connect(stop_, &QPushButton::clicked, this, &GenerationControls::stopRequested);
@@ -84,7 +104,42 @@ void GenerationControls::setRunning(bool running) {
         w->setEnabled(!running);
 }
 
-void GenerationControls::setStatus(const QString& text) { status_->setText(text); }
+void GenerationControls::setStatus(const QString& text) {
+    status_->setText(text);
+    status_->setToolTip(text);
+}
+
+bool GenerationControls::isOneLine() const { return outer_->direction() == QBoxLayout::LeftToRight; }
+
+QSize GenerationControls::oneLineMinimum() const {
+    const auto m = outer_->contentsMargins();
+    // Room for the settings, the buttons and a few words of status.
+    const int width = settings_box_->minimumSizeHint().width() + outer_->spacing() +
+                      actions_box_->minimumSizeHint().width() + 12 * fontMetrics().averageCharWidth();
+    const int height = std::max(settings_box_->minimumSizeHint().height(), actions_box_->minimumSizeHint().height());
+    return {width + m.left() + m.right(), height + m.top() + m.bottom()};
+}
+
+QSize GenerationControls::minimumSizeHint() const {
+    const auto m = outer_->contentsMargins();
+    const int width = std::max(settings_box_->minimumSizeHint().width(), actions_box_->minimumSizeHint().width());
+    const int height = isOneLine() ? oneLineMinimum().height()
+                                   : settings_box_->minimumSizeHint().height() + outer_->spacing() +
+                                         actions_box_->minimumSizeHint().height() + m.top() + m.bottom();
+    return {width + m.left() + m.right(), height};
+}
+
+QSize GenerationControls::sizeHint() const {
+    return isOneLine() ? oneLineMinimum() : minimumSizeHint();
+}
+
+void GenerationControls::resizeEvent(QResizeEvent* event) {
+    QWidget::resizeEvent(event);
+    const bool one_line = width() >= oneLineMinimum().width();
+    if (one_line == isOneLine()) return;
+    outer_->setDirection(one_line ? QBoxLayout::LeftToRight : QBoxLayout::TopToBottom);
+    updateGeometry();  // one line or two: the dock's height follows
+}
 
 QString GenerationControls::status() const { return status_->text(); }
 

@@ -4,6 +4,7 @@
 #include <QWidget>
 #include <cstdint>
 
+class QBoxLayout;
 class QDoubleSpinBox;
 class QLabel;
 class QPushButton;
@@ -31,12 +32,24 @@ public:
     QString status() const;
     QPushButton* generateButton() const { return generate_; }
     QPushButton* stopButton() const { return stop_; }
+    bool isOneLine() const;  // settings and buttons side by side (else on two lines)
+
+    QSize minimumSizeHint() const override;
+    QSize sizeHint() const override;
 
 Q_SIGNALS:
     void generateRequested(const modscope::GenerationSettings& settings);
     void stopRequested();
 
+protected:
+    void resizeEvent(QResizeEvent* event) override;
+
 private:
+    QSize oneLineMinimum() const;
+
+    QBoxLayout* outer_;
+    QWidget* settings_box_;
+    QWidget* actions_box_;
     QSpinBox* tokens_;
     QDoubleSpinBox* temperature_;
     QDoubleSpinBox* top_p_;

@@ -55,8 +55,8 @@ PredictorPanel::PredictorPanel(QWidget* parent) : QWidget(parent) {
     for (int c : {kLayer, kAccuracy, kPrecision, kRecall})
         table_->horizontalHeader()->setSectionResizeMode(c, QHeaderView::ResizeToContents);
     table_->horizontalHeader()->setMinimumSectionSize(36);
-    table_->setVerticalScrollBarPolicy(Qt::ScrollBarAlwaysOff);
-    table_->setSizePolicy(QSizePolicy::Preferred, QSizePolicy::Fixed);
+    table_->setVerticalScrollBarPolicy(Qt::ScrollBarAsNeeded);
+    table_->setSizePolicy(QSizePolicy::Preferred, QSizePolicy::Maximum);
     table_->setEditTriggers(QAbstractItemView::NoEditTriggers);
     table_->setSelectionMode(QAbstractItemView::NoSelection);
     table_->setFocusPolicy(Qt::NoFocus);
@@ -64,7 +64,7 @@ PredictorPanel::PredictorPanel(QWidget* parent) : QWidget(parent) {
     layout->addWidget(table_);
 
     plot_ = new QCustomPlot(this);
-    plot_->setMinimumHeight(120);
+    plot_->setMinimumHeight(100);
     plot_->xAxis->setLabel(tr("generated token"));
     plot_->yAxis->setLabel(tr("accuracy"));
     plot_->yAxis->setRange(0, 1.05);
@@ -162,15 +162,18 @@ void PredictorPanel::setSnapshot(SnapshotPtr snapshot) {
 }
 
 void PredictorPanel::fitTable() {
-    // Exactly as tall as its rows: the space below belongs to the accuracy plot.
-    // At most kMaxVisibleRows rows; a 32-layer model scrolls instead of pushing the window taller.
-    constexpr int kMaxVisibleRows = 9;
-    int h = table_->horizontalHeader()->sizeHint().height() + 2 * table_->frameWidth();
-    const int rows = std::min(table_->rowCount(), kMaxVisibleRows);
-    for (int r = 0; r < rows; ++r) h += table_->rowHeight(r);
-    table_->setVerticalScrollBarPolicy(table_->rowCount() > kMaxVisibleRows ? Qt::ScrollBarAsNeeded
-                                                                             : Qt::ScrollBarAlwaysOff);
-    table_->setFixedHeight(h);
+    // At most as tall as its rows (kMaxVisibleRows of them; a 32-layer model scrolls): the space below belongs
+    // to the accuracy plot. On a small screen it gives way down to two rows and scrolls, so that the window
+    // still fits a laptop's screen.
+    constexpr int kMaxVisibleRows = 9, kMinVisibleRows = 2;
+    const int frame = table_->horizontalHeader()->sizeHint().height() + 2 * table_->frameWidth();
+    int h = frame, min_h = frame;
+    for (int r = 0; r < std::min(table_->rowCount(), kMaxVisibleRows); ++r) {
+        h += table_->rowHeight(r);
+        if (r < kMinVisibleRows) min_h += table_->rowHeight(r);
+    }
+    table_->setMaximumHeight(h);
+    table_->setMinimumHeight(min_h);
 }
 
 void PredictorPanel::startGeneration() {

@@ -18,7 +18,7 @@ RoutingControls::RoutingControls(QWidget* parent) : QWidget(parent) {
     // The slider moves in 0.1% steps so it can show any value the spin box holds (12.5% included).
     slider_ = new QSlider(Qt::Horizontal, this);
     slider_->setRange(0, 1000);
-    slider_->setSingleStep(10);
+    slider_->setSingleStep(5);
     slider_->setPageStep(100);
     slider_->setMinimumWidth(160);
     slider_->setMaximumWidth(280);
@@ -28,7 +28,7 @@ RoutingControls::RoutingControls(QWidget* parent) : QWidget(parent) {
     spin_ = new QDoubleSpinBox(this);
     spin_->setRange(0.0, 100.0);
     spin_->setDecimals(1);
-    spin_->setSingleStep(1.0);
+    spin_->setSingleStep(0.5);
     spin_->setSuffix(QStringLiteral(" %"));
     spin_->setKeyboardTracking(false);
     spin_->setFixedWidth(spin_->fontMetrics().horizontalAdvance(QStringLiteral("100.0 %")) + 44);
@@ -42,6 +42,10 @@ RoutingControls::RoutingControls(QWidget* parent) : QWidget(parent) {
     row->addWidget(cap_label);
     row->addWidget(slider_);
     row->addWidget(spin_);
+    off_training_ = new QLabel(this);
+    off_training_->setObjectName(QStringLiteral("off-training-note"));
+    off_training_->setVisible(false);
+    row->addWidget(off_training_);
     row->addSpacing(12);
     row->addWidget(mode_label);
     row->addWidget(mode_);
@@ -49,20 +53,27 @@ RoutingControls::RoutingControls(QWidget* parent) : QWidget(parent) {
 
     connect(slider_, &QSlider::valueChanged, this, [this](int v) {
         if (syncing_) return;
+        // A drag lands on the spin box's 0.5% steps (12.5% among them), not on whatever pixel it ends.
+        const int snapped = int(std::lround(v / 5.0)) * 5;
         syncing_ = true;
-        spin_->setValue(v / 10.0);
+        if (snapped != v) slider_->setValue(snapped);
+        spin_->setValue(snapped / 10.0);
         syncing_ = false;
-        Q_EMIT capacityChanged(v / 1000.0);
+        updateOffTrainingNote();
+        Q_EMIT capacityChanged(snapped / 1000.0);
     });
     connect(spin_, qOverload<double>(&QDoubleSpinBox::valueChanged), this, [this](double v) {
         if (syncing_) return;
         syncing_ = true;
         slider_->setValue(int(std::lround(v * 10.0)));
         syncing_ = false;
+        updateOffTrainingNote();
         Q_EMIT capacityChanged(v / 100.0);
     });
-    connect(mode_, qOverload<int>(&QComboBox::currentIndexChanged), this,
-            [this](int) { Q_EMIT modeChanged(mode()); });
+    connect(mode_, qOverload<int>(&QComboBox::currentIndexChanged), this, [this](int) {
+        updateOffTrainingNote();
+        Q_EMIT modeChanged(mode());
+    });
     setCapacity(0.125);
 }
 
@@ -75,7 +86,36 @@ void RoutingControls::setCapacity(double fraction) {
     spin_->setValue(pct);
     slider_->setValue(int(std::lround(pct * 10.0)));
     syncing_ = false;
+    updateOffTrainingNote();
     Q_EMIT capacityChanged(capacity());
+}
+
+void RoutingControls::setTrainedCapacity(double fraction) {
+    trained_ = fraction;
+    updateOffTrainingNote();
+}
+
+bool RoutingControls::offTrainingNoteShown() const { return !off_training_->isHidden(); }
+
+QString RoutingControls::offTrainingNote() const { return off_training_->text(); }
+
+void RoutingControls::updateOffTrainingNote() {
+    const bool off_capacity = trained_ >= 0.0 && std::abs(capacity() - trained_) > 1e-6;
+    const bool causal = mode() == RoutingMode::Causal;
+    off_training_->setVisible(trained_ >= 0.0 && (off_capacity || causal));
+    if (off_training_->isHidden()) return;
+    const QString trained = QString::number(trained_ * 100.0, 'g', 4);
+    off_training_->setText(tr("⚠ trained at %1% top-k").arg(trained));
+    QStringList why;
+    if (off_capacity)
+        why << tr("The router was trained to pick %1% of tokens by top-k; at %2% it ranks tokens it never learned "
+                  "to choose among.")
+                   .arg(trained, QString::number(capacity() * 100.0, 'g', 4));
+    if (causal)
+        why << tr("Causal mode decides by the predictor, trained to imitate top-k at %1%: its decisions are what "
+                  "generation uses, not what the router was trained on.")
+                   .arg(trained);
+    off_training_->setToolTip(why.join(QLatin1Char('\n')));
 }
 
 RoutingMode RoutingControls::mode() const { return RoutingMode(mode_->currentData().toInt()); }

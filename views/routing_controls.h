@@ -6,6 +6,7 @@
 #include "modscope/engine.h"
 
 class QComboBox;
+class QLabel;
 class QDoubleSpinBox;
 class QSlider;
 
@@ -24,6 +25,11 @@ public:
     QSlider* slider() const { return slider_; }
     QDoubleSpinBox* spinBox() const { return spin_; }
     QComboBox* modeBox() const { return mode_; }
+    // The capacity the model's router was trained at (top-k): away from it, or in causal mode, a note says
+    // the routing is outside what was trained.
+    void setTrainedCapacity(double fraction);
+    bool offTrainingNoteShown() const;
+    QString offTrainingNote() const;
 
 Q_SIGNALS:
     void capacityChanged(double fraction);
@@ -33,7 +39,11 @@ private:
     QSlider* slider_;
     QDoubleSpinBox* spin_;
     QComboBox* mode_;
+    QLabel* off_training_;
+    double trained_ = -1.0;  // < 0: unknown (no model)
     bool syncing_ = false;
+
+    void updateOffTrainingNote();
 };
 
 }  // namespace modscope

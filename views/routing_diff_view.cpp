@@ -41,7 +41,7 @@ RoutingDiffView::RoutingDiffView(QWidget* parent) : QWidget(parent) {
     summary_->setWordWrap(true);
     summary_->setTextInteractionFlags(Qt::TextSelectableByMouse);
     plot_ = new QCustomPlot(this);
-    plot_->setMinimumHeight(110);
+    plot_->setMinimumHeight(70);
     legend_ = new QLabel(this);
     legend_->setTextFormat(Qt::RichText);
     layout->addWidget(summary_);

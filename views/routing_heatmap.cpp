@@ -339,6 +339,15 @@ bool RoutingHeatmap::updateTickSteps() {
         if (layer_step > 1)
             for (int l = 0; l < labels.size(); ++l) labels[l] = QStringLiteral("L%1").arg(l);
         layer_ticker_->setLabels(std::move(labels));
+        // Thinned, the labels go to the rows with the most routed layers among them: the rows a reader
+        // looks up (every other layer routed keeps L1, L3, L5 rather than the full ones).
+        int best = 0, best_count = -1;
+        for (int o = 0; o < layer_step && snapshot_; ++o) {
+            int count = 0;
+            for (int l = o; l < int(snapshot_->trace.layers.size()); l += layer_step) count += snapshot_->trace.layers[l].routed;
+            if (count > best_count) best = o, best_count = count;
+        }
+        layer_ticker_->setOffset(best);
     }
     token_ticker_->setStep(piece_step);
     position_ticker_->setStep(position_step);

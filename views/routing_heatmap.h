@@ -53,6 +53,7 @@ public:
     int rowCount() const;
     QCPColorMap* colorMap() const { return map_; }
     const TokenAxisTicker* tokenTicker() const { return token_ticker_.data(); }
+    const TokenAxisTicker* layerTicker() const { return layer_ticker_.data(); }
     // The cell under a widget position, or (-1, -1).
     QPair<int, int> cellAt(const QPoint& pos) const;  // (layer, token)
     // What hovering a cell shows: token, position, layer, logit, rank, threshold, probability, decision.

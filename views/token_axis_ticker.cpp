@@ -21,7 +21,8 @@ QString TokenAxisTicker::getTickLabel(double tick, const QLocale&, QChar, int) {
 QVector<double> TokenAxisTicker::createTickVector(double, const QCPRange& range) {
     QVector<double> ticks;
     if (labels_.isEmpty()) return ticks;
-    const int first = std::max(0, int(std::ceil(range.lower / step_)) * step_);
+    const int o = offset();
+    const int first = std::max(o, int(std::ceil((range.lower - o) / step_)) * step_ + o);
     const int last = std::min(int(labels_.size()) - 1, int(std::floor(range.upper)));
     if (last < first) return ticks;
     ticks.reserve((last - first) / step_ + 1);

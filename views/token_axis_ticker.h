@@ -16,6 +16,9 @@ public:
     // Label every step-th index (>= 1). The owner picks it from the pixels one index gets on screen.
     void setStep(int step) { step_ = step < 1 ? 1 : step; }
     int step() const { return step_; }
+    // Which indices a thinned axis labels: those equal to offset modulo the step (0 by default).
+    void setOffset(int offset) { offset_ = offset < 0 ? 0 : offset; }
+    int offset() const { return offset_ % step_; }
 
     // The smallest step from 1, 2, 5, 10, 20, 50, ... that leaves min_pixels between labels; a fixed set
     // of steps keeps labels from jumping between neighbours while zooming.
@@ -30,6 +33,7 @@ protected:
 private:
     QVector<QString> labels_;
     int step_ = 1;
+    int offset_ = 0;
 };
 
 }  // namespace modscope

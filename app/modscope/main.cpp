@@ -57,6 +57,12 @@ int main(int argc, char** argv) {
     else if (settings && settings->contains(QStringLiteral("prompt/text")))
         prompt = settings->value(QStringLiteral("prompt/text")).toString();
     window.setPrompt(prompt);
+    QStringList start_only;
+    if (options.theme) start_only << QStringLiteral("view/theme");
+    if (options.mode) start_only << QStringLiteral("routing/mode");
+    if (options.capacity || options.pin_capacity) start_only << QStringLiteral("routing/capacity");
+    if (options.prompt) start_only << QStringLiteral("prompt/text");
+    window.keepOutOfSettings(start_only);
     if (screenshot) window.resize(options.size);
     window.show();
 

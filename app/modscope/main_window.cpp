@@ -262,6 +262,7 @@ void MainWindow::buildDocks() {
     pinned_label_->setObjectName(QStringLiteral("pinned-label"));
     pinned_heatmap_ = new RoutingHeatmap(pinned_box);
     pinned_heatmap_->setObjectName(QStringLiteral("pinned-heatmap"));
+    pinned_heatmap_->setMinimumHeight(120);  // the compare dock fits without growing the window
     pinned_heatmap_->setPlaceholder(tr("Nothing pinned: Run › Pin Run (Ctrl+P) freezes the run shown."));
     pinned_layout->addWidget(pinned_label_);
     pinned_layout->addWidget(pinned_heatmap_, 1);
@@ -485,14 +486,41 @@ void MainWindow::restoreSettings() {
     generation_->setSettings(g);
 }
 
+QVariant MainWindow::preference(const QString& key) const {
+    if (key == QLatin1String("view/theme")) return toString(theme_);
+    if (key == QLatin1String("routing/mode"))
+        return routing_->mode() == RoutingMode::Causal ? QStringLiteral("causal") : QStringLiteral("topk");
+    if (key == QLatin1String("routing/capacity"))
+        return model_ ? QVariant(routing_->capacity()) : startup_capacity_ ? QVariant(*startup_capacity_) : QVariant();
+    if (key == QLatin1String("prompt/text")) return prompt_->text();
+    return {};
+}
+
+void MainWindow::keepOutOfSettings(const QStringList& keys) {
+    for (const QString& key : keys) start_only_.insert(key, preference(key));
+}
+
 void MainWindow::saveSettings() {
     if (!options_.settings) return;
     QSettings& s = *options_.settings;
+    // What the command line set is for that start only: stored values stay unless the user changed it since.
+    const auto put = [&](const QString& key, const QVariant& value) {
+        if (start_only_.contains(key) && start_only_.value(key) == value) return;
+        s.setValue(key, value);
+    };
     s.setValue(QStringLiteral("window/geometry"), saveGeometry());
     s.setValue(QStringLiteral("window/state"), saveState());
-    s.setValue(QStringLiteral("view/theme"), toString(theme_));
-    s.setValue(QStringLiteral("routing/mode"), routing_->mode() == RoutingMode::Causal ? QStringLiteral("causal")
-                                                                                        : QStringLiteral("topk"));
+    put(QStringLiteral("view/theme"), preference(QStringLiteral("view/theme")));
+    put(QStringLiteral("routing/mode"), preference(QStringLiteral("routing/mode")));
+    // A capacity belongs to the model it was chosen for: another model starts at its own (training) capacity.
+    if (model_ && !model_->directory.empty()) {
+        const QVariant capacity = preference(QStringLiteral("routing/capacity"));
+        if (!(start_only_.contains(QStringLiteral("routing/capacity")) &&
+              start_only_.value(QStringLiteral("routing/capacity")) == capacity)) {
+            s.setValue(QStringLiteral("routing/capacity"), capacity);
+            s.setValue(QStringLiteral("routing/capacity_model"), QString::fromStdString(model_->directory));
+        }
+    }
     const auto g = generation_->settings();
     s.setValue(QStringLiteral("generation/tokens"), g.max_new_tokens);
     s.setValue(QStringLiteral("generation/temperature"), g.temperature);
@@ -500,7 +528,7 @@ void MainWindow::saveSettings() {
     s.setValue(QStringLiteral("generation/seed"), qulonglong(g.seed));
     s.setValue(QStringLiteral("device"), device_box_->currentData().toString());
     const QString text = prompt_->text();
-    if (text.size() <= kMaxSavedPromptChars) s.setValue(QStringLiteral("prompt/text"), text);
+    if (text.size() <= kMaxSavedPromptChars) put(QStringLiteral("prompt/text"), text);
     s.sync();
 }
 
@@ -559,7 +587,14 @@ void MainWindow::onModelLoaded(const ModelInfo& info) {
         // A model is trained for its own capacity: start there (or at --capacity, once).
         // While a trace is replayed the controls show the trace's settings; the live ones wait.
         QSignalBlocker block(routing_);
-        const double capacity = startup_capacity_.value_or(info.config.capacity);
+        double capacity = startup_capacity_.value_or(info.config.capacity);
+        if (!startup_capacity_ && options_.settings &&
+            options_.settings->value(QStringLiteral("routing/capacity_model")).toString() == dir) {
+            bool ok = false;
+            const double saved = options_.settings->value(QStringLiteral("routing/capacity")).toDouble(&ok);
+            if (ok && saved >= 0.0 && saved <= 1.0) capacity = saved;
+        }
+        routing_->setTrainedCapacity(info.config.capacity);
         if (replaying_) live_capacity_ = capacity;
         else routing_->setCapacity(capacity);
         startup_capacity_.reset();
@@ -1079,6 +1114,14 @@ void MainWindow::pinRun() {
         return;
     }
     const bool first = !pinned_;
+    if (first) {
+        // Unpinning puts the window back as it was: the compare dock's room comes from the heatmap.
+        layout_before_pin_ = saveState();
+        size_before_pin_ = size();
+        range_lower_before_pin_ = heatmap_->xAxis->range().lower;
+        range_upper_before_pin_ = heatmap_->xAxis->range().upper;
+        tokens_before_pin_ = snapshot_->tokens();
+    }
     pinned_ = snapshot_;
     unpin_action_->setEnabled(true);
     pin_action_->setText(tr("Re&pin Run"));
@@ -1086,14 +1129,20 @@ void MainWindow::pinRun() {
     if (first) {
         compare_dock_->show();
         compare_dock_->raise();
-        resizeDocks({compare_dock_}, {std::max(260, height() * 36 / 100)}, Qt::Vertical);
+        // As much as the heatmap can spare: it keeps room for every layer's row and label.
+        const int spare = centralWidget()->height() - kMinHeatmapHeight;
+        resizeDocks({compare_dock_}, {std::clamp(height() * 36 / 100, 160, std::max(160, spare))}, Qt::Vertical);
     }
+    // The pinned view starts where the live one is looking (showing the pinned run resets its own view,
+    // which the linked zoom would pass on to the live one).
+    const QCPRange looking = heatmap_->xAxis->range();
     updateCompare();
-    // The pinned view starts where the live one is looking.
     linking_zoom_ = true;
-    pinned_heatmap_->xAxis->setRange(heatmap_->xAxis->range());
-    diff_view_->plot()->xAxis->setRange(heatmap_->xAxis->range());
+    heatmap_->xAxis->setRange(looking);
+    pinned_heatmap_->xAxis->setRange(looking);
+    diff_view_->plot()->xAxis->setRange(looking);
     linking_zoom_ = false;
+    heatmap_->replot(QCustomPlot::rpQueuedReplot);
     pinned_heatmap_->replot(QCustomPlot::rpQueuedReplot);
     diff_view_->plot()->replot(QCustomPlot::rpQueuedReplot);
 }
@@ -1105,7 +1154,18 @@ void MainWindow::unpin() {
     pin_action_->setText(tr("&Pin Run"));
     pin_action_->setToolTip(tr("Freeze the run shown and compare the view with it"));
     compare_dock_->hide();
+    // Before the zoom below: emptying the pinned view resets its range, which the linked zoom passes on.
     updateCompare();
+    if (!layout_before_pin_.isEmpty()) restoreState(std::exchange(layout_before_pin_, {}));
+    if (!isMaximized() && !isFullScreen() && size() != size_before_pin_ && size_before_pin_.isValid())
+        resize(size_before_pin_);  // a small screen may have had to grow the window for the compare dock
+    // The live view's zoom as it was, where the run shown has as many tokens; otherwise all of it.
+    if (snapshot_ && snapshot_->tokens() == tokens_before_pin_) {
+        heatmap_->xAxis->setRange(range_lower_before_pin_, range_upper_before_pin_);
+        heatmap_->replot(QCustomPlot::rpQueuedReplot);
+    } else {
+        heatmap_->resetView();
+    }
 }
 
 void MainWindow::updateCompare() {
@@ -1186,7 +1246,8 @@ void MainWindow::showAbout() {
 void MainWindow::applyDefaultDockSizes() {
     const int w = width(), h = height();
     resizeDocks({capacity_dock_}, {std::max(420, w * 29 / 100)}, Qt::Horizontal);
-    resizeDocks({capacity_dock_, predictor_dock_, details_dock_}, {h * 34 / 100, h * 36 / 100, h * 30 / 100},
+    // The details panel is empty until a cell is locked: the charts get most of the column.
+    resizeDocks({capacity_dock_, predictor_dock_, details_dock_}, {h * 37 / 100, h * 40 / 100, h * 23 / 100},
                 Qt::Vertical);
     resizeDocks({prompt_dock_, depth_dock_}, {std::max(150, h * 16 / 100), std::max(130, h * 17 / 100)}, Qt::Vertical);
 }
@@ -1263,6 +1324,26 @@ void MainWindow::showEvent(QShowEvent* event) {
     if (first_show_done_) return;
     first_show_done_ = true;
     if (!layout_restored_) applyDefaultDockSizes();
+    else QTimer::singleShot(0, this, &MainWindow::regrowSideColumn);  // a layout saved squeezed
+}
+
+void MainWindow::resizeEvent(QResizeEvent* event) {
+    QMainWindow::resizeEvent(event);
+    if (first_show_done_ && event->size().width() > event->oldSize().width())
+        QTimer::singleShot(0, this, &MainWindow::regrowSideColumn);
+}
+
+void MainWindow::regrowSideColumn() {
+    // A narrow window squeezes the side column below what its tables need; Qt gives the width a wider
+    // window adds to the heatmap, so the squeeze would stick (and be saved). Give the column back what it
+    // needs where there is room; a column the user made wider than that is left alone.
+    if (!capacity_dock_->isVisible() || capacity_dock_->isFloating()) return;
+    int needed = 0;
+    for (QDockWidget* d : {capacity_dock_, predictor_dock_, details_dock_})
+        if (d->isVisible() && !d->isFloating()) needed = std::max(needed, d->sizeHint().width());
+    const int room = width() - kMinHeatmapColumn;
+    const int target = std::min(needed, room);
+    if (target > capacity_dock_->width()) resizeDocks({capacity_dock_}, {target}, Qt::Horizontal);
 }
 
 void MainWindow::closeEvent(QCloseEvent* event) {

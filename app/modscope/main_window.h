@@ -7,6 +7,8 @@
 
 #include <QElapsedTimer>
 #include <QMainWindow>
+#include <QMap>
+#include <QVariant>
 #include <QMessageBox>
 #include <QPointer>
 #include <QThreadPool>
@@ -79,6 +81,9 @@ public:
 
     // Freezes the run shown (live or replayed) and compares the view with it until unpinned.
     void pinRun();
+    // The command line's options hold for this start only: their keys keep their stored values unless the
+    // user changes them in the window. Called once the options are applied.
+    void keepOutOfSettings(const QStringList& keys);
     void unpin();
 
     // Exports write atomically. Trace exports finish on a pool thread (exportFinished); figures at once.
@@ -123,8 +128,13 @@ protected:
     void dragEnterEvent(QDragEnterEvent* event) override;
     void dropEvent(QDropEvent* event) override;
     void showEvent(QShowEvent* event) override;
+    void resizeEvent(QResizeEvent* event) override;
 
 private:
+    void regrowSideColumn();
+    // The value saveSettings would store under key ("view/theme", "routing/mode", "routing/capacity",
+    // "prompt/text").
+    QVariant preference(const QString& key) const;
     void buildActions();
     void buildMenus();
     void buildToolBar();
@@ -193,6 +203,15 @@ private:
     double last_model_ms_ = -1.0;
     ThemeChoice theme_ = ThemeChoice::System;
     QByteArray default_state_;
+    QMap<QString, QVariant> start_only_;  // keepOutOfSettings: key -> the value the command line gave
+    // The window before the first pin, restored by unpin.
+    QByteArray layout_before_pin_;
+    double range_lower_before_pin_ = 0.0, range_upper_before_pin_ = 0.0;  // the heatmap's token range
+    int tokens_before_pin_ = 0;
+    QSize size_before_pin_;
+    // The heatmap's column and height a layout change leaves it at least (regrowSideColumn, pinRun).
+    static constexpr int kMinHeatmapColumn = 640;
+    static constexpr int kMinHeatmapHeight = 260;
     bool layout_restored_ = false;
     bool first_show_done_ = false;
     std::optional<double> startup_capacity_;
