@@ -888,9 +888,11 @@ void MainWindow::onGenerationFinished(const GenerationSummary& summary) {
         generated_from_byte_ = summary.prompt_bytes;
         generation_document_ = summary.document;
         prompt_->setOverflowFrom(-1);
-        prompt_->setNotice(tr("Showing the causal routing the %n generated token(s) were sampled under. Edit the "
-                              "text or change the mode or capacity to run it again.",
-                              nullptr, summary.generated));
+        prompt_->setNotice((summary.generated == 1
+                                ? tr("Showing the causal routing the generated token was sampled under.")
+                                : tr("Showing the causal routing the %1 generated tokens were sampled under.")
+                                      .arg(summary.generated)) +
+                           tr(" Edit the text or change the mode or capacity to run it again."));
         stale_ = false;
         prompt_->setStale(false);
         heatmap_->setStale(false);
