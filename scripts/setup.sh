@@ -25,6 +25,7 @@ packages=(
     clang libclang-rt-14-dev
     qt6-base-dev qt6-svg-dev qt6-qpa-plugins libgl-dev libqcustomplot-dev
     libsentencepiece-dev libtorch-dev libdnnl-dev libopenblas0-pthread nlohmann-json3-dev libcli11-dev
+    locales
     python3-torch
     xvfb xauth fonts-dejavu-core
     fortunes bible-kjv

@@ -16,6 +16,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <clocale>
 #include <functional>
 #include <nlohmann/json.hpp>
 #include <random>
@@ -534,6 +535,55 @@ private Q_SLOTS:
         QVERIFY2(msg.find("tokens[0].byte_end: " + std::to_string(doc.prompt.size() + 1) + " is out of range") !=
                      std::string::npos,
                  msg.c_str());
+    }
+
+    // A Qt program runs in the user's locale (QCoreApplication calls setlocale), where the decimal separator
+    // may be a comma; JSON's is always a point. Traces read the same there.
+    void tracesReadTheSameUnderACommaDecimalLocale() {
+        const auto doc = traceModel(*model_, kPrompt, {});
+        const auto text = traceToJson(doc);
+        QTemporaryDir locales;
+        QProcess make;
+        make.start(QStringLiteral("localedef"), {"-i", "de_DE", "-f", "UTF-8", locales.filePath("de_DE.UTF-8")});
+        if (!make.waitForFinished(60000) || make.exitCode() > 1)  // 1: warnings only
+            QSKIP("localedef cannot make a de_DE locale here (Debian's locales package)");
+        qputenv("LOCPATH", locales.path().toLocal8Bit());
+        const std::string before = std::setlocale(LC_NUMERIC, nullptr);
+        if (!std::setlocale(LC_NUMERIC, "de_DE.UTF-8")) QSKIP("the de_DE locale made here does not load");
+        QCOMPARE(QString(std::localeconv()->decimal_point), QStringLiteral(","));
+        std::string msg, again;
+        try {
+            again = traceToJson(traceFromJson(text));
+        } catch (const Error& e) {
+            msg = e.what();
+        }
+        std::setlocale(LC_NUMERIC, before.c_str());
+        qunsetenv("LOCPATH");
+        QVERIFY2(msg.empty(), msg.c_str());
+        QCOMPARE(again, text);
+    }
+
+    // What the survey reads first (schema, model, its config, tokens) is refused twice as any member is, and a
+    // JSON Lines line that is an array is a line that is no trace, not a batch to point to.
+    void refusalsOfTheFirstPassReadAsTheOthers() {
+        const auto valid = traceToJson(craftDocument({"alpha", "beta", "gamma", "delta"}));
+        const auto replaced = [&](const std::string& from, const std::string& to) {
+            std::string t = valid;
+            return t.replace(t.find(from), from.size(), to);
+        };
+        const std::vector<std::pair<std::string, std::string>> cases = {
+            {replaced("\"schema\": ", "\"schema\": \"x\", \"schema\": "), "trace: 'schema' appears twice"},
+            {replaced("\"mode\": ", "\"model\": 1, \"mode\": "), "trace: 'model' appears twice"},
+            {replaced("\"mode\": ", "\"tokens\": [], \"mode\": "), "trace: 'tokens' appears twice"},
+            {replaced("\"capacity\": 0.25", "\"capacity\": 1e-400"), "capacity: 1e-400 is not a finite number"},
+        };
+        for (const auto& [text, expected] : cases) {
+            const auto msg = errorOf([&] { traceFromJson(text); });
+            QVERIFY2(msg.find(expected) != std::string::npos && msg.rfind("invalid trace: ", 0) == 0,
+                     qPrintable(QString("expected '%1' in '%2'").arg(expected.c_str(), msg.c_str())));
+        }
+        const auto line = errorOf([] { tracesFromJsonLines("[{}]\n"); });
+        QVERIFY2(line == "line 1: invalid trace: trace: expected an object, found an array", line.c_str());
     }
 
     void unknownSchemaIsRefused() {

@@ -11,12 +11,14 @@
 // Relations between members that may come in any order (byte ranges against the prompt, k against the
 // capacity) are checked last, on the finished document.
 #include <algorithm>
+#include <charconv>
 #include <cmath>
 #include <cstdint>
 #include <functional>
 #include <limits>
 #include <memory>
 #include <nlohmann/json.hpp>
+#include <optional>
 #include <set>
 #include <string>
 #include <string_view>
@@ -84,7 +86,7 @@ struct Value {
         v.kind = k;
         return v;
     }
-    // The number as written, for messages.
+    // The number for messages: a real number as written, an integer in decimal.
     std::string numberText() const {
         switch (number) {
             case Number::Signed:
@@ -136,9 +138,13 @@ std::uint64_t readUnsigned(const Value& v, const std::string& where) {
 
 double readDouble(const Value& v, const std::string& where, double lo, double hi) {
     if (v.kind != Kind::Number) wrongType(where, "a number", v.kind);
-    const double x = v.number == Value::Number::Signed     ? static_cast<double>(v.i)
-                     : v.number == Value::Number::Unsigned ? static_cast<double>(v.u)
-                                                           : v.d;
+    double x = v.number == Value::Number::Signed ? static_cast<double>(v.i) : static_cast<double>(v.u);
+    if (v.number == Value::Number::Real) {
+        // From the text, as float32 values are: a value below the smallest double (1e-400) is refused, not
+        // read as 0.
+        const auto res = std::from_chars(v.text.data(), v.text.data() + v.text.size(), x);
+        if (res.ec != std::errc() || res.ptr != v.text.data() + v.text.size()) x = NAN;
+    }
     if (!std::isfinite(x)) bad(where + ": " + v.numberText() + " is not a finite number");
     if (!(x >= lo && x <= hi))
         bad(where + ": " + v.numberText() + " is out of range (" + show(lo) + " to " + show(hi) + ")");
@@ -173,11 +179,18 @@ struct Skeleton {
     Kind kind = Kind::Null;  // the document's own value: an object, or what was found instead
     bool has_schema = false, has_model = false, has_config = false, has_tokens = false;
     Kind schema_kind = Kind::Null, model_kind = Kind::Null, config_kind = Kind::Null, tokens_kind = Kind::Null;
-    std::string schema;
-    nlohmann::json config;  // model.config, built from its events
+    std::string schema;     // its first kMaxSchemaBytes: enough to tell it from kTraceSchema and to quote it
+    std::string duplicate;  // a member the survey reads that appears twice ("model", "model.config", ...)
+    // model.config, built from its events while it is read and parsed the moment it closes, so that a batch
+    // holds one config's values at a time.
+    nlohmann::json building;
     std::size_t config_values = 0;
+    std::optional<ModelConfig> config;
+    std::string config_error;
     std::size_t tokens = 0;  // elements of "tokens"
 };
+
+constexpr std::size_t kMaxSchemaBytes = 256;
 
 class Survey final : public nlohmann::json_sax<nlohmann::json> {
 public:
@@ -186,6 +199,7 @@ public:
     std::vector<Skeleton> docs;
     Kind top = Kind::Null;  // the text's outermost value
     std::string error;
+    bool too_many = false;  // more documents than kMaxTraceDocuments (error says so)
 
     bool null() override { return scalar(Kind::Null, nullptr); }
     bool boolean(bool b) override { return scalar(b ? Kind::True : Kind::False, b); }
@@ -193,14 +207,22 @@ public:
     bool number_unsigned(number_unsigned_t v) override { return scalar(Kind::Number, v); }
     bool number_float(number_float_t v, const string_t&) override { return scalar(Kind::Number, v); }
     bool string(string_t& s) override {
-        if (!stack_.empty() && stack_.back().role == Role::Doc && stack_.back().key == "schema") doc().schema = s;
+        if (!stack_.empty() && stack_.back().role == Role::Doc && stack_.back().key == "schema")
+            doc().schema = s.substr(0, kMaxSchemaBytes);
         return scalar(Kind::String, s);
     }
     bool binary(binary_t&) override { return scalar(Kind::String, nullptr); }
     bool start_object(std::size_t) override { return start(Kind::Object); }
     bool start_array(std::size_t) override { return start(Kind::Array); }
     bool key(string_t& k) override {
-        stack_.back().key = k;
+        auto& level = stack_.back();
+        level.key = k;
+        // Of the members the survey reads, a second one is refused as the read would (it never gets there).
+        const char* path = nullptr;
+        if (level.role == Role::Doc && (k == "schema" || k == "model" || k == "tokens")) path = "trace";
+        if (level.role == Role::Model && k == "config") path = "model";
+        if (path && !level.seen.insert(k).second && doc().duplicate.empty())
+            doc().duplicate = std::string(path) + ": '" + k + "' appears twice";
         return true;
     }
     bool end_object() override { return end(); }
@@ -218,7 +240,8 @@ private:
     enum class Role { Other, Batch, Doc, Model, Tokens, Config };
     struct Level {
         Role role = Role::Other;
-        std::string key;  // the current member's name, in an object
+        std::string key;             // the current member's name, in an object
+        std::set<std::string> seen;  // in a document or its model: the members the survey reads, seen so far
     };
 
     Skeleton& doc() { return docs.back(); }
@@ -226,6 +249,7 @@ private:
     bool newDocument(Kind k) {
         if (docs.size() >= static_cast<std::size_t>(kMaxTraceDocuments)) {
             error = "more than " + std::to_string(kMaxTraceDocuments) + " traces in one file";
+            too_many = true;
             return false;
         }
         docs.emplace_back().kind = k;
@@ -310,8 +334,9 @@ private:
                     if (parent.key == "config") {
                         doc().has_config = true, doc().config_kind = k;
                         if (k == Kind::Object) {
-                            doc().config = nlohmann::json::object();
-                            building_.push_back(&doc().config);
+                            doc().building = nlohmann::json::object();
+                            doc().config_values = 0;
+                            building_.push_back(&doc().building);
                             role = Role::Config;
                         }
                     }
@@ -332,14 +357,32 @@ private:
                     break;
             }
         }
-        stack_.push_back({role, {}});
+        stack_.push_back({role, {}, {}});
         return true;
     }
 
     bool end() {
-        if (stack_.back().role == Role::Config) building_.pop_back();
+        if (stack_.back().role == Role::Config) {
+            building_.pop_back();
+            if (building_.empty()) parseConfig(doc());
+        }
         stack_.pop_back();
         return true;
+    }
+
+    static void parseConfig(Skeleton& s) {
+        s.config.reset();
+        s.config_error.clear();
+        if (s.config_values > kMaxConfigValues) {
+            s.config_error = "more than " + std::to_string(kMaxConfigValues) + " values";
+        } else {
+            try {
+                s.config = ModelConfig::fromJson(s.building.dump());
+            } catch (const Error& e) {
+                s.config_error = e.what();
+            }
+        }
+        s.building = nlohmann::json();  // its values are not needed once parsed
     }
 
     bool batch_allowed_;
@@ -351,6 +394,7 @@ private:
 // is valid and whose token count fits it. Returns the config. Messages as the fields' own reads give them.
 ModelConfig checkSkeleton(const Skeleton& s) {
     if (s.kind != Kind::Object) wrongType("trace", "an object", s.kind);
+    if (!s.duplicate.empty()) bad(s.duplicate);
     if (!s.has_schema)
         bad("not a ModScope trace: no 'schema' field (expected \"" + std::string(kTraceSchema) + "\")");
     if (s.schema_kind != Kind::String)
@@ -363,14 +407,8 @@ ModelConfig checkSkeleton(const Skeleton& s) {
     if (s.model_kind != Kind::Object) wrongType("model", "an object", s.model_kind);
     if (!s.has_config) bad("model: missing 'config'");
     if (s.config_kind != Kind::Object) wrongType("model.config", "an object", s.config_kind);
-    if (s.config_values > kMaxConfigValues)
-        bad("model.config: more than " + std::to_string(kMaxConfigValues) + " values");
-    ModelConfig cfg;
-    try {
-        cfg = ModelConfig::fromJson(s.config.dump());
-    } catch (const Error& e) {
-        bad(std::string("model.config: ") + e.what());
-    }
+    if (!s.config) bad("model.config: " + s.config_error);
+    const ModelConfig cfg = *s.config;
     if (!s.has_tokens) bad("missing 'tokens'");
     if (s.tokens_kind != Kind::Array) wrongType("tokens", "an array", s.tokens_kind);
     if (s.tokens == 0) bad("tokens: empty (a trace has at least one token)");
@@ -527,7 +565,7 @@ struct DocumentContext {
     std::vector<std::int64_t> byte_begin, byte_end;  // per token, checked against the prompt at the end
     bool truncated = false;                  // the document says how long the prompt was before truncation
     std::int64_t original_bytes = 0;         // truncated.original_bytes, checked against the prompt at the end
-    bool capacity_read = false;              // k is checked against it at once, else at the end
+    bool capacity_read = false;              // when it was: each layer's k is checked as the layer ends
     double generation_ms = 0.0, tokens_per_second = 0.0;
 };
 
@@ -550,7 +588,7 @@ public:
 private:
     void member(const std::string& key, Value& v) override {
         const auto w = path(key);
-        const auto any = std::numeric_limits<std::int64_t>::max();
+        const auto lowest = std::numeric_limits<std::int64_t>::min(), any = std::numeric_limits<std::int64_t>::max();
         if (key == "position")
             readInt(v, w, static_cast<std::int64_t>(i_), static_cast<std::int64_t>(i_));
         else if (key == "id")
@@ -558,9 +596,9 @@ private:
         else if (key == "piece")
             t_.piece = readString(v, w);
         else if (key == "byte_begin")
-            begin_ = readInt(v, w, -any, any);
+            begin_ = readInt(v, w, lowest, any);
         else if (key == "byte_end")
-            end_ = readInt(v, w, -any, any);
+            end_ = readInt(v, w, lowest, any);
     }
     void finish() override {
         require({"id", "piece", "byte_begin", "byte_end"});
@@ -957,9 +995,8 @@ public:
     void scalar(Value& v) override { wrongType("trace", "an object", v.kind); }
     std::unique_ptr<Frame> open(Kind k) override {
         if (k == Kind::Object) return document();
-        if (!batch_ || nested_) wrongType("trace", "an object", k);
-        nested_ = true;  // the batch's array: its elements are documents
-        return std::make_unique<BatchFrame>(*this);
+        if (!batch_) wrongType("trace", "an object", k);
+        return std::make_unique<BatchFrame>(*this);  // the batch's array: its elements are documents
     }
 
 private:
@@ -988,7 +1025,7 @@ private:
     std::vector<Skeleton>& skeletons_;
     std::vector<TraceDocument>& out_;
     std::size_t& current_;
-    bool batch_, nested_ = false;
+    bool batch_;
 };
 
 // The read's SAX handler: hands each event to the innermost frame; skips what no frame reads.
@@ -1012,6 +1049,10 @@ public:
         if (skip_ > 0) return true;
         auto v = Value::of(Kind::Number);
         v.number = Value::Number::Real, v.d = x, v.text = text;
+        // nlohmann (before 3.11.3) hands over the text with the C locale's decimal separator, which a
+        // program that called setlocale (any Qt application) may have made a comma: the text is JSON's.
+        for (auto& c : v.text)
+            if (!((c >= '0' && c <= '9') || c == '-' || c == '+' || c == 'e' || c == 'E')) c = '.';
         return scalar(std::move(v));
     }
     bool string(string_t& s) override {
@@ -1078,8 +1119,9 @@ void checkSize(std::size_t size) {
                             " a trace may have"));
 }
 
-// The documents of `text`: one, or with `batch` the elements of a top-level array.
-std::vector<TraceDocument> readDocuments(std::string_view text, bool batch) {
+// The documents of `text`: one, or with `batch` the elements of a top-level array. `one_of_many`: text that
+// is one line of a JSON Lines file, where an array is no batch to point to.
+std::vector<TraceDocument> readDocuments(std::string_view text, bool batch, bool one_of_many = false) {
     Survey survey(batch);
     bool ok = false;
     try {
@@ -1089,10 +1131,10 @@ std::vector<TraceDocument> readDocuments(std::string_view text, bool batch) {
         survey.error = printable(e.what(), 300);
     }
     if (!ok) {
-        if (survey.error.rfind("more than", 0) == 0) throw Error(invalid(survey.error));
+        if (survey.too_many) throw Error(invalid(survey.error));
         throw Error(invalid("not valid JSON: " + (survey.error.empty() ? std::string("syntax error") : survey.error)));
     }
-    if (!batch && survey.top == Kind::Array)
+    if (!batch && !one_of_many && survey.top == Kind::Array)
         throw Error(invalid("an array of traces (a batch); read it with loadTraces or tracesFromJson"));
 
     std::vector<TraceDocument> docs;
@@ -1134,7 +1176,7 @@ std::vector<TraceDocument> tracesFromJsonLines(const std::string& text) {
         if (docs.size() >= static_cast<std::size_t>(kMaxTraceDocuments))
             throw Error(invalid("more than " + std::to_string(kMaxTraceDocuments) + " traces in one file"));
         try {
-            docs.push_back(std::move(readDocuments(line, false).front()));
+            docs.push_back(std::move(readDocuments(line, false, /*one_of_many=*/true).front()));
         } catch (const Error& e) {
             throw Error("line " + std::to_string(line_no) + ": " + e.what());
         }
