@@ -81,7 +81,8 @@ fi
 # ASAN_OPTIONS, and leaves out the float64 variants and the ops variants of the checkpoint, trainer and
 # reference tests, whose code the routing and generation tests' ops variants already run under it, and
 # tool_command_line_test, which starts each tool some forty times to parse a command line; the kernel tests
-# run at the CPU's own instruction-set level only, MODSCOPE_TEST_ISA_ROWS=native). The tokenizer
+# run at the CPU's own instruction-set level only, MODSCOPE_TEST_ISA_ROWS=native, and the trace and trainer
+# tests leave their runs of modscope-trace and modscope-train to the normal suite, MODSCOPE_TEST_SKIP_TOOLS). The tokenizer
 # module stays uninstrumented (DEVELOPERS.md).
 sanitizer_stage() {
     local t0=$SECONDS

@@ -50,6 +50,13 @@ std::unique_ptr<Model> makeCheckpoint(const std::string& dir, std::uint64_t seed
 // Runs /usr/bin/python3 (Debian's, which has torch) with a script; returns stdout, fails the test on error.
 QString runPython(const QString& script, const QStringList& args = {});
 
+// The sanitizer suite sets MODSCOPE_TEST_SKIP_TOOLS: each start of an instrumented command-line tool costs
+// seconds, the code those runs reach is tested in process too, and the normal suite runs the tools.
+inline bool toolRunsSkipped() { return qEnvironmentVariableIsSet("MODSCOPE_TEST_SKIP_TOOLS"); }
+#define MODSCOPE_SKIP_IF_NO_TOOL_RUNS()                                                                          \
+    if (modscope::test::toolRunsSkipped())                                                                       \
+    QSKIP("the command-line tool's runs are left to the normal suite here (MODSCOPE_TEST_SKIP_TOOLS)")
+
 }  // namespace modscope::test
 
 // main() of an engine test: the runtime set up as the tools set it (RuntimeOptions::forTools: the kernel backend

@@ -239,6 +239,7 @@ private Q_SLOTS:
     // `modscope-train --evaluate` on each bad checkpoint of tests/bad_files.cpp: exit 1 and one line on
     // stderr that names the problem.
     void cliEvaluateRefusesBadCheckpoints() {
+        MODSCOPE_SKIP_IF_NO_TOOL_RUNS();
         const auto good = QDir(dir_.path()).filePath("eval-good").toStdString();
         test::makeCheckpoint(good);
         const auto parent = QDir(dir_.path()).filePath("eval-bad");
@@ -259,6 +260,7 @@ private Q_SLOTS:
     }
 
     void cliInterruptAndResume() {
+        MODSCOPE_SKIP_IF_NO_TOOL_RUNS();
         const QString exe = QStringLiteral(MODSCOPE_BIN_DIR "/modscope-train");
         const auto base = QStringList{"--corpus", QString::fromStdString(corpus_), "--vocab", "300", "--d-model", "32",
                                       "--layers", "4", "--heads", "2", "--d-ff", "64", "--max-seq-len", "64",
