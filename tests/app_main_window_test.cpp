@@ -92,7 +92,8 @@ private:
                 QVERIFY2(bool(s->trace.layers[l].selected[step.position]) == bool(step.processed[l]),
                          qPrintable(QString("layer %1, position %2").arg(l).arg(step.position)));
         }
-        QTest::qWait(50);  // no run follows to replace it
+        // No run was asked for to replace it.
+        QVERIFY(!w.session()->isRunPending() && !w.isStale());
         QCOMPARE(w.snapshot(), s);
         QTemporaryDir out;
         QSignalSpy exported(&w, &MainWindow::exportFinished);
@@ -379,18 +380,15 @@ private Q_SLOTS:
     // Started on a model that cannot be opened (modscope --model BADDIR): the reason shows, in the banner and
     // where the heatmap would be, not a run failing for want of a model; while it opens, the heatmap says so.
     void aStartOnABadModelSaysWhy() {
-        MainWindow::Options o;
-        o.device = QStringLiteral("cpu");
-        MainWindow w(o);
-        w.resize(1400, 900);
-        w.show();
-        w.setPrompt(QStringLiteral("the river said"));
+        const auto window = apptest::showWindow(QStringLiteral("the river said"));
+        MainWindow& w = *window;
         QSignalSpy failed(&w, &MainWindow::modelLoadFailed);
         const QString bad = dir_.filePath(QStringLiteral("no-model-here"));
         w.openModel(bad);
         QVERIFY(w.heatmap()->placeholder().contains(QStringLiteral("Opening the model")));
         QVERIFY(failed.wait(kTimeoutMs));
-        QTest::qWait(100);  // a run queued behind the open would fail now
+        // The run the prompt asked for, queued behind the open, has been answered (and failed) by now.
+        QTRY_VERIFY_WITH_TIMEOUT(!w.session()->isRunPending(), kTimeoutMs);
         QVERIFY2(w.banner()->text().contains(QStringLiteral("Could not open the model")) &&
                      !w.banner()->text().contains(QStringLiteral("No model is loaded")),
                  qPrintable(w.banner()->text()));
@@ -835,7 +833,7 @@ private Q_SLOTS:
         QTest::qWait(50);
         QVERIFY(!w->generationControls()->isOneLine() || w->generationControls()->width() >= 600);
         w->resize(1600, 1000);
-        QTRY_VERIFY_WITH_TIMEOUT(side->width() >= predictor->sizeHint().width(), 2000);
+        QTRY_VERIFY_WITH_TIMEOUT(side->width() >= predictor->sizeHint().width(), kTimeoutMs);
         QVERIFY(w->generationControls()->isOneLine());
     }
 

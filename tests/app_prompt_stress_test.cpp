@@ -10,6 +10,7 @@
 #include <QTextCursor>
 
 #include "app_fixture.h"
+#include "app_window_fixture.h"
 #include "engine_session.h"
 #include "main_window.h"
 #include "message_banner.h"
@@ -97,12 +98,8 @@ private Q_SLOTS:
     }
 
     void thousandEditsWhileRunsAreInFlight() {
-        MainWindow::Options o;
-        o.device = QStringLiteral("cpu");
-        MainWindow w(o);
-        w.resize(1400, 900);
-        w.show();
-        w.setPrompt(QStringLiteral("the river"));
+        const auto window = apptest::showWindow(QStringLiteral("the river"));
+        MainWindow& w = *window;
         QSignalSpy loaded(&w, &MainWindow::modelChanged);
         w.openModel(model_dir_);
         QVERIFY(loaded.wait(kTimeoutMs));

@@ -1,4 +1,4 @@
-// A MainWindow for the app's tests: the fixture model loaded and its first run on screen.
+// A MainWindow for the app's tests: shown, and with the fixture model loaded and its first run on screen.
 #pragma once
 
 #include <QSettings>
@@ -21,10 +21,8 @@ inline bool waitForLiveRun(MainWindow& w, int timeout_ms) {
     return !w.isStale() && w.liveSnapshot() != nullptr;
 }
 
-// A shown 1400x900 window on the CPU with model_dir loaded and prompt's run shown; null if the model did
-// not load in time.
-inline std::unique_ptr<MainWindow> openFixtureWindow(const QString& model_dir, const QString& prompt, int timeout_ms,
-                                                     QSettings* settings = nullptr) {
+// A shown 1400x900 window on the CPU with prompt typed and no model opened yet.
+inline std::unique_ptr<MainWindow> showWindow(const QString& prompt, QSettings* settings = nullptr) {
     MainWindow::Options o;
     o.settings = settings;
     o.device = QStringLiteral("cpu");
@@ -32,6 +30,13 @@ inline std::unique_ptr<MainWindow> openFixtureWindow(const QString& model_dir, c
     w->resize(1400, 900);
     w->show();
     w->setPrompt(prompt);
+    return w;
+}
+
+// The same with model_dir loaded and prompt's run shown; null if the model did not load in time.
+inline std::unique_ptr<MainWindow> openFixtureWindow(const QString& model_dir, const QString& prompt, int timeout_ms,
+                                                     QSettings* settings = nullptr) {
+    auto w = showWindow(prompt, settings);
     QSignalSpy loaded(w.get(), &MainWindow::modelChanged);
     w->openModel(model_dir);
     if (!loaded.wait(timeout_ms)) return nullptr;

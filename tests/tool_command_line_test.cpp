@@ -2,34 +2,18 @@
 // --version exit 0, --flag=value means --flag value, a bad command line exits 2 with one line naming the
 // option, and a failure once the tool runs exits 1 with one line.
 #include <QDir>
-#include <QProcess>
 #include <QTemporaryDir>
 #include <QTest>
+
+#include "tool_run.h"
 
 namespace {
 
 const QString kBinDir = QStringLiteral(MODSCOPE_BIN_DIR);
 const QStringList kTools = {"modscope-train", "modscope-trace", "modscope-bench"};
 
-struct Result {
-    int code = -1;
-    QString out, err;
-};
-
-Result run(const QString& tool, const QStringList& args) {
-    QProcess p;
-    p.start(kBinDir + "/" + tool, args);
-    Result r;
-    if (!p.waitForFinished(120000)) {
-        p.kill();
-        p.waitForFinished();
-        r.err = "did not finish";
-        return r;
-    }
-    r.code = p.exitStatus() == QProcess::NormalExit ? p.exitCode() : -1;
-    r.out = QString::fromUtf8(p.readAllStandardOutput());
-    r.err = QString::fromUtf8(p.readAllStandardError());
-    return r;
+modscope::test::ToolRun run(const QString& tool, const QStringList& args) {
+    return modscope::test::runTool(kBinDir + "/" + tool, args, 120000);
 }
 
 // Exit `code`, nothing on stdout, and one line on stderr that starts with the tool's name and holds every one

@@ -25,6 +25,7 @@
 #include "bad_files.h"
 #include "file_size_limit.h"
 #include "test_support.h"
+#include "tool_run.h"
 
 using namespace modscope;
 
@@ -234,27 +235,9 @@ std::vector<std::string> awkwardPieces() {
 }
 
 
-struct CliResult {
-    int code = -1;
-    QString out, err;
-};
-
-CliResult runCli(const QStringList& args,
-                 const QProcessEnvironment& env = QProcessEnvironment::systemEnvironment()) {
-    QProcess p;
-    p.setProcessEnvironment(env);
-    p.start(kCli, args);
-    CliResult r;
-    if (!p.waitForFinished(180000)) {
-        p.kill();
-        p.waitForFinished();
-        r.err = "timed out";
-        return r;
-    }
-    r.code = p.exitStatus() == QProcess::NormalExit ? p.exitCode() : -1;
-    r.out = QString::fromUtf8(p.readAllStandardOutput());
-    r.err = QString::fromUtf8(p.readAllStandardError());
-    return r;
+test::ToolRun runCli(const QStringList& args,
+                     const QProcessEnvironment& env = QProcessEnvironment::systemEnvironment()) {
+    return test::runTool(kCli, args, 180000, env);
 }
 
 std::string readAll(const QString& path) {

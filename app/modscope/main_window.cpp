@@ -322,9 +322,8 @@ void MainWindow::buildActions() {
     return_live_action_ = make(tr("Return to &Live Model"), {}, &MainWindow::returnToLive);
     return_live_action_->setEnabled(false);
     pin_action_ = make(tr("&Pin Run"), {QKeySequence(Qt::CTRL | Qt::Key_P)}, &MainWindow::pinRun);
-    pin_action_->setToolTip(tr("Freeze the run shown and compare the view with it"));
     unpin_action_ = make(tr("&Unpin"), {QKeySequence(Qt::CTRL | Qt::SHIFT | Qt::Key_P)}, &MainWindow::unpin);
-    unpin_action_->setEnabled(false);
+    updatePinActions();
     export_json_action_ = make(tr("Export Trace as &JSON…"), {QKeySequence(Qt::CTRL | Qt::Key_E)},
                                [this] { chooseTraceExport(QStringLiteral("json")); });
     export_csv_action_ = make(tr("Export Trace as &CSV…"), {QKeySequence(Qt::CTRL | Qt::SHIFT | Qt::Key_E)},
@@ -505,22 +504,18 @@ void MainWindow::saveSettings() {
     QSettings& s = *options_.settings;
     // What the command line set is for that start only: stored values stay unless the user changed it since.
     const auto put = [&](const QString& key, const QVariant& value) {
-        if (start_only_.contains(key) && start_only_.value(key) == value) return;
+        if (start_only_.contains(key) && start_only_.value(key) == value) return false;
         s.setValue(key, value);
+        return true;
     };
     s.setValue(QStringLiteral("window/geometry"), saveGeometry());
     s.setValue(QStringLiteral("window/state"), saveState());
     put(QStringLiteral("view/theme"), preference(QStringLiteral("view/theme")));
     put(QStringLiteral("routing/mode"), preference(QStringLiteral("routing/mode")));
     // A capacity belongs to the model it was chosen for: another model starts at its own (training) capacity.
-    if (model_ && !model_->directory.empty()) {
-        const QVariant capacity = preference(QStringLiteral("routing/capacity"));
-        if (!(start_only_.contains(QStringLiteral("routing/capacity")) &&
-              start_only_.value(QStringLiteral("routing/capacity")) == capacity)) {
-            s.setValue(QStringLiteral("routing/capacity"), capacity);
-            s.setValue(QStringLiteral("routing/capacity_model"), QString::fromStdString(model_->directory));
-        }
-    }
+    if (model_ && !model_->directory.empty() &&
+        put(QStringLiteral("routing/capacity"), preference(QStringLiteral("routing/capacity"))))
+        s.setValue(QStringLiteral("routing/capacity_model"), QString::fromStdString(model_->directory));
     const auto g = generation_->settings();
     s.setValue(QStringLiteral("generation/tokens"), g.max_new_tokens);
     s.setValue(QStringLiteral("generation/temperature"), g.temperature);
@@ -680,9 +675,7 @@ void MainWindow::onPromptEdited() {
     // A typed edit ends the generated text's marking and the generation's trace.
     generated_from_byte_ = std::string::npos;
     endGenerationView();
-    stale_ = true;
-    prompt_->setStale(true);
-    heatmap_->setStale(true);
+    setStale(true);
     debounce_.start();
 }
 
@@ -695,9 +688,7 @@ void MainWindow::requestRun() {
     debounce_.stop();
     if (generating_ || closing_) return;  // the generation streams its own views
     if (!model_ && !session_->isLoading()) {
-        stale_ = false;
-        prompt_->setStale(false);
-        heatmap_->setStale(false);
+        setStale(false);
         return;
     }
     run_clock_.start();
@@ -732,16 +723,12 @@ void MainWindow::onRunFinished(const SnapshotPtr& snapshot) {
         pending_selection_.reset();
         heatmap_->selectCell(layer, token);
     }
-    stale_ = debounce_.isActive() || session_->isRunPending();
-    prompt_->setStale(stale_);
-    heatmap_->setStale(stale_);
+    setStale(debounce_.isActive() || session_->isRunPending());
     Q_EMIT runApplied(snapshot);
 }
 
 void MainWindow::onRunFailed(const QString& message) {
-    stale_ = debounce_.isActive() || session_->isRunPending();
-    prompt_->setStale(stale_);
-    heatmap_->setStale(stale_);
+    setStale(debounce_.isActive() || session_->isRunPending());
     // A run queued behind a model that failed to open: the failed open already said why, with its reason.
     if (!model_ && !session_->isLoading()) return;
     showError(tr("The run failed: %1").arg(message));
@@ -808,9 +795,7 @@ void MainWindow::startGeneration() {
     generated_from_byte_ = std::string::npos;
     generation_document_.reset();
     // The generation streams its own views from here on; nothing shown is waiting for a run.
-    stale_ = false;
-    heatmap_->setStale(false);
-    prompt_->setStale(false);
+    setStale(false);
     prompt_->setGenerating(true);
     prompt_->setOverflowFrom(-1);
     prompt_->setNotice(tr("Generating in causal mode: each routed layer's predictor decides for each new token."));
@@ -893,9 +878,7 @@ void MainWindow::onGenerationFinished(const GenerationSummary& summary) {
                                 : tr("Showing the causal routing the %1 generated tokens were sampled under.")
                                       .arg(summary.generated)) +
                            tr(" Edit the text or change the mode or capacity to run it again."));
-        stale_ = false;
-        prompt_->setStale(false);
-        heatmap_->setStale(false);
+        setStale(false);
         updateStatus();
     } else if (!closing_) {
         requestRun();  // nothing was generated: back to the chosen mode
@@ -1086,9 +1069,7 @@ void MainWindow::returnToLive() {
         heatmap_->setSnapshot(nullptr);
         updateCompare();
     }
-    stale_ = debounce_.isActive() || session_->isRunPending();
-    prompt_->setStale(stale_);
-    heatmap_->setStale(stale_);
+    setStale(debounce_.isActive() || session_->isRunPending());
     updateWindowTitle();
     updateStatus();
 }
@@ -1125,9 +1106,7 @@ void MainWindow::pinRun() {
         tokens_before_pin_ = snapshot_->tokens();
     }
     pinned_ = snapshot_;
-    unpin_action_->setEnabled(true);
-    pin_action_->setText(tr("Re&pin Run"));
-    pin_action_->setToolTip(tr("Replace the pinned run with the run shown"));
+    updatePinActions();
     if (first) {
         compare_dock_->show();
         compare_dock_->raise();
@@ -1149,12 +1128,23 @@ void MainWindow::pinRun() {
     diff_view_->plot()->replot(QCustomPlot::rpQueuedReplot);
 }
 
+void MainWindow::updatePinActions() {
+    unpin_action_->setEnabled(pinned_ != nullptr);
+    pin_action_->setText(pinned_ ? tr("Re&pin Run") : tr("&Pin Run"));
+    pin_action_->setToolTip(pinned_ ? tr("Replace the pinned run with the run shown")
+                                    : tr("Freeze the run shown and compare the view with it"));
+}
+
+void MainWindow::setStale(bool stale) {
+    stale_ = stale;
+    prompt_->setStale(stale);
+    heatmap_->setStale(stale);
+}
+
 void MainWindow::unpin() {
     if (!pinned_) return;
     pinned_.reset();
-    unpin_action_->setEnabled(false);
-    pin_action_->setText(tr("&Pin Run"));
-    pin_action_->setToolTip(tr("Freeze the run shown and compare the view with it"));
+    updatePinActions();
     compare_dock_->hide();
     // Before the zoom below: emptying the pinned view resets its range, which the linked zoom passes on.
     updateCompare();

@@ -132,6 +132,10 @@ protected:
 
 private:
     void regrowSideColumn();
+    // Pin Run's wording and Unpin's state follow whether a run is pinned.
+    void updatePinActions();
+    // Whether what is shown is older than what the editor and controls ask for: the flag and its marks.
+    void setStale(bool stale);
     // The value saveSettings would store under key ("view/theme", "routing/mode", "routing/capacity",
     // "prompt/text").
     QVariant preference(const QString& key) const;
