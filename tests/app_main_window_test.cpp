@@ -2,6 +2,7 @@
 // exports, a broken model, generation, awkward prompts and closing mid-run.
 #include <QAction>
 #include <QComboBox>
+#include <QDoubleSpinBox>
 #include <QDockWidget>
 #include <QFile>
 #include <QImage>
@@ -30,6 +31,9 @@
 #include "engine_session.h"
 #include "engine_worker.h"
 #include "generation_controls.h"
+#include "layer_capacity_editor.h"
+#include "routing_controls.h"
+#include "routing_heatmap.h"
 #include "main_window.h"
 #include "message_banner.h"
 #include "modscope/engine.h"
@@ -178,6 +182,61 @@ private Q_SLOTS:
             QCOMPARE(int(bars[3]), k);
             QCOMPARE(w->routingControls()->spinBox()->value(), tenths / 10.0);
         }
+    }
+
+    // A routed layer given its own capacity in the per-layer popup runs at it, and the export says so.
+    void aLayerCanRunAtItsOwnCapacity() {
+        auto w = makeWindow(QStringLiteral("the model of the river said that every token is a fortune cookie and "
+                                           "the light of the house is time"));
+        QVERIFY(w);
+        const int T = w->snapshot()->tokens();
+        w->setCapacity(0.125);
+        QVERIFY(waitForRun(*w));
+        auto* spin = w->routingControls()->layerEditor()->spinBox(3);
+        QVERIFY(spin);
+        QVERIFY(w->routingControls()->layerEditor()->spinBox(2) == nullptr);  // a full layer
+        spin->setValue(50.0);
+        QVERIFY(waitForRun(*w));
+        const auto& layers = w->snapshot()->trace.layers;
+        QCOMPARE(layers[3].k, capacityToK(0.5, T));
+        QCOMPARE(layers[3].processed, capacityToK(0.5, T));
+        QCOMPARE(layers[1].k, capacityToK(0.125, T));
+        QVERIFY2(w->heatmap()->title().contains(QStringLiteral("capacity 12.5% (L3 50%)")), qPrintable(w->heatmap()->title()));
+        QCOMPARE(int(w->capacityChart()->processedBars()[3]), capacityToK(0.5, T));
+        QTemporaryDir out;
+        QSignalSpy done(w.get(), &MainWindow::exportFinished);
+        const QString json = out.filePath(QStringLiteral("layer.json"));
+        w->exportTrace(json);
+        QTRY_COMPARE_WITH_TIMEOUT(done.count(), 1, kTimeoutMs);
+        const auto doc = loadTrace(json.toStdString());
+        QCOMPARE(doc.run.layers[3].capacity, 0.5);
+        QCOMPARE(doc.run.layers[1].capacity, 0.125);
+        QCOMPARE(doc.run.layers[3].k, capacityToK(0.5, T));
+        QVERIFY(!doc.run.layers[3].update_ratio.empty());
+        // Back to the slider: every routed layer at the run's capacity again.
+        spin->setValue(spin->minimum());
+        QVERIFY(waitForRun(*w));
+        QCOMPARE(w->snapshot()->trace.layers[3].k, capacityToK(0.125, T));
+    }
+
+    // With a run pinned, the live and the pinned heatmap share one colour range; a fixed range holds for both.
+    void pinnedAndLiveHeatmapsShareTheColourScale() {
+        auto w = makeWindow(QStringLiteral("fire and water, light and dark: the house by the river"));
+        QVERIFY(w);
+        w->pinRun();
+        w->setPrompt(QStringLiteral("and the light of the house is time, said the river unto the model"));
+        QVERIFY(waitForRun(*w));
+        QCOMPARE(w->pinnedHeatmap()->colorMap()->dataRange(), w->heatmap()->colorMap()->dataRange());
+        w->fixColorScaleAtCurrentRange();
+        const auto fixed = w->heatmap()->colorMap()->dataRange();
+        QCOMPARE(w->pinnedHeatmap()->colorMap()->dataRange(), fixed);
+        QCOMPARE(fixed.lower, std::floor(fixed.lower));
+        w->setPrompt(QStringLiteral("a short one"));
+        QVERIFY(waitForRun(*w));
+        QCOMPARE(w->heatmap()->colorMap()->dataRange(), fixed);
+        w->setColorScale({HeatmapColorScale::Mode::PerLayer});
+        QVERIFY(w->pinnedHeatmap()->colorScale().mode == HeatmapColorScale::Mode::PerLayer);
+        QCOMPARE(w->heatmap()->colorMap()->dataRange(), QCPRange(0.0, 1.0));
     }
 
     void causalModeUpdatesThePredictorPanel() {
@@ -835,6 +894,26 @@ private Q_SLOTS:
         w->resize(1600, 1000);
         QTRY_VERIFY_WITH_TIMEOUT(side->width() >= predictor->sizeHint().width(), kTimeoutMs);
         QVERIFY(w->generationControls()->isOneLine());
+
+        // Pinned on a laptop screen: the window still fits, and both heatmaps keep room for their rows.
+        w->resize(1366, 720);
+        QTest::qWait(50);
+        w->pinRun();
+        QTest::qWait(50);
+        QVERIFY2(fits(), qPrintable(QStringLiteral("pinned: minimum %1x%2").arg(w->layout()->minimumSize().width())
+                                        .arg(w->layout()->minimumSize().height())));
+        QCOMPARE(w->height(), 720);
+        QVERIFY(w->pinnedHeatmap()->isCompact());
+        auto* compare = w->findChild<QDockWidget*>(QStringLiteral("compare-dock"));
+        QVERIFY(compare && compare->isVisible() && !compare->visibleRegion().isEmpty());
+        for (RoutingHeatmap* h : {w->heatmap(), w->pinnedHeatmap()}) {
+            const int row = h->axisRect()->height() / std::max(1, h->rowCount());
+            QVERIFY2(row >= 8, qPrintable(QStringLiteral("%1: %2 px a row").arg(h->objectName()).arg(row)));
+        }
+        w->unpin();
+        QTest::qWait(50);
+        QVERIFY(!compare->isVisible());
+        QVERIFY(w->findChild<QDockWidget*>(QStringLiteral("depth-dock"))->isVisible());
     }
 
     // Pinning gives the compare dock room without taking the heatmap's rows; unpinning puts the window and
@@ -881,15 +960,22 @@ private Q_SLOTS:
             QVERIFY(!w->findChild<QDockWidget*>(QStringLiteral("depth-dock"))->isVisible());
             QVERIFY(w->routingControls()->mode() == RoutingMode::Causal);
             QVERIFY(w->snapshot()->trace.mode == RoutingMode::Causal);
-            // The capacity is kept for the model it was chosen on.
+            // The capacity is kept for the model it was chosen on, and so are the layers' own.
             w->setCapacity(0.3);
             QVERIFY(waitForRun(*w));
+            w->routingControls()->setLayerCapacities({-1.0, 0.75});
+            QVERIFY(waitForRun(*w));
+            w->setColorScale({HeatmapColorScale::Mode::Fixed, -2.0, 6.0});
             QVERIFY(w->close());
         }
         {
             auto w = makeWindow(QStringLiteral("and again"), &settings);
             QVERIFY(w);
             QCOMPARE(w->routingControls()->capacity(), 0.3);
+            QCOMPARE(w->routingControls()->layerCapacities(), (std::vector<double>{-1.0, 0.75}));
+            QCOMPARE(w->snapshot()->trace.layers[1].capacity, 0.75);
+            QVERIFY(w->colorScale() == (HeatmapColorScale{HeatmapColorScale::Mode::Fixed, -2.0, 6.0}));
+            QCOMPARE(w->heatmap()->colorMap()->dataRange(), QCPRange(-2.0, 6.0));
             // Options from the command line hold for that start only; what the user changes is kept.
             w->setTheme(ThemeChoice::Dark);
             w->setCapacity(0.5);

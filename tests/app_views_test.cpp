@@ -9,6 +9,11 @@
 #include <random>
 
 #include "capacity_chart.h"
+#include "cell_details_panel.h"
+#include "layer_capacity_editor.h"
+#include "piece_text.h"
+#include <QTableWidget>
+#include <QToolButton>
 #include "ratio_meter.h"
 #include "routing_controls.h"
 #include "figure_export.h"
@@ -69,6 +74,7 @@ SnapshotPtr synthetic(int T, int L, double capacity, std::uint64_t seed = 1) {
             layer.processed = T;
         }
         for (int t = 0; t < T; ++t) s->depth[t] += layer.selected[t];
+        for (int t = 0; t < T; ++t) layer.update_ratio.push_back(layer.selected[t] ? 0.05f + 0.01f * float(t % 7) : 0.0f);
         s->trace.layers.push_back(std::move(layer));
     }
     s->kv_cache_bytes = 1000;
@@ -193,6 +199,170 @@ private Q_SLOTS:
         QVERIFY(!controls.offTrainingNoteShown());
         controls.setMode(RoutingMode::Causal);
         QVERIFY(controls.offTrainingNoteShown());
+    }
+
+    // Colour scales: one range for all layers, each layer its own, or a fixed range that no run moves; beside a
+    // companion run the range covers both.
+    void colorScalesMapLogitsAsChosen() {
+        RoutingHeatmap heatmap;
+        heatmap.resize(1000, 400);
+        heatmap.show();
+        QVERIFY(QTest::qWaitForWindowExposed(&heatmap));
+        const auto s = synthetic(60, 6, 0.25, 3);
+        auto big = std::make_shared<RoutingSnapshot>(*s);  // layer 3's logits ten times larger
+        for (auto& v : big->trace.layers[3].router_logits) v *= 10.0f;
+        heatmap.setSnapshot(big);
+        const auto range = [](const LayerTrace& l) {
+            const auto [lo, hi] = std::minmax_element(l.router_logits.begin(), l.router_logits.end());
+            return std::pair<double, double>(*lo, *hi);
+        };
+        // Shared: the whole map spans every routed layer's logits, so layer 1 uses a sliver of the gradient.
+        auto shared = heatmap.colorMap()->dataRange();
+        QCOMPARE(shared.lower, std::min({range(big->trace.layers[1]).first, range(big->trace.layers[3]).first,
+                                         range(big->trace.layers[5]).first}));
+        QCOMPARE(shared.upper, range(big->trace.layers[3]).second);
+        // Per layer: cells hold 0 ... 1 of their own layer's range.
+        heatmap.setColorScale({HeatmapColorScale::Mode::PerLayer});
+        QCOMPARE(heatmap.colorMap()->dataRange(), QCPRange(0.0, 1.0));
+        heatmap.replot(QCustomPlot::rpImmediateRefresh);
+        QCOMPARE(heatmap.tokensPerColumn(), 1);
+        for (int l : {1, 3, 5}) {
+            double lo = 1e9, hi = -1e9;
+            for (int c = 0; c < heatmap.colorMap()->data()->keySize(); ++c) {
+                const double v = heatmap.colorMap()->data()->cell(c, l);
+                lo = std::min(lo, v), hi = std::max(hi, v);
+            }
+            QVERIFY2(std::abs(lo) < 1e-9 && std::abs(hi - 1.0) < 1e-9, qPrintable(QString("layer %1: %2 .. %3").arg(l).arg(lo).arg(hi)));
+            QCOMPARE(heatmap.logitRange(l).lower, range(big->trace.layers[l]).first);
+        }
+        // Fixed: the range stays through other runs.
+        heatmap.setColorScale({HeatmapColorScale::Mode::Fixed, -3.0, 4.0});
+        QCOMPARE(heatmap.colorMap()->dataRange(), QCPRange(-3.0, 4.0));
+        heatmap.setSnapshot(s);
+        QCOMPARE(heatmap.colorMap()->dataRange(), QCPRange(-3.0, 4.0));
+        QCOMPARE(heatmap.colorMap()->data()->cell(5, 1), double(s->trace.layers[1].router_logits[5]));
+        // Shared beside a companion: the range of both runs, whichever side it is drawn on.
+        heatmap.setColorScale({});
+        heatmap.setSnapshot(s);
+        const auto alone = heatmap.colorMap()->dataRange();
+        heatmap.setScaleCompanion(big);
+        QCOMPARE(heatmap.colorMap()->dataRange(), shared);
+        QVERIFY(heatmap.colorMap()->dataRange().size() > alone.size());
+        RoutingHeatmap other;
+        other.setSnapshot(big);
+        other.setScaleCompanion(s);
+        QCOMPARE(other.colorMap()->dataRange(), heatmap.colorMap()->dataRange());
+    }
+
+    // Thinned token labels go to the tokens the most layers processed, never closer than the step.
+    void thinnedTokenLabelsPreferProcessedTokens() {
+        TokenAxisTicker ticker;
+        QVector<QString> labels;
+        for (int i = 0; i < 40; ++i) labels << QString::number(i);
+        ticker.setLabels(labels);
+        QVector<int> depth(40, 3);
+        depth[7] = 5;
+        depth[23] = 6;
+        depth[24] = 5;  // next to a deeper one: no room for both at step 5
+        ticker.setPriorities(depth);
+        ticker.setStep(5);
+        const auto labelled = ticker.labelled();
+        QVERIFY(labelled.contains(7));
+        QVERIFY(labelled.contains(23));
+        QVERIFY(!labelled.contains(24));
+        for (int i = 1; i < labelled.size(); ++i) QVERIFY(labelled[i] - labelled[i - 1] >= 5);
+        QVERIFY(labelled.size() >= 40 / 10);
+        // On a heatmap: the routed layers' processed tokens keep their labels when thinned.
+        RoutingHeatmap heatmap;
+        heatmap.resize(500, 400);
+        heatmap.show();
+        QVERIFY(QTest::qWaitForWindowExposed(&heatmap));
+        const auto s = synthetic(300, 4, 0.05, 4);
+        heatmap.setSnapshot(s);
+        heatmap.replot(QCustomPlot::rpImmediateRefresh);
+        heatmap.replot(QCustomPlot::rpImmediateRefresh);
+        QVERIFY(heatmap.tokenTicker()->step() > 1);
+        int deepest_labelled = 0, deepest = 0;
+        const auto ticks = heatmap.xAxis->tickVector();
+        for (int t = 0; t < s->tokens(); ++t) deepest += s->depth[t] >= 3 ? 1 : 0;  // a routed layer took it
+        for (double t : ticks) deepest_labelled += s->depth[int(t)] >= 3 ? 1 : 0;
+        // Every-step-th labels would catch about deepest / step of them.
+        QVERIFY2(deepest_labelled > deepest / heatmap.tokenTicker()->step() + 1,
+                 qPrintable(QString("%1 of %2 at step %3").arg(deepest_labelled).arg(deepest).arg(heatmap.tokenTicker()->step())));
+    }
+
+    // A byte token shows the same on the axis as in the token strip: its character where it begins one.
+    void byteTokensShowTheirCharacter() {
+        QCOMPARE(tokenLabel("<0x2B>", "+"), QStringLiteral("+"));
+        QCOMPARE(pieceLabel("<0x2B>"), QStringLiteral("+"));
+        QCOMPARE(tokenLabel("<0xC3>", "\xc3\xa9"), QStringLiteral("é"));
+        QCOMPARE(tokenLabel("<0xA9>", ""), QStringLiteral("⟨A9⟩"));
+        QCOMPARE(tokenLabel("<0x0A>", "\n"), QStringLiteral("↵"));
+        QCOMPARE(tokenLabel("\xe2\x96\x81Lord", " Lord"), QStringLiteral("␣Lord"));
+    }
+
+    // The gate and each token's update appear in the hover and the details table; a layer with a capacity of
+    // its own says so there, on its label and in the title.
+    void gateUpdateAndLayerCapacityAreShown() {
+        auto s = std::make_shared<RoutingSnapshot>(*synthetic(40, 4, 0.25, 5));
+        s->trace.layers[3].capacity = 0.5;
+        RoutingHeatmap heatmap;
+        heatmap.resize(900, 500);
+        heatmap.show();
+        QVERIFY(QTest::qWaitForWindowExposed(&heatmap));
+        heatmap.setSnapshot(s);
+        heatmap.replot(QCustomPlot::rpImmediateRefresh);
+        const auto& l1 = s->trace.layers[1];
+        int processed = 0, skipped = 0;
+        for (int t = 0; t < 40; ++t) (l1.selected[t] ? processed : skipped) = t;
+        const QString gate = QString::number(1.0 / (1.0 + std::exp(-double(l1.router_logits[processed]))), 'f', 3);
+        const QString hover = heatmap.cellSummary(1, processed);
+        QVERIFY2(hover.contains(QStringLiteral("gate")) && hover.contains(gate), qPrintable(hover));
+        QVERIFY2(hover.contains(QString::number(l1.update_ratio[processed], 'f', 3) + QStringLiteral(" (|Δx| / |x|)")),
+                 qPrintable(hover));
+        QVERIFY(heatmap.cellSummary(1, skipped).contains(QStringLiteral("skipped: the token rides the residual stream")));
+        QVERIFY(heatmap.cellSummary(0, 3).contains(QString::number(s->trace.layers[0].update_ratio[3], 'f', 3)));
+        QVERIFY(heatmap.cellSummary(3, 3).contains(QStringLiteral("its own capacity, 50%")));
+        QVERIFY2(heatmap.title().contains(QStringLiteral("capacity 25% (L3 50%)")), qPrintable(heatmap.title()));
+        QVERIFY(heatmap.layerTicker()->labels().contains(QStringLiteral("L3 50%")));
+        CellDetailsPanel details;
+        details.setSnapshot(s);
+        details.setCell(1, processed);
+        auto* table = details.table();
+        int gate_col = -1, update_col = -1;
+        for (int c = 0; c < table->columnCount(); ++c) {
+            if (table->horizontalHeaderItem(c)->text() == QStringLiteral("Gate")) gate_col = c;
+            if (table->horizontalHeaderItem(c)->text() == QStringLiteral("Δx/x")) update_col = c;
+        }
+        QVERIFY(gate_col >= 0 && update_col >= 0);
+        const int row1 = 4 - 1 - 1;  // top row = last layer
+        QCOMPARE(table->item(row1, gate_col)->text(), gate);
+        QCOMPARE(table->item(row1, update_col)->text(), QString::number(l1.update_ratio[processed], 'f', 3));
+        QCOMPARE(table->item(0, 0)->text(), QStringLiteral("L3 routed · 50%"));
+        QCOMPARE(table->item(3, gate_col)->text(), QStringLiteral("–"));  // layer 0 is full
+    }
+
+    // The per-layer popup: a routed layer's own capacity, "slider" for the others, and a reset.
+    void layerCapacityEditorGivesLayersTheirOwn() {
+        RoutingControls controls;
+        controls.setTrainedCapacity(0.125);
+        controls.setCapacity(0.125);
+        controls.setLayers(6, {1, 3, 5});
+        QVERIFY(controls.layerCapacities().empty());
+        QCOMPARE(controls.layerButton()->text(), QStringLiteral("Per layer"));
+        int changes = 0;
+        connect(&controls, &RoutingControls::layerCapacitiesChanged, this, [&] { ++changes; });
+        controls.layerEditor()->spinBox(3)->setValue(25.0);
+        QCOMPARE(changes, 1);
+        QCOMPARE(controls.layerCapacities(), (std::vector<double>{-1.0, -1.0, -1.0, 0.25}));
+        QCOMPARE(controls.layerButton()->text(), QStringLiteral("Per layer (1)"));
+        QVERIFY(controls.offTrainingNoteShown());  // layer 3 is away from its training capacity
+        QVERIFY(controls.layerEditor()->spinBox(2) == nullptr);
+        QCOMPARE(controls.layerEditor()->spinBox(1)->text(), QStringLiteral("slider"));
+        controls.setLayerCapacities({});
+        QCOMPARE(changes, 2);
+        QVERIFY(controls.layerCapacities().empty());
+        QVERIFY(!controls.offTrainingNoteShown());
     }
 
     void hoverTextNamesEverything() {

@@ -121,6 +121,90 @@ private Q_SLOTS:
         }
     }
 
+    // A traced run's update_ratio is |x_out - x_in| / |x_in| per layer and token, computed here from the
+    // residual stream in double: 0 exactly where a routed layer skipped the token, positive elsewhere.
+    void updateRatioMeasuresEachLayersChange() {
+        auto model = test::createModel(test::tinyConfig(), 4);
+        test::balancePredictors(*model, test::randomIds(48, 300, 6));
+        auto& net = *internals(*model).net;
+        const auto ids = test::randomIds(48, 300, 6);
+        for (auto mode : {RoutingMode::TopK, RoutingMode::Causal}) {
+            RunOptions ro;
+            ro.mode = mode;
+            ro.capacity = 0.25;
+            const auto trace = model->run(ids, ro);
+            std::vector<torch::Tensor> residuals;
+            {
+                torch::NoGradGuard guard;
+                nn::ForwardOptions fo;
+                fo.mode = mode;
+                fo.capacity = 0.25;
+                fo.setCausalRule(model->config());
+                fo.residuals = &residuals;
+                net.hidden(test::idsTensor(ids), fo);
+            }
+            for (int li = 0; li < 4; ++li) {
+                const auto& l = trace.layers[li];
+                QCOMPARE(int(l.update_ratio.size()), 48);
+                const auto before = residuals[li][0].to(torch::kDouble), after = residuals[li + 1][0].to(torch::kDouble);
+                const auto expected = (after - before).norm(2, -1) / before.norm(2, -1);
+                for (int t = 0; t < 48; ++t) {
+                    const double want = expected[t].item<double>();
+                    const float got = l.update_ratio[t];
+                    if (l.routed && !l.selected[t]) {
+                        QCOMPARE(got, 0.0f);
+                        continue;
+                    }
+                    QVERIFY2(got > 0 && std::abs(got - want) <= 1e-4 * want + 1e-6,
+                             qPrintable(QString("layer %1 token %2: %3, expected %4").arg(li).arg(t).arg(got).arg(want)));
+                }
+            }
+        }
+        // Without the per-token trace there is none.
+        RunOptions bare;
+        bare.per_token_routing = false;
+        QVERIFY(model->run(ids, bare).layers[1].update_ratio.empty());
+    }
+
+    // A routed layer given its own capacity takes k from it; the others keep the run's. Layer 1 sees what a
+    // run at its capacity would give it (layer 0 before it is full), so it selects the same tokens.
+    void layerCapacityGivesALayerItsOwnK() {
+        auto model = tinyModelWithCausalRule(8);
+        const auto ids = test::randomIds(40, 300, 9);
+        for (auto mode : {RoutingMode::TopK, RoutingMode::Causal}) {
+            RunOptions own;
+            own.mode = mode;
+            own.capacity = 0.125;
+            own.layer_capacity = {-1.0, 0.5};
+            const auto a = model->run(ids, own);
+            RunOptions half;
+            half.mode = mode;
+            half.capacity = 0.5;
+            const auto b = model->run(ids, half);
+            QCOMPARE(a.layers[1].k, capacityToK(0.5, 40));
+            QCOMPARE(a.layers[1].capacity, 0.5);
+            QCOMPARE(a.layers[3].k, capacityToK(0.125, 40));
+            QCOMPARE(a.layers[3].capacity, 0.125);
+            QCOMPARE(a.capacity, 0.125);
+            QCOMPARE(a.layers[1].selected, b.layers[1].selected);
+            QCOMPARE(a.layers[1].predictor_selected, b.layers[1].predictor_selected);
+            if (mode == RoutingMode::TopK) QCOMPARE(a.layers[1].processed, capacityToK(0.5, 40));
+        }
+        // The FLOPs count what each layer processed.
+        RunOptions skip;
+        skip.layer_capacity = {-1.0, 0.0, -1.0, 1.0};
+        const auto t = model->run(ids, skip);
+        QCOMPARE(t.layers[1].processed, 1);  // k >= 1 (capacityToK)
+        QCOMPARE(t.layers[3].processed, 40);
+        QCOMPARE(t.flops, forwardFlops(model->config(), 40, {40, 1, 40, 40}, 1));
+        // More capacities than layers, or one that is not a number, is an error.
+        RunOptions bad;
+        bad.layer_capacity.assign(5, 0.5);
+        QVERIFY_THROWS_EXCEPTION(Error, model->run(ids, bad));
+        bad.layer_capacity = {std::nan("")};
+        QVERIFY_THROWS_EXCEPTION(Error, model->run(ids, bad));
+    }
+
     void capacityOneEqualsDenseComputation() {
         auto model = test::createModel(test::tinyConfig(), 3);
         auto& net = *internals(*model).net;

@@ -65,6 +65,7 @@ void compareDocuments(const TraceDocument& a, const TraceDocument& b) {
     QCOMPARE(a.original_bytes, b.original_bytes);
     QCOMPARE(a.prompt_index, b.prompt_index);
     QCOMPARE(a.prompt_id, b.prompt_id);
+    QCOMPARE(a.prompt_id_integer, b.prompt_id_integer);
     QCOMPARE(a.tokens.size(), b.tokens.size());
     for (std::size_t i = 0; i < a.tokens.size(); ++i) {
         QCOMPARE(a.tokens[i].id, b.tokens[i].id);
@@ -97,6 +98,10 @@ void compareDocuments(const TraceDocument& a, const TraceDocument& b) {
         QCOMPARE(x.predictor_selected, y.predictor_selected);
         QCOMPARE(x.rank, y.rank);
         QVERIFY(sameFloat(x.topk_threshold, y.topk_threshold));
+        QVERIFY2(sameFloats(x.update_ratio, y.update_ratio), qPrintable(QString("layer %1 update_ratio").arg(li)));
+        if (x.routed) {  // what the layer ran at: its own capacity, else the run's
+            QVERIFY(sameBits(x.capacity >= 0 ? x.capacity : ra.capacity, y.capacity >= 0 ? y.capacity : rb.capacity));
+        }
     }
     QCOMPARE(a.generation.has_value(), b.generation.has_value());
     if (!a.generation) return;
@@ -199,6 +204,8 @@ TraceDocument craftDocument(const std::vector<std::string>& pieces,
             l.selected = l.topk_selected;
         }
         l.processed = static_cast<int>(std::count(l.selected.begin(), l.selected.end(), 1));
+        for (int t = 0; t < T; ++t)
+            l.update_ratio.push_back(l.selected[t] ? static_cast<float>((t * 13 + li) % 17 + 1) / 7.0f : 0.0f);
         processed.push_back(l.processed);
         d.run.layers.push_back(l);
     }
@@ -458,7 +465,7 @@ private Q_SLOTS:
         const auto header = errorOf([] { traceRowsFromCsv("x,y\r\n1,2\r\n"); });
         QVERIFY2(header.find("header should be") != std::string::npos, header.c_str());
         auto csv = traceToCsv(craftDocument({"a", "b", "c", "d"}));
-        csv.replace(csv.find(",prompt\r\n"), 9, ",later\r\n");
+        csv.replace(csv.find(",prompt,"), 8, ",later,");
         const auto phase = errorOf([&] { traceRowsFromCsv(csv); });
         QVERIFY2(phase.find("CSV row 2, phase") != std::string::npos, phase.c_str());
     }
@@ -569,14 +576,92 @@ private Q_SLOTS:
         QVERIFY2(line == "line 1: invalid trace: trace: expected an object, found an array", line.c_str());
     }
 
+    // A trace of the first version (no update_ratio, gate or per-layer capacity; prompt_id always a string)
+    // still reads, and is written back in this version with update_ratio null.
+    void firstVersionStillReads() {
+        auto doc = craftDocument({"a", "b", "c", "d"});
+        doc.prompt_index = 4;
+        doc.prompt_id = "17";
+        auto j = nlohmann::json::parse(traceToJson(doc));
+        j["schema"] = "modscope.trace/1";
+        for (auto& l : j["layers"]) {
+            l.erase("update_ratio");
+            l.erase("gate");
+            l.erase("capacity");
+        }
+        const auto v1 = traceFromJson(j.dump());
+        QCOMPARE(v1.schema, std::string("modscope.trace/1"));
+        QCOMPARE(v1.prompt_id, std::string("17"));
+        QVERIFY(!v1.prompt_id_integer);
+        for (const auto& l : v1.run.layers) {
+            QVERIFY(l.update_ratio.empty());
+            if (l.routed) QCOMPARE(l.capacity, 0.25);
+        }
+        const auto again = nlohmann::json::parse(traceToJson(v1));
+        QCOMPARE(again["schema"].get<std::string>(), std::string("modscope.trace/2"));
+        QVERIFY(again["layers"][0]["update_ratio"].is_null());
+        QVERIFY(traceFromJson(again.dump()).run.layers[0].update_ratio.empty());
+        // The first version wrote ids as strings only: a number there is refused.
+        j["prompt_id"] = 17;
+        const auto msg = errorOf([&] { traceFromJson(j.dump()); });
+        QVERIFY2(msg.find("prompt_id: expected a string") != std::string::npos, msg.c_str());
+    }
+
+    // A batch's integer id stays an integer, in JSON and back; CSV gives it a column.
+    void batchIdsKeepTheirType() {
+        auto doc = craftDocument({"x", "y"});
+        doc.prompt_index = 2;
+        doc.prompt_id = "-12";
+        doc.prompt_id_integer = true;
+        const auto text = traceToJson(doc);
+        QVERIFY2(text.find("\"prompt_id\": -12,") != std::string::npos, text.c_str());
+        const auto back = traceFromJson(text);
+        QVERIFY(back.prompt_id_integer);
+        QCOMPARE(back.prompt_id, std::string("-12"));
+        auto named = doc;
+        named.prompt_id = "-12";
+        named.prompt_id_integer = false;
+        QVERIFY(traceToJson(named).find("\"prompt_id\": \"-12\",") != std::string::npos);
+        QVERIFY(!traceFromJson(traceToJson(named)).prompt_id_integer);
+        const auto rows = traceRowsFromCsv(tracesToCsv({doc, named}));
+        QVERIFY(!rows.empty());
+        for (const auto& r : rows) QCOMPARE(r.prompt_id, std::string("-12"));
+        QCOMPARE(rows.front().prompt_index, 2);
+    }
+
+    // A routed layer that ran at its own capacity says so, and its k is checked against that capacity.
+    void layerCapacityIsRecordedAndChecked() {
+        auto doc = craftDocument({"a", "b", "c", "d", "e", "f", "g", "h"});
+        auto& l1 = doc.run.layers[1];
+        QVERIFY(l1.routed);
+        l1.capacity = 0.5;
+        l1.k = capacityToK(0.5, 8);
+        l1.topk_selected.assign(8, 0);
+        for (int t = 0; t < 8; ++t) l1.topk_selected[t] = l1.rank[t] < l1.k ? 1 : 0;
+        l1.selected = l1.topk_selected;
+        l1.processed = l1.k;
+        l1.topk_threshold = 0.0f;
+        for (int t = 0; t < 8; ++t)
+            if (l1.rank[t] == l1.k - 1) l1.topk_threshold = l1.router_logits[t];
+        const auto back = traceFromJson(traceToJson(doc));
+        QCOMPARE(back.run.layers[1].capacity, 0.5);
+        QCOMPARE(back.run.layers[1].k, 4);
+        QCOMPARE(back.run.layers[3].capacity, 0.25);  // the run's
+        auto j = nlohmann::json::parse(traceToJson(doc));
+        j["layers"][1]["capacity"] = 0.75;
+        const auto msg = errorOf([&] { traceFromJson(j.dump()); });
+        QVERIFY2(msg.find("layers[1].k: 4, but the layer's capacity 0.75 of 8 tokens gives 6") != std::string::npos,
+                 msg.c_str());
+    }
+
     void unknownSchemaIsRefused() {
         auto text = traceToJson(craftDocument({"a", "b"}));
-        const std::string v1 = "\"modscope.trace/1\"";
-        text.replace(text.find(v1), v1.size(), "\"modscope.trace/2\"");
+        const std::string v2 = "\"modscope.trace/2\"";
+        text.replace(text.find(v2), v2.size(), "\"modscope.trace/3\"");
         const auto msg = errorOf([&] { traceFromJson(text); });
-        QVERIFY2(msg.find("unsupported trace schema \"modscope.trace/2\"") != std::string::npos, msg.c_str());
-        QVERIFY2(msg.find("reads \"modscope.trace/1\"") != std::string::npos, msg.c_str());
-        const auto file = path("v2.json");
+        QVERIFY2(msg.find("unsupported trace schema \"modscope.trace/3\"") != std::string::npos, msg.c_str());
+        QVERIFY2(msg.find("reads \"modscope.trace/2\" and \"modscope.trace/1\"") != std::string::npos, msg.c_str());
+        const auto file = path("v3.json");
         writeAll(file, text);
         const auto from_file = errorOf([&] { loadTrace(file.toStdString()); });
         QVERIFY2(from_file.find(file.toStdString() + ": unsupported trace schema") == 0, from_file.c_str());
@@ -762,9 +847,13 @@ private Q_SLOTS:
         gen.generate_tokens = 5;
         gen.generation.seed = 9;
         gen.generation.temperature = 0.7f;
+        TraceRequest layers;  // the tiny model routes layers 1 and 3
+        layers.capacity = 0.5;
+        layers.layer_capacity = {-1.0, 0.25, -1.0, 1.0};
         const std::vector<Case> cases = {
             {{}, TraceRequest{}},
             {{"--mode", "causal", "--capacity", "0.5"}, causal},
+            {{"--capacity", "1:0.25,0.5,3:1"}, layers},
             {{"--generate", "5", "--seed", "9", "--temperature", "0.7"}, gen},
         };
         for (std::size_t c = 0; c < cases.size(); ++c) {
@@ -779,6 +868,12 @@ private Q_SLOTS:
             compareDocuments(withoutTiming(expected), withoutTiming(from_cli));
             if (QTest::currentTestFailed()) return;
             QCOMPARE(traceToJson(withoutTiming(from_cli)), traceToJson(withoutTiming(expected)));
+            if (!cases[c].req.layer_capacity.empty()) {
+                const int T = static_cast<int>(from_cli.tokens.size());
+                QCOMPARE(from_cli.run.layers[1].k, capacityToK(0.25, T));
+                QCOMPARE(from_cli.run.layers[3].k, T);
+                QVERIFY2(r.out.contains("layer capacities 1: 0.25, 3: 1"), qPrintable(r.out));
+            }
             r = runCli(common + cases[c].args + QStringList{"--out", csv, "--quiet"});
             QVERIFY2(r.code == 0, qPrintable(r.err));
             QVERIFY(r.out.isEmpty());
@@ -814,6 +909,7 @@ private Q_SLOTS:
             auto expected = traceModel(*model_, prompts[i], {});
             expected.prompt_index = int(i);
             expected.prompt_id = ids[i];
+            expected.prompt_id_integer = i == 2;  // {"id": 3} in, "prompt_id": 3 out
             compareDocuments(withoutTiming(expected), withoutTiming(batch[i]));
             if (QTest::currentTestFailed()) return;
         }
@@ -827,15 +923,24 @@ private Q_SLOTS:
             "import csv, json, sys\n"
             "d = json.load(open(sys.argv[1], encoding='utf-8'))\n"
             "rows = list(csv.DictReader(open(sys.argv[2], newline='', encoding='utf-8')))\n"
-            "assert d['schema'] == 'modscope.trace/1', d['schema']\n"
+            "assert d['schema'] == 'modscope.trace/2', d['schema']\n"
             "assert len(d['layers']) == d['model']['config']['n_layers']\n"
             "assert all(len(l['selected']) == len(d['tokens']) for l in d['layers'])\n"
             "assert all(l['router_logits'] is None for l in d['layers'] if not l['routed'])\n"
             "assert len(rows) == len(d['layers']) * len(d['tokens']), (len(rows), len(d['tokens']))\n"
             "assert [r['piece'] for r in rows[:len(d['tokens'])]] == [t['piece'] for t in d['tokens']]\n"
             "assert sum(r['selected'] == '1' for r in rows) == d['stats']['processed']\n"
+            "b = [json.loads(line) for line in open(sys.argv[3], encoding='utf-8')]\n"
+            "assert [x['prompt_id'] for x in b] == ['', 'two', 3], [x['prompt_id'] for x in b]\n"
+            "brows = list(csv.DictReader(open(sys.argv[4], newline='', encoding='utf-8')))\n"
+            "assert list(brows[0].keys())[:2] == ['prompt_index', 'prompt_id'], list(brows[0].keys())\n"
+            "assert {(r['prompt_index'], r['prompt_id']) for r in brows} == {('0', ''), ('1', 'two'), ('2', '3')}\n"
+            "routed = [r for r in rows if r['routed'] == '1' and r['phase'] == 'prompt']\n"
+            "import math\n"
+            "assert all(abs(float(r['gate']) - 1 / (1 + math.exp(-float(r['router_logit'])))) < 1e-6 for r in routed)\n"
+            "assert all((float(r['update_ratio']) > 0) == (r['selected'] == '1') for r in rows if r['phase'] == 'prompt')\n"
             "print('ok')\n",
-            {path("cli0.json"), path("cli0.csv")});
+            {path("cli0.json"), path("cli0.csv"), path("batch_out.jsonl"), path("batch_out.csv")});
         QCOMPARE(py.trimmed(), QString("ok"));
     }
 
@@ -865,6 +970,18 @@ private Q_SLOTS:
              env},
             {{"--model", ckpt_, "--prompt", "hi", "--capacity", "1.5", "--out", out},
              "--capacity: '1.5'",
+             2,
+             env},
+            {{"--model", ckpt_, "--prompt", "hi", "--capacity", "2:0.5", "--out", out},
+             "--capacity: layer 2 is not a routed layer of",
+             2,
+             env},
+            {{"--model", ckpt_, "--prompt", "hi", "--capacity", "1:0.5,1:0.25", "--out", out},
+             "gives layer 1 twice",
+             2,
+             env},
+            {{"--model", ckpt_, "--prompt", "hi", "--capacity", "1:x", "--out", out},
+             "--capacity: 'x' is not a number from 0 to 1",
              2,
              env},
             {{"--model", ckpt_, "--input", path("nope.txt"), "--out", out}, "no such file", 1, env},
@@ -935,7 +1052,7 @@ private Q_SLOTS:
             const auto r = runCli({"--check", path(name)});
             QVERIFY2(r.code == 0 && r.err.isEmpty() && r.out.contains(name), qPrintable(r.err));
         }
-        if (tool) QVERIFY(runCli({"--check", path("check-good.jsonl")}).out.contains("2 modscope.trace/1 trace documents"));
+        if (tool) QVERIFY(runCli({"--check", path("check-good.jsonl")}).out.contains("2 modscope.trace/2 trace documents"));
 
         QTemporaryDir parent;
         const auto bad = badfiles::makeBadTraces(readAll(good_path), parent.path().toStdString());

@@ -12,7 +12,7 @@
 namespace modscope {
 namespace {
 
-enum Column { kLayer, kDecision, kLogit, kRank, kThreshold, kProb, kTopk, kColumns };
+enum Column { kLayer, kDecision, kLogit, kGate, kUpdate, kRank, kThreshold, kProb, kTopk, kColumns };
 
 QTableWidgetItem* cell(const QString& text, Qt::Alignment align = Qt::AlignRight) {
     auto* item = new QTableWidgetItem(text);
@@ -33,10 +33,12 @@ CellDetailsPanel::CellDetailsPanel(QWidget* parent) : QWidget(parent) {
     header_->setTextInteractionFlags(Qt::TextSelectableByMouse);
     layout->addWidget(header_);
     table_ = new QTableWidget(0, kColumns, this);
-    table_->setHorizontalHeaderLabels({tr("Layer"), tr("Decision"), tr("Logit"), tr("Rank"), tr("Thresh."), tr("p"),
-                                       tr("Top-k")});
+    table_->setHorizontalHeaderLabels({tr("Layer"), tr("Decision"), tr("Logit"), tr("Gate"), tr("Δx/x"), tr("Rank"),
+                                       tr("Thresh."), tr("p"), tr("Top-k")});
     const QStringList tips = {tr("Layer (top row = last layer); routed layers have a router, full layers process every token"),
                               tr("What this run did with the token in this layer"), tr("Router logit r = w·x"),
+                              tr("Gate sigmoid(r): what scales a processed token's update"),
+                              tr("How much the layer changed the token: |Δx| / |x| (0 where it was skipped)"),
                               tr("Rank of the router logit among the run's tokens (0 = highest)"),
                               tr("Top-k threshold: the k-th largest router logit of the layer"),
                               tr("Causal predictor's probability that the token is in the top k"),
@@ -97,17 +99,26 @@ void CellDetailsPanel::refresh() {
         const int row = L - 1 - l;
         const auto& layer = s.trace.layers[l];
         const bool processed = layer.selected[t];
-        table_->setItem(row, kLayer, cell(layer.routed ? tr("L%1 routed").arg(l) : tr("L%1 full").arg(l), Qt::AlignLeft));
+        const double capacity = layerCapacity(s.trace, layer);
+        const QString own = layer.routed && capacity != s.trace.capacity
+                                ? QStringLiteral(" · %1%").arg(capacity * 100.0, 0, 'g', 4)
+                                : QString();
+        table_->setItem(row, kLayer,
+                        cell(layer.routed ? tr("L%1 routed%2").arg(l).arg(own) : tr("L%1 full").arg(l), Qt::AlignLeft));
+        if (!own.isEmpty()) table_->item(row, kLayer)->setToolTip(tr("This layer ran at its own capacity"));
         table_->setItem(row, kDecision, cell(processed ? tr("processed") : tr("skipped"), Qt::AlignLeft));
+        const double update = updateRatio(layer, t);
+        table_->setItem(row, kUpdate, cell(std::isfinite(update) ? QString::number(update, 'f', 3) : QStringLiteral("–")));
         if (layer.routed) {
             const float p = layer.predictor_prob[t];
             table_->setItem(row, kLogit, cell(QString::number(layer.router_logits[t], 'f', 3)));
+            table_->setItem(row, kGate, cell(QString::number(layer.gate(t), 'f', 3)));
             table_->setItem(row, kRank, cell(QStringLiteral("%1").arg(layer.rank[t])));
             table_->setItem(row, kThreshold, cell(QString::number(layer.topk_threshold, 'f', 3)));
             table_->setItem(row, kProb, cell(std::isfinite(p) ? QString::number(p, 'f', 3) : QStringLiteral("–")));
             table_->setItem(row, kTopk, cell(layer.topk_selected[t] ? tr("yes") : tr("no"), Qt::AlignLeft));
         } else {
-            for (int c : {kLogit, kRank, kThreshold, kProb, kTopk}) table_->setItem(row, c, cell(QStringLiteral("–")));
+            for (int c : {kLogit, kGate, kRank, kThreshold, kProb, kTopk}) table_->setItem(row, c, cell(QStringLiteral("–")));
         }
         QColor decision = processed ? theme_.processed : theme_.skipped;
         decision.setAlpha(processed ? 70 : 160);

@@ -6,14 +6,15 @@ namespace modscope {
 
 HeatmapLegend::HeatmapLegend(QCustomPlot* plot) : QCPLayoutElement(plot) {}
 
+// Hidden, the row takes no height (the layout grid sizes rows by these hints, visible or not).
 QSize HeatmapLegend::minimumOuterSizeHint() const {
     const QFontMetrics fm(mParentPlot->font());
-    return QSize(0, fm.height() + 14);
+    return QSize(0, visible() ? fm.height() + 14 : 0);
 }
 
 QSize HeatmapLegend::maximumOuterSizeHint() const {
     const QFontMetrics fm(mParentPlot->font());
-    return QSize(QWIDGETSIZE_MAX, fm.height() + 14);
+    return QSize(QWIDGETSIZE_MAX, visible() ? fm.height() + 14 : 0);
 }
 
 void HeatmapLegend::draw(QCPPainter* painter) {

@@ -12,12 +12,23 @@ QString pieceLabel(const std::string& piece, int max_chars) {
         if (hex == QLatin1String("09")) return QStringLiteral("⇥");
         if (hex == QLatin1String("0D")) return QStringLiteral("␍");
         if (hex == QLatin1String("20")) return QStringLiteral("␣");
+        bool ok = false;
+        const int byte = hex.toInt(&ok, 16);
+        if (ok && byte > 0x20 && byte < 0x7F) return QString(QChar(byte));  // "<0x2B>" is "+"
         return QStringLiteral("⟨%1⟩").arg(hex);
     }
     s = QString::fromUtf8(piece.data(), qsizetype(piece.size()));
     s.replace(QChar(0x2581), QChar(0x2423));  // ▁ -> ␣
     s.replace(QLatin1Char('\n'), QChar(0x21B5));
     s.replace(QLatin1Char('\t'), QChar(0x21E5));
+    if (max_chars > 1 && s.size() > max_chars) s = s.left(max_chars - 1) + QChar(0x2026);
+    return s;
+}
+
+QString tokenLabel(const std::string& piece, const std::string& text, int max_chars) {
+    const bool byte_piece = piece.size() == 6 && piece.rfind("<0x", 0) == 0 && piece.back() == '>';
+    if (!byte_piece || text.empty()) return pieceLabel(piece, max_chars);
+    QString s = visibleText(text);
     if (max_chars > 1 && s.size() > max_chars) s = s.left(max_chars - 1) + QChar(0x2026);
     return s;
 }

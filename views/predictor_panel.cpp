@@ -68,6 +68,11 @@ PredictorPanel::PredictorPanel(QWidget* parent) : QWidget(parent) {
     plot_->xAxis->setLabel(tr("generated token"));
     plot_->yAxis->setLabel(tr("accuracy"));
     plot_->yAxis->setRange(0, 1.05);
+    // 0, 0.5 and 1: in the few pixels a laptop screen leaves it, more ticks would print over each other.
+    QSharedPointer<QCPAxisTickerFixed> yticks(new QCPAxisTickerFixed);
+    yticks->setTickStep(0.5);
+    yticks->setScaleStrategy(QCPAxisTickerFixed::ssNone);
+    plot_->yAxis->setTicker(yticks);
     plot_->xAxis->setRange(0, 8);
     QSharedPointer<QCPAxisTickerFixed> xticks(new QCPAxisTickerFixed);
     xticks->setTickStep(1);

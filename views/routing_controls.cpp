@@ -4,7 +4,12 @@
 #include <QDoubleSpinBox>
 #include <QHBoxLayout>
 #include <QLabel>
+#include <QMenu>
 #include <QSlider>
+#include <QToolButton>
+#include <QWidgetAction>
+
+#include "layer_capacity_editor.h"
 
 #include <cmath>
 
@@ -42,6 +47,23 @@ RoutingControls::RoutingControls(QWidget* parent) : QWidget(parent) {
     row->addWidget(cap_label);
     row->addWidget(slider_);
     row->addWidget(spin_);
+    layer_button_ = new QToolButton(this);
+    layer_button_->setObjectName(QStringLiteral("layer-capacity-button"));
+    layer_button_->setPopupMode(QToolButton::InstantPopup);
+    layer_button_->setToolTip(tr("Give single routed layers a capacity of their own"));
+    auto* menu = new QMenu(layer_button_);
+    auto* action = new QWidgetAction(menu);
+    layer_editor_ = new LayerCapacityEditor(menu);
+    action->setDefaultWidget(layer_editor_);
+    menu->addAction(action);
+    layer_button_->setMenu(menu);
+    row->addWidget(layer_button_);
+    connect(layer_editor_, &LayerCapacityEditor::capacitiesChanged, this, [this] {
+        updateLayerButton();
+        updateOffTrainingNote();
+        Q_EMIT layerCapacitiesChanged();
+    });
+    updateLayerButton();
     off_training_ = new QLabel(this);
     off_training_->setObjectName(QStringLiteral("off-training-note"));
     off_training_->setVisible(false);
@@ -79,6 +101,28 @@ RoutingControls::RoutingControls(QWidget* parent) : QWidget(parent) {
 
 double RoutingControls::capacity() const { return spin_->value() / 100.0; }
 
+void RoutingControls::setLayers(int n_layers, const std::vector<int>& routed_layers) {
+    layer_editor_->setLayers(n_layers, routed_layers);
+    layer_button_->setEnabled(!routed_layers.empty());
+    updateLayerButton();
+    updateOffTrainingNote();
+}
+
+std::vector<double> RoutingControls::layerCapacities() const { return layer_editor_->capacities(); }
+
+void RoutingControls::setLayerCapacities(const std::vector<double>& capacities) {
+    if (capacities == layer_editor_->capacities()) return;
+    layer_editor_->setCapacities(capacities);
+    updateLayerButton();
+    updateOffTrainingNote();
+    Q_EMIT layerCapacitiesChanged();
+}
+
+void RoutingControls::updateLayerButton() {
+    const int own = layer_editor_->ownCount();
+    layer_button_->setText(own ? tr("Per layer (%1)").arg(own) : tr("Per layer"));
+}
+
 void RoutingControls::setCapacity(double fraction) {
     const double pct = std::clamp(fraction, 0.0, 1.0) * 100.0;
     if (std::abs(spin_->value() - pct) < 1e-9) return;
@@ -100,7 +144,16 @@ bool RoutingControls::offTrainingNoteShown() const { return !off_training_->isHi
 QString RoutingControls::offTrainingNote() const { return off_training_->text(); }
 
 void RoutingControls::updateOffTrainingNote() {
-    const bool off_capacity = trained_ >= 0.0 && std::abs(capacity() - trained_) > 1e-6;
+    bool layers_off = false;
+    QStringList layer_caps;
+    const auto layers = layerCapacities();
+    for (std::size_t l = 0; l < layers.size(); ++l) {
+        const double c = layers[l];
+        if (c < 0) continue;
+        layer_caps << tr("L%1 at %2%").arg(l).arg(c * 100.0, 0, 'g', 4);
+        layers_off = layers_off || (trained_ >= 0.0 && std::abs(c - trained_) > 1e-6);
+    }
+    const bool off_capacity = (trained_ >= 0.0 && std::abs(capacity() - trained_) > 1e-6) || layers_off;
     const bool causal = mode() == RoutingMode::Causal;
     off_training_->setVisible(trained_ >= 0.0 && (off_capacity || causal));
     if (off_training_->isHidden()) return;
@@ -108,9 +161,11 @@ void RoutingControls::updateOffTrainingNote() {
     off_training_->setText(tr("⚠ trained at %1% top-k").arg(trained));
     QStringList why;
     if (off_capacity)
-        why << tr("The router was trained to pick %1% of tokens by top-k; at %2% it ranks tokens it never learned "
+        why << tr("The router was trained to pick %1% of tokens by top-k; at %2 it ranks tokens it never learned "
                   "to choose among.")
-                   .arg(trained, QString::number(capacity() * 100.0, 'g', 4));
+                   .arg(trained, QString::number(capacity() * 100.0, 'g', 4) + QLatin1Char('%') +
+                                     (layer_caps.isEmpty() ? QString()
+                                                           : QStringLiteral(" (%1)").arg(layer_caps.join(QStringLiteral(", ")))));
     if (causal)
         why << tr("Causal mode decides by the predictor, trained to imitate top-k at %1%: its decisions are what "
                   "generation uses, not what the router was trained on.")

@@ -18,7 +18,10 @@ namespace {
 
 constexpr double kMinVisibleTokens = 4.0;
 
-QString layerLabel(const LayerTrace& layer) {
+QString layerLabel(const RunTrace& run, const LayerTrace& layer) {
+    const double capacity = layerCapacity(run, layer);
+    if (layer.routed && capacity != run.capacity)  // a capacity of its own, which the title does not give
+        return QStringLiteral("L%1 %2%").arg(layer.index).arg(capacity * 100.0, 0, 'g', 4);
     return QStringLiteral("L%1 %2").arg(layer.index).arg(layer.routed ? QStringLiteral("routed") : QStringLiteral("full"));
 }
 
@@ -52,6 +55,7 @@ RoutingHeatmap::RoutingHeatmap(QWidget* parent) : QCustomPlot(parent) {
     scale_->setType(QCPAxis::atRight);
     scale_->setBarWidth(12);
     scale_->axis()->setLabel(QStringLiteral("router logit"));
+    scale_ticker_ = scale_->axis()->ticker();
     map_->setColorScale(scale_);
     auto* group = new QCPMarginGroup(this);
     axisRect()->setMarginGroup(QCP::msBottom | QCP::msTop, group);
@@ -108,6 +112,15 @@ void RoutingHeatmap::setTheme(const PlotTheme& theme) {
     replot(QCustomPlot::rpQueuedReplot);
 }
 
+void RoutingHeatmap::setCompact(bool compact) {
+    if (compact_ == compact) return;
+    compact_ = compact;
+    xAxis->setTickLabels(!compact);
+    xAxis2->setVisible(!compact);
+    legend_->setVisible(!compact);  // the title and the key are the live heatmap's
+    replot(QCustomPlot::rpQueuedReplot);
+}
+
 void RoutingHeatmap::setPlaceholder(const QString& text) {
     overlay_->setPlaceholder(text);
     replotOverlay();
@@ -133,13 +146,17 @@ void RoutingHeatmap::setSnapshot(SnapshotPtr snapshot, bool repaint_now) {
     pieces.reserve(T);
     positions.reserve(T);
     for (int t = 0; t < T; ++t) {
-        pieces.append(pieceLabel(snapshot_->pieces[t]));
+        pieces.append(tokenLabel(snapshot_->pieces[t], t < int(snapshot_->texts.size()) ? snapshot_->texts[t] : std::string()));
         positions.append(QString::number(t));
     }
-    for (int l = 0; l < L; ++l) layers.append(layerLabel(snapshot_->trace.layers[l]));
+    for (int l = 0; l < L; ++l) layers.append(layerLabel(snapshot_->trace, snapshot_->trace.layers[l]));
     layer_labels_long_ = std::move(layers);
     layer_labels_dirty_ = true;  // updateTickSteps picks long or short labels
     token_ticker_->setLabels(std::move(pieces));
+    // Thinned labels go to the tokens the most layers processed.
+    QVector<int> priorities;
+    if (snapshot_) priorities = QVector<int>(snapshot_->depth.begin(), snapshot_->depth.end());
+    token_ticker_->setPriorities(priorities.size() == T ? std::move(priorities) : QVector<int>());
     position_ticker_->setLabels(std::move(positions));
     overlay_->setShowDisagreement(snapshot_ && snapshot_->routedLayerCount() > 0);
     legend_->setShowDisagreement(snapshot_ && snapshot_->routedLayerCount() > 0);
@@ -206,7 +223,30 @@ void RoutingHeatmap::fillColorMap() {
                              : QCPRange(first_center, first_center + double(bins - 1) * n),
                    L == 1 ? QCPRange(-0.25, 0.25) : QCPRange(0, L - 1));
     const double nan = std::numeric_limits<double>::quiet_NaN();
-    double lo = std::numeric_limits<double>::infinity(), hi = -lo;
+    // Each layer's range of finite logits over this run and the companion run.
+    const double inf = std::numeric_limits<double>::infinity();
+    std::vector<double> layer_lo(L, inf), layer_hi(L, -inf);
+    for (const auto* s : {snapshot_.get(), companion_.get()}) {
+        if (s == nullptr || s->empty()) continue;
+        for (int l = 0; l < std::min(L, s->layers()); ++l)
+            for (const float v : s->trace.layers[l].router_logits)
+                if (std::isfinite(v)) layer_lo[l] = std::min(layer_lo[l], double(v)), layer_hi[l] = std::max(layer_hi[l], double(v));
+    }
+    double lo = inf, hi = -inf;
+    for (int l = 0; l < L; ++l) lo = std::min(lo, layer_lo[l]), hi = std::max(hi, layer_hi[l]);
+    const auto widen = [](double& a, double& b) {
+        if (!(a < b)) {
+            a = std::isfinite(a) ? a - 1.0 : -1.0;
+            b = std::isfinite(b) ? b + 1.0 : 1.0;
+        }
+    };
+    widen(lo, hi);
+    layer_ranges_.assign(L, QCPRange(lo, hi));
+    for (int l = 0; l < L; ++l) {
+        widen(layer_lo[l], layer_hi[l]);
+        layer_ranges_[l] = QCPRange(layer_lo[l], layer_hi[l]);
+    }
+    const bool per_layer = color_scale_.mode == HeatmapColorScale::Mode::PerLayer;
     const auto skipped_alpha = static_cast<unsigned char>(theme_.skipped_alpha);
     for (int ly = 0; ly < ky; ++ly) {
         const auto& layer = snapshot_->trace.layers[L == 1 ? 0 : ly];
@@ -232,9 +272,12 @@ void RoutingHeatmap::fillColorMap() {
                     best_processed = std::max(best_processed, v);
                 }
             }
-            const double v = processed ? best_processed : best_all;
+            double v = processed ? best_processed : best_all;
+            if (per_layer && std::isfinite(v)) {  // 0 ... 1 over the layer's own range
+                const QCPRange& r = layer_ranges_[L == 1 ? 0 : ly];
+                v = (v - r.lower) / r.size();
+            }
             data->setCell(bx, ly, std::isfinite(v) ? v : nan);
-            if (std::isfinite(v)) lo = std::min(lo, v), hi = std::max(hi, v);
             if (processed == 0) {
                 data->setAlpha(bx, ly, skipped_alpha);
             } else if (n == 1) {
@@ -245,11 +288,56 @@ void RoutingHeatmap::fillColorMap() {
             }
         }
     }
-    if (!(lo < hi)) {
-        lo = std::isfinite(lo) ? lo - 1.0 : -1.0;
-        hi = std::isfinite(hi) ? hi + 1.0 : 1.0;
+    shared_range_ = QCPRange(lo, hi);
+    switch (color_scale_.mode) {
+    case HeatmapColorScale::Mode::Shared: map_->setDataRange(shared_range_); break;
+    case HeatmapColorScale::Mode::PerLayer: map_->setDataRange(QCPRange(0.0, 1.0)); break;
+    case HeatmapColorScale::Mode::Fixed:
+        map_->setDataRange(QCPRange(color_scale_.fixed_min, color_scale_.fixed_max));
+        break;
     }
-    map_->setDataRange(QCPRange(lo, hi));
+}
+
+void RoutingHeatmap::setColorScale(const HeatmapColorScale& scale) {
+    if (scale == color_scale_) return;
+    color_scale_ = scale;
+    if (!(color_scale_.fixed_min < color_scale_.fixed_max)) color_scale_.fixed_max = color_scale_.fixed_min + 1.0;
+    updateScaleAxis();
+    fillColorMap();
+    replot(QCustomPlot::rpQueuedReplot);
+}
+
+void RoutingHeatmap::setScaleCompanion(SnapshotPtr companion) {
+    if (companion == companion_) return;
+    companion_ = std::move(companion);
+    fillColorMap();
+    replot(QCustomPlot::rpQueuedReplot);
+}
+
+QCPRange RoutingHeatmap::logitRange(int layer) const {
+    switch (color_scale_.mode) {
+    case HeatmapColorScale::Mode::Fixed: return QCPRange(color_scale_.fixed_min, color_scale_.fixed_max);
+    case HeatmapColorScale::Mode::PerLayer:
+        if (layer >= 0 && layer < int(layer_ranges_.size())) return layer_ranges_[layer];
+        return shared_range_;
+    case HeatmapColorScale::Mode::Shared: break;
+    }
+    return shared_range_;
+}
+
+void RoutingHeatmap::updateScaleAxis() {
+    auto* axis = scale_->axis();
+    if (color_scale_.mode == HeatmapColorScale::Mode::PerLayer) {
+        QSharedPointer<QCPAxisTickerText> text(new QCPAxisTickerText);
+        text->addTick(0.0, QStringLiteral("min"));
+        text->addTick(1.0, QStringLiteral("max"));
+        axis->setTicker(text);
+        axis->setLabel(QStringLiteral("router logit, each layer's range"));
+    } else {
+        axis->setTicker(scale_ticker_);
+        axis->setLabel(color_scale_.mode == HeatmapColorScale::Mode::Fixed ? QStringLiteral("router logit (fixed)")
+                                                                           : QStringLiteral("router logit"));
+    }
 }
 
 bool RoutingHeatmap::updateBinning() {
@@ -266,9 +354,14 @@ void RoutingHeatmap::updateTitle() {
         return;
     }
     const auto& s = *snapshot_;
-    QString title = QStringLiteral("%1 routing · capacity %2% · %3 tokens × %4 layers (%5 routed)")
+    QStringList own;  // layers that ran at a capacity of their own
+    for (const auto& l : s.trace.layers)
+        if (l.routed && layerCapacity(s.trace, l) != s.trace.capacity)
+            own << QStringLiteral("L%1 %2%").arg(l.index).arg(layerCapacity(s.trace, l) * 100.0, 0, 'g', 4);
+    QString title = QStringLiteral("%1 routing · capacity %2%%3 · %4 tokens × %5 layers (%6 routed)")
                         .arg(s.trace.mode == RoutingMode::Causal ? QStringLiteral("Causal") : QStringLiteral("Top-k"))
                         .arg(s.trace.capacity * 100.0, 0, 'g', 4)
+                        .arg(own.isEmpty() ? QString() : QStringLiteral(" (%1)").arg(own.join(QStringLiteral(", "))))
                         .arg(s.tokens())
                         .arg(s.layers())
                         .arg(s.routedLayerCount());
@@ -383,19 +476,34 @@ QString RoutingHeatmap::cellSummary(int l, int t) const {
                        .arg(T)
                        .arg(s.trace.token_ids[t])
                        .arg(s.isGenerated(t) ? QStringLiteral(" · generated") : QString());
+    const double update = updateRatio(layer, t);
+    const QString update_text = std::isfinite(update) ? QStringLiteral("%1 (|Δx| / |x|)").arg(number(update))
+                                                      : QStringLiteral("– (not in this trace)");
     if (!layer.routed) {
-        html += QStringLiteral("Layer %1 · <b>full</b>: processes every token<br>Decision: <b>processed</b>").arg(l);
+        html += QStringLiteral("Layer %1 · <b>full</b>: processes every token<br>").arg(l);
+        html += QStringLiteral("update %1<br>Decision: <b>processed</b>").arg(update_text);
         return html;
     }
     const bool processed = layer.selected[t];
     const bool in_topk = layer.topk_selected[t];
     const float prob = t < int(layer.predictor_prob.size()) ? layer.predictor_prob[t] : NAN;
-    html += QStringLiteral("Layer %1 · <b>routed layer</b>: takes k = %2 of the %3 tokens<br>").arg(l).arg(layer.k).arg(T);
+    const double capacity = layerCapacity(s.trace, layer);
+    const bool own_capacity = capacity != s.trace.capacity;
+    html += QStringLiteral("Layer %1 · <b>routed layer</b>: takes k = %2 of the %3 tokens%4<br>")
+                .arg(l)
+                .arg(layer.k)
+                .arg(T)
+                .arg(own_capacity ? QStringLiteral(" (its own capacity, %1%)").arg(capacity * 100.0, 0, 'g', 4)
+                                  : QString());
     html += QStringLiteral("<table cellspacing=0 cellpadding=1>");
     auto row = [&](const QString& a, const QString& b) {
         html += QStringLiteral("<tr><td>%1&nbsp;&nbsp;</td><td>%2</td></tr>").arg(a, b);
     };
     row(QStringLiteral("router logit"), number(layer.router_logits[t]));
+    row(QStringLiteral("gate"), QStringLiteral("%1 (sigmoid of the logit; scales the update)").arg(number(layer.gate(t))));
+    row(QStringLiteral("update"), processed ? update_text
+                                            : QStringLiteral("%1 (skipped: the token rides the residual stream)")
+                                                  .arg(std::isfinite(update) ? number(update) : QStringLiteral("0")));
     row(QStringLiteral("rank"), QStringLiteral("%1 of %2 (0 = highest)").arg(layer.rank[t]).arg(T));
     row(QStringLiteral("top-k threshold"), QStringLiteral("%1 (k-th largest logit)").arg(number(layer.topk_threshold)));
     row(QStringLiteral("in top-k"), in_topk ? QStringLiteral("yes") : QStringLiteral("no"));
@@ -414,7 +522,7 @@ QString RoutingHeatmap::cellSummary(int l, int t) const {
         if (budget) {
             const auto& decided = layer.predictor_selected;
             const long before = std::count(decided.begin(), decided.begin() + std::min<std::size_t>(t, decided.size()), 1);
-            const double allowed = s.trace.capacity * (t + 1);
+            const double allowed = capacity * (t + 1);
             const double shift = c.predictor_budget_gain * (allowed - before);
             row(QStringLiteral("budget"), QStringLiteral("%1 of %2 earlier %3 taken, %4 allowed → logit %5%6")
                                               .arg(before)
@@ -436,7 +544,7 @@ QString RoutingHeatmap::cellSummary(int l, int t) const {
         if (prefix) {
             const auto& r = layer.router_logits;
             const long higher = std::count_if(r.begin(), r.begin() + t, [&](float v) { return v > r[t]; });
-            const int kt = capacityToK(s.trace.capacity, t + 1);
+            const int kt = capacityToK(capacity, t + 1);
             row(QStringLiteral("prefix top-k"), QStringLiteral("%1 earlier %2 higher, top %3 so far → %4")
                                                     .arg(higher)
                                                     .arg(higher == 1 ? QStringLiteral("token ranks") : QStringLiteral("tokens rank"))

@@ -10,6 +10,7 @@
 
 #include <qcustomplot.h>
 
+#include "heatmap_color_scale.h"
 #include "plot_theme.h"
 #include "routing_snapshot.h"
 
@@ -37,12 +38,24 @@ public:
     void setPlaceholder(const QString& text);
     QString placeholder() const;  // the text shown while there is no run
 
+    // How logits map to colours (heatmap_color_scale.h). The companion is another run whose logits count
+    // toward the range (the pinned run beside the live one, and the live run beside the pinned one).
+    void setColorScale(const HeatmapColorScale& scale);
+    const HeatmapColorScale& colorScale() const { return color_scale_; }
+    void setScaleCompanion(SnapshotPtr companion);
+    // The logits at the ends of the gradient: for the whole map, or (per-layer scale) for layer l.
+    QCPRange logitRange(int layer = -1) const;
+
     // Locks a cell (layer, token); -1 clears.
     void selectCell(int layer, int token);
     int selectedLayer() const { return sel_layer_; }
     int selectedToken() const { return sel_token_; }
     // Shows every token and layer.
     void resetView();
+    // Without the token and position axes and the title row: the rows get their room where the window is
+    // short, beside a heatmap whose axes and key show the same columns (zoom linked).
+    void setCompact(bool compact);
+    bool isCompact() const { return compact_; }
     // The heatmap as a figure: the data without the hover and the locked cell (paints nothing itself).
     QString exportFigure(const QString& path);
 
@@ -86,7 +99,14 @@ private:
     void replotOverlay();
     void moveSelection(int d_layer, int d_token);
 
+    void updateScaleAxis();
+
     SnapshotPtr snapshot_;
+    SnapshotPtr companion_;
+    HeatmapColorScale color_scale_;
+    QCPRange shared_range_{-1.0, 1.0};
+    std::vector<QCPRange> layer_ranges_;  // per layer, for the per-layer scale
+    QSharedPointer<QCPAxisTicker> scale_ticker_;
     PlotTheme theme_;
     QCPColorMap* map_ = nullptr;
     QCPColorScale* scale_ = nullptr;
@@ -98,6 +118,7 @@ private:
     int sel_layer_ = -1, sel_token_ = -1;
     int hover_layer_ = -1, hover_token_ = -1;
     bool stale_ = false;
+    bool compact_ = false;
     bool clamping_ = false;
     bool painted_ = false;
     int bin_ = 1;  // tokens per colour-map column

@@ -136,6 +136,25 @@ std::vector<double> parseNumberList(const std::string& flag, const std::string& 
     return out;
 }
 
+CapacitySpec parseCapacitySpec(const std::string& flag, const std::string& text) {
+    CapacitySpec spec;
+    for (const auto& part : listParts(flag, text)) {
+        const auto colon = part.find(':');
+        if (colon == std::string::npos) {
+            if (spec.all >= 0) throw UsageError(flag + ": '" + text + "' gives the whole run's capacity twice");
+            spec.all = parseNumber(flag, part, 0.0, 1.0);
+            continue;
+        }
+        const auto layer = static_cast<std::size_t>(parseInteger(flag, part.substr(0, colon), 0, 4095));
+        const double value = parseNumber(flag, part.substr(colon + 1), 0.0, 1.0);
+        if (spec.per_layer.size() <= layer) spec.per_layer.resize(layer + 1, -1.0);
+        if (spec.per_layer[layer] >= 0)
+            throw UsageError(flag + ": '" + text + "' gives layer " + std::to_string(layer) + " twice");
+        spec.per_layer[layer] = value;
+    }
+    return spec;
+}
+
 ToolCommandLine::ToolCommandLine(std::string tool, std::string about, std::string notes, std::string version_note)
     : tool_(std::move(tool)), version_note_(std::move(version_note)), app_(std::move(about), tool_) {
     // Unknown arguments are collected rather than thrown, so the message can name them the project's way.
@@ -190,6 +209,11 @@ CLI::Option* ToolCommandLine::unsignedInteger(const std::string& flag, std::uint
     return withValue(flag, "N", help, [&into, flag](const std::string& s) {
         into = parseUnsigned(flag, s, std::numeric_limits<std::uint64_t>::max());
     });
+}
+
+CLI::Option* ToolCommandLine::capacity(const std::string& flag, CapacitySpec& into, const std::string& help) {
+    return withValue(flag, "F|L:F,...", help,
+                     [&into, flag](const std::string& s) { into = parseCapacitySpec(flag, s); });
 }
 
 CLI::Option* ToolCommandLine::numberList(const std::string& flag, std::vector<double>& into, double lo,

@@ -35,6 +35,13 @@ std::uint64_t parseUnsigned(const std::string& flag, const std::string& text, st
 std::vector<std::int64_t> parseIntegerList(const std::string& flag, const std::string& text, std::int64_t lo,
                                            std::int64_t hi);
 std::vector<double> parseNumberList(const std::string& flag, const std::string& text, double lo, double hi);
+// A capacity for the whole run and per layer: comma-separated parts, each F (every routed layer) or LAYER:F,
+// as in "0.125", "1:0.25,3:0.125" or "0.25,3:0.5". F from 0 to 1; a layer at most once.
+struct CapacitySpec {
+    double all = -1.0;               // < 0: none given (the model's)
+    std::vector<double> per_layer;   // by layer index, -1 where not given (RunOptions::layer_capacity)
+};
+CapacitySpec parseCapacitySpec(const std::string& flag, const std::string& text);
 
 class ToolCommandLine {
 public:
@@ -50,6 +57,7 @@ public:
     CLI::Option* choice(const std::string& flag, std::string& into, const std::vector<std::string>& choices,
                         const std::string& help);
     CLI::Option* flag(const std::string& flag, bool& into, const std::string& help);
+    CLI::Option* capacity(const std::string& flag, CapacitySpec& into, const std::string& help);
     template <typename T>
     CLI::Option* number(const std::string& flag, T& into, double lo, double hi, const std::string& help) {
         return withValue(flag, "F", help, [&into, flag, lo, hi](const std::string& s) {

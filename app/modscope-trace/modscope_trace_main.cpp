@@ -50,7 +50,7 @@ using modscope::cli::UsageError;
 struct Options {
     std::string model, prompt, input, batch, out, check, device = "auto", mode = "topk";
     bool quiet = false;
-    double capacity = -1.0;
+    modscope::cli::CapacitySpec capacity;
     int generate = 0;
     float temperature = 0.8f, top_p = 0.95f;
     std::uint64_t seed = 0;
@@ -59,7 +59,20 @@ struct Options {
 struct Prompt {
     std::string text;
     std::string id;  // batch only
+    bool id_integer = false;
 };
+
+std::string routedList(const modscope::ModelConfig& cfg) {
+    std::string out;
+    for (const int l : cfg.routed_layers) out += (out.empty() ? "" : ", ") + std::to_string(l);
+    return out.empty() ? "none" : out;
+}
+
+std::string formatNumber(double v) {
+    char buf[32];
+    std::snprintf(buf, sizeof(buf), "%g", v);
+    return buf;
+}
 
 // Usage problems the parser cannot see: which options go together.
 void checkCombination(const Options& o, bool have_prompt) {
@@ -143,7 +156,7 @@ std::vector<Prompt> readBatch(const std::string& path) {
             if (id->is_string())
                 prompt.id = id->get<std::string>();
             else if (id->is_number_integer())
-                prompt.id = id->dump();
+                prompt.id = id->dump(), prompt.id_integer = true;
             else
                 throw Error(where + ": \"id\" must be a string or an integer");
         }
@@ -207,6 +220,11 @@ void printSummary(const std::vector<modscope::TraceDocument>& docs, const modsco
         std::printf("%zu prompts, %d tokens\n", docs.size(), total.tokens);
     else
         std::printf("%d tokens%s\n", total.tokens, first.truncated() ? " (prompt truncated)" : "");
+    std::string own;  // routed layers that ran at a capacity of their own
+    for (const auto& l : first.run.layers)
+        if (l.routed && l.capacity >= 0 && l.capacity != first.run.capacity)
+            own += (own.empty() ? "" : ", ") + std::to_string(l.index) + ": " + formatNumber(l.capacity);
+    if (!own.empty()) std::printf("layer capacities %s\n", own.c_str());
     std::printf("%5s  %6s  %7s  %13s  %9s  %9s\n", "layer", "routed", batch ? "k (sum)" : "k", "processed",
                 "pred acc", "balanced");
     for (const auto& l : total.layers) {
@@ -256,7 +274,7 @@ int checkTrace(const std::string& path) {
     const auto docs = modscope::loadTraces(path);
     std::size_t tokens = 0;
     for (const auto& d : docs) tokens += d.tokens.size();
-    std::printf("%s: %zu %s trace document%s, %zu tokens\n", path.c_str(), docs.size(), modscope::kTraceSchema,
+    std::printf("%s: %zu %s trace document%s, %zu tokens\n", path.c_str(), docs.size(), docs.front().schema.c_str(),
                 docs.size() == 1 ? "" : "s", tokens);
     return 0;
 }
@@ -281,7 +299,15 @@ int run(const Options& o, bool have_prompt) {
 
     modscope::TraceRequest request;
     request.mode = modscope::routingModeFromString(o.mode);
-    request.capacity = o.capacity;
+    request.capacity = o.capacity.all;
+    const auto& cfg = model->config();
+    for (std::size_t li = 0; li < o.capacity.per_layer.size(); ++li) {
+        if (o.capacity.per_layer[li] < 0) continue;
+        if (li >= static_cast<std::size_t>(cfg.n_layers) || !cfg.isRouted(static_cast<int>(li)))
+            throw UsageError("--capacity: layer " + std::to_string(li) + " is not a routed layer of " + cfg.name +
+                             " (routed: " + routedList(cfg) + ")");
+    }
+    request.layer_capacity = o.capacity.per_layer;
     request.generate_tokens = o.generate;
     request.generation.temperature = o.temperature;
     request.generation.top_p = o.top_p;
@@ -316,6 +342,7 @@ int run(const Options& o, bool have_prompt) {
         if (batch) {
             doc.prompt_index = static_cast<int>(i);
             doc.prompt_id = prompts[i].id;
+            doc.prompt_id_integer = prompts[i].id_integer;
         }
         docs.push_back(std::move(doc));
         if (batch) progress.update(i + 1);
@@ -343,8 +370,9 @@ int main(int argc, char** argv) {
     cli.text("--input", o.input, "FILE", "read the prompt from FILE, UTF-8 ('-' reads standard input)");
     cli.text("--batch", o.batch, "FILE.jsonl",
              "one prompt per line: {\"prompt\": \"...\"} or {\"id\": ..., \"prompt\": \"...\"}");
-    cli.number("--capacity", o.capacity, 0.0, 1.0,
-               "fraction of tokens a routed layer processes (default: the model's)");
+    cli.capacity("--capacity", o.capacity,
+                 "fraction of tokens a routed layer processes (default: the model's); LAYER:F gives one routed "
+                 "layer its own, as in 1:0.25,3:0.125, beside or instead of the run's F");
     cli.choice("--mode", o.mode, {"topk", "causal"}, "routing rule of the traced forward pass (default topk)");
     cli.text("--device", o.device, "D", "auto, cpu or cuda (default auto)");
     cli.group("Generation");

@@ -39,6 +39,7 @@ struct RunRequest {
     std::string text;
     RoutingMode mode = RoutingMode::TopK;
     double capacity = -1.0;
+    std::vector<double> layer_capacity;  // RunOptions::layer_capacity
     // Tokens starting at or after this byte of text were generated (marked as such); npos: none.
     std::size_t generated_from_byte = std::string::npos;
     CancelFlag cancel;

@@ -65,7 +65,7 @@ std::uint64_t EngineSession::loadModel(const QString& directory, const QString& 
 }
 
 std::uint64_t EngineSession::requestRun(const QString& text, RoutingMode mode, double capacity,
-                                        std::size_t generated_from_byte) {
+                                        std::size_t generated_from_byte, std::vector<double> layer_capacity) {
     if (shut_down_) return 0;
     if (run_cancel_) run_cancel_->store(true);
     RunRequest request;
@@ -73,6 +73,7 @@ std::uint64_t EngineSession::requestRun(const QString& text, RoutingMode mode, d
     request.text = text.toStdString();
     request.mode = mode;
     request.capacity = capacity;
+    request.layer_capacity = std::move(layer_capacity);
     request.generated_from_byte = generated_from_byte;
     request.cancel = run_cancel_ = makeCancelFlag();
     latest_run_ = pending_run_ = request.job;

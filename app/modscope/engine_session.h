@@ -21,7 +21,8 @@ public:
     std::uint64_t loadModel(const QString& directory, const QString& device);
     // Cancels any run still queued or running, then queues this one.
     std::uint64_t requestRun(const QString& text, RoutingMode mode, double capacity,
-                             std::size_t generated_from_byte = std::string::npos);
+                             std::size_t generated_from_byte = std::string::npos,
+                             std::vector<double> layer_capacity = {});
     std::uint64_t startGeneration(const QString& prompt, const GenerationSettings& settings, double capacity);
     void stopGeneration();
 

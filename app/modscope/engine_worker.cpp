@@ -86,6 +86,10 @@ void EngineWorker::run(const RunRequest& request) {
         RunOptions options;
         options.mode = request.mode;
         options.capacity = request.capacity;
+        options.layer_capacity = request.layer_capacity;
+        // Asked for while another model was open: only this model's layers count.
+        if (options.layer_capacity.size() > std::size_t(model_->config().n_layers))
+            options.layer_capacity.resize(std::size_t(model_->config().n_layers));
         // As modscope-trace runs (traceModel): the next-token logits are part of the FLOPs a trace reports,
         // so the app's export and the CLI's agree.
         options.logits = RunOptions::Logits::Last;

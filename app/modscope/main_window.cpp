@@ -20,6 +20,10 @@
 #include <QScreen>
 #include <QSettings>
 #include <QSignalBlocker>
+#include <QDialog>
+#include <QDialogButtonBox>
+#include <QDoubleSpinBox>
+#include <QFormLayout>
 #include <QSlider>
 #include <QSplitter>
 #include <QStandardPaths>
@@ -54,6 +58,32 @@ namespace modscope {
 namespace {
 
 constexpr int kDebounceMs = 150;
+constexpr int kShortWindowHeight = 900;  // below: pinning arranges the compare dock for a laptop screen
+
+// Routed layers' own capacities in settings, as modscope-trace --capacity writes them: "1:0.25,3:0.5".
+QString layerCapacitiesText(const std::vector<double>& capacities) {
+    QStringList parts;
+    for (std::size_t l = 0; l < capacities.size(); ++l)
+        if (capacities[l] >= 0) parts << QStringLiteral("%1:%2").arg(l).arg(capacities[l], 0, 'g', 17);
+    return parts.join(QLatin1Char(','));
+}
+
+// Anything that is not a routed layer of this model with a capacity from 0 to 1 is left out.
+std::vector<double> layerCapacitiesFromText(const QString& text, const ModelConfig& config) {
+    std::vector<double> out;
+    for (const QString& part : text.split(QLatin1Char(','), Qt::SkipEmptyParts)) {
+        const auto fields = part.split(QLatin1Char(':'));
+        bool ok_layer = false, ok_value = false;
+        const int layer = fields.size() == 2 ? fields[0].toInt(&ok_layer) : -1;
+        const double value = fields.size() == 2 ? fields[1].toDouble(&ok_value) : -1.0;
+        if (!ok_layer || !ok_value || layer < 0 || layer >= config.n_layers || !config.isRouted(layer) ||
+            !(value >= 0.0 && value <= 1.0))
+            continue;
+        if (out.size() <= std::size_t(layer)) out.resize(std::size_t(layer) + 1, -1.0);
+        out[std::size_t(layer)] = value;
+    }
+    return out;
+}
 constexpr int kGenerationPaintMs = 33;  // at most ~30 view updates a second while tokens stream
 constexpr int kMaxRecentModels = 8;
 constexpr int kMaxSavedPromptChars = 64 * 1024;
@@ -157,6 +187,10 @@ MainWindow::MainWindow(const Options& options, QWidget* parent)
 
     connect(prompt_, &PromptEditor::edited, this, &MainWindow::onPromptEdited);
     connect(routing_, &RoutingControls::capacityChanged, this, [this] {
+        endGenerationView();
+        requestRun();
+    });
+    connect(routing_, &RoutingControls::layerCapacitiesChanged, this, [this] {
         endGenerationView();
         requestRun();
     });
@@ -381,6 +415,76 @@ void MainWindow::buildActions() {
         a->setChecked(choice == ThemeChoice::System);
         connect(a, &QAction::triggered, this, [this, c = choice] { setTheme(c); });
     }
+
+    scale_group_ = new QActionGroup(this);
+    using Mode = HeatmapColorScale::Mode;
+    for (auto [mode, text, tip] :
+         {std::tuple{Mode::Shared, tr("&One Scale for All Layers"),
+                     tr("Every layer's logits on one range: which layers have large logits")},
+          std::tuple{Mode::PerLayer, tr("&Each Layer Its Own Range"),
+                     tr("Each layer from its smallest to its largest logit: the order within every layer")},
+          std::tuple{Mode::Fixed, tr("&Fixed Range"),
+                     tr("One range that stays across runs, so that colours compare between runs")}}) {
+        auto* a = new QAction(text, scale_group_);
+        a->setCheckable(true);
+        a->setData(int(mode));
+        a->setToolTip(tip);
+        a->setStatusTip(tip);
+        a->setChecked(mode == Mode::Shared);
+        connect(a, &QAction::triggered, this, [this, m = mode] {
+            if (m == Mode::Fixed) {
+                fixColorScaleAtCurrentRange();
+                return;
+            }
+            auto s = colorScale();
+            s.mode = m;
+            setColorScale(s);
+        });
+    }
+    fixed_range_action_ = new QAction(tr("Set Fixed &Range…"), this);
+    connect(fixed_range_action_, &QAction::triggered, this, [this] {
+        QDialog dialog(this);
+        dialog.setWindowTitle(tr("Fixed Colour Range"));
+        auto* form = new QFormLayout(&dialog);
+        const auto current = colorScale().mode == HeatmapColorScale::Mode::Fixed
+                                 ? QCPRange(colorScale().fixed_min, colorScale().fixed_max)
+                                 : heatmap_->logitRange();
+        auto* lo = new QDoubleSpinBox(&dialog);
+        auto* hi = new QDoubleSpinBox(&dialog);
+        for (auto* box : {lo, hi}) {
+            box->setRange(-1e6, 1e6);
+            box->setDecimals(2);
+        }
+        lo->setValue(current.lower);
+        hi->setValue(current.upper);
+        form->addRow(tr("Router logit at the &low end:"), lo);
+        form->addRow(tr("Router logit at the &high end:"), hi);
+        auto* buttons = new QDialogButtonBox(QDialogButtonBox::Ok | QDialogButtonBox::Cancel, &dialog);
+        form->addRow(buttons);
+        connect(buttons, &QDialogButtonBox::accepted, &dialog, &QDialog::accept);
+        connect(buttons, &QDialogButtonBox::rejected, &dialog, &QDialog::reject);
+        if (dialog.exec() != QDialog::Accepted) return;
+        if (!(lo->value() < hi->value())) {
+            banner_->showMessage(MessageBanner::Kind::Warning,
+                                 tr("The fixed colour range needs its low end below its high end."));
+            return;
+        }
+        setColorScale({HeatmapColorScale::Mode::Fixed, lo->value(), hi->value()});
+    });
+}
+
+void MainWindow::setColorScale(const HeatmapColorScale& scale) {
+    heatmap_->setColorScale(scale);
+    pinned_heatmap_->setColorScale(scale);
+    for (QAction* a : scale_group_->actions()) a->setChecked(HeatmapColorScale::Mode(a->data().toInt()) == scale.mode);
+}
+
+HeatmapColorScale MainWindow::colorScale() const { return heatmap_->colorScale(); }
+
+void MainWindow::fixColorScaleAtCurrentRange() {
+    // The range on screen, out to whole logits: the colours stay as they are, now for every later run.
+    const QCPRange r = heatmap_->logitRange();
+    setColorScale({HeatmapColorScale::Mode::Fixed, std::floor(r.lower), std::ceil(r.upper)});
 }
 
 void MainWindow::buildMenus() {
@@ -425,6 +529,11 @@ void MainWindow::buildMenus() {
         view_menu_->addAction(d->toggleViewAction());
     view_menu_->addAction(reset_layout_action_);
     view_menu_->addSeparator();
+    auto* scale = view_menu_->addMenu(tr("&Colour Scale"));
+    scale->setToolTipsVisible(true);
+    scale->addActions(scale_group_->actions());
+    scale->addSeparator();
+    scale->addAction(fixed_range_action_);
     auto* theme = view_menu_->addMenu(tr("&Theme"));
     theme->addActions(theme_group_->actions());
 
@@ -483,6 +592,16 @@ void MainWindow::restoreSettings() {
     g.top_p = s.value(QStringLiteral("generation/top_p"), g.top_p).toDouble();
     g.seed = s.value(QStringLiteral("generation/seed"), 0).toULongLong();
     generation_->setSettings(g);
+    HeatmapColorScale scale;
+    const QString mode = s.value(QStringLiteral("heatmap/color_scale"), QStringLiteral("shared")).toString();
+    scale.mode = mode == QLatin1String("layer")   ? HeatmapColorScale::Mode::PerLayer
+                 : mode == QLatin1String("fixed") ? HeatmapColorScale::Mode::Fixed
+                                                  : HeatmapColorScale::Mode::Shared;
+    scale.fixed_min = s.value(QStringLiteral("heatmap/fixed_min"), scale.fixed_min).toDouble();
+    scale.fixed_max = s.value(QStringLiteral("heatmap/fixed_max"), scale.fixed_max).toDouble();
+    if (!(std::isfinite(scale.fixed_min) && std::isfinite(scale.fixed_max) && scale.fixed_min < scale.fixed_max))
+        scale = HeatmapColorScale{};
+    setColorScale(scale);
 }
 
 QVariant MainWindow::preference(const QString& key) const {
@@ -491,6 +610,7 @@ QVariant MainWindow::preference(const QString& key) const {
         return routing_->mode() == RoutingMode::Causal ? QStringLiteral("causal") : QStringLiteral("topk");
     if (key == QLatin1String("routing/capacity"))
         return model_ ? QVariant(routing_->capacity()) : startup_capacity_ ? QVariant(*startup_capacity_) : QVariant();
+    if (key == QLatin1String("routing/layer_capacity")) return layerCapacitiesText(routing_->layerCapacities());
     if (key == QLatin1String("prompt/text")) return prompt_->text();
     return {};
 }
@@ -514,14 +634,22 @@ void MainWindow::saveSettings() {
     put(QStringLiteral("routing/mode"), preference(QStringLiteral("routing/mode")));
     // A capacity belongs to the model it was chosen for: another model starts at its own (training) capacity.
     if (model_ && !model_->directory.empty() &&
-        put(QStringLiteral("routing/capacity"), preference(QStringLiteral("routing/capacity"))))
+        put(QStringLiteral("routing/capacity"), preference(QStringLiteral("routing/capacity")))) {
         s.setValue(QStringLiteral("routing/capacity_model"), QString::fromStdString(model_->directory));
+        s.setValue(QStringLiteral("routing/layer_capacity"), preference(QStringLiteral("routing/layer_capacity")));
+    }
     const auto g = generation_->settings();
     s.setValue(QStringLiteral("generation/tokens"), g.max_new_tokens);
     s.setValue(QStringLiteral("generation/temperature"), g.temperature);
     s.setValue(QStringLiteral("generation/top_p"), g.top_p);
     s.setValue(QStringLiteral("generation/seed"), qulonglong(g.seed));
     s.setValue(QStringLiteral("device"), device_box_->currentData().toString());
+    const auto scale = colorScale();
+    s.setValue(QStringLiteral("heatmap/color_scale"), scale.mode == HeatmapColorScale::Mode::PerLayer ? QStringLiteral("layer")
+                                                      : scale.mode == HeatmapColorScale::Mode::Fixed  ? QStringLiteral("fixed")
+                                                                                                       : QStringLiteral("shared"));
+    s.setValue(QStringLiteral("heatmap/fixed_min"), scale.fixed_min);
+    s.setValue(QStringLiteral("heatmap/fixed_max"), scale.fixed_max);
     const QString text = prompt_->text();
     if (text.size() <= kMaxSavedPromptChars) put(QStringLiteral("prompt/text"), text);
     s.sync();
@@ -590,8 +718,19 @@ void MainWindow::onModelLoaded(const ModelInfo& info) {
             if (ok && saved >= 0.0 && saved <= 1.0) capacity = saved;
         }
         routing_->setTrainedCapacity(info.config.capacity);
-        if (replaying_) live_capacity_ = capacity;
-        else routing_->setCapacity(capacity);
+        routing_->setLayers(info.config.n_layers, info.config.routed_layers);
+        std::vector<double> layer_capacity;
+        if (options_.settings &&
+            options_.settings->value(QStringLiteral("routing/capacity_model")).toString() == dir)
+            layer_capacity = layerCapacitiesFromText(
+                options_.settings->value(QStringLiteral("routing/layer_capacity")).toString(), info.config);
+        if (replaying_) {
+            live_capacity_ = capacity;
+            live_layer_capacity_ = layer_capacity;
+        } else {
+            routing_->setCapacity(capacity);
+            routing_->setLayerCapacities(layer_capacity);
+        }
         startup_capacity_.reset();
     }
     generation_document_.reset();
@@ -694,7 +833,8 @@ void MainWindow::requestRun() {
     run_clock_.start();
     // While replaying, the editor and controls show the trace; the live run keeps its own settings.
     session_->requestRun(replaying_ ? live_prompt_ : prompt_->text(), replaying_ ? live_mode_ : routing_->mode(),
-                         replaying_ ? live_capacity_ : routing_->capacity(), generated_from_byte_);
+                         replaying_ ? live_capacity_ : routing_->capacity(), generated_from_byte_,
+                         replaying_ ? live_layer_capacity_ : routing_->layerCapacities());
     stale_ = true;
     if (replaying_) return;  // the replayed trace on screen is not what is being run
     prompt_->setStale(true);
@@ -1011,6 +1151,7 @@ bool MainWindow::openTrace(const QString& path) {
     if (!replaying_) {
         live_prompt_ = prompt_->text();
         live_capacity_ = routing_->capacity();
+        live_layer_capacity_ = routing_->layerCapacities();
         live_mode_ = routing_->mode();
         // An edit still waiting for its run is run now, so the live view is current when we return.
         if (debounce_.isActive()) requestRun();
@@ -1108,11 +1249,28 @@ void MainWindow::pinRun() {
     pinned_ = snapshot_;
     updatePinActions();
     if (first) {
+        // A short window cannot stack the depth strip, the compare dock and a heatmap with room for its rows:
+        // the compare dock takes the depth strip's place as a tab, and the pinned heatmap leaves its token
+        // axes to the live one above it (zoom linked). Unpinning restores the layout.
+        const bool short_window = height() < kShortWindowHeight;
+        pinned_heatmap_->setCompact(short_window);
+        pinned_heatmap_->setMinimumHeight(short_window ? 92 : 120);  // without its axes it needs less
+        diff_view_->plot()->setMinimumHeight(short_window ? 56 : 70);
+        if (short_window && depth_dock_->isVisible() && !depth_dock_->isFloating() &&
+            dockWidgetArea(depth_dock_) == Qt::BottomDockWidgetArea)
+            tabifyDockWidget(depth_dock_, compare_dock_);
         compare_dock_->show();
         compare_dock_->raise();
-        // As much as the heatmap can spare: it keeps room for every layer's row and label.
+        // As much as the heatmap can spare: it keeps room for every layer's row and label. (As a tab, the
+        // compare dock has the depth strip's room.)
         const int spare = centralWidget()->height() - kMinHeatmapHeight;
-        resizeDocks({compare_dock_}, {std::clamp(height() * 36 / 100, 160, std::max(160, spare))}, Qt::Vertical);
+        if (!short_window)
+            resizeDocks({compare_dock_}, {std::clamp(height() * 36 / 100, 160, std::max(160, spare))}, Qt::Vertical);
+        else  // showing the dock grows the window for a moment, until the layout has taken in the tab
+            QTimer::singleShot(0, this, [this, before = size_before_pin_] {
+                if (pinned_ && !isMaximized() && !isFullScreen() && height() > before.height())
+                    resize(before.expandedTo(minimumSizeHint()));
+            });
     }
     // The pinned view starts where the live one is looking (showing the pinned run resets its own view,
     // which the linked zoom would pass on to the live one).
@@ -1162,15 +1320,23 @@ void MainWindow::unpin() {
 
 void MainWindow::updateCompare() {
     if (pinned_heatmap_->snapshot() != pinned_) pinned_heatmap_->setSnapshot(pinned_);
+    // One range for both: a colour is the same logit in the live and the pinned run.
+    heatmap_->setScaleCompanion(pinned_);
+    pinned_heatmap_->setScaleCompanion(pinned_ ? snapshot_ : nullptr);
     diff_view_->setSnapshots(snapshot_, pinned_);
     if (!pinned_) {
         pinned_label_->setText(tr("Nothing pinned."));
         return;
     }
     const auto& p = *pinned_;
-    pinned_label_->setText(tr("Pinned: %1 · capacity %2% · %3 · %4 tokens")
+    QStringList own;  // layers that ran at a capacity of their own
+    for (const auto& l : p.trace.layers)
+        if (l.routed && layerCapacity(p.trace, l) != p.trace.capacity)
+            own << tr("L%1 %2%").arg(l.index).arg(layerCapacity(p.trace, l) * 100.0, 0, 'g', 4);
+    pinned_label_->setText(tr("Pinned: %1 · capacity %2%%3 · %4 · %5 tokens")
                                .arg(QString::fromStdString(p.model_name))
                                .arg(p.trace.capacity * 100.0, 0, 'g', 4)
+                               .arg(own.isEmpty() ? QString() : QStringLiteral(" (%1)").arg(own.join(QStringLiteral(", "))))
                                .arg(p.trace.mode == RoutingMode::TopK ? tr("top-k") : tr("causal"))
                                .arg(p.tokens()));
 }

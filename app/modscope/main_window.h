@@ -18,6 +18,7 @@
 #include <optional>
 
 #include "engine_jobs.h"
+#include "heatmap_color_scale.h"
 #include "theme_manager.h"
 
 class QActionGroup;
@@ -65,6 +66,11 @@ public:
     void setCapacity(double fraction);
     void setRoutingMode(RoutingMode mode);
     void setTheme(ThemeChoice choice);
+    // The heatmaps' colour scale (live and pinned alike). Fixed without a range of its own takes the range on
+    // screen, so the colours stay as they are and keep still from then on.
+    void setColorScale(const HeatmapColorScale& scale);
+    HeatmapColorScale colorScale() const;
+    void fixColorScaleAtCurrentRange();
     // Runs the prompt now (no debounce).
     void runNow();
     // Generates tokens after the prompt with the generation panel's settings (tokens = count when > 0).
@@ -230,6 +236,7 @@ private:
     SnapshotPtr live_snapshot_;
     QString live_prompt_;  // the editor's text while it shows the trace's prompt
     double live_capacity_ = 0.0;
+    std::vector<double> live_layer_capacity_;
     RoutingMode live_mode_ = RoutingMode::TopK;
     SnapshotPtr pinned_;
     bool linking_zoom_ = false;
@@ -294,6 +301,8 @@ private:
     QAction* shortcuts_action_ = nullptr;
     QAction* about_action_ = nullptr;
     QActionGroup* theme_group_ = nullptr;
+    QActionGroup* scale_group_ = nullptr;
+    QAction* fixed_range_action_ = nullptr;
 
     // Last: destroyed first, waiting for exports still writing (they post back to this window).
     QThreadPool export_pool_;

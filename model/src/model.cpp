@@ -173,6 +173,13 @@ RunTrace Model::run(const std::vector<int>& ids, const RunOptions& options) cons
     nn::ForwardOptions fo;
     fo.mode = options.mode;
     fo.capacity = options.capacity < 0 ? impl.config.capacity : std::min(options.capacity, 1.0);
+    if (options.layer_capacity.size() > static_cast<std::size_t>(impl.config.n_layers))
+        throw Error("capacities for " + std::to_string(options.layer_capacity.size()) + " layers, the model has " +
+                    std::to_string(impl.config.n_layers));
+    for (std::size_t li = 0; li < options.layer_capacity.size(); ++li)
+        if (std::isnan(options.layer_capacity[li]))
+            throw Error("layer " + std::to_string(li) + "'s capacity is not a number");
+    fo.layer_capacity = options.layer_capacity;
     fo.setCausalRule(impl.config);
     fo.collect = options.per_token_routing;
     fo.cancel = options.cancel;
@@ -209,6 +216,7 @@ RunTrace Model::run(const std::vector<int>& ids, const RunOptions& options) cons
         LayerTrace lt;
         lt.index = li;
         lt.routed = impl.config.isRouted(li);
+        lt.capacity = lt.routed ? fo.capacityOf(li) : -1.0;
         lt.k = lt.routed ? static_cast<int>(r.k) : T;
         lt.processed = !lt.routed                          ? T
                        : options.mode == RoutingMode::TopK ? lt.k
@@ -222,8 +230,10 @@ RunTrace Model::run(const std::vector<int>& ids, const RunOptions& options) cons
         LayerTrace lt;
         lt.index = li;
         lt.routed = impl.config.isRouted(li);
+        lt.capacity = lt.routed ? fo.capacityOf(li) : -1.0;
         lt.k = static_cast<int>(r.k);
         lt.selected = maskToVector(r.selected_mask[0]);
+        lt.update_ratio = toVector<float>(r.update_ratio[0]);
         lt.processed = static_cast<int>(std::count(lt.selected.begin(), lt.selected.end(), 1));
         if (lt.routed) {
             lt.router_logits = toVector<float>(r.router_logits[0]);
@@ -233,7 +243,7 @@ RunTrace Model::run(const std::vector<int>& ids, const RunOptions& options) cons
             lt.predictor_selected =
                 options.mode == RoutingMode::Causal
                     ? lt.selected
-                    : maskToVector(nn::causalSelection(r.predictor_logits, r.router_logits, fo.causalRule())[0]);
+                    : maskToVector(nn::causalSelection(r.predictor_logits, r.router_logits, fo.causalRule(li))[0]);
             std::vector<int> order(T);
             for (int t = 0; t < T; ++t) order[t] = t;
             std::stable_sort(order.begin(), order.end(),

@@ -93,6 +93,7 @@ TraceDocument traceModel(const Model& model, const std::string& prompt, const Tr
     RunOptions ro;
     ro.mode = request.mode;
     ro.capacity = request.capacity;
+    ro.layer_capacity = request.layer_capacity;
     ro.logits = RunOptions::Logits::Last;
     ro.cancel = request.cancel;
     auto doc = makeTraceDocument(model, p, model.run(ids, ro));

@@ -91,6 +91,15 @@ struct LayerTrace {
     std::vector<std::uint8_t> predictor_selected;  // predictor_prob > threshold
     std::vector<int> rank;                     // rank of each token's router logit, 0 = highest
     float topk_threshold = 0.0f;               // the k-th largest router logit (routed layers)
+    double capacity = -1.0;  // the capacity this routed layer ran at; < 0: the run's (RunTrace::capacity)
+    // How much the layer changed each token: |x_out - x_in| / |x_in| (Euclidean norms over d), 0 for a token
+    // it skipped. For a routed layer's processed token the update is sigmoid(r) * f(x). Empty without
+    // RunOptions::per_token_routing.
+    std::vector<float> update_ratio;
+    // The gate sigmoid(r) of a routed layer's token (what scales its update), from router_logits.
+    float gate(int token) const {
+        return 1.0f / (1.0f + std::exp(-router_logits[static_cast<std::size_t>(token)]));
+    }
 };
 
 // Causal predictor against top-k membership, over the tokens of one layer.
@@ -107,7 +116,7 @@ struct Agreement {
 
 struct RunTrace {
     RoutingMode mode = RoutingMode::TopK;
-    double capacity = 0.0;
+    double capacity = 0.0;     // the run's capacity; a layer given its own (RunOptions) has it in LayerTrace
     std::string device;
     std::string backend;       // which backend ran it: "cpu-kernels" or "ops" (Model::backend())
     std::vector<int> token_ids;
@@ -123,6 +132,9 @@ struct RunTrace {
 struct RunOptions {
     RoutingMode mode = RoutingMode::TopK;
     double capacity = -1.0;          // < 0: the model's configured capacity
+    // Per layer index: a routed layer's own capacity, in place of capacity (< 0 or beyond the vector's end:
+    // capacity). Full layers ignore it. Values above 1 count as 1.
+    std::vector<double> layer_capacity;
     enum class Logits { None, Last, All } logits = Logits::Last;
     // false: the forward alone. Each LayerTrace then holds index, routed, k and processed only (the FLOPs
     // and logits are the same); the per-token vectors stay empty, and the predictor runs only where causal

@@ -1,4 +1,4 @@
-// Routing traces as files: the "modscope.trace/1" JSON document and its long-form CSV (docs/TRACE_FORMAT.md).
+// Routing traces as files: the "modscope.trace/2" JSON document and its long-form CSV (docs/TRACE_FORMAT.md).
 //
 // Plain C++ only (no LibTorch, no Qt): the app's export, modscope-trace and the tests all build traces with
 // the functions below, so the same input gives the same file whoever writes it. A trace file is untrusted
@@ -15,8 +15,9 @@
 
 namespace modscope {
 
-// The schema this build writes and the only one it reads.
-inline constexpr const char* kTraceSchema = "modscope.trace/1";
+// The schema this build writes. It reads that one and the one before it (docs/TRACE_FORMAT.md, "Versions").
+inline constexpr const char* kTraceSchema = "modscope.trace/2";
+inline constexpr const char* kTraceSchemaV1 = "modscope.trace/1";
 
 // Bounds on what a reader accepts: anything beyond is refused before it can cost memory or time.
 inline constexpr std::uint64_t kMaxTraceFileBytes = 256ull << 20;  // a .json/.jsonl/.csv trace file
@@ -59,10 +60,11 @@ struct TraceDocument {
     // logits are not part of a trace file and are left empty by the readers.
     RunTrace run;
     std::optional<TraceGeneration> generation;
-    // Batch runs only: the prompt's 0-based line among the batch's prompts and its "id" (JSON text of a
-    // number, or the string) from the batch file; -1 and empty otherwise.
+    // Batch runs only: the prompt's 0-based line among the batch's prompts and its "id" from the batch file
+    // (the string, or an integer's decimal text with prompt_id_integer set); -1 and empty otherwise.
     int prompt_index = -1;
     std::string prompt_id;
+    bool prompt_id_integer = false;  // written back as a JSON number
 
     bool truncated() const { return original_tokens != tokens.size() || original_bytes != prompt.size(); }
 };
@@ -119,6 +121,7 @@ void addGeneration(TraceDocument& doc, const Model& model, const GenerationOptio
 struct TraceRequest {
     RoutingMode mode = RoutingMode::TopK;
     double capacity = -1.0;  // < 0: the model's
+    std::vector<double> layer_capacity;  // RunOptions::layer_capacity: routed layers' own capacities
     int generate_tokens = 0;
     GenerationOptions generation;
     const std::atomic<bool>* cancel = nullptr;  // raises Cancelled out of the run or ends the generation
@@ -139,10 +142,12 @@ std::vector<TraceDocument> tracesFromJson(const std::string& text);
 std::vector<TraceDocument> tracesFromJsonLines(const std::string& text);
 
 // CSV (RFC 4180, UTF-8, CRLF line ends), long form: one row per layer and token. With several documents
-// (a batch) a leading prompt_index column is added.
+// (a batch) leading prompt_index and prompt_id columns are added.
 inline constexpr const char* kTraceCsvColumns[] = {
-    "layer",    "position",       "token_id",           "piece",         "routed", "router_logit", "rank",
-    "selected", "predictor_prob", "predictor_selected", "topk_selected", "phase"};
+    "layer",          "position",           "token_id",      "piece", "routed", "router_logit", "rank", "selected",
+    "predictor_prob", "predictor_selected", "topk_selected", "phase", "gate",   "update_ratio"};
+// The columns of the modscope.trace/1 era, which the reader still takes: the list above without the last two.
+inline constexpr int kTraceCsvColumnsV1 = 12;
 std::string traceToCsv(const TraceDocument& doc);
 std::string tracesToCsv(const std::vector<TraceDocument>& docs);
 
@@ -154,6 +159,7 @@ std::vector<std::vector<std::string>> parseCsv(const std::string& text);
 // One row of a trace CSV, typed. Empty fields (full layers, generated tokens) are nullopt.
 struct TraceCsvRow {
     int prompt_index = -1;  // -1 when the file has no prompt_index column
+    std::string prompt_id;  // empty when the file has no prompt_id column
     int layer = 0;
     int position = 0;
     int token_id = 0;
@@ -166,6 +172,8 @@ struct TraceCsvRow {
     std::optional<bool> predictor_selected;
     std::optional<bool> topk_selected;
     std::string phase;  // "prompt" or "generate"
+    std::optional<float> gate;          // sigmoid(router_logit); routed layers' prompt rows
+    std::optional<float> update_ratio;  // prompt rows (absent from files of the first version)
 };
 // Parses and checks a trace CSV (header, types, ranges); throws Error naming the line and column.
 std::vector<TraceCsvRow> traceRowsFromCsv(const std::string& text);

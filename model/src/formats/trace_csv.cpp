@@ -36,7 +36,13 @@ void csvField(std::string& out, const std::string& s) {
 void appendCsvRows(std::string& out, const TraceDocument& doc, int prompt_index) {
     const auto& run = doc.run;
     const std::size_t T = doc.tokens.size();
-    const std::string prefix = prompt_index >= 0 ? std::to_string(prompt_index) + "," : std::string();
+    std::string prefix;
+    if (prompt_index >= 0) {
+        if (!isValidUtf8(doc.prompt_id)) throw Error("cannot write the trace: prompt_id is not valid UTF-8");
+        prefix = std::to_string(prompt_index) + ",";
+        csvField(prefix, doc.prompt_id);
+        prefix += ',';
+    }
     for (std::size_t li = 0; li < run.layers.size(); ++li) {
         const auto& l = run.layers[li];
         const std::string layer = std::to_string(l.index) + ",";
@@ -64,7 +70,16 @@ void appendCsvRows(std::string& out, const TraceDocument& doc, int prompt_index)
                 out += ",,";
                 out += l.selected.at(t) ? "1," : "0,";
             }
-            out += "prompt\r\n";
+            out += "prompt,";
+            if (l.routed) out += formatFloat(l.gate(static_cast<int>(t)));
+            out += ',';
+            if (!l.update_ratio.empty()) {
+                if (!std::isfinite(l.update_ratio.at(t)))
+                    throw Error("cannot write the trace: layer " + std::to_string(li) + " token " +
+                                std::to_string(t) + " has a non-finite update ratio");
+                out += formatFloat(l.update_ratio[t]);
+            }
+            out += "\r\n";
         }
         if (!doc.generation) continue;
         const auto& g = *doc.generation;
@@ -87,13 +102,13 @@ void appendCsvRows(std::string& out, const TraceDocument& doc, int prompt_index)
             } else {
                 out += ",,";
             }
-            out += ",generate\r\n";
+            out += ",generate,,\r\n";
         }
     }
 }
 
 std::string csvHeader(bool with_index) {
-    std::string h = with_index ? "prompt_index," : "";
+    std::string h = with_index ? "prompt_index,prompt_id," : "";
     bool first = true;
     for (const char* c : kTraceCsvColumns) {
         if (!first) h += ',';
@@ -226,17 +241,24 @@ std::vector<std::vector<std::string>> parseCsv(const std::string& text) {
 
 std::vector<TraceCsvRow> traceRowsFromCsv(const std::string& text) {
     std::vector<TraceCsvRow> out;
-    bool with_index = false, header_seen = false;
+    bool with_index = false, with_id = false, with_update = false, header_seen = false;
     // Messages count records (the header is row 1): a quoted newline makes records span lines.
     forEachCsvRecord(text, [&](const std::vector<std::string>& f, std::size_t line) {
         if (line == 1) {
             header_seen = true;
-            std::vector<std::string> expected(std::begin(kTraceCsvColumns), std::end(kTraceCsvColumns));
+            // This version's columns, or the first version's (no gate and update_ratio; a batch without
+            // prompt_id).
+            const std::vector<std::string> all(std::begin(kTraceCsvColumns), std::end(kTraceCsvColumns));
+            const std::vector<std::string> v1(all.begin(), all.begin() + kTraceCsvColumnsV1);
             with_index = !f.empty() && f[0] == "prompt_index";
-            if (with_index) expected.insert(expected.begin(), "prompt_index");
-            if (f != expected) {
-                std::string want;
-                for (const auto& c : expected) want += (want.empty() ? "" : ",") + c;
+            with_id = with_index && f.size() > 1 && f[1] == "prompt_id";
+            const std::size_t lead = with_index ? (with_id ? 2 : 1) : 0;
+            const std::vector<std::string> rest(f.begin() + static_cast<std::ptrdiff_t>(std::min(lead, f.size())),
+                                                f.end());
+            with_update = rest == all;
+            if (!(with_update && (with_id || !with_index)) && !(rest == v1 && !with_id)) {
+                std::string want = with_index ? "prompt_index,prompt_id" : "";
+                for (const auto& c : all) want += (want.empty() ? "" : ",") + c;
                 throw Error("CSV: not a trace CSV: the header should be " + want);
             }
             return;
@@ -245,6 +267,7 @@ std::vector<TraceCsvRow> traceRowsFromCsv(const std::string& text) {
         TraceCsvRow row;
         if (with_index)
             row.prompt_index = csvInt<int>(f[c++], line, "prompt_index", 0, kMaxTraceDocuments - 1);
+        if (with_id) row.prompt_id = f[c++];
         row.layer = csvInt<int>(f[c++], line, "layer", 0, kMaxTraceLayers - 1);
         row.position = csvInt<int>(f[c++], line, "position", 0, 2 * kMaxTraceTokens);
         row.token_id = csvInt<int>(f[c++], line, "token_id", 0, std::numeric_limits<int>::max());
@@ -265,6 +288,12 @@ std::vector<TraceCsvRow> traceRowsFromCsv(const std::string& text) {
         if (row.phase != "prompt" && row.phase != "generate")
             throw Error("CSV row " + std::to_string(line) + ", phase: \"" + printable(row.phase) +
                         "\" is not prompt or generate");
+        if (with_update) {
+            if (!f[c].empty()) row.gate = csvFloat(f[c], line, "gate");
+            ++c;
+            if (!f[c].empty()) row.update_ratio = csvFloat(f[c], line, "update_ratio");
+            ++c;
+        }
         out.push_back(std::move(row));
     });
     if (!header_seen) throw Error("CSV: empty (no header)");

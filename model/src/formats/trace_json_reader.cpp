@@ -400,9 +400,9 @@ ModelConfig checkSkeleton(const Skeleton& s) {
     if (s.schema_kind != Kind::String)
         bad("not a ModScope trace: 'schema' is " + std::string(describe(s.schema_kind)) + ", expected \"" +
             kTraceSchema + "\"");
-    if (s.schema != kTraceSchema)
+    if (s.schema != kTraceSchema && s.schema != kTraceSchemaV1)
         bad("unsupported trace schema \"" + printable(s.schema) + "\": this build of ModScope reads \"" +
-            kTraceSchema + "\" only");
+            kTraceSchema + "\" and \"" + kTraceSchemaV1 + "\"");
     if (!s.has_model) bad("missing 'model'");
     if (s.model_kind != Kind::Object) wrongType("model", "an object", s.model_kind);
     if (!s.has_config) bad("model: missing 'config'");
@@ -566,17 +566,21 @@ struct DocumentContext {
     bool truncated = false;                  // the document says how long the prompt was before truncation
     std::int64_t original_bytes = 0;         // truncated.original_bytes, checked against the prompt at the end
     bool capacity_read = false;              // when it was: each layer's k is checked as the layer ends
+    std::vector<std::uint8_t> own_capacity;  // per layer: it gave its own capacity (checked against its k)
     double generation_ms = 0.0, tokens_per_second = 0.0;
 };
 
 // A layer's k is what the capacity gives for the prompt's length (every token for a full layer).
 void checkK(const LayerTrace& l, const std::string& where, const DocumentContext& c) {
     const int T = static_cast<int>(c.T);
-    const double capacity = c.doc.run.capacity;
+    const auto li = static_cast<std::size_t>(l.index);
+    const bool own = li < c.own_capacity.size() && c.own_capacity[li];
+    const double capacity = own ? l.capacity : c.doc.run.capacity;
     const int expected_k = l.routed ? capacityToK(capacity, T) : T;
     if (l.k != expected_k)
         bad(where + ".k: " + std::to_string(l.k) + ", but " +
-            (l.routed ? "capacity " + show(capacity) + " of " + std::to_string(T) + " tokens gives "
+            (l.routed ? std::string(own ? "the layer's " : "") + "capacity " + show(capacity) + " of " +
+                            std::to_string(T) + " tokens gives "
                       : std::string("a full layer has k = T = ")) +
             std::to_string(expected_k));
 }
@@ -640,7 +644,7 @@ public:
 private:
     static bool routedOnly(const std::string& key) {
         return key == "topk_threshold" || key == "router_logits" || key == "rank" || key == "topk_selected" ||
-               key == "predictor_prob" || key == "predictor_selected";
+               key == "predictor_prob" || key == "predictor_selected" || key == "capacity" || key == "gate";
     }
     // A full layer has none of the routed layers' members (null or absent).
     void refuseOnFullLayer(const std::string& key, Kind k) const {
@@ -667,7 +671,13 @@ private:
             l_.processed = static_cast<int>(readInt(v, w, 0, T));
         } else if (key == "topk_threshold" && routed_) {
             l_.topk_threshold = readFloat(v, w);
-        } else if (routedOnly(key) || key == "selected") {
+        } else if (key == "capacity" && routed_) {
+            l_.capacity = readDouble(v, w, 0.0, 1.0);
+            if (c_.own_capacity.size() <= li_) c_.own_capacity.resize(li_ + 1, 0);
+            c_.own_capacity[li_] = 1;
+        } else if (key == "update_ratio" && v.kind == Kind::Null) {
+            // a trace that had none
+        } else if (key == "update_ratio" || routedOnly(key) || key == "selected") {
             wrongType(w, "an array", v.kind);
         }
     }
@@ -678,7 +688,10 @@ private:
         const auto w = path(key);
         const auto T = c_.T;
         if (key == "selected") return boolArray(w, T, "one per token", l_.selected);
+        if (key == "update_ratio")
+            return floatArray(w, T, 0.0f, std::numeric_limits<float>::max(), l_.update_ratio);
         if (!routed_) return nullptr;
+        if (key == "gate") return floatArray(w, T, 0.0f, 1.0f, gate_);  // sigmoid(router_logits): not kept
         if (key == "router_logits")
             return floatArray(w, T, -std::numeric_limits<float>::max(), std::numeric_limits<float>::max(),
                               l_.router_logits);
@@ -699,6 +712,7 @@ private:
 
     void finish() override {
         require({"index", "routed", "k", "processed", "selected"});
+        l_.index = static_cast<int>(li_);
         const auto count = [](const std::vector<std::uint8_t>& v) {
             return static_cast<int>(std::count(v.begin(), v.end(), 1));
         };
@@ -724,6 +738,7 @@ private:
     bool routed_;  // what the config says; the layer's own "routed" must agree
     LayerTrace l_;
     std::vector<std::uint8_t> rank_seen_;
+    std::vector<float> gate_;
 };
 
 // Of the stats only the FLOPs are data; the rest is derived from the layers and recomputed.
@@ -897,7 +912,11 @@ void checkRelations(DocumentContext& c) {
         doc.tokens[i].byte_end = static_cast<std::size_t>(c.byte_end[i]);
         run.token_ids.push_back(doc.tokens[i].id);
     }
-    for (std::size_t li = 0; li < run.layers.size(); ++li) checkK(run.layers[li], at("layers", li), c);
+    for (std::size_t li = 0; li < run.layers.size(); ++li) {
+        auto& l = run.layers[li];
+        checkK(l, at("layers", li), c);
+        if (!(li < c.own_capacity.size() && c.own_capacity[li])) l.capacity = l.routed ? run.capacity : -1.0;
+    }
     if (c.truncated) {
         checkRange("truncated.original_bytes", c.original_bytes, P, kMaxBytes);
         doc.original_bytes = static_cast<std::size_t>(c.original_bytes);
@@ -919,6 +938,7 @@ public:
         c_.cfg = checkSkeleton(s);
         c_.T = s.tokens;
         c_.doc.model.config = c_.cfg;
+        c_.doc.schema = s.schema;  // the version read: what it may hold (checkSkeleton knows it)
     }
 
 private:
@@ -942,6 +962,10 @@ private:
             // optional: null is absent
         } else if (key == "prompt_index") {
             doc.prompt_index = static_cast<int>(readInt(v, key, 0, kMaxTraceDocuments - 1));
+        } else if (key == "prompt_id" && v.kind == Kind::Number && doc.schema != kTraceSchemaV1) {
+            doc.prompt_id = std::to_string(readInt(v, key, std::numeric_limits<std::int64_t>::min(),
+                                                   std::numeric_limits<std::int64_t>::max()));
+            doc.prompt_id_integer = true;
         } else if (key == "prompt_id") {
             doc.prompt_id = readString(v, key);
         } else if (key == "model" || key == "truncated" || key == "stats" || key == "timing" ||

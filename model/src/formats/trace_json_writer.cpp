@@ -1,5 +1,6 @@
 // Routing traces written as JSON (docs/TRACE_FORMAT.md): a streaming writer, pretty (two-space indent,
 // per-token arrays on one line) or on one line for JSON Lines. The reader is trace_json_reader.cpp.
+#include <charconv>
 #include <cmath>
 #include <cstdio>
 #include <nlohmann/json.hpp>
@@ -210,7 +211,15 @@ void writeRunHeader(JsonWriter& w, const TraceDocument& doc) {
     w.key("backend"), w.string(run.backend, "backend");
     if (doc.prompt_index >= 0) {
         w.key("prompt_index"), w.integer(doc.prompt_index);
-        w.key("prompt_id"), w.string(doc.prompt_id, "prompt_id");
+        if (doc.prompt_id_integer) {
+            std::int64_t id = 0;
+            const auto r = std::from_chars(doc.prompt_id.data(), doc.prompt_id.data() + doc.prompt_id.size(), id);
+            if (r.ec != std::errc() || r.ptr != doc.prompt_id.data() + doc.prompt_id.size())
+                throw Error("cannot write the trace: prompt_id \"" + doc.prompt_id + "\" is not an integer");
+            w.key("prompt_id"), w.integer(id);
+        } else {
+            w.key("prompt_id"), w.string(doc.prompt_id, "prompt_id");
+        }
     }
     w.key("prompt"), w.string(doc.prompt, "prompt");
     w.key("truncated");
@@ -244,7 +253,7 @@ void writeTokens(JsonWriter& w, const TraceDocument& doc) {
     w.endArray();
 }
 
-void writeLayer(JsonWriter& w, const LayerTrace& l, const std::string& where, std::size_t T) {
+void writeLayer(JsonWriter& w, const LayerTrace& l, const std::string& where, std::size_t T, double run_capacity) {
     const auto checkLength = [&](std::size_t n, const char* field) {
         if (n != T)
             throw Error("cannot write the trace: " + where + "." + field + " has " + std::to_string(n) +
@@ -257,22 +266,33 @@ void writeLayer(JsonWriter& w, const LayerTrace& l, const std::string& where, st
     w.key("processed"), w.integer(l.processed);
     checkLength(l.selected.size(), "selected");
     w.key("selected"), writeBools(w, l.selected);
+    w.key("update_ratio");
+    if (l.update_ratio.empty()) {  // a trace read from the first version, which had none
+        w.null();
+    } else {
+        checkLength(l.update_ratio.size(), "update_ratio");
+        writeFloats(w, l.update_ratio, where + ".update_ratio");
+    }
     if (l.routed) {
         checkLength(l.router_logits.size(), "router_logits");
         checkLength(l.rank.size(), "rank");
         checkLength(l.topk_selected.size(), "topk_selected");
         checkLength(l.predictor_prob.size(), "predictor_prob");
         checkLength(l.predictor_selected.size(), "predictor_selected");
+        w.key("capacity"), w.number(l.capacity >= 0 ? l.capacity : run_capacity, where + ".capacity");
         w.key("topk_threshold"), w.number32(l.topk_threshold, where + ".topk_threshold");
         w.key("router_logits"), writeFloats(w, l.router_logits, where + ".router_logits");
+        std::vector<float> gate(T);
+        for (std::size_t t = 0; t < T; ++t) gate[t] = l.gate(static_cast<int>(t));
+        w.key("gate"), writeFloats(w, gate, where + ".gate");
         w.key("rank"), writeInts(w, l.rank);
         w.key("topk_selected"), writeBools(w, l.topk_selected);
         w.key("predictor_prob"), writeFloats(w, l.predictor_prob, where + ".predictor_prob");
         w.key("predictor_selected"), writeBools(w, l.predictor_selected);
         w.key("predictor"), writeAgreement(w, Agreement::of(l));
     } else {
-        for (const char* k : {"topk_threshold", "router_logits", "rank", "topk_selected", "predictor_prob",
-                              "predictor_selected", "predictor"})
+        for (const char* k : {"capacity", "topk_threshold", "router_logits", "gate", "rank", "topk_selected",
+                              "predictor_prob", "predictor_selected", "predictor"})
             w.key(k), w.null();
     }
     w.endObject();
@@ -381,7 +401,7 @@ std::string writeDocument(const TraceDocument& doc, bool pretty) {
     writeTokens(w, doc);
     w.key("layers");
     w.beginArray();
-    for (std::size_t li = 0; li < doc.run.layers.size(); ++li) writeLayer(w, doc.run.layers[li], at("layers", li), T);
+    for (std::size_t li = 0; li < doc.run.layers.size(); ++li) writeLayer(w, doc.run.layers[li], at("layers", li), T, doc.run.capacity);
     w.endArray();
     writeStats(w, doc);
     writeGeneration(w, doc);

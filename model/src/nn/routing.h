@@ -18,6 +18,7 @@ struct LayerRouting {
     torch::Tensor selected_mask;      // [B, T] bool, what was processed (all true for full layers)
     torch::Tensor predictor_logits;   // [B, T]
     std::int64_t predictor_rows = 0;  // tokens whose predictor logit was computed (B * T with collect)
+    torch::Tensor update_ratio;       // [B, T] |x_out - x_in| / |x_in| (with collect)
 };
 
 // Causal mode's decision (docs/MODEL.md "Causal mode"): token t is processed when

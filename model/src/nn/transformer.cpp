@@ -85,25 +85,36 @@ torch::Tensor ModTransformerImpl::hidden(const torch::Tensor& ids, const Forward
         options.layer_ms->clear();
         layer_start = Clock::now();
     }
+    const bool collect = routing != nullptr && options.collect;
+    // The layer's input, kept while collecting to measure each token's update: [B, T, d].
+    torch::Tensor layer_input;
+    const auto measureUpdate = [&](std::size_t li) {
+        const auto in_norm = layer_input.norm(2, -1);                           // [B, T]
+        const auto change = (x - layer_input).norm(2, -1);                      // [B, T]
+        (*routing)[li].update_ratio = change / in_norm.clamp_min(1e-30);
+        layer_input = torch::Tensor();
+    };
     for (std::size_t li = 0; li < blocks.size(); ++li) {
         if (options.layer_ms != nullptr && li > 0) layerDone();
         checkCancel(options.cancel);
         if (options.residuals != nullptr && li > 0) options.residuals->push_back(x);
         auto& block = *blocks[li];
         LayerKV* kv = options.kv != nullptr ? &(*options.kv)[li] : nullptr;
+        if (collect) layer_input = x.clone();
         if (!block.routed) {
             if (in_place)
                 block.addDeltaInPlace(x, pos, positions, kv);
             else
                 x = x + block.delta(x, pos, positions, kv);
-            if (routing != nullptr && options.collect) {
+            if (collect) {
                 auto& r = (*routing)[li];
                 r.k = T;
                 r.selected_mask = torch::ones({B, T}, ids.options().dtype(torch::kBool));
+                measureUpdate(li);
             }
             continue;
         }
-        const auto k = capacityToK(options.capacity, static_cast<int>(T));
+        const auto k = capacityToK(options.capacityOf(li), static_cast<int>(T));
         const auto router_logits = block.routerLogits(x);  // [B, T]
         if (kv != nullptr &&
             options.predictor_prefix_topk) {  // generation steps rank their token against these
@@ -129,8 +140,8 @@ torch::Tensor ModTransformerImpl::hidden(const torch::Tensor& ids, const Forward
             std::vector<torch::Tensor> chosen;  // [1, n_b] per row, ascending
             selected_mask =
                 predictor_logits.defined()
-                    ? causalSelection(predictor_logits, router_logits, options.causalRule(), &chosen)
-                    : causalRouting(block, x, router_logits, options.causalRule(), &predictor_rows, &chosen);
+                    ? causalSelection(predictor_logits, router_logits, options.causalRule(li), &chosen)
+                    : causalRouting(block, x, router_logits, options.causalRule(li), &predictor_rows, &chosen);
             std::vector<torch::Tensor> rows;      // each row's own selection; in place, rows of x itself
             for (std::int64_t b = 0; b < B; ++b)  // one row: x itself, no views
                 rows.push_back(
@@ -150,6 +161,7 @@ torch::Tensor ModTransformerImpl::hidden(const torch::Tensor& ids, const Forward
                     torch::zeros({B, T}, ids.options().dtype(torch::kBool)).scatter(1, topk_idx, true);
             r.selected_mask = options.mode == RoutingMode::TopK ? r.topk_mask : selected_mask;
         }
+        if (collect) measureUpdate(li);
     }
     if (options.layer_ms != nullptr && !blocks.empty()) layerDone();
     if (options.residuals != nullptr) options.residuals->push_back(x);

@@ -5,6 +5,7 @@
 #include <torch/nn/modules/container/modulelist.h>
 #include <torch/nn/modules/embedding.h>
 
+#include <algorithm>
 #include <atomic>
 #include <vector>
 
@@ -26,9 +27,18 @@ struct ForwardOptions {
     // embedding and the final norm are not in them. On the CPU only: a device's work is asynchronous.
     std::vector<double>* layer_ms = nullptr;
     const std::atomic<bool>* cancel = nullptr;
+    // Per layer index: that layer's capacity in place of capacity (< 0 or absent: capacity).
+    std::vector<double> layer_capacity;
 
+    double capacityOf(std::size_t layer) const {
+        return layer < layer_capacity.size() && layer_capacity[layer] >= 0 ? std::min(layer_capacity[layer], 1.0)
+                                                                            : capacity;
+    }
     CausalRule causalRule() const {
         return {predictor_threshold, capacity, predictor_budget_gain, predictor_prefix_topk};
+    }
+    CausalRule causalRule(std::size_t layer) const {
+        return {predictor_threshold, capacityOf(layer), predictor_budget_gain, predictor_prefix_topk};
     }
     // The config's causal rule (threshold, budget gain, prefix top-k); the capacity stays the run's own.
     void setCausalRule(const ModelConfig& config) {
