@@ -213,6 +213,13 @@ private Q_SLOTS:
         QCOMPARE(doc.run.layers[1].capacity, 0.125);
         QCOMPARE(doc.run.layers[3].k, capacityToK(0.5, T));
         QVERIFY(!doc.run.layers[3].update_ratio.empty());
+        // A replayed trace and back: the live layers' own capacities are as they were.
+        QVERIFY(w->openTrace(json));
+        QVERIFY(w->isReplaying());
+        w->returnToLive();
+        QCOMPARE(w->routingControls()->layerCapacities(), (std::vector<double>{-1.0, -1.0, -1.0, 0.5}));
+        QVERIFY(waitForRun(*w));
+        QCOMPARE(w->snapshot()->trace.layers[3].k, capacityToK(0.5, T));
         // Back to the slider: every routed layer at the run's capacity again.
         spin->setValue(spin->minimum());
         QVERIFY(waitForRun(*w));
@@ -981,8 +988,10 @@ private Q_SLOTS:
             w->setCapacity(0.5);
             w->keepOutOfSettings({QStringLiteral("view/theme"), QStringLiteral("routing/capacity")});
             w->setRoutingMode(RoutingMode::TopK);
+            w->routingControls()->setLayerCapacities({-1.0, -1.0, -1.0, 0.0625});  // kept though the capacity is not
             QVERIFY(w->close());
         }
+        QCOMPARE(settings.value(QStringLiteral("routing/layer_capacity")).toString(), QStringLiteral("3:0.0625"));
         QCOMPARE(settings.value(QStringLiteral("view/theme")).toString(), QStringLiteral("system"));
         QCOMPARE(settings.value(QStringLiteral("routing/capacity")).toDouble(), 0.3);
         QCOMPARE(settings.value(QStringLiteral("routing/mode")).toString(), QStringLiteral("topk"));

@@ -204,7 +204,7 @@ TraceDocument craftDocument(const std::vector<std::string>& pieces,
             l.selected = l.topk_selected;
         }
         l.processed = static_cast<int>(std::count(l.selected.begin(), l.selected.end(), 1));
-        for (int t = 0; t < T; ++t)
+        for (int t = 0; t < T && l.routed; ++t)  // routed layers only, as the engine measures
             l.update_ratio.push_back(l.selected[t] ? static_cast<float>((t * 13 + li) % 17 + 1) / 7.0f : 0.0f);
         processed.push_back(l.processed);
         d.run.layers.push_back(l);
@@ -599,8 +599,49 @@ private Q_SLOTS:
         }
         const auto again = nlohmann::json::parse(traceToJson(v1));
         QCOMPARE(again["schema"].get<std::string>(), std::string("modscope.trace/2"));
-        QVERIFY(again["layers"][0]["update_ratio"].is_null());
-        QVERIFY(traceFromJson(again.dump()).run.layers[0].update_ratio.empty());
+        QVERIFY(again["layers"][1]["update_ratio"].is_null());
+        QVERIFY(traceFromJson(again.dump()).run.layers[1].update_ratio.empty());
+        // Members of the second version mean nothing in the first: a layer there runs at the document's capacity.
+        auto stray = j;
+        stray["layers"][1]["capacity"] = 0.75;
+        QCOMPARE(traceFromJson(stray.dump()).run.layers[1].capacity, 0.25);
+        // A CSV of the first version's columns reads, alone or in a batch; mixed headers do not.
+        auto csv = traceToCsv(doc);
+        const auto strip = [](std::string text) {  // drops the gate and update_ratio columns
+            std::string out;
+            std::size_t start = 0;
+            while (start < text.size()) {
+                const auto end = text.find("\r\n", start);
+                auto line = text.substr(start, end - start);
+                for (int i = 0; i < 2; ++i) line = line.substr(0, line.rfind(','));
+                out += line + "\r\n";
+                start = end + 2;
+            }
+            return out;
+        };
+        const auto v1_rows = traceRowsFromCsv(strip(csv));
+        QCOMPARE(v1_rows.size(), traceRowsFromCsv(csv).size());
+        QVERIFY(!v1_rows.front().update_ratio && !v1_rows.back().gate);
+        auto v1_batch = strip(tracesToCsv({doc, doc}));
+        for (std::size_t at = 0; (at = v1_batch.find("prompt_index,prompt_id,", at)) != std::string::npos;)
+            v1_batch.replace(at, 23, "prompt_index,");
+        std::string no_id;  // the first version's batch: prompt_index alone
+        {
+            std::size_t start = 0;
+            while (start < v1_batch.size()) {
+                const auto end = v1_batch.find("\r\n", start);
+                auto line = v1_batch.substr(start, end - start);
+                if (start > 0) {  // drop the prompt_id field ("17") after the index
+                    const auto first = line.find(',');
+                    line.erase(first, line.find(',', first + 1) - first);
+                }
+                no_id += line + "\r\n";
+                start = end + 2;
+            }
+        }
+        QCOMPARE(traceRowsFromCsv(no_id).front().prompt_index, 4);
+        const auto mixed = errorOf([&] { traceRowsFromCsv(strip(tracesToCsv({doc, doc}))); });
+        QVERIFY2(mixed.find("header should be prompt_index,prompt_id,layer") != std::string::npos, mixed.c_str());
         // The first version wrote ids as strings only: a number there is refused.
         j["prompt_id"] = 17;
         const auto msg = errorOf([&] { traceFromJson(j.dump()); });
@@ -652,6 +693,17 @@ private Q_SLOTS:
         const auto msg = errorOf([&] { traceFromJson(j.dump()); });
         QVERIFY2(msg.find("layers[1].k: 4, but the layer's capacity 0.75 of 8 tokens gives 6") != std::string::npos,
                  msg.c_str());
+        // The layers before the document's capacity (members in any order): the layer's own still counts.
+        auto late = nlohmann::ordered_json::parse(traceToJson(doc));
+        const auto capacity = late["capacity"];
+        late.erase("capacity");
+        late["capacity"] = capacity;
+        const auto reordered = traceFromJson(late.dump());
+        QCOMPARE(reordered.run.layers[1].capacity, 0.5);
+        QCOMPARE(reordered.run.layers[3].capacity, 0.25);
+        late["layers"][1]["capacity"] = 0.75;
+        const auto late_msg = errorOf([&] { traceFromJson(late.dump()); });
+        QVERIFY2(late_msg.find("layers[1].k: 4, but the layer's capacity 0.75") != std::string::npos, late_msg.c_str());
     }
 
     void unknownSchemaIsRefused() {
@@ -938,7 +990,8 @@ private Q_SLOTS:
             "routed = [r for r in rows if r['routed'] == '1' and r['phase'] == 'prompt']\n"
             "import math\n"
             "assert all(abs(float(r['gate']) - 1 / (1 + math.exp(-float(r['router_logit'])))) < 1e-6 for r in routed)\n"
-            "assert all((float(r['update_ratio']) > 0) == (r['selected'] == '1') for r in rows if r['phase'] == 'prompt')\n"
+            "assert all((float(r['update_ratio']) > 0) == (r['selected'] == '1') for r in routed)\n"
+            "assert all(r['update_ratio'] == '' for r in rows if r['routed'] == '0')\n"
             "print('ok')\n",
             {path("cli0.json"), path("cli0.csv"), path("batch_out.jsonl"), path("batch_out.csv")});
         QCOMPARE(py.trimmed(), QString("ok"));
@@ -1053,6 +1106,11 @@ private Q_SLOTS:
             QVERIFY2(r.code == 0 && r.err.isEmpty() && r.out.contains(name), qPrintable(r.err));
         }
         if (tool) QVERIFY(runCli({"--check", path("check-good.jsonl")}).out.contains("2 modscope.trace/2 trace documents"));
+        if (tool) {  // an empty JSON Lines file holds no documents
+            writeAll(path("check-empty.jsonl"), "");
+            const auto r = runCli({"--check", path("check-empty.jsonl")});
+            QVERIFY2(r.code == 0 && r.out.contains("0 modscope.trace/2 trace documents"), qPrintable(r.out + r.err));
+        }
 
         QTemporaryDir parent;
         const auto bad = badfiles::makeBadTraces(readAll(good_path), parent.path().toStdString());

@@ -53,7 +53,7 @@ void LayerCapacityEditor::setLayers(int n_layers, const std::vector<int>& routed
         auto* label = new QLabel(tr("L%1").arg(l), this);
         auto* spin = new QDoubleSpinBox(this);
         spin->setRange(kFollowRun, 100.0);
-        spin->setDecimals(1);
+        spin->setDecimals(2);  // 6.25% and the like, as modscope-trace --capacity L:0.0625 gives
         spin->setSingleStep(0.5);
         spin->setSuffix(QStringLiteral(" %"));
         spin->setSpecialValueText(tr("slider"));

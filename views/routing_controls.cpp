@@ -111,8 +111,9 @@ void RoutingControls::setLayers(int n_layers, const std::vector<int>& routed_lay
 std::vector<double> RoutingControls::layerCapacities() const { return layer_editor_->capacities(); }
 
 void RoutingControls::setLayerCapacities(const std::vector<double>& capacities) {
-    if (capacities == layer_editor_->capacities()) return;
+    const auto before = layer_editor_->capacities();
     layer_editor_->setCapacities(capacities);
+    if (layer_editor_->capacities() == before) return;  // as the editor holds them: "slider" is absent
     updateLayerButton();
     updateOffTrainingNote();
     Q_EMIT layerCapacitiesChanged();

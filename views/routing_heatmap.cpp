@@ -480,8 +480,7 @@ QString RoutingHeatmap::cellSummary(int l, int t) const {
     const QString update_text = std::isfinite(update) ? QStringLiteral("%1 (|Δx| / |x|)").arg(number(update))
                                                       : QStringLiteral("– (not in this trace)");
     if (!layer.routed) {
-        html += QStringLiteral("Layer %1 · <b>full</b>: processes every token<br>").arg(l);
-        html += QStringLiteral("update %1<br>Decision: <b>processed</b>").arg(update_text);
+        html += QStringLiteral("Layer %1 · <b>full</b>: processes every token<br>Decision: <b>processed</b>").arg(l);
         return html;
     }
     const bool processed = layer.selected[t];

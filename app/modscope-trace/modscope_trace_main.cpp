@@ -11,6 +11,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
+#include <limits>
 #include <fstream>
 #include <iostream>
 #include <nlohmann/json.hpp>
@@ -155,6 +156,9 @@ std::vector<Prompt> readBatch(const std::string& path) {
         if (const auto id = j.find("id"); id != j.end() && !id->is_null()) {
             if (id->is_string())
                 prompt.id = id->get<std::string>();
+            else if (id->is_number_unsigned() &&
+                     id->get<std::uint64_t>() > static_cast<std::uint64_t>(std::numeric_limits<std::int64_t>::max()))
+                throw Error(where + ": \"id\" " + id->dump() + " is beyond a 64-bit integer (write it as a string)");
             else if (id->is_number_integer())
                 prompt.id = id->dump(), prompt.id_integer = true;
             else
@@ -274,7 +278,8 @@ int checkTrace(const std::string& path) {
     const auto docs = modscope::loadTraces(path);
     std::size_t tokens = 0;
     for (const auto& d : docs) tokens += d.tokens.size();
-    std::printf("%s: %zu %s trace document%s, %zu tokens\n", path.c_str(), docs.size(), docs.front().schema.c_str(),
+    std::printf("%s: %zu %s trace document%s, %zu tokens\n", path.c_str(), docs.size(),
+                docs.empty() ? modscope::kTraceSchema : docs.front().schema.c_str(),
                 docs.size() == 1 ? "" : "s", tokens);
     return 0;
 }

@@ -482,6 +482,10 @@ void MainWindow::setColorScale(const HeatmapColorScale& scale) {
 HeatmapColorScale MainWindow::colorScale() const { return heatmap_->colorScale(); }
 
 void MainWindow::fixColorScaleAtCurrentRange() {
+    if (colorScale().mode == HeatmapColorScale::Mode::Fixed) {  // already fixed: keep the range as it is
+        setColorScale(colorScale());
+        return;
+    }
     // The range on screen, out to whole logits: the colours stay as they are, now for every later run.
     const QCPRange r = heatmap_->logitRange();
     setColorScale({HeatmapColorScale::Mode::Fixed, std::floor(r.lower), std::ceil(r.upper)});
@@ -634,9 +638,11 @@ void MainWindow::saveSettings() {
     put(QStringLiteral("routing/mode"), preference(QStringLiteral("routing/mode")));
     // A capacity belongs to the model it was chosen for: another model starts at its own (training) capacity.
     if (model_ && !model_->directory.empty() &&
-        put(QStringLiteral("routing/capacity"), preference(QStringLiteral("routing/capacity")))) {
+        put(QStringLiteral("routing/capacity"), preference(QStringLiteral("routing/capacity"))))
         s.setValue(QStringLiteral("routing/capacity_model"), QString::fromStdString(model_->directory));
+    if (model_ && !model_->directory.empty()) {  // no command-line option sets them: always the user's
         s.setValue(QStringLiteral("routing/layer_capacity"), preference(QStringLiteral("routing/layer_capacity")));
+        s.setValue(QStringLiteral("routing/layer_capacity_model"), QString::fromStdString(model_->directory));
     }
     const auto g = generation_->settings();
     s.setValue(QStringLiteral("generation/tokens"), g.max_new_tokens);
@@ -721,7 +727,7 @@ void MainWindow::onModelLoaded(const ModelInfo& info) {
         routing_->setLayers(info.config.n_layers, info.config.routed_layers);
         std::vector<double> layer_capacity;
         if (options_.settings &&
-            options_.settings->value(QStringLiteral("routing/capacity_model")).toString() == dir)
+            options_.settings->value(QStringLiteral("routing/layer_capacity_model")).toString() == dir)
             layer_capacity = layerCapacitiesFromText(
                 options_.settings->value(QStringLiteral("routing/layer_capacity")).toString(), info.config);
         if (replaying_) {
@@ -1196,6 +1202,7 @@ void MainWindow::returnToLive() {
         QSignalBlocker a(prompt_), b(routing_), c(topk_action_), d(causal_action_);
         prompt_->setText(live_prompt_);
         routing_->setCapacity(live_capacity_);
+        routing_->setLayerCapacities(live_layer_capacity_);
         routing_->setMode(live_mode_);
         topk_action_->setChecked(live_mode_ == RoutingMode::TopK);
         causal_action_->setChecked(live_mode_ == RoutingMode::Causal);

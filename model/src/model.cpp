@@ -182,6 +182,7 @@ RunTrace Model::run(const std::vector<int>& ids, const RunOptions& options) cons
     fo.layer_capacity = options.layer_capacity;
     fo.setCausalRule(impl.config);
     fo.collect = options.per_token_routing;
+    fo.measure_update = options.per_token_routing;
     fo.cancel = options.cancel;
     std::vector<nn::LayerRouting> routing;
     const auto h = impl.net->hidden(input, fo, &routing);
@@ -233,7 +234,7 @@ RunTrace Model::run(const std::vector<int>& ids, const RunOptions& options) cons
         lt.capacity = lt.routed ? fo.capacityOf(li) : -1.0;
         lt.k = static_cast<int>(r.k);
         lt.selected = maskToVector(r.selected_mask[0]);
-        lt.update_ratio = toVector<float>(r.update_ratio[0]);
+        if (r.update_ratio.defined()) lt.update_ratio = toVector<float>(r.update_ratio[0]);
         lt.processed = static_cast<int>(std::count(lt.selected.begin(), lt.selected.end(), 1));
         if (lt.routed) {
             lt.router_logits = toVector<float>(r.router_logits[0]);

@@ -92,9 +92,9 @@ struct LayerTrace {
     std::vector<int> rank;                     // rank of each token's router logit, 0 = highest
     float topk_threshold = 0.0f;               // the k-th largest router logit (routed layers)
     double capacity = -1.0;  // the capacity this routed layer ran at; < 0: the run's (RunTrace::capacity)
-    // How much the layer changed each token: |x_out - x_in| / |x_in| (Euclidean norms over d), 0 for a token
-    // it skipped. For a routed layer's processed token the update is sigmoid(r) * f(x). Empty without
-    // RunOptions::per_token_routing.
+    // How much a routed layer changed each token: |x_out - x_in| / |x_in| (Euclidean norms over d), that is
+    // |sigmoid(r) f(x)| / |x| for a token it processed and 0 for one it skipped. Empty for full layers and
+    // without RunOptions::per_token_routing.
     std::vector<float> update_ratio;
     // The gate sigmoid(r) of a routed layer's token (what scales its update), from router_logits.
     float gate(int token) const {

@@ -46,6 +46,9 @@ void appendCsvRows(std::string& out, const TraceDocument& doc, int prompt_index)
     for (std::size_t li = 0; li < run.layers.size(); ++li) {
         const auto& l = run.layers[li];
         const std::string layer = std::to_string(l.index) + ",";
+        if (!l.update_ratio.empty() && l.update_ratio.size() != T)
+            throw Error("cannot write the trace: layer " + std::to_string(li) + " has " +
+                        std::to_string(l.update_ratio.size()) + " update ratios for " + std::to_string(T) + " tokens");
         for (std::size_t t = 0; t < T; ++t) {
             out += prefix;
             out += layer;
@@ -290,8 +293,13 @@ std::vector<TraceCsvRow> traceRowsFromCsv(const std::string& text) {
                         "\" is not prompt or generate");
         if (with_update) {
             if (!f[c].empty()) row.gate = csvFloat(f[c], line, "gate");
+            if (row.gate && !(*row.gate >= 0.0f && *row.gate <= 1.0f))
+                throw Error("CSV row " + std::to_string(line) + ", gate: \"" + printable(f[c]) + "\" is not from 0 to 1");
             ++c;
             if (!f[c].empty()) row.update_ratio = csvFloat(f[c], line, "update_ratio");
+            if (row.update_ratio && !(*row.update_ratio >= 0.0f))
+                throw Error("CSV row " + std::to_string(line) + ", update_ratio: \"" + printable(f[c]) +
+                            "\" is negative");
             ++c;
         }
         out.push_back(std::move(row));

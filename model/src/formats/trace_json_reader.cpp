@@ -652,7 +652,14 @@ private:
             bad(path(key) + ": a full layer has none (expected null)");
     }
 
+    // Members the second version added: a first-version document does not have them, and they are ignored
+    // there as any unknown member is (its layers run at the document's capacity).
+    bool laterMember(const std::string& key) const {
+        return c_.doc.schema == kTraceSchemaV1 && (key == "capacity" || key == "gate" || key == "update_ratio");
+    }
+
     void member(const std::string& key, Value& v) override {
+        if (laterMember(key)) return;
         refuseOnFullLayer(key, v.kind);
         if (!routed_ && routedOnly(key)) return;  // null
         const auto w = path(key);
@@ -683,6 +690,7 @@ private:
     }
 
     std::unique_ptr<Frame> container(const std::string& key, Kind k) override {
+        if (laterMember(key)) return nullptr;
         refuseOnFullLayer(key, k);
         if (k != Kind::Array) return nullptr;
         const auto w = path(key);

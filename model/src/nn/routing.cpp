@@ -27,10 +27,52 @@ void addGatedRows(torch::Tensor& x, const torch::Tensor& idx, const torch::Tenso
     backend::current().addGatedRows(x, idx, router_logits, delta);
 }
 
+namespace {
+
+// |sigmoid(r_t) f(x)_t| / |x_t| for the k processed rows, scattered into [B, T] zeros. On the CPU in float32 a
+// loop over those k rows alone: the operators' dispatch would cost more than the arithmetic here.
+torch::Tensor routedUpdateRatio(const torch::Tensor& xs, const torch::Tensor& delta, const torch::Tensor& router_logits,
+                                const torch::Tensor& idx) {
+    torch::NoGradGuard no_grad;
+    const auto B = xs.size(0), k = xs.size(1), d = xs.size(2), T = router_logits.size(1);
+    auto out = torch::zeros({B, T}, router_logits.options().requires_grad(false));
+    const bool fast = xs.device().is_cpu() && xs.scalar_type() == torch::kFloat32 &&
+                      delta.scalar_type() == torch::kFloat32 && router_logits.scalar_type() == torch::kFloat32;
+    if (!fast) {
+        const auto gate = torch::sigmoid(router_logits.detach().gather(1, idx));
+        const auto r = gate * delta.detach().norm(2, -1) / xs.detach().norm(2, -1).clamp_min(1e-30);
+        return out.scatter_(1, idx, r.to(out.scalar_type()));
+    }
+    const auto xc = xs.detach().contiguous(), dc = delta.detach().contiguous();
+    const auto rc = router_logits.detach().contiguous();
+    const auto ic = idx.to(torch::kLong).contiguous();
+    const float *xp = xc.data_ptr<float>(), *dp = dc.data_ptr<float>(), *rp = rc.data_ptr<float>();
+    const std::int64_t* ip = ic.data_ptr<std::int64_t>();
+    float* op = out.data_ptr<float>();
+    for (std::int64_t b = 0; b < B; ++b)
+        for (std::int64_t i = 0; i < k; ++i) {
+            const float* xr = xp + (b * k + i) * d;
+            const float* dr = dp + (b * k + i) * d;
+            float xx[4] = {0, 0, 0, 0}, dd[4] = {0, 0, 0, 0};  // independent sums: vectorisable
+            std::int64_t j = 0;
+            for (; j + 4 <= d; j += 4)
+                for (int l = 0; l < 4; ++l) xx[l] += xr[j + l] * xr[j + l], dd[l] += dr[j + l] * dr[j + l];
+            float sx = (xx[0] + xx[1]) + (xx[2] + xx[3]), sd = (dd[0] + dd[1]) + (dd[2] + dd[3]);
+            for (; j < d; ++j) sx += xr[j] * xr[j], sd += dr[j] * dr[j];
+            const std::int64_t t = ip[b * k + i];
+            const float gate = 1.0f / (1.0f + std::exp(-rp[b * T + t]));
+            op[b * T + t] = gate * std::sqrt(sd) / std::max(std::sqrt(sx), 1e-30f);
+        }
+    return out;
+}
+
+}  // namespace
+
 torch::Tensor processSelected(BlockImpl& block, const torch::Tensor& x, const torch::Tensor& router_logits,
                               const torch::Tensor& idx, const PositionTables& positions, LayerKV* kv,
-                              bool in_place) {
+                              bool in_place, torch::Tensor* update_ratio) {
     if (idx.size(1) == 0) {
+        if (update_ratio != nullptr) *update_ratio = torch::zeros(router_logits.sizes(), router_logits.options());
         if (kv != nullptr) {
             const auto B = x.size(0);
             const auto H = block.attn->n_heads, hd = block.attn->head_dim;
@@ -42,6 +84,8 @@ torch::Tensor processSelected(BlockImpl& block, const torch::Tensor& x, const to
     const auto xs = gatherRows(x, idx);  // [B, k, d]
     // A token keeps its own position: the selected positions are the indices themselves.
     const auto delta = block.delta(xs, idx, positions, kv);
+    // Before the update below, which may write into xs.
+    if (update_ratio != nullptr) *update_ratio = routedUpdateRatio(xs, delta, router_logits, idx);
     if (in_place) {
         auto target = x;  // a handle to x's storage, which addGatedRows writes (it checks the conditions)
         addGatedRows(target, idx, router_logits, delta);

@@ -18,7 +18,7 @@ struct LayerRouting {
     torch::Tensor selected_mask;      // [B, T] bool, what was processed (all true for full layers)
     torch::Tensor predictor_logits;   // [B, T]
     std::int64_t predictor_rows = 0;  // tokens whose predictor logit was computed (B * T with collect)
-    torch::Tensor update_ratio;       // [B, T] |x_out - x_in| / |x_in| (with collect)
+    torch::Tensor update_ratio;       // [B, T] |x_out - x_in| / |x_in| (routed layers, with measure_update)
 };
 
 // Causal mode's decision (docs/MODEL.md "Causal mode"): token t is processed when
@@ -80,9 +80,10 @@ void addGatedRows(torch::Tensor& x, const torch::Tensor& idx, const torch::Tenso
 // Runs the routed block on the tokens idx [B, k] of x (gated by sigmoid of their router logits; each token at
 // its own position) and writes their updates back; every other row of x is untouched, so skipped tokens stay
 // bit-for-bit the same. With in_place the updates go into x itself (addGatedRows), otherwise into a copy.
-// With kv, the block's cache holds the processed tokens only.
+// With kv, the block's cache holds the processed tokens only. With update_ratio: [B, T] how much the block
+// changed each token, |sigmoid(r) f(x)| / |x| (0 for the rows it skipped), from the k rows it ran on.
 torch::Tensor processSelected(BlockImpl& block, const torch::Tensor& x, const torch::Tensor& router_logits,
                               const torch::Tensor& idx, const PositionTables& positions,
-                              LayerKV* kv = nullptr, bool in_place = false);
+                              LayerKV* kv = nullptr, bool in_place = false, torch::Tensor* update_ratio = nullptr);
 
 }  // namespace modscope::nn

@@ -1,10 +1,13 @@
 // The whole model (transformer.h): forward passes for training, tracing and generation (docs/MODEL.md).
 #include "nn/transformer.h"
 
+#include <ATen/Parallel.h>
 #include <torch/nn/init.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <cstring>
 #include <limits>
 
 namespace modscope::nn {
@@ -86,21 +89,13 @@ torch::Tensor ModTransformerImpl::hidden(const torch::Tensor& ids, const Forward
         layer_start = Clock::now();
     }
     const bool collect = routing != nullptr && options.collect;
-    // The layer's input, kept while collecting to measure each token's update: [B, T, d].
-    torch::Tensor layer_input;
-    const auto measureUpdate = [&](std::size_t li) {
-        const auto in_norm = layer_input.norm(2, -1);                           // [B, T]
-        const auto change = (x - layer_input).norm(2, -1);                      // [B, T]
-        (*routing)[li].update_ratio = change / in_norm.clamp_min(1e-30);
-        layer_input = torch::Tensor();
-    };
+    const bool measure = collect && options.measure_update;
     for (std::size_t li = 0; li < blocks.size(); ++li) {
         if (options.layer_ms != nullptr && li > 0) layerDone();
         checkCancel(options.cancel);
         if (options.residuals != nullptr && li > 0) options.residuals->push_back(x);
         auto& block = *blocks[li];
         LayerKV* kv = options.kv != nullptr ? &(*options.kv)[li] : nullptr;
-        if (collect) layer_input = x.clone();
         if (!block.routed) {
             if (in_place)
                 block.addDeltaInPlace(x, pos, positions, kv);
@@ -110,7 +105,6 @@ torch::Tensor ModTransformerImpl::hidden(const torch::Tensor& ids, const Forward
                 auto& r = (*routing)[li];
                 r.k = T;
                 r.selected_mask = torch::ones({B, T}, ids.options().dtype(torch::kBool));
-                measureUpdate(li);
             }
             continue;
         }
@@ -132,8 +126,11 @@ torch::Tensor ModTransformerImpl::hidden(const torch::Tensor& ids, const Forward
         }
 
         torch::Tensor selected_mask;
+        torch::Tensor update_ratio;            // [B, T] with measure
+        std::vector<torch::Tensor> row_ratios;  // causal mode: [1, T] per row
         if (options.mode == RoutingMode::TopK) {
-            x = processSelected(block, x, router_logits, topk_idx, positions, kv, in_place);
+            x = processSelected(block, x, router_logits, topk_idx, positions, kv, in_place,
+                                measure ? &update_ratio : nullptr);
         } else {
             // Each token decides from its own block input, which depends on earlier tokens only, and from the
             // layer's decisions on earlier tokens.
@@ -145,9 +142,11 @@ torch::Tensor ModTransformerImpl::hidden(const torch::Tensor& ids, const Forward
             std::vector<torch::Tensor> rows;      // each row's own selection; in place, rows of x itself
             for (std::int64_t b = 0; b < B; ++b)  // one row: x itself, no views
                 rows.push_back(
-                    B == 1 ? processSelected(block, x, router_logits, chosen[b], positions, kv, in_place)
+                    B == 1 ? processSelected(block, x, router_logits, chosen[b], positions, kv, in_place,
+                                             measure ? &row_ratios.emplace_back() : nullptr)
                            : processSelected(block, x.narrow(0, b, 1), router_logits.narrow(0, b, 1),
-                                             chosen[b], positions, kv, in_place));
+                                             chosen[b], positions, kv, in_place,
+                                             measure ? &row_ratios.emplace_back() : nullptr));
             if (!in_place) x = B == 1 ? rows[0] : torch::cat(rows, 0);
         }
         if (routing != nullptr) {
@@ -160,8 +159,8 @@ torch::Tensor ModTransformerImpl::hidden(const torch::Tensor& ids, const Forward
                 r.topk_mask =
                     torch::zeros({B, T}, ids.options().dtype(torch::kBool)).scatter(1, topk_idx, true);
             r.selected_mask = options.mode == RoutingMode::TopK ? r.topk_mask : selected_mask;
+            if (measure) r.update_ratio = row_ratios.empty() ? update_ratio : torch::cat(row_ratios, 0);
         }
-        if (collect) measureUpdate(li);
     }
     if (options.layer_ms != nullptr && !blocks.empty()) layerDone();
     if (options.residuals != nullptr) options.residuals->push_back(x);

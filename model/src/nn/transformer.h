@@ -21,6 +21,8 @@ struct ForwardOptions {
     double predictor_budget_gain = 0.0;
     bool predictor_prefix_topk = false;
     bool collect = false;                             // fill LayerRouting for every layer
+    // With collect: each routed layer's update_ratio too (a traced run; training has no use for it).
+    bool measure_update = false;
     std::vector<LayerKV>* kv = nullptr;               // when set: filled with each layer's K/V (B must be 1)
     std::vector<torch::Tensor>* residuals = nullptr;  // when set: [0] embeddings, [i+1] after layer i
     // When set: each layer's wall-clock ms, in order, a clock read between layers (profiling.h); the
