@@ -12,7 +12,8 @@
 namespace modscope {
 namespace {
 
-enum Column { kLayer, kDecision, kLogit, kGate, kUpdate, kRank, kThreshold, kProb, kTopk, kColumns };
+// The layer's top-k threshold is the Logit cell's tooltip: a column for it left no room in a side panel.
+enum Column { kLayer, kDecision, kLogit, kGate, kUpdate, kRank, kProb, kTopk, kColumns };
 
 QTableWidgetItem* cell(const QString& text, Qt::Alignment align = Qt::AlignRight) {
     auto* item = new QTableWidgetItem(text);
@@ -34,13 +35,12 @@ CellDetailsPanel::CellDetailsPanel(QWidget* parent) : QWidget(parent) {
     layout->addWidget(header_);
     table_ = new QTableWidget(0, kColumns, this);
     table_->setHorizontalHeaderLabels({tr("Layer"), tr("Decision"), tr("Logit"), tr("Gate"), tr("Δx/x"), tr("Rank"),
-                                       tr("Thresh."), tr("p"), tr("Top-k")});
+                                       tr("p"), tr("Top-k")});
     const QStringList tips = {tr("Layer (top row = last layer); routed layers have a router, full layers process every token"),
-                              tr("What this run did with the token in this layer"), tr("Router logit r = w·x"),
+                              tr("What this run did with the token in this layer"), tr("Router logit r = w·x (its tooltip gives the layer's top-k threshold)"),
                               tr("Gate sigmoid(r): what scales a processed token's update"),
                               tr("How much the layer changed the token: |Δx| / |x| (0 where it was skipped)"),
                               tr("Rank of the router logit among the run's tokens (0 = highest)"),
-                              tr("Top-k threshold: the k-th largest router logit of the layer"),
                               tr("Causal predictor's probability that the token is in the top k"),
                               tr("Whether the token is in the top k of this layer's router logits")};
     for (int c = 0; c < kColumns; ++c) table_->horizontalHeaderItem(c)->setToolTip(tips[c]);
@@ -114,11 +114,14 @@ void CellDetailsPanel::refresh() {
             table_->setItem(row, kLogit, cell(QString::number(layer.router_logits[t], 'f', 3)));
             table_->setItem(row, kGate, cell(QString::number(layer.gate(t), 'f', 3)));
             table_->setItem(row, kRank, cell(QStringLiteral("%1").arg(layer.rank[t])));
-            table_->setItem(row, kThreshold, cell(QString::number(layer.topk_threshold, 'f', 3)));
+            table_->item(row, kLogit)->setToolTip(tr("Top-k threshold of layer %1: %2 (the k-th largest logit, k = %3)")
+                                                      .arg(l)
+                                                      .arg(layer.topk_threshold, 0, 'f', 3)
+                                                      .arg(layer.k));
             table_->setItem(row, kProb, cell(std::isfinite(p) ? QString::number(p, 'f', 3) : QStringLiteral("–")));
             table_->setItem(row, kTopk, cell(layer.topk_selected[t] ? tr("yes") : tr("no"), Qt::AlignLeft));
         } else {
-            for (int c : {kLogit, kGate, kRank, kThreshold, kProb, kTopk}) table_->setItem(row, c, cell(QStringLiteral("–")));
+            for (int c : {kLogit, kGate, kRank, kProb, kTopk}) table_->setItem(row, c, cell(QStringLiteral("–")));
         }
         QColor decision = processed ? theme_.processed : theme_.skipped;
         decision.setAlpha(processed ? 70 : 160);

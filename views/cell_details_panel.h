@@ -1,4 +1,4 @@
-// CellDetailsPanel: the locked heatmap cell in full. Every layer's view of that token (logit, rank,
+// CellDetailsPanel: the locked heatmap cell in full. Every layer's view of that token (logit, gate, update, rank,
 // threshold, predictor probability, decision), with the locked layer highlighted.
 #pragma once
 

@@ -296,7 +296,8 @@ void MainWindow::buildDocks() {
     pinned_label_->setObjectName(QStringLiteral("pinned-label"));
     pinned_heatmap_ = new RoutingHeatmap(pinned_box);
     pinned_heatmap_->setObjectName(QStringLiteral("pinned-heatmap"));
-    pinned_heatmap_->setMinimumHeight(120);  // the compare dock fits without growing the window
+    pinned_heatmap_->setCompact(true);  // see pinRun
+    pinned_heatmap_->setMinimumHeight(92);  // the compare dock fits without growing the window
     pinned_heatmap_->setPlaceholder(tr("Nothing pinned: Run › Pin Run (Ctrl+P) freezes the run shown."));
     pinned_layout->addWidget(pinned_label_);
     pinned_layout->addWidget(pinned_heatmap_, 1);
@@ -1256,12 +1257,11 @@ void MainWindow::pinRun() {
     pinned_ = snapshot_;
     updatePinActions();
     if (first) {
-        // A short window cannot stack the depth strip, the compare dock and a heatmap with room for its rows:
-        // the compare dock takes the depth strip's place as a tab, and the pinned heatmap leaves its token
-        // axes to the live one above it (zoom linked). Unpinning restores the layout.
+        // The pinned heatmap leaves its token axes and title to the live one above it (zoom linked; the dock's
+        // label names the pinned run), so that its rows have the room. A short window cannot stack the depth
+        // strip and the compare dock as well: the compare dock takes the depth strip's place as a tab.
+        // Unpinning restores the layout.
         const bool short_window = height() < kShortWindowHeight;
-        pinned_heatmap_->setCompact(short_window);
-        pinned_heatmap_->setMinimumHeight(short_window ? 92 : 120);  // without its axes it needs less
         diff_view_->plot()->setMinimumHeight(short_window ? 56 : 70);
         if (short_window && depth_dock_->isVisible() && !depth_dock_->isFloating() &&
             dockWidgetArea(depth_dock_) == Qt::BottomDockWidgetArea)
