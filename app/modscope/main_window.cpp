@@ -242,6 +242,18 @@ MainWindow::MainWindow(const Options& options, QWidget* parent)
                 }
                 linking_zoom_ = false;
             });
+    // The pinned heatmap's columns stand under the live one's: its left margin (short layer labels) follows
+    // the live heatmap's (long ones).
+    connect(heatmap_, &QCustomPlot::afterLayout, this, [this] {
+        if (!pinned_) return;
+        auto* rect = pinned_heatmap_->axisRect();
+        const int left = heatmap_->axisRect()->margins().left();
+        if (rect->autoMargins().testFlag(QCP::msLeft) || rect->margins().left() != left) {
+            rect->setAutoMargins(QCP::msRight | QCP::msTop | QCP::msBottom);
+            rect->setMargins(QMargins(left, 0, 0, 0));
+            pinned_heatmap_->replot(QCustomPlot::rpQueuedReplot);
+        }
+    });
     connect(heatmap_, &QCustomPlot::afterReplot, this, [this] {
         if (!measuring_paint_) return;
         measuring_paint_ = false;
