@@ -1,13 +1,10 @@
 // The whole model (transformer.h): forward passes for training, tracing and generation (docs/MODEL.md).
 #include "nn/transformer.h"
 
-#include <ATen/Parallel.h>
 #include <torch/nn/init.h>
 
-#include <algorithm>
 #include <chrono>
 #include <cmath>
-#include <cstring>
 #include <limits>
 
 namespace modscope::nn {
