@@ -57,7 +57,7 @@ CapacityChart::CapacityChart(QWidget* parent) : QWidget(parent) {
     QSharedPointer<QCPAxisTickerFixed> counts(new QCPAxisTickerFixed);
     counts->setTickStep(1.0);
     counts->setScaleStrategy(QCPAxisTickerFixed::ssMultiples);
-    counts->setTickCount(4);
+    counts->setTickCount(3);  // a laptop screen leaves the chart some 60 px
     plot_->yAxis->setTicker(counts);
     // The legend gets a row of its own under the bars: inside the axis rect it would cover the full layers.
     plot_->legend->setVisible(true);
