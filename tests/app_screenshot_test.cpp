@@ -58,6 +58,16 @@ private Q_SLOTS:
         QVERIFY(colours.size() > 50);
     }
 
+    // With --generate the picture is the generation's view, taken when the generation ends (no run follows it).
+    void screenshotAfterGeneratingWaitsForTheGenerationOnly() {
+        const QString png = dir_.filePath(QStringLiteral("generated.png"));
+        const auto r = runApp({QStringLiteral("--model"), model_dir_, QStringLiteral("--prompt"), QStringLiteral("fire"),
+                               QStringLiteral("--generate"), QStringLiteral("4"), QStringLiteral("--screenshot"), png});
+        QVERIFY2(r.exit_code == 0, qPrintable(r.err));
+        QVERIFY2(!r.err.contains(QStringLiteral("timed out")), qPrintable(r.err));
+        QVERIFY(!QImage(png).isNull());
+    }
+
     void screenshotSizeAndThemeCanBeChosen() {
         const QString png = dir_.filePath(QStringLiteral("dark.png"));
         const auto r = runApp({QStringLiteral("--model"), model_dir_, QStringLiteral("--prompt"), QStringLiteral("fire"),

@@ -35,8 +35,10 @@ ScreenshotTaker::ScreenshotTaker(MainWindow* window, const QString& path, int ge
         }
         scheduleCapture(0);
     });
+    // The generation's view stays on screen when it ends (no run follows it): capture it then.
     connect(window_, &MainWindow::generationDone, this, [this](const GenerationSummary& summary) {
         if (summary.generated == 0) std::fprintf(stderr, "modscope: nothing was generated\n");
+        scheduleCapture(summary.generated == 0 ? 1 : 0);
     });
     connect(window_, &MainWindow::modelLoadFailed, this, [this](const QString& message) {
         std::fprintf(stderr, "modscope: %s\n", qPrintable(message));
