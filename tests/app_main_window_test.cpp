@@ -896,7 +896,7 @@ private Q_SLOTS:
         auto* predictor = w->findChild<QDockWidget*>(QStringLiteral("predictor-dock"));
         QVERIFY(side && predictor);
         w->resize(w->layout()->minimumSize().expandedTo(QSize(900, 640)));
-        QTest::qWait(50);
+        apptest::settleLayout();
         QVERIFY(!w->generationControls()->isOneLine() || w->generationControls()->width() >= 600);
         w->resize(1600, 1000);
         QTRY_VERIFY_WITH_TIMEOUT(side->width() >= predictor->sizeHint().width(), kTimeoutMs);
@@ -904,9 +904,9 @@ private Q_SLOTS:
 
         // Pinned on a laptop screen: the window still fits, and both heatmaps keep room for their rows.
         w->resize(1366, 720);
-        QTest::qWait(50);
+        apptest::settleLayout();
         w->pinRun();
-        QTest::qWait(50);
+        apptest::settleLayout();  // the window shrinks back from a queued call
         QVERIFY2(fits(), qPrintable(QStringLiteral("pinned: minimum %1x%2").arg(w->layout()->minimumSize().width())
                                         .arg(w->layout()->minimumSize().height())));
         QCOMPARE(w->height(), 720);
@@ -918,7 +918,7 @@ private Q_SLOTS:
             QVERIFY2(row >= 8, qPrintable(QStringLiteral("%1: %2 px a row").arg(h->objectName()).arg(row)));
         }
         w->unpin();
-        QTest::qWait(50);
+        apptest::settleLayout();
         QVERIFY(!compare->isVisible());
         QVERIFY(w->findChild<QDockWidget*>(QStringLiteral("depth-dock"))->isVisible());
     }
@@ -928,18 +928,18 @@ private Q_SLOTS:
     void unpinRestoresTheLayoutAndTheZoom() {
         auto w = makeWindow(QStringLiteral("the river said unto them, fire and water, and the house of light"));
         QVERIFY(w);
-        QTest::qWait(50);
+        apptest::settleLayout();
         const QRect heat_before = w->heatmap()->geometry();
         w->heatmap()->xAxis->setRange(2.5, 9.5);
         w->pinRun();
-        QTest::qWait(50);
+        apptest::settleLayout();
         auto* compare = w->findChild<QDockWidget*>(QStringLiteral("compare-dock"));
         QVERIFY(compare && compare->isVisible());
         QCOMPARE(w->size(), QSize(1400, 900));  // the room comes from inside the window
         QCOMPARE(w->heatmap()->xAxis->range().lower, 2.5);  // pinning keeps the live view where it looks
         QVERIFY2(w->heatmap()->height() >= 200, qPrintable(QString::number(w->heatmap()->height())));
         w->unpin();
-        QTest::qWait(50);
+        apptest::settleLayout();
         QVERIFY(!compare->isVisible());
         QCOMPARE(w->heatmap()->geometry(), heat_before);
         QCOMPARE(w->heatmap()->xAxis->range().lower, 2.5);

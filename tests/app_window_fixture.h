@@ -1,6 +1,7 @@
 // A MainWindow for the app's tests: shown, and with the fixture model loaded and its first run on screen.
 #pragma once
 
+#include <QCoreApplication>
 #include <QSettings>
 #include <QSignalSpy>
 #include <QString>
@@ -42,6 +43,15 @@ inline std::unique_ptr<MainWindow> openFixtureWindow(const QString& model_dir, c
     if (!loaded.wait(timeout_ms)) return nullptr;
     waitForLiveRun(*w, timeout_ms);
     return w;
+}
+
+// Applies what a resize, a dock shown or hidden, or a queued call left pending (posted layout requests, then
+// the replots and calls they post in turn), without waiting on the clock.
+inline void settleLayout() {
+    for (int round = 0; round < 4; ++round) {
+        QCoreApplication::sendPostedEvents();
+        QCoreApplication::processEvents();
+    }
 }
 
 }  // namespace modscope::apptest
