@@ -100,7 +100,7 @@ void compareDocuments(const TraceDocument& a, const TraceDocument& b) {
         QVERIFY(sameFloat(x.topk_threshold, y.topk_threshold));
         QVERIFY2(sameFloats(x.update_ratio, y.update_ratio), qPrintable(QString("layer %1 update_ratio").arg(li)));
         if (x.routed) {  // what the layer ran at: its own capacity, else the run's
-            QVERIFY(sameBits(x.capacity >= 0 ? x.capacity : ra.capacity, y.capacity >= 0 ? y.capacity : rb.capacity));
+            QVERIFY(sameBits(layerCapacity(ra, x), layerCapacity(rb, y)));
         }
     }
     QCOMPARE(a.generation.has_value(), b.generation.has_value());
@@ -606,41 +606,33 @@ private Q_SLOTS:
         stray["layers"][1]["capacity"] = 0.75;
         QCOMPARE(traceFromJson(stray.dump()).run.layers[1].capacity, 0.25);
         // A CSV of the first version's columns reads, alone or in a batch; mixed headers do not.
-        auto csv = traceToCsv(doc);
-        const auto strip = [](std::string text) {  // drops the gate and update_ratio columns
+        const auto csv = traceToCsv(doc);
+        // Each CRLF line of a CSV through edit.
+        const auto editLines = [](const std::string& text, const std::function<void(std::string&)>& edit) {
             std::string out;
-            std::size_t start = 0;
-            while (start < text.size()) {
+            for (std::size_t start = 0; start < text.size();) {
                 const auto end = text.find("\r\n", start);
                 auto line = text.substr(start, end - start);
-                for (int i = 0; i < 2; ++i) line = line.substr(0, line.rfind(','));
+                edit(line);
                 out += line + "\r\n";
                 start = end + 2;
             }
             return out;
         };
-        const auto v1_rows = traceRowsFromCsv(strip(csv));
+        const auto dropGateAndUpdate = [](std::string& line) {  // the last two columns
+            for (int i = 0; i < 2; ++i) line.erase(line.rfind(','));
+        };
+        const auto dropPromptId = [](std::string& line) {  // the second column
+            const auto first = line.find(',');
+            line.erase(first, line.find(',', first + 1) - first);
+        };
+        const auto v1_rows = traceRowsFromCsv(editLines(csv, dropGateAndUpdate));
         QCOMPARE(v1_rows.size(), traceRowsFromCsv(csv).size());
         QVERIFY(!v1_rows.front().update_ratio && !v1_rows.back().gate);
-        auto v1_batch = strip(tracesToCsv({doc, doc}));
-        for (std::size_t at = 0; (at = v1_batch.find("prompt_index,prompt_id,", at)) != std::string::npos;)
-            v1_batch.replace(at, 23, "prompt_index,");
-        std::string no_id;  // the first version's batch: prompt_index alone
-        {
-            std::size_t start = 0;
-            while (start < v1_batch.size()) {
-                const auto end = v1_batch.find("\r\n", start);
-                auto line = v1_batch.substr(start, end - start);
-                if (start > 0) {  // drop the prompt_id field ("17") after the index
-                    const auto first = line.find(',');
-                    line.erase(first, line.find(',', first + 1) - first);
-                }
-                no_id += line + "\r\n";
-                start = end + 2;
-            }
-        }
+        const auto v1_batch = editLines(tracesToCsv({doc, doc}), dropGateAndUpdate);
+        const auto no_id = editLines(v1_batch, dropPromptId);  // the first version's batch: prompt_index alone
         QCOMPARE(traceRowsFromCsv(no_id).front().prompt_index, 4);
-        const auto mixed = errorOf([&] { traceRowsFromCsv(strip(tracesToCsv({doc, doc}))); });
+        const auto mixed = errorOf([&] { traceRowsFromCsv(v1_batch); });
         QVERIFY2(mixed.find("header should be prompt_index,prompt_id,layer") != std::string::npos, mixed.c_str());
         // The first version wrote ids as strings only: a number there is refused.
         j["prompt_id"] = 17;
