@@ -31,6 +31,14 @@ QString number(double v, int decimals = 3) {
 
 }  // namespace
 
+QString ownLayerCapacities(const RunTrace& run) {
+    QStringList own;
+    for (const auto& l : run.layers)
+        if (l.routed && layerCapacity(run, l) != run.capacity)
+            own << QStringLiteral("L%1 %2%").arg(l.index).arg(layerCapacity(run, l) * 100.0, 0, 'g', 4);
+    return own.join(QStringLiteral(", "));
+}
+
 RoutingHeatmap::RoutingHeatmap(QWidget* parent) : QCustomPlot(parent) {
     setNoAntialiasingOnDrag(true);
     setPlottingHint(QCP::phCacheLabels, true);
@@ -354,14 +362,11 @@ void RoutingHeatmap::updateTitle() {
         return;
     }
     const auto& s = *snapshot_;
-    QStringList own;  // layers that ran at a capacity of their own
-    for (const auto& l : s.trace.layers)
-        if (l.routed && layerCapacity(s.trace, l) != s.trace.capacity)
-            own << QStringLiteral("L%1 %2%").arg(l.index).arg(layerCapacity(s.trace, l) * 100.0, 0, 'g', 4);
+    const QString own = ownLayerCapacities(s.trace);
     QString title = QStringLiteral("%1 routing · capacity %2%%3 · %4 tokens × %5 layers (%6 routed)")
                         .arg(s.trace.mode == RoutingMode::Causal ? QStringLiteral("Causal") : QStringLiteral("Top-k"))
                         .arg(s.trace.capacity * 100.0, 0, 'g', 4)
-                        .arg(own.isEmpty() ? QString() : QStringLiteral(" (%1)").arg(own.join(QStringLiteral(", "))))
+                        .arg(own.isEmpty() ? QString() : QStringLiteral(" (%1)").arg(own))
                         .arg(s.tokens())
                         .arg(s.layers())
                         .arg(s.routedLayerCount());

@@ -17,6 +17,9 @@
 namespace modscope {
 
 class HeatmapLegend;
+
+// The routed layers that ran at a capacity of their own, as "L3 50%, L5 25%"; empty when none did.
+QString ownLayerCapacities(const RunTrace& run);
 class HeatmapOverlay;
 class TokenAxisTicker;
 

@@ -89,10 +89,6 @@ struct RoutingSnapshot {
 
 using SnapshotPtr = std::shared_ptr<const RoutingSnapshot>;
 
-// The capacity a routed layer ran at: its own where it was given one, else the run's.
-inline double layerCapacity(const RunTrace& run, const LayerTrace& layer) {
-    return layer.capacity >= 0 ? layer.capacity : run.capacity;
-}
 // How much the layer changed the token, |Δx| / |x|; NaN where the run has no such measure (older traces).
 inline double updateRatio(const LayerTrace& layer, int token) {
     return token >= 0 && token < static_cast<int>(layer.update_ratio.size()) ? layer.update_ratio[token]

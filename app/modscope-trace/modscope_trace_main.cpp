@@ -226,7 +226,7 @@ void printSummary(const std::vector<modscope::TraceDocument>& docs, const modsco
         std::printf("%d tokens%s\n", total.tokens, first.truncated() ? " (prompt truncated)" : "");
     std::string own;  // routed layers that ran at a capacity of their own
     for (const auto& l : first.run.layers)
-        if (l.routed && l.capacity >= 0 && l.capacity != first.run.capacity)
+        if (l.routed && modscope::layerCapacity(first.run, l) != first.run.capacity)
             own += (own.empty() ? "" : ", ") + std::to_string(l.index) + ": " + formatNumber(l.capacity);
     if (!own.empty()) std::printf("layer capacities %s\n", own.c_str());
     std::printf("%5s  %6s  %7s  %13s  %9s  %9s\n", "layer", "routed", batch ? "k (sum)" : "k", "processed",

@@ -1348,14 +1348,11 @@ void MainWindow::updateCompare() {
         return;
     }
     const auto& p = *pinned_;
-    QStringList own;  // layers that ran at a capacity of their own
-    for (const auto& l : p.trace.layers)
-        if (l.routed && layerCapacity(p.trace, l) != p.trace.capacity)
-            own << tr("L%1 %2%").arg(l.index).arg(layerCapacity(p.trace, l) * 100.0, 0, 'g', 4);
+    const QString own = ownLayerCapacities(p.trace);
     pinned_label_->setText(tr("Pinned: %1 · capacity %2%%3 · %4 · %5 tokens")
                                .arg(QString::fromStdString(p.model_name))
                                .arg(p.trace.capacity * 100.0, 0, 'g', 4)
-                               .arg(own.isEmpty() ? QString() : QStringLiteral(" (%1)").arg(own.join(QStringLiteral(", "))))
+                               .arg(own.isEmpty() ? QString() : QStringLiteral(" (%1)").arg(own))
                                .arg(p.trace.mode == RoutingMode::TopK ? tr("top-k") : tr("causal"))
                                .arg(p.tokens()));
 }

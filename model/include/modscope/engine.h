@@ -129,6 +129,11 @@ struct RunTrace {
     bool all_logits = false;
 };
 
+// The capacity a routed layer ran at: its own where it was given one (RunOptions::layer_capacity), else the run's.
+inline double layerCapacity(const RunTrace& run, const LayerTrace& layer) {
+    return layer.capacity >= 0 ? layer.capacity : run.capacity;
+}
+
 struct RunOptions {
     RoutingMode mode = RoutingMode::TopK;
     double capacity = -1.0;          // < 0: the model's configured capacity

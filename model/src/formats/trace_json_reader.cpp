@@ -566,16 +566,14 @@ struct DocumentContext {
     bool truncated = false;                  // the document says how long the prompt was before truncation
     std::int64_t original_bytes = 0;         // truncated.original_bytes, checked against the prompt at the end
     bool capacity_read = false;              // when it was: each layer's k is checked as the layer ends
-    std::vector<std::uint8_t> own_capacity;  // per layer: it gave its own capacity (checked against its k)
     double generation_ms = 0.0, tokens_per_second = 0.0;
 };
 
 // A layer's k is what the capacity gives for the prompt's length (every token for a full layer).
 void checkK(const LayerTrace& l, const std::string& where, const DocumentContext& c) {
     const int T = static_cast<int>(c.T);
-    const auto li = static_cast<std::size_t>(l.index);
-    const bool own = li < c.own_capacity.size() && c.own_capacity[li];
-    const double capacity = own ? l.capacity : c.doc.run.capacity;
+    const bool own = l.capacity >= 0;  // the layer gave its own (until checkRelations fills in the run's)
+    const double capacity = layerCapacity(c.doc.run, l);
     const int expected_k = l.routed ? capacityToK(capacity, T) : T;
     if (l.k != expected_k)
         bad(where + ".k: " + std::to_string(l.k) + ", but " +
@@ -680,8 +678,6 @@ private:
             l_.topk_threshold = readFloat(v, w);
         } else if (key == "capacity" && routed_) {
             l_.capacity = readDouble(v, w, 0.0, 1.0);
-            if (c_.own_capacity.size() <= li_) c_.own_capacity.resize(li_ + 1, 0);
-            c_.own_capacity[li_] = 1;
         } else if (key == "update_ratio" && v.kind == Kind::Null) {
             // a trace that had none
         } else if (key == "update_ratio" || routedOnly(key) || key == "selected") {
@@ -923,7 +919,7 @@ void checkRelations(DocumentContext& c) {
     for (std::size_t li = 0; li < run.layers.size(); ++li) {
         auto& l = run.layers[li];
         checkK(l, at("layers", li), c);
-        if (!(li < c.own_capacity.size() && c.own_capacity[li])) l.capacity = l.routed ? run.capacity : -1.0;
+        if (l.routed) l.capacity = layerCapacity(run, l);  // the run's where it gave none
     }
     if (c.truncated) {
         checkRange("truncated.original_bytes", c.original_bytes, P, kMaxBytes);

@@ -253,7 +253,7 @@ void writeTokens(JsonWriter& w, const TraceDocument& doc) {
     w.endArray();
 }
 
-void writeLayer(JsonWriter& w, const LayerTrace& l, const std::string& where, std::size_t T, double run_capacity) {
+void writeLayer(JsonWriter& w, const LayerTrace& l, const std::string& where, std::size_t T, const RunTrace& run) {
     const auto checkLength = [&](std::size_t n, const char* field) {
         if (n != T)
             throw Error("cannot write the trace: " + where + "." + field + " has " + std::to_string(n) +
@@ -279,7 +279,7 @@ void writeLayer(JsonWriter& w, const LayerTrace& l, const std::string& where, st
         checkLength(l.topk_selected.size(), "topk_selected");
         checkLength(l.predictor_prob.size(), "predictor_prob");
         checkLength(l.predictor_selected.size(), "predictor_selected");
-        w.key("capacity"), w.number(l.capacity >= 0 ? l.capacity : run_capacity, where + ".capacity");
+        w.key("capacity"), w.number(layerCapacity(run, l), where + ".capacity");
         w.key("topk_threshold"), w.number32(l.topk_threshold, where + ".topk_threshold");
         w.key("router_logits"), writeFloats(w, l.router_logits, where + ".router_logits");
         std::vector<float> gate(T);
@@ -401,7 +401,7 @@ std::string writeDocument(const TraceDocument& doc, bool pretty) {
     writeTokens(w, doc);
     w.key("layers");
     w.beginArray();
-    for (std::size_t li = 0; li < doc.run.layers.size(); ++li) writeLayer(w, doc.run.layers[li], at("layers", li), T, doc.run.capacity);
+    for (std::size_t li = 0; li < doc.run.layers.size(); ++li) writeLayer(w, doc.run.layers[li], at("layers", li), T, doc.run);
     w.endArray();
     writeStats(w, doc);
     writeGeneration(w, doc);
