@@ -2,6 +2,7 @@
 // writes JSON with every required field, positive times, and ideal speed-ups that follow the engine's
 // FLOP count (recomputed here from forwardFlops). This checks the tool, not the machine's speed.
 #include <QFile>
+#include <QMap>
 #include <QJsonArray>
 #include <QJsonDocument>
 #include <QJsonObject>
@@ -61,7 +62,7 @@ private Q_SLOTS:
         QByteArray err;
         const int code = runBench(
             {QStringLiteral("--model"), model_dir_, QStringLiteral("--quick"), QStringLiteral("--sections"),
-             QStringLiteral("forward,mod,layers,generation,peak,routing,reference"), QStringLiteral("--json"),
+             QStringLiteral("forward,mod,mixtures,layers,generation,peak,routing,reference"), QStringLiteral("--json"),
              json_path, QStringLiteral("--markdown"), md_path},
             &err);
         QVERIFY2(code == 0, err.constData());
@@ -83,6 +84,24 @@ private Q_SLOTS:
         QVERIFY(!forward.isEmpty());
         for (const auto& v : forward)
             QVERIFY(v.toObject()[QStringLiteral("ms")].toObject()[QStringLiteral("median")].toDouble() > 0);
+
+        // The mixtures section: five variants and staged MoDE against the plain mixture, at T = 128; FLOPs
+        // fall from dense to MoE (overflow only) to integrated MoDE (no-ops) and from MoE to staged MoDE.
+        const QJsonArray mixtures = j[QStringLiteral("mixtures")].toArray();
+        QCOMPARE(mixtures.size(), 6);
+        QMap<QString, double> ratio;
+        for (const auto& v : mixtures) {
+            const QJsonObject r = v.toObject();
+            QCOMPARE(r[QStringLiteral("seq_len")].toInt(), 128);
+            if (r.contains(QStringLiteral("ms")))
+                QVERIFY(r[QStringLiteral("ms")].toObject()[QStringLiteral("median")].toDouble() > 0);
+            ratio[r[QStringLiteral("variant")].toString()] = r[QStringLiteral("flops_ratio_to_dense")].toDouble();
+        }
+        QCOMPARE(ratio[QStringLiteral("dense")], 1.0);
+        QVERIFY(ratio[QStringLiteral("moe")] < 1.05);  // the expert router costs a little, overflow saves some
+        QVERIFY(ratio[QStringLiteral("mode-integrated")] < ratio[QStringLiteral("moe")]);
+        QVERIFY(ratio[QStringLiteral("mode-staged")] < ratio[QStringLiteral("mod")] + 0.05);
+        QVERIFY(ratio[QStringLiteral("mod")] < 0.8);
 
         const QJsonArray mod = j[QStringLiteral("mod_vs_dense")].toArray();
         QCOMPARE(mod.size(), 4);  // T = 128 (512 is beyond this model) × four capacities

@@ -139,8 +139,11 @@ private Q_SLOTS:
             std::ifstream in(weights, std::ios::binary);
             good.assign(std::istreambuf_iterator<char>(in), {});
         }
-        std::ofstream(weights, std::ios::binary | std::ios::trunc) << good.substr(0, good.size() / 2);
+        // A third: too small even for float16 weights; a half is refused by the zip check instead.
+        std::ofstream(weights, std::ios::binary | std::ios::trunc) << good.substr(0, good.size() / 3);
         expectRefused(d, {"weights.pt", "too small"});
+        std::ofstream(weights, std::ios::binary | std::ios::trunc) << good.substr(0, good.size() / 2);
+        expectRefused(d, {"weights.pt", "not a readable weights file"});
         std::ofstream(weights, std::ios::binary | std::ios::trunc);
         expectRefused(d, {"weights.pt", "empty"});
         std::ofstream(weights, std::ios::binary | std::ios::trunc) << std::string(5000, '\x37');

@@ -38,7 +38,15 @@ QJsonObject expectedCase(const Model& model, const std::vector<int>& ids, double
     for (const auto& layer : trace.layers) {
         QJsonArray sel;
         for (auto s : layer.selected) sel.append(bool(s));
-        layers.append(QJsonObject{{"selected", sel}});
+        QJsonObject l{{"selected", sel}};
+        if (layer.moe) {
+            QJsonArray expert, choice;
+            for (int e : layer.expert) expert.append(e);
+            for (int e : layer.expert_choice) choice.append(e);
+            l["expert"] = expert;
+            l["expert_choice"] = choice;
+        }
+        layers.append(l);
     }
     c["ids"] = jids;
     c["capacity"] = capacity;
@@ -101,6 +109,29 @@ private Q_SLOTS:
         auto model = Model::create(config, 23, "cpu");
         model->attachTokenizer(std::move(tok));
         test::balancePredictors(*model, test::randomIds(64, config.vocab_size, 3));
+        model->save(dir.path().toStdString());
+        checkAgainstReference(*model, dir.path().toStdString(), {1, 7, 40, 160});
+    }
+
+    // Mixture layers (docs/MODEL.md "Mixture layers"): a plain mixture, staged and integrated MoDE, each with
+    // a capacity factor low enough that experts overflow; every token's expert must match too.
+    void mixtureModelsMatchReference_data() {
+        QTest::addColumn<bool>("routed");
+        QTest::addColumn<int>("noop");
+        QTest::newRow("mixture of experts") << false << 0;
+        QTest::newRow("staged MoDE") << true << 0;
+        QTest::newRow("integrated MoDE") << false << 2;
+    }
+    void mixtureModelsMatchReference() {
+        QFETCH(bool, routed);
+        QFETCH(int, noop);
+        QTemporaryDir dir;
+        auto tok = Tokenizer::load(test::tinyTokenizerPath());
+        const auto config = test::tinyMixtureConfig(routed, noop, tok->vocabSize());
+        auto model = Model::create(config, 29, "cpu");
+        model->attachTokenizer(std::move(tok));
+        test::spreadExpertRouters(*model);
+        if (routed) test::balancePredictors(*model, test::randomIds(64, config.vocab_size, 3));
         model->save(dir.path().toStdString());
         checkAgainstReference(*model, dir.path().toStdString(), {1, 7, 40, 160});
     }

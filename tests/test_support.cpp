@@ -44,6 +44,22 @@ ModelConfig tinyConfig(int vocab_size) {
     return c;
 }
 
+ModelConfig tinyMixtureConfig(bool routed, int noop, int vocab_size) {
+    auto c = tinyConfig(vocab_size);
+    if (!routed) c.routed_layers.clear();
+    c.moe_layers = {1, 3};
+    c.n_experts = 3;
+    c.noop_experts = noop;
+    c.expert_capacity_factor = 0.75;
+    return c;
+}
+
+void spreadExpertRouters(Model& model) {
+    torch::NoGradGuard guard;
+    for (auto& block : internals(model).net->blocks)
+        if (block->moe) block->mixture->router->weight.mul_(10.0);
+}
+
 std::vector<int> randomIds(int count, int vocab, std::uint64_t seed) {
     std::mt19937_64 rng(seed);
     std::uniform_int_distribution<int> dist(0, vocab - 1);

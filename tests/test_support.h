@@ -36,6 +36,15 @@ std::vector<int> randomIds(int count, int vocab, std::uint64_t seed);
 // skip path of causal mode untested. The threshold falls midway between two of the logits on ids, never on one.
 void balancePredictors(Model& model, const std::vector<int>& ids);
 
+// tinyConfig with mixture layers 1 and 3 of three experts (docs/MODEL.md "Mixture layers"), a capacity factor
+// low enough that experts overflow, and: routed, staged MoDE (the routed layers 1 and 3 hold the mixtures);
+// noop > 0, integrated MoDE's no-op choices.
+ModelConfig tinyMixtureConfig(bool routed, int noop, int vocab_size = 300);
+
+// Scales every mixture router's weights by 10: at initialisation its probabilities are nearly equal, so that
+// two implementations' rounding would decide many top choices; scaled, the choices are clear and varied.
+void spreadExpertRouters(Model& model);
+
 // ids as a [1, T] int64 tensor on device().
 torch::Tensor idsTensor(const std::vector<int>& ids);
 

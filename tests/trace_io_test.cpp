@@ -598,7 +598,7 @@ private Q_SLOTS:
             if (l.routed) QCOMPARE(l.capacity, 0.25);
         }
         const auto again = nlohmann::json::parse(traceToJson(v1));
-        QCOMPARE(again["schema"].get<std::string>(), std::string("modscope.trace/2"));
+        QCOMPARE(again["schema"].get<std::string>(), std::string(kTraceSchema));
         QVERIFY(again["layers"][1]["update_ratio"].is_null());
         QVERIFY(traceFromJson(again.dump()).run.layers[1].update_ratio.empty());
         // Members of the second version mean nothing in the first: a layer there runs at the document's capacity.
@@ -619,9 +619,15 @@ private Q_SLOTS:
             }
             return out;
         };
-        const auto dropGateAndUpdate = [](std::string& line) {  // the last two columns
-            for (int i = 0; i < 2; ++i) line.erase(line.rfind(','));
+        const auto dropGateAndUpdate = [](std::string& line) {  // the last five columns: gate ... expert_prob
+            for (int i = 0; i < 5; ++i) line.erase(line.rfind(','));
         };
+        const auto dropExperts = [](std::string& line) {  // the last three: the second version's CSV
+            for (int i = 0; i < 3; ++i) line.erase(line.rfind(','));
+        };
+        const auto v2_rows = traceRowsFromCsv(editLines(csv, dropExperts));
+        QCOMPARE(v2_rows.size(), traceRowsFromCsv(csv).size());
+        QVERIFY(v2_rows.back().gate && !v2_rows.back().expert && !v2_rows.back().expert_choice);
         const auto dropPromptId = [](std::string& line) {  // the second column
             const auto first = line.find(',');
             line.erase(first, line.find(',', first + 1) - first);
@@ -700,12 +706,13 @@ private Q_SLOTS:
 
     void unknownSchemaIsRefused() {
         auto text = traceToJson(craftDocument({"a", "b"}));
-        const std::string v2 = "\"modscope.trace/2\"";
-        text.replace(text.find(v2), v2.size(), "\"modscope.trace/3\"");
+        const std::string v3 = "\"modscope.trace/3\"";
+        text.replace(text.find(v3), v3.size(), "\"modscope.trace/4\"");
         const auto msg = errorOf([&] { traceFromJson(text); });
-        QVERIFY2(msg.find("unsupported trace schema \"modscope.trace/3\"") != std::string::npos, msg.c_str());
-        QVERIFY2(msg.find("reads \"modscope.trace/2\" and \"modscope.trace/1\"") != std::string::npos, msg.c_str());
-        const auto file = path("v3.json");
+        QVERIFY2(msg.find("unsupported trace schema \"modscope.trace/4\"") != std::string::npos, msg.c_str());
+        QVERIFY2(msg.find("reads \"modscope.trace/3\", \"modscope.trace/2\" and \"modscope.trace/1\"") != std::string::npos,
+                 msg.c_str());
+        const auto file = path("v4.json");
         writeAll(file, text);
         const auto from_file = errorOf([&] { loadTrace(file.toStdString()); });
         QVERIFY2(from_file.find(file.toStdString() + ": unsupported trace schema") == 0, from_file.c_str());
@@ -967,7 +974,7 @@ private Q_SLOTS:
             "import csv, json, sys\n"
             "d = json.load(open(sys.argv[1], encoding='utf-8'))\n"
             "rows = list(csv.DictReader(open(sys.argv[2], newline='', encoding='utf-8')))\n"
-            "assert d['schema'] == 'modscope.trace/2', d['schema']\n"
+            "assert d['schema'] == 'modscope.trace/3', d['schema']\n"
             "assert len(d['layers']) == d['model']['config']['n_layers']\n"
             "assert all(len(l['selected']) == len(d['tokens']) for l in d['layers'])\n"
             "assert all(l['router_logits'] is None for l in d['layers'] if not l['routed'])\n"
@@ -1097,11 +1104,11 @@ private Q_SLOTS:
             const auto r = runCli({"--check", path(name)});
             QVERIFY2(r.code == 0 && r.err.isEmpty() && r.out.contains(name), qPrintable(r.err));
         }
-        if (tool) QVERIFY(runCli({"--check", path("check-good.jsonl")}).out.contains("2 modscope.trace/2 trace documents"));
+        if (tool) QVERIFY(runCli({"--check", path("check-good.jsonl")}).out.contains("2 modscope.trace/3 trace documents"));
         if (tool) {  // an empty JSON Lines file holds no documents
             writeAll(path("check-empty.jsonl"), "");
             const auto r = runCli({"--check", path("check-empty.jsonl")});
-            QVERIFY2(r.code == 0 && r.out.contains("0 modscope.trace/2 trace documents"), qPrintable(r.out + r.err));
+            QVERIFY2(r.code == 0 && r.out.contains("0 modscope.trace/3 trace documents"), qPrintable(r.out + r.err));
         }
 
         QTemporaryDir parent;
@@ -1174,6 +1181,105 @@ private Q_SLOTS:
             auto model = Model::open(ckpt_.toStdString(), "cpu", backend);
             const auto doc = traceFromJson(traceToJson(traceModel(*model, "a prompt", {})));
             QCOMPARE(QString::fromStdString(doc.run.backend), QString(backend));
+        }
+    }
+
+    // A mixture model's trace (docs/TRACE_FORMAT.md, the third version): every expert field survives JSON bit
+    // for bit and reaches the CSV; a second-version document with mixture members reads without them; arrays
+    // that contradict each other are refused.
+    void mixtureTracesRoundTrip() {
+        auto tok = Tokenizer::load(test::tinyTokenizerPath());
+        auto model = Model::create(test::tinyMixtureConfig(true, 1, tok->vocabSize()), 43, "cpu");
+        model->attachTokenizer(std::move(tok));
+        test::spreadExpertRouters(*model);
+        TraceRequest request;
+        request.capacity = 0.5;
+        request.generate_tokens = 6;
+        const auto doc = traceModel(*model, "the quick brown fox jumps over the lazy dog, again and again", request);
+        const auto json = traceToJson(doc);
+        const auto back = traceFromJson(json);
+        QCOMPARE(traceToJson(back), json);
+        int mixtures = 0, kept_out = 0, ran = 0;
+        for (std::size_t li = 0; li < doc.run.layers.size(); ++li) {
+            const auto& a = doc.run.layers[li];
+            const auto& b = back.run.layers[li];
+            QCOMPARE(b.moe, a.moe);
+            if (!a.moe) continue;
+            ++mixtures;
+            QVERIFY(b.expert == a.expert && b.expert_choice == a.expert_choice && b.expert_load == a.expert_load);
+            QCOMPARE(b.expert_overflow, a.expert_overflow);
+            QCOMPARE(b.expert_capacity, a.expert_capacity);
+            for (std::size_t t = 0; t < a.expert.size(); ++t) {
+                kept_out += a.expertFate(static_cast<int>(t)) == LayerTrace::ExpertFate::KeptOut;
+                ran += a.expert[t] >= 0;
+                QCOMPARE(std::isnan(b.expert_prob[t]), a.expert_choice[t] < 0);
+                if (a.expert_choice[t] >= 0) QCOMPARE(b.expert_prob[t], a.expert_prob[t]);
+            }
+        }
+        QCOMPARE(mixtures, 2);
+        QVERIFY(kept_out > 0 && ran > 0);
+        QVERIFY(doc.generation && back.generation);
+        for (std::size_t i = 0; i < doc.generation->result.steps.size(); ++i)
+            QVERIFY(back.generation->result.steps[i].expert == doc.generation->result.steps[i].expert);
+
+        // CSV: a row per layer and token with the expert columns, empty outside mixtures.
+        const auto rows = traceRowsFromCsv(traceToCsv(doc));
+        const std::size_t T = doc.tokens.size();
+        for (const auto& row : rows) {
+            const auto& l = doc.run.layers[static_cast<std::size_t>(row.layer)];
+            if (!l.moe) {
+                QVERIFY(!row.expert && !row.expert_choice && !row.expert_prob);
+                continue;
+            }
+            if (row.phase == "generate") {
+                QCOMPARE(*row.expert, doc.generation->result.steps[row.position - T].expert[row.layer]);
+                continue;
+            }
+            QCOMPARE(*row.expert, l.expert[row.position]);
+            QCOMPARE(*row.expert_choice, l.expert_choice[row.position]);
+            QCOMPARE(bool(row.expert_prob), l.expert_choice[row.position] >= 0);
+        }
+
+        // The second version knew no mixtures: its documents' mixture members are ignored.
+        using J = nlohmann::ordered_json;
+        const J base = J::parse(json);
+        J v2 = base;
+        v2["schema"] = kTraceSchemaV2;
+        v2["model"]["config"].erase("moe_layers");
+        v2["model"]["config"].erase("n_experts");
+        v2["model"]["config"].erase("noop_experts");
+        v2["model"]["config"].erase("expert_capacity_factor");
+        v2["generation"] = nullptr;
+        v2["layers"][1]["expert"] = "anything";
+        for (const auto& l : traceFromJson(v2.dump()).run.layers) QVERIFY(!l.moe && l.expert.empty());
+
+        // Contradictions.
+        int first_ran = -1, first_out = -1;
+        for (std::size_t t = 0; t < T; ++t) {
+            if (first_ran < 0 && doc.run.layers[1].expert[t] >= 0) first_ran = static_cast<int>(t);
+            if (first_out < 0 && doc.run.layers[1].expert_choice[t] < 0) first_out = static_cast<int>(t);
+        }
+        QVERIFY(first_ran >= 0 && first_out >= 0);
+        const std::vector<std::pair<std::function<void(J&)>, std::string>> edits = {
+            {[](J& j) { j["layers"][0]["expert"] = J::array(); }, "a layer without a mixture has none"},
+            {[](J& j) { j["layers"][1]["moe"] = false; }, "layers[1].moe: false, but the config's moe_layers say true"},
+            {[](J& j) { j["layers"][1]["expert_load"][0] = 999; }, "expert_load"},
+            {[](J& j) { j["layers"][1]["expert_overflow"] = 7; }, "expert_overflow: 7"},
+            {[](J& j) { j["layers"][1]["expert_capacity"] = 1; }, "expert_capacity: 1, but the capacity factor gives"},
+            {[&](J& j) { j["layers"][1]["expert"][first_ran] = 3; }, "expert[" + std::to_string(first_ran) + "]: 3 is out of range"},
+            {[&](J& j) { j["layers"][1]["expert_prob"][first_out] = 0.5; }, "expert_prob must be null exactly where"},
+            {[&](J& j) { j["layers"][1]["expert_choice"][first_out] = 0; }, "but the token was not processed"},
+            {[](J& j) { j["layers"][1]["expert_choice"] = J::array(); }, "expert_choice has 0 values"},
+            {[](J& j) { j["layers"][1].erase("expert_runner_up"); }, "missing 'expert_runner_up'"},
+            {[](J& j) { j["generation"]["steps"][0]["expert"][0] = 1; }, "expected null (a layer without a mixture)"},
+            {[](J& j) { j["generation"]["steps"][0].erase("expert"); }, "missing 'expert'"},
+        };
+        for (const auto& [edit, expected] : edits) {
+            J j = base;
+            edit(j);
+            const auto msg = errorOf([&] { traceFromJson(j.dump()); });
+            QVERIFY2(msg.find(expected) != std::string::npos,
+                     qPrintable(QString("expected '%1' in '%2'").arg(expected.c_str(), msg.c_str())));
         }
     }
 

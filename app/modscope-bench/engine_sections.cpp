@@ -187,6 +187,91 @@ void benchModVsDense(BenchContext& ctx) {
     ctx.report().add(table);
 }
 
+// ---------------------------------------------------------------------------------------------- mixtures
+void benchMixtures(BenchContext& ctx) {
+    const auto& base = ctx.model().config();
+    // The model zoo's variants of the model's shape (README "Model zoo"; scripts/train_model_zoo.sh), with
+    // seeded random weights: times depend on shapes and on how many tokens each expert runs, which a random
+    // router spreads about evenly.
+    struct Variant {
+        std::string name;
+        std::unique_ptr<Model> model;
+    };
+    const auto routed = base.routed_layers.empty() ? ModelConfig::everyOtherLayer(base.n_layers) : base.routed_layers;
+    const auto variant = [&](const std::string& name, bool mod, bool moe, int noop) {
+        ModelConfig c = base;
+        c.name = base.name + "-" + name;
+        c.routed_layers = mod ? routed : std::vector<int>{};
+        c.moe_layers = moe ? routed : std::vector<int>{};
+        c.n_experts = moe ? 4 : 0;
+        c.noop_experts = moe ? noop : 0;
+        c.expert_capacity_factor = 1.25;
+        return Variant{name, Model::create(c, /*seed=*/1234, "cpu")};
+    };
+    std::vector<Variant> variants;
+    variants.push_back(variant("dense", false, false, 0));
+    variants.push_back(variant("mod", true, false, 0));
+    variants.push_back(variant("moe", false, true, 0));
+    variants.push_back(variant("mode-staged", true, true, 0));
+    variants.push_back(variant("mode-integrated", false, true, 4));
+    Table table("Mixture-of-Depths-and-Experts variants of " + base.name + "'s shape (top-k, next-token logits)",
+                {"T", "variant", "ms", "p10–p90", "FLOPs ÷ dense", "speed-up", "ideal", "÷ ideal"});
+    json rows = json::array();
+    const auto lengths = ctx.quick() ? std::vector<int>{128, 512} : std::vector<int>{128, 512, 2048};
+    for (int T : fitting(lengths, base.max_seq_len)) {
+        const auto ids = randomIds(T, base.vocab_size, 2);
+        RunOptions ro;
+        ro.logits = RunOptions::Logits::Last;
+        ro.per_token_routing = false;
+        ctx.progress("mixtures, T=" + std::to_string(T));
+        std::vector<RunTrace> traces(variants.size());
+        std::vector<std::function<void()>> fns;
+        for (std::size_t v = 0; v < variants.size(); ++v)
+            fns.push_back([&, v] { traces[v] = variants[v].model->run(ids, ro); });
+        const auto ms = timeInTurns(warmupFor(ctx, T), repsFor(ctx, T), fns);
+        const double dense_flops = traces[0].flops;
+        std::size_t moe_index = 0, staged_index = 0;
+        for (std::size_t v = 0; v < variants.size(); ++v) {
+            if (variants[v].name == "moe") moe_index = v;
+            if (variants[v].name == "mode-staged") staged_index = v;
+            const auto paired = pairedRatios(ms[0].steady_ms, ms[v].steady_ms);
+            const double ideal = dense_flops / traces[v].flops;
+            table.addRow({std::to_string(T), variants[v].name, summaryCell(ms[v].steady, 2), spreadCell(ms[v].steady, 2),
+                          fixed(traces[v].flops / dense_flops, 3), fixed(paired.median, 2) + "×",
+                          fixed(ideal, 2) + "×", percent(paired.median / ideal, 0)});
+            rows.push_back({{"seq_len", T},
+                            {"variant", variants[v].name},
+                            {"ms", ms[v].steady.toJson()},
+                            {"flops", traces[v].flops},
+                            {"flops_ratio_to_dense", traces[v].flops / dense_flops},
+                            {"speedup_over_dense", paired.median},
+                            {"speedup_over_dense_paired", paired.toJson()},
+                            {"ideal_speedup_over_dense", ideal}});
+        }
+        // Staged MoDE against the plain mixture it routes around: the target's measure.
+        const auto staged = pairedRatios(ms[moe_index].steady_ms, ms[staged_index].steady_ms);
+        const double staged_ideal = traces[moe_index].flops / traces[staged_index].flops;
+        table.addRow({std::to_string(T), "staged ÷ moe", "", "", fixed(1.0 / staged_ideal, 3),
+                      fixed(staged.median, 2) + "×", fixed(staged_ideal, 2) + "×",
+                      percent(staged.median / staged_ideal, 0)});
+        rows.push_back({{"seq_len", T},
+                        {"variant", "mode-staged over moe"},
+                        {"speedup", staged.median},
+                        {"speedup_paired", staged.toJson()},
+                        {"ideal_speedup", staged_ideal}});
+    }
+    table.addNote(
+        "Model::create of the model's config with: no routed layers (dense); its routed layers (mod); a mixture "
+        "of 4 experts, capacity factor 1.25, in those layers and no routed ones (moe); both (mode-staged); the "
+        "mixtures with 4 no-op choices and no routed layers (mode-integrated). Random weights, seed 1234. "
+        "FLOPs: RunTrace.flops, counting the experts that ran (docs/MODEL.md). Speed-up: the median of each "
+        "repetition's dense / variant ratio; ideal: dense FLOPs / the variant's; the last row of each length "
+        "compares staged MoDE with the plain mixture. " + pairedNote());
+    if (ctx.quick()) table.addNote("--quick: T = 2048 skipped.");
+    ctx.report().json["mixtures"] = rows;
+    ctx.report().add(table);
+}
+
 // ---------------------------------------------------------------------------------------------- layers
 void benchLayers(BenchContext& ctx) {
     const Model& model = ctx.model();

@@ -129,6 +129,7 @@ int main(int argc, char** argv) {
         };
         section("forward", benchForward);
         section("mod", benchModVsDense);
+        section("mixtures", benchMixtures);
         section("layers", benchLayers);
         section("generation", benchGeneration);
         section("peak", benchPeak);

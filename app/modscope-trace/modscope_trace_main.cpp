@@ -240,6 +240,28 @@ void printSummary(const std::vector<modscope::TraceDocument>& docs, const modsco
         else
             std::printf("%5d  %6s  %7d  %13s  %9s  %9s\n", l.index, "no", l.k, processed, "-", "-");
     }
+    // Mixture layers: where the tokens that reached each went, summed over the documents.
+    for (std::size_t li = 0; li < first.run.layers.size(); ++li) {
+        if (!first.run.layers[li].moe) continue;
+        const auto& f = first.run.layers[li];
+        long reached = 0, ran = 0, noop = 0, overflow = 0;
+        std::vector<long> load(static_cast<std::size_t>(f.n_experts), 0);
+        for (const auto& d : docs) {
+            const auto& l = d.run.layers[li];
+            for (std::size_t t = 0; t < l.expert.size(); ++t) {
+                if (l.expert_choice[t] < 0) continue;
+                ++reached;
+                if (l.expert[t] >= 0) ++ran, ++load[static_cast<std::size_t>(l.expert[t])];
+                else if (l.expert_choice[t] >= l.n_experts) ++noop;
+                else ++overflow;
+            }
+        }
+        const double n = std::max(1L, reached);
+        std::printf("mixture   layer %zu: %ld tokens reached it, an expert ran %.1f%%, no-op %.1f%%, overflow %.1f%%; load",
+                    li, reached, 100 * ran / n, 100 * noop / n, 100 * overflow / n);
+        for (long x : load) std::printf(" %ld", x);
+        std::printf("\n");
+    }
     std::printf("processed %.1f%% of token-layers (routed layers %.1f%%), FLOPs %.3f of dense",
                 100 * total.processedFraction(), 100 * total.routedProcessedFraction(),
                 total.flopsFraction());

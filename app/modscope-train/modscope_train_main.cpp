@@ -2,12 +2,17 @@
 // causal predictor of a trained model by prompt length.
 #include <unistd.h>
 
+#include <cmath>
+#include <filesystem>
+#include <fstream>
 #include <csignal>
 #include <cstdio>
 #include <cstdlib>
 #include <iostream>
 #include <limits>
 #include <sstream>
+#include <utility>
+#include <vector>
 
 #include "modscope/engine.h"
 #include "modscope/trainer.h"
@@ -68,6 +73,8 @@ int evaluateCommand(const std::string& dir, const std::vector<std::string>& corp
     std::printf("held-out tokens: %zu; model %s, capacity %.3f, routed layers", val_ids.size(),
                 model->config().name.c_str(), model->config().capacity);
     for (int l : model->config().routed_layers) std::printf(" %d", l);
+    std::vector<std::pair<int, double>> jaccard;
+    std::vector<std::pair<int, modscope::MixtureEval>> mixtures;
     std::printf("\n\n%6s %8s %7s | %5s %9s %9s %9s %9s %13s\n", "tokens", "loss", "ppl", "layer", "accuracy",
                 "balanced", "precision", "recall", "count-forced");
     for (int T : lengths) {
@@ -81,6 +88,25 @@ int evaluateCommand(const std::string& dir, const std::vector<std::string>& corp
                         a.balancedAccuracy(), a.precision(), a.recall(), 100 * e.layers[i].countForcedShare());
         }
         if (e.layers.empty()) std::printf("%6d %8.4f %7.2f |\n", T, e.loss, e.perplexity);
+        if (std::isfinite(e.routed_jaccard)) jaccard.emplace_back(T, e.routed_jaccard);
+        for (const auto& m : e.mixtures) mixtures.emplace_back(T, m);
+    }
+    if (!jaccard.empty()) {
+        std::printf("\noverlap of the routed layers' top-k selections (mean pairwise Jaccard over windows):");
+        for (const auto& [T, j] : jaccard) std::printf("  %d tokens %.3f", T, j);
+        std::printf("\n");
+    }
+    if (!mixtures.empty()) {
+        std::printf("\nmixture layers: share of the tokens reaching each that an expert ran, chose a no-op, or "
+                    "overflowed; expert loads\n%6s %5s %8s %8s %9s  %s\n", "tokens", "layer", "ran", "no-op",
+                    "overflow", "load per expert");
+        for (const auto& [T, m] : mixtures) {
+            const double n = std::max<double>(1, m.tokens);
+            std::printf("%6d %5d %7.1f%% %7.1f%% %8.1f%% ", T, m.layer, 100 * m.ran / n, 100 * m.noop / n,
+                        100 * m.overflow / n);
+            for (auto l : m.load) std::printf(" %5.1f%%", 100 * l / n);
+            std::printf("\n");
+        }
     }
     std::printf("\ncount-forced: share of the disagreements that the number of tokens the predictor selects in a\n"
                 "window forces on its own (|selected - k| per window), however well it chooses among them.\n");
@@ -102,6 +128,49 @@ int calibrateCausalCommand(const std::string& dir, const std::vector<std::string
     }
     std::printf("\nwrote predictor_budget_gain %.2f, predictor_prefix_topk %s into %s/config.json\n",
                 c.chosen->gain, c.chosen->prefix_topk ? "true" : "false", dir.c_str());
+    return 0;
+}
+
+// Copies a trained model into a bundle directory: config, tokenizer, weights (float16 with half), its
+// evaluation and causal rule, and its training log thinned to every 10th step and every validation. With
+// half, the held-out loss of both is compared at every length; a change of 0.001 nats or more fails.
+int exportCommand(const std::string& src, const std::string& dst, bool half, const std::vector<std::string>& corpus,
+                  const std::vector<int>& lengths, int windows, double val_fraction, const std::string& device) {
+    namespace fs = std::filesystem;
+    auto model = modscope::Model::open(src, device);
+    model->save(dst, half);
+    for (const char* name : {"evaluation.txt", "causal_rule.txt"})
+        if (fs::exists(fs::path(src) / name))
+            fs::copy_file(fs::path(src) / name, fs::path(dst) / name, fs::copy_options::overwrite_existing);
+    if (std::ifstream log(fs::path(src) / "train_log.jsonl"); log) {
+        std::ostringstream kept;
+        std::string line;
+        while (std::getline(log, line)) {
+            long step = 0;
+            if (std::sscanf(line.c_str(), "{\"step\":%ld", &step) != 1) continue;
+            if (step % 10 == 0 || step == 1 || line.find("\"validation\"") != std::string::npos) kept << line << "\n";
+        }
+        modscope::writeFileAtomic((fs::path(dst) / "train_log.jsonl").string(), kept.str());
+    }
+    std::printf("wrote %s (weights as %s)\n", dst.c_str(), half ? "float16" : "float32");
+    if (!half || corpus.empty()) return 0;
+    auto copy = modscope::Model::open(dst, device);
+    const auto c = modscope::Corpus::fromFiles(corpus, val_fraction);
+    const auto val_ids = model->tokenizer()->encodeIds(c.val_text);
+    std::printf("%6s %10s %10s %10s\n", "tokens", "float32", "float16", "change");
+    double worst = 0.0;
+    for (int T : lengths) {
+        if (T > model->config().max_seq_len) continue;
+        const int n = std::max(windows, 4096 / T);
+        const double a = modscope::evaluate(*model, val_ids, T, n).loss, b = modscope::evaluate(*copy, val_ids, T, n).loss;
+        std::printf("%6d %10.5f %10.5f %+10.5f\n", T, a, b, b - a);
+        worst = std::max(worst, std::abs(b - a));
+    }
+    if (worst >= 0.001) {
+        std::fprintf(stderr, "modscope-train: float16 weights move the held-out loss by %.5f nats (0.001 allowed)\n",
+                     worst);
+        return 1;
+    }
     return 0;
 }
 
@@ -164,6 +233,14 @@ int main(int argc, char** argv) {
     cli.integerList("--lengths", lengths, 1, kMaxLength, "L1,L2,...",
                     "window lengths (default 16,32,64,128,256)");
     cli.integer("--windows", windows, 1, kMany, "windows per length (default 64)");
+    std::string export_dir;
+    bool half = false;
+    cli.text("--export", export_dir, "DIR",
+             "copy the trained model in DIR to --out for bundling: config, tokenizer, weights, evaluation, causal "
+             "rule, and the training log at every 10th step and every validation");
+    cli.flag("--half", half,
+             "with --export: weights as float16, checked against the float32 held-out loss at --lengths (a "
+             "change of 0.001 nats or more fails)");
     cli.group("Model shape (defaults: the bundled model's)");
     cli.text("--name", opt.config.name, "NAME", "the model's name in config.json (default modscope)");
     cli.integer("--vocab", opt.config.vocab_size, 2, 1 << 20, "vocabulary size of a tokenizer trained here");
@@ -176,15 +253,33 @@ int main(int argc, char** argv) {
     auto* routed = cli.integerList("--routed", opt.config.routed_layers, 0, 511, "L1,L2,...",
                                    "the routed layers (default every other layer)");
     cli.integer("--predictor-hidden", opt.config.predictor_hidden, 1, 1 << 14, "hidden width of the causal predictor");
+    cli.integerList("--moe", opt.config.moe_layers, 0, 511, "L1,L2,...",
+                    "layers whose MLP is a mixture of experts (default none; docs/MODEL.md)");
+    cli.integer("--experts", opt.config.n_experts, 1, 256, "experts of a mixture layer, each a full SwiGLU MLP");
+    cli.integer("--noop-experts", opt.config.noop_experts, 0, 256,
+                "router choices that skip the MLP (integrated MoDE; default 0)");
+    cli.number("--expert-capacity", opt.config.expert_capacity_factor, 0.01, 1024.0,
+               "capacity factor: an expert takes at most factor x tokens / experts (default 1.25)");
+    cli.number("--balance-weight", opt.balance_loss_weight, 0.0, 1e6,
+               "weight of the mixtures' load-balancing loss (default 0.01)");
     if (const auto status = cli.parse(argc, argv)) return *status;
     opt.calibrate_threshold = !no_calibrate;
     const bool routed_given = routed->count() > 0;
     try {
         if (!routed_given) opt.config.routed_layers = modscope::ModelConfig::everyOtherLayer(opt.config.n_layers);
+        if (opt.config.moe_layers.empty() && (opt.config.n_experts > 0 || opt.config.noop_experts > 0))
+            return cli.usageError("--experts and --noop-experts need --moe (the mixture layers)");
+        if (!opt.config.moe_layers.empty() && opt.config.n_experts == 0)
+            return cli.usageError("--moe needs --experts");
         if (opt.corpus_files.empty())
             return cli.usageError("no --corpus given (scripts/make_default_corpus.sh makes one)");
         if (!evaluate_dir.empty())
             return evaluateCommand(evaluate_dir, opt.corpus_files, lengths, windows, opt.val_fraction, opt.device);
+        if (!export_dir.empty()) {
+            if (opt.out_dir.empty()) return cli.usageError("--export needs --out");
+            return exportCommand(export_dir, opt.out_dir, half, opt.corpus_files, lengths, windows, opt.val_fraction,
+                                 opt.device);
+        }
         if (!calibrate_dir.empty())
             return calibrateCausalCommand(calibrate_dir, opt.corpus_files, lengths, gains, windows,
                                           opt.val_fraction, opt.device);

@@ -57,6 +57,29 @@ int sampleToken(const torch::Tensor& logits, float temperature, float top_p, std
     return static_cast<int>(idx[n - 1]);
 }
 
+// A mixture layer's report, [1, T] tensors, as the trace holds it.
+void fillMixture(LayerTrace& lt, const ModelConfig& config, const nn::MixtureRouting& m) {
+    lt.moe = true;
+    lt.n_experts = config.n_experts;
+    lt.noop_experts = config.noop_experts;
+    lt.expert_load.assign(static_cast<std::size_t>(config.n_experts), 0);
+    if (!m.expert.defined()) return;
+    lt.expert = toVector<int>(m.expert[0].to(torch::kInt32));
+    lt.expert_choice = toVector<int>(m.choice[0].to(torch::kInt32));
+    lt.expert_prob = toVector<float>(m.prob[0].to(torch::kFloat32));
+    lt.expert_runner_up = toVector<int>(m.second[0].to(torch::kInt32));
+    lt.expert_runner_up_prob = toVector<float>(m.second_prob[0].to(torch::kFloat32));
+    int reached = 0;
+    for (std::size_t t = 0; t < lt.expert.size(); ++t) {
+        if (lt.expert_choice[t] >= 0) ++reached;
+        if (lt.expert[t] >= 0)
+            ++lt.expert_load[static_cast<std::size_t>(lt.expert[t])];
+        else if (lt.expert_choice[t] >= 0 && lt.expert_choice[t] < config.n_experts)
+            ++lt.expert_overflow;
+    }
+    lt.expert_capacity = expertCapacity(config.expert_capacity_factor, config.n_experts, reached);
+}
+
 }  // namespace
 
 torch::Tensor Model::Impl::idsTensor(const std::vector<int>& ids) const {
@@ -110,11 +133,11 @@ std::unique_ptr<Model> Model::open(const std::string& dir, const std::string& de
                     " pieces, but config.json says vocab_size " + std::to_string(config.vocab_size));
 
     const std::string bytes = readFileBounded(weights_path, maxWeightsFileBytes(config));
-    // Every parameter is stored as float32 in the file, so a file smaller than that cannot hold the model:
+    // Every parameter is stored in the file with at least 2 bytes (float16), so a smaller file cannot hold it:
     // refused here, before the model's tensors (as large as the config says) are allocated.
     if (bytes.size() < minWeightsFileBytes(config))
         throw Error(weights_path + ": " + std::to_string(bytes.size()) + " bytes, too small for the " +
-                    std::to_string(config.parameterCount()) + " float32 parameters config.json declares" +
+                    std::to_string(config.parameterCount()) + " parameters config.json declares" +
                     (bytes.empty() ? " (empty file)" : " (truncated?)"));
     std::unique_ptr<Model> m(new Model());
     auto& impl = *m->impl_;
@@ -130,11 +153,11 @@ std::unique_ptr<Model> Model::open(const std::string& dir, const std::string& de
     return m;
 }
 
-void Model::save(const std::string& dir) const {
+void Model::save(const std::string& dir, bool half_weights) const {
     std::error_code ec;
     fs::create_directories(dir, ec);
     if (ec) throw Error(dir + ": cannot create directory (" + ec.message() + ")");
-    const auto bytes = serializeWeights(*impl_->net);
+    const auto bytes = serializeWeights(*impl_->net, half_weights);
     writeFileAtomic((fs::path(dir) / "weights.pt").string(), bytes);
     writeFileAtomic((fs::path(dir) / "config.json").string(), impl_->config.toJson());
     if (impl_->tokenizer) {
@@ -211,6 +234,9 @@ RunTrace Model::run(const std::vector<int>& ids, const RunOptions& options) cons
     }
 
     std::vector<int> processed, predictor_rows;  // predictor_rows stays empty for a traced run: every token
+    std::vector<int> expert_rows;
+    for (int li = 0; li < impl.config.n_layers; ++li)
+        expert_rows.push_back(static_cast<int>(routing[li].mixture.expert_rows));
     // Without the per-token trace: counts only, and the predictor rows the forward actually computed.
     for (int li = 0; li < impl.config.n_layers && !options.per_token_routing; ++li) {
         const auto& r = routing[li];
@@ -255,10 +281,11 @@ RunTrace Model::run(const std::vector<int>& ids, const RunOptions& options) cons
         } else {
             lt.topk_selected = lt.selected;
         }
+        if (impl.config.isMoe(li)) fillMixture(lt, impl.config, r.mixture);
         processed.push_back(lt.processed);
         trace.layers.push_back(std::move(lt));
     }
-    trace.flops = forwardFlops(impl.config, T, processed, head_positions, predictor_rows);
+    trace.flops = forwardFlops(impl.config, T, processed, head_positions, predictor_rows, expert_rows);
     trace.dense_flops = denseForwardFlops(impl.config, T, head_positions);
     trace.elapsed_ms = msSince(t0);
     return trace;
@@ -312,8 +339,12 @@ GenerationResult Model::generate(const std::vector<int>& prompt_ids, const Gener
         result.generated_ids.push_back(step.token_id);
         // The sampled token runs through the model at once: its K/V join the caches of the layers that
         // process it, its routing is reported, and its logits give the next token.
+        std::vector<nn::MixtureRouting> mixture;
         logits = impl.net->step(step.token_id, position, kv, fo.causalRule(), &step.processed,
-                                &step.predictor_prob);
+                                &step.predictor_prob, &mixture);
+        step.expert.assign(static_cast<std::size_t>(cfg.n_layers), -1);
+        for (int li = 0; li < cfg.n_layers; ++li)
+            if (mixture[li].expert.defined()) step.expert[li] = static_cast<int>(mixture[li].expert.item<std::int64_t>());
         ++position;
         std::int64_t bytes = 0;
         for (const auto& layer : kv) bytes += layer.bytes();

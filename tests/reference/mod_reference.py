@@ -29,7 +29,8 @@ class ModReference:
     def __init__(self, checkpoint_dir):
         with open(f"{checkpoint_dir}/config.json") as f:
             self.cfg = json.load(f)
-        self.w = torch.load(f"{checkpoint_dir}/weights.pt")
+        # float16 files (docs/MODEL.md) run in float32 like float32 ones.
+        self.w = {name: t.float() for name, t in torch.load(f"{checkpoint_dir}/weights.pt").items()}
         c = self.cfg
         self.d, self.H = c["d_model"], c["n_heads"]
         self.hd = self.d // self.H
@@ -50,7 +51,36 @@ class ModReference:
         x1, x2 = x[..., :half], x[..., half:]
         return torch.cat([x1 * c - x2 * s, x1 * s + x2 * c], -1)
 
-    def block_delta(self, i, x, pos):  # x [S, d] the selected tokens in order, pos [S]
+    def mixture(self, i, h, engine=None, ties=None):
+        """docs/MODEL.md "Mixture layers": h [S, d] normed, the tokens that reach the mixture in order ->
+        (update [S, d], the expert that ran each token or -1). With engine (its choices for these tokens), a top
+        choice within rounding of the runner-up (NEAR_TIE) follows the engine's, and is listed in ties."""
+        c, p = self.cfg, f"layers.{i}.mlp."
+        E, Z, factor = c["n_experts"], c.get("noop_experts", 0), c.get("expert_capacity_factor", 1.25)
+        probs = (h @ self.w[p + "router.weight"].T).softmax(-1)
+        top = probs.topk(min(2, E + Z), -1)
+        out, experts, taken = torch.zeros_like(h), [], [0] * E
+        for j in range(h.shape[0]):
+            choice = int(top.indices[j, 0])
+            if engine is not None and engine[j] != choice and E + Z > 1 and \
+                    float(top.values[j, 0] - top.values[j, 1]) < NEAR_TIE and engine[j] == int(top.indices[j, 1]):
+                choice = engine[j]
+                ties.append(j)
+            if choice >= E:  # a no-op
+                experts.append(-1)
+                continue
+            cap = min(max(math.ceil(factor * (j + 1) / E - 1e-9), 1), j + 1)
+            if taken[choice] >= cap:  # overflow: earlier tokens filled the expert's share so far
+                experts.append(-1)
+                continue
+            taken[choice] += 1
+            g, u = (h[j] @ self.w[p + "gate_up"][choice].T).split(c["d_ff"], -1)
+            out[j] = probs[j, choice] * ((F.silu(g) * u) @ self.w[p + "down"][choice].T)
+            experts.append(choice)
+        return out, experts
+
+    def block_delta(self, i, x, pos, engine_choice=None, ties=None):
+        """x [S, d] the selected tokens in order, pos [S] -> (f(x) [S, d], each token's expert or None)."""
         p = f"layers.{i}."
         S = x.shape[0]
         hn = self.rmsnorm(x, self.w[p + "attn_norm.weight"])
@@ -62,9 +92,12 @@ class ModReference:
         scores = torch.where(future, torch.tensor(float("-inf")), scores)
         a = (scores.softmax(-1) @ v).transpose(0, 1).reshape(S, self.d) @ self.w[p + "attn.proj.weight"].T
         mn = self.rmsnorm(x + a, self.w[p + "mlp_norm.weight"])
+        if i in self.cfg.get("moe_layers", []):
+            m, experts = self.mixture(i, mn, engine_choice, ties)
+            return a + m, experts
         g, u = (mn @ self.w[p + "mlp.gate_up.weight"].T).split(self.cfg["d_ff"], -1)
         m = (F.silu(g) * u) @ self.w[p + "mlp.down.weight"].T
-        return a + m
+        return a + m, None
 
     def causal_selection(self, pred_logit, r, capacity, engine=None, ties=None):
         """docs/MODEL.md "Causal mode": decided in order, from earlier decisions and earlier router logits.
@@ -97,10 +130,15 @@ class ModReference:
         x = self.w["tok_emb.weight"][torch.tensor(ids)]
         pos = torch.arange(T)
         layers = []
+        expert_ties = []
         for i in range(c["n_layers"]):
+            engine_choice = None
+            if engine_layers is not None and engine_layers[i].get("expert_choice") is not None:
+                engine_choice = engine_layers[i]["expert_choice"]
             if i not in c["routed_layers"]:
-                x = x + self.block_delta(i, x, pos)
-                layers.append({"routed": False, "selected": [True] * T})
+                delta, experts = self.block_delta(i, x, pos, engine_choice, expert_ties)
+                x = x + delta
+                layers.append({"routed": False, "selected": [True] * T, "expert": experts})
                 continue
             p = f"layers.{i}."
             r = x @ self.w[p + "router.weight"][0]
@@ -125,20 +163,29 @@ class ModReference:
             if ties is not None:
                 ties.extend((i, t) for t in layer_ties)
             idx = sel.nonzero().view(-1)  # ascending: original order
+            experts = [-1] * T if i in c.get("moe_layers", []) else None
             if len(idx):
                 xs = x[idx]
-                updated = xs + torch.sigmoid(r[idx]).unsqueeze(-1) * self.block_delta(i, xs, pos[idx])
+                selected_choice = None if engine_choice is None else [engine_choice[t] for t in idx.tolist()]
+                delta, chosen = self.block_delta(i, xs, pos[idx], selected_choice, expert_ties)
+                updated = xs + torch.sigmoid(r[idx]).unsqueeze(-1) * delta
                 x = x.clone()
                 x[idx] = updated
+                if experts is not None:
+                    for t, e in zip(idx.tolist(), chosen):
+                        experts[t] = e
             layers.append({"routed": True, "k": k, "selected": sel.tolist(), "topk": topk.tolist(),
-                           "router_logits": r.tolist(), "predictor_prob": prob.tolist()})
+                           "router_logits": r.tolist(), "predictor_prob": prob.tolist(), "expert": experts})
+        if ties is not None:
+            ties.extend(("expert", j) for j in expert_ties)
         logits = self.rmsnorm(x, self.w["norm_f.weight"]) @ self.w["tok_emb.weight"].T
         return logits, layers
 
 
 def compare(ref, expected):
     """expected: {"cases": [{"ids", "capacity", "mode", "positions": [p...], "logits": [[V floats] per position],
-    "tolerance", "layers": [{"selected": [T booleans]}]}]}. Every routing decision must match (at a near tie,
+    "tolerance", "layers": [{"selected": [T booleans], and in mixture layers "expert" and "expert_choice": [T
+    ints]}]}]}. Every routing decision must match (at a near tie,
     NEAR_TIE, the engine's is followed and counted), and the logits at the listed positions lie within the case's
     absolute tolerance."""
     worst = 0.0
@@ -157,6 +204,12 @@ def compare(ref, expected):
             for t, (a, b) in enumerate(zip(mine["selected"], theirs["selected"])):
                 if a != b:
                     problems.append(f"case {n} layer {i} token {t}: reference selected={a}, engine selected={b}")
+            if (mine["expert"] is None) != (theirs.get("expert") is None):
+                problems.append(f"case {n} layer {i}: a mixture layer in one and not the other")
+            elif mine["expert"] is not None:
+                for t, (a, b) in enumerate(zip(mine["expert"], theirs["expert"])):
+                    if a != b:
+                        problems.append(f"case {n} layer {i} token {t}: reference expert {a}, engine expert {b}")
     print(json.dumps({"cases": len(expected["cases"]), "max_logit_diff": worst, "near_ties": ties,
                       "problems": problems[:20]}))
     return not problems

@@ -49,8 +49,19 @@ struct ModelConfig {
     bool predictor_prefix_topk = false;
     double rope_theta = 10000.0;
     double norm_eps = 1e-5;
+    // Mixture of experts (docs/MODEL.md "Mixture layers"): the layers whose MLP is n_experts SwiGLU experts
+    // behind a top-1 router. A routed layer in moe_layers is staged MoDE; a full one with noop_experts is
+    // integrated MoDE. Empty: every MLP is dense (and the three fields below are not written).
+    std::vector<int> moe_layers;
+    int n_experts = 0;
+    // Each expert takes at most ceil(factor * n / n_experts) of the n tokens that reach the mixture, and at
+    // any point of the sequence ceil(factor * (tokens so far) / n_experts): see expertCapacity().
+    double expert_capacity_factor = 1.25;
+    int noop_experts = 0;  // router choices that skip the MLP (integrated MoDE)
 
     bool isRouted(int layer) const;
+    bool isMoe(int layer) const;
+    int routerChoices() const { return n_experts + noop_experts; }
     int headDim() const { return d_model / n_heads; }
     // Throws Error naming the first field out of range (sizes are bounded so nothing absurd allocates).
     void validate() const;
@@ -78,6 +89,15 @@ inline int capacityToK(double capacity, int seq_len) {
     return std::clamp(static_cast<int>(raw), 1, seq_len);
 }
 
+// The most tokens one expert takes of the first n that reach a mixture layer: ceil(factor * n / experts),
+// at least 1 (docs/MODEL.md "Mixture layers"). Token j (0-based, in sequence order) is taken by its expert
+// when fewer than expertCapacity(j + 1) earlier tokens were, so a token's fate depends on earlier tokens only.
+inline int expertCapacity(double factor, int n_experts, int n) {
+    if (n <= 0 || n_experts <= 0) return 0;
+    const double raw = std::ceil(factor * n / n_experts - 1e-9);
+    return std::clamp(static_cast<int>(std::min(raw, double(n))), 1, n);
+}
+
 // What one layer did with every token of a run. Per-token vectors have length T (the run's tokens).
 struct LayerTrace {
     int index = 0;
@@ -96,6 +116,26 @@ struct LayerTrace {
     // |sigmoid(r) f(x)| / |x| for a token it processed and 0 for one it skipped. Empty for full layers and
     // without RunOptions::per_token_routing.
     std::vector<float> update_ratio;
+    // Mixture layers (ModelConfig::moe_layers); the per-token vectors are empty elsewhere.
+    bool moe = false;
+    int n_experts = 0;
+    int noop_experts = 0;
+    int expert_capacity = 0;            // expertCapacity() of the tokens that reached the mixture
+    std::vector<int> expert_load;       // [n_experts] tokens each expert took
+    int expert_overflow = 0;            // tokens whose expert was full: their MLP did not run
+    std::vector<int> expert;            // the expert that ran the token's MLP; -1: none (no-op, overflow, kept out)
+    std::vector<int> expert_choice;     // the router's top choice (n_experts and above: a no-op); -1: kept out
+    std::vector<float> expert_prob;     // the router's probability of expert_choice; NaN where kept out
+    std::vector<int> expert_runner_up;  // its second choice; -1 where kept out or with one choice
+    std::vector<float> expert_runner_up_prob;
+    // Why a token's MLP did not run in a mixture layer.
+    enum class ExpertFate { Ran, NoOp, Overflow, KeptOut };
+    ExpertFate expertFate(int token) const {
+        const auto i = static_cast<std::size_t>(token);
+        if (expert[i] >= 0) return ExpertFate::Ran;
+        if (expert_choice[i] < 0) return ExpertFate::KeptOut;
+        return expert_choice[i] >= n_experts ? ExpertFate::NoOp : ExpertFate::Overflow;
+    }
     // The gate sigmoid(r) of a routed layer's token (what scales its update), from router_logits.
     float gate(int token) const {
         return 1.0f / (1.0f + std::exp(-router_logits[static_cast<std::size_t>(token)]));
@@ -164,6 +204,7 @@ struct GenerationStep {
     int token_id = 0;
     std::vector<std::uint8_t> processed;      // [n_layers] 1 = the layer processed this token
     std::vector<float> predictor_prob;        // [n_layers] NaN for full layers
+    std::vector<int> expert;                  // [n_layers] the expert that ran its MLP; -1 none or no mixture
     std::int64_t kv_cache_bytes = 0;          // K/V actually stored, all layers
     std::int64_t dense_kv_cache_bytes = 0;    // a dense model's K/V for the same tokens
     double step_ms = 0.0;
@@ -282,8 +323,9 @@ public:
     static std::unique_ptr<Model> create(const ModelConfig& config, std::uint64_t seed,
                                          const std::string& device = "auto", const std::string& backend = "auto");
     // Writes config.json and weights.pt atomically into dir (created if needed), and copies the
-    // tokenizer model when one is attached.
-    void save(const std::string& dir) const;
+    // tokenizer model when one is attached. half_weights stores the weights as float16 (half the file; they
+    // load back into float32, docs/MODEL.md).
+    void save(const std::string& dir, bool half_weights = false) const;
 
     const ModelConfig& config() const;
     std::string device() const;         // "cpu" or "cuda:0"
@@ -316,9 +358,11 @@ void writeFileAtomic(const std::string& path, const std::string& data);
 
 // FLOPs of one forward (matmuls only, docs/MODEL.md "FLOPs"): processed[i] = tokens layer i processed,
 // head_positions = positions whose logits were computed (-1: all of them), predictor_rows[i] = tokens whose
-// predictor logit routed layer i computed (empty: every token, as a traced run does).
+// predictor logit routed layer i computed (empty: every token, as a traced run does), expert_rows[i] = tokens
+// an expert of mixture layer i ran (absent: every token the layer processed).
 double forwardFlops(const ModelConfig& config, int seq_len, const std::vector<int>& processed,
-                    int head_positions = -1, const std::vector<int>& predictor_rows = {});
+                    int head_positions = -1, const std::vector<int>& predictor_rows = {},
+                    const std::vector<int>& expert_rows = {});
 double denseForwardFlops(const ModelConfig& config, int seq_len, int head_positions = -1);
 
 }  // namespace modscope

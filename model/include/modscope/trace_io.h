@@ -1,4 +1,4 @@
-// Routing traces as files: the "modscope.trace/2" JSON document and its long-form CSV (docs/TRACE_FORMAT.md).
+// Routing traces as files: the "modscope.trace/3" JSON document and its long-form CSV (docs/TRACE_FORMAT.md).
 //
 // Plain C++ only (no LibTorch, no Qt): the app's export, modscope-trace and the tests all build traces with
 // the functions below, so the same input gives the same file whoever writes it. A trace file is untrusted
@@ -15,8 +15,9 @@
 
 namespace modscope {
 
-// The schema this build writes. It reads that one and the one before it (docs/TRACE_FORMAT.md, "Versions").
-inline constexpr const char* kTraceSchema = "modscope.trace/2";
+// The schema this build writes. It reads that one and the two before it (docs/TRACE_FORMAT.md, "Versions").
+inline constexpr const char* kTraceSchema = "modscope.trace/3";
+inline constexpr const char* kTraceSchemaV2 = "modscope.trace/2";
 inline constexpr const char* kTraceSchemaV1 = "modscope.trace/1";
 
 // Bounds on what a reader accepts: anything beyond is refused before it can cost memory or time.
@@ -24,6 +25,7 @@ inline constexpr std::uint64_t kMaxTraceFileBytes = 256ull << 20;  // a .json/.j
 inline constexpr int kMaxTraceLayers = 512;
 inline constexpr int kMaxTraceTokens = 65536;     // prompt tokens, and generated tokens, per document
 inline constexpr int kMaxTraceDocuments = 65536;  // documents in one batch file
+inline constexpr int kMaxTraceExperts = 256;      // experts, and no-op choices, of a mixture layer (ModelConfig)
 
 struct TraceModelInfo {
     std::string name;
@@ -144,10 +146,13 @@ std::vector<TraceDocument> tracesFromJsonLines(const std::string& text);
 // CSV (RFC 4180, UTF-8, CRLF line ends), long form: one row per layer and token. With several documents
 // (a batch) leading prompt_index and prompt_id columns are added.
 inline constexpr const char* kTraceCsvColumns[] = {
-    "layer",          "position",           "token_id",      "piece", "routed", "router_logit", "rank", "selected",
-    "predictor_prob", "predictor_selected", "topk_selected", "phase", "gate",   "update_ratio"};
-// The columns of the modscope.trace/1 era, which the reader still takes: the list above without the last two.
+    "layer",          "position",           "token_id",      "piece",  "routed",       "router_logit",
+    "rank",           "selected",           "predictor_prob", "predictor_selected", "topk_selected", "phase",
+    "gate",           "update_ratio",       "expert",        "expert_choice", "expert_prob"};
+// The columns of earlier versions, which the reader still takes: the first 12 (modscope.trace/1) or 14
+// (modscope.trace/2) of the list above.
 inline constexpr int kTraceCsvColumnsV1 = 12;
+inline constexpr int kTraceCsvColumnsV2 = 14;
 std::string traceToCsv(const TraceDocument& doc);
 std::string tracesToCsv(const std::vector<TraceDocument>& docs);
 
@@ -174,6 +179,10 @@ struct TraceCsvRow {
     std::string phase;  // "prompt" or "generate"
     std::optional<float> gate;          // sigmoid(router_logit); routed layers' prompt rows
     std::optional<float> update_ratio;  // prompt rows (absent from files of the first version)
+    // Mixture layers' prompt rows (docs/MODEL.md "Mixture layers"); generate rows have the expert only.
+    std::optional<int> expert;          // the expert that ran the token's MLP, -1 none
+    std::optional<int> expert_choice;   // the router's top choice (n_experts and above: a no-op), -1 kept out
+    std::optional<float> expert_prob;   // its probability
 };
 // Parses and checks a trace CSV (header, types, ranges); throws Error naming the line and column.
 std::vector<TraceCsvRow> traceRowsFromCsv(const std::string& text);

@@ -5,6 +5,7 @@
 #include <atomic>
 #include <cstdint>
 #include <functional>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -44,6 +45,7 @@ struct TrainOptions {
     double grad_clip = 1.0;
     double predictor_loss_weight = 1.0;    // BCE of the causal predictor against top-k membership
     double router_aux_loss_weight = 0.0;   // the paper's other method: BCE of the router logit itself
+    double balance_loss_weight = 0.01;     // Switch Transformer's load balance, mean over mixture layers
     bool calibrate_threshold = true;       // after training: predictor bias set so its selection rate = capacity
     std::uint64_t seed = 1234;
     double val_fraction = 0.02;
@@ -66,11 +68,25 @@ struct LayerEval {
     }
 };
 
+// A mixture layer on held-out windows: where its tokens went.
+struct MixtureEval {
+    int layer = 0;
+    std::int64_t tokens = 0;    // tokens that reached the mixture
+    std::int64_t ran = 0;       // ... that an expert ran
+    std::int64_t noop = 0;      // ... whose top choice was a no-op
+    std::int64_t overflow = 0;  // ... whose expert was full
+    std::vector<std::int64_t> load;  // [n_experts] tokens each expert ran
+};
+
 struct EvalResult {
     double loss = 0.0;
     double perplexity = 0.0;
     int seq_len = 0;
     std::vector<LayerEval> layers;
+    // Mean over window rows and pairs of routed layers of |A & B| / |A | B|, A and B the two layers' top-k
+    // selections: 1 when the routed layers take the same tokens. NaN with fewer than two routed layers.
+    double routed_jaccard = std::numeric_limits<double>::quiet_NaN();
+    std::vector<MixtureEval> mixtures;
 };
 
 struct TrainProgress {
@@ -78,6 +94,7 @@ struct TrainProgress {
     std::int64_t total_steps = 0;
     double loss = 0.0;          // language-model cross-entropy of the last step
     double predictor_loss = 0.0;
+    double balance_loss = 0.0;  // mixture layers' load-balancing loss (0 without mixtures)
     double lr = 0.0;
     double tokens_per_second = 0.0;
     double elapsed_seconds = 0.0;

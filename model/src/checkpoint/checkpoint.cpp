@@ -61,12 +61,13 @@ std::uint64_t maxWeightsFileBytes(const ModelConfig& config) {
 }
 
 std::uint64_t minWeightsFileBytes(const ModelConfig& config) {
-    return static_cast<std::uint64_t>(config.parameterCount()) * 4;
+    return static_cast<std::uint64_t>(config.parameterCount()) * 2;
 }
 
-std::string serializeWeights(nn::ModTransformerImpl& net) {
+std::string serializeWeights(nn::ModTransformerImpl& net, bool half) {
     c10::Dict<std::string, at::Tensor> dict;
-    for (const auto& p : net.named_parameters()) dict.insert(p.key(), p.value().detach().to(torch::kCPU).contiguous());
+    for (const auto& p : net.named_parameters())
+        dict.insert(p.key(), p.value().detach().to(torch::kCPU, half ? torch::kFloat16 : torch::kFloat32).contiguous());
     const auto bytes = torch::pickle_save(c10::IValue(dict));
     return std::string(bytes.begin(), bytes.end());
 }
@@ -101,9 +102,9 @@ void loadWeights(nn::ModTransformerImpl& net, const std::string& bytes, const st
         const auto it = loaded.find(p.key());
         if (it == loaded.end()) throw Error(source + ": missing tensor '" + p.key() + "'");
         const auto& t = it->second;
-        if (t.scalar_type() != torch::kFloat32)
+        if (t.scalar_type() != torch::kFloat32 && t.scalar_type() != torch::kFloat16)
             throw Error(source + ": tensor '" + p.key() + "' has dtype " + std::string(c10::toString(t.scalar_type())) +
-                        ", expected float32");
+                        ", expected float32 (or float16)");
         if (t.sizes() != p.value().sizes())
             throw Error(source + ": tensor '" + p.key() + "' has shape " + shapeString(t.sizes()) +
                         ", the config needs " + shapeString(p.value().sizes()));
@@ -117,7 +118,7 @@ void loadWeights(nn::ModTransformerImpl& net, const std::string& bytes, const st
             throw Error(source + ": unexpected tensor '" + name + "' (not part of this config's model)");
     }
     torch::NoGradGuard no_grad;
-    for (auto& p : params) p.value().copy_(loaded[p.key()]);
+    for (auto& p : params) p.value().copy_(loaded[p.key()]);  // float16 widens to float32 exactly
 }
 
 }  // namespace modscope

@@ -18,6 +18,7 @@ constexpr int kMaxHeads = 256;
 constexpr int kMaxDff = 1 << 17;
 constexpr int kMaxSeqLen = 1 << 16;
 constexpr int kMaxPredictorHidden = 1 << 14;
+constexpr int kMaxExperts = 256;
 
 void requireRange(const char* field, double value, double lo, double hi) {
     if (!(value >= lo && value <= hi)) {
@@ -57,6 +58,10 @@ bool ModelConfig::isRouted(int layer) const {
     return std::find(routed_layers.begin(), routed_layers.end(), layer) != routed_layers.end();
 }
 
+bool ModelConfig::isMoe(int layer) const {
+    return std::find(moe_layers.begin(), moe_layers.end(), layer) != moe_layers.end();
+}
+
 std::vector<int> ModelConfig::everyOtherLayer(int n_layers) {
     std::vector<int> layers;
     for (int i = 1; i < n_layers; i += 2) layers.push_back(i);
@@ -82,14 +87,25 @@ void ModelConfig::validate() const {
     if (headDim() % 2 != 0)
         throw Error("config: head dimension d_model/n_heads = " + std::to_string(headDim()) +
                     " must be even for rotary embeddings");
-    std::vector<int> seen;
-    for (int layer : routed_layers) {
-        if (layer < 0 || layer >= n_layers)
-            throw Error("config: routed layer " + std::to_string(layer) + " does not exist (n_layers " +
-                        std::to_string(n_layers) + ")");
-        if (std::find(seen.begin(), seen.end(), layer) != seen.end())
-            throw Error("config: routed layer " + std::to_string(layer) + " is listed twice");
-        seen.push_back(layer);
+    const auto checkLayers = [&](const std::vector<int>& layers, const char* what) {
+        std::vector<int> seen;
+        for (int layer : layers) {
+            if (layer < 0 || layer >= n_layers)
+                throw Error(std::string("config: ") + what + " " + std::to_string(layer) +
+                            " does not exist (n_layers " + std::to_string(n_layers) + ")");
+            if (std::find(seen.begin(), seen.end(), layer) != seen.end())
+                throw Error(std::string("config: ") + what + " " + std::to_string(layer) + " is listed twice");
+            seen.push_back(layer);
+        }
+    };
+    checkLayers(routed_layers, "routed layer");
+    checkLayers(moe_layers, "mixture layer");
+    if (!moe_layers.empty()) {
+        requireRange("n_experts", n_experts, 1, kMaxExperts);
+        requireRange("noop_experts", noop_experts, 0, kMaxExperts);
+        requireRange("expert_capacity_factor", expert_capacity_factor, 0.01, 1024.0);
+    } else if (n_experts != 0 || noop_experts != 0) {
+        throw Error("config: 'n_experts' and 'noop_experts' need 'moe_layers'");
     }
     if (parameterCount() > (std::int64_t{1} << 32))
         throw Error("config: " + std::to_string(parameterCount()) + " parameters is beyond what ModScope opens");
@@ -102,8 +118,11 @@ std::int64_t ModelConfig::parameterCount() const {
                              + 2 * ff * d + ff * d;  // gate_up, down
     std::int64_t routed_extra = d               // router
                                 + d * h + h + h + 1;  // predictor fc1, fc2
+    // A mixture's experts replace the dense MLP; its router has a row per choice.
+    std::int64_t moe_extra = (std::int64_t{n_experts} - 1) * 3 * ff * d + std::int64_t{routerChoices()} * d;
     return std::int64_t{vocab_size} * d + d + n_layers * per_layer +
-           static_cast<std::int64_t>(routed_layers.size()) * routed_extra;
+           static_cast<std::int64_t>(routed_layers.size()) * routed_extra +
+           static_cast<std::int64_t>(moe_layers.size()) * moe_extra;
 }
 
 ModelConfig ModelConfig::fromJson(const std::string& text) {
@@ -133,18 +152,29 @@ ModelConfig ModelConfig::fromJson(const std::string& text) {
     c.predictor_prefix_topk = field<bool>(j, "predictor_prefix_topk", c.predictor_prefix_topk, false);
     c.rope_theta = field<double>(j, "rope_theta", c.rope_theta, false);
     c.norm_eps = field<double>(j, "norm_eps", c.norm_eps, false);
-    auto routed = j.find("routed_layers");
-    if (routed == j.end()) throw Error("config: missing field 'routed_layers'");
-    if (!routed->is_array()) throw Error("config: 'routed_layers' must be an array of layer indices");
-    if (routed->size() > static_cast<std::size_t>(kMaxLayers)) throw Error("config: 'routed_layers' is too long");
-    c.routed_layers.clear();
-    for (const auto& v : *routed) {
-        if (!v.is_number_integer()) throw Error("config: 'routed_layers' must hold integers");
-        const auto layer = v.get<std::int64_t>();
-        if (layer < 0 || layer > kMaxLayers)
-            throw Error("config: routed layer " + std::to_string(layer) + " is out of range");
-        c.routed_layers.push_back(static_cast<int>(layer));
-    }
+    const auto layerList = [&](const char* name, std::vector<int>& out) {
+        auto it = j.find(name);
+        if (!it->is_array()) throw Error(std::string("config: '") + name + "' must be an array of layer indices");
+        if (it->size() > static_cast<std::size_t>(kMaxLayers))
+            throw Error(std::string("config: '") + name + "' is too long");
+        out.clear();
+        for (const auto& v : *it) {
+            if (!v.is_number_integer()) throw Error(std::string("config: '") + name + "' must hold integers");
+            const auto layer = v.get<std::int64_t>();
+            if (layer < 0 || layer > kMaxLayers)
+                throw Error(std::string("config: '") + name + "' holds " + std::to_string(layer) +
+                            ", out of range");
+            out.push_back(static_cast<int>(layer));
+        }
+    };
+    if (j.find("routed_layers") == j.end()) throw Error("config: missing field 'routed_layers'");
+    layerList("routed_layers", c.routed_layers);
+    // A checkpoint without a mixture (every one written before mixtures existed) has none of these.
+    c.moe_layers.clear();
+    if (j.find("moe_layers") != j.end()) layerList("moe_layers", c.moe_layers);
+    c.n_experts = field<int>(j, "n_experts", 0, false);
+    c.noop_experts = field<int>(j, "noop_experts", 0, false);
+    c.expert_capacity_factor = field<double>(j, "expert_capacity_factor", c.expert_capacity_factor, false);
     c.validate();
     return c;
 }
@@ -167,6 +197,12 @@ std::string ModelConfig::toJson() const {
     j["predictor_prefix_topk"] = predictor_prefix_topk;
     j["rope_theta"] = rope_theta;
     j["norm_eps"] = norm_eps;
+    if (!moe_layers.empty()) {
+        j["moe_layers"] = moe_layers;
+        j["n_experts"] = n_experts;
+        j["noop_experts"] = noop_experts;
+        j["expert_capacity_factor"] = expert_capacity_factor;
+    }
     return j.dump(2) + "\n";
 }
 

@@ -82,6 +82,18 @@ void appendCsvRows(std::string& out, const TraceDocument& doc, int prompt_index)
                                 std::to_string(t) + " has a non-finite update ratio");
                 out += formatFloat(l.update_ratio[t]);
             }
+            out += ',';
+            if (l.moe && l.expert.size() == T) {
+                out += std::to_string(l.expert.at(t)) + "," + std::to_string(l.expert_choice.at(t)) + ",";
+                if (l.expert_choice.at(t) >= 0) {
+                    if (!std::isfinite(l.expert_prob.at(t)))
+                        throw Error("cannot write the trace: layer " + std::to_string(li) + " token " +
+                                    std::to_string(t) + " has a non-finite expert probability");
+                    out += formatFloat(l.expert_prob[t]);
+                }
+            } else {
+                out += ",,";
+            }
             out += "\r\n";
         }
         if (!doc.generation) continue;
@@ -105,7 +117,9 @@ void appendCsvRows(std::string& out, const TraceDocument& doc, int prompt_index)
             } else {
                 out += ",,";
             }
-            out += ",generate,,\r\n";
+            out += ",generate,,,";
+            if (l.moe && li < s.expert.size()) out += std::to_string(s.expert[li]);
+            out += ",,\r\n";
         }
     }
 }
@@ -244,21 +258,23 @@ std::vector<std::vector<std::string>> parseCsv(const std::string& text) {
 
 std::vector<TraceCsvRow> traceRowsFromCsv(const std::string& text) {
     std::vector<TraceCsvRow> out;
-    bool with_index = false, with_id = false, with_update = false, header_seen = false;
+    bool with_index = false, with_id = false, with_update = false, with_expert = false, header_seen = false;
     // Messages count records (the header is row 1): a quoted newline makes records span lines.
     forEachCsvRecord(text, [&](const std::vector<std::string>& f, std::size_t line) {
         if (line == 1) {
             header_seen = true;
-            // This version's columns, or the first version's (no gate and update_ratio; a batch without
-            // prompt_id).
+            // This version's columns, the second version's (no expert columns) or the first version's (no
+            // gate and update_ratio either; a batch without prompt_id).
             const std::vector<std::string> all(std::begin(kTraceCsvColumns), std::end(kTraceCsvColumns));
             const std::vector<std::string> v1(all.begin(), all.begin() + kTraceCsvColumnsV1);
+            const std::vector<std::string> v2(all.begin(), all.begin() + kTraceCsvColumnsV2);
             with_index = !f.empty() && f[0] == "prompt_index";
             with_id = with_index && f.size() > 1 && f[1] == "prompt_id";
             const std::size_t lead = with_index ? (with_id ? 2 : 1) : 0;
             const std::vector<std::string> rest(f.begin() + static_cast<std::ptrdiff_t>(std::min(lead, f.size())),
                                                 f.end());
-            with_update = rest == all;
+            with_expert = rest == all;
+            with_update = with_expert || rest == v2;
             if (!(with_update && (with_id || !with_index)) && !(rest == v1 && !with_id)) {
                 std::string want = with_index ? "prompt_index,prompt_id" : "";
                 for (const auto& c : all) want += (want.empty() ? "" : ",") + c;
@@ -300,6 +316,17 @@ std::vector<TraceCsvRow> traceRowsFromCsv(const std::string& text) {
             if (row.update_ratio && !(*row.update_ratio >= 0.0f))
                 throw Error("CSV row " + std::to_string(line) + ", update_ratio: \"" + printable(f[c]) +
                             "\" is negative");
+            ++c;
+        }
+        if (with_expert) {
+            if (!f[c].empty()) row.expert = csvInt<int>(f[c], line, "expert", -1, kMaxTraceExperts - 1);
+            ++c;
+            if (!f[c].empty()) row.expert_choice = csvInt<int>(f[c], line, "expert_choice", -1, 2 * kMaxTraceExperts - 1);
+            ++c;
+            if (!f[c].empty()) row.expert_prob = csvFloat(f[c], line, "expert_prob");
+            if (row.expert_prob && !(*row.expert_prob >= 0.0f && *row.expert_prob <= 1.0f))
+                throw Error("CSV row " + std::to_string(line) + ", expert_prob: \"" + printable(f[c]) +
+                            "\" is not from 0 to 1");
             ++c;
         }
         out.push_back(std::move(row));

@@ -400,9 +400,9 @@ ModelConfig checkSkeleton(const Skeleton& s) {
     if (s.schema_kind != Kind::String)
         bad("not a ModScope trace: 'schema' is " + std::string(describe(s.schema_kind)) + ", expected \"" +
             kTraceSchema + "\"");
-    if (s.schema != kTraceSchema && s.schema != kTraceSchemaV1)
+    if (s.schema != kTraceSchema && s.schema != kTraceSchemaV2 && s.schema != kTraceSchemaV1)
         bad("unsupported trace schema \"" + printable(s.schema) + "\": this build of ModScope reads \"" +
-            kTraceSchema + "\" and \"" + kTraceSchemaV1 + "\"");
+            kTraceSchema + "\", \"" + kTraceSchemaV2 + "\" and \"" + kTraceSchemaV1 + "\"");
     if (!s.has_model) bad("missing 'model'");
     if (s.model_kind != Kind::Object) wrongType("model", "an object", s.model_kind);
     if (!s.has_config) bad("model: missing 'config'");
@@ -634,10 +634,22 @@ private:
     DocumentContext& c_;
 };
 
+// A layer's mixture members (the third version's), in the order written.
+bool mixtureMember(const std::string& key) {
+    static const std::set<std::string> keys{"moe",           "n_experts",     "noop_experts",   "expert_capacity",
+                                            "expert_load",   "expert_overflow", "expert",       "expert_choice",
+                                            "expert_prob",   "expert_runner_up", "expert_runner_up_prob"};
+    return keys.count(key) > 0;
+}
+
 class LayerFrame final : public ObjectFrame {
 public:
     LayerFrame(DocumentContext& c, std::size_t li, std::string where)
-        : ObjectFrame(std::move(where)), c_(c), li_(li), routed_(c.cfg.isRouted(static_cast<int>(li))) {}
+        : ObjectFrame(std::move(where)),
+          c_(c),
+          li_(li),
+          routed_(c.cfg.isRouted(static_cast<int>(li))),
+          moe_(c.cfg.isMoe(static_cast<int>(li)) && c.doc.schema == kTraceSchema) {}
 
 private:
     static bool routedOnly(const std::string& key) {
@@ -652,16 +664,45 @@ private:
 
     // Members the second version added: a first-version document does not have them, and they are ignored
     // there as any unknown member is (its layers run at the document's capacity).
+    // The same for the third version's mixture members in the first two.
     bool laterMember(const std::string& key) const {
+        if (c_.doc.schema != kTraceSchema && mixtureMember(key)) return true;
         return c_.doc.schema == kTraceSchemaV1 && (key == "capacity" || key == "gate" || key == "update_ratio");
+    }
+    // A layer without a mixture has none of its members but "moe" (null or absent).
+    void refuseWithoutMixture(const std::string& key, Kind k) const {
+        if (!moe_ && mixtureMember(key) && key != "moe" && k != Kind::Null)
+            bad(path(key) + ": a layer without a mixture has none (expected null)");
     }
 
     void member(const std::string& key, Value& v) override {
         if (laterMember(key)) return;
         refuseOnFullLayer(key, v.kind);
+        refuseWithoutMixture(key, v.kind);
         if (!routed_ && routedOnly(key)) return;  // null
         const auto w = path(key);
         const auto T = static_cast<std::int64_t>(c_.T);
+        if (key == "moe") {
+            const bool moe = readBool(v, w);
+            if (moe != c_.cfg.isMoe(static_cast<int>(li_)))
+                bad(w + ": " + (moe ? "true" : "false") + ", but the config's moe_layers say " + (moe ? "false" : "true"));
+            return;
+        }
+        if (mixtureMember(key)) {
+            if (!moe_) return;  // null
+            const auto E = static_cast<std::int64_t>(c_.cfg.n_experts);
+            if (key == "n_experts")
+                l_.n_experts = static_cast<int>(readInt(v, w, E, E));
+            else if (key == "noop_experts")
+                l_.noop_experts = static_cast<int>(readInt(v, w, c_.cfg.noop_experts, c_.cfg.noop_experts));
+            else if (key == "expert_capacity")
+                l_.expert_capacity = static_cast<int>(readInt(v, w, 0, T));
+            else if (key == "expert_overflow")
+                l_.expert_overflow = static_cast<int>(readInt(v, w, 0, T));
+            else
+                wrongType(w, "an array", v.kind);
+            return;
+        }
         if (key == "index") {
             l_.index = static_cast<int>(
                 readInt(v, w, static_cast<std::int64_t>(li_), static_cast<std::int64_t>(li_)));
@@ -685,12 +726,40 @@ private:
         }
     }
 
+    // T integers in [lo, hi].
+    std::unique_ptr<Frame> intArray(const std::string& w, std::size_t n, const char* per, std::int64_t lo,
+                                    std::int64_t hi, std::vector<int>& out) {
+        return std::make_unique<ScalarArrayFrame<int>>(w, n, per, out, [lo, hi](Value& v, const std::string& ww, std::size_t) {
+            return static_cast<int>(readInt(v, ww, lo, hi));
+        });
+    }
+    // T probabilities, null where the token never reached the mixture (kept as NaN).
+    std::unique_ptr<Frame> probabilitiesOrNull(const std::string& w, std::vector<float>& out) {
+        return std::make_unique<ScalarArrayFrame<float>>(w, c_.T, "one per token", out,
+                                                         [](Value& v, const std::string& ww, std::size_t) {
+                                                             if (v.kind == Kind::Null)
+                                                                 return std::numeric_limits<float>::quiet_NaN();
+                                                             return readFloat(v, ww, 0.0f, 1.0f);
+                                                         });
+    }
+
     std::unique_ptr<Frame> container(const std::string& key, Kind k) override {
         if (laterMember(key)) return nullptr;
         refuseOnFullLayer(key, k);
+        refuseWithoutMixture(key, k);
         if (k != Kind::Array) return nullptr;
         const auto w = path(key);
         const auto T = c_.T;
+        if (moe_ && mixtureMember(key)) {
+            const std::int64_t E = c_.cfg.n_experts, choices = c_.cfg.routerChoices();
+            if (key == "expert_load") return intArray(w, static_cast<std::size_t>(E), "one per expert", 0, static_cast<std::int64_t>(T), load_);
+            if (key == "expert") return intArray(w, T, "one per token", -1, E - 1, l_.expert);
+            if (key == "expert_choice") return intArray(w, T, "one per token", -1, choices - 1, l_.expert_choice);
+            if (key == "expert_runner_up") return intArray(w, T, "one per token", -1, choices - 1, l_.expert_runner_up);
+            if (key == "expert_prob") return probabilitiesOrNull(w, l_.expert_prob);
+            if (key == "expert_runner_up_prob") return probabilitiesOrNull(w, l_.expert_runner_up_prob);
+            return nullptr;
+        }
         if (key == "selected") return boolArray(w, T, "one per token", l_.selected);
         if (key == "update_ratio")
             return floatArray(w, T, 0.0f, std::numeric_limits<float>::max(), l_.update_ratio);
@@ -734,12 +803,56 @@ private:
                 bad(where_ + ".topk_selected: " + std::to_string(count(l_.topk_selected)) +
                     " tokens in the top k, expected k = " + std::to_string(l_.k));
         }
+        if (moe_) finishMixture();
         c_.doc.run.layers.push_back(std::move(l_));
+    }
+
+    // A mixture's arrays must tell one story (docs/MODEL.md "Mixture layers"): the tokens that reached it are
+    // the ones the layer processed, a token that ran went to its top choice, probabilities exist exactly where
+    // a choice does; the load, overflow and capacity are what the arrays give.
+    void finishMixture() {
+        require({"moe", "n_experts", "noop_experts", "expert_capacity", "expert_load", "expert_overflow", "expert",
+                 "expert_choice", "expert_prob", "expert_runner_up", "expert_runner_up_prob"});
+        l_.moe = true;
+        const int E = c_.cfg.n_experts;
+        std::vector<int> load(static_cast<std::size_t>(E), 0);
+        int overflow = 0, reached = 0;
+        for (std::size_t t = 0; t < c_.T; ++t) {
+            const auto at_t = where_ + "[token " + std::to_string(t) + "]";
+            const int choice = l_.expert_choice[t], expert = l_.expert[t], second = l_.expert_runner_up[t];
+            if ((choice >= 0) != bool(l_.selected[t]))
+                bad(at_t + ": expert_choice " + std::to_string(choice) + ", but the token was " +
+                    (l_.selected[t] ? "processed" : "not processed") + " by the layer");
+            if (std::isnan(l_.expert_prob[t]) != (choice < 0))
+                bad(at_t + ": expert_prob must be null exactly where expert_choice is -1");
+            if (std::isnan(l_.expert_runner_up_prob[t]) != (second < 0))
+                bad(at_t + ": expert_runner_up_prob must be null exactly where expert_runner_up is -1");
+            if (second >= 0 && (second == choice || choice < 0))
+                bad(at_t + ": expert_runner_up " + std::to_string(second) + " beside expert_choice " + std::to_string(choice));
+            if (expert >= 0 && expert != choice)
+                bad(at_t + ": expert " + std::to_string(expert) + ", but the router chose " + std::to_string(choice));
+            if (choice >= 0) ++reached;
+            if (expert >= 0) ++load[static_cast<std::size_t>(expert)];
+            else if (choice >= 0 && choice < E) ++overflow;
+        }
+        if (load != load_) bad(where_ + ".expert_load does not count the tokens of expert");
+        if (overflow != l_.expert_overflow)
+            bad(where_ + ".expert_overflow: " + std::to_string(l_.expert_overflow) + ", but " + std::to_string(overflow) +
+                " tokens chose an expert that did not run them");
+        const int capacity = expertCapacity(c_.cfg.expert_capacity_factor, E, reached);
+        if (l_.expert_capacity != capacity)
+            bad(where_ + ".expert_capacity: " + std::to_string(l_.expert_capacity) + ", but the capacity factor gives " +
+                std::to_string(capacity) + " for " + std::to_string(reached) + " tokens");
+        for (int e = 0; e < E; ++e)
+            if (load[e] > capacity) bad(where_ + ".expert_load: expert " + std::to_string(e) + " is over its capacity");
+        l_.expert_load = std::move(load);
     }
 
     DocumentContext& c_;
     std::size_t li_;
     bool routed_;  // what the config says; the layer's own "routed" must agree
+    bool moe_;     // a mixture layer of a document of this version (earlier ones have no mixture members)
+    std::vector<int> load_;
     LayerTrace l_;
     std::vector<std::uint8_t> rank_seen_;
     std::vector<float> gate_;
@@ -796,7 +909,7 @@ private:
             s_.dense_kv_cache_bytes = readInt(v, w, 0, kMaxBytes);
         } else if (key == "step_ms") {
             s_.step_ms = readDouble(v, w, 0, 1e15);
-        } else if (key == "processed" || key == "predictor_prob") {
+        } else if (key == "processed" || key == "predictor_prob" || (key == "expert" && v3())) {
             wrongType(w, "an array", v.kind);
         }
     }
@@ -804,6 +917,15 @@ private:
         if (k != Kind::Array) return nullptr;
         const auto L = static_cast<std::size_t>(c_.cfg.n_layers);
         if (key == "processed") return boolArray(path(key), L, "one per layer", s_.processed);
+        if (key == "expert" && v3())
+            return std::make_unique<ScalarArrayFrame<int>>(
+                path(key), L, "one per layer", s_.expert, [this](Value& v, const std::string& w, std::size_t li) {
+                    if (!c_.cfg.isMoe(static_cast<int>(li))) {
+                        if (v.kind != Kind::Null) wrongType(w, "null (a layer without a mixture)", v.kind);
+                        return -1;
+                    }
+                    return static_cast<int>(readInt(v, w, -1, c_.cfg.n_experts - 1));
+                });
         if (key == "predictor_prob")
             return std::make_unique<ScalarArrayFrame<float>>(
                 path(key), L, "one per layer", s_.predictor_prob, [this](Value& v, const std::string& w, std::size_t li) {
@@ -818,10 +940,13 @@ private:
     void finish() override {
         require({"index", "position", "token_id", "piece", "processed", "predictor_prob", "kv_cache_bytes",
                  "dense_kv_cache_bytes"});
+        if (v3()) require({"expert"});
+        s_.expert.resize(static_cast<std::size_t>(c_.cfg.n_layers), -1);
         g_.result.generated_ids.push_back(s_.token_id);
         g_.result.steps.push_back(std::move(s_));
         g_.pieces.push_back(std::move(piece_));
     }
+    bool v3() const { return c_.doc.schema == kTraceSchema; }
     DocumentContext& c_;
     TraceGeneration& g_;
     std::size_t i_;

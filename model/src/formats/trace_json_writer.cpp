@@ -178,6 +178,25 @@ void writeInts(JsonWriter& w, const std::vector<int>& v) {
     w.endInlineArray();
 }
 
+// float32 values where present[i] >= 0, null elsewhere (a mixture's probabilities for the tokens it never saw).
+void writeFloatsOrNull(JsonWriter& w, const std::vector<float>& v, const std::vector<int>& present,
+                       const std::string& what) {
+    w.beginInlineArray();
+    for (std::size_t i = 0; i < v.size(); ++i) {
+        if (present[i] < 0) {
+            w.null();
+            continue;
+        }
+        if (!std::isfinite(v[i])) throw Error("cannot write the trace: " + at(what, i) + " is not a finite number");
+        w.number32(v[i], what);
+    }
+    w.endInlineArray();
+}
+
+constexpr const char* kMixtureMembers[] = {"n_experts", "noop_experts", "expert_capacity", "expert_load",
+                                           "expert_overflow", "expert", "expert_choice", "expert_prob",
+                                           "expert_runner_up", "expert_runner_up_prob"};
+
 void writeAgreement(JsonWriter& w, const Agreement& a) {
     w.beginInlineObject();
     w.key("accuracy"), w.number(a.accuracy(), "accuracy");
@@ -295,6 +314,29 @@ void writeLayer(JsonWriter& w, const LayerTrace& l, const std::string& where, st
                               "predictor_prob", "predictor_selected", "predictor"})
             w.key(k), w.null();
     }
+    w.key("moe"), w.boolean(l.moe);
+    if (l.moe) {
+        for (const auto* v : {&l.expert, &l.expert_choice, &l.expert_runner_up})
+            checkLength(v->size(), "expert");
+        checkLength(l.expert_prob.size(), "expert_prob");
+        checkLength(l.expert_runner_up_prob.size(), "expert_runner_up_prob");
+        if (l.expert_load.size() != static_cast<std::size_t>(l.n_experts))
+            throw Error("cannot write the trace: " + where + ".expert_load has " + std::to_string(l.expert_load.size()) +
+                        " values for " + std::to_string(l.n_experts) + " experts");
+        w.key("n_experts"), w.integer(l.n_experts);
+        w.key("noop_experts"), w.integer(l.noop_experts);
+        w.key("expert_capacity"), w.integer(l.expert_capacity);
+        w.key("expert_load"), writeInts(w, l.expert_load);
+        w.key("expert_overflow"), w.integer(l.expert_overflow);
+        w.key("expert"), writeInts(w, l.expert);
+        w.key("expert_choice"), writeInts(w, l.expert_choice);
+        w.key("expert_prob"), writeFloatsOrNull(w, l.expert_prob, l.expert_choice, where + ".expert_prob");
+        w.key("expert_runner_up"), writeInts(w, l.expert_runner_up);
+        w.key("expert_runner_up_prob"),
+            writeFloatsOrNull(w, l.expert_runner_up_prob, l.expert_runner_up, where + ".expert_runner_up_prob");
+    } else {
+        for (const char* k : kMixtureMembers) w.key(k), w.null();
+    }
     w.endObject();
 }
 
@@ -334,6 +376,15 @@ void writeGenerationStep(JsonWriter& w, const GenerationStep& s, const std::stri
             w.null();
         else
             w.number32(s.predictor_prob[li], at(where + ".predictor_prob", li));
+    }
+    w.endInlineArray();
+    w.key("expert");  // mixture layers: the expert that ran the token, -1 none; null elsewhere
+    w.beginInlineArray();
+    for (std::size_t li = 0; li < layers.size(); ++li) {
+        if (!layers[li].moe)
+            w.null();
+        else
+            w.integer(li < s.expert.size() ? s.expert[li] : -1);
     }
     w.endInlineArray();
     w.key("kv_cache_bytes"), w.integer(s.kv_cache_bytes);

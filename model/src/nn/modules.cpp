@@ -101,6 +101,93 @@ torch::Tensor SwiGluImpl::forward(const torch::Tensor& x) {
     return be.linear(be.swiGlu(be.linear(x, gate_up->weight, {}, gate_up_t)), down->weight, {}, down_t);
 }
 
+// ---------------------------------------------------------------------------------------------- mixture
+MixtureMlpImpl::MixtureMlpImpl(const ModelConfig& config)
+    : n_experts(config.n_experts),
+      noop_experts(config.noop_experts),
+      capacity_factor(config.expert_capacity_factor) {
+    router = register_module(
+        "router", torch::nn::Linear(torch::nn::LinearOptions(config.d_model, config.routerChoices()).bias(false)));
+    gate_up = register_parameter("gate_up", torch::zeros({n_experts, 2 * config.d_ff, config.d_model}));
+    down = register_parameter("down", torch::zeros({n_experts, config.d_model, config.d_ff}));
+    for (std::int64_t e = 0; e < n_experts; ++e) {
+        gate_up_t.push_back(std::make_unique<TransposedWeight>());
+        down_t.push_back(std::make_unique<TransposedWeight>());
+    }
+}
+
+torch::Tensor MixtureMlpImpl::forward(const torch::Tensor& x, MixtureState* state, MixtureRouting* out) {
+    const auto& be = backend::current();
+    const auto B = x.size(0), S = x.size(1), d = x.size(2);
+    const auto choices = n_experts + noop_experts;
+    const auto probs = torch::softmax(be.linear(x, router->weight, {}, router_t), -1);  // [B, S, choices]
+    const auto top = probs.topk(std::min<std::int64_t>(2, choices), -1);
+    const auto choice = std::get<1>(top).select(-1, 0);  // [B, S]
+    const auto prob = std::get<0>(top).select(-1, 0);    // [B, S]
+
+    // Capacity, token by token in sequence order: a token's fate depends on the tokens before it only.
+    TORCH_CHECK(state == nullptr || B == 1, "a mixture state continues one row");
+    const auto choice_host = choice.to(torch::kCPU).contiguous();
+    const auto* c = choice_host.data_ptr<std::int64_t>();
+    auto expert_host = torch::full({B, S}, std::int64_t{-1}, torch::kLong);
+    auto* ex = expert_host.data_ptr<std::int64_t>();
+    std::vector<std::vector<std::int64_t>> rows(static_cast<std::size_t>(n_experts));  // flat rows per expert
+    for (std::int64_t b = 0; b < B; ++b) {
+        std::vector<std::int64_t> taken = state != nullptr && !state->taken.empty()
+                                              ? state->taken
+                                              : std::vector<std::int64_t>(static_cast<std::size_t>(n_experts), 0);
+        const std::int64_t before = state != nullptr ? state->tokens : 0;
+        for (std::int64_t j = 0; j < S; ++j) {
+            const auto e = c[b * S + j];
+            if (e >= n_experts) continue;  // a no-op
+            const auto cap = expertCapacity(capacity_factor, static_cast<int>(n_experts), static_cast<int>(before + j + 1));
+            if (taken[e] >= cap) continue;  // overflow
+            ++taken[e];
+            ex[b * S + j] = e;
+            rows[e].push_back(b * S + j);
+        }
+        if (state != nullptr) {
+            state->taken = taken;
+            state->tokens = before + S;
+        }
+    }
+
+    const auto xf = x.reshape({B * S, d});
+    const auto pf = prob.reshape({B * S});
+    const bool grad = torch::GradMode::is_enabled() &&
+                      (x.requires_grad() || gate_up.requires_grad() || router->weight.requires_grad());
+    auto m = torch::zeros({B * S, d}, x.options());
+    std::int64_t expert_rows = 0;
+    for (std::int64_t e = 0; e < n_experts; ++e) {
+        if (rows[e].empty()) continue;
+        expert_rows += static_cast<std::int64_t>(rows[e].size());
+        const auto idx = torch::tensor(rows[e], torch::kLong).to(x.device());
+        const auto xe = xf.index_select(0, idx);  // [n_e, d]
+        const auto h = be.swiGlu(be.linear(xe, gate_up[e], {}, *gate_up_t[e]));
+        const auto ye = be.linear(h, down[e], {}, *down_t[e]) * pf.index_select(0, idx).unsqueeze(1);
+        m = grad ? m.index_add(0, idx, ye) : m.index_add_(0, idx, ye);
+    }
+    if (out != nullptr) {
+        out->choice = choice;
+        out->prob = prob;
+        if (choices > 1) {
+            out->second = std::get<1>(top).select(-1, 1);
+            out->second_prob = std::get<0>(top).select(-1, 1);
+        } else {
+            out->second = torch::full({B, S}, std::int64_t{-1}, choice.options());
+            out->second_prob = torch::full({B, S}, std::numeric_limits<float>::quiet_NaN(), prob.options());
+        }
+        out->expert = expert_host.to(x.device());
+        out->expert_rows = expert_rows;
+        out->tokens = B * S;
+        if (grad) {
+            const auto f = torch::one_hot(choice.reshape(-1), choices).to(probs.scalar_type()).mean(0);  // [choices]
+            out->balance_loss = double(choices) * (f * probs.reshape({B * S, choices}).mean(0)).sum();
+        }
+    }
+    return m.view({B, S, d});
+}
+
 // ---------------------------------------------------------------------------------------------- Predictor
 PredictorImpl::PredictorImpl(std::int64_t d_model, std::int64_t hidden) {
     fc1 = register_module("fc1", torch::nn::Linear(torch::nn::LinearOptions(d_model, hidden)));
@@ -116,11 +203,15 @@ torch::Tensor PredictorImpl::atRows(const torch::Tensor& x2d, const torch::Tenso
 }
 
 // ---------------------------------------------------------------------------------------------- Block
-BlockImpl::BlockImpl(const ModelConfig& config, int index_) : index(index_), routed(config.isRouted(index_)) {
+BlockImpl::BlockImpl(const ModelConfig& config, int index_)
+    : index(index_), routed(config.isRouted(index_)), moe(config.isMoe(index_)) {
     attn_norm = register_module("attn_norm", RmsNorm(config.d_model, config.norm_eps));
     attn = register_module("attn", Attention(config));
     mlp_norm = register_module("mlp_norm", RmsNorm(config.d_model, config.norm_eps));
-    mlp = register_module("mlp", SwiGlu(config.d_model, config.d_ff));
+    if (moe)
+        mixture = register_module("mlp", MixtureMlp(config));
+    else
+        mlp = register_module("mlp", SwiGlu(config.d_model, config.d_ff));
     if (routed) {
         router = register_module("router",
                                  torch::nn::Linear(torch::nn::LinearOptions(config.d_model, 1).bias(false)));
@@ -133,20 +224,22 @@ torch::Tensor BlockImpl::routerLogits(const torch::Tensor& x) {
 }
 
 void BlockImpl::addDeltaInPlace(torch::Tensor& x, const torch::Tensor& pos, const PositionTables& positions,
-                                LayerKV* kv) {
-    if (kv == nullptr && backend::current().fusedAddBlock(*this, x, pos, positions)) return;
-    x.add_(delta(x, pos, positions, kv));
+                                LayerKV* kv, MixtureRouting* mixture_out) {
+    // The fused blocks know the dense MLP only.
+    if (kv == nullptr && !moe && backend::current().fusedAddBlock(*this, x, pos, positions)) return;
+    x.add_(delta(x, pos, positions, kv, mixture_out));
 }
 
 torch::Tensor BlockImpl::delta(const torch::Tensor& x, const torch::Tensor& pos,
-                               const PositionTables& positions, LayerKV* kv) {
+                               const PositionTables& positions, LayerKV* kv, MixtureRouting* mixture_out) {
     const auto& be = backend::current();
-    if (kv == nullptr) {
+    if (kv == nullptr && !moe) {
         if (auto fused = be.fusedBlockDelta(*this, x, pos, positions); fused.defined()) return fused;
     }
     const auto a = attn(attn_norm(x), pos, positions, kv);
     // The norm reads x + a (the sum is not kept); without autograd the MLP's fresh output takes a in place.
-    auto m = mlp(mlp_norm(x, a));
+    auto m = moe ? mixture(mlp_norm(x, a), kv != nullptr ? &kv->mixture : nullptr, mixture_out)
+                 : mlp(mlp_norm(x, a));
     if (needsGrad(x, mlp_norm->weight) || a.requires_grad() || m.requires_grad()) return a + m;
     return m.add_(a);
 }

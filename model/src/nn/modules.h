@@ -8,6 +8,7 @@
 #include <torch/nn/module.h>
 #include <torch/nn/modules/linear.h>
 
+#include <memory>
 #include <vector>
 
 #include "backend/backend.h"
@@ -27,6 +28,12 @@ struct RmsNormImpl : torch::nn::Module {
 };
 TORCH_MODULE(RmsNorm);
 
+// What a mixture layer's earlier tokens did, for a generation step to continue the sequence in order.
+struct MixtureState {
+    std::vector<std::int64_t> taken;  // [n_experts] tokens each expert ran so far
+    std::int64_t tokens = 0;          // tokens that reached the mixture so far
+};
+
 // Keys and values a layer keeps for generation: only the tokens it processed.
 struct LayerKV {
     torch::Tensor k;  // [B, H, n, hd], rotary already applied: a view of k_store's first n tokens
@@ -37,6 +44,7 @@ struct LayerKV {
     // Routed layers, B = 1, only when the causal rule uses the prefix top-k: every token's router logit so
     // far, processed or not.
     std::vector<float> router_logits;
+    MixtureState mixture;  // mixture layers only
     std::int64_t length() const { return k.defined() ? k.size(2) : 0; }
     // Appends k_new and v_new [B, H, S, hd] after the n cached tokens; k and v then view all n + S.
     void append(const torch::Tensor& k_new, const torch::Tensor& v_new);
@@ -85,6 +93,41 @@ struct SwiGluImpl : torch::nn::Module {
 };
 TORCH_MODULE(SwiGlu);
 
+// What a mixture MLP did with each of its S input tokens [B, S] (or, after processSelected, with each of the
+// layer's T tokens, -1 and NaN where the MoD router kept a token out).
+struct MixtureRouting {
+    torch::Tensor choice;       // [B, S] int64: the router's top choice, n_experts and above a no-op
+    torch::Tensor prob;         // [B, S] float: its probability
+    torch::Tensor second;       // [B, S] int64: the runner-up (-1 with one choice)
+    torch::Tensor second_prob;  // [B, S] float
+    torch::Tensor expert;       // [B, S] int64: the expert that ran the token; -1 none
+    // Switch Transformer's load-balancing loss, choices * sum_i f_i P_i over every router choice (no-ops
+    // included): f_i the share of tokens whose top choice is i, P_i the mean probability of i. A scalar.
+    torch::Tensor balance_loss;
+    std::int64_t expert_rows = 0;      // tokens an expert ran, all rows
+    std::int64_t tokens = 0;           // tokens that reached the mixture, all rows
+};
+
+// A mixture of SwiGLU experts with a top-1 router (docs/MODEL.md "Mixture layers"): the dense MLP's place in
+// a block of ModelConfig::moe_layers. Token j of a row goes to its top choice when that is an expert holding
+// fewer than expertCapacity(j + 1) tokens (earlier ones, in order), and comes out scaled by the choice's
+// probability; a no-op choice or a full expert gives exactly 0.
+struct MixtureMlpImpl : torch::nn::Module {
+    MixtureMlpImpl(const ModelConfig& config);
+    // x [B, S, d] (normed) -> [B, S, d]. With state (B = 1), the row continues the sequence state describes
+    // and state is advanced; with out, what each token did.
+    torch::Tensor forward(const torch::Tensor& x, MixtureState* state = nullptr, MixtureRouting* out = nullptr);
+
+    torch::nn::Linear router{nullptr};  // weight [n_experts + noop_experts, d]
+    torch::Tensor gate_up;              // [n_experts, 2 d_ff, d]: each expert's rows gate, then up
+    torch::Tensor down;                 // [n_experts, d, d_ff]
+    std::int64_t n_experts, noop_experts;
+    double capacity_factor;
+    TransposedWeight router_t;
+    std::vector<std::unique_ptr<TransposedWeight>> gate_up_t, down_t;  // per expert
+};
+TORCH_MODULE(MixtureMlp);
+
 // Causal routing predictor: reads the (stop-gradient) block input, one logit per token.
 struct PredictorImpl : torch::nn::Module {
     PredictorImpl(std::int64_t d_model, std::int64_t hidden);
@@ -101,22 +144,25 @@ TORCH_MODULE(Predictor);
 
 struct BlockImpl : torch::nn::Module {
     BlockImpl(const ModelConfig& config, int index);
-    // f(x) = a + m with a = attn(attn_norm(x)), m = mlp(mlp_norm(x + a)): the block's residual update.
+    // f(x) = a + m with a = attn(attn_norm(x)), m = mlp(mlp_norm(x + a)): the block's residual update. A
+    // mixture layer reports its tokens' experts in mixture (when given) and continues kv's mixture state.
     torch::Tensor delta(const torch::Tensor& x, const torch::Tensor& pos, const PositionTables& positions,
-                        LayerKV* kv = nullptr);
+                        LayerKV* kv = nullptr, MixtureRouting* mixture = nullptr);
     // x += delta(x) for an inference forward's x [1, S, d] (contiguous), the same values.
     void addDeltaInPlace(torch::Tensor& x, const torch::Tensor& pos, const PositionTables& positions,
-                         LayerKV* kv = nullptr);
+                         LayerKV* kv = nullptr, MixtureRouting* mixture = nullptr);
 
     // Routed only: r = w.x for x [B, S, d] -> [B, S].
     torch::Tensor routerLogits(const torch::Tensor& x);
 
     int index;
     bool routed;
+    bool moe;
     RmsNorm attn_norm{nullptr};
     Attention attn{nullptr};
     RmsNorm mlp_norm{nullptr};
-    SwiGlu mlp{nullptr};
+    SwiGlu mlp{nullptr};                // dense layers; registered as "mlp"
+    MixtureMlp mixture{nullptr};        // mixture layers, in mlp's place: registered as "mlp" too
     torch::nn::Linear router{nullptr};  // routed only: weight [1, d], no bias
     Predictor predictor{nullptr};       // routed only
 };

@@ -68,10 +68,56 @@ torch::Tensor routedUpdateRatio(const torch::Tensor& xs, const torch::Tensor& de
 
 }  // namespace
 
+MixtureRouting spreadMixture(const MixtureRouting& selected, const torch::Tensor& idx, std::int64_t T) {
+    const auto B = idx.size(0);
+    const auto opts = idx.options().dtype(torch::kLong);
+    const auto fopts = selected.prob.defined() ? selected.prob.options() : idx.options().dtype(torch::kFloat32);
+    const float nan = std::numeric_limits<float>::quiet_NaN();
+    MixtureRouting all;
+    all.choice = torch::full({B, T}, std::int64_t{-1}, opts);
+    all.second = torch::full({B, T}, std::int64_t{-1}, opts);
+    all.expert = torch::full({B, T}, std::int64_t{-1}, opts);
+    all.prob = torch::full({B, T}, nan, fopts);
+    all.second_prob = torch::full({B, T}, nan, fopts);
+    if (idx.size(1) > 0) {
+        all.choice.scatter_(1, idx, selected.choice);
+        all.second.scatter_(1, idx, selected.second);
+        all.expert.scatter_(1, idx, selected.expert);
+        all.prob.scatter_(1, idx, selected.prob.detach());
+        all.second_prob.scatter_(1, idx, selected.second_prob.detach());
+    }
+    all.balance_loss = selected.balance_loss;
+    all.expert_rows = selected.expert_rows;
+    all.tokens = selected.tokens;
+    return all;
+}
+
+MixtureRouting catMixture(const std::vector<MixtureRouting>& rows) {
+    MixtureRouting all;
+    std::vector<torch::Tensor> choice, prob, second, second_prob, expert;
+    for (const auto& r : rows) {
+        choice.push_back(r.choice);
+        prob.push_back(r.prob);
+        second.push_back(r.second);
+        second_prob.push_back(r.second_prob);
+        expert.push_back(r.expert);
+        all.expert_rows += r.expert_rows;
+        all.tokens += r.tokens;
+    }
+    all.choice = torch::cat(choice, 0);
+    all.prob = torch::cat(prob, 0);
+    all.second = torch::cat(second, 0);
+    all.second_prob = torch::cat(second_prob, 0);
+    all.expert = torch::cat(expert, 0);
+    return all;
+}
+
 torch::Tensor processSelected(BlockImpl& block, const torch::Tensor& x, const torch::Tensor& router_logits,
                               const torch::Tensor& idx, const PositionTables& positions, LayerKV* kv,
-                              bool in_place, torch::Tensor* update_ratio) {
+                              bool in_place, torch::Tensor* update_ratio, MixtureRouting* mixture) {
+    if (!block.moe) mixture = nullptr;
     if (idx.size(1) == 0) {
+        if (mixture != nullptr) *mixture = spreadMixture({}, idx, router_logits.size(1));
         if (update_ratio != nullptr) *update_ratio = torch::zeros(router_logits.sizes(), router_logits.options());
         if (kv != nullptr) {
             const auto B = x.size(0);
@@ -83,7 +129,9 @@ torch::Tensor processSelected(BlockImpl& block, const torch::Tensor& x, const to
     }
     const auto xs = gatherRows(x, idx);  // [B, k, d]
     // A token keeps its own position: the selected positions are the indices themselves.
-    const auto delta = block.delta(xs, idx, positions, kv);
+    MixtureRouting selected_mixture;
+    const auto delta = block.delta(xs, idx, positions, kv, mixture != nullptr ? &selected_mixture : nullptr);
+    if (mixture != nullptr) *mixture = spreadMixture(selected_mixture, idx, router_logits.size(1));
     // Before the update below, which may write into xs.
     if (update_ratio != nullptr) *update_ratio = routedUpdateRatio(xs, delta, router_logits, idx);
     if (in_place) {

@@ -19,6 +19,7 @@ struct LayerRouting {
     torch::Tensor predictor_logits;   // [B, T]
     std::int64_t predictor_rows = 0;  // tokens whose predictor logit was computed (B * T with collect)
     torch::Tensor update_ratio;       // [B, T] |x_out - x_in| / |x_in| (routed layers, with measure_update)
+    MixtureRouting mixture;           // mixture layers, with collect: per token [B, T]
 };
 
 // Causal mode's decision (docs/MODEL.md "Causal mode"): token t is processed when
@@ -82,8 +83,17 @@ void addGatedRows(torch::Tensor& x, const torch::Tensor& idx, const torch::Tenso
 // bit-for-bit the same. With in_place the updates go into x itself (addGatedRows), otherwise into a copy.
 // With kv, the block's cache holds the processed tokens only. With update_ratio: [B, T] how much the block
 // changed each token, |sigmoid(r) f(x)| / |x| (0 for the rows it skipped), from the k rows it ran on.
+// With mixture (a mixture layer): what its MLP did with each of the T tokens, -1 and NaN for those it skipped.
 torch::Tensor processSelected(BlockImpl& block, const torch::Tensor& x, const torch::Tensor& router_logits,
                               const torch::Tensor& idx, const PositionTables& positions,
-                              LayerKV* kv = nullptr, bool in_place = false, torch::Tensor* update_ratio = nullptr);
+                              LayerKV* kv = nullptr, bool in_place = false, torch::Tensor* update_ratio = nullptr,
+                              MixtureRouting* mixture = nullptr);
+
+// A mixture's report on the k tokens idx [B, k] of T spread over all T ([B, T]): -1 (NaN for probabilities)
+// at the tokens that did not reach it.
+MixtureRouting spreadMixture(const MixtureRouting& selected, const torch::Tensor& idx, std::int64_t T);
+
+// Mixture reports of batch rows, concatenated along the batch.
+MixtureRouting catMixture(const std::vector<MixtureRouting>& rows);
 
 }  // namespace modscope::nn

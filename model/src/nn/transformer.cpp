@@ -51,7 +51,8 @@ void ModTransformerImpl::initWeights(std::uint64_t seed) {
             else
                 t.normal_(0.0, 1.0 / std::sqrt(double(t.size(1))));
         } else if (name.find("proj.weight") != std::string::npos ||
-                   name.find("down.weight") != std::string::npos) {
+                   name.find("down.weight") != std::string::npos ||
+                   (name.size() >= 9 && name.compare(name.size() - 9, 9, ".mlp.down") == 0)) {
             t.normal_(0.0, resid_std);
         } else {
             t.normal_(0.0, std);
@@ -93,11 +94,13 @@ torch::Tensor ModTransformerImpl::hidden(const torch::Tensor& ids, const Forward
         if (options.residuals != nullptr && li > 0) options.residuals->push_back(x);
         auto& block = *blocks[li];
         LayerKV* kv = options.kv != nullptr ? &(*options.kv)[li] : nullptr;
+        // A mixture's report is cheap beside its experts, and a run's FLOPs need its expert count.
+        MixtureRouting* mixture = routing != nullptr && block.moe ? &(*routing)[li].mixture : nullptr;
         if (!block.routed) {
             if (in_place)
-                block.addDeltaInPlace(x, pos, positions, kv);
+                block.addDeltaInPlace(x, pos, positions, kv, mixture);
             else
-                x = x + block.delta(x, pos, positions, kv);
+                x = x + block.delta(x, pos, positions, kv, mixture);
             if (collect) {
                 auto& r = (*routing)[li];
                 r.k = T;
@@ -127,7 +130,7 @@ torch::Tensor ModTransformerImpl::hidden(const torch::Tensor& ids, const Forward
         std::vector<torch::Tensor> row_ratios;  // causal mode: [1, T] per row
         if (options.mode == RoutingMode::TopK) {
             x = processSelected(block, x, router_logits, topk_idx, positions, kv, in_place,
-                                measure ? &update_ratio : nullptr);
+                                measure ? &update_ratio : nullptr, mixture);
         } else {
             // Each token decides from its own block input, which depends on earlier tokens only, and from the
             // layer's decisions on earlier tokens.
@@ -137,14 +140,18 @@ torch::Tensor ModTransformerImpl::hidden(const torch::Tensor& ids, const Forward
                     ? causalSelection(predictor_logits, router_logits, options.causalRule(li), &chosen)
                     : causalRouting(block, x, router_logits, options.causalRule(li), &predictor_rows, &chosen);
             std::vector<torch::Tensor> rows;      // each row's own selection; in place, rows of x itself
+            std::vector<MixtureRouting> row_mixtures;
             for (std::int64_t b = 0; b < B; ++b)  // one row: x itself, no views
                 rows.push_back(
                     B == 1 ? processSelected(block, x, router_logits, chosen[b], positions, kv, in_place,
-                                             measure ? &row_ratios.emplace_back() : nullptr)
+                                             measure ? &row_ratios.emplace_back() : nullptr,
+                                             mixture != nullptr ? &row_mixtures.emplace_back() : nullptr)
                            : processSelected(block, x.narrow(0, b, 1), router_logits.narrow(0, b, 1),
                                              chosen[b], positions, kv, in_place,
-                                             measure ? &row_ratios.emplace_back() : nullptr));
+                                             measure ? &row_ratios.emplace_back() : nullptr,
+                                             mixture != nullptr ? &row_mixtures.emplace_back() : nullptr));
             if (!in_place) x = B == 1 ? rows[0] : torch::cat(rows, 0);
+            if (mixture != nullptr) *mixture = B == 1 ? row_mixtures[0] : catMixture(row_mixtures);
         }
         if (routing != nullptr) {
             auto& r = (*routing)[li];
@@ -179,7 +186,7 @@ void ModTransformerImpl::logitsInto(const torch::Tensor& h, torch::Tensor& out) 
 
 torch::Tensor ModTransformerImpl::step(std::int64_t token, std::int64_t position, std::vector<LayerKV>& kv,
                                        const CausalRule& rule, std::vector<std::uint8_t>* processed,
-                                       std::vector<float>* prob) {
+                                       std::vector<float>* prob, std::vector<MixtureRouting>* mixture) {
     TORCH_CHECK(position >= 0 && position < config.max_seq_len, "position ", position, " beyond max_seq_len");
     TORCH_CHECK(kv.size() == blocks.size(), "KV cache has ", kv.size(), " layers");
     const auto opts = torch::TensorOptions().device(tok_emb->weight.device()).dtype(torch::kLong);
@@ -187,10 +194,11 @@ torch::Tensor ModTransformerImpl::step(std::int64_t token, std::int64_t position
     auto x = embed(torch::full({1, 1}, token, opts));  // [1, 1, d]
     if (processed) processed->assign(blocks.size(), 1);
     if (prob) prob->assign(blocks.size(), std::numeric_limits<float>::quiet_NaN());
+    if (mixture) mixture->assign(blocks.size(), MixtureRouting{});
     for (std::size_t li = 0; li < blocks.size(); ++li) {
         auto& block = *blocks[li];
         if (!block.routed) {
-            x = x + block.delta(x, pos, positions, &kv[li]);
+            x = x + block.delta(x, pos, positions, &kv[li], mixture != nullptr ? &(*mixture)[li] : nullptr);
             continue;
         }
         const float logit = block.predictor(x).item<float>();
@@ -209,7 +217,8 @@ torch::Tensor ModTransformerImpl::step(std::int64_t token, std::int64_t position
             continue;
         }
         if (!router_logit.defined()) router_logit = block.routerLogits(x);
-        x = x + torch::sigmoid(router_logit).unsqueeze(-1) * block.delta(x, pos, positions, &kv[li]);
+        x = x + torch::sigmoid(router_logit).unsqueeze(-1) *
+                    block.delta(x, pos, positions, &kv[li], mixture != nullptr ? &(*mixture)[li] : nullptr);
     }
     return logits(norm_f(x)).view({-1});
 }

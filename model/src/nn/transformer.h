@@ -67,8 +67,10 @@ struct ModTransformerImpl : torch::nn::Module {
     // One generation step in causal mode: token id at position pos, kv holds every layer's cache (a routed
     // layer's cache holds the tokens it processed, which is the rule's n_t). Returns logits [V];
     // processed/prob (size n_layers) report each layer's decision and predictor probability.
+    // mixture (size n_layers): what each mixture layer did with the token (left empty where it skipped).
     torch::Tensor step(std::int64_t token, std::int64_t pos, std::vector<LayerKV>& kv, const CausalRule& rule,
-                       std::vector<std::uint8_t>* processed, std::vector<float>* prob);
+                       std::vector<std::uint8_t>* processed, std::vector<float>* prob,
+                       std::vector<MixtureRouting>* mixture = nullptr);
 
     void initWeights(std::uint64_t seed);
 

@@ -93,7 +93,20 @@ std::string evalJson(const EvalResult& e) {
             << ",\"balanced_accuracy\":" << jsonNumber(a.balancedAccuracy()) << ",\"tp\":" << a.tp
             << ",\"fp\":" << a.fp << ",\"tn\":" << a.tn << ",\"fn\":" << a.fn << "}";
     }
-    out << "]}";
+    out << "]";
+    if (std::isfinite(e.routed_jaccard)) out << ",\"routed_jaccard\":" << jsonNumber(e.routed_jaccard);
+    if (!e.mixtures.empty()) {
+        out << ",\"mixtures\":[";
+        for (std::size_t i = 0; i < e.mixtures.size(); ++i) {
+            const auto& m = e.mixtures[i];
+            out << (i ? "," : "") << "{\"layer\":" << m.layer << ",\"tokens\":" << m.tokens << ",\"ran\":" << m.ran
+                << ",\"noop\":" << m.noop << ",\"overflow\":" << m.overflow << ",\"load\":[";
+            for (std::size_t e2 = 0; e2 < m.load.size(); ++e2) out << (e2 ? "," : "") << m.load[e2];
+            out << "]}";
+        }
+        out << "]";
+    }
+    out << "}";
     return out.str();
 }
 
@@ -128,11 +141,17 @@ Corpus Corpus::fromFiles(const std::vector<std::string>& files, double val_fract
 }
 
 double trainStepFlops(const ModelConfig& config, int seq_len, int batch_tokens) {
-    std::vector<int> processed;
-    for (int i = 0; i < config.n_layers; ++i)
-        processed.push_back(config.isRouted(i) ? capacityToK(config.capacity, seq_len) : seq_len);
+    std::vector<int> processed, expert_rows;
+    for (int i = 0; i < config.n_layers; ++i) {
+        const int n = config.isRouted(i) ? capacityToK(config.capacity, seq_len) : seq_len;
+        processed.push_back(n);
+        // A mixture as a balanced router fills it: each choice equally often, the experts up to capacity.
+        const double to_experts = config.routerChoices() > 0 ? double(n) * config.n_experts / config.routerChoices() : n;
+        expert_rows.push_back(static_cast<int>(std::lround(std::min(
+            to_experts, double(config.n_experts) * expertCapacity(config.expert_capacity_factor, config.n_experts, n)))));
+    }
     const int batch = std::max(1, batch_tokens / seq_len);
-    return 3.0 * batch * forwardFlops(config, seq_len, processed);
+    return 3.0 * batch * forwardFlops(config, seq_len, processed, -1, {}, expert_rows);
 }
 
 // ------------------------------------------------------------------------------------------------ evaluate
@@ -145,6 +164,8 @@ EvalResult evaluate(const Model& model, const std::vector<int>& ids, int seq_len
     result.seq_len = seq_len;
     std::map<int, Agreement> per_layer;
     std::map<int, std::int64_t> count_forced;
+    std::map<int, MixtureEval> mixtures;
+    double jaccard_sum = 0.0, jaccard_rows = 0.0;
     double loss_sum = 0.0;
     int batches = 0;
     const int per_batch = std::max(1, 8192 / seq_len);
@@ -176,7 +197,32 @@ EvalResult evaluate(const Model& model, const std::vector<int>& ids, int seq_len
             // least |n - k|.
             count_forced[li] += (pred.sum(1) - routing[li].k).abs().sum().item<std::int64_t>();
         }
+        const auto& routed = impl.config.routed_layers;
+        for (std::size_t i = 0; i < routed.size(); ++i)
+            for (std::size_t j = i + 1; j < routed.size(); ++j) {
+                const auto& a = routing[routed[i]].topk_mask;
+                const auto& c = routing[routed[j]].topk_mask;
+                const auto both = (a & c).sum(1).to(torch::kFloat64), either = (a | c).sum(1).to(torch::kFloat64);
+                jaccard_sum += (both / either.clamp_min(1)).sum().item<double>();
+                jaccard_rows += static_cast<double>(a.size(0));
+            }
+        for (int li = 0; li < impl.config.n_layers; ++li) {
+            const auto& m = routing[li].mixture;
+            if (!impl.config.isMoe(li) || !m.expert.defined()) continue;
+            auto& me = mixtures[li];
+            me.layer = li;
+            const auto reached = m.choice >= 0, ran = m.expert >= 0;
+            const auto noop = m.choice >= impl.config.n_experts;
+            me.tokens += reached.sum().item<std::int64_t>();
+            me.ran += ran.sum().item<std::int64_t>();
+            me.noop += noop.sum().item<std::int64_t>();
+            me.overflow += (reached & ~noop & ~ran).sum().item<std::int64_t>();
+            me.load.resize(static_cast<std::size_t>(impl.config.n_experts), 0);
+            for (int e = 0; e < impl.config.n_experts; ++e) me.load[e] += (m.expert == e).sum().item<std::int64_t>();
+        }
     }
+    if (jaccard_rows > 0) result.routed_jaccard = jaccard_sum / jaccard_rows;
+    for (auto& [layer, me] : mixtures) result.mixtures.push_back(me);
     result.loss = loss_sum / std::max(1, batches);
     result.perplexity = std::exp(result.loss);
     for (const auto& [layer, a] : per_layer) result.layers.push_back({layer, a, count_forced[layer]});
@@ -484,6 +530,19 @@ TrainProgress Trainer::run(const std::function<void(const TrainProgress&)>& on_p
             pred_loss = pred_loss / routed;
             loss = loss + opt.predictor_loss_weight * pred_loss;
         }
+        torch::Tensor balance_loss;
+        std::vector<int> step_processed, step_expert_rows;  // per batch row, for the FLOPs this step spent
+        for (int li = 0; li < config.n_layers; ++li) {
+            step_processed.push_back(config.isRouted(li) ? static_cast<int>(routing[li].k) : T);
+            const auto& m = routing[li].mixture;
+            step_expert_rows.push_back(static_cast<int>(std::lround(double(m.expert_rows) / B)));
+            if (!config.isMoe(li) || !m.balance_loss.defined()) continue;
+            balance_loss = balance_loss.defined() ? balance_loss + m.balance_loss : m.balance_loss;
+        }
+        if (balance_loss.defined()) {
+            balance_loss = balance_loss / static_cast<double>(config.moe_layers.size());
+            if (opt.balance_loss_weight > 0) loss = loss + opt.balance_loss_weight * balance_loss;
+        }
         const double lr = s.lrAt(s.step);
         for (auto& group : s.optimizer->param_groups())
             static_cast<torch::optim::AdamWOptions&>(group.options()).lr(lr);
@@ -498,12 +557,13 @@ TrainProgress Trainer::run(const std::function<void(const TrainProgress&)>& on_p
         if (!std::isfinite(lm)) throw Error("training diverged at step " + std::to_string(s.step) + " (loss " +
                                             std::to_string(lm) + "); lower the learning rate");
         const double dt = secondsSince(t0);
-        s.train_flops += trainStepFlops(config, T, B * T);
+        s.train_flops += 3.0 * B * forwardFlops(config, T, step_processed, -1, {}, step_expert_rows);
         window_tokens = 0.9 * window_tokens + B * T;
         window_seconds = 0.9 * window_seconds + dt;
         progress.step = s.step;
         progress.loss = lm;
         progress.predictor_loss = pred_loss.item<double>();
+        progress.balance_loss = balance_loss.defined() ? balance_loss.item<double>() : 0.0;
         progress.lr = lr;
         progress.tokens_per_second = window_tokens / std::max(1e-9, window_seconds);
         progress.elapsed_seconds = secondsSince(t_start);
@@ -518,7 +578,9 @@ TrainProgress Trainer::run(const std::function<void(const TrainProgress&)>& on_p
         if ((opt.eval_every > 0 && s.step % opt.eval_every == 0) || last) runEval();
         std::ostringstream line;
         line << "{\"step\":" << s.step << ",\"seq_len\":" << T << ",\"loss\":" << jsonNumber(lm)
-             << ",\"predictor_loss\":" << jsonNumber(progress.predictor_loss) << ",\"lr\":" << jsonNumber(lr)
+             << ",\"predictor_loss\":" << jsonNumber(progress.predictor_loss) << ",\"lr\":" << jsonNumber(lr);
+        if (balance_loss.defined()) line << ",\"balance_loss\":" << jsonNumber(progress.balance_loss);
+        line
              << ",\"tokens_per_second\":" << jsonNumber(progress.tokens_per_second)
              << ",\"train_flops\":" << jsonNumber(s.train_flops)
              << ",\"elapsed_seconds\":" << jsonNumber(progress.elapsed_seconds);
