@@ -69,6 +69,9 @@ void writeFixtureModel(const std::string& dir, const FixtureOptions& o) {
     c.max_seq_len = o.max_seq_len;
     c.capacity = o.capacity;
     c.routed_layers = o.routed_layers;
+    c.moe_layers = o.moe_layers;
+    c.n_experts = o.n_experts;
+    c.noop_experts = o.noop_experts;
     c.predictor_hidden = 16;
     auto model = Model::create(c, o.seed, "cpu");
     model->attachTokenizer(std::move(tokenizer));

@@ -21,6 +21,10 @@ struct FixtureOptions {
     int max_seq_len = 64;
     std::vector<int> routed_layers{1, 3};
     double capacity = 0.25;
+    // Mixture layers (docs/MODEL.md "Mixture layers"): none by default.
+    std::vector<int> moe_layers;
+    int n_experts = 0;
+    int noop_experts = 0;
     int vocab_size = 400;
     std::vector<std::string> corpus_files;  // empty: a generated English-like corpus
     std::uint64_t seed = 7;

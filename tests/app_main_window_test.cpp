@@ -16,6 +16,8 @@
 #include <QSvgRenderer>
 #include <QTableWidget>
 #include <QTemporaryDir>
+#include <QMenu>
+#include <QMenuBar>
 #include <QMessageBox>
 #include <QTest>
 #include <thread>
@@ -29,11 +31,14 @@
 #include "capacity_chart.h"
 #include "cell_details_panel.h"
 #include "engine_session.h"
+#include "expert_load_chart.h"
+#include "routing_diff.h"
 #include "engine_worker.h"
 #include "generation_controls.h"
 #include "layer_capacity_editor.h"
 #include "routing_controls.h"
 #include "routing_heatmap.h"
+#include "token_axis_ticker.h"
 #include "main_window.h"
 #include "message_banner.h"
 #include "modscope/engine.h"
@@ -409,6 +414,66 @@ private Q_SLOTS:
             QCOMPARE(x.predictor_prob, y.predictor_prob);
             QCOMPARE(x.rank, y.rank);
         }
+    }
+
+    // The Model menu lists the bundled models (the source tree's resources/models here) with the open one
+    // checked, and opens one in a click.
+    void modelMenuOpensTheBundledModels() {
+        auto w = makeWindow(QStringLiteral("the lazy dog"));
+        QVERIFY(w);
+        QMenu* menu = nullptr;
+        for (QAction* a : w->menuBar()->actions())
+            if (a->text() == QStringLiteral("&Model")) menu = a->menu();
+        QVERIFY(menu);
+        QAction* bundled_default = nullptr;
+        for (QAction* a : menu->actions())
+            if (a->text() == QStringLiteral("default")) bundled_default = a;
+        QVERIFY(bundled_default);
+        const QString bundled_dir = bundled_default->data().toString();
+        QVERIFY2(bundled_dir.endsWith(QStringLiteral("resources/models/default")) &&
+                     QFile::exists(bundled_dir + QStringLiteral("/config.json")),
+                 qPrintable(bundled_dir));
+        QVERIFY(!bundled_default->isChecked());  // the fixture is open
+        QSignalSpy loaded(w.get(), &MainWindow::modelChanged);
+        bundled_default->trigger();
+        QVERIFY(loaded.wait(kTimeoutMs));
+        QVERIFY(waitForRun(*w));
+        QCOMPARE(w->snapshot()->model_directory, QDir(bundled_default->data().toString()).absolutePath().toStdString());
+        QVERIFY(bundled_default->isChecked());
+    }
+
+    // Compare across models: a run pinned on one mixture model, the same prompt on another; the diff counts
+    // the tokens that ran another expert, and the live heatmap names its mixture layers.
+    void aPinnedRunComparesAcrossMixtureModels() {
+        QTemporaryDir models;
+        apptest::FixtureOptions staged;
+        staged.name = "fixture-staged";
+        staged.moe_layers = {1, 3};
+        staged.n_experts = 3;
+        apptest::FixtureOptions integrated = staged;
+        integrated.name = "fixture-integrated";
+        integrated.routed_layers = {};
+        integrated.noop_experts = 2;
+        integrated.seed = 8;
+        const QString a = models.filePath(QStringLiteral("staged")), b = models.filePath(QStringLiteral("integrated"));
+        apptest::writeFixtureModel(a.toStdString(), staged);
+        apptest::writeFixtureModel(b.toStdString(), integrated);
+        auto w = apptest::openFixtureWindow(a, QStringLiteral("the quick brown fox jumps over the lazy dog again"),
+                                            kTimeoutMs, nullptr);
+        QVERIFY(w);
+        QVERIFY(w->snapshot()->trace.layers[1].moe);
+        w->pinRun();
+        QSignalSpy loaded(w.get(), &MainWindow::modelChanged);
+        w->openModel(b);
+        QVERIFY(loaded.wait(kTimeoutMs));
+        QVERIFY(waitForRun(*w));
+        QCOMPARE(w->snapshot()->model_name, std::string("fixture-integrated"));
+        QVERIFY(w->pinnedHeatmap()->snapshot());
+        QCOMPARE(w->pinnedHeatmap()->snapshot()->model_name, std::string("fixture-staged"));
+        const auto diff = RoutingDiff::of(*w->snapshot(), *w->pinnedHeatmap()->snapshot());
+        QVERIFY(diff.expert_cells > 0);
+        QVERIFY(w->heatmap()->layerTicker()->labels().contains(QStringLiteral("L1 MoDE")));
+        QVERIFY(w->capacityChart()->expertLoad()->isVisibleTo(w.get()));
     }
 
     void brokenModelShowsAnErrorAndThePreviousModelStaysUsable() {

@@ -5,11 +5,15 @@
 #include <QTest>
 
 #include <algorithm>
+#include <map>
 #include <numeric>
 #include <random>
 
 #include "capacity_chart.h"
 #include "cell_details_panel.h"
+#include "expert_load_chart.h"
+#include "expert_palette.h"
+#include "routing_diff.h"
 #include "layer_capacity_editor.h"
 #include "piece_text.h"
 #include <QTableWidget>
@@ -80,6 +84,43 @@ SnapshotPtr synthetic(int T, int L, double capacity, std::uint64_t seed = 1) {
     }
     s->kv_cache_bytes = 1000;
     s->dense_kv_cache_bytes = 4000;
+    return s;
+}
+
+// synthetic() with layers 1 and 2 turned into mixtures of 3 experts and 2 no-op choices (layer 1 staged: its
+// kept-out tokens never reach the mixture; layer 2 a full layer's mixture). Every fate occurs: the experts
+// fill by the prefix rule of docs/MODEL.md at capacity factor 0.75.
+SnapshotPtr syntheticMixture(int T, std::uint64_t seed = 3) {
+    auto s = std::make_shared<RoutingSnapshot>(*synthetic(T, 4, 0.5, seed));
+    std::mt19937_64 rng(seed);
+    for (int li : {1, 2}) {
+        auto& l = s->trace.layers[li];
+        l.moe = true;
+        l.n_experts = 3;
+        l.noop_experts = 2;
+        l.expert_load.assign(3, 0);
+        l.expert_overflow = 0;
+        int reached = 0;
+        for (int t = 0; t < T; ++t) {
+            if (!l.selected[t]) {
+                l.expert_choice.push_back(-1), l.expert.push_back(-1), l.expert_runner_up.push_back(-1);
+                l.expert_prob.push_back(NAN), l.expert_runner_up_prob.push_back(NAN);
+                continue;
+            }
+            ++reached;
+            const int c = int(rng() % 5), second = (c + 1) % 5;
+            l.expert_choice.push_back(c);
+            l.expert_prob.push_back(0.5f);
+            l.expert_runner_up.push_back(second);
+            l.expert_runner_up_prob.push_back(0.25f);
+            const int cap = expertCapacity(0.75, 3, reached);
+            const bool runs = c < 3 && l.expert_load[c] < cap;
+            l.expert.push_back(runs ? c : -1);
+            if (runs) ++l.expert_load[c];
+            else if (c < 3) ++l.expert_overflow;
+        }
+        l.expert_capacity = expertCapacity(0.75, 3, reached);
+    }
     return s;
 }
 
@@ -422,6 +463,90 @@ private Q_SLOTS:
         QCOMPARE(heatmap.rowCount(), 1);
         heatmap.setSnapshot(nullptr);
         QCOMPARE(heatmap.columnCount(), 0);
+    }
+
+    // Mixture layers: the hover names the router's choice and runner-up and each fate; the heatmap paints
+    // each fate's mark; the load chart draws the trace's loads and capacity and hides without mixtures; the
+    // diff counts tokens that ran another expert.
+    void mixtureLayersAreShown() {
+        const auto s = syntheticMixture(60);
+        RoutingHeatmap heatmap;
+        heatmap.resize(900, 500);
+        heatmap.show();
+        QVERIFY(QTest::qWaitForWindowExposed(&heatmap));
+        heatmap.setSnapshot(s);
+        heatmap.replot(QCustomPlot::rpImmediateRefresh);
+        std::map<LayerTrace::ExpertFate, int> seen;
+        for (int li : {1, 2}) {
+            const auto& l = s->trace.layers[li];
+            for (int t = 0; t < 60; ++t) {
+                const auto fate = l.expertFate(t);
+                ++seen[fate];
+                const QString text = heatmap.cellSummary(li, t);
+                switch (fate) {
+                case LayerTrace::ExpertFate::Ran:
+                    QVERIFY2(text.contains(QStringLiteral("MLP: <b>expert %1</b>").arg(l.expert[t])), qPrintable(text));
+                    QVERIFY(text.contains(QStringLiteral("runner-up")));
+                    break;
+                case LayerTrace::ExpertFate::NoOp:
+                    QVERIFY2(text.contains(QStringLiteral("no-op %1").arg(l.expert_choice[t] - 3)) &&
+                                 text.contains(QStringLiteral("a no-op choice")),
+                             qPrintable(text));
+                    break;
+                case LayerTrace::ExpertFate::Overflow:
+                    QVERIFY2(text.contains(QStringLiteral("overflow: expert %1").arg(l.expert_choice[t])), qPrintable(text));
+                    break;
+                case LayerTrace::ExpertFate::KeptOut:
+                    QVERIFY2(text.contains(QStringLiteral("kept the token out")), qPrintable(text));
+                    break;
+                }
+            }
+        }
+        QCOMPARE(int(seen.size()), 4);
+        QVERIFY2(heatmap.layerTicker()->labels().contains(QStringLiteral("L1 staged")), qPrintable(heatmap.layerTicker()->labels().join(",")));
+        QVERIFY(heatmap.layerTicker()->labels().contains(QStringLiteral("L2 MoDE")));
+        // The marks: an expert's cell in a full mixture row is painted its colour; a no-op cell is not.
+        const QImage image = heatmap.toPixmap(900, 500).toImage();
+        const auto& full = s->trace.layers[2];
+        const auto centre = [&](int t) {
+            return image.pixelColor(int(heatmap.xAxis->coordToPixel(t)), int(heatmap.yAxis->coordToPixel(2)));
+        };
+        for (int t = 0; t < 60; ++t) {
+            if (full.expert[t] >= 0) QCOMPARE(centre(t), expertColor(full.expert[t]));
+            if (full.expertFate(t) == LayerTrace::ExpertFate::NoOp) QVERIFY(centre(t) != expertColor(0));
+        }
+        dumpIfAsked(heatmap, "mixture_heatmap");
+
+        ExpertLoadChart chart;
+        chart.setSnapshot(s);
+        QVERIFY(!chart.isHidden());
+        const auto loads = chart.loads();
+        QCOMPARE(loads.size(), 3);
+        for (int e = 0; e < 3; ++e) {
+            QCOMPARE(loads[e].size(), 2);
+            QCOMPARE(int(loads[e][0]), s->trace.layers[1].expert_load[e]);
+            QCOMPARE(int(loads[e][1]), s->trace.layers[2].expert_load[e]);
+        }
+        QVERIFY2(chart.subtitle().contains(QStringLiteral("overflow: L1 %1, L2 %2")
+                                               .arg(s->trace.layers[1].expert_overflow)
+                                               .arg(s->trace.layers[2].expert_overflow)),
+                 qPrintable(chart.subtitle()));
+        chart.setSnapshot(synthetic(20, 4, 0.5));
+        QVERIFY(chart.isHidden());
+
+        // The diff: the same decisions with one token's expert changed in the full mixture layer.
+        auto other = std::make_shared<RoutingSnapshot>(*s);
+        int changed = -1;
+        for (int t = 0; t < 60 && changed < 0; ++t)
+            if (full.expert[t] >= 0) changed = t;
+        auto& l2 = other->trace.layers[2];
+        l2.expert[changed] = (l2.expert[changed] + 1) % 3;
+        const auto diff = RoutingDiff::of(*s, *other);
+        QCOMPARE(diff.differing, std::int64_t(0));
+        QCOMPARE(diff.expert_differing, std::int64_t(1));
+        QCOMPARE(diff.at(2, changed), RoutingDiff::kExpertChanged);
+        QCOMPARE(diff.at(2, (changed + 1) % 60), RoutingDiff::kFull);
+        QVERIFY(diff.expert_cells > 60);  // the full layer's 60 and layer 1's tokens processed in both
     }
 
     // The compute panel's numbers say what they mean: a saving as "x less", a cost above dense as "% more",

@@ -6,6 +6,7 @@
 
 #include <qcustomplot.h>
 
+#include "expert_load_chart.h"
 #include "ratio_meter.h"
 #include "token_axis_ticker.h"
 
@@ -73,6 +74,8 @@ CapacityChart::CapacityChart(QWidget* parent) : QWidget(parent) {
     plot_->setMouseTracking(true);
     plot_->installEventFilter(this);
     layout->addWidget(plot_, 1);
+    experts_ = new ExpertLoadChart(this);
+    layout->addWidget(experts_, 1);
 
     setTheme(PlotTheme::fromPalette(palette()));
     setSnapshot(nullptr);
@@ -92,11 +95,13 @@ void CapacityChart::setTheme(const PlotTheme& theme) {
     subtitle_->setTextColor(theme_.muted);
     flops_->setTheme(theme_);
     kv_->setTheme(theme_);
+    experts_->setTheme(theme_);
     plot_->replot(QCustomPlot::rpQueuedReplot);
 }
 
 void CapacityChart::setSnapshot(SnapshotPtr snapshot) {
     snapshot_ = std::move(snapshot);
+    experts_->setSnapshot(snapshot_);
     generation_kv_ = false;
     QVector<double> keys, cap, routed_keys, routed_vals, full_keys, full_vals;
     QVector<QString> labels;

@@ -13,6 +13,7 @@ class QCPTextElement;
 
 namespace modscope {
 
+class ExpertLoadChart;
 class RatioMeter;
 class TokenAxisTicker;
 
@@ -29,6 +30,8 @@ public:
     QCustomPlot* plot() const { return plot_; }
     RatioMeter* flopsMeter() const { return flops_; }
     RatioMeter* kvMeter() const { return kv_; }
+    // Mixture layers' expert loads (hidden for a model without mixtures).
+    ExpertLoadChart* expertLoad() const { return experts_; }
     // Processed tokens per layer as the bars show them (for tests).
     QVector<double> processedBars() const;
     QString subtitle() const;  // the chart's title lines, as its exported figure shows them
@@ -49,6 +52,7 @@ private:
     QSharedPointer<TokenAxisTicker> ticker_;
     RatioMeter* flops_;
     RatioMeter* kv_;
+    ExpertLoadChart* experts_;
     bool generation_kv_ = false;
 };
 

@@ -1,6 +1,7 @@
 #include "heatmap_legend.h"
 
 #include "color_maps.h"
+#include "expert_palette.h"
 
 namespace modscope {
 
@@ -33,6 +34,11 @@ void HeatmapLegend::draw(QCPPainter* painter) {
                            {QStringLiteral("skipped"), 1},
                            {QStringLiteral("full layer"), 2}};
     if (show_disagreement_) entries.append({QStringLiteral("predictor ≠ top-k"), 3});
+    if (mixture_) {
+        entries.append({QStringLiteral("experts"), 4});
+        if (noop_) entries.append({QStringLiteral("no-op"), 5});
+        entries.append({QStringLiteral("overflow"), 6});
+    }
     int x = r.right() - 6;
     painter->setFont(font);
     for (int i = int(entries.size()) - 1; i >= 0; --i) {
@@ -63,6 +69,17 @@ void HeatmapLegend::draw(QCPPainter* painter) {
         case 2:
             painter->setBrush(theme_.full_layer);
             painter->drawRect(box);
+            break;
+        case 4:  // the first four experts' colours side by side
+            for (int e = 0; e < 4; ++e)
+                painter->fillRect(QRectF(box.left() + e * box.width() / 4.0, box.top(), box.width() / 4.0, box.height()),
+                                  expertColor(e));
+            break;
+        case 5:
+            paintExpertMark(painter, box, LayerTrace::ExpertFate::NoOp, -1, theme_);
+            break;
+        case 6:
+            paintExpertMark(painter, box, LayerTrace::ExpertFate::Overflow, -1, theme_);
             break;
         case 3: {
             painter->setBrush(theme_.skipped);

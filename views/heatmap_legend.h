@@ -18,6 +18,8 @@ public:
     const QString& title() const { return title_; }
     void setTheme(const PlotTheme& theme) { theme_ = theme; }
     void setShowDisagreement(bool show) { show_disagreement_ = show; }
+    // The run has mixture layers: their marks join the legend (experts, and no-op choices where it has any).
+    void setMixture(bool mixture, bool noop) { mixture_ = mixture, noop_ = noop; }
 
 protected:
     QSize minimumOuterSizeHint() const override;
@@ -28,6 +30,7 @@ private:
     QString title_;
     PlotTheme theme_;
     bool show_disagreement_ = true;
+    bool mixture_ = false, noop_ = false;
 };
 
 }  // namespace modscope

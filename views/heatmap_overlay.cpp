@@ -1,5 +1,7 @@
 #include "heatmap_overlay.h"
 
+#include "expert_palette.h"
+
 #include <algorithm>
 #include <cmath>
 
@@ -52,6 +54,18 @@ void HeatmapOverlay::draw(QCPPainter* painter) {
         for (int t = first; t <= last + 1; ++t) {
             const double x = xa->coordToPixel(t - 0.5);
             painter->drawLine(QLineF(x, area.top(), x, area.bottom()));
+        }
+    }
+
+    // Mixture layers: a full layer's cell takes its token's expert colour (the row has no logits to show);
+    // a routed layer's (staged MoDE) keeps its logit colour above a band in the expert's colour.
+    for (const auto& layer : s.trace.layers) {
+        if (!layer.moe || layer.expert.size() != std::size_t(T)) continue;
+        for (int t = first; t <= last; ++t) {
+            const QRectF r = cellRect(t, layer.index);
+            const QRectF mark = layer.routed ? QRectF(r.left(), r.bottom() - r.height() * 0.3, r.width(), r.height() * 0.3)
+                                             : r;
+            paintExpertMark(painter, mark, layer.expertFate(t), layer.expert[t], theme_);
         }
     }
 

@@ -10,7 +10,7 @@ namespace {
 
 // One colour per cell code, kFull first: the gradient's levels land exactly on these stops.
 struct DiffColors {
-    QColor full, neither, live_only, pinned_only, both;
+    QColor full, neither, live_only, pinned_only, both, expert_changed;
 };
 
 DiffColors colorsFor(const PlotTheme& theme) {
@@ -22,6 +22,8 @@ DiffColors colorsFor(const PlotTheme& theme) {
     c.live_only = theme.dark ? QColor(0xff, 0xa3, 0x48) : QColor(0xe6, 0x61, 0x00);
     c.pinned_only = theme.dark ? QColor(0x62, 0xa0, 0xea) : QColor(0x1a, 0x5f, 0xb4);
     c.both = theme.dark ? QColor(0xde, 0xdd, 0xda) : QColor(0x5e, 0x5c, 0x64);
+    // A purple apart from both: the same decision, another expert.
+    c.expert_changed = theme.dark ? QColor(0xdc, 0x8a, 0xdd) : QColor(0x91, 0x41, 0xac);
     return c;
 }
 
@@ -81,13 +83,14 @@ void RoutingDiffView::setTheme(const PlotTheme& theme) {
     QCPColorGradient g;
     g.clearColorStops();
     g.setColorStopAt(0.0, c.full);
-    g.setColorStopAt(0.25, c.neither);
-    g.setColorStopAt(0.5, c.live_only);
-    g.setColorStopAt(0.75, c.pinned_only);
-    g.setColorStopAt(1.0, c.both);
-    g.setLevelCount(5);
+    g.setColorStopAt(0.2, c.neither);
+    g.setColorStopAt(0.4, c.live_only);
+    g.setColorStopAt(0.6, c.pinned_only);
+    g.setColorStopAt(0.8, c.both);
+    g.setColorStopAt(1.0, c.expert_changed);
+    g.setLevelCount(6);
     map_->setGradient(g);
-    map_->setDataRange(QCPRange(RoutingDiff::kFull, RoutingDiff::kBoth));
+    map_->setDataRange(QCPRange(RoutingDiff::kFull, RoutingDiff::kExpertChanged));
     updateLegend();
     plot_->replot(QCustomPlot::rpQueuedReplot);
 }
@@ -122,6 +125,10 @@ QString RoutingDiffView::summaryText() const {
                        .arg(diff_.routed_cells)
                        .arg(diff_.live_processed)
                        .arg(diff_.pinned_processed);
+    if (diff_.expert_cells > 0)
+        text += tr("; in mixture layers %1 of %2 tokens processed in both ran another expert (or one run's MLP did not run)")
+                    .arg(diff_.expert_differing)
+                    .arg(diff_.expert_cells);
     QStringList notes;
     if (diff_.tokensTruncated())
         notes << tr("the first %1 positions only (live %2 tokens, pinned %3)")
@@ -140,7 +147,8 @@ void RoutingDiffView::updateLegend() {
     legend_->setText(QStringList{swatch(c.live_only, tr("processed only live")),
                                  swatch(c.pinned_only, tr("processed only pinned")),
                                  swatch(c.both, tr("processed in both")), swatch(theme_.muted, tr("skipped in both"), /*hollow=*/true),
-                                 swatch(c.full, tr("full layer (no router)"))}
+                                 swatch(c.full, tr("full layer (no router)")),
+                                 swatch(c.expert_changed, tr("another expert"))}
                          .join(QStringLiteral("&nbsp;&nbsp;&nbsp;")));
 }
 

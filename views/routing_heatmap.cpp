@@ -21,7 +21,13 @@ constexpr double kMinVisibleTokens = 4.0;
 QString layerLabel(const RunTrace& run, const LayerTrace& layer) {
     const double capacity = layerCapacity(run, layer);
     if (layer.routed && capacity != run.capacity)  // a capacity of its own, which the title does not give
-        return QStringLiteral("L%1 %2%").arg(layer.index).arg(capacity * 100.0, 0, 'g', 4);
+        return QStringLiteral("L%1 %2%%3").arg(layer.index).arg(capacity * 100.0, 0, 'g', 4).arg(layer.moe ? QStringLiteral(" MoE") : QString());
+    // A mixture layer: "staged" (MoD routing before it), "MoE" (a full layer's plain mixture) or "MoDE"
+    // (integrated: no-op choices among its experts).
+    if (layer.moe)
+        return QStringLiteral("L%1 %2").arg(layer.index).arg(layer.routed ? QStringLiteral("staged")
+                                                             : layer.noop_experts > 0 ? QStringLiteral("MoDE")
+                                                                                      : QStringLiteral("MoE"));
     return QStringLiteral("L%1 %2").arg(layer.index).arg(layer.routed ? QStringLiteral("routed") : QStringLiteral("full"));
 }
 
@@ -168,6 +174,12 @@ void RoutingHeatmap::setSnapshot(SnapshotPtr snapshot, bool repaint_now) {
     position_ticker_->setLabels(std::move(positions));
     overlay_->setShowDisagreement(snapshot_ && snapshot_->routedLayerCount() > 0);
     legend_->setShowDisagreement(snapshot_ && snapshot_->routedLayerCount() > 0);
+    {
+        bool mixture = false, noop = false;
+        for (const auto& l : snapshot_ ? snapshot_->trace.layers : std::vector<LayerTrace>{})
+            mixture = mixture || l.moe, noop = noop || (l.moe && l.noop_experts > 0);
+        legend_->setMixture(mixture, noop);
+    }
 
     if (sel_token_ >= T || sel_layer_ >= L) {
         sel_layer_ = sel_token_ = -1;
@@ -485,8 +497,9 @@ QString RoutingHeatmap::cellSummary(int l, int t) const {
     const QString update_text = std::isfinite(update) ? QStringLiteral("%1 (|Δx| / |x|)").arg(number(update))
                                                       : QStringLiteral("– (not in this trace)");
     if (!layer.routed) {
-        html += QStringLiteral("Layer %1 · <b>full</b>: processes every token<br>Decision: <b>processed</b>").arg(l);
-        return html;
+        html += QStringLiteral("Layer %1 · <b>full</b>: processes every token<br>").arg(l);
+        if (layer.moe) return html + mixtureSummary(layer, t);
+        return html + QStringLiteral("Decision: <b>processed</b>");
     }
     const bool processed = layer.selected[t];
     const bool in_topk = layer.topk_selected[t];
@@ -563,6 +576,38 @@ QString RoutingHeatmap::cellSummary(int l, int t) const {
     const QString rule = s.trace.mode == RoutingMode::Causal ? QStringLiteral("by the predictor (causal)")
                                                              : QStringLiteral("by top-k");
     html += QStringLiteral("Decision: <b>%1</b> %2").arg(processed ? QStringLiteral("processed") : QStringLiteral("skipped"), rule);
+    if (layer.moe) html += QStringLiteral("<br>") + mixtureSummary(layer, t);
+    return html;
+}
+
+QString RoutingHeatmap::mixtureSummary(const LayerTrace& layer, int t) {
+    if (layer.expert.size() <= std::size_t(t)) return {};
+    const int E = layer.n_experts;
+    const auto choice = [&](int c) {
+        return c >= E ? QStringLiteral("no-op %1").arg(c - E) : QStringLiteral("expert %1").arg(c);
+    };
+    QString html = QStringLiteral("Mixture of %1 experts%2, capacity %3 each (of the %4 tokens that reach it)<br>")
+                       .arg(E)
+                       .arg(layer.noop_experts > 0 ? QStringLiteral(" and %1 no-op choices").arg(layer.noop_experts) : QString())
+                       .arg(layer.expert_capacity)
+                       .arg(std::count_if(layer.expert_choice.begin(), layer.expert_choice.end(), [](int c) { return c >= 0; }));
+    const int c = layer.expert_choice[t];
+    if (c < 0) return html + QStringLiteral("MLP: <b>did not run</b> (the MoD router kept the token out of the block)");
+    html += QStringLiteral("router: %1 (p %2)").arg(choice(c), number(layer.expert_prob[t]));
+    if (layer.expert_runner_up[t] >= 0)
+        html += QStringLiteral(", runner-up %1 (p %2)").arg(choice(layer.expert_runner_up[t]), number(layer.expert_runner_up_prob[t]));
+    html += QStringLiteral("<br>");
+    switch (layer.expertFate(t)) {
+    case LayerTrace::ExpertFate::Ran:
+        return html + QStringLiteral("MLP: <b>expert %1</b>, its output scaled by p").arg(layer.expert[t]);
+    case LayerTrace::ExpertFate::NoOp:
+        return html + QStringLiteral("MLP: <b>skipped</b> (a no-op choice: the token passes the MLP unchanged)");
+    case LayerTrace::ExpertFate::Overflow:
+        return html + QStringLiteral("MLP: <b>skipped</b> (overflow: expert %1 had already taken its share of the "
+                                     "tokens so far)")
+                          .arg(c);
+    case LayerTrace::ExpertFate::KeptOut: break;
+    }
     return html;
 }
 

@@ -74,6 +74,9 @@ public:
     QPair<int, int> cellAt(const QPoint& pos) const;  // (layer, token)
     // What hovering a cell shows: token, position, layer, logit, rank, threshold, probability, decision.
     QString cellSummary(int layer, int token) const;
+    // A mixture layer's part of it: the router's choice and runner-up with their probabilities, and which
+    // expert ran the token or why none did.
+    static QString mixtureSummary(const LayerTrace& layer, int token);
 
 Q_SIGNALS:
     void cellSelected(int layer, int token);

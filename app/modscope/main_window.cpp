@@ -524,6 +524,23 @@ void MainWindow::buildMenus() {
     file->addSeparator();
     file->addAction(quit_action_);
 
+    // The bundled model zoo (README "Model zoo"), one click each; File › Open Model opens any other.
+    model_menu_ = menuBar()->addMenu(tr("&Model"));
+    model_group_ = new QActionGroup(this);
+    for (const auto& m : bundledModels()) {
+        const QString dir = QString::fromStdString(m.directory);
+        auto* a = model_menu_->addAction(QString::fromStdString(m.name));
+        a->setCheckable(true);
+        a->setData(dir);
+        a->setToolTip(QDir::toNativeSeparators(dir));
+        model_group_->addAction(a);
+        connect(a, &QAction::triggered, this, [this, dir] { openModel(dir); });
+    }
+    if (model_menu_->isEmpty()) model_menu_->addAction(tr("(no bundled models found)"))->setEnabled(false);
+    model_menu_->addSeparator();
+    model_menu_->addAction(open_action_);
+    model_menu_->setToolTipsVisible(true);
+
     auto* run = menuBar()->addMenu(tr("&Run"));
     run->addAction(rerun_action_);
     run->addSeparator();
@@ -674,6 +691,13 @@ void MainWindow::saveSettings() {
     s.sync();
 }
 
+void MainWindow::updateModelMenu() {
+    if (!model_group_) return;
+    const QString open = model_ ? QDir(QString::fromStdString(model_->directory)).canonicalPath() : QString();
+    for (QAction* a : model_group_->actions())
+        a->setChecked(!open.isEmpty() && QDir(a->data().toString()).canonicalPath() == open);
+}
+
 void MainWindow::updateRecentMenu() {
     recent_menu_->clear();
     const QStringList recent = options_.settings ? options_.settings->value(QStringLiteral("model/recent")).toStringList()
@@ -715,6 +739,7 @@ void MainWindow::onModelLoaded(const ModelInfo& info) {
     model_ = info;
     const QString dir = QString::fromStdString(info.directory);
     loading_dir_.clear();
+    updateModelMenu();
     statusBar()->showMessage(tr("Opened %1").arg(QString::fromStdString(info.name)), 4000);
     if (banner_->kind() == MessageBanner::Kind::Error) banner_->dismiss();
     if (options_.settings && !dir.isEmpty()) {

@@ -153,6 +153,7 @@ private:
     void saveSettings();
     void applyPlotTheme();
     void updateRecentMenu();
+    void updateModelMenu();  // checks the bundled model that is open, if any
     void updateStatus();
     void updateWindowTitle();
 
@@ -273,6 +274,8 @@ private:
 
     // Actions.
     QMenu* recent_menu_ = nullptr;
+    QMenu* model_menu_ = nullptr;      // the bundled models (modscope::bundledModels), the open one checked
+    QActionGroup* model_group_ = nullptr;
     QMenu* view_menu_ = nullptr;
     QAction* open_action_ = nullptr;
     QAction* reload_action_ = nullptr;

@@ -1,6 +1,7 @@
 // Locating the bundled default model (modscope/paths.h).
 #include "modscope/paths.h"
 
+#include <algorithm>
 #include <cstdlib>
 #include <filesystem>
 
@@ -66,6 +67,34 @@ std::string defaultModelDirectory() {
     throw Error("no default model found (looked in " + (places.empty() ? std::string("no place") : places) +
                 "); build it as README.md describes in \"The default model\", or name a model directory "
                 "(--model DIR or MODSCOPE_MODEL=DIR)");
+}
+
+std::vector<BundledModel> bundledModels() {
+    std::vector<std::string> folders;  // the places a default model is searched, without the "default"
+    const auto exe = executableDirectory();
+    if (!exe.empty()) {
+        const fs::path d(exe);
+        folders.push_back(normal(d / ".." / "resources" / "models"));
+        folders.push_back(normal(d / ".." / ".." / "resources" / "models"));
+        folders.push_back(normal(d / ".." / "share" / "modscope" / "models"));
+    }
+    if (const std::string source = MODSCOPE_SOURCE_DIR; !source.empty())
+        folders.push_back(normal(fs::path(source) / "resources" / "models"));
+    for (const auto& folder : folders) {
+        std::error_code ec;
+        if (!fs::is_directory(folder, ec)) continue;
+        std::vector<BundledModel> out;
+        for (const auto& entry : fs::directory_iterator(folder, ec))
+            if (entry.is_directory(ec) && holdsCheckpoint(entry.path().string()))
+                out.push_back({entry.path().filename().string(), normal(entry.path())});
+        if (out.empty()) continue;
+        // The default first, then by name.
+        std::sort(out.begin(), out.end(), [](const BundledModel& a, const BundledModel& b) {
+            return (a.name == "default") != (b.name == "default") ? a.name == "default" : a.name < b.name;
+        });
+        return out;
+    }
+    return {};
 }
 
 }  // namespace modscope

@@ -19,4 +19,13 @@ std::vector<std::string> defaultModelCandidates();
 // looked at: a wrong value is reported rather than silently replaced by another model.
 std::string defaultModelDirectory();
 
+// The models bundled beside the default one (README "Model zoo"): each folder of the first models folder
+// the default model is searched in that holds any checkpoint, "default" first, then by name. Empty when
+// there is none.
+struct BundledModel {
+    std::string name;       // the folder's name: "default", "dense", "moe", ...
+    std::string directory;
+};
+std::vector<BundledModel> bundledModels();
+
 }  // namespace modscope
