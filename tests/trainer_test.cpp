@@ -102,7 +102,7 @@ private Q_SLOTS:
         auto o = tinyOptions(corpus_, whole);
         o.steps = 24;
         o.calibrate_threshold = false;
-        Trainer(o).run({});
+        const auto whole_last = Trainer(o).run({});
 
         o.out_dir = split;
         std::atomic<bool> stop{false};
@@ -111,7 +111,10 @@ private Q_SLOTS:
         }, &stop);
         QCOMPARE(int(losses(split).size()), 10);
         o.resume = true;
-        Trainer(o).run({});
+        const auto split_last = Trainer(o).run({});
+        // The FLOPs spent carry over too (the budget of a --flops-budget run is counted in them).
+        QVERIFY2(std::abs(split_last.train_flops - whole_last.train_flops) <= 1e-9 * whole_last.train_flops,
+                 qPrintable(QString("%1 vs %2").arg(split_last.train_flops).arg(whole_last.train_flops)));
 
         const auto a = losses(whole), b = losses(split);
         QCOMPARE(a.size(), b.size());
@@ -147,6 +150,42 @@ private Q_SLOTS:
         o.flops_budget = 5.5 * trainStepFlops(dense_cfg, 64, o.batch_tokens);
         const auto last = Trainer(o).run({});
         QCOMPARE(last.step, std::int64_t(6));  // ceil(5.5)
+    }
+
+    // A mixture's steps cost what its experts ran: with a capacity factor that leaves tokens over, fewer FLOPs
+    // than planned, so the run tops up at the final learning rate until it has spent the budget (and not a
+    // step more); the load-balancing loss is logged.
+    void mixtureRunSpendsItsWholeBudget() {
+        const auto out = QDir(dir_.path()).filePath("mixture-budget").toStdString();
+        auto o = tinyOptions(corpus_, out);
+        o.seq_lens = {64};
+        o.dense = true;
+        o.config.moe_layers = {1, 3};
+        o.config.n_experts = 4;
+        o.config.expert_capacity_factor = 0.5;  // half the tokens at most: the plan expects all of them
+        auto cfg = o.config;
+        cfg.routed_layers.clear();
+        cfg.capacity = 1.0;
+        const double step_flops = trainStepFlops(cfg, 64, o.batch_tokens);
+        o.flops_budget = 4.0 * step_flops;
+        const auto last = Trainer(o).run({});
+        QVERIFY2(last.train_flops >= o.flops_budget, qPrintable(QString::number(last.train_flops / o.flops_budget)));
+        QVERIFY(last.step > 4);  // planned: 4
+        // Not a step more than needed: one step fewer fell short.
+        const auto log = losses(out);
+        QCOMPARE(int(log.size()), int(last.step));
+        QFile f(QDir(QString::fromStdString(out)).filePath("train_log.jsonl"));
+        QVERIFY(f.open(QIODevice::ReadOnly));
+        double before_last = 0.0;
+        bool balance = false;
+        for (const auto& line : f.readAll().split('\n')) {
+            const auto j = QJsonDocument::fromJson(line).object();
+            if (j.isEmpty() || j.contains("calibrated")) continue;
+            balance = balance || j.contains("balance_loss");
+            if (j["step"].toInt() == last.step - 1) before_last = j["train_flops"].toDouble();
+        }
+        QVERIFY(balance);
+        QVERIFY2(before_last < o.flops_budget, qPrintable(QString::number(before_last / o.flops_budget)));
     }
 
     // --calibrate-causal: every candidate measured at every length, the best worst case written into the

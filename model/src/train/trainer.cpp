@@ -295,8 +295,15 @@ struct Trainer::Impl {
     std::vector<int> train_ids, val_ids;
     std::unique_ptr<torch::optim::AdamW> optimizer;
     std::int64_t step = 0;
-    std::int64_t total_steps = 0;
+    std::int64_t total_steps = 0;  // the learning-rate schedule's length
     double train_flops = 0.0;
+
+    // The planned steps are done and, with a FLOPs budget, the budget is spent: a run whose steps cost less
+    // than planned (a mixture's experts ran fewer rows) tops up at the final learning rate until it is.
+    bool done() const {
+        if (step < total_steps) return false;
+        return !(opt.flops_budget > 0 && train_flops < opt.flops_budget);
+    }
 
     void log(const std::string& line) {
         std::ofstream out(fs::path(opt.out_dir) / kLogFile, std::ios::app);
@@ -358,8 +365,11 @@ struct Trainer::Impl {
             if (t.item<std::int64_t>() != total_steps)
                 throw Error("the run was planned for " + std::to_string(t.item<std::int64_t>()) +
                             " steps, these options give " + std::to_string(total_steps));
-            archive.read("train_flops", t);
-            train_flops = t.item<double>();
+            // A fresh tensor: read() into a defined one copies into its dtype, and t holds an int64 by now
+            // (the FLOPs' float64 bits came back as an integer).
+            torch::Tensor flops;
+            archive.read("train_flops", flops);
+            train_flops = flops.item<double>();
         } catch (const Error&) {
             throw;
         } catch (const std::exception& e) {
@@ -474,7 +484,11 @@ TrainProgress Trainer::run(const std::function<void(const TrainProgress&)>& on_p
     if (opt.resume) {
         s.loadState();
         TrainProgress p;
-        p.message = "resumed at step " + std::to_string(s.step) + " of " + std::to_string(s.total_steps);
+        std::ostringstream msg;
+        msg << "resumed at step " << s.step << " of " << s.total_steps << " (" << s.train_flops << " FLOPs spent";
+        if (opt.flops_budget > 0) msg << " of " << opt.flops_budget;
+        msg << ")";
+        p.message = msg.str();
         notify(p);
     } else {
         std::ofstream(fs::path(opt.out_dir) / kLogFile, std::ios::trunc);
@@ -497,7 +511,7 @@ TrainProgress Trainer::run(const std::function<void(const TrainProgress&)>& on_p
         net.train();
     };
 
-    while (s.step < s.total_steps) {
+    while (!s.done()) {
         if (stop && stop->load()) break;
         runtime::beforeCpuWork();
         const auto t0 = std::chrono::steady_clock::now();
@@ -569,12 +583,12 @@ TrainProgress Trainer::run(const std::function<void(const TrainProgress&)>& on_p
         progress.elapsed_seconds = secondsSince(t_start);
         // window_seconds is an exponential sum (decay 0.9): times 0.1, bias-corrected, it is the mean step time.
         const double mean_step = 0.1 * window_seconds / (1.0 - std::pow(0.9, double(std::min(++run_steps, 500))));
-        progress.eta_seconds = (s.total_steps - s.step) * mean_step;
+        progress.eta_seconds = std::max<std::int64_t>(0, s.total_steps - s.step) * mean_step;
         progress.train_flops = s.train_flops;
         progress.has_eval = false;
         progress.message.clear();
 
-        const bool last = s.step == s.total_steps;
+        const bool last = s.done();
         if ((opt.eval_every > 0 && s.step % opt.eval_every == 0) || last) runEval();
         std::ostringstream line;
         line << "{\"step\":" << s.step << ",\"seq_len\":" << T << ",\"loss\":" << jsonNumber(lm)
@@ -595,7 +609,7 @@ TrainProgress Trainer::run(const std::function<void(const TrainProgress&)>& on_p
     }
 
     net.eval();
-    if (s.step == s.total_steps && opt.calibrate_threshold && !config.routed_layers.empty()) {
+    if (s.done() && opt.calibrate_threshold && !config.routed_layers.empty()) {
         std::vector<std::string> notes;
         s.calibratePredictors(notes);
         runEval();
@@ -607,7 +621,7 @@ TrainProgress Trainer::run(const std::function<void(const TrainProgress&)>& on_p
     }
     s.saveState();
     progress.has_eval = false;
-    progress.message = s.step == s.total_steps ? "done" : "stopped at step " + std::to_string(s.step) + "; resume with --resume";
+    progress.message = s.done() ? "done" : "stopped at step " + std::to_string(s.step) + "; resume with --resume";
     notify(progress);
     return progress;
 }
