@@ -3,9 +3,10 @@
 
 The training target (8.8k tokens/s MoD, 5.3k dense; docs/PERFORMANCE.md) comes from a PyTorch prototype. A
 virtual machine's speed drifts, so the C++ trainer is compared against a PyTorch implementation timed in the
-same minutes as modscope-bench's training section. It follows docs/MODEL.md (batched, with the same recipe as
-scripts/train_default_model.sh: AdamW, gradient clipping 1.0, predictor BCE weight 1, router BCE weight 0.5)
-and shares no code with the engine.
+same minutes as modscope-bench's training section. It follows docs/MODEL.md (batched, with the MoD recipe of
+scripts/train_model_zoo.sh: AdamW, gradient clipping 1.0, predictor BCE weight 1; plus a router BCE at weight
+0.5, which an earlier recipe used and which costs a few element-wise operations) and shares no code with the
+engine.
 
 Usage: /usr/bin/python3 bench/pytorch_prototype_training.py [--steps 12] [--warmup 3] [--threads 1]
 Prints one JSON object: tokens/s (median over steps) for MoD and dense, batch 16 x 256.

@@ -6,7 +6,7 @@
 #   WORK_DIR/<variant>, resumes a stopped run (train_state.pt), and ends with its evaluation.txt.
 #   BUDGET=F training FLOPs of every run (docs/MODEL.md "FLOPs", 3x forward per token; default 1.395e14).
 # Needs a built tree (build/bin/modscope-train) and the Debian packages fortunes and bible-kjv.
-# scripts/bundle_model.sh then copies a trained variant into resources/models/<variant>.
+# scripts/bundle_model_zoo.sh then copies the trained variants into resources/models/<variant> (float16 weights).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 work=${1:-build/model-zoo}
