@@ -527,9 +527,8 @@ private Q_SLOTS:
             QCOMPARE(int(loads[e][0]), s->trace.layers[1].expert_load[e]);
             QCOMPARE(int(loads[e][1]), s->trace.layers[2].expert_load[e]);
         }
-        QVERIFY2(chart.subtitle().contains(QStringLiteral("overflow: L1 %1, L2 %2")
-                                               .arg(s->trace.layers[1].expert_overflow)
-                                               .arg(s->trace.layers[2].expert_overflow)),
+        QVERIFY2(chart.subtitle().contains(QStringLiteral("overflow %1")
+                                               .arg(s->trace.layers[1].expert_overflow + s->trace.layers[2].expert_overflow)),
                  qPrintable(chart.subtitle()));
         chart.setSnapshot(synthetic(20, 4, 0.5));
         QVERIFY(chart.isHidden());

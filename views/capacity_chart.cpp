@@ -2,6 +2,7 @@
 
 #include <QHelpEvent>
 #include <QToolTip>
+#include <QHBoxLayout>
 #include <QVBoxLayout>
 
 #include <qcustomplot.h>
@@ -73,9 +74,13 @@ CapacityChart::CapacityChart(QWidget* parent) : QWidget(parent) {
     plot_->plotLayout()->setRowSpacing(2);
     plot_->setMouseTracking(true);
     plot_->installEventFilter(this);
-    layout->addWidget(plot_, 1);
+    // A mixture model's expert loads sit beside the layers' bars: the dock has no height to spare on a laptop.
+    auto* charts = new QHBoxLayout;
+    charts->setSpacing(4);
+    charts->addWidget(plot_, 1);
     experts_ = new ExpertLoadChart(this);
-    layout->addWidget(experts_, 1);
+    charts->addWidget(experts_, 1);
+    layout->addLayout(charts, 1);
 
     setTheme(PlotTheme::fromPalette(palette()));
     setSnapshot(nullptr);

@@ -15,7 +15,8 @@ ExpertLoadChart::ExpertLoadChart(QWidget* parent) : QWidget(parent) {
     auto* layout = new QVBoxLayout(this);
     layout->setContentsMargins(0, 0, 0, 0);
     plot_ = new QCustomPlot(this);
-    plot_->setMinimumHeight(120);
+    plot_->setMinimumHeight(130);  // as the capacity chart beside it
+    plot_->setMinimumWidth(180);
     plot_->plotLayout()->insertRow(0);
     subtitle_ = new QCPTextElement(plot_, QString());
     plot_->plotLayout()->addElement(0, 0, subtitle_);
@@ -75,7 +76,7 @@ void ExpertLoadChart::setSnapshot(SnapshotPtr snapshot) {
     layers_.clear();
     int E = 0, max_capacity = 1;
     QVector<QString> labels;
-    QStringList overflow, noop;
+    int overflow = 0, noop = 0;
     if (snapshot_ && !snapshot_->empty()) {
         for (const auto& l : snapshot_->trace.layers) {
             if (!l.moe || l.expert_load.empty()) continue;
@@ -83,10 +84,9 @@ void ExpertLoadChart::setSnapshot(SnapshotPtr snapshot) {
             E = std::max(E, l.n_experts);
             max_capacity = std::max(max_capacity, l.expert_capacity);
             labels.append(QStringLiteral("L%1").arg(l.index));
-            overflow << QStringLiteral("L%1 %2").arg(l.index).arg(l.expert_overflow);
-            if (l.noop_experts > 0)
-                noop << QStringLiteral("L%1 %2").arg(l.index).arg(std::count_if(
-                            l.expert_choice.begin(), l.expert_choice.end(), [&](int c) { return c >= l.n_experts; }));
+            overflow += l.expert_overflow;
+            noop += int(std::count_if(l.expert_choice.begin(), l.expert_choice.end(),
+                                      [&](int c) { return c >= l.n_experts; }));
         }
     }
     setVisible(!layers_.isEmpty());
@@ -105,11 +105,11 @@ void ExpertLoadChart::setSnapshot(SnapshotPtr snapshot) {
     ticker_->setStep(1);
     plot_->xAxis->setRange(-0.6, std::max<int>(layers_.size(), 1) - 0.4);
     plot_->yAxis->setRange(0, max_capacity * 1.1);
-    subtitle_->setText(layers_.isEmpty()
-                           ? QString()
-                           : tr("Tokens per expert (dashed: capacity)\noverflow: %1%2")
-                                 .arg(overflow.join(QStringLiteral(", ")),
-                                      noop.isEmpty() ? QString() : tr(" · no-op: %1").arg(noop.join(QStringLiteral(", ")))));
+    // Short lines: the chart shares the dock's width; the tooltip has each layer's numbers.
+    subtitle_->setText(layers_.isEmpty() ? QString()
+                                         : tr("Per expert, overflow %1%2\ndashed: capacity")
+                                               .arg(overflow)
+                                               .arg(noop > 0 ? tr(" · no-op %1").arg(noop) : QString()));
     plot_->replot(QCustomPlot::rpQueuedReplot);
 }
 

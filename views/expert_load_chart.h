@@ -1,5 +1,6 @@
 // ExpertLoadChart: per mixture layer, the tokens each expert ran against the capacity every expert had
-// (docs/MODEL.md "Mixture layers"), with the overflow and the no-op choices in its title.
+// (docs/MODEL.md "Mixture layers"), with the overflow and the no-op choices over all mixture layers in its
+// title and each layer's in the tooltip.
 #pragma once
 
 #include <QVector>
