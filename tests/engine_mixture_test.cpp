@@ -113,8 +113,9 @@ private Q_SLOTS:
         auto& block = *net.blocks[1];
         QVERIFY(block.moe);
         const int T = 48;
-        const auto x = torch::randn({1, T, model->config().d_model}, torch::TensorOptions().dtype(net.tok_emb->weight.dtype()));
-        const auto pos = torch::arange(T, torch::kLong).unsqueeze(0);
+        const auto& w = net.tok_emb->weight;
+        const auto x = torch::randn({1, T, model->config().d_model}, w.options());
+        const auto pos = torch::arange(T, w.options().dtype(torch::kLong)).unsqueeze(0);
         nn::MixtureRouting report;
         const auto delta = block.delta(x, pos, net.positions, nullptr, &report);
         const auto a = block.attn(block.attn_norm(x), pos, net.positions);
