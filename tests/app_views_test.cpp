@@ -517,6 +517,15 @@ private Q_SLOTS:
         }
         dumpIfAsked(heatmap, "mixture_heatmap");
 
+        // The details panel's decision says what the MLP did: rows run top (last layer) to bottom.
+        CellDetailsPanel details;
+        details.setSnapshot(s);
+        for (int t = 0; t < 60; ++t) {
+            details.setCell(2, t);
+            const QString decision = details.table()->item(4 - 1 - 2, 1)->text();
+            QVERIFY2(decision.endsWith(expertFateText(full, t)), qPrintable(decision));
+        }
+
         ExpertLoadChart chart;
         chart.setSnapshot(s);
         QVERIFY(!chart.isHidden());

@@ -7,7 +7,9 @@
 
 #include <cmath>
 
+#include "expert_palette.h"
 #include "piece_text.h"
+#include "routing_heatmap.h"
 
 namespace modscope {
 namespace {
@@ -106,7 +108,13 @@ void CellDetailsPanel::refresh() {
         table_->setItem(row, kLayer,
                         cell(layer.routed ? tr("L%1 routed%2").arg(l).arg(own) : tr("L%1 full").arg(l), Qt::AlignLeft));
         if (!own.isEmpty()) table_->item(row, kLayer)->setToolTip(tr("This layer ran at its own capacity"));
-        table_->setItem(row, kDecision, cell(processed ? tr("processed") : tr("skipped"), Qt::AlignLeft));
+        // A mixture layer says what its MLP did too: the expert, or why none ran (expert_palette.h).
+        const QString mlp = layer.moe && t < int(layer.expert.size()) && layer.expertFate(t) != LayerTrace::ExpertFate::KeptOut
+                                ? QStringLiteral(" · %1").arg(expertFateText(layer, t))
+                                : QString();
+        table_->setItem(row, kDecision, cell((processed ? tr("processed") : tr("skipped")) + mlp, Qt::AlignLeft));
+        if (!mlp.isEmpty())
+            table_->item(row, kDecision)->setToolTip(RoutingHeatmap::mixtureSummary(layer, t));
         const double update = updateRatio(layer, t);
         table_->setItem(row, kUpdate, cell(std::isfinite(update) ? QString::number(update, 'f', 3) : QStringLiteral("–")));
         if (layer.routed) {
