@@ -12,3 +12,5 @@ prompt="And God said, Let there be light: and there was light. A fortune for the
     --screenshot "$out/modscope-dark-generation.png"
 "$app" --prompt "$prompt" --theme light --size 1600x1000 --capacity 0.25 --pin-capacity 0.125 \
     --screenshot "$out/modscope-compare.png"
+"$app" --model resources/models/mode-staged --prompt "$prompt" --theme light --size 1600x1000 --select 3:12 \
+    --screenshot "$out/modscope-mode-staged.png"

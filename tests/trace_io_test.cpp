@@ -1313,7 +1313,7 @@ private Q_SLOTS:
         QVERIFY(std::find(candidates.begin(), candidates.end(),
                           MODSCOPE_SOURCE_DIR "/resources/models/default") != candidates.end());
         const auto none = errorOf([] { defaultModelDirectory(); });
-        if (!none.empty()) QVERIFY2(none.find("The default model") != std::string::npos, none.c_str());
+        if (!none.empty()) QVERIFY2(none.find("Model zoo") != std::string::npos, none.c_str());
     }
 };
 

@@ -73,6 +73,12 @@ int evaluateCommand(const std::string& dir, const std::vector<std::string>& corp
     std::printf("held-out tokens: %zu; model %s, capacity %.3f, routed layers", val_ids.size(),
                 model->config().name.c_str(), model->config().capacity);
     for (int l : model->config().routed_layers) std::printf(" %d", l);
+    if (!model->config().moe_layers.empty()) {
+        std::printf(", mixture layers");
+        for (int l : model->config().moe_layers) std::printf(" %d", l);
+        std::printf(" (%d experts, %d no-op choices, capacity factor %g)", model->config().n_experts,
+                    model->config().noop_experts, model->config().expert_capacity_factor);
+    }
     std::vector<std::pair<int, double>> jaccard;
     std::vector<std::pair<int, modscope::MixtureEval>> mixtures;
     std::printf("\n\n%6s %8s %7s | %5s %9s %9s %9s %9s %13s\n", "tokens", "loss", "ppl", "layer", "accuracy",

@@ -65,7 +65,7 @@ std::string defaultModelDirectory() {
     std::string places;
     for (const auto& c : candidates) places += (places.empty() ? "" : ", ") + c;
     throw Error("no default model found (looked in " + (places.empty() ? std::string("no place") : places) +
-                "); build it as README.md describes in \"The default model\", or name a model directory "
+                "); build it as README.md describes in \"Model zoo\", or name a model directory "
                 "(--model DIR or MODSCOPE_MODEL=DIR)");
 }
 

@@ -15,7 +15,7 @@ std::string executableDirectory();
 std::vector<std::string> defaultModelCandidates();
 
 // The first candidate that holds a checkpoint (config.json). Throws Error listing the places searched and
-// how to build the model (README.md, "The default model"). When MODSCOPE_MODEL is set it is the only place
+// how to build the model (README.md, "Model zoo"). When MODSCOPE_MODEL is set it is the only place
 // looked at: a wrong value is reported rather than silently replaced by another model.
 std::string defaultModelDirectory();
 
