@@ -474,6 +474,15 @@ private Q_SLOTS:
         QVERIFY(diff.expert_cells > 0);
         QVERIFY(w->heatmap()->layerTicker()->labels().contains(QStringLiteral("L1 MoDE")));
         QVERIFY(w->capacityChart()->expertLoad()->isVisibleTo(w.get()));
+        // Its figure shows the expert loads too: the whole panel, as wide as the panel.
+        QTemporaryDir out;
+        const QString png = out.filePath(QStringLiteral("capacity.png"));
+        QCOMPARE(w->exportFigure(QStringLiteral("capacity"), png), QString());
+        QImage image(png);
+        QVERIFY(!image.isNull());
+        QVERIFY2(image.width() >= w->capacityChart()->width() * 0.9 &&
+                     image.width() > w->capacityChart()->plot()->width() + w->capacityChart()->expertLoad()->width() / 2,
+                 qPrintable(QString("%1 px").arg(image.width())));
     }
 
     void brokenModelShowsAnErrorAndThePreviousModelStaysUsable() {

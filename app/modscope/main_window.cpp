@@ -36,6 +36,7 @@
 #include <cmath>
 
 #include "capacity_chart.h"
+#include "expert_load_chart.h"
 #include "cell_details_panel.h"
 #include "engine_session.h"
 #include "figure_export.h"
@@ -1130,7 +1131,9 @@ QString MainWindow::exportFigure(const QString& which, const QString& path) {
     } else if (which == QLatin1String("heatmap")) {
         error = heatmap_->exportFigure(path);
     } else if (which == QLatin1String("capacity")) {
-        error = exportPlot(capacity_->plot(), path);
+        // A mixture model's figure holds the expert loads beside the layers' bars (and the meters above them).
+        error = capacity_->expertLoad()->isVisibleTo(capacity_) ? exportWidget(capacity_, path)
+                                                                 : exportPlot(capacity_->plot(), path);
     } else if (which == QLatin1String("predictor")) {
         error = exportWidget(predictor_, path);
     } else if (which == QLatin1String("depth")) {
