@@ -51,16 +51,7 @@ CapacityChart::CapacityChart(QWidget* parent) : QWidget(parent) {
     capacity_->setName(tr("capacity k"));
     capacity_->setWidth(0.78);
     ticker_.reset(new TokenAxisTicker);
-    plot_->xAxis->setTicker(ticker_);
-    plot_->xAxis->setSubTicks(false);
-    plot_->xAxis->grid()->setVisible(false);
-    plot_->yAxis->setLabel(tr("tokens"));
-    // Token counts are whole numbers: no 2.5-token ticks on short prompts.
-    QSharedPointer<QCPAxisTickerFixed> counts(new QCPAxisTickerFixed);
-    counts->setTickStep(1.0);
-    counts->setScaleStrategy(QCPAxisTickerFixed::ssMultiples);
-    counts->setTickCount(3);  // a laptop screen leaves the chart some 60 px
-    plot_->yAxis->setTicker(counts);
+    useLayerCountAxes(plot_, ticker_);
     // The legend gets a row of its own under the bars: inside the axis rect it would cover the full layers.
     plot_->legend->setVisible(true);
     plot_->legend->setFillOrder(QCPLegend::foColumnsFirst);

@@ -29,15 +29,7 @@ ExpertLoadChart::ExpertLoadChart(QWidget* parent) : QWidget(parent) {
     capacity_->setName(tr("capacity per expert"));
     capacity_->setWidth(0.84);
     ticker_.reset(new TokenAxisTicker);
-    plot_->xAxis->setTicker(ticker_);
-    plot_->xAxis->setSubTicks(false);
-    plot_->xAxis->grid()->setVisible(false);
-    plot_->yAxis->setLabel(tr("tokens"));
-    QSharedPointer<QCPAxisTickerFixed> counts(new QCPAxisTickerFixed);
-    counts->setTickStep(1.0);
-    counts->setScaleStrategy(QCPAxisTickerFixed::ssMultiples);
-    counts->setTickCount(3);
-    plot_->yAxis->setTicker(counts);
+    useLayerCountAxes(plot_, ticker_);
     plot_->setMouseTracking(true);
     plot_->installEventFilter(this);
     layout->addWidget(plot_);
@@ -85,8 +77,7 @@ void ExpertLoadChart::setSnapshot(SnapshotPtr snapshot) {
             max_capacity = std::max(max_capacity, l.expert_capacity);
             labels.append(QStringLiteral("L%1").arg(l.index));
             overflow += l.expert_overflow;
-            noop += int(std::count_if(l.expert_choice.begin(), l.expert_choice.end(),
-                                      [&](int c) { return c >= l.n_experts; }));
+            noop += countMixture(l).noop;
         }
     }
     setVisible(!layers_.isEmpty());
@@ -105,9 +96,10 @@ void ExpertLoadChart::setSnapshot(SnapshotPtr snapshot) {
     ticker_->setStep(1);
     plot_->xAxis->setRange(-0.6, std::max<int>(layers_.size(), 1) - 0.4);
     plot_->yAxis->setRange(0, max_capacity * 1.1);
-    // Short lines: the chart shares the dock's width; the tooltip has each layer's numbers.
+    // Short lines: the chart shares the dock's width. The dashed boxes read as the capacity chart's beside it;
+    // the tooltip has each layer's numbers and capacity.
     subtitle_->setText(layers_.isEmpty() ? QString()
-                                         : tr("Per expert, overflow %1%2\ndashed: capacity")
+                                         : tr("Tokens per expert\noverflow %1%2")
                                                .arg(overflow)
                                                .arg(noop > 0 ? tr(" · no-op %1").arg(noop) : QString()));
     plot_->replot(QCustomPlot::rpQueuedReplot);

@@ -590,7 +590,7 @@ QString RoutingHeatmap::mixtureSummary(const LayerTrace& layer, int t) {
                        .arg(E)
                        .arg(layer.noop_experts > 0 ? QStringLiteral(" and %1 no-op choices").arg(layer.noop_experts) : QString())
                        .arg(layer.expert_capacity)
-                       .arg(std::count_if(layer.expert_choice.begin(), layer.expert_choice.end(), [](int c) { return c >= 0; }));
+                       .arg(countMixture(layer).reached);
     const int c = layer.expert_choice[t];
     if (c < 0) return html + QStringLiteral("MLP: <b>did not run</b> (the MoD router kept the token out of the block)");
     html += QStringLiteral("router: %1 (p %2)").arg(choice(c), number(layer.expert_prob[t]));

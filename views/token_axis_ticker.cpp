@@ -7,6 +7,19 @@
 
 namespace modscope {
 
+void useLayerCountAxes(QCustomPlot* plot, const QSharedPointer<TokenAxisTicker>& layers) {
+    plot->xAxis->setTicker(layers);
+    plot->xAxis->setSubTicks(false);
+    plot->xAxis->grid()->setVisible(false);
+    plot->yAxis->setLabel(QObject::tr("tokens"));
+    // Token counts are whole numbers: no 2.5-token ticks on short prompts.
+    QSharedPointer<QCPAxisTickerFixed> counts(new QCPAxisTickerFixed);
+    counts->setTickStep(1.0);
+    counts->setScaleStrategy(QCPAxisTickerFixed::ssMultiples);
+    counts->setTickCount(3);
+    plot->yAxis->setTicker(counts);
+}
+
 int TokenAxisTicker::stepFor(double pixels_per_index, double min_pixels) {
     if (!(pixels_per_index > 0)) return 1;
     const double needed = min_pixels / pixels_per_index;

@@ -48,4 +48,9 @@ private:
     int offset_ = 0;
 };
 
+// The axes of a bar chart of token counts per layer (the capacity and expert-load charts): layers along x,
+// labelled by layers, with no sub-ticks or grid; whole token counts up y ("tokens"), a few ticks only: a
+// laptop screen leaves such a chart some 60 px.
+void useLayerCountAxes(QCustomPlot* plot, const QSharedPointer<TokenAxisTicker>& layers);
+
 }  // namespace modscope

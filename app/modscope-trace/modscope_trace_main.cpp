@@ -247,14 +247,9 @@ void printSummary(const std::vector<modscope::TraceDocument>& docs, const modsco
         long reached = 0, ran = 0, noop = 0, overflow = 0;
         std::vector<long> load(static_cast<std::size_t>(f.n_experts), 0);
         for (const auto& d : docs) {
-            const auto& l = d.run.layers[li];
-            for (std::size_t t = 0; t < l.expert.size(); ++t) {
-                if (l.expert_choice[t] < 0) continue;
-                ++reached;
-                if (l.expert[t] >= 0) ++ran, ++load[static_cast<std::size_t>(l.expert[t])];
-                else if (l.expert_choice[t] >= l.n_experts) ++noop;
-                else ++overflow;
-            }
+            const auto c = modscope::countMixture(d.run.layers[li]);
+            reached += c.reached, noop += c.noop, overflow += c.overflow;
+            for (std::size_t e = 0; e < load.size() && e < c.load.size(); ++e) load[e] += c.load[e], ran += c.load[e];
         }
         const double n = std::max(1L, reached);
         std::printf("mixture   layer %zu: %ld tokens reached it, an expert ran %.1f%%, no-op %.1f%%, overflow %.1f%%; load",

@@ -69,15 +69,10 @@ void fillMixture(LayerTrace& lt, const ModelConfig& config, const nn::MixtureRou
     lt.expert_prob = toVector<float>(m.prob[0].to(torch::kFloat32));
     lt.expert_runner_up = toVector<int>(m.second[0].to(torch::kInt32));
     lt.expert_runner_up_prob = toVector<float>(m.second_prob[0].to(torch::kFloat32));
-    int reached = 0;
-    for (std::size_t t = 0; t < lt.expert.size(); ++t) {
-        if (lt.expert_choice[t] >= 0) ++reached;
-        if (lt.expert[t] >= 0)
-            ++lt.expert_load[static_cast<std::size_t>(lt.expert[t])];
-        else if (lt.expert_choice[t] >= 0 && lt.expert_choice[t] < config.n_experts)
-            ++lt.expert_overflow;
-    }
-    lt.expert_capacity = expertCapacity(config.expert_capacity_factor, config.n_experts, reached);
+    const auto counts = countMixture(lt);
+    lt.expert_load = counts.load;
+    lt.expert_overflow = counts.overflow;
+    lt.expert_capacity = expertCapacity(config.expert_capacity_factor, config.n_experts, counts.reached);
 }
 
 }  // namespace

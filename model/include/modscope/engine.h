@@ -169,6 +169,28 @@ struct RunTrace {
     bool all_logits = false;
 };
 
+// What a mixture layer's per-token arrays add up to (LayerTrace::expert and expert_choice). Inline so that the
+// trace readers and the views, which do not link the engine, count as it does.
+struct MixtureCounts {
+    std::vector<int> load;  // [n_experts] tokens each expert ran
+    int reached = 0;        // tokens that reached the mixture (a choice other than -1)
+    int noop = 0;           // ... whose top choice was a no-op
+    int overflow = 0;       // ... whose expert was full
+};
+inline MixtureCounts countMixture(const LayerTrace& layer) {
+    MixtureCounts c;
+    c.load.assign(static_cast<std::size_t>(std::max(layer.n_experts, 0)), 0);
+    for (std::size_t t = 0; t < layer.expert.size() && t < layer.expert_choice.size(); ++t) {
+        const int choice = layer.expert_choice[t], expert = layer.expert[t];
+        if (choice < 0) continue;
+        ++c.reached;
+        if (expert >= 0 && expert < layer.n_experts) ++c.load[static_cast<std::size_t>(expert)];
+        else if (choice >= layer.n_experts) ++c.noop;
+        else ++c.overflow;
+    }
+    return c;
+}
+
 // The capacity a routed layer ran at: its own where it was given one (RunOptions::layer_capacity), else the run's.
 inline double layerCapacity(const RunTrace& run, const LayerTrace& layer) {
     return layer.capacity >= 0 ? layer.capacity : run.capacity;

@@ -815,8 +815,6 @@ private:
                  "expert_choice", "expert_prob", "expert_runner_up", "expert_runner_up_prob"});
         l_.moe = true;
         const int E = c_.cfg.n_experts;
-        std::vector<int> load(static_cast<std::size_t>(E), 0);
-        int overflow = 0, reached = 0;
         for (std::size_t t = 0; t < c_.T; ++t) {
             const auto at_t = where_ + "[token " + std::to_string(t) + "]";
             const int choice = l_.expert_choice[t], expert = l_.expert[t], second = l_.expert_runner_up[t];
@@ -831,21 +829,19 @@ private:
                 bad(at_t + ": expert_runner_up " + std::to_string(second) + " beside expert_choice " + std::to_string(choice));
             if (expert >= 0 && expert != choice)
                 bad(at_t + ": expert " + std::to_string(expert) + ", but the router chose " + std::to_string(choice));
-            if (choice >= 0) ++reached;
-            if (expert >= 0) ++load[static_cast<std::size_t>(expert)];
-            else if (choice >= 0 && choice < E) ++overflow;
         }
-        if (load != load_) bad(where_ + ".expert_load does not count the tokens of expert");
-        if (overflow != l_.expert_overflow)
-            bad(where_ + ".expert_overflow: " + std::to_string(l_.expert_overflow) + ", but " + std::to_string(overflow) +
-                " tokens chose an expert that did not run them");
-        const int capacity = expertCapacity(c_.cfg.expert_capacity_factor, E, reached);
+        auto counts = countMixture(l_);  // l_.n_experts was read and checked against the config
+        if (counts.load != load_) bad(where_ + ".expert_load does not count the tokens of expert");
+        if (counts.overflow != l_.expert_overflow)
+            bad(where_ + ".expert_overflow: " + std::to_string(l_.expert_overflow) + ", but " +
+                std::to_string(counts.overflow) + " tokens chose an expert that did not run them");
+        const int capacity = expertCapacity(c_.cfg.expert_capacity_factor, E, counts.reached);
         if (l_.expert_capacity != capacity)
             bad(where_ + ".expert_capacity: " + std::to_string(l_.expert_capacity) + ", but the capacity factor gives " +
-                std::to_string(capacity) + " for " + std::to_string(reached) + " tokens");
+                std::to_string(capacity) + " for " + std::to_string(counts.reached) + " tokens");
         for (int e = 0; e < E; ++e)
-            if (load[e] > capacity) bad(where_ + ".expert_load: expert " + std::to_string(e) + " is over its capacity");
-        l_.expert_load = std::move(load);
+            if (counts.load[e] > capacity) bad(where_ + ".expert_load: expert " + std::to_string(e) + " is over its capacity");
+        l_.expert_load = std::move(counts.load);
     }
 
     DocumentContext& c_;
