@@ -36,11 +36,7 @@ private Q_SLOTS:
         test::balancePredictors(*model, prompt);
         torch::InferenceMode guard;
         std::vector<nn::LayerKV> kv;
-        nn::ForwardOptions fo;
-        fo.mode = RoutingMode::Causal;
-        fo.capacity = config.capacity;
-        fo.setCausalRule(config);
-        fo.kv = &kv;
+        const auto fo = test::causalPrefill(config, kv);
         auto logits = net.logits(net.hidden(test::idsTensor(prompt), fo)[0][-1]);
 
         // Teacher-forced continuation: the cache must be exact whatever tokens arrive (greedy decoding of an
@@ -63,13 +59,7 @@ private Q_SLOTS:
         opt.mode = RoutingMode::Causal;
         opt.logits = RunOptions::Logits::All;
         const auto full = model->run(seq, opt);
-        const int V = model->config().vocab_size;
-        double worst = 0.0;
-        for (std::size_t i = 0; i < step_logits.size(); ++i) {
-            const int pos = static_cast<int>(prompt.size() + i) - 1;
-            const auto ref = torch::from_blob(const_cast<float*>(full.logits.data()) + pos * V, {V}, torch::kFloat32);
-            worst = std::max(worst, (step_logits[i].to(torch::kCPU, torch::kFloat32) - ref).abs().max().item<double>());
-        }
+        const double worst = test::maxStepLogitGap(step_logits, full, prompt.size(), model->config().vocab_size);
         QVERIFY2(worst < 1e-4, qPrintable(QString("max |cached - recomputed| = %1").arg(worst)));
 
         // Each generated token was routed as the full pass routes it, and K/V exist only where processed.

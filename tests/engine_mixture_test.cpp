@@ -158,11 +158,7 @@ private Q_SLOTS:
         torch::InferenceMode guard;
         backend::Use use(*internals(*model).backend);
         std::vector<nn::LayerKV> kv;
-        nn::ForwardOptions fo;
-        fo.mode = RoutingMode::Causal;
-        fo.setCausalRule(model->config());
-        fo.kv = &kv;
-        net.hidden(test::idsTensor(ids), fo);
+        net.hidden(test::idsTensor(ids), test::causalPrefill(model->config(), kv));
         int noops = 0;
         for (const auto& l : trace.layers) {
             QCOMPARE(l.processed, int(ids.size()));
@@ -219,11 +215,7 @@ private Q_SLOTS:
         torch::InferenceMode guard;
         backend::Use use(*internals(*model).backend);
         std::vector<nn::LayerKV> kv;
-        nn::ForwardOptions fo;
-        fo.mode = RoutingMode::Causal;
-        fo.capacity = model->config().capacity;
-        fo.setCausalRule(model->config());
-        fo.kv = &kv;
+        const auto fo = test::causalPrefill(model->config(), kv);
         auto logits = net.logits(net.hidden(test::idsTensor(prompt), fo)[0][-1]);
         std::vector<int> seq = prompt;
         std::vector<torch::Tensor> step_logits{logits};
@@ -238,12 +230,7 @@ private Q_SLOTS:
             step_logits.push_back(logits);
         }
         const auto full = runIds(*model, seq, RoutingMode::Causal, RunOptions::Logits::All);
-        double worst = 0.0;
-        for (std::size_t i = 0; i < step_logits.size(); ++i) {
-            const int pos = static_cast<int>(prompt.size() + i) - 1;
-            const auto ref = torch::from_blob(const_cast<float*>(full.logits.data()) + pos * V, {V}, torch::kFloat32);
-            worst = std::max(worst, (step_logits[i].to(torch::kCPU, torch::kFloat32) - ref).abs().max().item<double>());
-        }
+        const double worst = test::maxStepLogitGap(step_logits, full, prompt.size(), V);
         QVERIFY2(worst < 1e-4, qPrintable(QString("max |cached - recomputed| = %1").arg(worst)));
         int ran = 0;
         for (std::size_t i = 0; i < step_mixture.size(); ++i) {

@@ -60,6 +60,26 @@ void spreadExpertRouters(Model& model) {
         if (block->moe) block->mixture->router->weight.mul_(10.0);
 }
 
+nn::ForwardOptions causalPrefill(const ModelConfig& config, std::vector<nn::LayerKV>& kv) {
+    nn::ForwardOptions fo;
+    fo.mode = RoutingMode::Causal;
+    fo.capacity = config.capacity;
+    fo.setCausalRule(config);
+    fo.kv = &kv;
+    return fo;
+}
+
+double maxStepLogitGap(const std::vector<torch::Tensor>& step_logits, const RunTrace& full, std::size_t prompt_size,
+                       int vocab) {
+    double worst = 0.0;
+    for (std::size_t i = 0; i < step_logits.size(); ++i) {
+        const auto pos = static_cast<std::int64_t>(prompt_size + i) - 1;
+        const auto ref = torch::from_blob(const_cast<float*>(full.logits.data()) + pos * vocab, {vocab}, torch::kFloat32);
+        worst = std::max(worst, (step_logits[i].to(torch::kCPU, torch::kFloat32) - ref).abs().max().item<double>());
+    }
+    return worst;
+}
+
 std::vector<int> randomIds(int count, int vocab, std::uint64_t seed) {
     std::mt19937_64 rng(seed);
     std::uniform_int_distribution<int> dist(0, vocab - 1);

@@ -45,6 +45,16 @@ ModelConfig tinyMixtureConfig(bool routed, int noop, int vocab_size = 300);
 // two implementations' rounding would decide many top choices; scaled, the choices are clear and varied.
 void spreadExpertRouters(Model& model);
 
+// A causal-mode forward that keeps each layer's K/V in kv (config's causal rule and capacity): the prefill
+// that generation steps (ModTransformerImpl::step) continue.
+nn::ForwardOptions causalPrefill(const ModelConfig& config, std::vector<nn::LayerKV>& kv);
+
+// The largest |logit| difference between generation steps and a full forward over the whole sequence:
+// step_logits[i] predicts position prompt_size + i, as the full run's logits (all positions) at
+// prompt_size + i - 1 do.
+double maxStepLogitGap(const std::vector<torch::Tensor>& step_logits, const RunTrace& full, std::size_t prompt_size,
+                       int vocab);
+
 // ids as a [1, T] int64 tensor on device().
 torch::Tensor idsTensor(const std::vector<int>& ids);
 

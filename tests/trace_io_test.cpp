@@ -267,6 +267,22 @@ std::string errorOf(F&& f) {
     return {};
 }
 
+// Edits of a valid trace, each with a text its refusal must hold.
+using TraceEdits = std::vector<std::pair<std::function<void(nlohmann::ordered_json&)>, std::string>>;
+
+// Each edit of base, read back, is refused by the reader with an "invalid trace" (or "unsupported") message
+// that holds the edit's text.
+void expectEditsRefused(const nlohmann::ordered_json& base, const TraceEdits& edits) {
+    for (const auto& [edit, expected] : edits) {
+        auto j = base;
+        edit(j);
+        const auto msg = errorOf([&] { traceFromJson(j.dump()); });
+        QVERIFY2(msg.find(expected) != std::string::npos,
+                 qPrintable(QString("expected '%1' in '%2'").arg(expected.c_str(), msg.c_str())));
+        QVERIFY2(msg.rfind("invalid trace: ", 0) == 0 || msg.rfind("unsupported", 0) == 0, msg.c_str());
+    }
+}
+
 }  // namespace
 
 class TraceIoTest : public QObject {
@@ -730,7 +746,7 @@ private Q_SLOTS:
         QVERIFY(errorOf([&] { traceFromJson(valid); }).empty());
         using J = nlohmann::ordered_json;
         const J base = J::parse(valid);
-        const std::vector<std::pair<std::function<void(J&)>, std::string>> edits = {
+        const TraceEdits edits = {
             {[](J& j) { j["layers"][1]["router_logits"].erase(0); },
              "layers[1].router_logits has 7 values, expected 8"},
             {[](J& j) { j["layers"][1]["router_logits"].push_back(0.5); },
@@ -765,14 +781,7 @@ private Q_SLOTS:
             {[](J& j) { j = J::array(); }, "an array of traces"},
             {[](J& j) { j = "text"; }, "trace: expected an object, found a string"},
         };
-        for (const auto& [edit, expected] : edits) {
-            J j = base;
-            edit(j);
-            const auto msg = errorOf([&] { traceFromJson(j.dump()); });
-            QVERIFY2(msg.find(expected) != std::string::npos,
-                     qPrintable(QString("expected '%1' in '%2'").arg(expected.c_str(), msg.c_str())));
-            QVERIFY2(msg.rfind("invalid trace: ", 0) == 0 || msg.rfind("unsupported", 0) == 0, msg.c_str());
-        }
+        expectEditsRefused(base, edits);
 
         // Textual defects nlohmann cannot produce.
         const auto replaced = [&](const std::string& from, const std::string& to) {
@@ -1260,7 +1269,7 @@ private Q_SLOTS:
             if (first_out < 0 && doc.run.layers[1].expert_choice[t] < 0) first_out = static_cast<int>(t);
         }
         QVERIFY(first_ran >= 0 && first_out >= 0);
-        const std::vector<std::pair<std::function<void(J&)>, std::string>> edits = {
+        const TraceEdits edits = {
             {[](J& j) { j["layers"][0]["expert"] = J::array(); }, "a layer without a mixture has none"},
             {[](J& j) { j["layers"][1]["moe"] = false; }, "layers[1].moe: false, but the config's moe_layers say true"},
             {[](J& j) { j["layers"][1]["expert_load"][0] = 999; }, "expert_load"},
@@ -1274,13 +1283,7 @@ private Q_SLOTS:
             {[](J& j) { j["generation"]["steps"][0]["expert"][0] = 1; }, "expected null (a layer without a mixture)"},
             {[](J& j) { j["generation"]["steps"][0].erase("expert"); }, "missing 'expert'"},
         };
-        for (const auto& [edit, expected] : edits) {
-            J j = base;
-            edit(j);
-            const auto msg = errorOf([&] { traceFromJson(j.dump()); });
-            QVERIFY2(msg.find(expected) != std::string::npos,
-                     qPrintable(QString("expected '%1' in '%2'").arg(expected.c_str(), msg.c_str())));
-        }
+        expectEditsRefused(base, edits);
     }
 
     // docs/TRACE_FORMAT.md's example is exactly what the writer produces, in JSON and in CSV.
