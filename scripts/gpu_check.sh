@@ -63,7 +63,7 @@ cuda_args=()
 [ -d /usr/local/cuda ] && cuda_args+=(-DCUDAToolkit_ROOT=/usr/local/cuda -DCMAKE_CUDA_COMPILER=/usr/local/cuda/bin/nvcc)
 cmake -S . -B "$dir" -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_PREFIX_PATH="$TORCH_PREFIX" \
     -DMODSCOPE_BUILD_APP=OFF -DMODSCOPE_CPU_KERNELS=OFF "${cuda_args[@]}"
-targets=(engine_routing_test engine_generation_test engine_mixture_test engine_backends_test engine_runtime_test checkpoint_test
+targets=(engine_routing_test engine_generation_test engine_mixture_test engine_interventions_test engine_backends_test engine_runtime_test checkpoint_test
          reference_test trainer_test modscope-trace modscope-train)
 cmake --build "$dir" -j "$jobs" --target "${targets[@]}"
 bin="$dir/bin"
@@ -75,7 +75,8 @@ fi
 # 4. The engine tests, first on the CPU with this build; then the device-parametrised ones with their models on
 # the device: engine_backends_test (the bundled model on the device against the CPU: routing in both modes at
 # 16-1,024 tokens, generation), engine_routing_test and engine_generation_test (float32, then float64), and
-# engine_mixture_test (mixture layers: capacity, causality, the KV cache).
+# engine_mixture_test (mixture layers: capacity, causality, the KV cache) and engine_interventions_test (forced
+# decisions, and decision values against single-flip runs).
 # checkpoint_test, reference_test and trainer_test also run /usr/bin/python3 with torch (the Python reference,
 # the broken checkpoints): they join where it is there.
 tests='^engine_'
@@ -84,7 +85,7 @@ say "engine tests on the CPU"
 (cd "$dir" && QT_QPA_PLATFORM=offscreen ctest --output-on-failure --timeout 1200 -R "$tests")
 say "engine tests with their models on $device"
 (cd "$dir" && MODSCOPE_TEST_DEVICE=$device QT_QPA_PLATFORM=offscreen \
-    ctest --output-on-failure --timeout 1200 -R '^engine_(backends|routing|generation|mixture)_test')
+    ctest --output-on-failure --timeout 1200 -R '^engine_(backends|routing|generation|mixture|interventions)_test')
 
 # 5. The bundled model's traces on the device against the CPU's: the same decisions, router logits within
 # 2e-3 (float32 summed in another order), in both modes over the whole context (2,048 tokens of README.md), and

@@ -6,11 +6,13 @@
 #include <chrono>
 #include <cmath>
 #include <filesystem>
+#include <limits>
 #include <random>
 
 #include "checkpoint/checkpoint.h"
 #include "formats/file_io.h"
 #include "formats/sha256.h"
+#include "interventions.h"
 #include "model_impl.h"
 #include "runtime_state.h"
 
@@ -199,9 +201,22 @@ RunTrace Model::run(const std::vector<int>& ids, const RunOptions& options) cons
             throw Error("layer " + std::to_string(li) + "'s capacity is not a number");
     fo.layer_capacity = options.layer_capacity;
     fo.setCausalRule(impl.config);
-    fo.collect = options.per_token_routing;
-    fo.measure_update = options.per_token_routing;
+    // Decision values read every layer's per-token routing.
+    const bool per_token = options.per_token_routing || options.decision_values;
+    const bool want_loss = options.token_loss || options.decision_values;
+    if (options.top_predictions < 0 || options.top_predictions > 64)
+        throw Error("top predictions: " + std::to_string(options.top_predictions) + " asked, 0 to 64 allowed");
+    const auto forced = nn::resolveOverrides(impl.config, options.overrides, T);
+    fo.forced = &forced;
+    fo.keep_capacity = options.keep_capacity;
+    fo.collect = per_token;
+    fo.measure_update = per_token;
     fo.cancel = options.cancel;
+    CapturedRun captured;  // decision values: what their flips start from
+    if (options.decision_values) {
+        fo.kv = &captured.kv;
+        fo.residuals = &captured.residuals;
+    }
     std::vector<nn::LayerRouting> routing;
     const auto h = impl.net->hidden(input, fo, &routing);
 
@@ -211,18 +226,28 @@ RunTrace Model::run(const std::vector<int>& ids, const RunOptions& options) cons
     trace.device = impl.device.str();
     trace.backend = impl.backend->name();
     trace.token_ids = ids;
+    trace.overrides = options.overrides;
+    trace.keep_capacity = options.keep_capacity;
     int head_positions = 0;
-    if (options.logits == RunOptions::Logits::All) {
-        if (h.device().is_cpu() && h.scalar_type() == torch::kFloat32) {
+    if (options.logits == RunOptions::Logits::All || want_loss || options.top_predictions > 0) {
+        torch::Tensor all;  // [T, V]
+        if (options.logits == RunOptions::Logits::All && h.device().is_cpu() && h.scalar_type() == torch::kFloat32) {
             // The head writes into the trace's own vector: [T, V] logits are not copied a second time.
             trace.logits.resize(static_cast<std::size_t>(T) * impl.config.vocab_size);
-            auto out = torch::from_blob(trace.logits.data(), {T, impl.config.vocab_size}, torch::kFloat32);
-            impl.net->logitsInto(h[0], out);
+            all = torch::from_blob(trace.logits.data(), {T, impl.config.vocab_size}, torch::kFloat32);
+            impl.net->logitsInto(h[0], all);
         } else {
-            trace.logits = toVector<float>(impl.net->logits(h[0]));
+            all = impl.net->logits(h[0]);
+            if (options.logits == RunOptions::Logits::All) trace.logits = toVector<float>(all);
+            if (options.logits == RunOptions::Logits::Last) trace.logits = toVector<float>(all[T - 1]);
         }
-        trace.all_logits = true;
+        trace.all_logits = options.logits == RunOptions::Logits::All;
         head_positions = T;
+        if (want_loss) {
+            trace.token_loss = tokenLosses(all.narrow(0, 0, T - 1), ids, 0);
+            trace.token_loss.push_back(std::numeric_limits<float>::quiet_NaN());
+        }
+        if (options.top_predictions > 0) topPredictions(all, options.top_predictions, trace);
     } else if (options.logits == RunOptions::Logits::Last) {
         trace.logits = toVector<float>(impl.net->logits(h[0][T - 1]));
         head_positions = 1;
@@ -233,21 +258,21 @@ RunTrace Model::run(const std::vector<int>& ids, const RunOptions& options) cons
     for (int li = 0; li < impl.config.n_layers; ++li)
         expert_rows.push_back(static_cast<int>(routing[li].mixture.expert_rows));
     // Without the per-token trace: counts only, and the predictor rows the forward actually computed.
-    for (int li = 0; li < impl.config.n_layers && !options.per_token_routing; ++li) {
+    for (int li = 0; li < impl.config.n_layers && !per_token; ++li) {
         const auto& r = routing[li];
         LayerTrace lt;
         lt.index = li;
         lt.routed = impl.config.isRouted(li);
         lt.capacity = lt.routed ? fo.capacityOf(li) : -1.0;
         lt.k = lt.routed ? static_cast<int>(r.k) : T;
-        lt.processed = !lt.routed                          ? T
-                       : options.mode == RoutingMode::TopK ? lt.k
-                                                           : static_cast<int>(r.selected_mask.sum().item<std::int64_t>());
+        lt.processed = !lt.routed                   ? T
+                       : !r.selected_mask.defined() ? lt.k  // top-k mode's k, unforced
+                                                    : static_cast<int>(r.selected_mask.sum().item<std::int64_t>());
         processed.push_back(lt.processed);
         predictor_rows.push_back(static_cast<int>(r.predictor_rows));
         trace.layers.push_back(std::move(lt));
     }
-    for (int li = 0; li < impl.config.n_layers && options.per_token_routing; ++li) {
+    for (int li = 0; li < impl.config.n_layers && per_token; ++li) {
         const auto& r = routing[li];
         LayerTrace lt;
         lt.index = li;
@@ -282,6 +307,11 @@ RunTrace Model::run(const std::vector<int>& ids, const RunOptions& options) cons
     }
     trace.flops = forwardFlops(impl.config, T, processed, head_positions, predictor_rows, expert_rows);
     trace.dense_flops = denseForwardFlops(impl.config, T, head_positions);
+    if (options.decision_values) {
+        captured.routing = std::move(routing);
+        captured.token_loss = trace.token_loss;
+        computeDecisionValues(impl, ids, fo, forced, captured, trace, options.progress, options.cancel);
+    }
     trace.elapsed_ms = msSince(t0);
     return trace;
 }

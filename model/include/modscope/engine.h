@@ -9,6 +9,7 @@
 #include <cmath>
 #include <cstdint>
 #include <functional>
+#include <limits>
 #include <memory>
 #include <stdexcept>
 #include <string>
@@ -116,6 +117,10 @@ struct LayerTrace {
     // |sigmoid(r) f(x)| / |x| for a token it processed and 0 for one it skipped. Empty for full layers and
     // without RunOptions::per_token_routing.
     std::vector<float> update_ratio;
+    // Decision values (RunOptions::decision_values), routed layers only: for each token t, the run's summed
+    // token loss with this layer's decision on t flipped, minus the summed token loss without the flip.
+    // Positive: flipping hurts, so the decision was worth making. See processingValue().
+    std::vector<float> decision_value;
     // Mixture layers (ModelConfig::moe_layers); the per-token vectors are empty elsewhere.
     bool moe = false;
     int n_experts = 0;
@@ -136,6 +141,12 @@ struct LayerTrace {
         if (expert_choice[i] < 0) return ExpertFate::KeptOut;
         return expert_choice[i] >= n_experts ? ExpertFate::NoOp : ExpertFate::Overflow;
     }
+    // What processing token t in this layer is worth: the loss its skipping adds, decision_value for a token
+    // the layer processed and minus it for one it skipped.
+    float processingValue(int token) const {
+        const auto i = static_cast<std::size_t>(token);
+        return selected[i] ? decision_value[i] : -decision_value[i];
+    }
     // The gate sigmoid(r) of a routed layer's token (what scales its update), from router_logits.
     float gate(int token) const {
         return 1.0f / (1.0f + std::exp(-router_logits[static_cast<std::size_t>(token)]));
@@ -154,6 +165,18 @@ struct Agreement {
     static Agreement of(const LayerTrace& layer);
 };
 
+// A routing decision set by hand (docs/MODEL.md "Interventions"): routed layer `layer` processes (process) or
+// skips the token at `position`, or, with position kAllPositions, every token.
+struct RoutingOverride {
+    static constexpr int kAllPositions = -1;
+    int layer = 0;
+    int position = kAllPositions;
+    bool process = false;
+    bool operator==(const RoutingOverride& o) const {
+        return layer == o.layer && position == o.position && process == o.process;
+    }
+};
+
 struct RunTrace {
     RoutingMode mode = RoutingMode::TopK;
     double capacity = 0.0;     // the run's capacity; a layer given its own (RunOptions) has it in LayerTrace
@@ -167,7 +190,47 @@ struct RunTrace {
     // Logits of the last position [vocab], or of every position [T * vocab] when asked for.
     std::vector<float> logits;
     bool all_logits = false;
+    // With RunOptions::token_loss: [T], position t's loss of the next token, -log p(token t+1 | tokens <= t);
+    // NaN at the last position, which has no next token.
+    std::vector<float> token_loss;
+    // With RunOptions::top_predictions = n: each position's n most probable next tokens, best first, and their
+    // probabilities, [T * n].
+    int top_n = 0;
+    std::vector<int> top_ids;
+    std::vector<float> top_probs;
+    // The overrides the run applied (RunOptions::overrides, as given) and their semantics.
+    std::vector<RoutingOverride> overrides;
+    bool keep_capacity = false;
+    bool decision_values = false;  // every routed layer holds LayerTrace::decision_value
 };
+
+// The summed token loss of a run (its token_loss without the last position's NaN); 0 without token_loss.
+inline double totalTokenLoss(const std::vector<float>& token_loss) {
+    double sum = 0.0;
+    for (float v : token_loss)
+        if (!std::isnan(v)) sum += v;
+    return sum;
+}
+
+// Of the n tokens that processing is worth most to in a routed layer (processingValue, n = the tokens the layer
+// processed), how many the layer processed: "layer 3 picked 5 of its 7 most valuable tokens". Ties at the n-th
+// value go to the earlier token. -1 without decision values. Inline so that the trace readers and the views,
+// which do not link the engine, count as it does.
+inline int valuableSelected(const LayerTrace& layer) {
+    const std::size_t T = layer.selected.size();
+    if (!layer.routed || layer.decision_value.size() != T) return -1;
+    std::vector<int> order(T);
+    for (std::size_t t = 0; t < T; ++t) order[t] = static_cast<int>(t);
+    const auto key = [&](int t) {
+        const float v = layer.processingValue(t);
+        return std::isnan(v) ? -std::numeric_limits<float>::infinity() : v;
+    };
+    std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return key(a) > key(b); });
+    const auto n = static_cast<std::size_t>(std::count(layer.selected.begin(), layer.selected.end(), 1));
+    int picked = 0;
+    for (std::size_t i = 0; i < n && i < T; ++i) picked += layer.selected[static_cast<std::size_t>(order[i])] ? 1 : 0;
+    return picked;
+}
 
 // What a mixture layer's per-token arrays add up to (LayerTrace::expert and expert_choice). Inline so that the
 // trace readers and the views, which do not link the engine, count as it does.
@@ -208,6 +271,22 @@ struct RunOptions {
     // mode needs it. What benchmarks time when they compare forwards.
     bool per_token_routing = true;
     const std::atomic<bool>* cancel = nullptr;  // checked between layers; raises Cancelled
+    // Interventions (docs/MODEL.md "Interventions"). Overrides name routed layers only (Error otherwise); of two
+    // for the same cell the later wins, and one for a single position wins over its layer's kAllPositions one.
+    // Exact flip (the default): a top-k layer processes its top k plus the tokens forced in, minus those forced
+    // out. keep_capacity: the forced cells are fixed and the layer's other k - (forced in) places go to the
+    // highest-ranked tokens not forced out. In causal mode each token not forced decides by the causal rule,
+    // counting the forced decisions before it among the layer's earlier decisions; keep_capacity changes nothing
+    // there.
+    std::vector<RoutingOverride> overrides;
+    bool keep_capacity = false;
+    bool token_loss = false;   // RunTrace::token_loss
+    int top_predictions = 0;   // RunTrace::top_ids and top_probs: this many per position (at most 64)
+    // Every routed cell's LayerTrace::decision_value (implies token_loss): one single-flip run per cell on top of
+    // the overrides, each reusing what its flip cannot change. progress (may be null) sees (cells done, cells)
+    // and cancel is checked between flips.
+    bool decision_values = false;
+    std::function<void(int, int)> progress;
 };
 
 struct GenerationOptions {

@@ -212,7 +212,7 @@ private:
 // token, in order.
 template <typename Logit>
 void decideRow(const CausalRule& rule, std::int64_t T, const std::int64_t* candidates,
-               std::size_t n_candidates, Logit&& logit, bool* sel) {
+               std::size_t n_candidates, Logit&& logit, bool* sel, const std::int8_t* forced = nullptr) {
     const RulePasses passes(rule);
     std::int64_t n = 0;
     std::size_t next = 0;
@@ -222,7 +222,10 @@ void decideRow(const CausalRule& rule, std::int64_t T, const std::int64_t* candi
             open = next < n_candidates && candidates[next] == t;
             next += open ? 1 : 0;
         }
-        sel[t] = open && passes(logit(t), t, n);
+        if (forced != nullptr && forced[t] != kFree)
+            sel[t] = forced[t] == kProcess;
+        else
+            sel[t] = open && passes(logit(t), t, n);
         n += sel[t] ? 1 : 0;
     }
 }
@@ -269,10 +272,12 @@ void selectedRows(const torch::Tensor& mask, const torch::Device& device, std::v
 }  // namespace
 
 torch::Tensor causalSelection(const torch::Tensor& predictor_logits, const torch::Tensor& router_logits,
-                              const CausalRule& rule, std::vector<torch::Tensor>* selected) {
+                              const CausalRule& rule, std::vector<torch::Tensor>* selected,
+                              const std::int8_t* forced) {
     const auto logits = cpuFloat(predictor_logits);
     const auto router = cpuFloat(router_logits);
     const auto B = logits.size(0), T = logits.size(1);
+    TORCH_CHECK(forced == nullptr || B == 1, "forced decisions apply to one row");
     auto out = torch::empty({B, T}, torch::TensorOptions().dtype(torch::kBool));
     std::vector<std::int64_t> candidates;
     for (std::int64_t b = 0; b < B; ++b) {
@@ -280,7 +285,7 @@ torch::Tensor causalSelection(const torch::Tensor& predictor_logits, const torch
             candidates = prefixTopkCandidates(router.data_ptr<float>() + b * T, T, rule.capacity);
         const float* row = logits.data_ptr<float>() + b * T;
         const auto logit = [row](std::int64_t t) { return double(row[t]); };
-        decideRow(rule, T, candidates.data(), candidates.size(), logit, out.data_ptr<bool>() + b * T);
+        decideRow(rule, T, candidates.data(), candidates.size(), logit, out.data_ptr<bool>() + b * T, forced);
     }
     selectedRows(out, predictor_logits.device(), selected);
     return onDevice(out, predictor_logits.device());
@@ -317,6 +322,68 @@ torch::Tensor causalRouting(BlockImpl& block, const torch::Tensor& x, const torc
     }
     if (predictor_rows != nullptr) *predictor_rows = read;
     return onDevice(out, router_logits.device());
+}
+
+}  // namespace modscope::nn
+
+namespace modscope::nn {
+
+std::vector<ForcedDecisions> resolveOverrides(const ModelConfig& config, const std::vector<RoutingOverride>& overrides,
+                                              std::int64_t T) {
+    std::vector<ForcedDecisions> forced(static_cast<std::size_t>(config.n_layers));
+    // Whole-layer overrides first, so that a single position's wins whatever the order given.
+    for (int pass = 0; pass < 2; ++pass)
+        for (const auto& o : overrides) {
+            if (o.layer < 0 || o.layer >= config.n_layers)
+                throw Error("override of layer " + std::to_string(o.layer) + ": the model has layers 0-" +
+                            std::to_string(config.n_layers - 1));
+            if (!config.isRouted(o.layer))
+                throw Error("override of layer " + std::to_string(o.layer) +
+                            ": not a routed layer (only a routed layer's decisions can be forced)");
+            const bool whole = o.position == RoutingOverride::kAllPositions;
+            if (!whole && (o.position < 0 || o.position >= T))
+                throw Error("override of layer " + std::to_string(o.layer) + " at position " +
+                            std::to_string(o.position) + ": the run has positions 0-" + std::to_string(T - 1));
+            if (whole != (pass == 0)) continue;
+            auto& f = forced[static_cast<std::size_t>(o.layer)];
+            if (f.empty()) f.assign(static_cast<std::size_t>(T), kFree);
+            const auto value = o.process ? kProcess : kSkip;
+            if (whole)
+                std::fill(f.begin(), f.end(), value);
+            else
+                f[static_cast<std::size_t>(o.position)] = value;
+        }
+    return forced;
+}
+
+std::vector<std::int64_t> forcedTopk(const float* router_logits, const bool* topk, std::int64_t T, std::int64_t k,
+                                     const std::int8_t* forced, bool keep_capacity) {
+    std::vector<std::int64_t> out;
+    if (!keep_capacity) {
+        for (std::int64_t t = 0; t < T; ++t)
+            if (forced[t] == kProcess || (forced[t] == kFree && topk[t])) out.push_back(t);
+        return out;
+    }
+    std::vector<std::int64_t> free;
+    std::int64_t forced_in = 0;
+    for (std::int64_t t = 0; t < T; ++t) {
+        if (forced[t] == kFree) free.push_back(t);
+        forced_in += forced[t] == kProcess ? 1 : 0;
+    }
+    const auto places = std::clamp<std::int64_t>(k - forced_in, 0, static_cast<std::int64_t>(free.size()));
+    // topkIndices' order: NaN above everything, then the larger logit, then the earlier position.
+    const auto above = [router_logits](std::int64_t a, std::int64_t b) {
+        const float x = router_logits[a], y = router_logits[b];
+        if (std::isnan(x) != std::isnan(y)) return std::isnan(x);
+        if (!std::isnan(x) && x != y) return x > y;
+        return a < b;
+    };
+    std::partial_sort(free.begin(), free.begin() + places, free.end(), above);
+    std::vector<bool> take(static_cast<std::size_t>(T), false);
+    for (std::int64_t i = 0; i < places; ++i) take[static_cast<std::size_t>(free[i])] = true;
+    for (std::int64_t t = 0; t < T; ++t)
+        if (forced[t] == kProcess || take[static_cast<std::size_t>(t)]) out.push_back(t);
+    return out;
 }
 
 }  // namespace modscope::nn

@@ -46,10 +46,28 @@ struct CausalRule {
     }
 };
 
+// A routed layer's forced decisions in a run (RunOptions::overrides), per token: kFree where the layer decides,
+// else kSkip or kProcess.
+using ForcedDecisions = std::vector<std::int8_t>;
+constexpr std::int8_t kFree = -1, kSkip = 0, kProcess = 1;
+
+// Per layer, the forced decisions of overrides in a run of T tokens: empty where a layer has none. Throws Error
+// for a layer that does not exist or is not routed, and for a position outside [0, T).
+std::vector<ForcedDecisions> resolveOverrides(const ModelConfig& config, const std::vector<RoutingOverride>& overrides,
+                                              std::int64_t T);
+
+// Top-k mode's selection under forced decisions, as ascending positions: with keep_capacity the forced-in tokens
+// and the highest-ranked free ones up to k in all (topkIndices' order: NaN first, then the larger logit, then
+// the earlier position), else topk (the layer's top k, a mask [T]) plus the forced-in minus the forced-out.
+std::vector<std::int64_t> forcedTopk(const float* router_logits, const bool* topk, std::int64_t T, std::int64_t k,
+                                     const std::int8_t* forced, bool keep_capacity);
+
 // The rule applied along each row: predictor_logits and router_logits [B, T] -> processed [B, T] bool. With
-// selected, also each row's processed positions as [1, n_b] int64, ascending.
+// selected, also each row's processed positions as [1, n_b] int64, ascending. With forced (B = 1, [T]), a forced
+// token takes its forced decision and counts among the decisions before the tokens after it.
 torch::Tensor causalSelection(const torch::Tensor& predictor_logits, const torch::Tensor& router_logits,
-                              const CausalRule& rule, std::vector<torch::Tensor>* selected = nullptr);
+                              const CausalRule& rule, std::vector<torch::Tensor>* selected = nullptr,
+                              const std::int8_t* forced = nullptr);
 
 // How many of history are above value (the prefix-top-k rule's count; NaN counts as -inf).
 std::int64_t countAbove(const std::vector<float>& history, float value);

@@ -15,6 +15,23 @@ void checkCancel(const std::atomic<bool>* cancel) {
     if (cancel != nullptr && cancel->load(std::memory_order_relaxed)) throw Cancelled();
 }
 
+// A top-k layer's selection under forced decisions (forcedTopk) from its router logits [1, T] and top k
+// topk_idx [1, k]: ascending positions [1, n] on the logits' device.
+torch::Tensor forcedTopkIndices(const torch::Tensor& router_logits, const torch::Tensor& topk_idx, std::int64_t k,
+                                const ForcedDecisions& forced, bool keep_capacity) {
+    const auto T = router_logits.size(1);
+    TORCH_CHECK(router_logits.size(0) == 1 && static_cast<std::int64_t>(forced.size()) == T,
+                "forced decisions apply to one row of ", forced.size(), " tokens");
+    const auto r = router_logits[0].detach().to(torch::kCPU, torch::kFloat32).contiguous();
+    const auto top = topk_idx[0].to(torch::kCPU, torch::kLong).contiguous();
+    std::unique_ptr<bool[]> in_topk(new bool[static_cast<std::size_t>(T)]());
+    for (std::int64_t i = 0; i < top.size(0); ++i) in_topk[top.data_ptr<std::int64_t>()[i]] = true;
+    const auto chosen = forcedTopk(r.data_ptr<float>(), in_topk.get(), T, k, forced.data(), keep_capacity);
+    auto row = torch::empty({1, static_cast<std::int64_t>(chosen.size())}, torch::kLong);
+    std::copy(chosen.begin(), chosen.end(), row.data_ptr<std::int64_t>());
+    return row.to(router_logits.device());
+}
+
 }  // namespace
 
 // ---------------------------------------------------------------------------------------------- model
@@ -118,9 +135,12 @@ torch::Tensor ModTransformerImpl::hidden(const torch::Tensor& ids, const Forward
         const bool need_topk = options.mode == RoutingMode::TopK || options.collect;
         torch::Tensor topk_idx;
         if (need_topk) topk_idx = topkIndices(router_logits, k);  // [B, k]
+        const ForcedDecisions* forced = options.forcedAt(li);
+        TORCH_CHECK(forced == nullptr || B == 1, "forced decisions apply to one row");
         torch::Tensor predictor_logits;  // [B, T], every token's: a trace shows them all
         std::int64_t predictor_rows = 0;
-        if (options.collect) {
+        // A forced token may be one the prefix top-k would not let the predictor read: all of them are read.
+        if (options.collect || (forced != nullptr && options.mode == RoutingMode::Causal)) {
             predictor_logits = block.predictor(x.detach());
             predictor_rows = B * T;
         }
@@ -129,7 +149,12 @@ torch::Tensor ModTransformerImpl::hidden(const torch::Tensor& ids, const Forward
         torch::Tensor update_ratio;            // [B, T] with measure
         std::vector<torch::Tensor> row_ratios;  // causal mode: [1, T] per row
         if (options.mode == RoutingMode::TopK) {
-            x = processSelected(block, x, router_logits, topk_idx, positions, kv, in_place,
+            auto idx = topk_idx;
+            if (forced != nullptr) {
+                idx = forcedTopkIndices(router_logits, topk_idx, k, *forced, options.keep_capacity);
+                selected_mask = torch::zeros({B, T}, ids.options().dtype(torch::kBool)).scatter(1, idx, true);
+            }
+            x = processSelected(block, x, router_logits, idx, positions, kv, in_place,
                                 measure ? &update_ratio : nullptr, mixture);
         } else {
             // Each token decides from its own block input, which depends on earlier tokens only, and from the
@@ -137,7 +162,8 @@ torch::Tensor ModTransformerImpl::hidden(const torch::Tensor& ids, const Forward
             std::vector<torch::Tensor> chosen;  // [1, n_b] per row, ascending
             selected_mask =
                 predictor_logits.defined()
-                    ? causalSelection(predictor_logits, router_logits, options.causalRule(li), &chosen)
+                    ? causalSelection(predictor_logits, router_logits, options.causalRule(li), &chosen,
+                                      forced != nullptr ? forced->data() : nullptr)
                     : causalRouting(block, x, router_logits, options.causalRule(li), &predictor_rows, &chosen);
             std::vector<torch::Tensor> rows;      // each row's own selection; in place, rows of x itself
             std::vector<MixtureRouting> row_mixtures;
@@ -162,7 +188,7 @@ torch::Tensor ModTransformerImpl::hidden(const torch::Tensor& ids, const Forward
             if (topk_idx.defined() && options.collect)  // without collect, top-k mode's selection is its k
                 r.topk_mask =
                     torch::zeros({B, T}, ids.options().dtype(torch::kBool)).scatter(1, topk_idx, true);
-            r.selected_mask = options.mode == RoutingMode::TopK ? r.topk_mask : selected_mask;
+            r.selected_mask = selected_mask.defined() ? selected_mask : r.topk_mask;
             if (measure) r.update_ratio = row_ratios.empty() ? update_ratio : torch::cat(row_ratios, 0);
         }
     }

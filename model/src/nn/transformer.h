@@ -31,6 +31,14 @@ struct ForwardOptions {
     const std::atomic<bool>* cancel = nullptr;
     // Per layer index: that layer's capacity in place of capacity (< 0 or absent: capacity).
     std::vector<double> layer_capacity;
+    // Per layer index: its forced decisions (resolveOverrides; empty or absent: none), for B = 1.
+    const std::vector<ForcedDecisions>* forced = nullptr;
+    bool keep_capacity = false;  // RunOptions::keep_capacity
+
+    const ForcedDecisions* forcedAt(std::size_t layer) const {
+        return forced != nullptr && layer < forced->size() && !(*forced)[layer].empty() ? &(*forced)[layer]
+                                                                                        : nullptr;
+    }
 
     double capacityOf(std::size_t layer) const {
         return layer < layer_capacity.size() && layer_capacity[layer] >= 0 ? std::min(layer_capacity[layer], 1.0)
