@@ -1,5 +1,6 @@
 // The C++ engine against tests/reference/mod_reference.py, an independent implementation of docs/MODEL.md
-// in Python: same logits (absolute tolerance 1e-4) and the same routing decisions, token by token.
+// in Python: same logits and per-token losses (absolute tolerance 1e-4) and the same routing decisions, token by
+// token, with and without forced decisions.
 #include <QDir>
 #include <QFile>
 #include <QJsonArray>
@@ -17,11 +18,15 @@ namespace {
 
 constexpr double kLogitTolerance = 1e-4;
 
-QJsonObject expectedCase(const Model& model, const std::vector<int>& ids, double capacity, RoutingMode mode) {
+QJsonObject expectedCase(const Model& model, const std::vector<int>& ids, double capacity, RoutingMode mode,
+                         const std::vector<RoutingOverride>& overrides = {}, bool keep_capacity = false) {
     RunOptions opt;
     opt.capacity = capacity;
     opt.mode = mode;
     opt.logits = RunOptions::Logits::All;
+    opt.token_loss = true;
+    opt.overrides = overrides;
+    opt.keep_capacity = keep_capacity;
     const auto trace = model.run(ids, opt);
     const int T = static_cast<int>(ids.size()), V = model.config().vocab_size;
     QJsonObject c;
@@ -48,6 +53,12 @@ QJsonObject expectedCase(const Model& model, const std::vector<int>& ids, double
         }
         layers.append(l);
     }
+    QJsonArray loss, forced;
+    for (float v : trace.token_loss) loss.append(std::isnan(v) ? QJsonValue() : QJsonValue(double(v)));
+    for (const auto& o : overrides) forced.append(QJsonArray{o.layer, o.position, o.process});
+    c["token_loss"] = loss;
+    c["overrides"] = forced;
+    c["keep_capacity"] = keep_capacity;
     c["ids"] = jids;
     c["capacity"] = capacity;
     c["mode"] = toString(mode);
@@ -65,6 +76,20 @@ void checkAgainstReference(const Model& model, const std::string& checkpoint_dir
         const auto ids = test::randomIds(T, model.config().vocab_size, seed++);
         for (double capacity : {0.125, 0.5, 1.0}) cases.append(expectedCase(model, ids, capacity, RoutingMode::TopK));
         cases.append(expectedCase(model, ids, model.config().capacity, RoutingMode::Causal));
+        // Forced decisions (docs/MODEL.md "Interventions"), both semantics and both modes: cells forced either
+        // way, and a whole layer skipped but for one token.
+        const auto& routed = model.config().routed_layers;
+        if (T < 2 || routed.empty()) continue;
+        const std::vector<RoutingOverride> cells = {{routed[0], T / 3, true}, {routed[0], T - 1, false},
+                                                    {routed.back(), 0, true}};
+        const std::vector<RoutingOverride> layer = {{routed.back(), RoutingOverride::kAllPositions, false},
+                                                    {routed.back(), T / 2, true}};
+        for (bool keep : {false, true}) {
+            cases.append(expectedCase(model, ids, model.config().capacity, RoutingMode::TopK, cells, keep));
+            cases.append(expectedCase(model, ids, model.config().capacity, RoutingMode::TopK, layer, keep));
+        }
+        cases.append(expectedCase(model, ids, model.config().capacity, RoutingMode::Causal, cells));
+        cases.append(expectedCase(model, ids, model.config().capacity, RoutingMode::Causal, layer));
     }
     QTemporaryDir dir;
     const auto path = QDir(dir.path()).filePath("expected.json");

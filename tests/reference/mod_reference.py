@@ -99,13 +99,18 @@ class ModReference:
         m = (F.silu(g) * u) @ self.w[p + "mlp.down.weight"].T
         return a + m, None
 
-    def causal_selection(self, pred_logit, r, capacity, engine=None, ties=None):
+    def causal_selection(self, pred_logit, r, capacity, engine=None, ties=None, forced=None):
         """docs/MODEL.md "Causal mode": decided in order, from earlier decisions and earlier router logits.
 
         With engine (its decisions for this layer), a decision that differs from this one only because a value
-        sits within rounding of its boundary (NEAR_TIE) follows the engine's, and is listed in ties."""
+        sits within rounding of its boundary (NEAR_TIE) follows the engine's, and is listed in ties. forced: a
+        list of None, True or False per token (docs/MODEL.md "Interventions"), counted as earlier decisions."""
         sel, taken = [], 0
         for t in range(len(r)):
+            if forced is not None and forced[t] is not None:
+                sel.append(forced[t])
+                taken += forced[t]
+                continue
             shortfall = capacity * (t + 1) - taken
             margin = pred_logit[t].double().item() + self.budget_gain * shortfall - math.log(
                 self.threshold / (1.0 - self.threshold))
@@ -122,11 +127,40 @@ class ModReference:
             taken += ok
         return torch.tensor(sel, dtype=torch.bool)
 
-    def forward(self, ids, capacity=None, mode="topk", engine_layers=None, ties=None):
-        """engine_layers: the engine's decisions ([{"selected": [...]}] per layer), followed at near ties."""
+    @staticmethod
+    def forced_decisions(overrides, T):
+        """docs/MODEL.md "Interventions": {layer: [None | True | False] * T} from [[layer, position, process]]
+        (position -1: every token); a single position's override wins over its layer's."""
+        forced = {}
+        for whole in (True, False):
+            for layer, position, process in overrides:
+                if (position == -1) != whole:
+                    continue
+                row = forced.setdefault(layer, [None] * T)
+                for t in (range(T) if whole else [position]):
+                    row[t] = bool(process)
+        return forced
+
+    @staticmethod
+    def forced_topk(r, topk, k, forced, keep_capacity):
+        """Top-k mode under forced decisions: exact flip, or the forced-in plus the best-ranked free tokens."""
+        T = len(r)
+        if not keep_capacity:
+            return torch.tensor([topk[t].item() if forced[t] is None else forced[t] for t in range(T)])
+        free = [t for t in range(T) if forced[t] is None]
+        forced_in = sum(1 for f in forced if f is True)
+        free.sort(key=lambda t: (-r[t].item(), t))
+        take = set(free[:max(0, min(k - forced_in, len(free)))])
+        return torch.tensor([forced[t] is True or t in take for t in range(T)])
+
+    def forward(self, ids, capacity=None, mode="topk", engine_layers=None, ties=None, overrides=(),
+                keep_capacity=False):
+        """engine_layers: the engine's decisions ([{"selected": [...]}] per layer), followed at near ties.
+        overrides: forced decisions, [[layer, position, process]] (docs/MODEL.md "Interventions")."""
         c = self.cfg
         capacity = c["capacity"] if capacity is None else capacity
         T = len(ids)
+        forced = self.forced_decisions(overrides, T)
         x = self.w["tok_emb.weight"][torch.tensor(ids)]
         pos = torch.arange(T)
         layers = []
@@ -152,14 +186,16 @@ class ModReference:
             layer_ties = []
             if mode == "topk":
                 sel = topk
-                if engine is not None:
+                if engine is not None and i not in forced:
                     theirs = torch.tensor(engine, dtype=torch.bool)
                     differ = (theirs != topk).nonzero().view(-1)
                     kth = r.topk(k).values[-1]
                     if len(differ) and int(theirs.sum()) == k and bool(((r[differ] - kth).abs() < NEAR_TIE).all()):
                         sel, layer_ties = theirs, differ.tolist()
+                if i in forced:
+                    sel = self.forced_topk(r, topk, k, forced[i], keep_capacity)
             else:
-                sel = self.causal_selection(pred_logit, r, capacity, engine, layer_ties)
+                sel = self.causal_selection(pred_logit, r, capacity, engine, layer_ties, forced.get(i))
             if ties is not None:
                 ties.extend((i, t) for t in layer_ties)
             idx = sel.nonzero().view(-1)  # ascending: original order
@@ -194,12 +230,23 @@ def compare(ref, expected):
     for n, case in enumerate(expected["cases"]):
         case_ties = []
         with torch.no_grad():
-            logits, layers = ref.forward(case["ids"], case["capacity"], case["mode"], case["layers"], case_ties)
+            logits, layers = ref.forward(case["ids"], case["capacity"], case["mode"], case["layers"], case_ties,
+                                         case.get("overrides", ()), case.get("keep_capacity", False))
         ties += len(case_ties)
         diff = (logits[case["positions"]] - torch.tensor(case["logits"])).abs().max().item()
         worst = max(worst, diff)
         if diff > case["tolerance"]:
             problems.append(f"case {n}: max |logit difference| {diff:.3g}")
+        if "token_loss" in case:  # the loss of each next token, by PyTorch's own cross-entropy
+            ids = torch.tensor(case["ids"])
+            mine = F.cross_entropy(logits[:-1], ids[1:], reduction="none")
+            theirs = case["token_loss"]
+            if theirs[-1] is not None or len(theirs) != len(ids):
+                problems.append(f"case {n}: token_loss must have T values, the last null")
+            elif len(ids) > 1:
+                loss_diff = (mine - torch.tensor(theirs[:-1])).abs().max().item()
+                if loss_diff > case["tolerance"]:
+                    problems.append(f"case {n}: max |token loss difference| {loss_diff:.3g}")
         for i, (mine, theirs) in enumerate(zip(layers, case["layers"])):
             for t, (a, b) in enumerate(zip(mine["selected"], theirs["selected"])):
                 if a != b:
