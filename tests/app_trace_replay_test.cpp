@@ -149,8 +149,8 @@ private Q_SLOTS:
         QVERIFY(in.open(QIODevice::ReadOnly));
         QByteArray text = in.readAll();
         in.close();
-        QVERIFY(text.contains("modscope.trace/3"));
-        text.replace("modscope.trace/3", "modscope.trace/9");
+        QVERIFY(text.contains("modscope.trace/4"));
+        text.replace("modscope.trace/4", "modscope.trace/9");
         const QString broken = dir_.filePath(QStringLiteral("broken.json"));
         QFile out(broken);
         QVERIFY(out.open(QIODevice::WriteOnly));

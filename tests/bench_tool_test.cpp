@@ -62,7 +62,7 @@ private Q_SLOTS:
         QByteArray err;
         const int code = runBench(
             {QStringLiteral("--model"), model_dir_, QStringLiteral("--quick"), QStringLiteral("--sections"),
-             QStringLiteral("forward,mod,mixtures,layers,generation,peak,routing,reference"), QStringLiteral("--json"),
+             QStringLiteral("forward,mod,mixtures,interventions,layers,generation,peak,routing,reference"), QStringLiteral("--json"),
              json_path, QStringLiteral("--markdown"), md_path},
             &err);
         QVERIFY2(code == 0, err.constData());
@@ -103,6 +103,17 @@ private Q_SLOTS:
         QVERIFY(ratio[QStringLiteral("mode-integrated")] < ratio[QStringLiteral("moe")]);
         QVERIFY(ratio[QStringLiteral("mode-staged")] < ratio[QStringLiteral("mod")] + 0.05);
         QVERIFY(ratio[QStringLiteral("mod")] < 0.8);
+
+        // The interventions section: both modes at T = 128 (512 is beyond this model), each map timed and
+        // covering every routed cell.
+        const QJsonArray interventions = j[QStringLiteral("interventions")].toArray();
+        QCOMPARE(interventions.size(), 2);
+        for (const auto& v : interventions) {
+            const QJsonObject r = v.toObject();
+            QCOMPARE(r[QStringLiteral("cells")].toInt(), int(config_.routed_layers.size()) * 128);
+            QVERIFY(r[QStringLiteral("decision_value_map_ms")].toObject()[QStringLiteral("n")].toInt() > 0);
+            QVERIFY(r[QStringLiteral("token_loss_run_ms")].toObject()[QStringLiteral("n")].toInt() > 0);
+        }
 
         const QJsonArray mod = j[QStringLiteral("mod_vs_dense")].toArray();
         QCOMPARE(mod.size(), 4);  // T = 128 (512 is beyond this model) × four capacities

@@ -635,12 +635,17 @@ private Q_SLOTS:
             }
             return out;
         };
-        const auto dropGateAndUpdate = [](std::string& line) {  // the last five columns: gate ... expert_prob
-            for (int i = 0; i < 5; ++i) line.erase(line.rfind(','));
+        // A version's CSV: the columns after its first `keep` dropped.
+        const auto keepColumns = [](int keep) {
+            return [keep](std::string& line) {
+                for (int i = keep; i < int(std::size(kTraceCsvColumns)); ++i) line.erase(line.rfind(','));
+            };
         };
-        const auto dropExperts = [](std::string& line) {  // the last three: the second version's CSV
-            for (int i = 0; i < 3; ++i) line.erase(line.rfind(','));
-        };
+        const auto dropGateAndUpdate = keepColumns(kTraceCsvColumnsV1);
+        const auto dropExperts = keepColumns(kTraceCsvColumnsV2);
+        const auto v3_rows = traceRowsFromCsv(editLines(csv, keepColumns(kTraceCsvColumnsV3)));
+        QCOMPARE(v3_rows.size(), traceRowsFromCsv(csv).size());
+        QVERIFY(v3_rows.back().gate && !v3_rows.back().token_loss && v3_rows.back().forced.empty());
         const auto v2_rows = traceRowsFromCsv(editLines(csv, dropExperts));
         QCOMPARE(v2_rows.size(), traceRowsFromCsv(csv).size());
         QVERIFY(v2_rows.back().gate && !v2_rows.back().expert && !v2_rows.back().expert_choice);
@@ -722,13 +727,14 @@ private Q_SLOTS:
 
     void unknownSchemaIsRefused() {
         auto text = traceToJson(craftDocument({"a", "b"}));
-        const std::string v3 = "\"modscope.trace/3\"";
-        text.replace(text.find(v3), v3.size(), "\"modscope.trace/4\"");
+        const std::string v4 = "\"modscope.trace/4\"";
+        text.replace(text.find(v4), v4.size(), "\"modscope.trace/5\"");
         const auto msg = errorOf([&] { traceFromJson(text); });
-        QVERIFY2(msg.find("unsupported trace schema \"modscope.trace/4\"") != std::string::npos, msg.c_str());
-        QVERIFY2(msg.find("reads \"modscope.trace/3\", \"modscope.trace/2\" and \"modscope.trace/1\"") != std::string::npos,
+        QVERIFY2(msg.find("unsupported trace schema \"modscope.trace/5\"") != std::string::npos, msg.c_str());
+        QVERIFY2(msg.find("reads \"modscope.trace/4\", \"modscope.trace/3\", \"modscope.trace/2\" and \"modscope.trace/1\"") !=
+                     std::string::npos,
                  msg.c_str());
-        const auto file = path("v4.json");
+        const auto file = path("v5.json");
         writeAll(file, text);
         const auto from_file = errorOf([&] { loadTrace(file.toStdString()); });
         QVERIFY2(from_file.find(file.toStdString() + ": unsupported trace schema") == 0, from_file.c_str());
@@ -983,7 +989,7 @@ private Q_SLOTS:
             "import csv, json, sys\n"
             "d = json.load(open(sys.argv[1], encoding='utf-8'))\n"
             "rows = list(csv.DictReader(open(sys.argv[2], newline='', encoding='utf-8')))\n"
-            "assert d['schema'] == 'modscope.trace/3', d['schema']\n"
+            "assert d['schema'] == 'modscope.trace/4', d['schema']\n"
             "assert len(d['layers']) == d['model']['config']['n_layers']\n"
             "assert all(len(l['selected']) == len(d['tokens']) for l in d['layers'])\n"
             "assert all(l['router_logits'] is None for l in d['layers'] if not l['routed'])\n"
@@ -1113,11 +1119,11 @@ private Q_SLOTS:
             const auto r = runCli({"--check", path(name)});
             QVERIFY2(r.code == 0 && r.err.isEmpty() && r.out.contains(name), qPrintable(r.err));
         }
-        if (tool) QVERIFY(runCli({"--check", path("check-good.jsonl")}).out.contains("2 modscope.trace/3 trace documents"));
+        if (tool) QVERIFY(runCli({"--check", path("check-good.jsonl")}).out.contains("2 modscope.trace/4 trace documents"));
         if (tool) {  // an empty JSON Lines file holds no documents
             writeAll(path("check-empty.jsonl"), "");
             const auto r = runCli({"--check", path("check-empty.jsonl")});
-            QVERIFY2(r.code == 0 && r.out.contains("0 modscope.trace/3 trace documents"), qPrintable(r.out + r.err));
+            QVERIFY2(r.code == 0 && r.out.contains("0 modscope.trace/4 trace documents"), qPrintable(r.out + r.err));
         }
 
         QTemporaryDir parent;
@@ -1282,6 +1288,66 @@ private Q_SLOTS:
             {[](J& j) { j["layers"][1].erase("expert_runner_up"); }, "missing 'expert_runner_up'"},
             {[](J& j) { j["generation"]["steps"][0]["expert"][0] = 1; }, "expected null (a layer without a mixture)"},
             {[](J& j) { j["generation"]["steps"][0].erase("expert"); }, "missing 'expert'"},
+        };
+        expectEditsRefused(base, edits);
+    }
+
+    // Interventions (modscope.trace/4): a run's overrides, token losses and decision values survive JSON and CSV,
+    // a third-version document still reads, and contradictions are refused.
+    void interventionsRoundTripAndRefusals() {
+        TraceRequest request;
+        request.overrides = {{1, 2, true}, {3, RoutingOverride::kAllPositions, false}, {3, 4, true}};
+        request.decision_values = true;
+        request.token_loss = true;
+        const auto doc = traceModel(*model_, "Routing decisions, forced and valued.", request);
+        const auto T = doc.tokens.size();
+        QVERIFY(T > 5 && doc.run.decision_values);
+        const auto back = traceFromJson(traceToJson(doc));
+        QVERIFY(back.run.overrides == doc.run.overrides);
+        QCOMPARE(back.run.keep_capacity, false);
+        QVERIFY(back.run.decision_values);
+        QCOMPARE(back.run.token_loss.size(), T);
+        QVERIFY(std::isnan(back.run.token_loss.back()));
+        for (std::size_t t = 0; t + 1 < T; ++t) QCOMPARE(back.run.token_loss[t], doc.run.token_loss[t]);
+        for (int li : {1, 3}) QCOMPARE(back.run.layers[li].decision_value, doc.run.layers[li].decision_value);
+        QVERIFY(back.run.layers[0].decision_value.empty());
+        QCOMPARE(traceToJson(back), traceToJson(doc));
+
+        const auto rows = traceRowsFromCsv(traceToCsv(doc));
+        int forced_process = 0, forced_skip = 0, values = 0;
+        for (const auto& r : rows) {
+            QCOMPARE(bool(r.token_loss), std::size_t(r.position) + 1 < T);
+            if (r.token_loss) QCOMPARE(*r.token_loss, doc.run.token_loss[r.position]);
+            forced_process += r.forced == "process" ? 1 : 0;
+            forced_skip += r.forced == "skip" ? 1 : 0;
+            values += r.decision_value ? 1 : 0;
+        }
+        QCOMPARE(forced_process, 2);             // 1:2 and 3:4
+        QCOMPARE(forced_skip, int(T) - 1);       // the rest of layer 3
+        QCOMPARE(values, 2 * int(T));            // both routed layers
+
+        using J = nlohmann::ordered_json;
+        const J base = J::parse(traceToJson(doc));
+        auto v3 = base;  // the third version knows none of this: its members are ignored there
+        v3["schema"] = kTraceSchemaV3;
+        const auto old = traceFromJson(v3.dump());
+        QVERIFY(old.run.token_loss.empty() && old.run.overrides.empty() && !old.run.decision_values);
+        QVERIFY(old.run.layers[1].decision_value.empty());
+        const TraceEdits edits = {
+            {[](J& j) { j["overrides"][0]["layer"] = 0; }, "overrides[0].layer: layer 0 is not a routed layer"},
+            {[&](J& j) { j["overrides"][0]["position"] = int(T); }, "overrides[0].position"},
+            {[](J& j) { j["overrides"][0].erase("process"); }, "missing 'process'"},
+            {[&](J& j) { j["token_loss"][T - 1] = 1.0; }, "the last position has no next token"},
+            {[](J& j) { j["token_loss"][0] = -1.0; }, "token_loss[0]"},
+            {[](J& j) { j["layers"][1]["decision_value"] = nullptr; }, "come together"},
+            {[](J& j) {
+                 j["layers"][1]["decision_value"] = nullptr;
+                 j["layers"][1]["decision_value_top_selected"] = nullptr;
+             },
+             "decision values in 1 of the 2 routed layers"},
+            {[](J& j) { j["layers"][1]["decision_value_top_selected"] = 0; }, "but the values give"},
+            {[](J& j) { j["layers"][0]["decision_value"] = J::array(); }, "a full layer has none"},
+            {[](J& j) { j["token_loss"] = nullptr; }, "decision values without token_loss"},
         };
         expectEditsRefused(base, edits);
     }

@@ -272,6 +272,58 @@ void benchMixtures(BenchContext& ctx) {
     ctx.report().add(table);
 }
 
+// ---------------------------------------------------------------------------------------------- interventions
+void benchInterventions(BenchContext& ctx) {
+    const auto& model = ctx.model();
+    const auto& cfg = model.config();
+    Table table("Interventions on " + cfg.name + ": per-token loss and the whole decision-value map",
+                {"T", "mode", "loss run ms", "map s", "cells", "ms a cell", "target s", "÷ target",
+                 "map ÷ (cells × loss run)"});
+    json rows = json::array();
+    if (cfg.routed_layers.empty()) {
+        table.addNote("The model has no routed layers: no decisions to value.");
+        ctx.report().add(table);
+        ctx.report().json["interventions"] = rows;
+        return;
+    }
+    for (int T : fitting({128, 512}, cfg.max_seq_len)) {
+        const auto ids = randomIds(T, cfg.vocab_size, 3);
+        const double target_s = T <= 128 ? 1.0 : 10.0;  // docs/PERFORMANCE.md
+        for (const auto mode : {RoutingMode::TopK, RoutingMode::Causal}) {
+            ctx.progress(std::string("interventions, ") + toString(mode) + ", T=" + std::to_string(T));
+            RunOptions loss;
+            loss.mode = mode;
+            loss.token_loss = true;
+            const auto loss_run = timeRun(ctx, model, ids, loss);
+            RunOptions values = loss;
+            values.decision_values = true;
+            // A map is long: a few repetitions, one under --quick or at 512 tokens.
+            const int reps = ctx.quick() || T > 128 ? 1 : 3;
+            RunTrace trace;
+            const auto map_ms = timeRepeated(0, reps, [&] { trace = model.run(ids, values); });
+            const int cells = T * static_cast<int>(cfg.routed_layers.size());
+            const double brute_ms = cells * loss_run.ms.median;
+            table.addRow({std::to_string(T), toString(mode), fixed(loss_run.ms.median, 2), fixed(map_ms.median / 1000.0, 2),
+                          std::to_string(cells), fixed(map_ms.median / cells, 3), fixed(target_s, 0),
+                          percent(map_ms.median / 1000.0 / target_s, 0), fixed(map_ms.median / brute_ms, 2)});
+            rows.push_back({{"seq_len", T},
+                            {"mode", toString(mode)},
+                            {"token_loss_run_ms", loss_run.ms.toJson()},
+                            {"decision_value_map_ms", map_ms.toJson()},
+                            {"cells", cells},
+                            {"target_seconds", target_s},
+                            {"map_over_single_flip_runs", map_ms.median / brute_ms}});
+        }
+    }
+    table.addNote(
+        "Random ids, seed 3. Loss run: Model::run with token_loss (every position's logits). Map: the same with "
+        "decision_values, one flip per routed cell, each reusing the run's layer inputs and K/V before the flip "
+        "(docs/MODEL.md \"Interventions\"). The last column compares the map with as many whole runs. Targets: "
+        "1 s at 128 tokens, 10 s at 512.");
+    ctx.report().json["interventions"] = rows;
+    ctx.report().add(table);
+}
+
 // ---------------------------------------------------------------------------------------------- layers
 void benchLayers(BenchContext& ctx) {
     const Model& model = ctx.model();

@@ -130,6 +130,7 @@ int main(int argc, char** argv) {
         section("forward", benchForward);
         section("mod", benchModVsDense);
         section("mixtures", benchMixtures);
+        section("interventions", benchInterventions);
         section("layers", benchLayers);
         section("generation", benchGeneration);
         section("peak", benchPeak);

@@ -55,7 +55,27 @@ struct Options {
     int generate = 0;
     float temperature = 0.8f, top_p = 0.95f;
     std::uint64_t seed = 0;
+    bool token_loss = false, keep_capacity = false, decision_values = false;
+    std::vector<std::string> force;
 };
+
+// --force LAYER:POS=process|skip, or LAYER:all=process|skip for every token of the layer.
+modscope::RoutingOverride parseForce(const std::string& text) {
+    const auto fail = [&](const std::string& why) {
+        return UsageError("--force " + text + ": " + why + " (expected LAYER:POS=process|skip or LAYER:all=...)");
+    };
+    const auto colon = text.find(':'), eq = text.find('=');
+    if (colon == std::string::npos || eq == std::string::npos || eq < colon) throw fail("malformed");
+    modscope::RoutingOverride o;
+    o.layer = static_cast<int>(modscope::cli::parseInteger("--force", text.substr(0, colon), 0, modscope::kMaxTraceLayers - 1));
+    const auto pos = text.substr(colon + 1, eq - colon - 1);
+    o.position = pos == "all" ? modscope::RoutingOverride::kAllPositions
+                              : static_cast<int>(modscope::cli::parseInteger("--force", pos, 0, modscope::kMaxTraceTokens - 1));
+    const auto what = text.substr(eq + 1);
+    if (what != "process" && what != "skip") throw fail("'" + what + "' is neither process nor skip");
+    o.process = what == "process";
+    return o;
+}
 
 struct Prompt {
     std::string text;
@@ -257,6 +277,19 @@ void printSummary(const std::vector<modscope::TraceDocument>& docs, const modsco
         for (long x : load) std::printf(" %ld", x);
         std::printf("\n");
     }
+    if (!batch && !first.run.token_loss.empty()) {
+        const double total_loss = modscope::totalTokenLoss(first.run.token_loss);
+        const auto n = first.run.token_loss.size() - 1;
+        std::printf("loss      %.4f summed over %zu next tokens, %.4f each\n", total_loss, n,
+                    n > 0 ? total_loss / double(n) : 0.0);
+    }
+    if (!batch && !first.run.overrides.empty())
+        std::printf("forced    %zu override%s, %s\n", first.run.overrides.size(),
+                    first.run.overrides.size() == 1 ? "" : "s", first.run.keep_capacity ? "keeping capacity" : "exact flips");
+    for (const auto& l : first.run.layers)
+        if (!batch && l.routed && !l.decision_value.empty())
+            std::printf("values    layer %d picked %d of its %d most valuable tokens\n", l.index,
+                        modscope::valuableSelected(l), l.processed);
     std::printf("processed %.1f%% of token-layers (routed layers %.1f%%), FLOPs %.3f of dense",
                 100 * total.processedFraction(), 100 * total.routedProcessedFraction(),
                 total.flopsFraction());
@@ -335,6 +368,25 @@ int run(const Options& o, bool have_prompt) {
     request.generation.top_p = o.top_p;
     request.generation.seed = o.seed;
     request.generation.eos_id = -1;
+    for (const auto& f : o.force) {
+        const auto override_ = parseForce(f);
+        if (override_.layer >= cfg.n_layers || !cfg.isRouted(override_.layer))
+            throw UsageError("--force " + f + ": layer " + std::to_string(override_.layer) + " is not a routed layer of " +
+                             cfg.name + " (routed: " + routedList(cfg) + ")");
+        request.overrides.push_back(override_);
+    }
+    request.keep_capacity = o.keep_capacity;
+    request.token_loss = o.token_loss || o.decision_values;
+    request.decision_values = o.decision_values;
+    std::size_t values_prompt = 0;  // the prompt whose decision values are being computed (progress)
+    if (o.decision_values && isatty(STDERR_FILENO))
+        request.progress = [&values_prompt, batch](int done, int cells) {
+            if (done != cells && done % 16 != 0) return;
+            std::fprintf(stderr, "\rdecision values%s: %d/%d cells", batch ? (" of prompt " + std::to_string(values_prompt)).c_str() : "",
+                         done, cells);
+            if (done == cells) std::fputs("\r\033[K", stderr);
+            std::fflush(stderr);
+        };
 
     std::vector<modscope::TraceDocument> docs;
     docs.reserve(prompts.size());
@@ -344,6 +396,7 @@ int run(const Options& o, bool have_prompt) {
                                               (prompts[i].id.empty() ? "" : " (id " + prompts[i].id + ")")
                                         : "the prompt";
         modscope::TraceDocument doc;
+        values_prompt = i;
         try {
             doc = modscope::traceModel(*model, prompts[i].text, request);
         } catch (const modscope::Cancelled&) {
@@ -397,6 +450,17 @@ int main(int argc, char** argv) {
                  "layer its own, as in 1:0.25,3:0.125, beside or instead of the run's F");
     cli.choice("--mode", o.mode, {"topk", "causal"}, "routing rule of the traced forward pass (default topk)");
     cli.text("--device", o.device, "D", "auto, cpu or cuda (default auto)");
+    cli.group("Interventions (docs/MODEL.md)");
+    cli.flag("--token-loss", o.token_loss, "record each position's loss of the next token (token_loss)");
+    cli.texts("--force", o.force, "LAYER:POS=process|skip",
+              "force a routed layer's decision on the token at POS (0-based), or on every token with LAYER:all=...; "
+              "repeatable");
+    cli.flag("--keep-capacity", o.keep_capacity,
+             "forced layers keep their k: the other places go to the highest-ranked free tokens (default: exact "
+             "flips, the layer's own selection plus and minus the forced tokens)");
+    cli.flag("--decision-values", o.decision_values,
+             "each routed cell's decision value: the summed loss with that decision flipped, minus without (implies "
+             "--token-loss; one single-flip run per cell)");
     cli.group("Generation");
     cli.integer("--generate", o.generate, 0, modscope::kMaxTraceTokens,
                 "then generate N tokens (always causal) and record each step's routing");

@@ -96,6 +96,12 @@ TraceDocument traceModel(const Model& model, const std::string& prompt, const Tr
     ro.layer_capacity = request.layer_capacity;
     ro.logits = RunOptions::Logits::Last;
     ro.cancel = request.cancel;
+    ro.overrides = request.overrides;
+    ro.keep_capacity = request.keep_capacity;
+    ro.token_loss = request.token_loss;
+    ro.decision_values = request.decision_values;
+    ro.top_predictions = request.top_predictions;
+    ro.progress = request.progress;
     auto doc = makeTraceDocument(model, p, model.run(ids, ro));
     if (request.generate_tokens > 0) {
         GenerationOptions g = request.generation;

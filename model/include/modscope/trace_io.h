@@ -1,4 +1,4 @@
-// Routing traces as files: the "modscope.trace/3" JSON document and its long-form CSV (docs/TRACE_FORMAT.md).
+// Routing traces as files: the "modscope.trace/4" JSON document and its long-form CSV (docs/TRACE_FORMAT.md).
 //
 // Plain C++ only (no LibTorch, no Qt): the app's export, modscope-trace and the tests all build traces with
 // the functions below, so the same input gives the same file whoever writes it. A trace file is untrusted
@@ -7,6 +7,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <optional>
 #include <string>
 #include <vector>
@@ -15,8 +16,9 @@
 
 namespace modscope {
 
-// The schema this build writes. It reads that one and the two before it (docs/TRACE_FORMAT.md, "Versions").
-inline constexpr const char* kTraceSchema = "modscope.trace/3";
+// The schema this build writes. It reads that one and the three before it (docs/TRACE_FORMAT.md, "Versions").
+inline constexpr const char* kTraceSchema = "modscope.trace/4";
+inline constexpr const char* kTraceSchemaV3 = "modscope.trace/3";
 inline constexpr const char* kTraceSchemaV2 = "modscope.trace/2";
 inline constexpr const char* kTraceSchemaV1 = "modscope.trace/1";
 
@@ -127,6 +129,13 @@ struct TraceRequest {
     int generate_tokens = 0;
     GenerationOptions generation;
     const std::atomic<bool>* cancel = nullptr;  // raises Cancelled out of the run or ends the generation
+    // Interventions (RunOptions): forced decisions, per-token loss, decision values and their progress.
+    std::vector<RoutingOverride> overrides;
+    bool keep_capacity = false;
+    bool token_loss = false;
+    bool decision_values = false;
+    int top_predictions = 0;
+    std::function<void(int, int)> progress;
 };
 TraceDocument traceModel(const Model& model, const std::string& prompt, const TraceRequest& request);
 
@@ -148,11 +157,13 @@ std::vector<TraceDocument> tracesFromJsonLines(const std::string& text);
 inline constexpr const char* kTraceCsvColumns[] = {
     "layer",          "position",           "token_id",      "piece",  "routed",       "router_logit",
     "rank",           "selected",           "predictor_prob", "predictor_selected", "topk_selected", "phase",
-    "gate",           "update_ratio",       "expert",        "expert_choice", "expert_prob"};
-// The columns of earlier versions, which the reader still takes: the first 12 (modscope.trace/1) or 14
-// (modscope.trace/2) of the list above.
+    "gate",           "update_ratio",       "expert",        "expert_choice", "expert_prob",
+    "token_loss",     "forced",             "decision_value"};
+// The columns of earlier versions, which the reader still takes: the first 12 (modscope.trace/1), 14
+// (modscope.trace/2) or 17 (modscope.trace/3) of the list above.
 inline constexpr int kTraceCsvColumnsV1 = 12;
 inline constexpr int kTraceCsvColumnsV2 = 14;
+inline constexpr int kTraceCsvColumnsV3 = 17;
 std::string traceToCsv(const TraceDocument& doc);
 std::string tracesToCsv(const std::vector<TraceDocument>& docs);
 
@@ -183,6 +194,12 @@ struct TraceCsvRow {
     std::optional<int> expert;          // the expert that ran the token's MLP, -1 none
     std::optional<int> expert_choice;   // the router's top choice (n_experts and above: a no-op), -1 kept out
     std::optional<float> expert_prob;   // its probability
+    // Prompt rows of a run with RunOptions::token_loss (the position's, on every layer's row; none at the last
+    // position); "process" or "skip" where an override forced the cell (empty elsewhere); routed layers' decision
+    // values.
+    std::optional<float> token_loss;
+    std::string forced;
+    std::optional<float> decision_value;
 };
 // Parses and checks a trace CSV (header, types, ranges); throws Error naming the line and column.
 std::vector<TraceCsvRow> traceRowsFromCsv(const std::string& text);

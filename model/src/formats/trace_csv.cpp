@@ -43,9 +43,31 @@ void appendCsvRows(std::string& out, const TraceDocument& doc, int prompt_index)
         csvField(prefix, doc.prompt_id);
         prefix += ',';
     }
+    if (!run.token_loss.empty() && run.token_loss.size() != T)
+        throw Error("cannot write the trace: " + std::to_string(run.token_loss.size()) + " token losses for " +
+                    std::to_string(T) + " tokens");
+    // Each cell's forced decision, as the engine resolves the overrides (a position's wins over its layer's).
+    std::vector<std::vector<std::int8_t>> forced(run.layers.size());
+    for (int pass = 0; pass < 2; ++pass)
+        for (const auto& o : run.overrides) {
+            const bool whole = o.position == RoutingOverride::kAllPositions;
+            if (whole != (pass == 0)) continue;
+            if (o.layer < 0 || o.layer >= static_cast<int>(run.layers.size()) ||
+                (!whole && (o.position < 0 || o.position >= static_cast<int>(T))))
+                throw Error("cannot write the trace: an override of layer " + std::to_string(o.layer) +
+                            " at position " + std::to_string(o.position) + " outside the run");
+            auto& f = forced[static_cast<std::size_t>(o.layer)];
+            if (f.empty()) f.assign(T, -1);
+            for (std::size_t t = whole ? 0 : static_cast<std::size_t>(o.position);
+                 t < (whole ? T : static_cast<std::size_t>(o.position) + 1); ++t)
+                f[t] = o.process ? 1 : 0;
+        }
     for (std::size_t li = 0; li < run.layers.size(); ++li) {
         const auto& l = run.layers[li];
         const std::string layer = std::to_string(l.index) + ",";
+        if (!l.decision_value.empty() && l.decision_value.size() != T)
+            throw Error("cannot write the trace: layer " + std::to_string(li) + " has " +
+                        std::to_string(l.decision_value.size()) + " decision values for " + std::to_string(T) + " tokens");
         if (!l.update_ratio.empty() && l.update_ratio.size() != T)
             throw Error("cannot write the trace: layer " + std::to_string(li) + " has " +
                         std::to_string(l.update_ratio.size()) + " update ratios for " + std::to_string(T) + " tokens");
@@ -94,6 +116,17 @@ void appendCsvRows(std::string& out, const TraceDocument& doc, int prompt_index)
             } else {
                 out += ",,";
             }
+            out += ',';
+            if (!run.token_loss.empty() && std::isfinite(run.token_loss[t])) out += formatFloat(run.token_loss[t]);
+            out += ',';
+            if (!forced[li].empty() && forced[li][t] >= 0) out += forced[li][t] ? "process" : "skip";
+            out += ',';
+            if (!l.decision_value.empty()) {
+                if (!std::isfinite(l.decision_value[t]))
+                    throw Error("cannot write the trace: layer " + std::to_string(li) + " token " +
+                                std::to_string(t) + " has a non-finite decision value");
+                out += formatFloat(l.decision_value[t]);
+            }
             out += "\r\n";
         }
         if (!doc.generation) continue;
@@ -119,7 +152,7 @@ void appendCsvRows(std::string& out, const TraceDocument& doc, int prompt_index)
             }
             out += ",generate,,,";
             if (l.moe && li < s.expert.size()) out += std::to_string(s.expert[li]);
-            out += ",,\r\n";
+            out += ",,,,,\r\n";
         }
     }
 }
@@ -258,22 +291,26 @@ std::vector<std::vector<std::string>> parseCsv(const std::string& text) {
 
 std::vector<TraceCsvRow> traceRowsFromCsv(const std::string& text) {
     std::vector<TraceCsvRow> out;
-    bool with_index = false, with_id = false, with_update = false, with_expert = false, header_seen = false;
+    bool with_index = false, with_id = false, with_update = false, with_expert = false, with_interventions = false,
+         header_seen = false;
     // Messages count records (the header is row 1): a quoted newline makes records span lines.
     forEachCsvRecord(text, [&](const std::vector<std::string>& f, std::size_t line) {
         if (line == 1) {
             header_seen = true;
-            // This version's columns, the second version's (no expert columns) or the first version's (no
-            // gate and update_ratio either; a batch without prompt_id).
+            // This version's columns, the third version's (no intervention columns), the second version's (no
+            // expert columns either) or the first version's (no gate and update_ratio either; a batch without
+            // prompt_id).
             const std::vector<std::string> all(std::begin(kTraceCsvColumns), std::end(kTraceCsvColumns));
             const std::vector<std::string> v1(all.begin(), all.begin() + kTraceCsvColumnsV1);
             const std::vector<std::string> v2(all.begin(), all.begin() + kTraceCsvColumnsV2);
+            const std::vector<std::string> v3(all.begin(), all.begin() + kTraceCsvColumnsV3);
             with_index = !f.empty() && f[0] == "prompt_index";
             with_id = with_index && f.size() > 1 && f[1] == "prompt_id";
             const std::size_t lead = with_index ? (with_id ? 2 : 1) : 0;
             const std::vector<std::string> rest(f.begin() + static_cast<std::ptrdiff_t>(std::min(lead, f.size())),
                                                 f.end());
-            with_expert = rest == all;
+            with_interventions = rest == all;
+            with_expert = with_interventions || rest == v3;
             with_update = with_expert || rest == v2;
             if (!(with_update && (with_id || !with_index)) && !(rest == v1 && !with_id)) {
                 std::string want = with_index ? "prompt_index,prompt_id" : "";
@@ -327,6 +364,19 @@ std::vector<TraceCsvRow> traceRowsFromCsv(const std::string& text) {
             if (row.expert_prob && !(*row.expert_prob >= 0.0f && *row.expert_prob <= 1.0f))
                 throw Error("CSV row " + std::to_string(line) + ", expert_prob: \"" + printable(f[c]) +
                             "\" is not from 0 to 1");
+            ++c;
+        }
+        if (with_interventions) {
+            if (!f[c].empty()) row.token_loss = csvFloat(f[c], line, "token_loss");
+            if (row.token_loss && !(*row.token_loss >= 0.0f))
+                throw Error("CSV row " + std::to_string(line) + ", token_loss: \"" + printable(f[c]) + "\" is negative");
+            ++c;
+            row.forced = f[c];
+            if (!row.forced.empty() && row.forced != "process" && row.forced != "skip")
+                throw Error("CSV row " + std::to_string(line) + ", forced: \"" + printable(f[c]) +
+                            "\" is not process, skip or empty");
+            ++c;
+            if (!f[c].empty()) row.decision_value = csvFloat(f[c], line, "decision_value");
             ++c;
         }
         out.push_back(std::move(row));

@@ -400,9 +400,10 @@ ModelConfig checkSkeleton(const Skeleton& s) {
     if (s.schema_kind != Kind::String)
         bad("not a ModScope trace: 'schema' is " + std::string(describe(s.schema_kind)) + ", expected \"" +
             kTraceSchema + "\"");
-    if (s.schema != kTraceSchema && s.schema != kTraceSchemaV2 && s.schema != kTraceSchemaV1)
+    if (s.schema != kTraceSchema && s.schema != kTraceSchemaV3 && s.schema != kTraceSchemaV2 &&
+        s.schema != kTraceSchemaV1)
         bad("unsupported trace schema \"" + printable(s.schema) + "\": this build of ModScope reads \"" +
-            kTraceSchema + "\", \"" + kTraceSchemaV2 + "\" and \"" + kTraceSchemaV1 + "\"");
+            kTraceSchema + "\", \"" + kTraceSchemaV3 + "\", \"" + kTraceSchemaV2 + "\" and \"" + kTraceSchemaV1 + "\"");
     if (!s.has_model) bad("missing 'model'");
     if (s.model_kind != Kind::Object) wrongType("model", "an object", s.model_kind);
     if (!s.has_config) bad("model: missing 'config'");
@@ -567,6 +568,7 @@ struct DocumentContext {
     std::int64_t original_bytes = 0;         // truncated.original_bytes, checked against the prompt at the end
     bool capacity_read = false;              // when it was: each layer's k is checked as the layer ends
     double generation_ms = 0.0, tokens_per_second = 0.0;
+    int layers_with_values = 0;              // routed layers with decision values: none or all of them
 };
 
 // A layer's k is what the capacity gives for the prompt's length (every token for a full layer).
@@ -634,6 +636,11 @@ private:
     DocumentContext& c_;
 };
 
+// What a document of this schema may hold: mixture members (from the third version on), interventions (the
+// fourth's).
+bool hasMixtures(const std::string& schema) { return schema == kTraceSchema || schema == kTraceSchemaV3; }
+bool hasInterventions(const std::string& schema) { return schema == kTraceSchema; }
+
 // A layer's mixture members (the third version's), in the order written.
 bool mixtureMember(const std::string& key) {
     static const std::set<std::string> keys{"moe",           "n_experts",     "noop_experts",   "expert_capacity",
@@ -649,7 +656,7 @@ public:
           c_(c),
           li_(li),
           routed_(c.cfg.isRouted(static_cast<int>(li))),
-          moe_(c.cfg.isMoe(static_cast<int>(li)) && c.doc.schema == kTraceSchema) {}
+          moe_(c.cfg.isMoe(static_cast<int>(li)) && hasMixtures(c.doc.schema)) {}
 
 private:
     static bool routedOnly(const std::string& key) {
@@ -665,8 +672,11 @@ private:
     // Members the second version added: a first-version document does not have them, and they are ignored
     // there as any unknown member is (its layers run at the document's capacity).
     // The same for the third version's mixture members in the first two.
+    // The same for the fourth version's decision values in the first three.
     bool laterMember(const std::string& key) const {
-        if (c_.doc.schema != kTraceSchema && mixtureMember(key)) return true;
+        if (!hasMixtures(c_.doc.schema) && mixtureMember(key)) return true;
+        if (!hasInterventions(c_.doc.schema) && (key == "decision_value" || key == "decision_value_top_selected"))
+            return true;
         return c_.doc.schema == kTraceSchemaV1 && (key == "capacity" || key == "gate" || key == "update_ratio");
     }
     // A layer without a mixture has none of its members but "moe" (null or absent).
@@ -682,6 +692,13 @@ private:
         if (!routed_ && routedOnly(key)) return;  // null
         const auto w = path(key);
         const auto T = static_cast<std::int64_t>(c_.T);
+        if (key == "decision_value" || key == "decision_value_top_selected") {
+            if (v.kind == Kind::Null) return;
+            if (!routed_) bad(w + ": a full layer has none (expected null)");
+            if (key == "decision_value") wrongType(w, "an array", v.kind);
+            top_selected_ = static_cast<int>(readInt(v, w, 0, T));
+            return;
+        }
         if (key == "moe") {
             const bool moe = readBool(v, w);
             if (moe != c_.cfg.isMoe(static_cast<int>(li_)))
@@ -761,6 +778,11 @@ private:
             return nullptr;
         }
         if (key == "selected") return boolArray(w, T, "one per token", l_.selected);
+        if (key == "decision_value") {
+            if (!routed_) bad(w + ": a full layer has none (expected null)");
+            return floatArray(w, T, -std::numeric_limits<float>::max(), std::numeric_limits<float>::max(),
+                              l_.decision_value);
+        }
         if (key == "update_ratio")
             return floatArray(w, T, 0.0f, std::numeric_limits<float>::max(), l_.update_ratio);
         if (!routed_) return nullptr;
@@ -804,6 +826,14 @@ private:
                     " tokens in the top k, expected k = " + std::to_string(l_.k));
         }
         if (moe_) finishMixture();
+        if (!l_.decision_value.empty() || top_selected_ >= 0) {
+            if (l_.decision_value.empty() || top_selected_ < 0)
+                bad(where_ + ": decision_value and decision_value_top_selected come together");
+            if (valuableSelected(l_) != top_selected_)
+                bad(where_ + ".decision_value_top_selected: " + std::to_string(top_selected_) + ", but the values give " +
+                    std::to_string(valuableSelected(l_)));
+            ++c_.layers_with_values;
+        }
         c_.doc.run.layers.push_back(std::move(l_));
     }
 
@@ -852,6 +882,33 @@ private:
     LayerTrace l_;
     std::vector<std::uint8_t> rank_seen_;
     std::vector<float> gate_;
+    int top_selected_ = -1;  // decision_value_top_selected, checked against the values
+};
+
+// One forced decision of the run (RunTrace::overrides): a routed layer of the config, a position of the prompt.
+class OverrideFrame final : public ObjectFrame {
+public:
+    OverrideFrame(DocumentContext& c, std::string where) : ObjectFrame(std::move(where)), c_(c) {}
+
+private:
+    void member(const std::string& key, Value& v) override {
+        const auto w = path(key);
+        if (key == "layer") {
+            o_.layer = static_cast<int>(readInt(v, w, 0, c_.cfg.n_layers - 1));
+            if (!c_.cfg.isRouted(o_.layer)) bad(w + ": layer " + std::to_string(o_.layer) + " is not a routed layer");
+        } else if (key == "position") {
+            o_.position = v.kind == Kind::Null ? RoutingOverride::kAllPositions
+                                               : static_cast<int>(readInt(v, w, 0, static_cast<std::int64_t>(c_.T) - 1));
+        } else if (key == "process") {
+            o_.process = readBool(v, w);
+        }
+    }
+    void finish() override {
+        require({"layer", "position", "process"});
+        c_.doc.run.overrides.push_back(o_);
+    }
+    DocumentContext& c_;
+    RoutingOverride o_;
 };
 
 // Of the stats only the FLOPs are data; the rest is derived from the layers and recomputed.
@@ -905,7 +962,7 @@ private:
             s_.dense_kv_cache_bytes = readInt(v, w, 0, kMaxBytes);
         } else if (key == "step_ms") {
             s_.step_ms = readDouble(v, w, 0, 1e15);
-        } else if (key == "processed" || key == "predictor_prob" || (key == "expert" && v3())) {
+        } else if (key == "processed" || key == "predictor_prob" || (key == "expert" && mixtures())) {
             wrongType(w, "an array", v.kind);
         }
     }
@@ -913,7 +970,7 @@ private:
         if (k != Kind::Array) return nullptr;
         const auto L = static_cast<std::size_t>(c_.cfg.n_layers);
         if (key == "processed") return boolArray(path(key), L, "one per layer", s_.processed);
-        if (key == "expert" && v3())
+        if (key == "expert" && mixtures())
             return std::make_unique<ScalarArrayFrame<int>>(
                 path(key), L, "one per layer", s_.expert, [this](Value& v, const std::string& w, std::size_t li) {
                     if (!c_.cfg.isMoe(static_cast<int>(li))) {
@@ -936,13 +993,13 @@ private:
     void finish() override {
         require({"index", "position", "token_id", "piece", "processed", "predictor_prob", "kv_cache_bytes",
                  "dense_kv_cache_bytes"});
-        if (v3()) require({"expert"});
+        if (mixtures()) require({"expert"});
         s_.expert.resize(static_cast<std::size_t>(c_.cfg.n_layers), -1);
         g_.result.generated_ids.push_back(s_.token_id);
         g_.result.steps.push_back(std::move(s_));
         g_.pieces.push_back(std::move(piece_));
     }
-    bool v3() const { return c_.doc.schema == kTraceSchema; }
+    bool mixtures() const { return hasMixtures(c_.doc.schema); }
     DocumentContext& c_;
     TraceGeneration& g_;
     std::size_t i_;
@@ -1042,6 +1099,12 @@ void checkRelations(DocumentContext& c) {
         checkK(l, at("layers", li), c);
         if (l.routed) l.capacity = layerCapacity(run, l);  // the run's where it gave none
     }
+    const auto routed = static_cast<int>(c.cfg.routed_layers.size());
+    if (c.layers_with_values != 0 && c.layers_with_values != routed)
+        bad("layers: decision values in " + std::to_string(c.layers_with_values) + " of the " + std::to_string(routed) +
+            " routed layers (a run has them in all or none)");
+    run.decision_values = c.layers_with_values > 0;
+    if (run.decision_values && run.token_loss.empty()) bad("decision values without token_loss");
     if (c.truncated) {
         checkRange("truncated.original_bytes", c.original_bytes, P, kMaxBytes);
         doc.original_bytes = static_cast<std::size_t>(c.original_bytes);
@@ -1082,6 +1145,10 @@ private:
             doc.run.backend = readString(v, key);
         } else if (key == "prompt") {
             doc.prompt = readString(v, key);
+        } else if (hasInterventions(doc.schema) && key == "keep_capacity") {
+            doc.run.keep_capacity = readBool(v, key);
+        } else if (hasInterventions(doc.schema) && (key == "token_loss" || key == "overrides") && v.kind != Kind::Null) {
+            wrongType(key, "an array", v.kind);
         } else if (v.kind == Kind::Null && (key == "prompt_index" || key == "prompt_id" || key == "truncated" ||
                                             key == "timing" || key == "generation")) {
             // optional: null is absent
@@ -1108,6 +1175,20 @@ private:
         if (key == "stats" && object) return std::make_unique<StatsFrame>(c_);
         if (key == "timing" && object) return std::make_unique<TimingFrame>(c_);
         if (key == "generation" && object) return std::make_unique<GenerationFrame>(c_);
+        if (key == "token_loss" && array && hasInterventions(c_.doc.schema))  // T values, the last null
+            return std::make_unique<ScalarArrayFrame<float>>(
+                "token_loss", c_.T, "one per token", c_.doc.run.token_loss,
+                [this](Value& v, const std::string& w, std::size_t t) {
+                    if (t + 1 == c_.T) {
+                        if (v.kind != Kind::Null) wrongType(w, "null (the last position has no next token)", v.kind);
+                        return std::numeric_limits<float>::quiet_NaN();
+                    }
+                    return readFloat(v, w, 0.0f, std::numeric_limits<float>::max(), "a finite number");
+                });
+        if (key == "overrides" && array && hasInterventions(c_.doc.schema))
+            return std::make_unique<ObjectArrayFrame>(
+                "overrides", static_cast<std::size_t>(kMaxTraceTokens) * 4, "overrides",
+                [this](std::size_t, const std::string& w) { return std::make_unique<OverrideFrame>(c_, w); });
         if (key == "tokens" && array)
             return std::make_unique<ObjectArrayFrame>(
                 "tokens", c_.T, "tokens (the model's context)",

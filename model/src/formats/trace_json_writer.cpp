@@ -252,6 +252,45 @@ void writeRunHeader(JsonWriter& w, const TraceDocument& doc) {
     }
 }
 
+// Interventions: the forced decisions the run applied and each position's loss (docs/TRACE_FORMAT.md).
+void writeInterventions(JsonWriter& w, const TraceDocument& doc) {
+    const auto& run = doc.run;
+    w.key("overrides");
+    w.beginArray();
+    for (const auto& o : run.overrides) {
+        w.beginInlineObject();
+        w.key("layer"), w.integer(o.layer);
+        w.key("position");
+        if (o.position == RoutingOverride::kAllPositions)
+            w.null();
+        else
+            w.integer(o.position);
+        w.key("process"), w.boolean(o.process);
+        w.endInlineObject();
+    }
+    w.endArray();
+    w.key("keep_capacity"), w.boolean(run.keep_capacity);
+    w.key("token_loss");
+    if (run.token_loss.empty()) {
+        w.null();
+        return;
+    }
+    if (run.token_loss.size() != doc.tokens.size())
+        throw Error("cannot write the trace: token_loss has " + std::to_string(run.token_loss.size()) + " values for " +
+                    std::to_string(doc.tokens.size()) + " tokens");
+    w.beginInlineArray();
+    for (std::size_t t = 0; t < run.token_loss.size(); ++t) {
+        if (t + 1 == run.token_loss.size()) {
+            w.null();  // the last position has no next token
+            break;
+        }
+        if (!std::isfinite(run.token_loss[t]))
+            throw Error("cannot write the trace: " + at("token_loss", t) + " is not a finite number");
+        w.number32(run.token_loss[t], "token_loss");
+    }
+    w.endInlineArray();
+}
+
 void writeTokens(JsonWriter& w, const TraceDocument& doc) {
     const auto& ids = doc.run.token_ids;
     w.key("tokens");
@@ -313,6 +352,15 @@ void writeLayer(JsonWriter& w, const LayerTrace& l, const std::string& where, st
         for (const char* k : {"capacity", "topk_threshold", "router_logits", "gate", "rank", "topk_selected",
                               "predictor_prob", "predictor_selected", "predictor"})
             w.key(k), w.null();
+    }
+    w.key("decision_value");
+    if (l.routed && !l.decision_value.empty()) {
+        checkLength(l.decision_value.size(), "decision_value");
+        writeFloats(w, l.decision_value, where + ".decision_value");
+        w.key("decision_value_top_selected"), w.integer(valuableSelected(l));
+    } else {
+        w.null();
+        w.key("decision_value_top_selected"), w.null();
     }
     w.key("moe"), w.boolean(l.moe);
     if (l.moe) {
@@ -449,6 +497,7 @@ std::string writeDocument(const TraceDocument& doc, bool pretty) {
     w.key("schema"), w.string(kTraceSchema, "schema");
     writeModel(w, doc.model);
     writeRunHeader(w, doc);
+    writeInterventions(w, doc);
     writeTokens(w, doc);
     w.key("layers");
     w.beginArray();
