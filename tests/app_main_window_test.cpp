@@ -23,6 +23,7 @@
 #include <thread>
 
 #include <fstream>
+#include <functional>
 
 #include "app_fixture.h"
 #include "app_window_fixture.h"
@@ -40,6 +41,7 @@
 #include "routing_heatmap.h"
 #include "token_axis_ticker.h"
 #include "main_window.h"
+#include "token_loss_strip.h"
 #include "message_banner.h"
 #include "modscope/engine.h"
 #include "predictor_panel.h"
@@ -440,6 +442,103 @@ private Q_SLOTS:
         QVERIFY(waitForRun(*w));
         QCOMPARE(w->snapshot()->model_directory, QDir(bundled_default->data().toString()).absolutePath().toStdString());
         QVERIFY(bundled_default->isChecked());
+    }
+
+    // Interventions in the window (docs/MODEL.md): the loss strip against a reference model, decisions forced
+    // by keys and by the layer's menu actions, the details panel's predictions before and after, decision values
+    // on the heatmap, and an export holding all of it.
+    void forcingTheLossStripAndDecisionValues() {
+        auto w = makeWindow(QStringLiteral("the lazy dog sleeps in the warm sun while the quick fox runs off"));
+        QVERIFY(w);
+        // Each run's losses come in a second snapshot of the same run.
+        const auto newest = [&](const std::function<bool(const RoutingSnapshot&)>& ok) {
+            return QTest::qWaitFor(
+                [&] {
+                    const auto& s = w->snapshot();
+                    return s && s->job == w->session()->latestRunJob() && !w->isStale() && ok(*s);
+                },
+                kTimeoutMs);
+        };
+        QVERIFY(newest([](const RoutingSnapshot& s) { return s.hasLosses(); }));
+        const int T = w->snapshot()->tokens();
+        QCOMPARE(int(w->snapshot()->trace.top_ids.size()), T * w->snapshot()->trace.top_n);
+
+        // The six-layer fixture has the same tokenizer: the strip shows the loss against it.
+        w->openReferenceModel(model2_dir_);
+        QVERIFY(newest([](const RoutingSnapshot& s) { return !s.reference_token_loss.empty(); }));
+        QCOMPARE(w->referenceName(), QStringLiteral("six-layers"));
+        QVERIFY(w->lossStrip()->shows() == TokenLossStrip::Shows::AgainstReference);
+        QVERIFY2(w->lossStrip()->heading().contains(QStringLiteral("six-layers")), qPrintable(w->lossStrip()->heading()));
+        const double expected = w->snapshot()->trace.token_loss[1] - w->snapshot()->reference_token_loss[1];
+        QCOMPARE(w->lossStrip()->barValue(1), expected);
+        QVERIFY(w->lossStrip()->tokenSummary(1).contains(QStringLiteral("top 5")));
+
+        // S on the locked cell: layer 1 skips token 2 (or P processes it, whichever flips it).
+        w->selectCell(1, 2);
+        const bool was = w->snapshot()->trace.layers[1].selected[2];
+        w->heatmap()->setFocus();
+        QTest::keyClick(w->heatmap(), was ? Qt::Key_S : Qt::Key_P);
+        QVERIFY(newest([](const RoutingSnapshot& s) { return s.hasLosses() && !s.trace.overrides.empty(); }));
+        {
+            const auto& s = *w->snapshot();
+            QCOMPARE(int(s.trace.overrides.size()), 1);
+            QCOMPARE(bool(s.trace.layers[1].selected[2]), !was);
+            QCOMPARE(forcedDecision(s.trace, 1, 2), was ? 0 : 1);
+            QCOMPARE(int(s.baseline_token_loss.size()), T);
+        }
+        QVERIFY(w->lossStrip()->shows() == TokenLossStrip::Shows::AgainstBaseline);
+        QVERIFY(w->heatmap()->title().contains(QStringLiteral("1 forced")));
+        QVERIFY2(w->detailsPanel()->predictionsText().contains(QStringLiteral("Without the forced decisions")),
+                 qPrintable(w->detailsPanel()->predictionsText()));
+        // Delete clears it; then the whole layer skipped, which replaces the layer's single overrides.
+        QTest::keyClick(w->heatmap(), Qt::Key_Delete);
+        QVERIFY(newest([](const RoutingSnapshot& s) { return s.hasLosses() && s.trace.overrides.empty(); }));
+        w->forceDecision(1, 3, RoutingHeatmap::Force::Process);
+        w->forceDecision(1, -1, RoutingHeatmap::Force::Skip);
+        QCOMPARE(int(w->interventions().overrides.size()), 1);
+        QVERIFY(newest([](const RoutingSnapshot& s) { return s.hasLosses() && s.trace.overrides.size() == 1; }));
+        QCOMPARE(w->snapshot()->trace.layers[1].processed, 0);
+
+        // Decision values: computed on the engine's thread, then shown on a diverging scale with the summary.
+        w->setDecisionValuesShown(true);
+        QVERIFY(newest([](const RoutingSnapshot& s) { return s.trace.decision_values; }));
+        QVERIFY(w->heatmap()->showsDecisionValues());
+        QVERIFY2(w->heatmap()->title().contains(QStringLiteral("most valuable")), qPrintable(w->heatmap()->title()));
+        QCOMPARE(int(w->snapshot()->trace.layers[3].decision_value.size()), T);
+
+        QTemporaryDir out;
+        QSignalSpy exported(w.get(), &MainWindow::exportFinished);
+        w->exportTrace(out.filePath(QStringLiteral("values.json")));
+        QVERIFY(exported.wait(kTimeoutMs));
+        QCOMPARE(exported.first().at(1).toString(), QString());
+        const TraceDocument doc = loadTrace(out.filePath(QStringLiteral("values.json")).toStdString());
+        QVERIFY(doc.run.decision_values);
+        QCOMPARE(int(doc.run.token_loss.size()), T);
+        QCOMPARE(int(doc.run.overrides.size()), 1);
+        QCOMPARE(doc.run.layers[3].decision_value, w->snapshot()->trace.layers[3].decision_value);
+        const QString csv = out.filePath(QStringLiteral("values.csv"));
+        w->exportTrace(csv);
+        QVERIFY(exported.wait(kTimeoutMs));
+        int forced_rows = 0, value_rows = 0;
+        for (const auto& row : traceRowsFromCsv(readAll(csv).toStdString())) {
+            forced_rows += row.forced == "skip" ? 1 : 0;
+            value_rows += row.decision_value ? 1 : 0;
+        }
+        QCOMPARE(forced_rows, T);  // the whole of layer 1
+        QCOMPARE(value_rows, 2 * T);
+        // The loss strip is a figure of its own.
+        const QString strip = out.filePath(QStringLiteral("loss.svg"));
+        QCOMPARE(w->exportFigure(QStringLiteral("loss"), strip), QString());
+        QVERIFY(QFileInfo(strip).size() > 0);
+
+        // Off again: the next run has none, and the clear-all action empties the overrides.
+        w->setDecisionValuesShown(false);
+        w->clearOverrides();
+        QVERIFY(newest([](const RoutingSnapshot& s) {
+            return s.hasLosses() && !s.trace.decision_values && s.trace.overrides.empty();
+        }));
+        QVERIFY(!w->heatmap()->showsDecisionValues());
+        QVERIFY(w->lossStrip()->shows() == TokenLossStrip::Shows::AgainstReference);
     }
 
     // Compare across models: a run pinned on one mixture model, the same prompt on another; the diff counts

@@ -54,6 +54,12 @@ CellDetailsPanel::CellDetailsPanel(QWidget* parent) : QWidget(parent) {
     table_->setSelectionMode(QAbstractItemView::NoSelection);
     table_->setFocusPolicy(Qt::NoFocus);
     layout->addWidget(table_, 1);
+    predictions_ = new QLabel(this);
+    predictions_->setObjectName(QStringLiteral("cell-predictions"));
+    predictions_->setWordWrap(true);
+    predictions_->setTextFormat(Qt::RichText);
+    predictions_->setTextInteractionFlags(Qt::TextSelectableByMouse);
+    layout->addWidget(predictions_);
     theme_ = PlotTheme::fromPalette(palette());
     refresh();
 }
@@ -82,6 +88,8 @@ void CellDetailsPanel::refresh() {
         header_->setText(tr("Click a heatmap cell or a token to lock it here. Arrow keys move the lock; "
                             "Esc releases it."));
         table_->setRowCount(0);
+        predictions_->clear();
+        predictions_->hide();
         return;
     }
     const auto& s = *snapshot_;
@@ -112,7 +120,13 @@ void CellDetailsPanel::refresh() {
         const QString mlp = layer.moe && t < int(layer.expert.size()) && layer.expertFate(t) != LayerTrace::ExpertFate::KeptOut
                                 ? QStringLiteral(" · %1").arg(expertFateText(layer, t))
                                 : QString();
-        table_->setItem(row, kDecision, cell((processed ? tr("processed") : tr("skipped")) + mlp, Qt::AlignLeft));
+        const int forced = layer.routed ? forcedDecision(s.trace, l, t) : -1;
+        const QString value = layer.decision_value.size() == std::size_t(s.tokens())
+                                  ? tr(" · value %1").arg(layer.decision_value[t], 0, 'f', 3)
+                                  : QString();
+        table_->setItem(row, kDecision, cell((processed ? tr("processed") : tr("skipped")) +
+                                                 (forced >= 0 ? tr(" (forced)") : QString()) + value + mlp,
+                                             Qt::AlignLeft));
         if (!mlp.isEmpty())
             table_->item(row, kDecision)->setToolTip(RoutingHeatmap::mixtureSummary(layer, t));
         const double update = updateRatio(layer, t);
@@ -144,6 +158,35 @@ void CellDetailsPanel::refresh() {
             for (int c = 0; c < kColumns; ++c) table_->item(row, c)->setFont(f);
         }
     }
+    predictions_->setText(predictionsText());
+    predictions_->setVisible(!predictions_->text().isEmpty());
+}
+
+QString CellDetailsPanel::predictionsText() const {
+    if (!snapshot_ || !snapshot_->hasLosses() || token_ < 0 || token_ + 1 >= snapshot_->tokens()) return {};
+    const auto& s = *snapshot_;
+    const int t = token_, n = s.trace.top_n;
+    const auto i = static_cast<std::size_t>(t);
+    QString text = tr("<b>Next token</b> %1: loss %2 nats")
+                       .arg(pieceLabel(s.pieces[i + 1], 24).toHtmlEscaped())
+                       .arg(s.trace.token_loss[i], 0, 'f', 3);
+    if (n > 0)
+        text += tr("<br><b>Top %1 here</b>: %2")
+                    .arg(n)
+                    .arg(topPredictionsText(s.trace.top_ids, s.trace.top_probs, s.top_pieces, n, t).toHtmlEscaped());
+    if (s.baseline_token_loss.size() == s.trace.token_loss.size()) {
+        text += tr("<br><b>Without the forced decisions</b>: loss %1").arg(s.baseline_token_loss[i], 0, 'f', 3);
+        if (n > 0)
+            text += tr("; top %1: %2")
+                        .arg(n)
+                        .arg(topPredictionsText(s.baseline_top_ids, s.baseline_top_probs, s.baseline_top_pieces, n, t)
+                                 .toHtmlEscaped());
+    }
+    if (s.reference_token_loss.size() == s.trace.token_loss.size())
+        text += tr("<br><b>%1</b> (reference): loss %2")
+                    .arg(QString::fromStdString(s.reference_name).toHtmlEscaped())
+                    .arg(s.reference_token_loss[i], 0, 'f', 3);
+    return text;
 }
 
 }  // namespace modscope

@@ -24,6 +24,7 @@ public:
     int layer() const { return layer_; }
     QString headline() const;
     QTableWidget* table() const { return table_; }
+    QString predictionsText() const;
 
 private:
     void refresh();
@@ -33,6 +34,7 @@ private:
     int layer_ = -1, token_ = -1;
     QLabel* header_;
     QTableWidget* table_;
+    QLabel* predictions_;  // the locked position's loss and top predictions, before and after the overrides
 };
 
 }  // namespace modscope

@@ -71,6 +71,22 @@ QCPColorGradient viridisGradient(const QColor& nan_color) {
     return g;
 }
 
+QCPColorGradient decisionValueGradient(const QColor& nan_color, bool dark) {
+    // ColorBrewer's RdBu, red for negative values.
+    QCPColorGradient g;
+    g.clearColorStops();
+    g.setColorStopAt(0.0, QColor(0xb2, 0x18, 0x2b));
+    g.setColorStopAt(0.25, QColor(0xef, 0x8a, 0x62));
+    g.setColorStopAt(0.5, dark ? QColor(0x50, 0x50, 0x50) : QColor(0xf2, 0xf2, 0xf2));
+    g.setColorStopAt(0.75, QColor(0x67, 0xa9, 0xcf));
+    g.setColorStopAt(1.0, QColor(0x21, 0x66, 0xac));
+    g.setColorInterpolation(QCPColorGradient::ciRGB);
+    g.setLevelCount(512);
+    g.setNanHandling(QCPColorGradient::nhNanColor);
+    g.setNanColor(nan_color);
+    return g;
+}
+
 QColor viridis(double t) { return sample(kViridis, t); }
 
 QColor depthColor(double t, bool dark) { return dark ? sample(kDepthDark, t) : sample(kDepth, t); }

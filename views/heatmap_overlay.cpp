@@ -87,6 +87,28 @@ void HeatmapOverlay::draw(QCPPainter* painter) {
         painter->setAntialiasing(false);
     }
 
+    // Decisions forced by hand: a frame in the warning colour, with P or S where the cell has room.
+    if (!s.trace.overrides.empty()) {
+        QFont f = painter->font();
+        f.setBold(true);
+        painter->setFont(f);
+        for (const auto& layer : s.trace.layers) {
+            if (!layer.routed) continue;
+            for (int t = first; t <= last; ++t) {
+                const int forced = forcedDecision(s.trace, layer.index, t);
+                if (forced < 0) continue;
+                const QRectF r = cellRect(t, layer.index);
+                painter->setPen(QPen(theme_.warning, cell_w >= kMinMarkCellWidth ? 2 : 1));
+                painter->setBrush(Qt::NoBrush);
+                painter->drawRect(r.adjusted(1, 1, -1, -1));
+                if (r.width() >= 14 && r.height() >= 14) {
+                    painter->setPen(theme_.foreground);
+                    painter->drawText(r, Qt::AlignCenter, forced ? QStringLiteral("P") : QStringLiteral("S"));
+                }
+            }
+        }
+    }
+
     // Tokens from generated_from on were sampled: a dashed boundary before the first.
     if (s.generated_from > 0 && s.generated_from < T) {
         const double x = xa->coordToPixel(s.generated_from - 0.5);

@@ -1,6 +1,7 @@
 #include "piece_text.h"
 
 #include <QStringDecoder>
+#include <QStringList>
 
 namespace modscope {
 
@@ -45,6 +46,18 @@ bool isWellFormedUtf8(const std::string& bytes) {
     QStringDecoder decoder(QStringDecoder::Utf8, QStringDecoder::Flag::Stateless);
     const QString s = decoder.decode(QByteArrayView(bytes.data(), qsizetype(bytes.size())));
     return !decoder.hasError();
+}
+
+QString topPredictionsText(const std::vector<int>& ids, const std::vector<float>& probs,
+                           const std::vector<std::string>& pieces, int n, int t) {
+    QStringList parts;
+    for (int i = 0; i < n; ++i) {
+        const auto at = static_cast<std::size_t>(t) * static_cast<std::size_t>(n) + static_cast<std::size_t>(i);
+        if (at >= ids.size() || at >= probs.size()) break;
+        const QString piece = at < pieces.size() ? pieceLabel(pieces[at], 16) : QString::number(ids[at]);
+        parts << QStringLiteral("%1 %2%").arg(piece).arg(100.0 * probs[at], 0, 'f', 1);
+    }
+    return parts.join(QStringLiteral(", "));
 }
 
 }  // namespace modscope

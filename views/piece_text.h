@@ -3,6 +3,7 @@
 
 #include <QString>
 #include <string>
+#include <vector>
 
 namespace modscope {
 
@@ -19,6 +20,11 @@ QString tokenLabel(const std::string& piece, const std::string& text, int max_ch
 // The prompt text of one token for running text: newlines and tabs shown as symbols so a token made only
 // of whitespace still has something to see.
 QString visibleText(const std::string& text);
+
+// Position t's n most probable next tokens (RunTrace::top_ids and top_probs, [T * n], with their pieces) as
+// "␣the 21.0%, ␣a 9.5%, …".
+QString topPredictionsText(const std::vector<int>& ids, const std::vector<float>& probs,
+                           const std::vector<std::string>& pieces, int n, int t);
 
 // Text of a byte range that may split a UTF-8 sequence (byte-fallback tokens): valid UTF-8 or empty.
 bool isWellFormedUtf8(const std::string& bytes);

@@ -1,5 +1,7 @@
 #include "routing_heatmap.h"
 
+#include <QContextMenuEvent>
+#include <QMenu>
 #include <QToolTip>
 
 #include <algorithm>
@@ -50,7 +52,7 @@ RoutingHeatmap::RoutingHeatmap(QWidget* parent) : QCustomPlot(parent) {
     setPlottingHint(QCP::phCacheLabels, true);
     setMouseTracking(true);
     setFocusPolicy(Qt::StrongFocus);
-    setMinimumSize(320, 220);
+    setMinimumSize(320, 180);  // the loss strip above it (token_loss_strip.h) takes the other 40
 
     // The overlay repaints alone (hover, selection) from its own buffer, above the colour map.
     addLayer(QStringLiteral("marks"), layer(QStringLiteral("main")), QCustomPlot::limAbove);
@@ -266,6 +268,13 @@ void RoutingHeatmap::fillColorMap() {
         widen(layer_lo[l], layer_hi[l]);
         layer_ranges_[l] = QCPRange(layer_lo[l], layer_hi[l]);
     }
+    values_shown_ = show_values_ && snapshot_->trace.decision_values;
+    if (values_shown_) {
+        fillDecisionValues(kx, ky, bins, n);
+        return;
+    }
+    map_->setGradient(viridisGradient(theme_.full_layer));
+    scale_->setGradient(map_->gradient());
     const bool per_layer = color_scale_.mode == HeatmapColorScale::Mode::PerLayer;
     const auto skipped_alpha = static_cast<unsigned char>(theme_.skipped_alpha);
     for (int ly = 0; ly < ky; ++ly) {
@@ -316,6 +325,62 @@ void RoutingHeatmap::fillColorMap() {
         map_->setDataRange(QCPRange(color_scale_.fixed_min, color_scale_.fixed_max));
         break;
     }
+    updateScaleAxis();
+}
+
+void RoutingHeatmap::fillDecisionValues(int kx, int ky, int bins, int n) {
+    auto* data = map_->data();
+    const int T = snapshot_->tokens(), L = snapshot_->layers();
+    const double nan = std::numeric_limits<double>::quiet_NaN();
+    double extreme = 1e-3;
+    for (int ly = 0; ly < ky; ++ly) {
+        const auto& layer = snapshot_->trace.layers[L == 1 ? 0 : ly];
+        const bool has = layer.routed && layer.decision_value.size() == std::size_t(T);
+        for (int bx = 0; bx < kx; ++bx) {
+            const int b = bins == 1 ? 0 : bx;
+            // A bin shows its most extreme value; skipped tokens are a little lighter, so that the decision
+            // still shows under its value.
+            double v = nan;
+            bool any_processed = false;
+            for (int t = b * n; has && t < std::min(T, (b + 1) * n); ++t) {
+                const double x = layer.decision_value[t];
+                if (std::isfinite(x) && !(std::abs(x) <= std::abs(v))) v = x;
+                any_processed = any_processed || layer.selected[t];
+            }
+            data->setCell(bx, ly, v);
+            data->setAlpha(bx, ly, !has || any_processed ? 255 : 185);
+            if (std::isfinite(v)) extreme = std::max(extreme, std::abs(v));
+        }
+    }
+    map_->setGradient(decisionValueGradient(theme_.full_layer, theme_.dark));
+    scale_->setGradient(map_->gradient());
+    map_->setDataRange(QCPRange(-extreme, extreme));
+    updateScaleAxis();
+}
+
+void RoutingHeatmap::setShowDecisionValues(bool show) {
+    if (show == show_values_) return;
+    show_values_ = show;
+    fillColorMap();
+    updateScaleAxis();
+    updateTitle();
+    replot(QCustomPlot::rpQueuedReplot);
+}
+
+bool RoutingHeatmap::showsDecisionValues() const { return values_shown_; }
+
+QString RoutingHeatmap::decisionValueSummary(bool compact) const {
+    if (!snapshot_ || !snapshot_->trace.decision_values) return {};
+    QStringList parts;
+    for (const auto& l : snapshot_->trace.layers) {
+        if (!l.routed || l.decision_value.empty()) continue;
+        parts << (compact ? QStringLiteral("L%1 %2/%3").arg(l.index).arg(valuableSelected(l)).arg(l.processed)
+                          : QStringLiteral("layer %1 took %2 of its %3 most valuable tokens")
+                                .arg(l.index)
+                                .arg(valuableSelected(l))
+                                .arg(l.processed));
+    }
+    return (compact ? QStringLiteral("most valuable taken: ") : QString()) + parts.join(QStringLiteral(" · "));
 }
 
 void RoutingHeatmap::setColorScale(const HeatmapColorScale& scale) {
@@ -347,7 +412,10 @@ QCPRange RoutingHeatmap::logitRange(int layer) const {
 
 void RoutingHeatmap::updateScaleAxis() {
     auto* axis = scale_->axis();
-    if (color_scale_.mode == HeatmapColorScale::Mode::PerLayer) {
+    if (values_shown_) {
+        axis->setTicker(scale_ticker_);
+        axis->setLabel(QStringLiteral("decision value (nats; + worth making)"));
+    } else if (color_scale_.mode == HeatmapColorScale::Mode::PerLayer) {
         QSharedPointer<QCPAxisTickerText> text(new QCPAxisTickerText);
         text->addTick(0.0, QStringLiteral("min"));
         text->addTick(1.0, QStringLiteral("max"));
@@ -375,6 +443,17 @@ void RoutingHeatmap::updateTitle() {
     }
     const auto& s = *snapshot_;
     const QString own = ownLayerCapacities(s.trace);
+    if (show_values_ && s.trace.decision_values) {
+        // The values' summary is what this view is for: the rest of the title gives it room.
+        QString title = QStringLiteral("%1 %2% · %3 tokens · ")
+                            .arg(s.trace.mode == RoutingMode::Causal ? QStringLiteral("Causal") : QStringLiteral("Top-k"))
+                            .arg(s.trace.capacity * 100.0, 0, 'g', 4)
+                            .arg(s.tokens());
+        if (!s.trace.overrides.empty())
+            title += QStringLiteral("%1 forced · ").arg(s.trace.overrides.size());
+        legend_->setTitle(title + decisionValueSummary(true));
+        return;
+    }
     QString title = QStringLiteral("%1 routing · capacity %2%%3 · %4 tokens × %5 layers (%6 routed)")
                         .arg(s.trace.mode == RoutingMode::Causal ? QStringLiteral("Causal") : QStringLiteral("Top-k"))
                         .arg(s.trace.capacity * 100.0, 0, 'g', 4)
@@ -384,6 +463,10 @@ void RoutingHeatmap::updateTitle() {
                         .arg(s.routedLayerCount());
     if (s.generated_from >= 0) title += QStringLiteral(" · generated from token %1 on").arg(s.generated_from);
     if (s.truncated) title += QStringLiteral(" · prompt truncated");
+    if (!s.trace.overrides.empty())
+        title += QStringLiteral(" · %1 forced (%2)")
+                     .arg(s.trace.overrides.size())
+                     .arg(s.trace.keep_capacity ? QStringLiteral("keeping capacity") : QStringLiteral("exact flips"));
     legend_->setTitle(title);
 }
 
@@ -524,6 +607,15 @@ QString RoutingHeatmap::cellSummary(int l, int t) const {
     row(QStringLiteral("rank"), QStringLiteral("%1 of %2 (0 = highest)").arg(layer.rank[t]).arg(T));
     row(QStringLiteral("top-k threshold"), QStringLiteral("%1 (k-th largest logit)").arg(number(layer.topk_threshold)));
     row(QStringLiteral("in top-k"), in_topk ? QStringLiteral("yes") : QStringLiteral("no"));
+    if (const int f = forcedDecision(s.trace, l, t); f >= 0)
+        row(QStringLiteral("forced"), f ? QStringLiteral("<b>process</b> (an override; Delete clears it)")
+                                        : QStringLiteral("<b>skip</b> (an override; Delete clears it)"));
+    if (layer.decision_value.size() == std::size_t(T))
+        row(QStringLiteral("decision value"),
+            QStringLiteral("%1 nats: the summed loss %2 if this token were %3")
+                .arg(number(layer.decision_value[t]))
+                .arg(layer.decision_value[t] >= 0 ? QStringLiteral("rises by that") : QStringLiteral("falls by that"))
+                .arg(processed ? QStringLiteral("skipped") : QStringLiteral("processed")));
     // Causal mode's rule (docs/MODEL.md), term by term, from what the trace holds of the tokens before t.
     const auto& c = s.config;
     const bool budget = c.predictor_budget_gain > 0.0, prefix = c.predictor_prefix_topk;
@@ -715,9 +807,67 @@ void RoutingHeatmap::keyPressEvent(QKeyEvent* event) {
     case Qt::Key_Plus:
     case Qt::Key_Equal: xAxis->scaleRange(0.5, sel_token_ >= 0 ? sel_token_ : r.center()); replot(rpQueuedReplot); break;
     case Qt::Key_Minus: xAxis->scaleRange(2.0, r.center()); replot(rpQueuedReplot); break;
+    case Qt::Key_P:
+    case Qt::Key_S:
+    case Qt::Key_Delete:
+    case Qt::Key_Backspace: {
+        const bool routed = snapshot_ && sel_layer_ >= 0 && sel_layer_ < snapshot_->layers() &&
+                            snapshot_->trace.layers[sel_layer_].routed;
+        if (!routed || sel_token_ < 0) {
+            QCustomPlot::keyPressEvent(event);
+            return;
+        }
+        const Force action = event->key() == Qt::Key_P   ? Force::Process
+                             : event->key() == Qt::Key_S ? Force::Skip
+                                                         : Force::Clear;
+        Q_EMIT overrideRequested(sel_layer_, sel_token_, action);
+        break;
+    }
     default: QCustomPlot::keyPressEvent(event); return;
     }
     event->accept();
+}
+
+void RoutingHeatmap::contextMenuEvent(QContextMenuEvent* event) {
+    if (!snapshot_ || snapshot_->empty()) return;
+    auto [l, t] = cellAt(event->pos());
+    // Over the layer labels, left of the cells: that layer's row.
+    if (l < 0 && event->pos().x() < axisRect()->left() && event->pos().y() >= axisRect()->top() &&
+        event->pos().y() <= axisRect()->bottom()) {
+        const int row = static_cast<int>(std::lround(yAxis->pixelToCoord(event->pos().y())));
+        if (row >= 0 && row < snapshot_->layers()) l = row, t = -1;
+    }
+    if (l < 0) return;
+    const bool routed = snapshot_->trace.layers[l].routed;
+    QMenu menu(this);
+    if (t >= 0) {
+        const QString piece = pieceLabel(snapshot_->pieces[t], 16);
+        auto* process = menu.addAction(tr("Process %1 in Layer %2").arg(piece).arg(l));
+        process->setShortcut(QKeySequence(Qt::Key_P));
+        connect(process, &QAction::triggered, this, [this, l, t] { Q_EMIT overrideRequested(l, t, Force::Process); });
+        auto* skip = menu.addAction(tr("Skip %1 in Layer %2").arg(piece).arg(l));
+        skip->setShortcut(QKeySequence(Qt::Key_S));
+        connect(skip, &QAction::triggered, this, [this, l, t] { Q_EMIT overrideRequested(l, t, Force::Skip); });
+        auto* clear = menu.addAction(tr("Clear This Override"));
+        clear->setShortcut(QKeySequence(Qt::Key_Delete));
+        clear->setEnabled(forcedDecision(snapshot_->trace, l, t) >= 0);
+        connect(clear, &QAction::triggered, this, [this, l, t] { Q_EMIT overrideRequested(l, t, Force::Clear); });
+        for (QAction* a : {process, skip, clear}) a->setEnabled(a->isEnabled() && routed);
+        menu.addSeparator();
+    }
+    auto* skip_all = menu.addAction(tr("Layer %1: Skip Every Token").arg(l));
+    connect(skip_all, &QAction::triggered, this, [this, l] { Q_EMIT overrideRequested(l, -1, Force::Skip); });
+    auto* process_all = menu.addAction(tr("Layer %1: Process Every Token").arg(l));
+    connect(process_all, &QAction::triggered, this, [this, l] { Q_EMIT overrideRequested(l, -1, Force::Process); });
+    auto* clear_layer = menu.addAction(tr("Layer %1: Clear Its Overrides").arg(l));
+    connect(clear_layer, &QAction::triggered, this, [this, l] { Q_EMIT overrideRequested(l, -1, Force::Clear); });
+    for (QAction* a : {skip_all, process_all, clear_layer}) a->setEnabled(routed);
+    if (!routed) menu.addSection(tr("Only a routed layer's decisions can be forced"));
+    menu.addSeparator();
+    auto* clear_all = menu.addAction(tr("Clear All Overrides"));
+    clear_all->setEnabled(!snapshot_->trace.overrides.empty());
+    connect(clear_all, &QAction::triggered, this, [this] { Q_EMIT clearOverridesRequested(); });
+    menu.exec(event->globalPos());
 }
 
 void RoutingHeatmap::resizeEvent(QResizeEvent* event) {

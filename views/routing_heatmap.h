@@ -49,6 +49,17 @@ public:
     // The logits at the ends of the gradient: for the whole map, or (per-layer scale) for layer l.
     QCPRange logitRange(int layer = -1) const;
 
+    // Decision values (docs/MODEL.md "Interventions") on a diverging scale in place of the router logits, where
+    // the run has them; showsDecisionValues() says whether the map shows them now.
+    void setShowDecisionValues(bool show);
+    bool showsDecisionValues() const;
+    // The per-layer summary of the values: "layer 1 took 5 of its 8 most valuable tokens · …", or compact
+    // "most valuable taken: L1 5/8 · …" (the title row); empty without values.
+    QString decisionValueSummary(bool compact = false) const;
+
+    // What forcing a decision asks (overrideRequested's action).
+    enum class Force { Skip = 0, Process = 1, Clear = -1 };
+
     // Locks a cell (layer, token); -1 clears.
     void selectCell(int layer, int token);
     int selectedLayer() const { return sel_layer_; }
@@ -82,6 +93,10 @@ Q_SIGNALS:
     void cellSelected(int layer, int token);
     void selectionCleared();
     void cellHovered(int layer, int token);  // (-1, -1) when the mouse leaves the cells
+    // Force a routed layer's decision on a token, or with token -1 on every token of the layer (keys P, S and
+    // Delete on the locked cell; the context menu of a cell or of a layer's label).
+    void overrideRequested(int layer, int token, modscope::RoutingHeatmap::Force action);
+    void clearOverridesRequested();
 
 protected:
     void mousePressEvent(QMouseEvent* event) override;
@@ -90,6 +105,7 @@ protected:
     void mouseDoubleClickEvent(QMouseEvent* event) override;
     void leaveEvent(QEvent* event) override;
     void keyPressEvent(QKeyEvent* event) override;
+    void contextMenuEvent(QContextMenuEvent* event) override;
     void resizeEvent(QResizeEvent* event) override;
 
 private:
@@ -106,6 +122,7 @@ private:
     void moveSelection(int d_layer, int d_token);
 
     void updateScaleAxis();
+    void fillDecisionValues(int kx, int ky, int bins, int n);
 
     SnapshotPtr snapshot_;
     SnapshotPtr companion_;
@@ -132,6 +149,8 @@ private:
     bool layer_labels_dirty_ = true;
     QPoint press_pos_;
     bool pressed_ = false;
+    bool show_values_ = false;
+    bool values_shown_ = false;  // the map holds decision values now
 };
 
 }  // namespace modscope

@@ -76,6 +76,18 @@ struct RoutingSnapshot {
     // A trace streamed while generating: tokens from generated_from on were sampled, not typed.
     int generated_from = -1;
 
+    // The losses (docs/MODEL.md "Interventions"), from a second snapshot of the same run: trace.token_loss and
+    // trace.top_ids there; with overrides, the same run without them (baseline_*); with a reference model of the
+    // same tokenizer, its loss on the same tokens (reference_*). Empty where not computed.
+    std::vector<float> baseline_token_loss;
+    std::vector<int> baseline_top_ids;
+    std::vector<float> baseline_top_probs;
+    std::vector<std::string> top_pieces;           // the pieces of trace.top_ids
+    std::vector<std::string> baseline_top_pieces;  // of baseline_top_ids
+    std::vector<float> reference_token_loss;
+    std::string reference_name;
+    bool hasLosses() const { return trace.token_loss.size() == trace.token_ids.size() && !trace.token_ids.empty(); }
+
     int tokens() const { return static_cast<int>(trace.token_ids.size()); }
     int layers() const { return static_cast<int>(trace.layers.size()); }
     bool empty() const { return trace.token_ids.empty() || trace.layers.empty(); }
@@ -88,6 +100,18 @@ struct RoutingSnapshot {
 };
 
 using SnapshotPtr = std::shared_ptr<const RoutingSnapshot>;
+
+// The decision a run's overrides forced on (layer, token): 1 process, 0 skip, -1 none. A position's override
+// wins over its layer's; of two alike, the later (as the engine resolves them, docs/MODEL.md "Interventions").
+inline int forcedDecision(const RunTrace& run, int layer, int token) {
+    int whole = -1, single = -1;
+    for (const auto& o : run.overrides) {
+        if (o.layer != layer) continue;
+        if (o.position == RoutingOverride::kAllPositions) whole = o.process ? 1 : 0;
+        if (o.position == token) single = o.process ? 1 : 0;
+    }
+    return single >= 0 ? single : whole;
+}
 
 // How much the layer changed the token, |Δx| / |x|; NaN where the run has no such measure (older traces).
 inline double updateRatio(const LayerTrace& layer, int token) {

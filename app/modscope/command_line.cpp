@@ -64,8 +64,16 @@ QString parseCommandLine(const QStringList& arguments, CommandLineOptions* o) {
                                           QStringLiteral("Run first at this capacity and pin that run, then run at "
                                                          "--capacity and compare (for --screenshot)."),
                                           QStringLiteral("F"));
+    const QCommandLineOption force(QStringLiteral("force"),
+                                   QStringLiteral("Force a routed layer's decision on the token at POS (0-based), or on "
+                                                  "every token with LAYER:all=...; repeatable."),
+                                   QStringLiteral("LAYER:POS=process|skip"));
+    const QCommandLineOption keep_capacity(QStringLiteral("keep-capacity"),
+                                           QStringLiteral("Forced layers keep their k (default: exact flips)."));
+    const QCommandLineOption decision_values(QStringLiteral("decision-values"),
+                                             QStringLiteral("Colour the heatmap by each routing decision's value."));
     parser.addOptions({help_option, version_option, model, device, prompt, capacity, mode, screenshot, size, theme, select,
-                       generate, trace, pin_capacity});
+                       generate, trace, pin_capacity, force, keep_capacity, decision_values});
     o->help_text = parser.helpText();
     if (!parser.parse(arguments)) return parser.errorText();
     if (!parser.positionalArguments().isEmpty())
@@ -124,6 +132,17 @@ QString parseCommandLine(const QStringList& arguments, CommandLineOptions* o) {
         if (!ok || o->generate < 1 || o->generate > 65536)
             return QStringLiteral("--generate must be a number of tokens from 1 to 65536, not '%1'").arg(parser.value(generate));
     }
+    for (const QString& f : parser.values(force)) {
+        static const QRegularExpression re(QStringLiteral("^(\\d{1,3}):(\\d{1,6}|all)=(process|skip)$"));
+        const auto m = re.match(f.trimmed());
+        if (!m.hasMatch())
+            return QStringLiteral("--force must look like LAYER:POS=process|skip or LAYER:all=skip (3:12=skip), not '%1'").arg(f);
+        o->overrides.push_back({m.captured(1).toInt(),
+                                m.captured(2) == QLatin1String("all") ? RoutingOverride::kAllPositions : m.captured(2).toInt(),
+                                m.captured(3) == QLatin1String("process")});
+    }
+    o->keep_capacity = parser.isSet(keep_capacity);
+    o->decision_values = parser.isSet(decision_values);
     if (parser.isSet(select)) {
         static const QRegularExpression re(QStringLiteral("^(\\d{1,4}):(\\d{1,6})$"));
         const auto m = re.match(parser.value(select).trimmed());

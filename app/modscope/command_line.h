@@ -1,11 +1,13 @@
 // The command line: modscope [--model DIR] [--device D] [--prompt TEXT] [--capacity F] [--mode topk|causal]
-// [--screenshot FILE] [--size WxH] [--theme system|light|dark] [--trace FILE] [--pin-capacity F].
+// [--screenshot FILE] [--size WxH] [--theme system|light|dark] [--trace FILE] [--pin-capacity F]
+// [--force LAYER:POS=process|skip ...] [--keep-capacity] [--decision-values].
 #pragma once
 
 #include <QSize>
 #include <QString>
 #include <QStringList>
 #include <optional>
+#include <vector>
 
 #include "modscope/engine.h"
 
@@ -23,7 +25,10 @@ struct CommandLineOptions {
     std::optional<std::pair<int, int>> select;  // lock this (layer, token) once the run is shown
     int generate = 0;
     QString trace;                     // replay this trace file
-    std::optional<double> pin_capacity;  // pin a run at this capacity before the one at --capacity                  // generate this many tokens after the first run
+    std::optional<double> pin_capacity;  // pin a run at this capacity before the one at --capacity
+    std::vector<RoutingOverride> overrides;  // --force: decisions forced by hand (docs/MODEL.md "Interventions")
+    bool keep_capacity = false;
+    bool decision_values = false;
     bool help = false;
     bool version = false;
     QString help_text;

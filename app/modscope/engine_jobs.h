@@ -34,12 +34,21 @@ struct ModelInfo {
     std::string weights_sha256;
 };
 
+// What a run asks beyond routing (docs/MODEL.md "Interventions"): decisions forced by hand, and the value of
+// every routing decision.
+struct RunInterventions {
+    std::vector<RoutingOverride> overrides;
+    bool keep_capacity = false;
+    bool decision_values = false;
+};
+
 struct RunRequest {
     std::uint64_t job = 0;
     std::string text;
     RoutingMode mode = RoutingMode::TopK;
     double capacity = -1.0;
     std::vector<double> layer_capacity;  // RunOptions::layer_capacity
+    RunInterventions interventions;
     // Tokens starting at or after this byte of text were generated (marked as such); npos: none.
     std::size_t generated_from_byte = std::string::npos;
     CancelFlag cancel;

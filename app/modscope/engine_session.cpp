@@ -31,6 +31,13 @@ EngineSession::EngineSession(QObject* parent) : QObject(parent), worker_(new Eng
         pending_run_ = 0;
         Q_EMIT runFailed(message);
     });
+    connect(worker_, &EngineWorker::runProgress, this, [this](quint64 job, int done, int total) {
+        if (job == latest_run_) Q_EMIT runProgress(done, total);
+    });
+    connect(worker_, &EngineWorker::referenceLoaded, this,
+            [this](quint64, const QString& name, const QString& directory) { Q_EMIT referenceLoaded(name, directory); });
+    connect(worker_, &EngineWorker::referenceFailed, this,
+            [this](quint64, const QString& message) { Q_EMIT referenceFailed(message); });
     connect(worker_, &EngineWorker::generationStep, this,
             [this](quint64 job, const GenerationPoint& point, const SnapshotPtr& snapshot) {
                 if (job == generation_job_) Q_EMIT generationStep(point, snapshot);
@@ -65,7 +72,8 @@ std::uint64_t EngineSession::loadModel(const QString& directory, const QString& 
 }
 
 std::uint64_t EngineSession::requestRun(const QString& text, RoutingMode mode, double capacity,
-                                        std::size_t generated_from_byte, std::vector<double> layer_capacity) {
+                                        std::size_t generated_from_byte, std::vector<double> layer_capacity,
+                                        RunInterventions interventions) {
     if (shut_down_) return 0;
     if (run_cancel_) run_cancel_->store(true);
     RunRequest request;
@@ -75,10 +83,19 @@ std::uint64_t EngineSession::requestRun(const QString& text, RoutingMode mode, d
     request.capacity = capacity;
     request.layer_capacity = std::move(layer_capacity);
     request.generated_from_byte = generated_from_byte;
+    request.interventions = std::move(interventions);
     request.cancel = run_cancel_ = makeCancelFlag();
     latest_run_ = pending_run_ = request.job;
     QMetaObject::invokeMethod(worker_, [w = worker_, request] { w->run(request); }, Qt::QueuedConnection);
     return request.job;
+}
+
+std::uint64_t EngineSession::loadReference(const QString& directory) {
+    if (shut_down_) return 0;
+    const auto job = nextJob();
+    QMetaObject::invokeMethod(worker_, [w = worker_, job, directory] { w->loadReference(job, directory); },
+                              Qt::QueuedConnection);
+    return job;
 }
 
 std::uint64_t EngineSession::startGeneration(const QString& prompt, const GenerationSettings& settings,

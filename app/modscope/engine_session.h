@@ -22,7 +22,9 @@ public:
     // Cancels any run still queued or running, then queues this one.
     std::uint64_t requestRun(const QString& text, RoutingMode mode, double capacity,
                              std::size_t generated_from_byte = std::string::npos,
-                             std::vector<double> layer_capacity = {});
+                             std::vector<double> layer_capacity = {}, RunInterventions interventions = {});
+    // The model whose per-token loss each run shows beside the open model's (same tokenizer); empty: none.
+    std::uint64_t loadReference(const QString& directory);
     std::uint64_t startGeneration(const QString& prompt, const GenerationSettings& settings, double capacity);
     void stopGeneration();
 
@@ -40,6 +42,9 @@ Q_SIGNALS:
     void modelLoadFailed(const QString& message);
     void runFinished(const modscope::SnapshotPtr& snapshot);  // only the newest run's
     void runFailed(const QString& message);
+    void runProgress(int done, int total);  // the newest run's decision values
+    void referenceLoaded(const QString& name, const QString& directory);  // empty name: none
+    void referenceFailed(const QString& message);
     void generationStep(const modscope::GenerationPoint& point, const modscope::SnapshotPtr& snapshot);
     void generationFinished(const modscope::GenerationSummary& summary);
     void generationFailed(const QString& message);

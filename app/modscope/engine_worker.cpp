@@ -1,5 +1,6 @@
 #include "engine_worker.h"
 
+#include <algorithm>
 #include <chrono>
 #include <optional>
 
@@ -52,6 +53,15 @@ std::size_t settledPrefix(const std::string& text) {
     return end;
 }
 
+// Whether two models' tokenizers give the same piece for every id, so that one's token ids mean the other's.
+bool sameTokenizer(const Model& a, const Model& b) {
+    const Tokenizer *ta = a.tokenizer(), *tb = b.tokenizer();
+    if (ta == nullptr || tb == nullptr || ta->vocabSize() != tb->vocabSize()) return false;
+    for (int id = 0; id < ta->vocabSize(); ++id)
+        if (ta->piece(id) != tb->piece(id)) return false;
+    return true;
+}
+
 }  // namespace
 
 EngineWorker::EngineWorker() = default;
@@ -63,8 +73,33 @@ void EngineWorker::loadModel(std::uint64_t job, const QString& directory, const 
         if (!model->tokenizer()) throw Error(directory.toStdString() + ": the model has no tokenizer");
         model_ = std::move(model);
         Q_EMIT modelLoaded(job, infoOf(*model_));
+        if (reference_ && !sameTokenizer(*model_, *reference_)) {
+            reference_.reset();
+            Q_EMIT referenceFailed(job, tr("The reference model was closed: its tokenizer differs from %1's.")
+                                            .arg(QString::fromStdString(model_->config().name)));
+        }
     } catch (const std::exception& e) {
         Q_EMIT modelLoadFailed(job, message(e));
+    }
+}
+
+void EngineWorker::loadReference(std::uint64_t job, const QString& directory) {
+    if (directory.isEmpty()) {
+        reference_.reset();
+        Q_EMIT referenceLoaded(job, {}, {});
+        return;
+    }
+    try {
+        std::shared_ptr<Model> reference =
+            Model::open(directory.toStdString(), model_ ? model_->device() : std::string("auto"));
+        if (model_ && !sameTokenizer(*model_, *reference))
+            throw Error(directory.toStdString() + ": its tokenizer differs from " + model_->config().name +
+                        "'s, so their losses cannot be compared token by token");
+        reference_ = std::move(reference);
+        Q_EMIT referenceLoaded(job, QString::fromStdString(reference_->config().name),
+                               QString::fromStdString(reference_->directory()));
+    } catch (const std::exception& e) {
+        Q_EMIT referenceFailed(job, message(e));
     }
 }
 
@@ -94,6 +129,13 @@ void EngineWorker::run(const RunRequest& request) {
         // so the app's export and the CLI's agree.
         options.logits = RunOptions::Logits::Last;
         options.cancel = request.cancel.get();
+        options.overrides = request.interventions.overrides;
+        options.keep_capacity = request.interventions.keep_capacity;
+        // Overrides of positions the prompt no longer has (it was shortened) wait until it has them again.
+        const int T = static_cast<int>(prompt.tokens.size());
+        options.overrides.erase(std::remove_if(options.overrides.begin(), options.overrides.end(),
+                                               [T](const RoutingOverride& o) { return o.position >= T; }),
+                                options.overrides.end());
         auto trace = model_->run(prompt.ids(), options);
         int generated_from = -1;
         if (request.generated_from_byte != std::string::npos) {
@@ -103,7 +145,7 @@ void EngineWorker::run(const RunRequest& request) {
                     break;
                 }
         }
-        auto snapshot = buildSnapshot(*model_, prompt, std::move(trace), request.job, generated_from);
+        SnapshotPtr snapshot = buildSnapshot(*model_, prompt, std::move(trace), request.job, generated_from);
         Q_EMIT runFinished(snapshot);
         if (!prompt.counted) {
             // The view is out; now the length of the rest of a long prompt, for the notice and the export.
@@ -112,13 +154,64 @@ void EngineWorker::run(const RunRequest& request) {
             counted->original_tokens = prompt.original_tokens;
             counted->original_tokens_exact = true;
             counted->tokenized_on = prompt.tokenized_on;
+            snapshot = counted;
             Q_EMIT runFinished(counted);
         }
+        Q_EMIT runFinished(withLosses(*snapshot, prompt.ids(), options, request));
     } catch (const Cancelled&) {
         // A newer request replaced this one; it reports instead.
     } catch (const std::exception& e) {
         Q_EMIT runFailed(request.job, message(e));
     }
+}
+
+SnapshotPtr EngineWorker::withLosses(const RoutingSnapshot& shown, const std::vector<int>& ids,
+                                     const RunOptions& run_options, const RunRequest& request) {
+    // The same run with every position's logits, which the heatmap did not wait for: its losses, its top
+    // predictions and, when asked, its decision values (progress at most every 50 ms).
+    RunOptions options = run_options;
+    options.token_loss = true;
+    options.top_predictions = kTopPredictions;
+    options.decision_values = request.interventions.decision_values;
+    auto last_progress = std::chrono::steady_clock::now();
+    options.progress = [&](int done, int total) {
+        const auto now = std::chrono::steady_clock::now();
+        if (done != 0 && done != total && now - last_progress < std::chrono::milliseconds(50)) return;
+        last_progress = now;
+        Q_EMIT runProgress(request.job, done, total);
+    };
+    const auto full = model_->run(ids, options);
+    auto out = std::make_shared<RoutingSnapshot>(shown);
+    out->trace.token_loss = full.token_loss;
+    out->trace.top_n = full.top_n;
+    out->trace.top_ids = full.top_ids;
+    out->trace.top_probs = full.top_probs;
+    out->trace.decision_values = full.decision_values;
+    const Tokenizer& tok = *model_->tokenizer();
+    for (int id : full.top_ids) out->top_pieces.push_back(tok.piece(id));
+    for (std::size_t li = 0; li < out->trace.layers.size() && li < full.layers.size(); ++li)
+        out->trace.layers[li].decision_value = full.layers[li].decision_value;
+    if (!options.overrides.empty()) {  // what the overrides changed
+        RunOptions baseline = options;
+        baseline.overrides.clear();
+        baseline.decision_values = false;
+        baseline.progress = nullptr;
+        const auto base = model_->run(ids, baseline);
+        out->baseline_token_loss = base.token_loss;
+        out->baseline_top_ids = base.top_ids;
+        out->baseline_top_probs = base.top_probs;
+        for (int id : base.top_ids) out->baseline_top_pieces.push_back(tok.piece(id));
+    }
+    if (reference_ && ids.size() <= static_cast<std::size_t>(reference_->config().max_seq_len)) {
+        RunOptions ref;
+        ref.token_loss = true;
+        ref.logits = RunOptions::Logits::None;
+        ref.per_token_routing = false;
+        ref.cancel = options.cancel;
+        out->reference_token_loss = reference_->run(ids, ref).token_loss;
+        out->reference_name = reference_->config().name;
+    }
+    return out;
 }
 
 void EngineWorker::generate(const GenerateRequest& request) {

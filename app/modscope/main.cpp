@@ -52,6 +52,11 @@ int main(int argc, char** argv) {
     else if (options.capacity) window.setCapacity(*options.capacity);
     if (options.mode) window.setRoutingMode(*options.mode);
     if (options.select) window.selectCell(options.select->first, options.select->second);
+    for (const auto& o : options.overrides)
+        window.forceDecision(o.layer, o.position,
+                             o.process ? modscope::RoutingHeatmap::Force::Process : modscope::RoutingHeatmap::Force::Skip);
+    window.setKeepCapacity(options.keep_capacity);
+    if (options.decision_values) window.setDecisionValuesShown(true);
     QString prompt = modscope::MainWindow::samplePrompt();
     if (options.prompt) prompt = *options.prompt;
     else if (settings && settings->contains(QStringLiteral("prompt/text")))

@@ -16,7 +16,9 @@
 #include <QMenuBar>
 #include <QMessageBox>
 #include <QMimeData>
+#include <QProgressBar>
 #include <QPushButton>
+#include <QToolButton>
 #include <QScreen>
 #include <QSettings>
 #include <QSignalBlocker>
@@ -41,6 +43,8 @@
 #include "engine_session.h"
 #include "figure_export.h"
 #include "generation_controls.h"
+#include "modscope/paths.h"
+#include "token_loss_strip.h"
 #include "message_banner.h"
 #include "modscope/paths.h"
 #include "modscope/trace_io.h"
@@ -149,8 +153,11 @@ MainWindow::MainWindow(const Options& options, QWidget* parent)
     replay_layout->addWidget(replay_label_, 1);
     replay_layout->addWidget(live_button);
     replay_bar_->hide();
+    // Each position's loss above its column of the heatmap (docs/MODEL.md "Interventions").
+    loss_strip_ = new TokenLossStrip(central);
     layout->addWidget(banner_);
     layout->addWidget(replay_bar_);
+    layout->addWidget(loss_strip_);
     layout->addWidget(heatmap_, 1);
     setCentralWidget(central);
 
@@ -164,6 +171,19 @@ MainWindow::MainWindow(const Options& options, QWidget* parent)
     status_tokens_ = new QLabel(this);
     status_latency_ = new QLabel(this);
     status_latency_->setToolTip(tr("From the start of the last run to the repainted heatmap (model time in brackets)"));
+    // The decision values' progress, with a way out: they take a flip per routed cell.
+    values_progress_ = new QProgressBar(this);
+    values_progress_->setObjectName(QStringLiteral("decision-value-progress"));
+    values_progress_->setMaximumWidth(220);
+    values_progress_->setFormat(tr("decision values %p%"));
+    values_progress_->hide();
+    values_cancel_ = new QToolButton(this);
+    values_cancel_->setText(tr("Cancel"));
+    values_cancel_->setToolTip(tr("Stop computing decision values (View › Decision Values)"));
+    values_cancel_->hide();
+    connect(values_cancel_, &QToolButton::clicked, this, [this] { setDecisionValuesShown(false); });
+    statusBar()->addPermanentWidget(values_progress_);
+    statusBar()->addPermanentWidget(values_cancel_);
     for (QLabel* l : {status_device_, status_model_, status_tokens_, status_latency_}) {
         l->setContentsMargins(8, 0, 8, 0);
         statusBar()->addPermanentWidget(l);
@@ -182,6 +202,37 @@ MainWindow::MainWindow(const Options& options, QWidget* parent)
     connect(session_.get(), &EngineSession::modelLoadFailed, this, &MainWindow::onModelLoadFailed);
     connect(session_.get(), &EngineSession::runFinished, this, &MainWindow::onRunFinished);
     connect(session_.get(), &EngineSession::runFailed, this, &MainWindow::onRunFailed);
+    connect(session_.get(), &EngineSession::runProgress, this, [this](int done, int total) {
+        if (!interventions_.decision_values || total <= 0) return;
+        values_progress_->setRange(0, total);
+        values_progress_->setValue(done);
+        values_progress_->setVisible(done < total);
+        values_cancel_->setVisible(done < total);
+    });
+    connect(session_.get(), &EngineSession::referenceLoaded, this, [this](const QString& name, const QString&) {
+        reference_name_ = name;
+        if (!name.isEmpty()) statusBar()->showMessage(tr("Reference model: %1").arg(name), 4000);
+        // A run queued behind the load already has its losses; one shown before it needs another.
+        if (snapshot_ && !replaying_ && snapshot_->reference_name != name.toStdString() && !session_->isRunPending())
+            requestRun();
+    });
+    connect(session_.get(), &EngineSession::referenceFailed, this, [this](const QString& message) {
+        reference_name_.clear();
+        // The bundled dense baseline fits the bundled models only: for another model it is quietly left out.
+        if (reference_chosen_)
+            showError(tr("No reference model: %1").arg(message));
+        else
+            statusBar()->showMessage(tr("No reference model: %1").arg(message), 6000);
+    });
+    connect(heatmap_, &RoutingHeatmap::overrideRequested, this, &MainWindow::forceDecision);
+    connect(heatmap_, &RoutingHeatmap::clearOverridesRequested, this, &MainWindow::clearOverrides);
+    // The loss strip's columns stand over the heatmap's.
+    const auto alignLossStrip = [this] {
+        const QRect cells = heatmap_->axisRect()->rect();
+        loss_strip_->alignColumns(heatmap_->xAxis->range(), cells.left(), cells.right() + 1);
+    };
+    connect(heatmap_, &QCustomPlot::afterLayout, this, alignLossStrip);
+    connect(heatmap_->xAxis, qOverload<const QCPRange&>(&QCPAxis::rangeChanged), this, alignLossStrip);
     connect(session_.get(), &EngineSession::generationStep, this, &MainWindow::onGenerationStep);
     connect(session_.get(), &EngineSession::generationFinished, this, &MainWindow::onGenerationFinished);
     connect(session_.get(), &EngineSession::generationFailed, this, &MainWindow::onGenerationFailed);
@@ -382,6 +433,7 @@ void MainWindow::buildActions() {
                                    [this] { chooseFigureExport(QStringLiteral("capacity")); });
     export_predictor_action_ = make(tr("Export P&redictor Panel…"), {},
                                     [this] { chooseFigureExport(QStringLiteral("predictor")); });
+    export_loss_action_ = make(tr("Export &Loss Strip…"), {}, [this] { chooseFigureExport(QStringLiteral("loss")); });
     export_depth_action_ = make(tr("Export Token &Depth…"), {},
                                 [this] { chooseFigureExport(QStringLiteral("depth")); });
     export_window_action_ = make(tr("Export &Window…"), {QKeySequence(Qt::CTRL | Qt::SHIFT | Qt::Key_S)},
@@ -419,6 +471,27 @@ void MainWindow::buildActions() {
     shortcuts_action_ = make(tr("&Keyboard Shortcuts"), {QKeySequence::HelpContents, QKeySequence(Qt::CTRL | Qt::Key_Slash)},
                              &MainWindow::showShortcuts);
     about_action_ = make(tr("&About ModScope"), {}, &MainWindow::showAbout);
+    decision_values_action_ = make(tr("&Decision Values"), {QKeySequence(Qt::CTRL | Qt::SHIFT | Qt::Key_D)},
+                                   [this] { setDecisionValuesShown(decision_values_action_->isChecked()); });
+    decision_values_action_->setCheckable(true);
+    decision_values_action_->setToolTip(
+        tr("Colour each routed cell by what its decision is worth: the summed loss with that decision flipped, "
+           "minus without (one extra run per routed cell, on the engine's thread)"));
+    keep_capacity_action_ = make(tr("&Keep Capacity When Forcing"), {},
+                                 [this] { setKeepCapacity(keep_capacity_action_->isChecked()); });
+    keep_capacity_action_->setCheckable(true);
+    keep_capacity_action_->setToolTip(tr("A forced layer still takes k tokens: its other places go to the "
+                                         "highest-ranked free tokens (off: exact flips)"));
+    clear_overrides_action_ = make(tr("C&lear All Overrides"), {QKeySequence(Qt::CTRL | Qt::SHIFT | Qt::Key_Delete)},
+                                   &MainWindow::clearOverrides);
+    clear_overrides_action_->setEnabled(false);
+    open_reference_action_ = make(tr("Open Re&ference Model…"), {}, [this] {
+        const QString dir = QFileDialog::getExistingDirectory(
+            this, tr("Open a reference model (same tokenizer)"),
+            model_ ? QFileInfo(QString::fromStdString(model_->directory)).absolutePath() : QString());
+        if (!dir.isEmpty()) openReferenceModel(dir);
+    });
+    no_reference_action_ = make(tr("&No Reference Model"), {}, [this] { openReferenceModel({}); });
 
     theme_group_ = new QActionGroup(this);
     for (auto [choice, text] : {std::pair{ThemeChoice::System, tr("Follow the &System")},
@@ -520,6 +593,7 @@ void MainWindow::buildMenus() {
     file->addAction(export_heatmap_action_);
     file->addAction(export_capacity_action_);
     file->addAction(export_predictor_action_);
+    file->addAction(export_loss_action_);
     file->addAction(export_depth_action_);
     file->addAction(export_window_action_);
     file->addSeparator();
@@ -540,6 +614,9 @@ void MainWindow::buildMenus() {
     if (model_menu_->isEmpty()) model_menu_->addAction(tr("(no bundled models found)"))->setEnabled(false);
     model_menu_->addSeparator();
     model_menu_->addAction(open_action_);
+    model_menu_->addSeparator();
+    model_menu_->addAction(open_reference_action_);
+    model_menu_->addAction(no_reference_action_);
     model_menu_->setToolTipsVisible(true);
 
     auto* run = menuBar()->addMenu(tr("&Run"));
@@ -555,10 +632,15 @@ void MainWindow::buildMenus() {
     run->addSeparator();
     run->addAction(pin_action_);
     run->addAction(unpin_action_);
+    run->addSeparator();
+    // Forcing: P, S and Delete on a locked cell, or a cell's context menu.
+    run->addAction(keep_capacity_action_);
+    run->addAction(clear_overrides_action_);
 
     view_menu_ = menuBar()->addMenu(tr("&View"));
     view_menu_->addAction(reset_view_action_);
     view_menu_->addAction(focus_prompt_action_);
+    view_menu_->addAction(decision_values_action_);
     view_menu_->addSeparator();
     for (QDockWidget* d : {prompt_dock_, depth_dock_, details_dock_, capacity_dock_, predictor_dock_, compare_dock_})
         view_menu_->addAction(d->toggleViewAction());
@@ -779,6 +861,22 @@ void MainWindow::onModelLoaded(const ModelInfo& info) {
         startup_capacity_.reset();
     }
     generation_document_.reset();
+    // Overrides name layers: those this model does not route are dropped.
+    auto& overrides = interventions_.overrides;
+    overrides.erase(std::remove_if(overrides.begin(), overrides.end(),
+                                   [&](const RoutingOverride& o) {
+                                       return o.layer >= info.config.n_layers || !info.config.isRouted(o.layer);
+                                   }),
+                    overrides.end());
+    clear_overrides_action_->setEnabled(!overrides.empty());
+    // The bundled dense baseline is the reference unless one was chosen here (or it is the model itself).
+    if (!reference_chosen_) {
+        QString dense;
+        for (const auto& m : bundledModels())
+            if (m.name == "dense") dense = QString::fromStdString(m.directory);
+        const bool itself = !dense.isEmpty() && QDir(dense).canonicalPath() == QDir(dir).canonicalPath();
+        session_->loadReference(itself ? QString() : dense);
+    }
     heatmap_->setPlaceholder(tr("Type a prompt above: how each layer routes each token appears here."));
     updateWindowTitle();
     updateStatus();
@@ -879,11 +977,70 @@ void MainWindow::requestRun() {
     // While replaying, the editor and controls show the trace; the live run keeps its own settings.
     session_->requestRun(replaying_ ? live_prompt_ : prompt_->text(), replaying_ ? live_mode_ : routing_->mode(),
                          replaying_ ? live_capacity_ : routing_->capacity(), generated_from_byte_,
-                         replaying_ ? live_layer_capacity_ : routing_->layerCapacities());
+                         replaying_ ? live_layer_capacity_ : routing_->layerCapacities(), interventions_);
+    values_progress_->setVisible(interventions_.decision_values);
+    values_cancel_->setVisible(interventions_.decision_values);
+    if (interventions_.decision_values) values_progress_->setValue(0);
     stale_ = true;
     if (replaying_) return;  // the replayed trace on screen is not what is being run
     prompt_->setStale(true);
     heatmap_->setStale(true);
+}
+
+void MainWindow::forceDecision(int layer, int token, RoutingHeatmap::Force action) {
+    auto& o = interventions_.overrides;
+    // One entry per cell, and a whole-layer action replaces the layer's single ones.
+    o.erase(std::remove_if(o.begin(), o.end(),
+                           [&](const RoutingOverride& x) {
+                               return x.layer == layer &&
+                                      (token < 0 || x.position == token);
+                           }),
+            o.end());
+    if (action != RoutingHeatmap::Force::Clear)
+        o.push_back({layer, token < 0 ? RoutingOverride::kAllPositions : token, action == RoutingHeatmap::Force::Process});
+    clear_overrides_action_->setEnabled(!o.empty());
+    endGenerationView();
+    requestRun();
+}
+
+void MainWindow::clearOverrides() {
+    if (interventions_.overrides.empty()) return;
+    interventions_.overrides.clear();
+    clear_overrides_action_->setEnabled(false);
+    endGenerationView();
+    requestRun();
+}
+
+void MainWindow::setKeepCapacity(bool keep) {
+    if (keep_capacity_action_->isChecked() != keep) keep_capacity_action_->setChecked(keep);
+    if (interventions_.keep_capacity == keep) return;
+    interventions_.keep_capacity = keep;
+    if (!interventions_.overrides.empty()) requestRun();
+}
+
+void MainWindow::setDecisionValuesShown(bool shown) {
+    if (decision_values_action_->isChecked() != shown) decision_values_action_->setChecked(shown);
+    heatmap_->setShowDecisionValues(shown);
+    if (interventions_.decision_values == shown) return;
+    interventions_.decision_values = shown;
+    if (!shown) {
+        values_progress_->hide();
+        values_cancel_->hide();
+    }
+    // Turning them off cancels a map still being computed: the run without them replaces it.
+    requestRun();
+}
+
+void MainWindow::openReferenceModel(const QString& directory) {
+    reference_chosen_ = true;
+    session_->loadReference(directory);
+}
+
+bool MainWindow::resultsComplete() const {
+    if (replaying_ || !model_) return true;
+    if (!snapshot_ || snapshot_->job != session_->latestRunJob()) return false;
+    return snapshot_->empty() ||
+           (snapshot_->hasLosses() && (!interventions_.decision_values || snapshot_->trace.decision_values));
 }
 
 void MainWindow::selectCell(int layer, int token) {
@@ -923,9 +1080,16 @@ void MainWindow::applySnapshot(const SnapshotPtr& snapshot) {
     if (!snapshot) return;
     snapshot_ = snapshot;
     if (!replaying_) live_snapshot_ = snapshot;
-    // The heatmap first and painted at once: the run's latency ends when it shows.
-    measuring_paint_ = run_clock_.isValid() && !generating_;
+    // The heatmap first and painted at once: the run's latency ends when it shows (the run's first snapshot;
+    // its losses follow in a second one).
+    measuring_paint_ = run_clock_.isValid() && !generating_ && snapshot->job != measured_job_;
+    if (measuring_paint_) measured_job_ = snapshot->job;
     heatmap_->setSnapshot(snapshot, /*repaint_now=*/true);
+    loss_strip_->setSnapshot(snapshot);
+    if (snapshot->trace.decision_values || !interventions_.decision_values) {
+        values_progress_->hide();
+        values_cancel_->hide();
+    }
     depth_->setSnapshot(snapshot);
     capacity_->setSnapshot(snapshot);
     if (generating_ && generation_dense_kv_bytes_ > 0)
@@ -1136,6 +1300,8 @@ QString MainWindow::exportFigure(const QString& which, const QString& path) {
                                                                  : exportPlot(capacity_->plot(), path);
     } else if (which == QLatin1String("predictor")) {
         error = exportWidget(predictor_, path);
+    } else if (which == QLatin1String("loss")) {
+        error = exportPlot(loss_strip_, path);
     } else if (which == QLatin1String("depth")) {
         const QSize size = depth_->contentSize();
         error = exportPainting(path, size, [this, size](QPainter* p) { depth_->renderContent(p, size); });
@@ -1403,6 +1569,7 @@ void MainWindow::setTheme(ThemeChoice choice) {
 void MainWindow::applyPlotTheme() {
     const PlotTheme theme = PlotTheme::fromPalette(QApplication::palette());
     heatmap_->setTheme(theme);
+    loss_strip_->setTheme(theme);
     pinned_heatmap_->setTheme(theme);
     diff_view_->setTheme(theme);
     depth_->setTheme(theme);
@@ -1421,6 +1588,9 @@ void MainWindow::showShortcuts() {
         {tr("Esc"), tr("Heatmap: release the locked cell")},
         {tr("+ / −"), tr("Heatmap: zoom in / out")},
         {tr("Home / double-click"), tr("Heatmap: show every token")},
+        {tr("P / S"), tr("Heatmap: force the locked cell's layer to process / skip its token")},
+        {tr("Delete"), tr("Heatmap: clear the locked cell's override")},
+        {tr("Right-click"), tr("Heatmap: force a cell, or (on a layer's label) the whole layer")},
     };
     ShortcutSheet sheet(actions(), heatmap_keys, this);
     sheet.exec();

@@ -19,6 +19,7 @@
 
 #include "engine_jobs.h"
 #include "heatmap_color_scale.h"
+#include "routing_heatmap.h"
 #include "theme_manager.h"
 
 class QActionGroup;
@@ -27,7 +28,9 @@ class QComboBox;
 class QDockWidget;
 class QLabel;
 class QMenu;
+class QProgressBar;
 class QSettings;
+class QToolButton;
 
 namespace modscope {
 
@@ -40,8 +43,8 @@ class PredictorPanel;
 class PromptEditor;
 class RoutingControls;
 class RoutingDiffView;
-class RoutingHeatmap;
 class TokenDepthView;
+class TokenLossStrip;
 struct TraceDocument;
 
 class MainWindow : public QMainWindow {
@@ -94,10 +97,25 @@ public:
 
     // Exports write atomically. Trace exports finish on a pool thread (exportFinished); figures at once.
     void exportTrace(const QString& path);
-    QString exportFigure(const QString& which, const QString& path);  // "heatmap", "capacity", "predictor", "depth", "window"
+    QString exportFigure(const QString& which, const QString& path);  // "heatmap", "capacity", "predictor", "loss", "depth", "window"
+
+    // Interventions (docs/MODEL.md): force a routed layer's decision on a token (token -1: every token of the
+    // layer), clear them, choose exact flips or keep capacity, and show each decision's value on the heatmap.
+    // Each re-runs the prompt. Overrides stay with the window while the prompt changes; those beyond its tokens
+    // wait until it has them.
+    void forceDecision(int layer, int token, RoutingHeatmap::Force action);
+    void clearOverrides();
+    void setKeepCapacity(bool keep);
+    void setDecisionValuesShown(bool shown);
+    const RunInterventions& interventions() const { return interventions_; }
+    // The model whose loss the loss strip shows beside the open one's (same tokenizer): the bundled dense model
+    // unless another is opened here; an empty directory shows none.
+    void openReferenceModel(const QString& directory);
+    const QString& referenceName() const { return reference_name_; }
 
     // For tests and the screenshot mode.
     RoutingHeatmap* heatmap() const { return heatmap_; }
+    TokenLossStrip* lossStrip() const { return loss_strip_; }
     PromptEditor* promptEditor() const { return prompt_; }
     RoutingControls* routingControls() const { return routing_; }
     PredictorPanel* predictorPanel() const { return predictor_; }
@@ -119,6 +137,8 @@ public:
     const SnapshotPtr& snapshot() const { return snapshot_; }
     const std::optional<ModelInfo>& model() const { return model_; }
     bool isStale() const { return stale_; }
+    // The newest run's second snapshot has arrived: its losses and, when asked, its decision values.
+    bool resultsComplete() const;
     QString statusText() const;  // the status bar's fields, joined
 
 Q_SIGNALS:
@@ -289,6 +309,7 @@ private:
     QAction* export_capacity_action_ = nullptr;
     QAction* export_predictor_action_ = nullptr;
     QAction* export_depth_action_ = nullptr;
+    QAction* export_loss_action_ = nullptr;
     QAction* export_window_action_ = nullptr;
     QAction* quit_action_ = nullptr;
     QAction* generate_action_ = nullptr;
@@ -303,6 +324,18 @@ private:
     QAction* reset_layout_action_ = nullptr;
     QAction* shortcuts_action_ = nullptr;
     QAction* about_action_ = nullptr;
+    QAction* decision_values_action_ = nullptr;
+    QAction* keep_capacity_action_ = nullptr;
+    QAction* clear_overrides_action_ = nullptr;
+    QAction* open_reference_action_ = nullptr;
+    QAction* no_reference_action_ = nullptr;
+    TokenLossStrip* loss_strip_ = nullptr;
+    QProgressBar* values_progress_ = nullptr;
+    QToolButton* values_cancel_ = nullptr;
+    RunInterventions interventions_;
+    QString reference_name_;       // empty: no reference model
+    bool reference_chosen_ = false;  // opened (or dropped) here: the bundled dense one is no longer the default
+    std::uint64_t measured_job_ = 0;  // the run whose first paint the status bar's latency measured
     QActionGroup* theme_group_ = nullptr;
     QActionGroup* scale_group_ = nullptr;
     QAction* fixed_range_action_ = nullptr;

@@ -62,7 +62,8 @@ void ScreenshotTaker::scheduleCapture(int exit_code) {
 void ScreenshotTaker::capture() {
     // A late run (an edit still debounced) or a generation still streaming would change the picture: wait
     // for it, unless the time is up.
-    const bool busy = window_->isStale() || window_->generationControls()->isRunning();
+    const bool busy = window_->isStale() || window_->generationControls()->isRunning() ||
+                      (!window_->generationControls()->isRunning() && !window_->resultsComplete() && !generated_);
     if (busy && timeout_.isActive()) {
         settle_.start();
         return;
