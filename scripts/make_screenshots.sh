@@ -14,3 +14,5 @@ prompt="And God said, Let there be light: and there was light. A fortune for the
     --screenshot "$out/modscope-compare.png"
 "$app" --model resources/models/mode-staged --prompt "$prompt" --theme light --size 1600x1000 --select 3:12 \
     --screenshot "$out/modscope-mode-staged.png"
+"$app" --prompt "$prompt" --theme light --size 1600x1000 --select 3:12 --decision-values --force 5:all=skip \
+    --screenshot "$out/modscope-decision-values.png"
