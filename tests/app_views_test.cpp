@@ -23,6 +23,7 @@
 #include "figure_export.h"
 #include "predictor_panel.h"
 #include "routing_heatmap.h"
+#include "token_loss_strip.h"
 #include "token_axis_ticker.h"
 #include "token_depth_view.h"
 
@@ -559,6 +560,71 @@ private Q_SLOTS:
 
     // The compute panel's numbers say what they mean: a saving as "x less", a cost above dense as "% more",
     // and why a routed layer takes a token at capacity 0.
+    // The loss strip shows what the run has: the loss, the loss against a reference model, or (with overrides)
+    // the change against the run without them; its columns stand where the heatmap puts them. The heatmap's
+    // decision-value view colours by value on a range symmetric about 0 and names what each layer took.
+    void lossStripAndDecisionValues() {
+        const int T = 12;
+        auto s = std::make_shared<RoutingSnapshot>(*synthetic(T, 4, 0.25));
+        TokenLossStrip strip;
+        strip.resize(600, 72);
+        strip.show();  // a hidden widget gets its size only when shown
+        strip.setSnapshot(s);
+        QVERIFY(strip.shows() == TokenLossStrip::Shows::Nothing);
+        QVERIFY(strip.heading().contains(QStringLiteral("computing")));
+        for (int t = 0; t < T; ++t) s->trace.token_loss.push_back(t + 1 < T ? 1.0f + 0.25f * t : NAN);
+        strip.setSnapshot(s);
+        QVERIFY(strip.shows() == TokenLossStrip::Shows::Loss);
+        QCOMPARE(strip.barValue(2), 1.5);
+        QVERIFY(std::isnan(strip.barValue(T - 1)));
+        s->reference_token_loss.assign(T, 2.0f);
+        s->reference_name = "dense";
+        strip.setSnapshot(s);
+        QVERIFY(strip.shows() == TokenLossStrip::Shows::AgainstReference);
+        QCOMPARE(strip.barValue(2), -0.5);
+        // Summed over the 11 positions with a next token: 1 + ... + 3.5 = 24.75 against 22.
+        QVERIFY2(strip.heading().contains(QStringLiteral("+2.750")), qPrintable(strip.heading()));
+        s->baseline_token_loss.assign(T, 1.0f);
+        s->trace.overrides = {{1, 3, true}};
+        strip.setSnapshot(s);
+        QVERIFY(strip.shows() == TokenLossStrip::Shows::AgainstBaseline);
+        QCOMPARE(strip.barValue(2), 0.5);
+        QVERIFY(strip.tokenSummary(2).contains(QStringLiteral("without the forced decisions")));
+        // Columns: with the heatmap's range [-0.5, T - 0.5] over pixels 100 ... 580, token 0 is at the left end.
+        strip.alignColumns(QCPRange(-0.5, T - 0.5), 100, 580);
+        strip.replot();
+        QCOMPARE(strip.tokenAt(QPoint(105, 50)), 0);
+        QCOMPARE(strip.tokenAt(QPoint(575, 50)), T - 1);
+        QCOMPARE(strip.tokenAt(QPoint(50, 50)), -1);
+
+        // Decision values: layer 1 took 3 tokens; its values put tokens 0, 1 and 5 above the rest.
+        auto& l1 = s->trace.layers[1];
+        l1.selected.assign(T, 0);
+        l1.selected[0] = l1.selected[1] = l1.selected[2] = 1;
+        l1.processed = 3;
+        l1.decision_value.assign(T, 0.01f);  // skipped tokens: processing them would cost 0.01
+        l1.decision_value[0] = 0.5f, l1.decision_value[1] = 0.25f, l1.decision_value[2] = -0.1f;
+        l1.decision_value[5] = -0.8f;  // skipped, but processing it would gain 0.8
+        s->trace.layers[3].decision_value.assign(T, 0.0f);
+        s->trace.decision_values = true;
+        RoutingHeatmap heatmap;
+        heatmap.resize(600, 300);
+        heatmap.setSnapshot(s, true);
+        QVERIFY(!heatmap.showsDecisionValues());
+        heatmap.setShowDecisionValues(true);
+        QVERIFY(heatmap.showsDecisionValues());
+        QCOMPARE(heatmap.colorMap()->dataRange().upper, double(0.8f));
+        QCOMPARE(heatmap.colorMap()->dataRange().lower, -double(0.8f));
+        QCOMPARE(heatmap.colorMap()->data()->data(5, 1), -double(0.8f));
+        QVERIFY2(heatmap.title().contains(QStringLiteral("L1 2/3")), qPrintable(heatmap.title()));
+        QVERIFY(heatmap.cellSummary(1, 5).contains(QStringLiteral("decision value")));
+        QVERIFY(heatmap.cellSummary(1, 3).contains(QStringLiteral("forced")));  // the override above
+        QVERIFY(!heatmap.cellSummary(1, 4).contains(QStringLiteral("forced")));
+        heatmap.setShowDecisionValues(false);
+        QVERIFY(!heatmap.showsDecisionValues());
+        QCOMPARE(heatmap.colorMap()->data()->data(5, 1), double(l1.router_logits[5]));
+    }
+
     void capacityChartSaysWhatItsNumbersMean() {
         CapacityChart chart;
         auto s = synthetic(16, 4, 0.125);  // 1 GFLOP of a dense 2
