@@ -283,7 +283,7 @@ private Q_SLOTS:
         QCOMPARE(heatmap.colorMap()->dataRange(), QCPRange(-3.0, 4.0));
         heatmap.setSnapshot(s);
         QCOMPARE(heatmap.colorMap()->dataRange(), QCPRange(-3.0, 4.0));
-        QCOMPARE(heatmap.colorMap()->data()->cell(5, 1), double(s->trace.layers[1].router_logits[5]));
+        QCOMPARE(heatmap.colorMap()->data()->data(5, 1), double(s->trace.layers[1].router_logits[5]));
         // Shared beside a companion: the range of both runs, whichever side it is drawn on.
         heatmap.setColorScale({});
         heatmap.setSnapshot(s);
@@ -609,7 +609,9 @@ private Q_SLOTS:
         s->trace.decision_values = true;
         RoutingHeatmap heatmap;
         heatmap.resize(600, 300);
+        heatmap.show();  // its real width: one token a column
         heatmap.setSnapshot(s, true);
+        QCOMPARE(heatmap.tokensPerColumn(), 1);
         QVERIFY(!heatmap.showsDecisionValues());
         heatmap.setShowDecisionValues(true);
         QVERIFY(heatmap.showsDecisionValues());
