@@ -42,6 +42,8 @@
 #include "token_axis_ticker.h"
 #include "main_window.h"
 #include "token_loss_strip.h"
+#include "corpus_window.h"
+#include "modscope/corpus_stats.h"
 #include "message_banner.h"
 #include "modscope/engine.h"
 #include "predictor_panel.h"
@@ -539,6 +541,60 @@ private Q_SLOTS:
         }));
         QVERIFY(!w->heatmap()->showsDecisionValues());
         QVERIFY(w->lossStrip()->shows() == TokenLossStrip::Shows::AgainstReference);
+    }
+
+    // The Corpus window: the open model's routing counted over a corpus on a thread of its own, the pieces it
+    // takes and skips with their contexts, a context chosen as the prompt, a statistics file opened, a figure.
+    void corpusWindowCountsAndShowsStatistics() {
+        auto w = makeWindow(QStringLiteral("the lazy dog"));
+        QVERIFY(w);
+        QTemporaryDir dir;
+        const QString corpus = dir.filePath(QStringLiteral("corpus.txt"));
+        {
+            QFile f(corpus);
+            QVERIFY(f.open(QIODevice::WriteOnly));
+            for (int i = 0; i < 400; ++i)
+                f.write(QStringLiteral("The lazy dog %1 sleeps in the warm sun, while the quick fox runs off.\n").arg(i % 7).toUtf8());
+        }
+        QSignalSpy done(w.get(), &MainWindow::corpusStatisticsDone);
+        w->runCorpusStatistics({corpus});
+        QVERIFY(w->isCountingCorpus());
+        QVERIFY(done.wait(kTimeoutMs));
+        QCOMPARE(done.first().at(0).toString(), QString());
+        QVERIFY(!w->isCountingCorpus());
+        CorpusWindow* cw = w->corpusWindow();
+        QVERIFY(cw->isVisible() && cw->stats());
+        const auto& stats = *cw->stats();
+        QVERIFY(stats.tokens > 1000 && !stats.partial);
+        QCOMPARE(int(stats.layers.size()), 2);
+        QVERIFY(!cw->processedIds().empty() && !cw->skippedIds().empty());
+        // A piece's contexts, and one chosen as the prompt (without the markers).
+        cw->selectPiece(cw->processedIds().front());
+        QVERIFY(cw->contexts()->count() > 0);
+        const QString context = cw->contexts()->item(0)->data(Qt::UserRole).toString();
+        QVERIFY(!context.contains(QChar(0x27E6)));
+        Q_EMIT cw->contexts()->itemActivated(cw->contexts()->item(0));
+        QCOMPARE(w->promptEditor()->text(), context);
+        if (const QByteArray dump = qgetenv("MODSCOPE_VIEWS_DUMP"); !dump.isEmpty())
+            cw->grab().save(QString::fromLocal8Bit(dump) + QStringLiteral("/corpus-window.png"));
+        QTemporaryDir out;
+        QCOMPARE(cw->exportFigure(out.filePath(QStringLiteral("corpus.png"))), QString());
+        QVERIFY(QFileInfo(out.filePath(QStringLiteral("corpus.png"))).size() > 1000);
+        // The same statistics as a file open again, named in the header.
+        const QString file = out.filePath(QStringLiteral("stats.json"));
+        writeFileAtomic(file.toStdString(), statsToJson(stats));
+        QVERIFY(w->openStatistics(file));
+        QVERIFY(cw->headline().contains(QStringLiteral("stats.json")));
+        QCOMPARE(cw->stats()->tokens, stats.tokens);
+        // A file that is not statistics is refused with a message; the window keeps what it showed.
+        QVERIFY(!w->openStatistics(corpus));
+        QCOMPARE(cw->stats()->tokens, stats.tokens);
+        // Cancelled at once: it ends, partial or (on a fast machine) complete, and another can start.
+        done.clear();
+        w->runCorpusStatistics({corpus});
+        w->cancelCorpusStatistics();
+        QVERIFY(done.wait(kTimeoutMs));
+        QVERIFY(!w->isCountingCorpus());
     }
 
     // Compare across models: a run pinned on one mixture model, the same prompt on another; the diff counts

@@ -62,7 +62,7 @@ private Q_SLOTS:
         QByteArray err;
         const int code = runBench(
             {QStringLiteral("--model"), model_dir_, QStringLiteral("--quick"), QStringLiteral("--sections"),
-             QStringLiteral("forward,mod,mixtures,interventions,layers,generation,peak,routing,reference"), QStringLiteral("--json"),
+             QStringLiteral("forward,mod,mixtures,interventions,stats,layers,generation,peak,routing,reference"), QStringLiteral("--json"),
              json_path, QStringLiteral("--markdown"), md_path},
             &err);
         QVERIFY2(code == 0, err.constData());
@@ -113,6 +113,14 @@ private Q_SLOTS:
             QCOMPARE(r[QStringLiteral("cells")].toInt(), int(config_.routed_layers.size()) * 128);
             QVERIFY(r[QStringLiteral("decision_value_map_ms")].toObject()[QStringLiteral("n")].toInt() > 0);
             QVERIFY(r[QStringLiteral("token_loss_run_ms")].toObject()[QStringLiteral("n")].toInt() > 0);
+        }
+
+        // The stats section: both modes counted tokens at some rate.
+        const QJsonArray stats = j[QStringLiteral("stats")].toArray();
+        QCOMPARE(stats.size(), 2);
+        for (const auto& v : stats) {
+            QVERIFY(v.toObject()[QStringLiteral("tokens")].toInt() > 0);
+            QVERIFY(v.toObject()[QStringLiteral("tokens_per_second")].toDouble() > 0);
         }
 
         const QJsonArray mod = j[QStringLiteral("mod_vs_dense")].toArray();

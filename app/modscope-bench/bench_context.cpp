@@ -8,8 +8,9 @@
 namespace modscope::bench {
 
 const std::vector<std::string>& BenchOptions::allSections() {
-    static const std::vector<std::string> all{"forward", "mod",     "mixtures", "interventions", "layers", "generation",
-                                              "peak",    "routing", "app",      "training",      "reference"};
+    static const std::vector<std::string> all{"forward", "mod",        "mixtures", "interventions", "stats",
+                                              "layers",  "generation", "peak",     "routing",       "app",
+                                              "training", "reference"};
     return all;
 }
 

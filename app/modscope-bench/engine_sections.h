@@ -10,6 +10,7 @@ void benchForward(BenchContext& ctx);     // "forward": Model::run + trace at T 
 void benchModVsDense(BenchContext& ctx);  // "mod": forward time against the dense twin, with the ideal
 void benchMixtures(BenchContext& ctx);    // "mixtures": MoE and both MoDE variants against dense and MoD
 void benchInterventions(BenchContext& ctx);  // "interventions": per-token loss and the decision-value map
+void benchStats(BenchContext& ctx);          // "stats": modscope-stats' tokens/s in both modes
 void benchLayers(BenchContext& ctx);      // "layers": each layer's time inside the forward, MoD and dense
 void benchGeneration(BenchContext& ctx);  // "generation": causal sampling, tokens/s and KV cache
 void benchPeak(BenchContext& ctx);        // "peak": matmul GFLOP/s and the engine's share of it

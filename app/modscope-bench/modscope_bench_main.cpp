@@ -131,6 +131,7 @@ int main(int argc, char** argv) {
         section("mod", benchModVsDense);
         section("mixtures", benchMixtures);
         section("interventions", benchInterventions);
+        section("stats", benchStats);
         section("layers", benchLayers);
         section("generation", benchGeneration);
         section("peak", benchPeak);

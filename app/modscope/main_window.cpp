@@ -35,6 +35,8 @@
 #include <QVBoxLayout>
 
 #include <algorithm>
+#include <chrono>
+#include <filesystem>
 #include <cmath>
 
 #include "capacity_chart.h"
@@ -45,6 +47,8 @@
 #include "generation_controls.h"
 #include "modscope/paths.h"
 #include "token_loss_strip.h"
+#include "corpus_window.h"
+#include "modscope/corpus_run.h"
 #include "message_banner.h"
 #include "modscope/paths.h"
 #include "modscope/trace_io.h"
@@ -326,6 +330,8 @@ QString MainWindow::samplePrompt() { return QString::fromUtf8(kSamplePrompt); }
 
 MainWindow::~MainWindow() {
     closing_ = true;
+    if (corpus_cancel_) corpus_cancel_->store(true);
+    corpus_pool_.waitForDone();
     session_->shutdown();
 }
 
@@ -492,6 +498,16 @@ void MainWindow::buildActions() {
         if (!dir.isEmpty()) openReferenceModel(dir);
     });
     no_reference_action_ = make(tr("&No Reference Model"), {}, [this] { openReferenceModel({}); });
+    corpus_action_ = make(tr("&Corpus…"), {QKeySequence(Qt::CTRL | Qt::SHIFT | Qt::Key_K)}, [this] {
+        corpusWindow()->show();
+        corpusWindow()->raise();
+    });
+    corpus_action_->setToolTip(tr("Routing statistics over a corpus: what each layer takes and skips"));
+    open_stats_action_ = make(tr("Open &Statistics…"), {}, [this] {
+        const QString path = QFileDialog::getOpenFileName(this, tr("Open Statistics"), QString(),
+                                                          tr("Statistics (*.json);;All files (*)"));
+        if (!path.isEmpty()) openStatistics(path);
+    });
 
     theme_group_ = new QActionGroup(this);
     for (auto [choice, text] : {std::pair{ThemeChoice::System, tr("Follow the &System")},
@@ -585,6 +601,7 @@ void MainWindow::buildMenus() {
     file->addAction(reload_action_);
     file->addSeparator();
     file->addAction(open_trace_action_);
+    file->addAction(open_stats_action_);
     file->addAction(return_live_action_);
     file->addSeparator();
     file->addAction(export_json_action_);
@@ -641,6 +658,7 @@ void MainWindow::buildMenus() {
     view_menu_->addAction(reset_view_action_);
     view_menu_->addAction(focus_prompt_action_);
     view_menu_->addAction(decision_values_action_);
+    view_menu_->addAction(corpus_action_);
     view_menu_->addSeparator();
     for (QDockWidget* d : {prompt_dock_, depth_dock_, details_dock_, capacity_dock_, predictor_dock_, compare_dock_})
         view_menu_->addAction(d->toggleViewAction());
@@ -1041,6 +1059,108 @@ bool MainWindow::resultsComplete() const {
     if (!snapshot_ || snapshot_->job != session_->latestRunJob()) return false;
     return snapshot_->empty() ||
            (snapshot_->hasLosses() && (!interventions_.decision_values || snapshot_->trace.decision_values));
+}
+
+CorpusWindow* MainWindow::corpusWindow() {
+    if (corpus_window_) return corpus_window_;
+    corpus_window_ = new CorpusWindow(this);
+    corpus_window_->setTheme(PlotTheme::fromPalette(QApplication::palette()));
+    connect(corpus_window_, &CorpusWindow::openRequested, open_stats_action_, &QAction::trigger);
+    connect(corpus_window_, &CorpusWindow::runRequested, this, [this] {
+        const QStringList files = QFileDialog::getOpenFileNames(
+            corpus_window_, tr("Count the routing over…"), QString(), tr("Text or JSON Lines (*.txt *.text *.md *.jsonl);;All files (*)"));
+        if (!files.isEmpty()) runCorpusStatistics(files);
+    });
+    connect(corpus_window_, &CorpusWindow::cancelRequested, this, &MainWindow::cancelCorpusStatistics);
+    connect(corpus_window_, &CorpusWindow::contextChosen, this, [this](const QString& text) {
+        endGenerationView();
+        setPrompt(text);
+        raise();
+        activateWindow();
+    });
+    return corpus_window_;
+}
+
+bool MainWindow::openStatistics(const QString& path) {
+    try {
+        auto stats = std::make_shared<const CorpusStats>(loadStats(path.toStdString()));
+        corpusWindow()->setStats(stats, QFileInfo(path).fileName());
+        corpus_window_->show();
+        corpus_window_->raise();
+        return true;
+    } catch (const std::exception& e) {
+        showError(tr("Cannot open the statistics: %1").arg(QString::fromUtf8(e.what())));
+        return false;
+    }
+}
+
+void MainWindow::runCorpusStatistics(const QStringList& corpus) {
+    if (!model_ || corpus_cancel_) return;
+    corpusWindow()->show();
+    corpus_window_->setProgress(true, 0.0, 0);
+    corpus_cancel_ = std::make_shared<std::atomic<bool>>(false);
+    const auto cancel = corpus_cancel_;
+    const std::string dir = model_->directory;
+    const RoutingMode mode = routing_->mode();
+    const double capacity = routing_->capacity();
+    std::vector<std::string> inputs;
+    for (const QString& f : corpus) inputs.push_back(f.toStdString());
+    corpus_pool_.start([this, cancel, dir, mode, capacity, inputs] {
+        QString error;
+        std::shared_ptr<const CorpusStats> result;
+        try {
+            // A model of its own, on the CPU: the live view keeps the worker's.
+            const auto model = Model::open(dir, "cpu");
+            std::vector<std::string> pieces;
+            for (int id = 0; id < model->tokenizer()->vocabSize(); ++id) pieces.push_back(model->tokenizer()->piece(id));
+            const int window = std::min(256, model->config().max_seq_len);
+            auto stats = CorpusStats::forModel(model->config(), pieces, mode, capacity, window);
+            stats.model_directory = model->directory();
+            stats.weights_sha256 = model->weightsSha256();
+            stats.sources = inputs;
+            const auto files = corpusFiles(inputs);
+            std::uint64_t total = 0, done = 0;
+            for (const auto& f : files) total += std::filesystem::file_size(f);
+            RunOptions options;
+            options.mode = mode;
+            options.capacity = capacity;
+            std::int64_t next = 0;
+            auto last = std::chrono::steady_clock::now();
+            for (const auto& f : files) {
+                for (const auto& doc : corpusDocuments(f))
+                    for (const auto& w : documentWindows(*model->tokenizer(), doc, window, next)) {
+                        if (cancel->load()) break;
+                        countWindow(*model, w, options, stats);
+                        if (std::chrono::steady_clock::now() - last > std::chrono::milliseconds(100)) {
+                            last = std::chrono::steady_clock::now();
+                            const double fraction = total ? double(done) / double(total) : 0.0;
+                            const qint64 tokens = stats.tokens;
+                            QMetaObject::invokeMethod(this, [this, fraction, tokens] {
+                                if (corpus_window_) corpus_window_->setProgress(true, fraction, tokens);
+                            }, Qt::QueuedConnection);
+                        }
+                    }
+                done += std::filesystem::file_size(f);
+                if (cancel->load()) break;
+            }
+            if (next == 0) throw Error("the corpus is empty: its files give no tokens");
+            stats.partial = cancel->load();
+            result = std::make_shared<const CorpusStats>(std::move(stats));
+        } catch (const std::exception& e) {
+            error = QString::fromUtf8(e.what());
+        }
+        QMetaObject::invokeMethod(this, [this, result, error] {
+            corpus_cancel_.reset();
+            corpus_window_->setProgress(false);
+            if (result) corpus_window_->setStats(result, tr("counted here"));
+            else showError(tr("The corpus statistics failed: %1").arg(error));
+            Q_EMIT corpusStatisticsDone(error);
+        }, Qt::QueuedConnection);
+    });
+}
+
+void MainWindow::cancelCorpusStatistics() {
+    if (corpus_cancel_) corpus_cancel_->store(true);
 }
 
 void MainWindow::selectCell(int layer, int token) {
@@ -1570,6 +1690,7 @@ void MainWindow::applyPlotTheme() {
     const PlotTheme theme = PlotTheme::fromPalette(QApplication::palette());
     heatmap_->setTheme(theme);
     loss_strip_->setTheme(theme);
+    if (corpus_window_) corpus_window_->setTheme(theme);
     pinned_heatmap_->setTheme(theme);
     diff_view_->setTheme(theme);
     depth_->setTheme(theme);

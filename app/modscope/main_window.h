@@ -14,6 +14,7 @@
 #include <QThreadPool>
 #include <QTimer>
 
+#include <atomic>
 #include <memory>
 #include <optional>
 
@@ -43,6 +44,7 @@ class PredictorPanel;
 class PromptEditor;
 class RoutingControls;
 class RoutingDiffView;
+class CorpusWindow;
 class TokenDepthView;
 class TokenLossStrip;
 struct TraceDocument;
@@ -113,6 +115,15 @@ public:
     void openReferenceModel(const QString& directory);
     const QString& referenceName() const { return reference_name_; }
 
+    // Corpus statistics (docs/STATS_FORMAT.md) in the Corpus window: a file modscope-stats wrote, or the open
+    // model's routing counted over a corpus (files, .jsonl files or a folder) on a thread of its own, with
+    // progress and cancel. Choosing an example context there makes it the prompt.
+    CorpusWindow* corpusWindow();
+    bool openStatistics(const QString& path);
+    void runCorpusStatistics(const QStringList& corpus);
+    void cancelCorpusStatistics();
+    bool isCountingCorpus() const { return corpus_cancel_ != nullptr; }
+
     // For tests and the screenshot mode.
     RoutingHeatmap* heatmap() const { return heatmap_; }
     TokenLossStrip* lossStrip() const { return loss_strip_; }
@@ -147,6 +158,7 @@ Q_SIGNALS:
     void runApplied(const modscope::SnapshotPtr& snapshot);
     void generationDone(const modscope::GenerationSummary& summary);
     void exportFinished(const QString& path, const QString& error);
+    void corpusStatisticsDone(const QString& error);  // empty: the window shows them
 
 protected:
     void closeEvent(QCloseEvent* event) override;
@@ -342,6 +354,11 @@ private:
 
     // Last: destroyed first, waiting for exports still writing (they post back to this window).
     QThreadPool export_pool_;
+    QThreadPool corpus_pool_;  // the Corpus window's count: its own model, its own thread
+    std::shared_ptr<std::atomic<bool>> corpus_cancel_;  // set while one runs
+    CorpusWindow* corpus_window_ = nullptr;
+    QAction* corpus_action_ = nullptr;
+    QAction* open_stats_action_ = nullptr;
 };
 
 }  // namespace modscope

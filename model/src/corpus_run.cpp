@@ -90,12 +90,12 @@ std::vector<std::string> corpusDocuments(const std::string& file) {
     return docs;
 }
 
-std::vector<CorpusWindow> documentWindows(const Tokenizer& tokenizer, const std::string& document, int window,
+std::vector<TokenWindow> documentWindows(const Tokenizer& tokenizer, const std::string& document, int window,
                                           std::int64_t& next_index) {
-    std::vector<CorpusWindow> out;
+    std::vector<TokenWindow> out;
     const auto tokens = tokenizer.encode(document);
     for (std::size_t start = 0; start < tokens.size(); start += std::size_t(window)) {
-        CorpusWindow w;
+        TokenWindow w;
         w.index = next_index++;
         const auto end = std::min(tokens.size(), start + std::size_t(window));
         for (std::size_t i = start; i < end; ++i) {
@@ -107,7 +107,7 @@ std::vector<CorpusWindow> documentWindows(const Tokenizer& tokenizer, const std:
     return out;
 }
 
-void countWindow(const Model& model, const CorpusWindow& window, RunOptions options, CorpusStats& stats,
+void countWindow(const Model& model, const TokenWindow& window, RunOptions options, CorpusStats& stats,
                  const std::vector<const Model*>& checkpoints) {
     options.per_token_routing = true;
     options.logits = RunOptions::Logits::None;

@@ -22,7 +22,7 @@ std::vector<std::string> corpusFiles(const std::vector<std::string>& inputs);
 std::vector<std::string> corpusDocuments(const std::string& file);
 
 // One window of a document: its number over the whole corpus, its token ids and each token's text.
-struct CorpusWindow {
+struct TokenWindow {
     std::int64_t index = 0;
     std::vector<int> ids;
     std::vector<std::string> texts;  // valid UTF-8 (a byte piece inside a character: U+FFFD)
@@ -30,13 +30,13 @@ struct CorpusWindow {
 
 // A document's tokens cut into consecutive windows of at most `window` tokens, numbered from next_index on
 // (which ends past the last).
-std::vector<CorpusWindow> documentWindows(const Tokenizer& tokenizer, const std::string& document, int window,
+std::vector<TokenWindow> documentWindows(const Tokenizer& tokenizer, const std::string& document, int window,
                                           std::int64_t& next_index);
 
 // Runs a window through model (options: mode and capacity; the per-token routing is asked for here) and counts
 // it into stats. With checkpoints (stats.checkpoints names them, in order), each runs the window too and each
 // routed layer's decisions are compared with the last checkpoint's.
-void countWindow(const Model& model, const CorpusWindow& window, RunOptions options, CorpusStats& stats,
+void countWindow(const Model& model, const TokenWindow& window, RunOptions options, CorpusStats& stats,
                  const std::vector<const Model*>& checkpoints = {});
 
 }  // namespace modscope

@@ -116,6 +116,10 @@ struct RateInterval {
 };
 RateInterval wilsonInterval(std::int64_t hits, std::int64_t total);
 
+// The token ids of a layer with at least min_count occurrences, the most often processed first (or, with
+// processed_first false, the most often skipped first), ties by count then id; at most limit of them.
+std::vector<int> rankedPieces(const LayerStats& layer, int min_count, bool processed_first, std::size_t limit);
+
 // JSON as docs/STATS_FORMAT.md gives it: the counts, then the derived tables (rates, intervals, the pieces most
 // often processed and skipped with at least min_count occurrences). statsFromJson reads the counts back and
 // checks them (every table sums to the tokens it claims), naming what is wrong.

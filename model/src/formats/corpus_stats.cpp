@@ -335,9 +335,9 @@ ordered_json rateJson(std::int64_t hits, std::int64_t total) {
     return {{"tokens", total}, {"processed", hits}, {"rate", r.rate}, {"low", r.low}, {"high", r.high}};
 }
 
-// Token ids of a layer with at least min_count occurrences, by selection rate (descending or ascending),
-// then by count, then by id: the most often processed and the most often skipped pieces.
-std::vector<int> rankedIds(const LayerStats& l, int min_count, bool processed_first, std::size_t limit) {
+}  // namespace
+
+std::vector<int> rankedPieces(const LayerStats& l, int min_count, bool processed_first, std::size_t limit) {
     std::vector<int> ids;
     for (std::size_t id = 0; id < l.id_tokens.size(); ++id)
         if (l.id_tokens[id] >= min_count && l.id_tokens[id] > 0) ids.push_back(static_cast<int>(id));
@@ -353,6 +353,8 @@ std::vector<int> rankedIds(const LayerStats& l, int min_count, bool processed_fi
     return ids;
 }
 
+namespace {
+
 constexpr std::size_t kListedPieces = 30;
 
 ordered_json derivedTables(const CorpusStats& s, int min_count) {
@@ -365,7 +367,7 @@ ordered_json derivedTables(const CorpusStats& s, int min_count) {
         t["rate"] = rateJson(l.processed, l.tokens);
         for (const bool processed_first : {true, false}) {
             ordered_json list = ordered_json::array();
-            for (int id : rankedIds(l, min_count, processed_first, kListedPieces)) {
+            for (int id : rankedPieces(l, min_count, processed_first, kListedPieces)) {
                 auto row = rateJson(l.id_processed[std::size_t(id)], l.id_tokens[std::size_t(id)]);
                 row["id"] = id;
                 row["piece"] = s.pieces[std::size_t(id)];
