@@ -113,7 +113,7 @@ ops_only_stage() {
 fuzz_runs() {
     case "$1" in  # about 10 s each on the 2-core CI machine: a gate on known inputs, `fuzz` explores
     config) echo 200000 ;; trace_json) echo 60000 ;; trace_jsonl) echo 60000 ;; trace_csv) echo 200000 ;;
-    checkpoint) echo 50000 ;;
+    checkpoint) echo 50000 ;; stats_json) echo 10000 ;;
     esac
 }
 
@@ -125,7 +125,7 @@ fuzz_stage() {
     local t1=$SECONDS
     mkdir -p build-fuzz/findings
     local target work limits
-    for target in config trace_json trace_jsonl trace_csv checkpoint; do
+    for target in config trace_json trace_jsonl trace_csv stats_json checkpoint; do
         if [ "$how" = gate ]; then
             limits=(-seed="${FUZZ_SEED:-1}" -runs="$(fuzz_runs "$target")" -max_total_time=300)
             echo "setup: fuzzing fuzz_$target: ${limits[*]}"

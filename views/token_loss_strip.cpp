@@ -93,7 +93,10 @@ double TokenLossStrip::barValue(int t) const {
 
 QString TokenLossStrip::heading() const {
     if (!snapshot_ || snapshot_->empty()) return {};
-    if (!snapshot_->hasLosses()) return tr("loss of the next token: computing…");
+    if (!snapshot_->hasLosses())
+        return snapshot_->generated_from >= 0
+                   ? tr("loss of the next token: not computed for a generation's view (Run › Re-run shows it)")
+                   : tr("loss of the next token: computing…");
     const auto n = snapshot_->trace.token_loss.size() - 1;  // the last position has no next token
     if (n == 0) return tr("loss of the next token: one token has none");
     const double mine = sumOf(snapshot_->trace.token_loss, n);

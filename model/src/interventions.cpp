@@ -159,17 +159,13 @@ private:
             return out;
         }
         const auto k = capacityToK(fo_.capacityOf(static_cast<std::size_t>(li)), static_cast<int>(T_));
-        const auto top = nn::topkIndices(router, k).to(torch::kCPU).contiguous();
-        const auto* ti = top.data_ptr<std::int64_t>();
-        if (forced == nullptr) {
-            for (std::int64_t i = 0; i < top.size(1); ++i) out[static_cast<std::size_t>(ti[i])] = 1;
+        const auto top = nn::topkIndices(router, k);  // [1, k]
+        if (forced != nullptr) {
+            for (auto p : nn::forcedTopk(router, top, k, forced, fo_.keep_capacity)) out[static_cast<std::size_t>(p)] = 1;
             return out;
         }
-        std::unique_ptr<bool[]> in_topk(new bool[static_cast<std::size_t>(T_)]());
-        for (std::int64_t i = 0; i < top.size(1); ++i) in_topk[ti[i]] = true;
-        const auto logits = router[0].to(torch::kCPU, torch::kFloat32).contiguous();
-        for (auto p : nn::forcedTopk(logits.data_ptr<float>(), in_topk.get(), T_, k, forced, fo_.keep_capacity))
-            out[static_cast<std::size_t>(p)] = 1;
+        const auto host = top.to(torch::kCPU).contiguous();
+        for (std::int64_t i = 0; i < host.size(1); ++i) out[static_cast<std::size_t>(host.data_ptr<std::int64_t>()[i])] = 1;
         return out;
     }
 

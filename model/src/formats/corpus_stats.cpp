@@ -124,7 +124,9 @@ CorpusStats CorpusStats::forModel(const ModelConfig& config, const std::vector<s
     if (config.routed_layers.size() > std::size_t(kStatsMaxRoutedLayers))
         throw Error("statistics: " + std::to_string(config.routed_layers.size()) + " routed layers, at most " +
                     std::to_string(kStatsMaxRoutedLayers) + " are counted");
-    if (window < 1) throw Error("statistics: a window of " + std::to_string(window) + " tokens");
+    if (window < 1 || window > config.max_seq_len)
+        throw Error("statistics: a window of " + std::to_string(window) + " tokens (1 to the model's context of " +
+                    std::to_string(config.max_seq_len) + ")");
     CorpusStats s;
     s.config = config;
     s.model_name = config.name;
@@ -558,7 +560,8 @@ CorpusStats statsFromJson(const std::string& text) {
             if (ids.size() != counts.size() || ids.size() != processed.size()) bad(where + ".by_id: arrays of other lengths");
             for (std::size_t i = 0; i < ids.size(); ++i) {
                 if (ids[i] < 0 || ids[i] >= config.vocab_size) bad(where + ".by_id: an id outside the vocabulary");
-                if (processed[i] < 0 || processed[i] > counts[i]) bad(where + ".by_id: processed beyond its tokens");
+                if (counts[i] < 0 || processed[i] < 0 || processed[i] > counts[i])
+                    bad(where + ".by_id: a negative count, or processed beyond its tokens");
                 l.id_tokens[std::size_t(ids[i])] = counts[i];
                 l.id_processed[std::size_t(ids[i])] = processed[i];
             }
@@ -641,7 +644,7 @@ CorpusStats statsFromJson(const std::string& text) {
 
 CorpusStats loadStats(const std::string& path) {
     try {
-        return statsFromJson(readFileBounded(path, 1ull << 30));
+        return statsFromJson(readFileBounded(path, 256ull << 20));
     } catch (const Error& e) {
         throw Error(path + ": " + e.what());
     }

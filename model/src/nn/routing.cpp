@@ -324,6 +324,17 @@ torch::Tensor causalRouting(BlockImpl& block, const torch::Tensor& x, const torc
     return onDevice(out, router_logits.device());
 }
 
+std::vector<std::int64_t> forcedTopk(const torch::Tensor& router_logits, const torch::Tensor& topk_idx, std::int64_t k,
+                                     const std::int8_t* forced, bool keep_capacity) {
+    const auto T = router_logits.size(1);
+    TORCH_CHECK(router_logits.size(0) == 1, "forced decisions apply to one row");
+    const auto r = router_logits[0].detach().to(torch::kCPU, torch::kFloat32).contiguous();
+    const auto top = topk_idx[0].to(torch::kCPU, torch::kLong).contiguous();
+    std::unique_ptr<bool[]> in_topk(new bool[static_cast<std::size_t>(T)]());
+    for (std::int64_t i = 0; i < top.size(0); ++i) in_topk[top.data_ptr<std::int64_t>()[i]] = true;
+    return forcedTopk(r.data_ptr<float>(), in_topk.get(), T, k, forced, keep_capacity);
+}
+
 }  // namespace modscope::nn
 
 namespace modscope::nn {

@@ -61,6 +61,9 @@ std::vector<ForcedDecisions> resolveOverrides(const ModelConfig& config, const s
 // the earlier position), else topk (the layer's top k, a mask [T]) plus the forced-in minus the forced-out.
 std::vector<std::int64_t> forcedTopk(const float* router_logits, const bool* topk, std::int64_t T, std::int64_t k,
                                      const std::int8_t* forced, bool keep_capacity);
+// The same from a row's tensors: router logits [1, T] and the layer's top k, topk_idx [1, k].
+std::vector<std::int64_t> forcedTopk(const torch::Tensor& router_logits, const torch::Tensor& topk_idx, std::int64_t k,
+                                     const std::int8_t* forced, bool keep_capacity);
 
 // The rule applied along each row: predictor_logits and router_logits [B, T] -> processed [B, T] bool. With
 // selected, also each row's processed positions as [1, n_b] int64, ascending. With forced (B = 1, [T]), a forced

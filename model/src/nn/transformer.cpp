@@ -19,14 +19,9 @@ void checkCancel(const std::atomic<bool>* cancel) {
 // topk_idx [1, k]: ascending positions [1, n] on the logits' device.
 torch::Tensor forcedTopkIndices(const torch::Tensor& router_logits, const torch::Tensor& topk_idx, std::int64_t k,
                                 const ForcedDecisions& forced, bool keep_capacity) {
-    const auto T = router_logits.size(1);
-    TORCH_CHECK(router_logits.size(0) == 1 && static_cast<std::int64_t>(forced.size()) == T,
-                "forced decisions apply to one row of ", forced.size(), " tokens");
-    const auto r = router_logits[0].detach().to(torch::kCPU, torch::kFloat32).contiguous();
-    const auto top = topk_idx[0].to(torch::kCPU, torch::kLong).contiguous();
-    std::unique_ptr<bool[]> in_topk(new bool[static_cast<std::size_t>(T)]());
-    for (std::int64_t i = 0; i < top.size(0); ++i) in_topk[top.data_ptr<std::int64_t>()[i]] = true;
-    const auto chosen = forcedTopk(r.data_ptr<float>(), in_topk.get(), T, k, forced.data(), keep_capacity);
+    TORCH_CHECK(static_cast<std::int64_t>(forced.size()) == router_logits.size(1), "forced decisions for ",
+                forced.size(), " tokens");
+    const auto chosen = forcedTopk(router_logits, topk_idx, k, forced.data(), keep_capacity);
     auto row = torch::empty({1, static_cast<std::int64_t>(chosen.size())}, torch::kLong);
     std::copy(chosen.begin(), chosen.end(), row.data_ptr<std::int64_t>());
     return row.to(router_logits.device());
