@@ -153,14 +153,7 @@ std::vector<Prompt> readBatch(const std::string& path) {
     const auto text = readInput(path, "--batch");
     requireUtf8(text, "--batch " + path);
     std::vector<Prompt> prompts;
-    std::size_t start = 0, line_no = 0;
-    while (start < text.size()) {
-        auto end = text.find('\n', start);
-        if (end == std::string::npos) end = text.size();
-        const std::string line = text.substr(start, end - start);
-        start = end + 1;
-        ++line_no;
-        if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
+    for (const auto& [line_no, line] : modscope::nonBlankLines(text)) {
         const std::string where = "--batch " + path + ", line " + std::to_string(line_no);
         nlohmann::json j;
         try {

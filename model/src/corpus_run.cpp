@@ -68,14 +68,7 @@ std::vector<std::string> corpusDocuments(const std::string& file) {
         throw Error(file + ": not UTF-8 text (invalid byte at offset " + std::to_string(bad) + ")");
     if (!isJsonLines(file)) return {data};
     std::vector<std::string> docs;
-    std::size_t start = 0, line = 0;
-    while (start < data.size()) {
-        auto end = data.find('\n', start);
-        if (end == std::string::npos) end = data.size();
-        const std::string text = data.substr(start, end - start);
-        start = end + 1;
-        ++line;
-        if (text.find_first_not_of(" \t\r") == std::string::npos) continue;
+    for (const auto& [line, text] : nonBlankLines(data)) {
         const std::string where = file + ", line " + std::to_string(line);
         nlohmann::json j;
         try {

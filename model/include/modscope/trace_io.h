@@ -10,6 +10,7 @@
 #include <functional>
 #include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "modscope/engine.h"
@@ -216,6 +217,10 @@ std::vector<TraceDocument> loadTraces(const std::string& path);
 // True when text is well-formed UTF-8 (no overlongs, surrogates or code points past U+10FFFF); on false,
 // *bad_offset (when given) is the first offending byte.
 bool isValidUtf8(const std::string& text, std::size_t* bad_offset = nullptr);
+
+// The lines of text (split at '\n') holding more than spaces, tabs and '\r', each with its 1-based line number:
+// the records of a JSON Lines file.
+std::vector<std::pair<std::size_t, std::string>> nonBlankLines(const std::string& text);
 
 // text with each byte that does not begin a well-formed UTF-8 sequence replaced by U+FFFD.
 std::string sanitizeUtf8(const std::string& text);

@@ -1,4 +1,5 @@
-// UTF-8 validation and repair (modscope/trace_io.h: isValidUtf8, sanitizeUtf8, promptTextCoveredBy).
+// UTF-8 validation and repair, and the lines of a text (modscope/trace_io.h: isValidUtf8, sanitizeUtf8,
+// promptTextCoveredBy, nonBlankLines).
 #include "formats/utf8.h"
 
 #include <algorithm>
@@ -77,6 +78,19 @@ std::string promptTextCoveredBy(const std::string& prompt, const std::vector<Tok
     cut = std::min(cut, prompt.size());
     while (cut < prompt.size() && (static_cast<unsigned char>(prompt[cut]) & 0xC0) == 0x80) ++cut;
     return prompt.substr(0, cut);
+}
+
+std::vector<std::pair<std::size_t, std::string>> nonBlankLines(const std::string& text) {
+    std::vector<std::pair<std::size_t, std::string>> lines;
+    std::size_t start = 0, number = 0;
+    while (start < text.size()) {
+        auto end = text.find('\n', start);
+        if (end == std::string::npos) end = text.size();
+        ++number;
+        if (text.find_first_not_of(" \t\r", start) < end) lines.emplace_back(number, text.substr(start, end - start));
+        start = end + 1;
+    }
+    return lines;
 }
 
 }  // namespace modscope
