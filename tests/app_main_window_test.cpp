@@ -564,7 +564,8 @@ private Q_SLOTS:
         QVERIFY(!w->isCountingCorpus());
         CorpusWindow* cw = w->corpusWindow();
         QVERIFY(cw->isVisible() && cw->stats());
-        const auto& stats = *cw->stats();
+        const auto& stats = *cw->stats();  // valid until the window shows other statistics
+        const std::int64_t tokens = stats.tokens;
         QVERIFY(stats.tokens > 1000 && !stats.partial);
         QCOMPARE(int(stats.layers.size()), 2);
         QVERIFY(!cw->processedIds().empty() && !cw->skippedIds().empty());
@@ -576,6 +577,11 @@ private Q_SLOTS:
         Q_EMIT cw->contexts()->itemActivated(cw->contexts()->item(0));
         QCOMPARE(w->promptEditor()->text(), context);
         if (const QByteArray dump = qgetenv("MODSCOPE_VIEWS_DUMP"); !dump.isEmpty())
+            for (int tab = cw->tabs()->count() - 1; tab >= 0; --tab) {
+                cw->tabs()->setCurrentIndex(tab);
+                cw->grab().save(QString::fromLocal8Bit(dump) + QStringLiteral("/corpus-window-%1.png").arg(tab));
+            }
+        if (const QByteArray dump = qgetenv("MODSCOPE_VIEWS_DUMP"); !dump.isEmpty())
             cw->grab().save(QString::fromLocal8Bit(dump) + QStringLiteral("/corpus-window.png"));
         QTemporaryDir out;
         QCOMPARE(cw->exportFigure(out.filePath(QStringLiteral("corpus.png"))), QString());
@@ -585,10 +591,10 @@ private Q_SLOTS:
         writeFileAtomic(file.toStdString(), statsToJson(stats));
         QVERIFY(w->openStatistics(file));
         QVERIFY(cw->headline().contains(QStringLiteral("stats.json")));
-        QCOMPARE(cw->stats()->tokens, stats.tokens);
+        QCOMPARE(cw->stats()->tokens, tokens);
         // A file that is not statistics is refused with a message; the window keeps what it showed.
         QVERIFY(!w->openStatistics(corpus));
-        QCOMPARE(cw->stats()->tokens, stats.tokens);
+        QCOMPARE(cw->stats()->tokens, tokens);
         // Cancelled at once: it ends, partial or (on a fast machine) complete, and another can start.
         done.clear();
         w->runCorpusStatistics({corpus});

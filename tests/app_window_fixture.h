@@ -14,10 +14,14 @@
 
 namespace modscope::apptest {
 
-// Until the views show the newest requested run (the live one, also while a trace is replayed).
+// Until the views show the newest requested run (the live one, also while a trace is replayed), its losses
+// (the run's second snapshot) included.
 inline bool waitForLiveRun(MainWindow& w, int timeout_ms) {
     (void)QTest::qWaitFor(
-        [&] { return !w.isStale() && w.liveSnapshot() && w.liveSnapshot()->job == w.session()->latestRunJob(); },
+        [&] {
+            return !w.isStale() && w.liveSnapshot() && w.liveSnapshot()->job == w.session()->latestRunJob() &&
+                   (w.isReplaying() ? w.liveSnapshot()->hasLosses() || w.liveSnapshot()->empty() : w.resultsComplete());
+        },
         timeout_ms);
     return !w.isStale() && w.liveSnapshot() != nullptr;
 }

@@ -260,7 +260,7 @@ void CorpusWindow::fillClasses() {
     }
     plot->xAxis->setTicker(ticker);
     plot->xAxis->setRange(-0.6, kTokenClasses - 0.4);
-    plot->yAxis->setRange(0.0, 1.0);
+    plot->yAxis->setRange(0.0, 1.2);  // room above the bars for the legend
     plot->yAxis->setLabel(tr("L%1 by token class (tokens under each)").arg(l.index));
     plot->legend->setVisible(true);
     plot->replot();
@@ -283,7 +283,7 @@ void CorpusWindow::fillPositions() {
     }
     plot->xAxis->setRange(0.0, double(std::max<std::size_t>(1, l.position_tokens.size() - 1)));
     plot->xAxis->setLabel(tr("position in the window"));
-    plot->yAxis->setRange(0.0, 1.0);
+    plot->yAxis->setRange(0.0, 1.2);
     plot->yAxis->setLabel(tr("L%1").arg(l.index));
     plot->legend->setVisible(true);
     plot->replot();
@@ -297,6 +297,7 @@ void CorpusWindow::fillLayers() {
     co->clearPlottables();
     co->clearItems();
     auto* map = new QCPColorMap(co->xAxis, co->yAxis);
+    map->setInterpolate(false);
     map->data()->setSize(std::max(R, 2), std::max(R, 2));
     map->data()->setRange(QCPRange(0, std::max(R, 2) - 1), QCPRange(0, std::max(R, 2) - 1));
     QSharedPointer<QCPAxisTickerText> ticks(new QCPAxisTickerText);
