@@ -101,18 +101,6 @@ struct RoutingSnapshot {
 
 using SnapshotPtr = std::shared_ptr<const RoutingSnapshot>;
 
-// The decision a run's overrides forced on (layer, token): 1 process, 0 skip, -1 none. A position's override
-// wins over its layer's; of two alike, the later (as the engine resolves them, docs/MODEL.md "Interventions").
-inline int forcedDecision(const RunTrace& run, int layer, int token) {
-    int whole = -1, single = -1;
-    for (const auto& o : run.overrides) {
-        if (o.layer != layer) continue;
-        if (o.position == RoutingOverride::kAllPositions) whole = o.process ? 1 : 0;
-        if (o.position == token) single = o.process ? 1 : 0;
-    }
-    return single >= 0 ? single : whole;
-}
-
 // How much the layer changed the token, |Δx| / |x|; NaN where the run has no such measure (older traces).
 inline double updateRatio(const LayerTrace& layer, int token) {
     return token >= 0 && token < static_cast<int>(layer.update_ratio.size()) ? layer.update_ratio[token]

@@ -341,11 +341,9 @@ void benchStats(BenchContext& ctx) {
     std::string source;
     const std::string text = corpusText(ctx.quick() ? 200000 : 1000000, &source);
     const int window = std::min(256, cfg.max_seq_len);
-    std::vector<std::string> pieces;
-    for (int id = 0; id < model.tokenizer()->vocabSize(); ++id) pieces.push_back(model.tokenizer()->piece(id));
     for (const auto mode : {RoutingMode::TopK, RoutingMode::Causal}) {
         ctx.progress(std::string("stats, ") + toString(mode));
-        auto stats = CorpusStats::forModel(cfg, pieces, mode, cfg.capacity, window);
+        auto stats = statsForModel(model, mode, cfg.capacity, window);
         RunOptions options;
         options.mode = mode;
         const auto t0 = std::chrono::steady_clock::now();

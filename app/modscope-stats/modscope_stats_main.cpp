@@ -8,7 +8,6 @@
 #include <chrono>
 #include <csignal>
 #include <cstdio>
-#include <filesystem>
 #include <set>
 #include <string>
 #include <vector>
@@ -64,10 +63,11 @@ std::pair<int, int> parseShard(const std::string& text) {
 // Progress on stderr: a bar redrawn in place on a terminal, else a line at every tenth of the corpus.
 class Progress {
 public:
-    explicit Progress(std::uint64_t total_bytes, bool quiet)
-        : total_(std::max<std::uint64_t>(1, total_bytes)), tty_(isatty(STDERR_FILENO) != 0), quiet_(quiet),
-          start_(std::chrono::steady_clock::now()) {}
-    void update(std::uint64_t bytes, std::int64_t tokens, bool done = false) {
+    explicit Progress(bool quiet)
+        : tty_(isatty(STDERR_FILENO) != 0), quiet_(quiet), start_(std::chrono::steady_clock::now()) {}
+    // bytes of the corpus done, of total_bytes; tokens counted.
+    void update(std::uint64_t bytes, std::uint64_t total_bytes, std::int64_t tokens, bool done = false) {
+        total_ = std::max<std::uint64_t>(1, total_bytes);
         if (quiet_ || tokens == 0) return;  // nothing counted yet (or an empty corpus, which fails)
         const auto now = std::chrono::steady_clock::now();
         if (!done && now - last_ < std::chrono::milliseconds(tty_ ? 250 : 2000)) return;
@@ -100,17 +100,11 @@ private:
         std::snprintf(buf, sizeof(buf), "%ld:%02ld:%02ld", t / 3600, t / 60 % 60, t % 60);
         return buf;
     }
-    std::uint64_t total_;
+    std::uint64_t total_ = 1;
     bool tty_, quiet_;
     std::chrono::steady_clock::time_point start_, last_{};
     int last_tenth_ = -1;
 };
-
-std::vector<std::string> piecesOf(const modscope::Model& model) {
-    std::vector<std::string> pieces;
-    for (int id = 0; id < model.tokenizer()->vocabSize(); ++id) pieces.push_back(model.tokenizer()->piece(id));
-    return pieces;
-}
 
 void writeOutputs(const modscope::CorpusStats& stats, const Options& o) {
     modscope::writeFileAtomic(o.out, modscope::statsToJson(stats, o.min_count));
@@ -157,8 +151,6 @@ int run(const Options& o) {
     if (!o.merge.empty()) return merge(o);
     const auto [shard_index, shard_count] = o.shard.empty() ? std::pair{1, 1} : parseShard(o.shard);
     const auto files = modscope::corpusFiles(o.corpus);
-    std::uint64_t total_bytes = 0;
-    for (const auto& f : files) total_bytes += std::filesystem::file_size(f);
 
     // The model counted: --model, else the last checkpoint, else the bundled one.
     std::string dir = o.model;
@@ -172,10 +164,7 @@ int run(const Options& o) {
     modscope::RunOptions options;
     options.mode = modscope::routingModeFromString(o.mode);
     options.capacity = o.capacity;
-    auto stats = modscope::CorpusStats::forModel(cfg, piecesOf(*model), options.mode,
-                                                 o.capacity < 0 ? cfg.capacity : o.capacity, window);
-    stats.model_directory = model->directory();
-    stats.weights_sha256 = model->weightsSha256();
+    auto stats = modscope::statsForModel(*model, options.mode, o.capacity < 0 ? cfg.capacity : o.capacity, window);
     stats.sources = o.corpus;
     stats.shard_index = shard_index;
     stats.shard_count = shard_count;
@@ -184,7 +173,7 @@ int run(const Options& o) {
     std::vector<const modscope::Model*> checkpoints;
     for (const auto& c : o.checkpoints) {
         auto m = modscope::Model::open(c, o.device);
-        if (piecesOf(*m) != stats.pieces)
+        if (modscope::tokenizerPieces(*m->tokenizer()) != stats.pieces)
             throw Error("--checkpoints " + c + ": its tokenizer differs from " + cfg.name + "'s");
         if (m->config().routed_layers != cfg.routed_layers)
             throw Error("--checkpoints " + c + ": its routed layers differ from " + cfg.name + "'s");
@@ -199,26 +188,14 @@ int run(const Options& o) {
     }
 
     std::signal(SIGINT, onInterrupt);
-    Progress progress(total_bytes, o.quiet);
-    std::uint64_t bytes_done = 0;
-    std::int64_t next_window = 0;
-    for (const auto& file : files) {
-        for (const auto& doc : modscope::corpusDocuments(file)) {
-            for (const auto& w : modscope::documentWindows(*model->tokenizer(), doc, window, next_window)) {
-                if (w.index % shard_count != shard_index - 1) continue;
-                if (g_stop.load()) break;
-                modscope::countWindow(*model, w, options, stats, checkpoints);
-                progress.update(bytes_done, stats.tokens);
-            }
-            if (g_stop.load()) break;
-        }
-        if (g_stop.load()) break;
-        bytes_done += std::filesystem::file_size(file);
-        progress.update(bytes_done, stats.tokens);
-    }
-    stats.partial = g_stop.load();
-    progress.update(bytes_done, stats.tokens, true);
-    if (next_window == 0) throw Error("the corpus is empty: its files give no tokens");
+    Progress progress(o.quiet);
+    std::uint64_t bytes_done = 0, bytes_total = 1;
+    modscope::countCorpus(*model, files, options, stats, checkpoints, &g_stop,
+                          [&](std::uint64_t done, std::uint64_t total) {
+                              bytes_done = done, bytes_total = total;
+                              progress.update(done, total, stats.tokens);
+                          });
+    progress.update(bytes_done, bytes_total, stats.tokens, true);
     writeOutputs(stats, o);
     if (!o.quiet) {
         std::printf("model     %s  %s\n", cfg.name.c_str(), model->directory().c_str());

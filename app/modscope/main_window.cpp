@@ -36,7 +36,6 @@
 
 #include <algorithm>
 #include <chrono>
-#include <filesystem>
 #include <cmath>
 
 #include "capacity_chart.h"
@@ -1111,40 +1110,22 @@ void MainWindow::runCorpusStatistics(const QStringList& corpus) {
         try {
             // A model of its own, on the CPU: the live view keeps the worker's.
             const auto model = Model::open(dir, "cpu");
-            std::vector<std::string> pieces;
-            for (int id = 0; id < model->tokenizer()->vocabSize(); ++id) pieces.push_back(model->tokenizer()->piece(id));
-            const int window = std::min(256, model->config().max_seq_len);
-            auto stats = CorpusStats::forModel(model->config(), pieces, mode, capacity, window);
-            stats.model_directory = model->directory();
-            stats.weights_sha256 = model->weightsSha256();
+            auto stats = statsForModel(*model, mode, capacity, std::min(256, model->config().max_seq_len));
             stats.sources = inputs;
-            const auto files = corpusFiles(inputs);
-            std::uint64_t total = 0, done = 0;
-            for (const auto& f : files) total += std::filesystem::file_size(f);
             RunOptions options;
             options.mode = mode;
             options.capacity = capacity;
-            std::int64_t next = 0;
             auto last = std::chrono::steady_clock::now();
-            for (const auto& f : files) {
-                for (const auto& doc : corpusDocuments(f))
-                    for (const auto& w : documentWindows(*model->tokenizer(), doc, window, next)) {
-                        if (cancel->load()) break;
-                        countWindow(*model, w, options, stats);
-                        if (std::chrono::steady_clock::now() - last > std::chrono::milliseconds(100)) {
+            countCorpus(*model, corpusFiles(inputs), options, stats, {}, cancel.get(),
+                        [&](std::uint64_t done, std::uint64_t total) {
+                            if (std::chrono::steady_clock::now() - last < std::chrono::milliseconds(100)) return;
                             last = std::chrono::steady_clock::now();
                             const double fraction = total ? double(done) / double(total) : 0.0;
                             const qint64 tokens = stats.tokens;
                             QMetaObject::invokeMethod(this, [this, fraction, tokens] {
                                 if (corpus_window_) corpus_window_->setProgress(true, fraction, tokens);
                             }, Qt::QueuedConnection);
-                        }
-                    }
-                done += std::filesystem::file_size(f);
-                if (cancel->load()) break;
-            }
-            if (next == 0) throw Error("the corpus is empty: its files give no tokens");
-            stats.partial = cancel->load();
+                        });
             result = std::make_shared<const CorpusStats>(std::move(stats));
         } catch (const std::exception& e) {
             error = QString::fromUtf8(e.what());

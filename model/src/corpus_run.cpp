@@ -100,6 +100,45 @@ std::vector<TokenWindow> documentWindows(const Tokenizer& tokenizer, const std::
     return out;
 }
 
+std::vector<std::string> tokenizerPieces(const Tokenizer& tokenizer) {
+    std::vector<std::string> pieces;
+    for (int id = 0; id < tokenizer.vocabSize(); ++id) pieces.push_back(tokenizer.piece(id));
+    return pieces;
+}
+
+CorpusStats statsForModel(const Model& model, RoutingMode mode, double capacity, int window) {
+    if (model.tokenizer() == nullptr) throw Error("statistics: the model has no tokenizer");
+    auto stats = CorpusStats::forModel(model.config(), tokenizerPieces(*model.tokenizer()), mode, capacity, window);
+    stats.model_directory = model.directory();
+    stats.weights_sha256 = model.weightsSha256();
+    return stats;
+}
+
+void countCorpus(const Model& model, const std::vector<std::string>& files, const RunOptions& options,
+                 CorpusStats& stats, const std::vector<const Model*>& checkpoints, const std::atomic<bool>* stop,
+                 const std::function<void(std::uint64_t, std::uint64_t)>& progress) {
+    std::uint64_t total = 0, done = 0;
+    for (const auto& f : files) total += fs::file_size(f);
+    const auto stopped = [stop] { return stop != nullptr && stop->load(); };
+    std::int64_t next = 0;
+    for (const auto& file : files) {
+        for (const auto& doc : corpusDocuments(file)) {
+            for (const auto& w : documentWindows(*model.tokenizer(), doc, stats.window, next)) {
+                if (w.index % stats.shard_count != stats.shard_index - 1) continue;
+                if (stopped()) break;
+                countWindow(model, w, options, stats, checkpoints);
+                if (progress) progress(done, total);
+            }
+            if (stopped()) break;
+        }
+        if (stopped()) break;
+        done += fs::file_size(file);
+        if (progress) progress(done, total);
+    }
+    stats.partial = stopped();
+    if (next == 0) throw Error("the corpus is empty: its files give no tokens");
+}
+
 void countWindow(const Model& model, const TokenWindow& window, RunOptions options, CorpusStats& stats,
                  const std::vector<const Model*>& checkpoints) {
     options.per_token_routing = true;

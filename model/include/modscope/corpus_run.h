@@ -2,7 +2,9 @@
 // files and documents, their windows, and one window counted into a CorpusStats (docs/STATS_FORMAT.md).
 #pragma once
 
+#include <atomic>
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -33,10 +35,25 @@ struct TokenWindow {
 std::vector<TokenWindow> documentWindows(const Tokenizer& tokenizer, const std::string& document, int window,
                                           std::int64_t& next_index);
 
+// Every piece of a tokenizer, by id.
+std::vector<std::string> tokenizerPieces(const Tokenizer& tokenizer);
+
+// Empty counts for model (its config, pieces, directory and weights) at mode, capacity and window.
+CorpusStats statsForModel(const Model& model, RoutingMode mode, double capacity, int window);
+
 // Runs a window through model (options: mode and capacity; the per-token routing is asked for here) and counts
 // it into stats. With checkpoints (stats.checkpoints names them, in order), each runs the window too and each
 // routed layer's decisions are compared with the last checkpoint's.
 void countWindow(const Model& model, const TokenWindow& window, RunOptions options, CorpusStats& stats,
                  const std::vector<const Model*>& checkpoints = {});
+
+// Counts the windows of files (corpusFiles) that fall in stats' shard (windows shard_index - 1, + shard_count,
+// ...), in order, with countWindow. stop (may be null) ends it before the next window and marks stats partial.
+// progress (may be null) sees (bytes of the files done, bytes of all) after each window counted and each file.
+// Error for a corpus that gives no tokens.
+void countCorpus(const Model& model, const std::vector<std::string>& files, const RunOptions& options,
+                 CorpusStats& stats, const std::vector<const Model*>& checkpoints = {},
+                 const std::atomic<bool>* stop = nullptr,
+                 const std::function<void(std::uint64_t, std::uint64_t)>& progress = {});
 
 }  // namespace modscope

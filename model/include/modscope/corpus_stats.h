@@ -84,7 +84,7 @@ struct CorpusStats {
     int window = 256;
     // The corpus: its inputs as given, and the part of it counted here.
     std::vector<std::string> sources;
-    int shard_index = 0, shard_count = 1;  // 1-based index; 1 of 1: the whole corpus
+    int shard_index = 1, shard_count = 1;  // 1-based index; 1 of 1: the whole corpus
     bool partial = false;                  // stopped (Ctrl-C) before the end of its part
     std::int64_t windows = 0, tokens = 0;
 

@@ -204,6 +204,19 @@ struct RunTrace {
     bool decision_values = false;  // every routed layer holds LayerTrace::decision_value
 };
 
+// The decision a run's overrides forced on (layer, token): 1 process, 0 skip, -1 none. A position's override
+// wins over its layer's; of two alike, the later (as the engine resolves them, docs/MODEL.md "Interventions").
+// Inline so that the trace writers and the views, which do not link the engine, resolve them as it does.
+inline int forcedDecision(const RunTrace& run, int layer, int token) {
+    int whole = -1, single = -1;
+    for (const auto& o : run.overrides) {
+        if (o.layer != layer) continue;
+        if (o.position == RoutingOverride::kAllPositions) whole = o.process ? 1 : 0;
+        if (o.position == token) single = o.process ? 1 : 0;
+    }
+    return single >= 0 ? single : whole;
+}
+
 // The summed token loss of a run (its token_loss without the last position's NaN); 0 without token_loss.
 inline double totalTokenLoss(const std::vector<float>& token_loss) {
     double sum = 0.0;

@@ -46,22 +46,11 @@ void appendCsvRows(std::string& out, const TraceDocument& doc, int prompt_index)
     if (!run.token_loss.empty() && run.token_loss.size() != T)
         throw Error("cannot write the trace: " + std::to_string(run.token_loss.size()) + " token losses for " +
                     std::to_string(T) + " tokens");
-    // Each cell's forced decision, as the engine resolves the overrides (a position's wins over its layer's).
-    std::vector<std::vector<std::int8_t>> forced(run.layers.size());
-    for (int pass = 0; pass < 2; ++pass)
-        for (const auto& o : run.overrides) {
-            const bool whole = o.position == RoutingOverride::kAllPositions;
-            if (whole != (pass == 0)) continue;
-            if (o.layer < 0 || o.layer >= static_cast<int>(run.layers.size()) ||
-                (!whole && (o.position < 0 || o.position >= static_cast<int>(T))))
-                throw Error("cannot write the trace: an override of layer " + std::to_string(o.layer) +
-                            " at position " + std::to_string(o.position) + " outside the run");
-            auto& f = forced[static_cast<std::size_t>(o.layer)];
-            if (f.empty()) f.assign(T, -1);
-            for (std::size_t t = whole ? 0 : static_cast<std::size_t>(o.position);
-                 t < (whole ? T : static_cast<std::size_t>(o.position) + 1); ++t)
-                f[t] = o.process ? 1 : 0;
-        }
+    for (const auto& o : run.overrides)
+        if (o.layer < 0 || o.layer >= static_cast<int>(run.layers.size()) ||
+            (o.position != RoutingOverride::kAllPositions && (o.position < 0 || o.position >= static_cast<int>(T))))
+            throw Error("cannot write the trace: an override of layer " + std::to_string(o.layer) + " at position " +
+                        std::to_string(o.position) + " outside the run");
     for (std::size_t li = 0; li < run.layers.size(); ++li) {
         const auto& l = run.layers[li];
         const std::string layer = std::to_string(l.index) + ",";
@@ -119,7 +108,7 @@ void appendCsvRows(std::string& out, const TraceDocument& doc, int prompt_index)
             out += ',';
             if (!run.token_loss.empty() && std::isfinite(run.token_loss[t])) out += formatFloat(run.token_loss[t]);
             out += ',';
-            if (!forced[li].empty() && forced[li][t] >= 0) out += forced[li][t] ? "process" : "skip";
+            if (const int f = forcedDecision(run, l.index, static_cast<int>(t)); f >= 0) out += f ? "process" : "skip";
             out += ',';
             if (!l.decision_value.empty()) {
                 if (!std::isfinite(l.decision_value[t]))
